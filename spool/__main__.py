@@ -1,0 +1,3 @@
+from spool.cli import main
+
+main()

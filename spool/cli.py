@@ -1,0 +1,363 @@
+"""The `spool` command: a thin click client of the library. Errors become one line and an exit status here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from spool import config as configuration
+from spool.errors import InvalidRecord, SpoolError
+
+EXIT_USAGE = 2
+
+
+class SpoolCommandError(click.ClickException):
+    """A library error shown as one line; its exit status comes from the error's class."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SpoolGroup(click.Group):
+    """The one place where exceptions turn into one-line messages (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SpoolError as exc:
+            if ctx.meta.get("spool.debug"):
+                raise
+            raise SpoolCommandError(str(exc), exc.exit_status) from None
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a message
+            raise click.exceptions.Exit(1) from None
+        except OSError as exc:
+            if ctx.meta.get("spool.debug"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            raise SpoolCommandError(f"{exc.strerror or exc}{where}", 1) from None
+        except Exception as exc:
+            if ctx.meta.get("spool.debug"):
+                raise
+            raise SpoolCommandError(f"internal error: {type(exc).__name__}: {exc} "
+                                    "(run with --debug for a traceback)", 1) from None
+
+
+class Context:
+    """What the group's options say, turned into a Config on demand (so `spool add` stays cheap)."""
+
+    def __init__(self, db: str | None, config_file: str | None):
+        self.db = db
+        self.config_file = config_file
+
+    def config(self, **flags: Any) -> configuration.Config:
+        return configuration.load(self.config_file, db=self.db, **flags)
+
+    def spool(self, config: configuration.Config | None = None) -> Any:
+        from spool.api import Spool
+
+        return Spool.from_config(config or self.config())
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(cls=SpoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", metavar="PATH", envvar="SPOOL_DB",
+              help="Spool file. Env SPOOL_DB; default $XDG_STATE_HOME/spool/spool.db.")
+@click.option("--config", "config_file", metavar="FILE", envvar="SPOOL_CONFIG",
+              type=click.Path(dir_okay=False), help="TOML config file. Env SPOOL_CONFIG.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="stathat-spool", prog_name="spool")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, config_file: str | None, debug: bool) -> None:
+    """Spool StatHat stats durably on this machine and ship them when the network is up.
+
+    Example: spool add "jobs done" --count 1 && spool status
+    """
+    ctx.meta["spool.debug"] = debug
+    ctx.obj = Context(db, config_file)
+
+
+def _number(field: str) -> Callable[[click.Context, click.Parameter, str | None], int | float | None]:
+    def convert(ctx: click.Context, param: click.Parameter, text: str | None) -> int | float | None:
+        from spool.records import parse_number_text
+
+        if text is None:
+            return None
+        try:
+            return parse_number_text(text, field)
+        except InvalidRecord as exc:
+            raise click.BadParameter(exc.reason) from None
+    return convert
+
+
+def _unix_time(ctx: click.Context, param: click.Parameter, text: str | None) -> int | None:
+    from spool.records import T_FLOOR, parse_t_text
+
+    if text is None:
+        return None
+    try:
+        return parse_t_text(text, T_FLOOR)
+    except InvalidRecord as exc:
+        raise click.BadParameter(exc.reason) from None
+
+
+@cli.command()
+@click.argument("stat", required=False)
+@click.option("--count", metavar="N", callback=_number("count"), help="Add N to a counter.")
+@click.option("--value", metavar="V", callback=_number("value"), help="Record a value V.")
+@click.option("--t", "t", metavar="UNIX", callback=_unix_time, help="Unix time in seconds (default: now).")
+@click.option("--ezkey", metavar="KEY", help="EZ account key for this record (prefer the SPOOL_EZKEY env).")
+@click.option("--key", metavar="KEY", help="Classic API: the stat's private key.")
+@click.option("--ukey", metavar="UKEY", help="Classic API: your user key.")
+@pass_context
+def add(obj: Context, stat: str | None, count: float | None, value: float | None, t: int | None,
+        ezkey: str | None, key: str | None, ukey: str | None) -> None:
+    """Append one stat record to the spool; returns once it is on disk.
+
+    Example: spool add "messages sent~total,female" --count 1 --t 1363118126
+    """
+    from spool.records import make_record
+
+    config = obj.config()
+    try:
+        record = make_record(stat=stat, count=count, value=value, t=t, ezkey=ezkey, key=key, ukey=ukey,
+                             t_floor=config.t_floor)
+    except InvalidRecord as exc:
+        raise click.UsageError(exc.reason) from None
+    with obj.spool(config) as sp:
+        sp.append(record)
+
+
+@cli.command("import")
+@click.argument("file", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--skip-invalid", is_flag=True, help="Take the good records and report each bad one.")
+@click.option("--ezkey", metavar="KEY", help="EZ key for records that carry none (prefer SPOOL_EZKEY).")
+@pass_context
+def import_(obj: Context, file: str, skip_invalid: bool, ezkey: str | None) -> None:
+    """Append records from JSON lines or a StatHat JSON body, in one transaction.
+
+    All or nothing unless --skip-invalid: an invalid record is reported with its line and nothing is
+    committed.
+
+    Example: spool import stats.jsonl
+    """
+    from spool.formats import read_json_stream, to_records
+    from spool.records import now
+
+    config = obj.config()
+    skipped: list[InvalidRecord] = []
+
+    def report(error: InvalidRecord) -> None:
+        skipped.append(error)
+        click.echo(f"skipped {error}", err=True)
+
+    with obj.spool(config) as sp, click.open_file(file, "rb") as stream:
+        records = to_records(read_json_stream(stream), ezkey=ezkey, clock_now=now(), t_floor=config.t_floor,
+                             on_invalid=report if skip_invalid else None)
+        taken = sp.append_records(records)
+    click.echo(f"imported {taken} records" + (f", skipped {len(skipped)} invalid" if skipped else ""),
+               err=True)
+
+
+def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--endpoint", metavar="URL", help="StatHat base URL (env SPOOL_ENDPOINT)."),
+        click.option("--ezkey", metavar="KEY", help="Default EZ key (prefer SPOOL_EZKEY or ship.ezkey_file)."),
+        click.option("--batch-size", type=int, metavar="N", help="Records per JSON batch (max 1000)."),
+        click.option("--timeout", metavar="SECONDS", help="HTTP timeout per request."),
+        click.option("--allow-insecure", is_flag=True, default=None,
+                     help="Allow a plain http:// endpoint on a remote host."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@_shipping_options
+@click.option("--once", is_flag=True, help="Deliver what is pending, then exit.")
+@click.option("--max-time", metavar="SECONDS", default="300",
+              help="With --once: give up (exit 1) after this long. Default 300.")
+@pass_context
+def ship(obj: Context, once: bool, max_time: str, **flags: Any) -> None:
+    """Deliver pending records to StatHat; with --once, exit when done.
+
+    Without --once it runs until SIGINT/SIGTERM, then hands back its batch and exits 0.
+
+    Example: SPOOL_EZKEY_FILE=/etc/spool/ezkey spool ship --once --max-time 60
+    """
+    from spool.agent import Agent, setup_logging
+    from spool.ship import Shipper
+    from spool.store import Store
+
+    config = obj.config(**flags)
+    setup_logging(config.log_level)
+    if not once:
+        raise click.exceptions.Exit(Agent(config).run())
+    deadline = configuration.parse_duration(max_time, "--max-time")
+    with Store(config.db, synchronous=config.synchronous) as store, Shipper(store, config) as shipper:
+        result = shipper.drain(max_time=deadline)
+        left = store.counts()["pending"]
+        keyless = store.keyless_pending() if config.ezkey is None else 0
+    click.echo(f"shipped {shipper.stats.sent}, dead {shipper.stats.dead}", err=True)
+    if keyless:
+        click.echo(f"warning: {keyless} records have no ezkey and none is configured; they stay pending",
+                   err=True)
+    if not result.done:
+        raise SpoolCommandError(f"{left} records still pending: {result.reason}", 1)
+
+
+@cli.command()
+@_shipping_options
+@pass_context
+def run(obj: Context, **flags: Any) -> None:
+    """Run the agent: ship continuously until SIGTERM/SIGINT.
+
+    Example: SPOOL_CONFIG=/etc/spool/spool.toml spool run
+    """
+    from spool.agent import Agent, setup_logging
+
+    config = obj.config(**flags)
+    setup_logging(config.log_level)
+    raise click.exceptions.Exit(Agent(config).run())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_context
+def status(obj: Context, as_json: bool) -> None:
+    """Show the backlog, dead letters, the last shipping attempt and anything stuck.
+
+    Example: spool status --json
+    """
+    config = obj.config()
+    with obj.spool(config) as sp:
+        report = sp.status(config)
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True))
+        return
+    click.echo(format_status(report))
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Render a status report for people."""
+    oldest = ""
+    if report["oldest_pending_t"] is not None:
+        oldest = f"   oldest {_when(report['oldest_pending_t'])} ({_age(report['oldest_pending_age'])} ago)"
+    shipper = f"running (pid {report['shipper_pid']})" if report["shipper_pid"] else "not running"
+    lines = [
+        f"spool {report['path']} ({report['size_bytes'] / 1048576:.1f} MiB)",
+        f"  pending    {report['pending']}{oldest}",
+        f"  in flight  {report['inflight']}",
+        f"  sent       {report['sent']}   (kept for replay until pruned)",
+        f"  dead       {report['dead']}",
+        f"shipper      {shipper}",
+    ]
+    if report["last_attempt_at"] is not None:
+        result = report["last_result"] + (f": {report['last_error']}" if report["last_error"] else "")
+        lines.append(f"last attempt {_when(report['last_attempt_at'])}: {result}")
+    if report["last_success_at"] is not None:
+        lines.append(f"last success {_when(report['last_success_at'])}")
+    lines += [f"problem: {problem}" for problem in report["problems"]]
+    return "\n".join(lines)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@cli.group(cls=SpoolGroup)
+def dead() -> None:
+    """Inspect, requeue or purge records the receiver refused.
+
+    Example: spool dead list
+    """
+
+
+@dead.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most this many.")
+@pass_context
+def dead_list(obj: Context, as_json: bool, limit: int | None) -> None:
+    """List dead records with the receiver's reason (keys are never shown).
+
+    Example: spool dead list --limit 20
+    """
+    with obj.spool() as sp:
+        rows = sp.dead(limit)
+    for row in rows:
+        record = row["record"]
+        shown = {"id": row["id"], "stat": record.stat if record.stat is not None else "(classic)",
+                 "kind": ("count", "value")[record.kind], "number": record.number, "t": record.t,
+                 "reason": row["reason"], "http_status": row["http_status"], "dead_at": row["dead_at"]}
+        if as_json:
+            click.echo(json.dumps(shown, ensure_ascii=False))
+        else:
+            click.echo(f"{row['id']}\t{shown['stat']}\t{shown['kind']}={record.number}\tt={record.t}\t"
+                       f"{row['reason']}")
+    if not rows and not as_json:
+        click.echo("no dead records", err=True)
+
+
+def _ids_or_all(ids: tuple[int, ...], everything: bool) -> list[int] | None:
+    if everything == bool(ids):
+        raise click.UsageError("give record IDs or --all (not both)")
+    return None if everything else list(ids)
+
+
+@dead.command("requeue")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead record.")
+@pass_context
+def dead_requeue(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
+    """Return dead records to pending so they are sent again.
+
+    Example: spool dead requeue --all
+    """
+    with obj.spool() as sp:
+        n = sp.requeue_dead(_ids_or_all(ids, everything))
+    click.echo(f"requeued {n} records", err=True)
+
+
+@dead.command("purge")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Delete every dead record.")
+@pass_context
+def dead_purge(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
+    """Delete dead records for good.
+
+    Example: spool dead purge 17 18
+    """
+    with obj.spool() as sp:
+        n = sp.purge_dead(_ids_or_all(ids, everything))
+    click.echo(f"purged {n} records", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every error, usage errors included, is one line on stderr with its exit status."""
+    try:
+        status = cli.main(args=argv, prog_name="spool", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"spool: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("spool: aborted", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -1,0 +1,226 @@
+"""One frozen configuration object, from defaults < TOML file < environment < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spool.errors import ConfigError
+from spool.records import T_FLOOR
+
+log = logging.getLogger("spool")
+
+DEFAULT_ENDPOINT = "https://api.stathat.com"
+MAX_BATCH = 1000
+
+
+def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
+    """Return $XDG_STATE_HOME/spool/spool.db (~/.local/state/spool/spool.db when unset)."""
+    state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "spool" / "spool.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything spool can be told; every field has a TOML key (see packaging/spool.toml)."""
+
+    db: Path = field(default_factory=default_db_path)
+    synchronous: str = "full"
+    retention: float = 7 * 86400.0
+    t_floor: int = T_FLOOR
+    endpoint: str = DEFAULT_ENDPOINT
+    ezkey: str | None = field(default=None, repr=False)  # a secret: never in repr, logs or status
+    allow_insecure: bool = False
+    batch_size: int = 500
+    timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    retry_after_max: float = 600.0
+    lease_timeout: float = 300.0
+    idle_poll: float = 2.0
+    log_level: str = "info"
+    summary_interval: float = 60.0
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object, name: str) -> float:
+    """Parse seconds given as a number or as text like '500ms', '30s', '5m', '2h', '7d'."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ConfigError(f"{name} must be a duration like 30, '30s', '5m' or '7d', not {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return seconds
+
+
+def _positive_int(limit: int | None = None) -> Callable[[object, str], int]:
+    def parse(value: object, name: str) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive whole number, not {value!r}")
+        if limit is not None and value > limit:
+            raise ConfigError(f"{name} must be at most {limit}, not {value}")
+        return value
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[object, str], str]:
+    def parse(value: object, name: str) -> str:
+        text = str(value).lower()
+        if text not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        return text
+    return parse
+
+
+def _boolean(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty string")
+    return value.strip()
+
+
+def _path(value: object, name: str) -> Path:
+    return Path(_text(value, name)).expanduser()
+
+
+def _t_floor(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be unix seconds (a whole number >= 0), not {value!r}")
+    return value
+
+
+# TOML section -> key -> (Config field, parser). "ezkey_file" is read into the ezkey field.
+_SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
+    "spool": {
+        "path": ("db", _path),
+        "synchronous": ("synchronous", _choice("full", "normal")),
+        "retention": ("retention", parse_duration),
+        "t_floor": ("t_floor", _t_floor),
+    },
+    "ship": {
+        "endpoint": ("endpoint", _text),
+        "ezkey": ("ezkey", _text),
+        "ezkey_file": ("ezkey", lambda value, name: read_key_file(_path(value, name))),
+        "allow_insecure": ("allow_insecure", _boolean),
+        "batch_size": ("batch_size", _positive_int(MAX_BATCH)),
+        "timeout": ("timeout", parse_duration),
+        "backoff_initial": ("backoff_initial", parse_duration),
+        "backoff_max": ("backoff_max", parse_duration),
+        "retry_after_max": ("retry_after_max", parse_duration),
+        "lease_timeout": ("lease_timeout", parse_duration),
+        "idle_poll": ("idle_poll", parse_duration),
+    },
+    "log": {
+        "level": ("log_level", _choice("debug", "info", "warning", "error")),
+        "summary_interval": ("summary_interval", parse_duration),
+    },
+}
+_FIELD_PARSERS = {attr: (f"{section}.{key}", parse) for section, keys in _SCHEMA.items()
+                  for key, (attr, parse) in keys.items() if key != "ezkey_file"}
+_ENV = {  # variable -> (Config field, parser); later entries win
+    "SPOOL_DB": ("db", _path),
+    "SPOOL_ENDPOINT": ("endpoint", _text),
+    "SPOOL_EZKEY_FILE": _SCHEMA["ship"]["ezkey_file"],
+    "SPOOL_EZKEY": ("ezkey", _text),
+}
+
+
+def read_key_file(path: Path) -> str:
+    """Read a key from a file readable only by the service user (warn if others can read it)."""
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read ezkey_file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"ezkey_file {path} is not text") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        log.warning("ezkey_file %s is readable by every user; chmod 600 it", path)
+    if not key:
+        raise ConfigError(f"ezkey_file {path} is empty")
+    return key
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse and check a TOML config file into Config field values."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for section, table in document.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"config {path}: unknown section [{section}]{_did_you_mean(section, list(_SCHEMA))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config {path}: '{section}' must be a [{section}] table")
+        for key, value in table.items():
+            if key not in _SCHEMA[section]:
+                raise ConfigError(f"config {path}: unknown key '{key}' in [{section}]"
+                                  f"{_did_you_mean(key, list(_SCHEMA[section]))}")
+            attr, parse = _SCHEMA[section][key]
+            values[attr] = parse(value, f"{section}.{key}")
+    return values
+
+
+def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+         **flags: Any) -> Config:
+    """Build the Config: defaults, then the file, then SPOOL_* environment variables, then flags (None = unset)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    file = config_file or env.get("SPOOL_CONFIG")
+    if file:
+        values.update(read_file(Path(file).expanduser()))
+    for variable, (attr, parse) in _ENV.items():
+        if env.get(variable):
+            values[attr] = parse(env[variable], variable)
+    for attr, value in flags.items():
+        if value is None:
+            continue
+        if attr not in _FIELD_PARSERS:
+            raise ConfigError(f"unknown setting '{attr}'")
+        name, parse = _FIELD_PARSERS[attr]
+        values[attr] = parse(value, f"--{attr.replace('_', '-')}")
+    if "db" not in values:
+        values["db"] = default_db_path(env)
+    config = Config(**values)
+    if config.backoff_initial > config.backoff_max:
+        raise ConfigError("ship.backoff_initial must not be larger than ship.backoff_max")
+    if config.timeout <= 0:
+        raise ConfigError("ship.timeout must be more than 0 seconds")
+    return config

@@ -1,0 +1,65 @@
+"""One exception tree for spool; the CLI turns each into a one-line message and an exit status."""
+
+from __future__ import annotations
+
+
+class SpoolError(Exception):
+    """Base of every error spool raises on purpose."""
+
+    exit_status = 1
+
+
+class ConfigError(SpoolError):
+    """The configuration (file, environment or flags) is invalid."""
+
+    exit_status = 2
+
+
+class InvalidRecord(SpoolError):
+    """A record failed validation; nothing from the call that carried it was committed."""
+
+    exit_status = 2
+
+    def __init__(self, message: str, *, field: str | None = None, line: int | None = None):
+        self.reason = message
+        self.field = field
+        self.line = line
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+
+    def at_line(self, line: int) -> InvalidRecord:
+        """Return a copy of this error that names the input line it came from."""
+        return InvalidRecord(self.reason, field=self.field, line=line)
+
+
+class StoreError(SpoolError):
+    """The spool file could not be opened, read or written."""
+
+
+class SpoolBusy(StoreError):
+    """Another process holds the spool's shipper lock."""
+
+
+class ShipError(SpoolError):
+    """Shipping did not complete."""
+
+
+class TransientError(ShipError):
+    """The receiver could not be reached or asked us to come back later; retry."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class EndpointError(ShipError):
+    """The endpoint answered in a way that means spool is misconfigured; keep records and pause."""
+
+
+class Refused(ShipError):
+    """The receiver refused what was sent (HTTP 200 with a non-200 status in the body)."""
+
+    def __init__(self, message: str, *, http_status: int, body: str, names_key: bool = False):
+        self.http_status = http_status
+        self.body = body
+        self.names_key = names_key
+        super().__init__(message)

@@ -1,0 +1,234 @@
+"""The stat record: its type, validation and the rules for names, numbers and times. Pure: no I/O."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from spool.errors import InvalidRecord
+
+COUNT = 0
+VALUE = 1
+KIND_NAMES = ("count", "value")
+
+MAX_NAME = 255  # StatHat's limit for one stat name (and for each name a `~` form expands to)
+MAX_MULTI = 4096  # a `prefix~a,b,...` string as a whole; far beyond any real use, short of abuse
+MAX_KEY = 255
+# `t` is unix seconds. Anything from 1e11 on is in the year 5138 or later as seconds, but is "now" as
+# milliseconds, so say that. Between 2100 and that, it is most likely a bug; refuse it too.
+T_MAX = 4_102_444_800  # 2100-01-01T00:00:00Z
+T_LOOKS_LIKE_MS = 100_000_000_000
+T_FLOOR = 1_000_000_000  # 2001-09-09: old enough for any real backfill, new enough to catch a 1970 clock
+INT64_MAX = 2**63 - 1
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_EZ_FIELDS = frozenset({"stat", "count", "value", "t", "ezkey", "email"})
+_CLASSIC_FIELDS = frozenset({"key", "ukey", "count", "value", "t"})
+_ALL_FIELDS = _EZ_FIELDS | _CLASSIC_FIELDS
+
+
+class Record(NamedTuple):
+    """One stat observation, validated; field order is the store's column order."""
+
+    stat: str | None  # EZ stat name; None for a classic record
+    key: str | None  # classic: the stat's private key
+    ukey: str | None  # classic: the user key
+    ezkey: str | None  # EZ: the record's own account key; None means "the configured one"
+    kind: int  # COUNT or VALUE
+    number: int | float
+    t: int  # unix seconds, always present
+
+    @property
+    def is_classic(self) -> bool:
+        return self.stat is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-lines form that `parse_record` reads back unchanged."""
+        out: dict[str, Any]
+        if self.stat is None:
+            out = {"key": self.key, "ukey": self.ukey}
+        else:
+            out = {"stat": self.stat}
+        out[KIND_NAMES[self.kind]] = self.number
+        out["t"] = self.t
+        if self.ezkey is not None:
+            out["ezkey"] = self.ezkey
+        return out
+
+
+def now() -> int:
+    """Return the current unix time in whole seconds."""
+    return int(time.time())
+
+
+def check_stat(stat: object) -> str:
+    """Return `stat` if it is a valid StatHat stat name (plain or `prefix~a,b` form), else raise."""
+    if not isinstance(stat, str):
+        raise InvalidRecord(f"stat must be a string, not {_type_name(stat)}", field="stat")
+    if "~" not in stat and len(stat) <= MAX_NAME and stat.isprintable() and stat.strip():
+        return stat  # the common case, decided by C-speed checks alone
+    if not stat.strip():
+        raise InvalidRecord("stat is empty", field="stat")
+    if _CONTROL.search(stat):
+        raise InvalidRecord("stat contains a control character", field="stat")
+    if "~" not in stat:
+        if len(stat) > MAX_NAME:
+            raise InvalidRecord(f"stat is {len(stat)} characters long; the limit is {MAX_NAME}", field="stat")
+        return stat
+    if len(stat) > MAX_MULTI:
+        raise InvalidRecord(f"stat is {len(stat)} characters long; the limit for a ~ form is {MAX_MULTI}",
+                            field="stat")
+    prefix, _, names = stat.partition("~")
+    if "~" in names:
+        raise InvalidRecord("stat has more than one '~'; the form is 'prefix~name1,name2'", field="stat")
+    if not prefix.strip():
+        raise InvalidRecord("stat has an empty prefix before '~'", field="stat")
+    for name in names.split(","):
+        if not name.strip():
+            raise InvalidRecord("stat has an empty name in its '~' list", field="stat")
+        if len(prefix) + 1 + len(name) > MAX_NAME:
+            raise InvalidRecord(f"stat expands to '{prefix} {name[:20]}…', over {MAX_NAME} characters",
+                                field="stat")
+    return stat
+
+
+def check_number(number: object, field: str) -> int | float:
+    """Return `number` if it is a finite int or float StatHat can take, else raise."""
+    if type(number) is int:
+        if -INT64_MAX <= number <= INT64_MAX:
+            return number
+        raise InvalidRecord(f"{field} {number} is out of range", field=field)
+    if type(number) is float:
+        if math.isfinite(number):
+            return number
+        raise InvalidRecord(f"{field} must be a finite number, not {number}", field=field)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise InvalidRecord(f"{field} must be a number, not {_type_name(number)}", field=field)
+    return check_number(int(number) if isinstance(number, int) else float(number), field)
+
+
+def check_t(t: object, floor: int = T_FLOOR) -> int:
+    """Return `t` as whole unix seconds if it is a plausible time, else raise saying what is wrong."""
+    if type(t) is int:
+        seconds = t
+    elif type(t) is float and math.isfinite(t):
+        if not t.is_integer():
+            raise InvalidRecord(f"t must be whole unix seconds, not {t}", field="t")
+        seconds = int(t)
+    else:
+        raise InvalidRecord(f"t must be an integer (unix seconds), not {_type_name(t)}", field="t")
+    if seconds >= T_LOOKS_LIKE_MS:
+        raise InvalidRecord(f"t {seconds} looks like milliseconds; t is unix seconds "
+                            f"(did you mean {seconds // 1000}?)", field="t")
+    if seconds > T_MAX:
+        raise InvalidRecord(f"t {seconds} is after the year 2100; t is unix seconds", field="t")
+    if seconds < 0:
+        raise InvalidRecord(f"t {seconds} is negative; t is unix seconds", field="t")
+    if seconds < floor:
+        raise InvalidRecord(f"t {seconds} is before {floor} (the configured floor); "
+                            "is the clock that stamped it wrong?", field="t")
+    return seconds
+
+
+def check_key(key: object, field: str) -> str:
+    """Return `key` if it is a usable key string; the message never repeats the key itself."""
+    if not isinstance(key, str):
+        raise InvalidRecord(f"{field} must be a string, not {_type_name(key)}", field=field)
+    if not key.strip():
+        raise InvalidRecord(f"{field} is empty", field=field)
+    if len(key) > MAX_KEY or _CONTROL.search(key):
+        raise InvalidRecord(f"{field} is not a valid key (too long or has control characters)", field=field)
+    return key
+
+
+def make_record(*, stat: object = None, count: object = None, value: object = None, t: object = None,
+                ezkey: object = None, key: object = None, ukey: object = None,
+                clock_now: int | None = None, t_floor: int = T_FLOOR) -> Record:
+    """Validate one record's fields and return it; a missing `t` is stamped with the current time."""
+    if count is not None and value is not None:
+        raise InvalidRecord("give count or value, not both", field="count")
+    if count is not None:
+        kind, number = COUNT, check_number(count, "count")
+    elif value is not None:
+        kind, number = VALUE, check_number(value, "value")
+    else:
+        raise InvalidRecord("give count or value", field="count")
+    seconds = (clock_now if clock_now is not None else now()) if t is None else check_t(t, t_floor)
+    if stat is not None:
+        if key is not None or ukey is not None:
+            raise InvalidRecord("a record has either stat (EZ API) or key and ukey (classic API), not both",
+                                field="stat")
+        return Record(check_stat(stat), None, None, None if ezkey is None else check_key(ezkey, "ezkey"),
+                      kind, number, seconds)
+    if key is None and ukey is None:
+        raise InvalidRecord("give stat (EZ API) or key and ukey (classic API)", field="stat")
+    if ezkey is not None:
+        raise InvalidRecord("ezkey belongs to EZ records; a classic record has key and ukey", field="ezkey")
+    if key is None or ukey is None:
+        missing = "key" if key is None else "ukey"
+        raise InvalidRecord(f"a classic record needs both key and ukey; {missing} is missing", field=missing)
+    return Record(None, check_key(key, "key"), check_key(ukey, "ukey"), None, kind, number, seconds)
+
+
+def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None = None,
+                 t_floor: int = T_FLOOR) -> Record:
+    """Validate one JSON-lines record object; `ezkey` applies when the object has none of its own."""
+    if not isinstance(obj, Mapping):
+        raise InvalidRecord(f"a record must be a JSON object, not {_type_name(obj)}")
+    unknown = obj.keys() - _ALL_FIELDS
+    if unknown:
+        name = sorted(map(str, unknown))[0]
+        raise InvalidRecord(f"unknown field '{name[:40]}'", field=name)
+    own_key = obj.get("ezkey", obj.get("email"))
+    if own_key is None and "stat" in obj:
+        own_key = ezkey
+    return make_record(stat=obj.get("stat"), count=obj.get("count"), value=obj.get("value"), t=obj.get("t"),
+                       ezkey=own_key, key=obj.get("key"), ukey=obj.get("ukey"), clock_now=clock_now,
+                       t_floor=t_floor)
+
+
+def parse_number_text(text: str, field: str) -> int | float:
+    """Parse a number from text (form fields, CSV cells, CLI arguments) and validate it."""
+    cleaned = text.strip()
+    try:
+        number: int | float = int(cleaned)
+    except ValueError:
+        try:
+            number = float(cleaned)
+        except ValueError:
+            raise InvalidRecord(f"{field} '{cleaned[:40]}' is not a number", field=field) from None
+    return check_number(number, field)
+
+
+def parse_t_text(text: str, t_floor: int = T_FLOOR) -> int:
+    """Parse a `t` given as text and validate it."""
+    cleaned = text.strip()
+    try:
+        t: int | float = int(cleaned)
+    except ValueError:
+        try:
+            t = float(cleaned)
+        except ValueError:
+            raise InvalidRecord(f"t '{cleaned[:40]}' is not unix seconds", field="t") from None
+    return check_t(t, t_floor)
+
+
+def expand_stat(stat: str) -> list[str]:
+    """Return the stat names a `prefix~a,b` form stands for (one name for a plain stat)."""
+    if "~" not in stat:
+        return [stat]
+    prefix, _, names = stat.partition("~")
+    return [f"{prefix} {name}" for name in names.split(",")]
+
+
+def _type_name(obj: object) -> str:
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "a boolean"
+    if isinstance(obj, str):
+        return f"the string '{obj[:40]}'"
+    return {dict: "an object", list: "a list"}.get(type(obj), type(obj).__name__)

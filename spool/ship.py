@@ -1,0 +1,270 @@
+"""The drain loop: lease a batch, send it, bisect refusals, acknowledge; retry policy built with tenacity."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import tenacity
+from tenacity.stop import stop_base, stop_when_event_set
+from tenacity.wait import wait_base, wait_random_exponential
+
+from spool.config import Config
+from spool.errors import EndpointError, Refused, ShipError, StoreError, TransientError
+from spool.stathat import StatHatClient
+from spool.store import Leased, ShipLock, Store
+
+log = logging.getLogger("spool.ship")
+
+META_THROTTLE = 1.0  # seconds between writes of "last attempt" facts while batches keep succeeding
+HOUSEKEEPING_INTERVAL = 60.0  # seconds between pruning sent records and freeing stale leases
+
+
+class wait_retry_after(wait_base):
+    """Wait as `fallback` does, but never less than the receiver's Retry-After (capped at `cap`)."""
+
+    def __init__(self, fallback: wait_base, cap: float):
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        wait = self.fallback(retry_state)
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(error, "retry_after", None)
+        return max(wait, min(retry_after, self.cap)) if retry_after is not None else wait
+
+
+class stop_at_deadline(stop_base):
+    """Stop when the next wait would end past a time.monotonic() deadline (never, when it is None)."""
+
+    def __init__(self, deadline: float | None, monotonic: Callable[[], float]):
+        self.deadline = deadline
+        self.monotonic = monotonic
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.deadline is not None and self.monotonic() + retry_state.upcoming_sleep >= self.deadline
+
+
+@dataclass
+class ShipStats:
+    """What this shipper has done since it started."""
+
+    sent: int = 0
+    dead: int = 0
+    requests: int = 0
+    retries: int = 0
+    last_error: str | None = None
+    waits: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    done: bool  # nothing deliverable is left
+    reason: str | None = None  # why not, when not done
+
+
+class Shipper:
+    """Drain a spool into a StatHat endpoint. Use one Shipper per spool (it takes the ShipLock)."""
+
+    def __init__(self, store: Store, config: Config, *, client: StatHatClient | None = None,
+                 shutdown: threading.Event | None = None, wake: threading.Event | None = None,
+                 sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.config = config
+        self.client = client or StatHatClient(config.endpoint, timeout=config.timeout,
+                                              allow_insecure=config.allow_insecure)
+        self.shutdown = shutdown or threading.Event()
+        self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
+        self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
+        self.clock = clock
+        self.monotonic = monotonic
+        self.stats = ShipStats()
+        self._lock = ShipLock(store.path)
+        self._last_meta = float("-inf")
+        self._last_housekeeping = float("-inf")
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def __enter__(self) -> Shipper:
+        self._lock.acquire()
+        # We hold the lock, so whoever leased anything still in flight is dead: take it all back.
+        freed = self.store.release_stale_leases()
+        if freed:
+            log.warning("returned %d records leased by a shipper that died to pending", freed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        self.client.close()
+
+    def stop(self) -> None:
+        self.shutdown.set()
+        self.wake.set()
+
+    # -- one batch -------------------------------------------------------------------------------------
+
+    def ship_batch(self) -> int:
+        """Lease one batch and settle it (sent or dead); return how many records were settled.
+
+        On a transient failure or shutdown whatever is still leased goes back to pending and the error
+        propagates. Returns 0 when nothing deliverable is pending.
+        """
+        leased = self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=self.config.ezkey is None)
+        if not leased:
+            return 0
+        groups: dict[tuple[str, bool], list[Leased]] = {}
+        classic: list[Leased] = []
+        for item in leased:
+            if item.record.stat is None:
+                classic.append(item)
+            else:
+                own = item.record.ezkey is not None
+                groups.setdefault((item.record.ezkey or self.config.ezkey or "", own), []).append(item)
+        settled = 0
+        try:
+            for (ezkey, own_key), group in groups.items():
+                if self.shutdown.is_set():
+                    break
+                settled += self._send_ez(ezkey, group, own_key=own_key)
+            for item in classic:
+                if self.shutdown.is_set():
+                    break
+                settled += self._send_classic(item)
+        finally:
+            if settled < len(leased):  # failure or shutdown: hand back what was not settled
+                self.store.release([item.id for item in leased])
+        self._note(result="ok", error=None)
+        return settled
+
+    def _send_ez(self, ezkey: str, group: Sequence[Leased], *, own_key: bool) -> int:
+        """Send one EZ batch; on refusal bisect it so only the records the receiver refuses die."""
+        self.stats.requests += 1
+        try:
+            self.client.send_ez(ezkey, [item.record for item in group])
+        except Refused as refusal:
+            if refusal.names_key and not own_key:
+                raise EndpointError(f"the receiver refused the configured ezkey ({refusal}); "
+                                    "records stay pending until the key is fixed") from None
+            if refusal.names_key or len(group) == 1:  # a record's own bad key condemns its whole group
+                return self._kill(group, refusal)
+            middle = len(group) // 2
+            return (self._send_ez(ezkey, group[:middle], own_key=own_key)
+                    + self._send_ez(ezkey, group[middle:], own_key=own_key))
+        return self._ack(group)
+
+    def _send_classic(self, item: Leased) -> int:
+        self.stats.requests += 1
+        try:
+            self.client.send_classic(item.record)
+        except Refused as refusal:
+            return self._kill([item], refusal)
+        return self._ack([item])
+
+    def _ack(self, group: Sequence[Leased]) -> int:
+        self.store.ack([item.id for item in group], now=self.clock())
+        self.stats.sent += len(group)
+        return len(group)
+
+    def _kill(self, group: Sequence[Leased], refusal: Refused) -> int:
+        self.store.kill([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
+                        body=refusal.body, now=self.clock())
+        self.stats.dead += len(group)
+        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(group), refusal)
+        return len(group)
+
+    # -- retrying --------------------------------------------------------------------------------------
+
+    def _retrying(self, deadline: float | None) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((TransientError, EndpointError, StoreError)),
+            wait=wait_retry_after(wait_random_exponential(multiplier=self.config.backoff_initial,
+                                                          max=self.config.backoff_max),
+                                  cap=self.config.retry_after_max),
+            stop=stop_when_event_set(self.shutdown) | stop_at_deadline(deadline, self.monotonic),
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def _sleep(self, seconds: float) -> None:
+        self.stats.waits.append(seconds)
+        self.sleep(seconds)
+
+    def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        self.stats.retries += 1
+        paused = isinstance(error, EndpointError)
+        self._note(result="paused" if paused else "retrying", error=str(error), force=True)
+        level = logging.ERROR if paused else logging.WARNING
+        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed",
+                error, retry_state.upcoming_sleep)
+
+    def _note(self, *, result: str, error: str | None, force: bool = False) -> None:
+        """Record the last attempt in the spool (for `spool status`), at most once a second on success."""
+        self.stats.last_error = error if error else self.stats.last_error
+        now = self.monotonic()
+        if not force and now - self._last_meta < META_THROTTLE:
+            return
+        self._last_meta = now
+        facts: dict[str, object] = {"last_attempt_at": self.clock(), "last_result": result, "last_error": error}
+        if result == "ok":
+            facts["last_success_at"] = self.clock()
+        try:
+            self.store.set_meta(**facts)
+        except StoreError as exc:  # status bookkeeping must never stop delivery
+            log.warning("cannot record shipping status: %s", exc)
+
+    # -- draining --------------------------------------------------------------------------------------
+
+    def drain(self, *, max_time: float | None = None) -> DrainResult:
+        """Ship until nothing deliverable is pending, shutdown is asked, or `max_time` seconds pass."""
+        deadline = None if max_time is None else self.monotonic() + max_time
+        while not self.shutdown.is_set():
+            if deadline is not None and self.monotonic() >= deadline:
+                return DrainResult(False, f"stopped after {max_time:g} s")
+            try:
+                settled = self._retrying(deadline)(self.ship_batch)
+            except (ShipError, StoreError) as exc:
+                return DrainResult(False, str(exc))
+            if settled == 0:
+                return DrainResult(True)
+        return DrainResult(False, "shutting down")
+
+    def run(self) -> None:
+        """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
+        seen = self.store.data_version()
+        while not self.shutdown.is_set():
+            self.housekeeping()
+            result = self.drain()
+            if not result.done and not self.shutdown.is_set():
+                log.error("shipping stopped: %s", result.reason)
+            while not self.shutdown.is_set():
+                self.wake.wait(self.config.idle_poll)
+                self.wake.clear()
+                version = self.store.data_version()
+                if version != seen:
+                    seen = version
+                    break
+                if self.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL:
+                    break
+
+    def housekeeping(self) -> None:
+        """Prune sent records past retention and free leases older than the lease timeout."""
+        now = self.monotonic()
+        if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL:
+            return
+        self._last_housekeeping = now
+        try:
+            pruned = self.store.prune_sent(sent_before=self.clock() - self.config.retention)
+            freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+        except StoreError as exc:
+            log.warning("housekeeping failed: %s", exc)
+            return
+        if pruned:
+            log.info("pruned %d sent records older than the retention period", pruned)
+        if freed:
+            log.warning("returned %d stale leases to pending", freed)

@@ -1,0 +1,381 @@
+"""The spool file: schema, and every SQL statement spool runs. The only module that touches sqlite3.
+
+The storage contract, stated once:
+
+* A record is in exactly one state: PENDING, INFLIGHT (leased to the shipper), SENT or DEAD.
+* `append` returns only after its transaction committed; with synchronous=FULL (the default) that
+  survives power loss, with NORMAL it survives a crash of the process but maybe not of the machine.
+* `lease` moves the oldest pending records (by `t`, then append order) to INFLIGHT in one statement inside
+  one immediate transaction, so two shippers can never lease the same record.
+* `ack` marks records SENT in the transaction that ends their lease; it is called only after the receiver
+  acknowledged them. `release` returns leases to PENDING (transient failure, shutdown). `kill` moves
+  records to DEAD with the receiver's reason, HTTP status and body.
+* One shipper per spool file, enforced by `ShipLock`; whoever holds it may release every INFLIGHT lease at
+  start-up, because their holder is known to be dead.
+* SENT records are kept for the retention period (for replay) and then pruned in small transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from spool.errors import SpoolBusy, StoreError
+from spool.records import Record
+
+PENDING, INFLIGHT, SENT, DEAD = 0, 1, 2, 3
+STATE_NAMES = ("pending", "inflight", "sent", "dead")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
+MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
+
+_COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
+_INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
+
+
+class Leased(NamedTuple):
+    """A record the shipper holds a lease on."""
+
+    id: int
+    record: Record
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create the version-1 schema with sqlite-utils (imported here only: the append path never needs it)."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    db.create_table(
+        "records",
+        {
+            "id": int,
+            "state": int,  # PENDING, INFLIGHT, SENT, DEAD
+            "stat": str,  # EZ stat name; NULL for classic records
+            "key": str,  # classic stat key
+            "ukey": str,  # classic user key
+            "ezkey": str,  # the record's own EZ key; NULL means the configured one
+            "kind": int,  # 0 count, 1 value
+            "number": "ANY",  # keeps ints as ints and floats as floats
+            "t": int,  # unix seconds
+            "lease_at": float,  # when leased (INFLIGHT)
+            "done_at": float,  # when it became SENT or DEAD
+            "reason": str,  # DEAD: the receiver's message
+            "http_status": int,  # DEAD: the HTTP status of the refusal
+            "body": str,  # DEAD: the response body, truncated
+        },
+        pk="id",
+        not_null={"state", "kind", "number", "t"},
+        defaults={"state": PENDING},
+        if_not_exists=True,
+    )
+    # (state, t) serves leasing oldest-first, min(t) of the backlog, counts per state and pruning.
+    db.table("records").create_index(["state", "t"], index_name="records_state_t", if_not_exists=True)
+    db.create_table("meta", {"name": str, "value": str}, pk="name", if_not_exists=True)
+
+
+_MIGRATIONS = {1: _create_schema}  # version reached -> step; add a step here for every schema change
+
+
+class Store:
+    """An open spool file. One connection; use one Store per thread."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
+                 busy_timeout: float = BUSY_TIMEOUT):
+        self.path = Path(path)
+        if synchronous not in ("full", "normal"):
+            raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
+        self.busy_timeout = busy_timeout
+        _create_private_file(self.path)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                        check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open spool {self.path}: {exc}") from None
+        try:
+            with _translated(self.path, busy_timeout):
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+                self._migrate()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self._write():  # re-read inside the lock: another process may have migrated meanwhile
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"spool {self.path} has schema version {version}, newer than this "
+                                 f"spool ({SCHEMA_VERSION}); upgrade spool")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](self.conn)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one immediate transaction, translating SQLite's errors into StoreError."""
+        with _translated(self.path, self.busy_timeout):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    # -- producers -------------------------------------------------------------------------------
+
+    def append(self, records: Iterable[Record]) -> int:
+        """Commit `records` (any iterable, consumed lazily) in one transaction; return how many.
+
+        If iterating raises (a record failed validation), nothing from this call is committed.
+        """
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(_INSERT, records)
+            return conn.total_changes - before
+
+    def append_one(self, record: Record) -> None:
+        """Commit one record in its own transaction."""
+        with self._write() as conn:
+            conn.execute(_INSERT, record)
+
+    # -- the shipper's state machine -------------------------------------------------------------
+
+    def lease(self, limit: int, *, now: float, keyed_only: bool) -> list[Leased]:
+        """Lease up to `limit` of the oldest pending records; `keyed_only` skips EZ records without ezkey."""
+        where = "state = 0 AND (ezkey IS NOT NULL OR key IS NOT NULL)" if keyed_only else "state = 0"
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE records SET state = {INFLIGHT}, lease_at = ? WHERE id IN "
+                f"(SELECT id FROM records WHERE {where} ORDER BY t, id LIMIT ?) "
+                f"RETURNING id, {_COLUMNS}", (now, limit)).fetchall()
+        rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING has no defined order
+        return [Leased(row[0], Record(*row[1:])) for row in rows]
+
+    def ack(self, ids: Sequence[int], *, now: float) -> int:
+        """Mark leased records SENT: the receiver acknowledged them."""
+        with self._write() as conn:
+            # A lease found stale and released meanwhile is still acknowledged: it did arrive.
+            return conn.execute(
+                f"UPDATE records SET state = {SENT}, done_at = ?, lease_at = NULL "
+                f"WHERE id IN ({_IDS}) AND state IN ({PENDING}, {INFLIGHT})",
+                (now, json.dumps(list(ids)))).rowcount
+
+    def release(self, ids: Sequence[int]) -> int:
+        """Return leased records to PENDING (transient failure or shutdown)."""
+        with self._write() as conn:
+            return conn.execute(
+                f"UPDATE records SET state = {PENDING}, lease_at = NULL "
+                f"WHERE id IN ({_IDS}) AND state = {INFLIGHT}", (json.dumps(list(ids)),)).rowcount
+
+    def kill(self, ids: Sequence[int], *, reason: str, http_status: int | None, body: str,
+             now: float) -> int:
+        """Move leased records to DEAD, keeping the receiver's reason, status and body."""
+        with self._write() as conn:
+            return conn.execute(
+                f"UPDATE records SET state = {DEAD}, done_at = ?, lease_at = NULL, reason = ?, "
+                f"http_status = ?, body = ? WHERE id IN ({_IDS}) AND state = {INFLIGHT}",
+                (now, reason, http_status, body[:MAX_BODY], json.dumps(list(ids)))).rowcount
+
+    def release_stale_leases(self, *, leased_before: float | None = None) -> int:
+        """Return to PENDING the leases taken before `leased_before` (all of them when None)."""
+        with self._write() as conn:
+            if leased_before is None:
+                return conn.execute(f"UPDATE records SET state = {PENDING}, lease_at = NULL "
+                                    f"WHERE state = {INFLIGHT}").rowcount
+            return conn.execute(f"UPDATE records SET state = {PENDING}, lease_at = NULL "
+                                f"WHERE state = {INFLIGHT} AND lease_at < ?", (leased_before,)).rowcount
+
+    def prune_sent(self, *, sent_before: float, step: int = 1000) -> int:
+        """Delete SENT records older than the retention cut-off, `step` rows per transaction."""
+        total = 0
+        while True:
+            with self._write() as conn:
+                n = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records "
+                                 f"WHERE state = {SENT} AND done_at < ? LIMIT ?)",
+                                 (sent_before, step)).rowcount
+            total += n
+            if n < step:
+                return total
+
+    def has_pending(self, *, keyed_only: bool) -> bool:
+        """Return whether any record is waiting that the shipper could lease."""
+        where = "state = 0 AND (ezkey IS NOT NULL OR key IS NOT NULL)" if keyed_only else "state = 0"
+        return self.conn.execute(f"SELECT EXISTS (SELECT 1 FROM records WHERE {where})").fetchone()[0] == 1
+
+    def data_version(self) -> int:
+        """Return a number that changes whenever another connection commits to the spool."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    # -- dead letters ------------------------------------------------------------------------------
+
+    def dead(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Return dead records, oldest first, with the receiver's reason, status and body."""
+        rows = self.conn.execute(
+            f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
+            f"WHERE state = {DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+        return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
+                 "http_status": row[10], "body": row[11]} for row in rows]
+
+    def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Return dead records (all when `ids` is None) to PENDING for another try."""
+        with self._write() as conn:
+            clear = (f"UPDATE records SET state = {PENDING}, done_at = NULL, reason = NULL, "
+                     f"http_status = NULL, body = NULL WHERE state = {DEAD}")
+            if ids is None:
+                return conn.execute(clear).rowcount
+            return conn.execute(f"{clear} AND id IN ({_IDS})", (json.dumps(list(ids)),)).rowcount
+
+    def purge_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead records (all when `ids` is None)."""
+        with self._write() as conn:
+            if ids is None:
+                return conn.execute(f"DELETE FROM records WHERE state = {DEAD}").rowcount
+            return conn.execute(f"DELETE FROM records WHERE state = {DEAD} AND id IN ({_IDS})",
+                                (json.dumps(list(ids)),)).rowcount
+
+    # -- what operators see -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Return how many records are in each state."""
+        counts = dict.fromkeys(STATE_NAMES, 0)
+        for state, n in self.conn.execute("SELECT state, count(*) FROM records GROUP BY state"):
+            counts[STATE_NAMES[state]] = n
+        return counts
+
+    def oldest_pending_t(self) -> int | None:
+        return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {PENDING}").fetchone()[0]
+
+    def keyless_pending(self) -> int:
+        """Return how many pending EZ records carry no ezkey of their own."""
+        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} "
+                                 "AND stat IS NOT NULL AND ezkey IS NULL").fetchone()[0]
+
+    def size_bytes(self) -> int:
+        """Return the spool's size on disk: the database file and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def integrity_ok(self) -> bool:
+        return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
+        """Yield (id, state, record) for every record (of one state), in append order, streaming."""
+        sql = f"SELECT id, state, {_COLUMNS} FROM records"
+        cursor = (self.conn.execute(f"{sql} WHERE state = ? ORDER BY id", (state,)) if state is not None
+                  else self.conn.execute(f"{sql} ORDER BY id"))
+        for row in cursor:
+            yield row[0], row[1], Record(*row[2:])
+
+    # -- small persistent facts (last shipping attempt, ...) ----------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        with self._write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                             [(name, json.dumps(value)) for name, value in values.items()])
+
+    def meta(self) -> dict[str, Any]:
+        return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+class ShipLock:
+    """An exclusive lock that makes one process the spool's only shipper; the kernel drops it on death."""
+
+    def __init__(self, spool_path: str | os.PathLike[str]):
+        self.path = Path(f"{spool_path}.ship.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> ShipLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolBusy(f"another shipper (pid {holder}) is already draining this spool") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def holder(self) -> int | None:
+        """Return the pid of the process holding the lock, or None when no shipper is running."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)  # also drops the shared lock, if we got it
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> ShipLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the spool file (and its directory) readable by its owner only, if it does not exist yet."""
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise StoreError(f"cannot create spool {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
+    """Turn SQLite's exceptions into StoreError with a message an operator can act on."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "full" in text:
+            raise StoreError(f"spool full: {path}: the disk has no space left") from None
+        if "locked" in text or "busy" in text:
+            raise StoreError(f"spool {path} stayed locked by another process for "
+                             f"{busy_timeout:g} s; try again") from None
+        if "readonly" in text or "unable to open" in text:
+            raise StoreError(f"cannot write spool {path}: {text}") from None
+        raise StoreError(f"spool {path}: {text}") from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"spool {path} is not a usable spool database: {exc}") from None
+

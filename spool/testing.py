@@ -1,0 +1,312 @@
+"""A StatHat-compatible receiver on loopback, with scriptable faults, for spool's tests and yours.
+
+    with Receiver() as receiver:
+        receiver.fail_next(3)                 # the next 3 requests get 503
+        ... ship to receiver.url ...
+        assert receiver.accepted == [...]
+
+It answers as the real service does (see STATHAT.md): 204 for a single call, 200 with
+{"status":200,"msg":"ok"} for `vb=1`, 200 with {"status":200,"msg":"ok","multiple":N} for a JSON batch,
+and refusals as HTTP 200 with {"status":500,"msg":...}. Run `python -m spool.testing` for a standalone one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+OVERLOADED = "Back-end server is at capacity"
+
+
+@dataclass
+class _Fault:
+    action: str  # "status", "reset", "reset_after_accept", "stall"
+    status: int = 503
+    body: str = OVERLOADED
+    retry_after: str | None = None
+    seconds: float = 0.0
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 (port 0 by default) that records every stat it accepts."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.accepted: list[dict[str, Any]] = []  # every stat taken, in arrival order
+        self.requests = 0  # every request seen, faulted or not
+        self.batches: list[int] = []  # size of every JSON batch accepted
+        self._faults: list[_Fault] = []
+        self._refused_stats: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- scripting faults -------------------------------------------------------------------------
+
+    def fail_next(self, n: int, status: int = 503, body: str = OVERLOADED,
+                  retry_after: str | None = None) -> None:
+        """Answer the next `n` requests with `status` (503 "at capacity" unless told otherwise)."""
+        self._add(n, _Fault("status", status=status, body=body, retry_after=retry_after))
+
+    def rate_limit_next(self, n: int, retry_after: str = "1") -> None:
+        """Answer the next `n` requests with 429 and a Retry-After header."""
+        self.fail_next(n, status=429, body="Too Many Requests", retry_after=retry_after)
+
+    def reset_next(self, n: int) -> None:
+        """Drop the connection of the next `n` requests without reading them or answering."""
+        self._add(n, _Fault("reset"))
+
+    def reset_after_accept_next(self, n: int) -> None:
+        """Take the next `n` requests (their stats count as accepted), then drop the connection unanswered."""
+        self._add(n, _Fault("reset_after_accept"))
+
+    def stall_next(self, n: int, seconds: float) -> None:
+        """Hold the next `n` requests for `seconds` (past the client's timeout), then drop them untaken."""
+        self._add(n, _Fault("stall", seconds=seconds))
+
+    def refuse_stat(self, stat: str, msg: str = "invalid stat name") -> None:
+        """Refuse every request that carries `stat`, as StatHat refuses: HTTP 200, status 500."""
+        with self._lock:
+            self._refused_stats[stat] = msg
+
+    def _add(self, n: int, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.extend([fault] * n)
+
+    def _next_fault(self) -> _Fault | None:
+        with self._lock:
+            self.requests += 1
+            return self._faults.pop(0) if self._faults else None
+
+    # -- running ------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Receiver:
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="spool-test-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        with self._lock:
+            for conn in list(self._connections):  # wake handlers blocked on idle keep-alive sockets
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> list[tuple[Any, ...]]:
+        """Return the accepted stats as sortable tuples (stat or key, kind, number, t, key), for multisets."""
+        with self._lock:
+            return sorted((a.get("stat") or a["key"], a["kind"], a["number"], a["t"],
+                           a.get("ezkey") or a.get("ukey")) for a in self.accepted)
+
+    # -- the protocol -------------------------------------------------------------------------------
+
+    def _take(self, items: list[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+        """Validate items as StatHat does; return (count taken, refusal body or None)."""
+        for item in items:
+            refusal = self._refusal(item)
+            if refusal is not None:
+                return 0, {"status": 500, "msg": refusal}
+        with self._lock:
+            self.accepted.extend(items)
+        return len(items), None
+
+    def _refusal(self, item: dict[str, Any]) -> str | None:
+        if "key" in item or "ukey" in item:
+            if not item.get("key") or not item.get("ukey"):
+                return "invalid keys"
+        elif not item.get("ezkey"):
+            return "no ezkey specified"
+        elif not item.get("stat"):
+            return "no stat specified"
+        if item.get("number") is None:
+            return "no count or value specified"
+        with self._lock:
+            return self._refused_stats.get(item.get("stat") or "")
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "spool-test-receiver"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver._lock:
+                    receiver._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with receiver._lock:
+                    receiver._connections.discard(self.connection)
+                super().finish()
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path == "/":
+                    self._answer(200, b"", "text/plain")
+                    return
+                self._serve(parts.path, parse_qs(parts.query, keep_blank_values=True), None)
+
+            def do_POST(self) -> None:
+                fault = receiver._next_fault()
+                length = int(self.headers.get("Content-Length") or 0)
+                if fault is not None and fault.action == "reset":
+                    self._reset()
+                    return
+                raw = self.rfile.read(length)
+                if fault is not None and fault.action == "stall":
+                    receiver._stopping.wait(fault.seconds)
+                    self._reset()
+                    return
+                if fault is not None and fault.action == "status":
+                    headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                    self._answer(fault.status, fault.body.encode(), "text/plain", headers)
+                    return
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query, keep_blank_values=True)
+                if (self.headers.get("Content-Type") or "").startswith("application/json"):
+                    self._serve(parts.path, query, raw, after_accept_reset=fault is not None)
+                else:
+                    form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
+                    self._serve(parts.path, {**query, **form}, None, after_accept_reset=fault is not None)
+
+            def _serve(self, path: str, form: dict[str, list[str]], json_body: bytes | None,
+                       after_accept_reset: bool = False) -> None:
+                if path not in ("/ez", "/c", "/v"):
+                    self._answer(404, b"404 page not found\n", "text/plain")
+                    return
+                if json_body is not None:
+                    taken, refusal = self._take_json(json_body)
+                    answer: dict[str, Any] | None = refusal or {"status": 200, "msg": "ok", "multiple": taken}
+                else:
+                    taken, refusal = receiver._take([_form_item(path, form)])
+                    verbose = form.get("vb", [""])[0] == "1"
+                    answer = refusal or ({"status": 200, "msg": "ok"} if verbose else None)
+                if after_accept_reset:
+                    self._reset()
+                elif answer is None:
+                    self._answer(204, b"", None)
+                else:
+                    self._answer(200, json.dumps(answer, separators=(",", ":")).encode(), "application/json")
+
+            def _take_json(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
+                try:
+                    body = json.loads(raw)
+                    data = body["data"]
+                    ezkey = body.get("ezkey") or body.get("email")
+                    items = [_json_item(item, ezkey) for item in data]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    return 0, {"status": 500, "msg": "invalid json"}
+                if not ezkey:
+                    return 0, {"status": 500, "msg": "no ezkey specified"}
+                with receiver._lock:
+                    receiver.batches.append(len(items))
+                return receiver._take(items)
+
+            def _answer(self, status: int, body: bytes, content_type: str | None,
+                        headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                if status != 204:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if status != 204:
+                    self.wfile.write(body)
+
+            def _reset(self) -> None:
+                """Close with a TCP reset and no answer at all."""
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
+        return Handler
+
+
+def _number(text: str | None) -> int | float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+
+def _form_item(path: str, form: dict[str, list[str]]) -> dict[str, Any]:
+    first = {name: values[0] for name, values in form.items()}
+    t = _number(first.get("t"))
+    item: dict[str, Any] = {"t": int(t) if t is not None else int(time.time())}
+    if path == "/ez":
+        item.update(stat=first.get("stat"), ezkey=first.get("ezkey") or first.get("email"))
+    else:
+        item.update(key=first.get("key"), ukey=first.get("ukey"))
+    if path == "/c" or (path == "/ez" and "count" in first):
+        item.update(kind="count", number=_number(first.get("count", "1")))
+    else:
+        item.update(kind="value", number=_number(first.get("value")))
+    return item
+
+
+def _json_item(raw: dict[str, Any], ezkey: str | None) -> dict[str, Any]:
+    kind = "count" if "count" in raw else "value"
+    number = raw.get(kind)
+    t = raw.get("t")
+    return {"stat": raw.get("stat"), "ezkey": ezkey, "kind": kind,
+            "number": number if isinstance(number, int | float) and not isinstance(number, bool) else None,
+            "t": int(t) if isinstance(t, int | float) else int(time.time())}
+
+
+def main() -> None:
+    """Run a receiver in the foreground and print what it takes: python -m spool.testing [PORT]."""
+    import sys
+
+    receiver = Receiver(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000).start()
+    print(f"StatHat-compatible test receiver on {receiver.url} (Ctrl-C to stop)", flush=True)
+    seen = 0
+    try:
+        while True:
+            time.sleep(0.5)
+            for item in receiver.accepted[seen:]:
+                print(json.dumps(item, sort_keys=True), flush=True)
+            seen = len(receiver.accepted)
+    except KeyboardInterrupt:
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
