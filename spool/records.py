@@ -47,11 +47,7 @@ class Record(NamedTuple):
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-lines form that `parse_record` reads back unchanged."""
-        out: dict[str, Any]
-        if self.stat is None:
-            out = {"key": self.key, "ukey": self.ukey}
-        else:
-            out = {"stat": self.stat}
+        out: dict[str, Any] = {"key": self.key, "ukey": self.ukey} if self.stat is None else {"stat": self.stat}
         out[KIND_NAMES[self.kind]] = self.number
         out["t"] = self.t
         if self.ezkey is not None:

@@ -113,6 +113,8 @@ class Shipper:
         On a transient failure or shutdown whatever is still leased goes back to pending and the error
         propagates. Returns 0 when nothing deliverable is pending.
         """
+        if self.shutdown.is_set():
+            return 0
         leased = self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=self.config.ezkey is None)
         if not leased:
             return 0
@@ -230,6 +232,8 @@ class Shipper:
                 settled = self._retrying(deadline)(self.ship_batch)
             except (ShipError, StoreError) as exc:
                 return DrainResult(False, str(exc))
+            if self.shutdown.is_set():
+                break  # a batch cut short by shutdown also settles 0: that is not "done"
             if settled == 0:
                 return DrainResult(True)
         return DrainResult(False, "shutting down")

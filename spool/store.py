@@ -120,16 +120,20 @@ class Store:
         self.close()
 
     def _migrate(self) -> None:
-        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        if self._schema_version() == SCHEMA_VERSION:
             return
         with self._write():  # re-read inside the lock: another process may have migrated meanwhile
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"spool {self.path} has schema version {version}, newer than this "
-                                 f"spool ({SCHEMA_VERSION}); upgrade spool")
+            version = self._schema_version()
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 _MIGRATIONS[target](self.conn)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"spool {self.path} has schema version {version}, newer than this spool "
+                             f"understands ({SCHEMA_VERSION}); upgrade spool")
+        return version
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

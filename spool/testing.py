@@ -27,7 +27,7 @@ OVERLOADED = "Back-end server is at capacity"
 
 @dataclass
 class _Fault:
-    action: str  # "status", "reset", "reset_after_accept", "stall"
+    action: str  # "status", "reset", "reset_after_accept", "stall", "hold_after_accept"
     status: int = 503
     body: str = OVERLOADED
     retry_after: str | None = None
@@ -43,9 +43,11 @@ class Receiver:
         self.batches: list[int] = []  # size of every JSON batch accepted
         self._faults: list[_Fault] = []
         self._refused_stats: dict[str, str] = {}
+        self._refused_keys: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+        self.holding = threading.Event()  # set while a request taken by hold_after_accept_next is held
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -69,6 +71,10 @@ class Receiver:
         """Take the next `n` requests (their stats count as accepted), then drop the connection unanswered."""
         self._add(n, _Fault("reset_after_accept"))
 
+    def hold_after_accept_next(self, n: int, seconds: float) -> None:
+        """Take the next `n` requests, then hold them unanswered for `seconds` (set `holding` meanwhile)."""
+        self._add(n, _Fault("hold_after_accept", seconds=seconds))
+
     def stall_next(self, n: int, seconds: float) -> None:
         """Hold the next `n` requests for `seconds` (past the client's timeout), then drop them untaken."""
         self._add(n, _Fault("stall", seconds=seconds))
@@ -77,6 +83,11 @@ class Receiver:
         """Refuse every request that carries `stat`, as StatHat refuses: HTTP 200, status 500."""
         with self._lock:
             self._refused_stats[stat] = msg
+
+    def refuse_key(self, key: str) -> None:
+        """Refuse every request made with this ezkey (or classic key) with "invalid keys"."""
+        with self._lock:
+            self._refused_keys.add(key)
 
     def _add(self, n: int, fault: _Fault) -> None:
         with self._lock:
@@ -148,6 +159,8 @@ class Receiver:
         if item.get("number") is None:
             return "no count or value specified"
         with self._lock:
+            if item.get("ezkey") in self._refused_keys or item.get("key") in self._refused_keys:
+                return "invalid keys"
             return self._refused_stats.get(item.get("stat") or "")
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -157,7 +170,7 @@ class Receiver:
             protocol_version = "HTTP/1.1"
             server_version = "spool-test-receiver"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
+            def log_message(self, format: str, *args: Any) -> None:  # quiet by design
                 pass
 
             def setup(self) -> None:
@@ -195,13 +208,13 @@ class Receiver:
                 parts = urlsplit(self.path)
                 query = parse_qs(parts.query, keep_blank_values=True)
                 if (self.headers.get("Content-Type") or "").startswith("application/json"):
-                    self._serve(parts.path, query, raw, after_accept_reset=fault is not None)
+                    self._serve(parts.path, query, raw, fault)
                 else:
                     form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
-                    self._serve(parts.path, {**query, **form}, None, after_accept_reset=fault is not None)
+                    self._serve(parts.path, {**query, **form}, None, fault)
 
             def _serve(self, path: str, form: dict[str, list[str]], json_body: bytes | None,
-                       after_accept_reset: bool = False) -> None:
+                       fault: _Fault | None = None) -> None:
                 if path not in ("/ez", "/c", "/v"):
                     self._answer(404, b"404 page not found\n", "text/plain")
                     return
@@ -212,7 +225,12 @@ class Receiver:
                     taken, refusal = receiver._take([_form_item(path, form)])
                     verbose = form.get("vb", [""])[0] == "1"
                     answer = refusal or ({"status": 200, "msg": "ok"} if verbose else None)
-                if after_accept_reset:
+                if fault is not None and fault.action == "hold_after_accept":
+                    receiver.holding.set()
+                    receiver._stopping.wait(fault.seconds)
+                    receiver.holding.clear()
+                    self._reset()
+                elif fault is not None:  # reset_after_accept
                     self._reset()
                 elif answer is None:
                     self._answer(204, b"", None)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from spool.config import Config
+from spool.testing import Receiver
+
+# Timing-based checks fail on noisy machines; examples count is raised by SPOOL_LONG=1.
+settings.register_profile("spool", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          max_examples=500 if os.environ.get("SPOOL_LONG") else 100)
+settings.load_profile("spool")
+
+T0 = 1_700_000_000  # a fixed, plausible unix time for records in tests
+TEST_EZKEY = "test-ezkey-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads of its own running (bounded wait for them to end)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not leaked, f"threads leaked: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "spool.db"
+
+
+def make_config(db: Path, receiver: Receiver | None = None, **changes: object) -> Config:
+    """A Config for tests: loopback receiver, tiny back-off, short timeout."""
+    base = Config(db=db, endpoint=receiver.url if receiver else "http://127.0.0.1:9", ezkey=TEST_EZKEY,
+                  backoff_initial=0.001, backoff_max=0.01, timeout=2.0, idle_poll=0.05)
+    return base.replace(**changes)
+
+
+def cli_env(db: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    env.update(SPOOL_DB=str(db), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_cli(db: Path, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `spool ARGS` as a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "spool", *args], input=input.decode() if input else None,
+                          capture_output=True, text=True, env=env or cli_env(db), timeout=timeout)
+
+
+def spawn_cli(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "spool", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or cli_env(db))

@@ -1,0 +1,127 @@
+"""Record validation: every rule names its field and says what is wrong."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spool.errors import InvalidRecord
+from spool.records import COUNT, VALUE, Record, expand_stat, make_record, parse_record
+
+T = 1_700_000_000
+
+
+@pytest.mark.parametrize(("fields", "field", "message"), [
+    ({"stat": "", "count": 1}, "stat", "stat is empty"),
+    ({"stat": "   ", "count": 1}, "stat", "stat is empty"),
+    ({"stat": "x" * 256, "count": 1}, "stat", "256 characters long; the limit is 255"),
+    ({"stat": "tab\there", "count": 1}, "stat", "control character"),
+    ({"stat": "nul\x00", "count": 1}, "stat", "control character"),
+    ({"stat": "line\u2028sep", "count": 1}, "stat", "control character"),
+    ({"stat": 42, "count": 1}, "stat", "stat must be a string"),
+    ({"stat": "a~b~c", "count": 1}, "stat", "more than one '~'"),
+    ({"stat": "~b,c", "count": 1}, "stat", "empty prefix"),
+    ({"stat": "a~", "count": 1}, "stat", "empty name"),
+    ({"stat": "a~b,,c", "count": 1}, "stat", "empty name"),
+    ({"stat": "a~b, ", "count": 1}, "stat", "empty name"),
+    ({"stat": "p" * 200 + "~" + "n" * 60, "count": 1}, "stat", "over 255 characters"),
+    ({"stat": "p~" + ",".join(["n"] * 3000), "count": 1}, "stat", "limit for a ~ form"),
+    ({"stat": "s"}, "count", "give count or value"),
+    ({"stat": "s", "count": 1, "value": 2}, "count", "not both"),
+    ({"stat": "s", "count": float("nan")}, "count", "finite"),
+    ({"stat": "s", "value": float("inf")}, "value", "finite"),
+    ({"stat": "s", "value": "3"}, "value", "must be a number, not the string '3'"),
+    ({"stat": "s", "value": True}, "value", "must be a number, not a boolean"),
+    ({"stat": "s", "count": 2**64}, "count", "out of range"),
+    ({"stat": "s", "count": 1, "t": 1.5e9 + 0.5}, "t", "whole unix seconds"),
+    ({"stat": "s", "count": 1, "t": -5}, "t", "negative"),
+    ({"stat": "s", "count": 1, "t": 1_700_000_000_000}, "t", "looks like milliseconds"),
+    ({"stat": "s", "count": 1, "t": 1_700_000_000_000_000}, "t", "looks like milliseconds"),
+    ({"stat": "s", "count": 1, "t": 5_000_000_000}, "t", "after the year 2100"),
+    ({"stat": "s", "count": 1, "t": 86400}, "t", "before 1000000000"),
+    ({"stat": "s", "count": 1, "t": "1700000000"}, "t", "must be an integer"),
+    ({"stat": "s", "count": 1, "t": float("nan")}, "t", "must be an integer"),
+    ({"stat": "s", "count": 1, "ezkey": ""}, "ezkey", "ezkey is empty"),
+    ({"stat": "s", "count": 1, "key": "k", "ukey": "u"}, "stat", "not both"),
+    ({"key": "k", "count": 1}, "ukey", "ukey is missing"),
+    ({"ukey": "u", "count": 1}, "key", "key is missing"),
+    ({"key": "k", "ukey": "u", "count": 1, "ezkey": "e"}, "ezkey", "belongs to EZ records"),
+    ({"count": 1}, "stat", "give stat (EZ API) or key and ukey"),
+    ({"stat": "s", "count": 1, "vaule": 2}, "vaule", "unknown field 'vaule'"),
+])
+def test_invalid_records_are_refused_naming_the_field(fields, field, message):
+    with pytest.raises(InvalidRecord) as caught:
+        parse_record(fields, clock_now=T)
+    assert caught.value.field == field
+    assert message in str(caught.value)
+
+
+def test_a_refused_key_is_never_repeated_in_the_message():
+    secret = "sekrit\x01key"
+    with pytest.raises(InvalidRecord) as caught:
+        parse_record({"stat": "s", "count": 1, "ezkey": secret}, clock_now=T)
+    assert "sekrit" not in str(caught.value)
+
+
+@pytest.mark.parametrize("stat", [
+    "messages sent", "ünïcödé stat 📈", "日本語の統計", "a" * 255, "prefix~one,two,three", "x~" + "y" * 253,
+    "with & and = and + signs", "spaces  inside",
+])
+def test_valid_stat_names_are_kept_exactly(stat):
+    record = parse_record({"stat": stat, "value": 0.5, "t": T})
+    assert record.stat == stat
+
+
+def test_a_record_without_t_is_stamped_with_the_time_of_append():
+    record = make_record(stat="s", count=1, clock_now=T + 7)
+    assert record.t == T + 7
+
+
+def test_a_whole_float_t_is_taken_as_integer_seconds():
+    assert parse_record({"stat": "s", "count": 1, "t": 1_700_000_000.0}).t == 1_700_000_000
+
+
+def test_the_email_alias_names_the_ezkey():
+    assert parse_record({"stat": "s", "count": 1, "email": "me@example.com"}).ezkey == "me@example.com"
+
+
+def test_a_batch_ezkey_applies_only_to_ez_records_without_their_own():
+    assert parse_record({"stat": "s", "count": 1}, ezkey="batch").ezkey == "batch"
+    assert parse_record({"stat": "s", "count": 1, "ezkey": "own"}, ezkey="batch").ezkey == "own"
+    classic = parse_record({"key": "k", "ukey": "u", "count": 1}, ezkey="batch")
+    assert classic.ezkey is None and classic.key == "k"
+
+
+def test_the_tilde_form_expands_to_prefix_space_name():
+    assert expand_stat("messages sent~total,female") == ["messages sent total", "messages sent female"]
+    assert expand_stat("plain") == ["plain"]
+
+
+finite = st.one_of(st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1),
+                   st.floats(allow_nan=False, allow_infinity=False))
+names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="~"),
+                min_size=1, max_size=255).filter(str.strip)
+
+
+@given(stat=names, number=finite, kind=st.sampled_from([COUNT, VALUE]),
+       t=st.integers(min_value=1_000_000_000, max_value=4_102_444_800), ezkey=st.none() | st.just("k"))
+def test_every_valid_record_round_trips_through_its_dict_form(stat, number, kind, t, ezkey):
+    record = Record(stat, None, None, ezkey, kind, number, t)
+    assert parse_record(record.to_dict()) == record
+
+
+@given(st.dictionaries(st.sampled_from(["stat", "count", "value", "t", "ezkey", "key", "ukey", "x"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=300),
+                                 st.lists(st.integers(), max_size=2))))
+def test_arbitrary_objects_are_either_valid_records_or_refused_with_a_reason(obj):
+    try:
+        record = parse_record(obj, clock_now=T)
+    except InvalidRecord as exc:
+        assert exc.reason
+        return
+    assert isinstance(record.number, int | float) and math.isfinite(record.number)
+    assert 1_000_000_000 <= record.t <= 4_102_444_800
+    assert (record.stat is None) == (record.key is not None)

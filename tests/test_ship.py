@@ -1,0 +1,247 @@
+"""The shipper against a real StatHat-compatible receiver on loopback, with faults."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from spool import Spool
+from spool.records import KIND_NAMES, make_record
+from spool.ship import Shipper
+from spool.store import SENT, Store
+
+from .conftest import T0, TEST_EZKEY, make_config
+
+
+def expected(records, default_key=TEST_EZKEY):
+    """The multiset the receiver should hold for `records`: (stat or key, kind, number, t, key)."""
+    return sorted((r.stat or r.key, KIND_NAMES[r.kind], r.number, r.t,
+                   (r.ezkey or default_key) if r.stat is not None else r.ukey) for r in records)
+
+
+def mixed_records(n, seed=7):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = rng.random()
+        t = T0 + rng.randrange(0, 86400)
+        if kind < 0.03:
+            out.append(make_record(key=f"k{i % 5}", ukey="u", count=rng.randrange(1, 9), t=t))
+        elif kind < 0.15:
+            out.append(make_record(stat=f"own {i % 11}", value=rng.random(), t=t, ezkey="other-account-key"))
+        elif kind < 0.6:
+            out.append(make_record(stat=f"count~a,b{i % 3}", count=rng.randrange(1, 100), t=t))
+        else:
+            out.append(make_record(stat=f"válue {i % 13}", value=round(rng.uniform(-5, 5), 3), t=t))
+    return out
+
+
+class SleepClock:
+    """An injected sleep that returns at once and a monotonic clock that its sleeps advance."""
+
+    def __init__(self):
+        self.waits = []
+
+    def sleep(self, seconds):
+        self.waits.append(seconds)
+
+    def monotonic(self):
+        return time.monotonic() + sum(self.waits)
+
+
+def ship_all(db, receiver, records=(), *, clock=None, max_time=600, **changes):
+    config = make_config(db, receiver, **changes)
+    clock = clock or SleepClock()
+    with Spool(db) as sp:
+        sp.append_records(records)
+    with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock.monotonic) as shipper:
+        result = shipper.drain(max_time=max_time)
+        return shipper, result, store.counts()
+
+
+def test_thousands_of_mixed_records_arrive_exactly_once_through_bursts_resets_stalls_and_429s(db, receiver):
+    records = mixed_records(3000)
+    receiver.fail_next(5)
+    receiver.reset_next(3)
+    receiver.rate_limit_next(2, retry_after="1")
+    receiver.stall_next(1, seconds=1.0)
+    receiver.fail_next(2, status=500, body="internal")
+    shipper, result, counts = ship_all(db, receiver, records, timeout=0.3, batch_size=250)
+    assert result.done
+    assert receiver.stats() == expected(records)
+    assert counts == {"pending": 0, "inflight": 0, "sent": 3000, "dead": 0}
+    assert shipper.stats.retries >= 13
+    assert max(receiver.batches) <= 250
+
+
+def test_every_record_arrives_with_its_original_t(db, receiver):
+    records = [make_record(stat="late", count=1, t=T0 - 86400 * 30), make_record(stat="now", value=2, t=T0)]
+    ship_all(db, receiver, records)
+    assert sorted(a["t"] for a in receiver.accepted) == [T0 - 86400 * 30, T0]
+
+
+def test_ez_records_are_batched_per_ezkey(db, receiver):
+    records = [make_record(stat=f"s{i}", count=1, t=T0, ezkey=("a" if i % 2 else None)) for i in range(10)]
+    ship_all(db, receiver, records)
+    assert sorted(receiver.batches) == [5, 5]
+    assert Counter(a["ezkey"] for a in receiver.accepted) == {"a": 5, TEST_EZKEY: 5}
+
+
+def test_a_refused_stat_inside_a_batch_ends_as_exactly_one_dead_record_and_the_rest_arrive(db, receiver):
+    records = [make_record(stat=f"good {i}", count=i, t=T0 + i) for i in range(99)]
+    poison = make_record(stat="poison", count=1, t=T0 + 50)
+    receiver.refuse_stat("poison", "invalid stat name")
+    shipper, result, counts = ship_all(db, receiver, [*records, poison], batch_size=100)
+    assert result.done
+    assert counts == {"pending": 0, "inflight": 0, "sent": 99, "dead": 1}
+    assert receiver.stats() == expected(records)
+    with Store(db) as store:
+        [dead] = store.dead()
+    assert dead["record"] == poison
+    assert (dead["reason"], dead["http_status"]) == ("invalid stat name", 200)
+    assert '"status":500' in dead["body"]
+
+
+def test_a_refused_configured_key_pauses_shipping_and_kills_nothing(db, receiver):
+    receiver.refuse_key(TEST_EZKEY)
+    records = [make_record(stat="s", count=1, t=T0)] * 5
+    shipper, result, counts = ship_all(db, receiver, records, max_time=1)
+    assert not result.done and "configured ezkey" in result.reason
+    assert counts["dead"] == 0 and counts["pending"] == 5
+    with Spool(db) as sp:
+        status = sp.status(make_config(db, receiver))
+    assert any("paused" in problem for problem in status["problems"])
+    assert TEST_EZKEY not in result.reason and TEST_EZKEY not in str(status)
+
+
+def test_a_record_whose_own_key_is_refused_goes_dead_without_holding_back_others(db, receiver):
+    receiver.refuse_key("revoked-key")
+    bad = [make_record(stat=f"own {i}", count=1, t=T0, ezkey="revoked-key") for i in range(8)]
+    good = [make_record(stat="fine", count=1, t=T0)]
+    shipper, result, counts = ship_all(db, receiver, [*bad, *good])
+    assert result.done
+    assert counts == {"pending": 0, "inflight": 0, "sent": 1, "dead": 8}
+    assert receiver.requests == 2  # the bad key's group died whole: no bisecting through 8 records
+
+
+def test_a_misconfigured_endpoint_pauses_and_keeps_every_record_pending(db, receiver):
+    records = [make_record(stat="s", count=1, t=T0 + i) for i in range(10)]
+    waits = []
+    receiver.fail_next(1000, status=404, body="404 page not found")
+    config = make_config(db, receiver)
+    with Spool(db) as sp:
+        sp.append_records(records)
+    with Store(db) as store, Shipper(store, config, sleep=waits.append) as shipper:
+        result = shipper.drain(max_time=0.5)
+        assert not result.done and "HTTP 404" in result.reason
+        assert store.counts() == {"pending": 10, "inflight": 0, "sent": 0, "dead": 0}
+        assert store.meta()["last_result"] == "paused"
+    assert waits
+
+
+def test_retry_waits_grow_exponentially_with_full_jitter_up_to_the_cap(db, receiver):
+    receiver.fail_next(12)
+    clock = SleepClock()
+    ship_all(db, receiver, [make_record(stat="s", count=1, t=T0)], clock=clock, backoff_initial=0.5,
+             backoff_max=4.0)
+    waits = clock.waits
+    assert len(waits) == 12
+    for attempt, wait in enumerate(waits, start=1):
+        assert 0 <= wait <= min(4.0, 0.5 * 2**attempt)
+    assert max(waits[6:]) > 0.5  # the ceiling grew: later waits are not stuck at the initial size
+
+
+def test_retry_after_is_honoured_and_capped(db, receiver):
+    receiver.rate_limit_next(1, retry_after="30")
+    receiver.rate_limit_next(1, retry_after="100000")
+    clock = SleepClock()
+    ship_all(db, receiver, [make_record(stat="s", count=1, t=T0)], clock=clock,
+             backoff_initial=0.001, backoff_max=0.01, retry_after_max=600, max_time=3600)
+    assert clock.waits == [30, 600]
+
+
+def test_records_without_any_key_stay_pending_and_do_not_block_the_drain(db, receiver):
+    records = [make_record(stat="keyless", count=1, t=T0), make_record(stat="own", count=1, t=T0, ezkey="k")]
+    shipper, result, counts = ship_all(db, receiver, records, ezkey=None)
+    assert result.done
+    assert counts["pending"] == 1 and counts["sent"] == 1
+
+
+def test_classic_records_go_one_per_request_to_c_and_v(db, receiver):
+    records = [make_record(key="K1", ukey="U", count=3, t=T0), make_record(key="K2", ukey="U", value=1.5, t=T0)]
+    ship_all(db, receiver, records)
+    assert receiver.stats() == expected(records)
+    assert receiver.batches == []  # no JSON batch was used
+
+
+def test_shutdown_mid_drain_hands_back_the_unsent_batch(db, receiver):
+    records = [make_record(stat="s", count=1, t=T0 + i) for i in range(40)]
+    config = make_config(db, receiver, batch_size=10)
+    with Spool(db) as sp:
+        sp.append_records(records)
+    receiver.fail_next(10_000)
+    shutdown = threading.Event()
+
+    def sleep(seconds):
+        shutdown.set()  # a signal arrives during the first back-off
+
+    with Store(db) as store, Shipper(store, config, shutdown=shutdown, sleep=sleep) as shipper:
+        result = shipper.drain()
+        assert not result.done
+        assert store.counts() == {"pending": 40, "inflight": 0, "sent": 0, "dead": 0}
+
+
+def test_a_new_shipper_reclaims_leases_left_by_a_dead_one(db, receiver):
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="s", count=1, t=T0 + i) for i in range(5)])
+    with Store(db) as store:
+        store.lease(5, now=T0, keyed_only=False)  # the "dead" shipper's lease; it never acked
+    shipper, result, counts = ship_all(db, receiver)
+    assert counts["sent"] == 5 and len(receiver.accepted) == 5
+
+
+def test_housekeeping_prunes_sent_records_after_retention(db, receiver):
+    now = [1_000_000.0]
+    config = make_config(db, receiver, retention=3600)
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="s", count=1, t=T0 + i) for i in range(5)])
+    with Store(db) as store, Shipper(store, config, clock=lambda: now[0]) as shipper:
+        assert shipper.drain().done
+        now[0] += 3599
+        shipper.housekeeping()
+        assert store.counts()["sent"] == 5
+        now[0] += 2
+        shipper._last_housekeeping = float("-inf")
+        shipper.housekeeping()
+        assert store.counts()["sent"] == 0
+
+
+def test_run_ships_records_appended_by_another_connection_while_idle(db, receiver):
+    config = make_config(db, receiver)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        thread = threading.Thread(target=shipper.run)
+        thread.start()
+        try:
+            with Spool(db) as producer:
+                producer.count("later", 4, t=T0)
+            for _ in range(200):
+                if receiver.accepted:
+                    break
+                shipper.shutdown.wait(0.05)
+        finally:
+            shipper.stop()
+            thread.join(5)
+    assert [a["stat"] for a in receiver.accepted] == ["later"]
+    with Store(db) as store:
+        assert [state for _, state, _ in store.records()] == [SENT]
+
+
+@pytest.mark.parametrize("body", ["<html>captive portal</html>", "ok"])
+def test_a_2xx_answer_that_is_not_stathats_is_retried_not_counted_as_delivered(db, receiver, body):
+    receiver.fail_next(3, status=200, body=body)
+    shipper, result, counts = ship_all(db, receiver, [make_record(stat="s", count=1, t=T0)])
+    assert result.done and counts["sent"] == 1 and shipper.stats.retries == 3

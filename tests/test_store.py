@@ -1,0 +1,189 @@
+"""The spool store: schema, durability settings and the pending/inflight/sent/dead state machine."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from spool import Spool
+from spool.errors import InvalidRecord, SpoolBusy, StoreError
+from spool.records import make_record
+from spool.store import SCHEMA_VERSION, ShipLock, Store
+
+from .conftest import T0
+
+
+def ez(stat: str = "s", n: int | float = 1, t: int = T0, ezkey: str | None = None):
+    return make_record(stat=stat, count=n, t=t, ezkey=ezkey)
+
+
+def states(store: Store) -> dict[str, int]:
+    return {k: v for k, v in store.counts().items() if v}
+
+
+def test_a_new_spool_file_is_private_to_its_owner_and_in_wal_mode(tmp_path):
+    path = tmp_path / "state" / "spool" / "spool.db"
+    with Store(path) as store:
+        store.append([ez()])
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert stat.S_IMODE(os.stat(f"{path}-wal").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def test_synchronous_normal_is_selectable_and_anything_else_refused(db):
+    with Store(db, synchronous="normal") as store:
+        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(StoreError, match="synchronous"):
+        Store(db, synchronous="off")
+
+
+def test_records_survive_closing_and_reopening(db):
+    with Store(db) as store:
+        store.append([ez("a", 1), ez("b", 2.5)])
+    with Store(db) as store:
+        assert [r for _, _, r in store.records()] == [ez("a", 1), ez("b", 2.5)]
+
+
+def test_an_invalid_record_in_a_batch_commits_nothing_from_that_batch(db):
+    with Spool(db) as sp:
+        sp.count("kept", 1, t=T0)
+        with pytest.raises(InvalidRecord):
+            sp.add_many([{"stat": "a", "count": 1, "t": T0}, {"stat": "", "count": 1}])
+        assert sp.store.counts()["pending"] == 1
+
+
+def test_lease_takes_the_oldest_records_first_and_marks_them_in_flight(db):
+    with Store(db) as store:
+        store.append([ez("late", t=T0 + 50), ez("early", t=T0), ez("middle", t=T0 + 10)])
+        leased = store.lease(2, now=T0, keyed_only=False)
+        assert [item.record.stat for item in leased] == ["early", "middle"]
+        assert states(store) == {"pending": 1, "inflight": 2}
+
+
+def test_a_leased_record_is_never_leased_twice(db):
+    with Store(db) as a, Store(db) as b:
+        a.append([ez(t=T0 + i) for i in range(10)])
+        first = a.lease(6, now=T0, keyed_only=False)
+        second = b.lease(6, now=T0, keyed_only=False)
+        assert len(first) == 6 and len(second) == 4
+        assert not {i.id for i in first} & {i.id for i in second}
+
+
+def test_keyed_only_leases_skip_ez_records_without_a_key(db):
+    with Store(db) as store:
+        store.append([ez("nokey"), ez("own", ezkey="k"), make_record(key="k", ukey="u", count=1, t=T0)])
+        leased = store.lease(10, now=T0, keyed_only=True)
+        assert sorted(str(i.record.stat) for i in leased) == ["None", "own"]
+        assert store.keyless_pending() == 1
+
+
+def test_ack_release_and_kill_move_records_between_states(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(3)])
+        a, b, c = store.lease(3, now=T0, keyed_only=False)
+        assert store.ack([a.id], now=T0) == 1
+        assert store.release([b.id]) == 1
+        assert store.kill([c.id], reason="invalid stat", http_status=200, body='{"status":500}', now=T0) == 1
+        assert states(store) == {"sent": 1, "pending": 1, "dead": 1}
+        [dead] = store.dead()
+        assert (dead["id"], dead["reason"], dead["http_status"]) == (c.id, "invalid stat", 200)
+
+
+def test_release_does_not_touch_records_already_settled(db):
+    with Store(db) as store:
+        store.append([ez()])
+        [item] = store.lease(1, now=T0, keyed_only=False)
+        store.ack([item.id], now=T0)
+        assert store.release([item.id]) == 0
+        assert states(store) == {"sent": 1}
+
+
+def test_stale_leases_return_to_pending_by_age_or_all_at_once(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(4)])
+        store.lease(2, now=100.0, keyed_only=False)
+        store.lease(2, now=200.0, keyed_only=False)
+        assert store.release_stale_leases(leased_before=150.0) == 2
+        assert states(store) == {"pending": 2, "inflight": 2}
+        assert store.release_stale_leases() == 2
+        assert states(store) == {"pending": 4}
+
+
+def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(4)])
+        leased = store.lease(4, now=T0, keyed_only=False)
+        store.kill([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
+        assert store.requeue_dead([leased[0].id]) == 1
+        assert store.purge_dead([leased[1].id]) == 1
+        assert states(store) == {"pending": 1, "dead": 2}
+        assert store.requeue_dead() == 2
+        assert store.purge_dead() == 0
+        assert states(store) == {"pending": 3}
+        assert store.dead() == []
+
+
+def test_prune_deletes_only_sent_records_older_than_the_cutoff_in_small_steps(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(25)])
+        old = store.lease(20, now=T0, keyed_only=False)
+        store.ack([i.id for i in old[:15]], now=1000.0)
+        store.ack([i.id for i in old[15:]], now=5000.0)
+        assert store.prune_sent(sent_before=2000.0, step=4) == 15
+        assert states(store) == {"sent": 5, "pending": 5}
+
+
+def test_status_facts_persist_in_the_spool(db):
+    with Store(db) as store:
+        store.set_meta(last_result="retrying", last_error="HTTP 503")
+    with Store(db) as store:
+        assert store.meta() == {"last_result": "retrying", "last_error": "HTTP 503"}
+
+
+def test_a_spool_from_a_newer_version_is_refused(db):
+    with Store(db):
+        pass
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this spool understands"):
+        Store(db)
+
+
+def test_a_file_that_is_not_a_database_gives_a_clear_error(db):
+    db.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable spool database"):
+        Store(db)
+
+
+def test_an_unwritable_location_gives_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create spool"):
+        Store(blocker / "spool.db")
+
+
+def test_only_one_shipper_can_hold_a_spool(db):
+    with ShipLock(db) as lock:
+        assert lock.holder() == os.getpid()
+        with pytest.raises(SpoolBusy, match=f"pid {os.getpid()}"):
+            ShipLock(db).acquire()
+    assert ShipLock(db).holder() is None
+    with ShipLock(db):
+        pass
+
+
+def test_add_many_streams_a_generator_in_one_transaction(db):
+    def produce():
+        for i in range(10_000):
+            yield {"stat": f"s{i % 7}", "value": i, "t": T0 + i}
+
+    with Spool(db) as sp:
+        assert sp.add_many(produce()) == 10_000
+        assert sp.store.counts()["pending"] == 10_000
