@@ -24,7 +24,7 @@ MAX_BATCH = 1000
 
 def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
     """Return $XDG_STATE_HOME/spool/spool.db (~/.local/state/spool/spool.db when unset)."""
-    state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
     return Path(state_home) / "spool" / "spool.db"
 
 
@@ -141,7 +141,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "summary_interval": ("summary_interval", parse_duration),
     },
 }
-_FIELD_PARSERS = {attr: (f"{section}.{key}", parse) for section, keys in _SCHEMA.items()
+_FIELD_PARSERS = {attr: parse for keys in _SCHEMA.values()
                   for key, (attr, parse) in keys.items() if key != "ezkey_file"}
 _ENV = {  # variable -> (Config field, parser); later entries win
     "SPOOL_DB": ("db", _path),
@@ -214,8 +214,7 @@ def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str,
             continue
         if attr not in _FIELD_PARSERS:
             raise ConfigError(f"unknown setting '{attr}'")
-        name, parse = _FIELD_PARSERS[attr]
-        values[attr] = parse(value, f"--{attr.replace('_', '-')}")
+        values[attr] = _FIELD_PARSERS[attr](value, f"--{attr.replace('_', '-')}")
     if "db" not in values:
         values["db"] = default_db_path(env)
     config = Config(**values)

@@ -1,0 +1,107 @@
+"""Talking to StatHat: response classification exactly as STATHAT.md describes the service."""
+
+from __future__ import annotations
+
+import pytest
+
+from spool.errors import ConfigError, EndpointError, Refused, TransientError
+from spool.records import make_record
+from spool.stathat import StatHatClient, check_endpoint, classify_response, retry_after_seconds
+
+from .conftest import T0
+
+
+@pytest.mark.parametrize(("status", "body", "taken"), [
+    (204, "", None),
+    (200, "", None),
+    (200, '{"status":200,"msg":"ok"}', None),
+    (200, '{"status":200,"msg":"ok","multiple":3}', 3),
+])
+def test_acceptances(status, body, taken):
+    assert classify_response(status, body) == taken
+
+
+@pytest.mark.parametrize(("body", "message", "names_key"), [
+    ('{"status":500,"msg":"invalid keys"}', "invalid keys", True),
+    ('{"status":500,"msg":"no ezkey specified"}', "no ezkey specified", True),
+    ('{"status":500,"msg":"invalid stat name"}', "invalid stat name", False),
+    ('{"status":400}', "status 400", False),
+])
+def test_http_200_with_another_status_in_the_body_is_a_refusal_never_a_success(body, message, names_key):
+    with pytest.raises(Refused) as caught:
+        classify_response(200, body)
+    assert str(caught.value) == message
+    assert caught.value.names_key is names_key
+    assert caught.value.body == body and caught.value.http_status == 200
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_overload_and_server_errors_are_transient(status):
+    with pytest.raises(TransientError):
+        classify_response(status, "Back-end server is at capacity")
+
+
+@pytest.mark.parametrize("status", [301, 400, 401, 403, 404, 405, 410])
+def test_other_statuses_mean_a_misconfigured_endpoint(status):
+    with pytest.raises(EndpointError, match=f"HTTP {status}"):
+        classify_response(status, "nope")
+
+
+@pytest.mark.parametrize("body", ["<html>wifi login</html>", "[1,2]", '{"msg":"ok"}'])
+def test_a_2xx_body_that_is_not_stathats_answer_is_transient(body):
+    with pytest.raises(TransientError, match="not StatHat's answer"):
+        classify_response(200, body)
+
+
+def test_retry_after_in_seconds_or_as_an_http_date():
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470) == 10
+    assert retry_after_seconds("garbage") is None
+    assert retry_after_seconds(None) is None
+    with pytest.raises(TransientError) as caught:
+        classify_response(503, "", retry_after="7")
+    assert caught.value.retry_after == 7
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("https://api.stathat.com", True),
+    ("https://api.stathat.com/", True),
+    ("http://127.0.0.1:8080", True),
+    ("http://localhost:8080", True),
+    ("http://[::1]:8080", True),
+    ("http://api.stathat.com", False),
+    ("ftp://api.stathat.com", False),
+    ("api.stathat.com", False),
+    ("https://user:pw@api.stathat.com", False),
+])
+def test_plain_http_is_refused_unless_loopback_or_allowed(url, ok):
+    if ok:
+        assert not check_endpoint(url).endswith("/")
+    else:
+        with pytest.raises(ConfigError):
+            check_endpoint(url)
+    assert check_endpoint("http://api.stathat.com", allow_insecure=True) == "http://api.stathat.com"
+
+
+def test_an_ez_batch_is_one_json_post_with_the_key_in_the_body(receiver):
+    client = StatHatClient(receiver.url)
+    try:
+        client.send_ez("key-1", [make_record(stat="a & b = c", count=2, t=T0),
+                                 make_record(stat="m~x,y", value=0.25, t=T0 + 1)])
+    finally:
+        client.close()
+    assert receiver.accepted == [
+        {"stat": "a & b = c", "ezkey": "key-1", "kind": "count", "number": 2, "t": T0},
+        {"stat": "m~x,y", "ezkey": "key-1", "kind": "value", "number": 0.25, "t": T0 + 1},
+    ]
+
+
+def test_connection_errors_are_transient_and_never_carry_the_key():
+    client = StatHatClient("http://127.0.0.1:9", timeout=1)  # nothing listens on the discard port
+    try:
+        with pytest.raises(TransientError) as caught:
+            client.send_ez("secret-key-value", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+    assert "secret-key-value" not in str(caught.value)
+    assert "cannot reach http://127.0.0.1:9" in str(caught.value)
