@@ -54,6 +54,10 @@ class Receiver:
 
     # -- scripting faults -------------------------------------------------------------------------
 
+    def pass_next(self, n: int) -> None:
+        """Serve the next `n` requests normally (to place a later fault at a given request)."""
+        self._add(n, _Fault("pass"))
+
     def fail_next(self, n: int, status: int = 503, body: str = OVERLOADED,
                   retry_after: str | None = None) -> None:
         """Answer the next `n` requests with `status` (503 "at capacity" unless told otherwise)."""
@@ -96,7 +100,8 @@ class Receiver:
     def _next_fault(self) -> _Fault | None:
         with self._lock:
             self.requests += 1
-            return self._faults.pop(0) if self._faults else None
+            fault = self._faults.pop(0) if self._faults else None
+            return None if fault is not None and fault.action == "pass" else fault
 
     # -- running ------------------------------------------------------------------------------------
 
