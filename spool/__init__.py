@@ -1,28 +1,34 @@
-"""spool: a durable store-and-forward agent for StatHat."""
+"""spool: a durable store-and-forward agent for StatHat.
 
-from spool.api import Spool
-from spool.errors import (
-    ConfigError,
-    EndpointError,
-    InvalidRecord,
-    Refused,
-    ShipError,
-    SpoolError,
-    StoreError,
-    TransientError,
-)
-from spool.records import Record
+    from spool import Spool
 
-__all__ = [
-    "ConfigError",
-    "EndpointError",
-    "InvalidRecord",
-    "Record",
-    "Refused",
-    "ShipError",
-    "Spool",
-    "SpoolError",
-    "StoreError",
-    "TransientError",
-]
+Names are loaded on first use (PEP 562), so `spool add` pays only for the modules it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Spool": "spool.api",
+    "Record": "spool.records",
+    "ConfigError": "spool.errors",
+    "EndpointError": "spool.errors",
+    "InvalidRecord": "spool.errors",
+    "Refused": "spool.errors",
+    "ShipError": "spool.errors",
+    "SpoolError": "spool.errors",
+    "StoreError": "spool.errors",
+    "TransientError": "spool.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'spool' has no attribute {name!r}")

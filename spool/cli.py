@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -240,6 +239,8 @@ def status(obj: Context, as_json: bool) -> None:
 
     Example: spool status --json
     """
+    import json
+
     config = obj.config()
     with obj.spool(config) as sp:
         report = sp.status(config)
@@ -300,6 +301,8 @@ def dead_list(obj: Context, as_json: bool, limit: int | None) -> None:
 
     Example: spool dead list --limit 20
     """
+    import json
+
     with obj.spool() as sp:
         rows = sp.dead(limit)
     for row in rows:

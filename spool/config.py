@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from spool.errors import ConfigError
 from spool.records import T_FLOOR
-
-log = logging.getLogger("spool")
 
 DEFAULT_ENDPOINT = "https://api.stathat.com"
 MAX_BATCH = 1000
@@ -28,16 +22,18 @@ def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
     return Path(state_home) / "spool" / "spool.db"
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything spool can be told; every field has a TOML key (see packaging/spool.toml)."""
+class Config(NamedTuple):
+    """Everything spool can be told; every field has a TOML key (see packaging/spool.toml).
 
-    db: Path = field(default_factory=default_db_path)
+    A NamedTuple rather than a dataclass: immutable, and cheap to import on the `spool add` path.
+    """
+
+    db: Path
     synchronous: str = "full"
     retention: float = 7 * 86400.0
     t_floor: int = T_FLOOR
     endpoint: str = DEFAULT_ENDPOINT
-    ezkey: str | None = field(default=None, repr=False)  # a secret: never in repr, logs or status
+    ezkey: str | None = None  # a secret: never in repr, logs or status
     allow_insecure: bool = False
     batch_size: int = 500
     timeout: float = 10.0
@@ -49,11 +45,16 @@ class Config:
     log_level: str = "info"
     summary_interval: float = 60.0
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={'<hidden>' if name == 'ezkey' and value else repr(value)}"
+                          for name, value in zip(self._fields, self, strict=True))
+        return f"Config({shown})"
+
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
@@ -61,7 +62,7 @@ def parse_duration(value: object, name: str) -> float:
     """Parse seconds given as a number or as text like '500ms', '30s', '5m', '2h', '7d'."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := re.match(_DURATION, value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ConfigError(f"{name} must be a duration like 30, '30s', '5m' or '7d', not {value!r}")
@@ -161,7 +162,9 @@ def read_key_file(path: Path) -> str:
     except UnicodeDecodeError:
         raise ConfigError(f"ezkey_file {path} is not text") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):
-        log.warning("ezkey_file %s is readable by every user; chmod 600 it", path)
+        import logging
+
+        logging.getLogger("spool").warning("ezkey_file %s is readable by every user; chmod 600 it", path)
     if not key:
         raise ConfigError(f"ezkey_file {path} is empty")
     return key
@@ -176,6 +179,8 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
 
 def read_file(path: Path) -> dict[str, Any]:
     """Parse and check a TOML config file into Config field values."""
+    import tomllib
+
     try:
         with open(path, "rb") as handle:
             document = tomllib.load(handle)

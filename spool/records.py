@@ -24,7 +24,8 @@ T_LOOKS_LIKE_MS = 100_000_000_000
 T_FLOOR = 1_000_000_000  # 2001-09-09: old enough for any real backfill, new enough to catch a 1970 clock
 INT64_MAX = 2**63 - 1
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Compiled on first use (re caches it): most records never reach the slow path that needs it.
+_CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
 _EZ_FIELDS = frozenset({"stat", "count", "value", "t", "ezkey", "email"})
 _CLASSIC_FIELDS = frozenset({"key", "ukey", "count", "value", "t"})
 _ALL_FIELDS = _EZ_FIELDS | _CLASSIC_FIELDS
@@ -68,7 +69,7 @@ def check_stat(stat: object) -> str:
         return stat  # the common case, decided by C-speed checks alone
     if not stat.strip():
         raise InvalidRecord("stat is empty", field="stat")
-    if _CONTROL.search(stat):
+    if re.search(_CONTROL, stat):
         raise InvalidRecord("stat contains a control character", field="stat")
     if "~" not in stat:
         if len(stat) > MAX_NAME:
@@ -135,7 +136,7 @@ def check_key(key: object, field: str) -> str:
         raise InvalidRecord(f"{field} must be a string, not {_type_name(key)}", field=field)
     if not key.strip():
         raise InvalidRecord(f"{field} is empty", field=field)
-    if len(key) > MAX_KEY or _CONTROL.search(key):
+    if len(key) > MAX_KEY or re.search(_CONTROL, key):
         raise InvalidRecord(f"{field} is not a valid key (too long or has control characters)", field=field)
     return key
 
