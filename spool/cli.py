@@ -87,34 +87,24 @@ def cli(ctx: click.Context, db: str | None, config_file: str | None, debug: bool
 
 
 def _number(field: str) -> Callable[[click.Context, click.Parameter, str | None], int | float | None]:
+    """A click callback reading a number; range rules are applied with the record (and the config)."""
     def convert(ctx: click.Context, param: click.Parameter, text: str | None) -> int | float | None:
-        from spool.records import parse_number_text
+        from spool.records import number_from_text
 
         if text is None:
             return None
         try:
-            return parse_number_text(text, field)
+            return number_from_text(text, field)
         except InvalidRecord as exc:
             raise click.BadParameter(exc.reason) from None
     return convert
-
-
-def _unix_time(ctx: click.Context, param: click.Parameter, text: str | None) -> int | None:
-    from spool.records import T_FLOOR, parse_t_text
-
-    if text is None:
-        return None
-    try:
-        return parse_t_text(text, T_FLOOR)
-    except InvalidRecord as exc:
-        raise click.BadParameter(exc.reason) from None
 
 
 @cli.command()
 @click.argument("stat", required=False)
 @click.option("--count", metavar="N", callback=_number("count"), help="Add N to a counter.")
 @click.option("--value", metavar="V", callback=_number("value"), help="Record a value V.")
-@click.option("--t", "t", metavar="UNIX", callback=_unix_time, help="Unix time in seconds (default: now).")
+@click.option("--t", "t", metavar="UNIX", callback=_number("t"), help="Unix time in seconds (default: now).")
 @click.option("--ezkey", metavar="KEY", help="EZ account key for this record (prefer the SPOOL_EZKEY env).")
 @click.option("--key", metavar="KEY", help="Classic API: the stat's private key.")
 @click.option("--ukey", metavar="UKEY", help="Classic API: your user key.")

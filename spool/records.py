@@ -187,30 +187,27 @@ def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None
                        t_floor=t_floor)
 
 
-def parse_number_text(text: str, field: str) -> int | float:
-    """Parse a number from text (form fields, CSV cells, CLI arguments) and validate it."""
+def number_from_text(text: str, field: str) -> int | float:
+    """Read an int or float from text (form fields, CSV cells, CLI arguments); syntax only, no range checks."""
     cleaned = text.strip()
     try:
-        number: int | float = int(cleaned)
+        return int(cleaned)
     except ValueError:
-        try:
-            number = float(cleaned)
-        except ValueError:
-            raise InvalidRecord(f"{field} '{cleaned[:40]}' is not a number", field=field) from None
-    return check_number(number, field)
+        pass
+    try:
+        return float(cleaned)
+    except ValueError:
+        raise InvalidRecord(f"{field} '{cleaned[:40]}' is not a number", field=field) from None
+
+
+def parse_number_text(text: str, field: str) -> int | float:
+    """Parse a count or value given as text and validate it."""
+    return check_number(number_from_text(text, field), field)
 
 
 def parse_t_text(text: str, t_floor: int = T_FLOOR) -> int:
     """Parse a `t` given as text and validate it."""
-    cleaned = text.strip()
-    try:
-        t: int | float = int(cleaned)
-    except ValueError:
-        try:
-            t = float(cleaned)
-        except ValueError:
-            raise InvalidRecord(f"t '{cleaned[:40]}' is not unix seconds", field="t") from None
-    return check_t(t, t_floor)
+    return check_t(number_from_text(text, "t"), t_floor)
 
 
 def expand_stat(stat: str) -> list[str]:

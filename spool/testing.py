@@ -325,7 +325,9 @@ def main() -> None:
         while True:
             time.sleep(0.5)
             for item in receiver.accepted[seen:]:
-                print(json.dumps(item, sort_keys=True), flush=True)
+                shown = {name: (value[:3] + "…" if name in ("ezkey", "key", "ukey") and value else value)
+                         for name, value in item.items()}  # keys are secrets, even here
+                print(json.dumps(shown, sort_keys=True, ensure_ascii=False), flush=True)
             seen = len(receiver.accepted)
     except KeyboardInterrupt:
         receiver.stop()

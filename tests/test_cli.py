@@ -219,3 +219,11 @@ def test_help_runs_as_a_process_and_mentions_every_command(db):
     assert result.returncode == 0
     for name in cli.commands:
         assert name in result.stdout
+
+
+def test_add_applies_the_configured_t_floor_not_the_built_in_one(db, tmp_path):
+    assert_one_line_error(run_cli(db, "add", "old", "--count", "1", "--t", "86400"), 2, "before 1000000000")
+    config = tmp_path / "spool.toml"
+    config.write_text("[spool]\nt_floor = 0\n")
+    assert run_cli(db, "--config", str(config), "add", "old", "--count", "1", "--t", "86400").returncode == 0
+    assert pending(db)[0].t == 86400
