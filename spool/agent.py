@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,18 +29,29 @@ def setup_logging(level: str) -> None:
 
 
 class Agent:
-    """Run the shipper (and, as configured, other components) until SIGTERM/SIGINT."""
+    """Run the shipper and the configured watchers until SIGTERM/SIGINT, each in its own thread."""
 
-    def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic):
+    def __init__(self, config: Config, *, ship: bool = True, monotonic: Callable[[], float] = time.monotonic):
         self.config = config
         self.shutdown = threading.Event()
         self.wake = threading.Event()
         self.monotonic = monotonic
         self._threads: list[threading.Thread] = []
         self._failed: list[str] = []
-        self._store = Store(config.db, synchronous=config.synchronous)  # the main thread's, for summaries
-        self.shipper = Shipper(Store(config.db, synchronous=config.synchronous), config,
-                               shutdown=self.shutdown, wake=self.wake)
+        self._store = self._open()  # the main thread's, for summaries
+        self.shipper = Shipper(self._open(), config, shutdown=self.shutdown, wake=self.wake) if ship else None
+        self.watchers = [self._watcher(watch) for watch in config.watch]
+
+    def _open(self) -> Store:
+        return Store(self.config.db, synchronous=self.config.synchronous)
+
+    def _watcher(self, watch: Any) -> Any:
+        from spool.watch import DirectoryWatcher
+
+        watcher = DirectoryWatcher(watch, self._open(), shutdown=self.shutdown,
+                                   on_ingested=lambda result: self.wake.set(), t_floor=self.config.t_floor)
+        watcher.check_directory()  # a missing directory is a configuration error, before anything starts
+        return watcher
 
     def _start(self, name: str, target: Callable[[], Any]) -> None:
         def guarded() -> None:
@@ -62,11 +74,17 @@ class Agent:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        with self.shipper:
-            log.info("spool agent started: spool %s, endpoint %s", self.config.db, self.shipper.client.endpoint)
-            if self.config.ezkey is None:
-                log.warning("no ezkey configured: only records carrying their own key will be shipped")
-            self._start("shipper", self.shipper.run)
+        with contextlib.ExitStack() as stack:
+            if self.shipper is not None:
+                stack.enter_context(self.shipper)  # takes the shipper lock first: a second agent stops here
+                log.info("shipping %s to %s", self.config.db, self.shipper.client.endpoint)
+                if self.config.ezkey is None:
+                    log.warning("no ezkey configured: only records carrying their own key will be shipped")
+                self._start("shipper", self.shipper.run)
+            for watcher in self.watchers:
+                watcher.start()
+                log.info("watching %s%s", watcher.directory, " (polling)" if watcher.watch.poll else "")
+                self._start(f"watch {watcher.directory.name}", watcher.run)
             next_summary = self.monotonic() + self.config.summary_interval
             while not self.shutdown.wait(timeout=max(0.0, min(next_summary - self.monotonic(), 60.0))):
                 if self.monotonic() >= next_summary:
@@ -74,6 +92,8 @@ class Agent:
                     next_summary = self.monotonic() + self.config.summary_interval
             log.info("shutting down")
             self.wake.set()
+            for watcher in self.watchers:
+                watcher.stop()
             deadline = self.monotonic() + self.config.timeout + STOP_GRACE
             for thread in self._threads:
                 thread.join(timeout=max(0.0, deadline - self.monotonic()))
@@ -81,7 +101,9 @@ class Agent:
         if stuck:
             log.error("did not stop in time: %s", ", ".join(stuck))
         else:
-            self.shipper.store.close()
+            for component in [self.shipper, *self.watchers]:
+                if component is not None:
+                    component.store.close()
         self.log_summary()
         self._store.close()
         return 1 if self._failed or stuck else 0
@@ -93,7 +115,13 @@ class Agent:
         except Exception as exc:
             log.warning("cannot read the spool for the summary: %s", exc)
             return
-        stats = self.shipper.stats
         age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
-        log.info("backlog %d pending%s, %d in flight; shipped %d, dead %d this run; last error: %s",
-                 counts["pending"], age, counts["inflight"], stats.sent, stats.dead, stats.last_error or "none")
+        ingested = sum(r.records for w in self.watchers for r in w.results if r.outcome == "ingested")
+        files = f"; ingested {ingested} records from files" if self.watchers else ""
+        if self.shipper is None:
+            log.info("backlog %d pending%s%s", counts["pending"], age, files)
+            return
+        stats = self.shipper.stats
+        log.info("backlog %d pending%s, %d in flight; shipped %d, dead %d this run%s; last error: %s",
+                 counts["pending"], age, counts["inflight"], stats.sent, stats.dead, files,
+                 stats.last_error or "none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -156,6 +157,63 @@ def import_(obj: Context, file: str, skip_invalid: bool, ezkey: str | None) -> N
         taken = sp.append_records(records)
     click.echo(f"imported {taken} records" + (f", skipped {len(skipped)} invalid" if skipped else ""),
                err=True)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--skip-invalid", is_flag=True, help="Take a file's good records; report the bad ones.")
+@click.option("--keep", is_flag=True, help="Leave files where they are (their digest still stops a re-ingest).")
+@pass_context
+def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool) -> None:
+    """Ingest record files (.jsonl, .ndjson, .json, .csv, optionally .gz) once each, as the watcher does.
+
+    Each file is one transaction. Afterwards it moves to .done/ (or .rejected/, with NAME.error.txt) beside
+    it; a file whose content was ingested before is not taken again. Exit 2 if any file was rejected.
+
+    Example: spool ingest /var/spool/drop/batch-0001.jsonl.gz
+    """
+    from spool.store import Store
+    from spool.watch import Ingestor
+
+    config = obj.config()
+    rejected = 0
+    with Store(config.db, synchronous=config.synchronous) as store:
+        ingestor = Ingestor(store, skip_invalid=skip_invalid, t_floor=config.t_floor)
+        for path in files:
+            result = ingestor.ingest(path, move=not keep)
+            if result.outcome == "vanished":
+                raise SpoolCommandError(f"no such file: {path}", 1)
+            rejected += result.outcome == "rejected"
+            click.echo(result.describe(), err=True)
+    if rejected:
+        raise SpoolCommandError(f"{rejected} of {len(files)} files rejected", EXIT_USAGE)
+
+
+@cli.command()
+@click.argument("directories", nargs=-1, required=True,
+                type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--poll", is_flag=True, help="Poll instead of inotify (NFS, some FUSE mounts).")
+@click.option("--poll-interval", metavar="SECONDS", default="1", help="With --poll: how often. Default 1.")
+@click.option("--skip-invalid", is_flag=True, help="Take a file's good records; report the bad ones.")
+@click.option("--delete", is_flag=True, help="Delete ingested files instead of moving them to .done/.")
+@pass_context
+def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval: str, skip_invalid: bool,
+          delete: bool) -> None:
+    """Watch directories in the foreground and ingest every file renamed or written into them.
+
+    Producers write a temporary name (dotfiles, *.tmp, *.part are ignored) and rename it into place.
+    Runs until SIGINT/SIGTERM; `spool run` does the same for the [[watch]] tables of the config.
+
+    Example: spool watch /var/spool/drop
+    """
+    from spool.agent import Agent, setup_logging
+
+    config = obj.config()
+    entries = tuple(configuration.watch_entry(
+        {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
+         "after": "delete" if delete else "move"}, "--") for d in directories)
+    setup_logging(config.log_level)
+    raise click.exceptions.Exit(Agent(config.replace(watch=entries), ship=False).run())
 
 
 def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:

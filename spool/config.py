@@ -22,6 +22,21 @@ def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
     return Path(state_home) / "spool" / "spool.db"
 
 
+DEFAULT_MAX_FILE = 256 << 20
+
+
+class WatchConfig(NamedTuple):
+    """One watched drop directory (a [[watch]] table)."""
+
+    path: Path
+    poll: bool = False  # poll instead of inotify (NFS, some FUSE mounts)
+    poll_interval: float = 1.0
+    settle: float = 1.0  # a file found by a scan or a poll must be this old (unchanged) before it is read
+    after: str = "move"  # "move" ingested files to DIR/.done/, or "delete" them
+    skip_invalid: bool = False  # take a file's good records and report the bad ones, instead of rejecting it
+    max_bytes: int = DEFAULT_MAX_FILE
+
+
 class Config(NamedTuple):
     """Everything spool can be told; every field has a TOML key (see packaging/spool.toml).
 
@@ -44,6 +59,7 @@ class Config(NamedTuple):
     idle_poll: float = 2.0
     log_level: str = "info"
     summary_interval: float = 60.0
+    watch: tuple[WatchConfig, ...] = ()
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={'<hidden>' if name == 'ezkey' and value else repr(value)}"
@@ -142,6 +158,40 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "summary_interval": ("summary_interval", parse_duration),
     },
 }
+def _byte_size(value: object, name: str) -> int:
+    """Parse a size given as a number of bytes or as text like '512KiB', '256MiB', '1GiB'."""
+    units = {"": 1, "b": 1, "kib": 1 << 10, "kb": 1000, "mib": 1 << 20, "mb": 10**6, "gib": 1 << 30, "gb": 10**9}
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.match(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$", value) if isinstance(value, str) else None
+    if match and match.group(2).lower() in units and int(match.group(1)) > 0:
+        return int(match.group(1)) * units[match.group(2).lower()]
+    raise ConfigError(f"{name} must be a size like 1048576, '512KiB' or '256MiB', not {value!r}")
+
+
+_WATCH_SCHEMA: dict[str, Callable[[object, str], Any]] = {
+    "path": _path,
+    "poll": _boolean,
+    "poll_interval": parse_duration,
+    "settle": parse_duration,
+    "after": _choice("move", "delete"),
+    "skip_invalid": _boolean,
+    "max_bytes": _byte_size,
+}
+
+
+def watch_entry(table: Mapping[str, object], where: str) -> WatchConfig:
+    """Check one [[watch]] table (or the equivalent flags) into a WatchConfig."""
+    values = {}
+    for key, value in table.items():
+        if key not in _WATCH_SCHEMA:
+            raise ConfigError(f"{where}: unknown key '{key}' in [[watch]]{_did_you_mean(key, list(_WATCH_SCHEMA))}")
+        values[key] = _WATCH_SCHEMA[key](value, f"watch.{key}")
+    if "path" not in values:
+        raise ConfigError(f"{where}: a [[watch]] table needs a path")
+    return WatchConfig(**values)
+
+
 _FIELD_PARSERS = {attr: parse for keys in _SCHEMA.values()
                   for key, (attr, parse) in keys.items() if key != "ezkey_file"}
 _ENV = {  # variable -> (Config field, parser); later entries win
@@ -190,8 +240,14 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for section, table in document.items():
+        if section == "watch":
+            if not isinstance(table, list):
+                raise ConfigError(f"config {path}: watched directories are [[watch]] tables (note the double brackets)")
+            values["watch"] = tuple(watch_entry(entry, f"config {path}") for entry in table)
+            continue
         if section not in _SCHEMA:
-            raise ConfigError(f"config {path}: unknown section [{section}]{_did_you_mean(section, list(_SCHEMA))}")
+            raise ConfigError(f"config {path}: unknown section [{section}]"
+                              f"{_did_you_mean(section, [*_SCHEMA, 'watch'])}")
         if not isinstance(table, dict):
             raise ConfigError(f"config {path}: '{section}' must be a [{section}] table")
         for key, value in table.items():

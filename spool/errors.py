@@ -20,15 +20,16 @@ class InvalidRecord(SpoolError):
 
     exit_status = 2
 
-    def __init__(self, message: str, *, field: str | None = None, line: int | None = None):
+    def __init__(self, message: str, *, field: str | None = None, line: int | None = None, fatal: bool = False):
         self.reason = message
         self.field = field
         self.line = line
+        self.fatal = fatal  # the input itself is broken (truncated, not text): nothing in it can be trusted
         super().__init__(f"line {line}: {message}" if line is not None else message)
 
     def at_line(self, line: int) -> InvalidRecord:
         """Return a copy of this error that names the input line it came from."""
-        return InvalidRecord(self.reason, field=self.field, line=line)
+        return InvalidRecord(self.reason, field=self.field, line=line, fatal=self.fatal)
 
 
 class StoreError(SpoolError):

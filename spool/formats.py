@@ -1,23 +1,29 @@
 """Parse record files and streams into records. Pure: callers open the files; nothing here touches the disk.
 
-Input forms:
+Input forms (`reader_for` picks one by file name; `.gz` on top of any of them means gzip):
 * JSON lines: one record object per line (the items of StatHat's `data` array, plus optional `ezkey`, or
   `key` and `ukey` for classic records). Blank lines are skipped.
 * A whole StatHat JSON body `{"ezkey": ..., "data": [...]}` (its key applies to its items), or a JSON array
-  of record objects; on one line or pretty-printed.
+  of record objects; on one line or pretty-printed. (`.json`, and `spool import`, which detects the form.)
+* CSV with a header row naming columns from stat, count, value, t, ezkey, key, ukey (`.csv`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NamedTuple
 
 from spool.errors import InvalidRecord
-from spool.records import T_FLOOR, Record, parse_record
+from spool.records import T_FLOOR, Record, number_from_text, parse_record
 
 MAX_LINE = 1 << 20  # bytes in one JSON line
 MAX_DOCUMENT = 256 << 20  # bytes in one whole JSON document
+CSV_COLUMNS = ("stat", "count", "value", "t", "ezkey", "key", "ukey")
+_CSV_NUMBERS = frozenset({"count", "value", "t"})
 
 
 class Item(NamedTuple):
@@ -155,3 +161,77 @@ def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: in
             if on_invalid is None:
                 raise error from None
             on_invalid(error)
+
+
+def read_csv(stream: IO[bytes]) -> Iterator[Item]:
+    """Yield record objects from CSV whose header names columns from CSV_COLUMNS; empty cells are absent."""
+    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""), strict=True)
+    header = [name.strip().lower() for name in next(reader, [])]
+    unknown = [name for name in header if name not in CSV_COLUMNS]
+    if not header or unknown or len(set(header)) != len(header):
+        problem = (f"unknown column '{unknown[0][:40]}'" if unknown else
+                   "a column is named twice" if header else "no header row")
+        yield Item(1, None, error=InvalidRecord(f"{problem}; the header names columns from "
+                                                f"{', '.join(CSV_COLUMNS)}", line=1, fatal=True))
+        return
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            yield Item(line, None, error=InvalidRecord(f"has {len(row)} cells; the header has {len(header)}",
+                                                       line=line))
+            continue
+        try:
+            obj = {name: number_from_text(cell, name) if name in _CSV_NUMBERS else cell.strip()
+                   for name, cell in zip(header, row, strict=True) if cell.strip()}
+        except InvalidRecord as exc:
+            yield Item(line, None, error=exc.at_line(line))
+        else:
+            yield Item(line, obj)
+
+
+_READERS: dict[str, Callable[[IO[bytes]], Iterator[Item]]] = {
+    ".jsonl": read_json_stream, ".ndjson": read_json_stream, ".json": read_json_stream, ".csv": read_csv,
+}
+SUFFIXES = tuple(_READERS) + tuple(f"{suffix}.gz" for suffix in _READERS)
+
+
+def reader_for(name: str) -> Callable[[IO[bytes]], Iterator[Item]] | None:
+    """Return the reader for a file name by its extension (gzip-aware), or None for an unknown kind."""
+    lowered = name.lower()
+    gzipped = lowered.endswith(".gz")
+    base = lowered[:-3] if gzipped else lowered
+    reader = next((r for suffix, r in _READERS.items() if base.endswith(suffix)), None)
+    if reader is None:
+        return None
+    return _gunzipping(reader) if gzipped else _guarded(reader)
+
+
+def _guarded(reader: Callable[[IO[bytes]], Iterator[Item]]) -> Callable[[IO[bytes]], Iterator[Item]]:
+    """Wrap a reader so that a broken input ends as one fatal error item instead of an exception."""
+    def read(stream: IO[bytes]) -> Iterator[Item]:
+        last = 0
+        try:
+            for item in reader(stream):
+                last = item.line
+                yield item
+        except UnicodeDecodeError:
+            yield Item(last + 1, None, error=InvalidRecord("not UTF-8 text (a binary file, or another "
+                                                           "encoding?)", line=last + 1, fatal=True))
+        except csv.Error as exc:
+            yield Item(last + 1, None, error=InvalidRecord(f"unreadable CSV: {exc}", line=last + 1, fatal=True))
+        except (OSError, EOFError, zlib.error) as exc:
+            yield Item(last + 1, None, error=InvalidRecord(f"broken or truncated file: {exc or type(exc).__name__}",
+                                                           line=last + 1, fatal=True))
+    return read
+
+
+def _gunzipping(reader: Callable[[IO[bytes]], Iterator[Item]]) -> Callable[[IO[bytes]], Iterator[Item]]:
+    import gzip
+
+    guarded = _guarded(reader)
+
+    def read(stream: IO[bytes]) -> Iterator[Item]:
+        return guarded(gzip.GzipFile(fileobj=stream, mode="rb"))  # type: ignore[arg-type]
+    return read

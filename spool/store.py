@@ -22,7 +22,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +32,7 @@ from spool.records import Record
 PENDING, INFLIGHT, SENT, DEAD = 0, 1, 2, 3
 STATE_NAMES = ("pending", "inflight", "sent", "dead")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
@@ -81,7 +81,19 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     db.create_table("meta", {"name": str, "value": str}, pk="name", if_not_exists=True)
 
 
-_MIGRATIONS = {1: _create_schema}  # version reached -> step; add a step here for every schema change
+def _add_files(conn: sqlite3.Connection) -> None:
+    """Version 2: the identity of every ingested file, so a file is taken exactly once."""
+    import sqlite_utils
+
+    sqlite_utils.Database(conn, execute_plugins=False).create_table(
+        "files", {"digest": str, "name": str, "records": int, "at": float}, pk="digest", if_not_exists=True)
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files}  # version reached -> step; one step per schema change
+
+
+class _AlreadyIngested(Exception):
+    pass
 
 
 class Store:
@@ -159,6 +171,30 @@ class Store:
             before = conn.total_changes
             conn.executemany(_INSERT, records)
             return conn.total_changes - before
+
+    def append_file(self, records: Iterable[Record], *, digest: Callable[[], str], name: str,
+                    now: float) -> int | None:
+        """Commit a file's records together with its identity, in one transaction.
+
+        `digest` is called after `records` is consumed (it may hash what was read). If a file with that
+        digest was committed before, nothing is committed and None is returned.
+        """
+        try:
+            with self._write() as conn:
+                before = conn.total_changes
+                conn.executemany(_INSERT, records)
+                taken = conn.total_changes - before
+                if conn.execute("INSERT OR IGNORE INTO files (digest, name, records, at) VALUES (?, ?, ?, ?)",
+                                (digest(), name, taken, now)).rowcount == 0:
+                    raise _AlreadyIngested
+                return taken
+        except _AlreadyIngested:
+            return None
+
+    def ingested_file(self, digest: str) -> dict[str, Any] | None:
+        """Return what is known of an ingested file by its digest."""
+        row = self.conn.execute("SELECT name, records, at FROM files WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else {"name": row[0], "records": row[1], "at": row[2]}
 
     def append_one(self, record: Record) -> None:
         """Commit one record in its own transaction."""
