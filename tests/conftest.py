@@ -71,3 +71,22 @@ def run_cli(db: Path, *args: str, input: bytes | None = None, env: dict[str, str
 def spawn_cli(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "spool", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env or cli_env(db))
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 30) -> list[str]:
+    """Read the process's stderr until a line containing `text`; return the lines read."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    found.wait(timeout)
+    assert found.is_set(), f"no line with {text!r} within {timeout} s: {lines}"
+    return lines

@@ -227,3 +227,41 @@ def test_add_applies_the_configured_t_floor_not_the_built_in_one(db, tmp_path):
     config.write_text("[spool]\nt_floor = 0\n")
     assert run_cli(db, "--config", str(config), "add", "old", "--count", "1", "--t", "86400").returncode == 0
     assert pending(db)[0].t == 86400
+
+
+def test_run_ingests_dropped_files_and_ships_them(db, receiver, tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    config = tmp_path / "spool.toml"
+    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\n[[watch]]\npath = "{drop}"\n')
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    try:
+        (drop / ".f.part").write_text(f'{{"stat":"from file","value":4.5,"t":{T0}}}\n')
+        (drop / ".f.part").rename(drop / "f.jsonl")
+        deadline = time.monotonic() + 20
+        while not receiver.accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    assert agent.returncode == 0, stderr
+    assert [(a["stat"], a["number"], a["t"]) for a in receiver.accepted] == [("from file", 4.5, T0)]
+    assert "ingested 1 records from f.jsonl" in stderr
+
+
+def test_a_watched_directory_that_does_not_exist_is_a_one_line_config_error(db, tmp_path):
+    config = tmp_path / "spool.toml"
+    config.write_text(f'[[watch]]\npath = "{tmp_path / "missing"}"\n')
+    assert_one_line_error(run_cli(db, "--config", str(config), "run"), 2, "does not exist")
+
+
+def test_ingest_reports_each_file_and_exits_2_when_one_is_rejected(db, tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(f'{{"stat":"g","count":1,"t":{T0}}}\n')
+    bad.write_text('{"stat":"b"}\n')
+    result = run_cli(db, "ingest", str(good), str(bad))
+    assert result.returncode == 2
+    assert "ingested 1 records from good.jsonl" in result.stderr
+    assert "rejected bad.jsonl: line 1: give count or value" in result.stderr
+    assert [r.stat for r in pending(db)] == ["g"]
+    assert (tmp_path / ".rejected" / "bad.jsonl.error.txt").exists()

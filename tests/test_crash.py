@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
+import time
 from collections import Counter
+
+import pytest
 
 from spool import Spool
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli
+from .conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
 
 
 def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicating_at_most_that_batch(
@@ -40,3 +45,34 @@ def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicatin
     with Store(db) as store:
         assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0}
         assert store.integrity_ok()
+
+
+TRIALS = 30 if os.environ.get("SPOOL_LONG") else 3
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_a_watcher_killed_mid_file_and_restarted_ingests_every_record_exactly_once(tmp_path, trial):
+    db, drop = tmp_path / "spool.db", tmp_path / "drop"
+    drop.mkdir()
+    n = 100_000
+    (drop / "big.jsonl").write_text("".join(f'{{"stat":"s{i}","count":1,"t":{T0}}}\n' for i in range(n)))
+    os.utime(drop / "big.jsonl", (T0, T0))  # old enough to need no settling
+    watcher = spawn_cli(db, "watch", str(drop))
+    time.sleep(random.Random(trial).uniform(0.2, 2.0))  # somewhere in start-up, the ingest, or after it
+    watcher.send_signal(signal.SIGKILL)
+    watcher.communicate(timeout=30)
+    restarted = spawn_cli(db, "watch", str(drop))
+    wait_for_line(restarted, "watching")  # signal handlers are installed by now
+    try:
+        deadline = time.monotonic() + 60
+        while (drop / "big.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        _, stderr = restarted.communicate(timeout=30)
+    assert restarted.returncode == 0, stderr
+    assert (drop / ".done" / "big.jsonl").exists()
+    with Store(db) as store:
+        stats = Counter(record.stat for _, _, record in store.records())
+        assert store.integrity_ok()
+    assert len(stats) == n and set(stats.values()) == {1}

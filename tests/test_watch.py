@@ -1,0 +1,276 @@
+"""Drop directories with a real watchdog observer on tmp_path: every file exactly once, bad ones rejected."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spool.config import WatchConfig
+from spool.store import Store
+from spool.watch import DONE, REJECTED, DirectoryWatcher, Ingestor
+
+from .conftest import T0
+
+WAIT = 15.0  # seconds a test waits for the observer before failing
+
+
+def jsonl(*stats, t=T0):
+    return "".join(json.dumps({"stat": s, "count": 1, "t": t}) + "\n" for s in stats)
+
+
+def drop(directory: Path, name: str, content: str | bytes) -> Path:
+    """Write under a temporary name and rename into place, as producers are told to."""
+    temp = directory / f".{name}.part"
+    temp.write_bytes(content.encode() if isinstance(content, str) else content)
+    final = directory / name
+    os.rename(temp, final)
+    return final
+
+
+def stats_in(db: Path) -> list[str]:
+    with Store(db) as store:
+        return [record.stat for _, _, record in store.records()]
+
+
+class Running:
+    """A DirectoryWatcher running in a thread, stopped (and joined) on exit."""
+
+    def __init__(self, directory: Path, db: Path, **options):
+        self.watcher = DirectoryWatcher(WatchConfig(path=directory, settle=0.0, **options), Store(db))
+        self.thread = threading.Thread(target=self.watcher.run, name="test-watcher")
+
+    def __enter__(self) -> DirectoryWatcher:
+        self.watcher.start()
+        self.thread.start()
+        return self.watcher
+
+    def __exit__(self, *exc) -> None:
+        self.watcher.stop()
+        self.thread.join(10)
+        self.watcher.store.close()
+
+
+def wait_for(condition, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def drop_dir(tmp_path):
+    path = tmp_path / "drop"
+    path.mkdir()
+    return path
+
+
+def outcomes(watcher):
+    return [(r.path.name, r.outcome) for r in watcher.results]
+
+
+def test_a_file_renamed_into_place_is_ingested_and_moved_to_done(drop_dir, db):
+    with Running(drop_dir, db) as watcher:
+        drop(drop_dir, "a.jsonl", jsonl("a1", "a2"))
+        wait_for(lambda: watcher.results)
+    assert outcomes(watcher) == [("a.jsonl", "ingested")]
+    assert stats_in(db) == ["a1", "a2"]
+    assert not (drop_dir / "a.jsonl").exists() and (drop_dir / DONE / "a.jsonl").exists()
+
+
+def test_a_file_written_in_place_is_read_only_after_it_is_closed(drop_dir, db):
+    with Running(drop_dir, db) as watcher:
+        with open(drop_dir / "slow.jsonl", "w") as handle:
+            handle.write(jsonl("first"))
+            handle.flush()
+            time.sleep(0.3)  # an open writer: the close-after-write event has not come yet
+            assert watcher.results == []
+            handle.write(jsonl("second"))
+        wait_for(lambda: watcher.results)
+    assert stats_in(db) == ["first", "second"]
+
+
+def test_temporary_and_hidden_names_are_ignored(drop_dir, db):
+    with Running(drop_dir, db) as watcher:
+        (drop_dir / "x.jsonl.tmp").write_text(jsonl("tmp"))
+        (drop_dir / "y.part").write_text(jsonl("part"))
+        (drop_dir / ".hidden.jsonl").write_text(jsonl("hidden"))
+        drop(drop_dir, "real.jsonl", jsonl("real"))
+        wait_for(lambda: watcher.results)
+        time.sleep(0.2)
+    assert outcomes(watcher) == [("real.jsonl", "ingested")]
+    assert (drop_dir / "x.jsonl.tmp").exists() and (drop_dir / "y.part").exists()
+
+
+def test_files_present_at_start_are_ingested_first_oldest_first(drop_dir, db):
+    for i, name in enumerate(["c.jsonl", "a.jsonl", "b.jsonl"]):
+        path = drop_dir / name
+        path.write_text(jsonl(name))
+        os.utime(path, (T0 + i, T0 + i))
+    with Running(drop_dir, db) as watcher:
+        wait_for(lambda: len(watcher.results) == 3)
+    assert stats_in(db) == ["c.jsonl", "a.jsonl", "b.jsonl"]
+
+
+def test_poll_mode_finds_files_without_inotify(drop_dir, db):
+    with Running(drop_dir, db, poll=True, poll_interval=0.1) as watcher:
+        drop(drop_dir, "polled.csv", "stat,value,t\npolled,2.5,1700000000\n")
+        wait_for(lambda: watcher.results)
+    assert outcomes(watcher) == [("polled.csv", "ingested")]
+    assert stats_in(db) == ["polled"]
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("a.jsonl", jsonl("x")),
+    ("a.ndjson", jsonl("x")),
+    ("a.json", json.dumps({"ezkey": "k", "data": [{"stat": "x", "count": 1, "t": T0}]}, indent=2)),
+    ("a.json", json.dumps([{"stat": "x", "count": 1, "t": T0}])),
+    ("a.csv", f"stat,count,t\nx,1,{T0}\n"),
+    ("a.jsonl.gz", gzip.compress(jsonl("x").encode())),
+    ("a.csv.gz", gzip.compress(f"stat,count,t\nx,1,{T0}\n".encode())),
+    ("A.JSONL", jsonl("x")),
+])
+def test_each_format_is_ingested(drop_dir, db, name, content):
+    with Store(db) as store:
+        result = Ingestor(store).ingest(drop(drop_dir, name, content))
+    assert (result.outcome, result.records) == ("ingested", 1)
+    assert stats_in(db) == ["x"]
+
+
+def test_a_file_with_content_already_ingested_is_not_taken_again(drop_dir, db):
+    with Running(drop_dir, db) as watcher:
+        drop(drop_dir, "one.jsonl", jsonl("a", "b"))
+        wait_for(lambda: watcher.results)
+        drop(drop_dir, "copy.jsonl", jsonl("a", "b"))
+        wait_for(lambda: len(watcher.results) == 2)
+    assert outcomes(watcher) == [("one.jsonl", "ingested"), ("copy.jsonl", "duplicate")]
+    assert stats_in(db) == ["a", "b"]
+    assert (drop_dir / DONE / "copy.jsonl").exists()
+
+
+def make_fifo(directory):
+    os.mkfifo(directory / "pipe.jsonl")
+    return directory / "pipe.jsonl"
+
+
+def make_symlink(directory):
+    target = directory.parent / "elsewhere.jsonl"
+    target.write_text(jsonl("x"))
+    os.symlink(target, directory / "link.jsonl")
+    return directory / "link.jsonl"
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("bad.jsonl", '{"stat": "ok", "count": 1}\n{oops\n', "line 2: not valid JSON"),
+    ("bad.jsonl", jsonl("fine") + '{"stat": "x", "count": "one"}\n', "line 2: count must be a number"),
+    ("ms.jsonl", '{"stat": "x", "count": 1, "t": 1700000000000}\n', "looks like milliseconds"),
+    ("nan.jsonl", '{"stat": "x", "value": NaN}\n', "finite"),
+    ("bad.csv", "stat,cuont\nx,1\n", "unknown column 'cuont'"),
+    ("garbage.jsonl", bytes(range(256)) * 40, "not UTF-8"),
+    ("utf16.jsonl", jsonl("x").encode("utf-16"), "not UTF-8"),
+    ("broken.jsonl.gz", gzip.compress(jsonl(*"abcdef").encode())[:-12], "truncated"),
+    ("notgzip.csv.gz", b"stat,count\nx,1\n", "Not a gzipped file"),
+    ("long.jsonl", b'{"stat": "' + b"x" * (1 << 20) + b'"}\n', "longer than"),
+    ("notes.txt", "hello", "not a known kind of file"),
+])
+def test_bad_files_go_to_rejected_with_the_reason_beside_them(drop_dir, db, name, content, reason):
+    with Store(db) as store:
+        result = Ingestor(store).ingest(drop(drop_dir, name, content))
+    assert result.outcome == "rejected"
+    report = (drop_dir / REJECTED / f"{name}.error.txt").read_text()
+    assert reason in report
+    assert (drop_dir / REJECTED / name).exists() and not (drop_dir / name).exists()
+    assert stats_in(db) == []
+
+
+@pytest.mark.parametrize(("make", "reason"), [(make_fifo, "not a regular file"),
+                                              (make_symlink, "symbolic link")])
+def test_special_files_are_rejected_not_followed(drop_dir, db, make, reason):
+    with Store(db) as store:
+        result = Ingestor(store).ingest(make(drop_dir))
+    assert result.outcome == "rejected" and reason in str(result.errors[0])
+    assert stats_in(db) == []
+
+
+def test_a_file_over_the_size_limit_is_rejected_unread(drop_dir, db):
+    with Store(db) as store:
+        result = Ingestor(store, max_bytes=100).ingest(drop(drop_dir, "big.jsonl", jsonl(*"abcdefgh")))
+    assert result.outcome == "rejected" and "over the limit of 100" in str(result.errors[0])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file, so an unreadable file cannot be made")
+def test_an_unreadable_file_is_rejected(drop_dir, db):
+    path = drop(drop_dir, "secret.jsonl", jsonl("x"))
+    path.chmod(0)
+    with Store(db) as store:
+        result = Ingestor(store).ingest(path)
+    assert result.outcome == "rejected" and "cannot read" in str(result.errors[0])
+
+
+def test_every_bad_line_is_reported_not_just_the_first(drop_dir, db):
+    content = jsonl("ok") + '{"stat": ""}\n' + jsonl("ok2") + '{"stat": "x", "value": "v"}\n'
+    with Store(db) as store:
+        Ingestor(store).ingest(drop(drop_dir, "two.jsonl", content))
+    report = (drop_dir / REJECTED / "two.jsonl.error.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in report] == ["line 2", "line 4"]
+
+
+def test_skip_invalid_takes_the_good_records_and_reports_the_bad(drop_dir, db):
+    content = jsonl("good1") + "{nope\n" + jsonl("good2")
+    with Store(db) as store:
+        result = Ingestor(store, skip_invalid=True).ingest(drop(drop_dir, "mixed.jsonl", content))
+    assert (result.outcome, result.records) == ("ingested", 2)
+    assert stats_in(db) == ["good1", "good2"]
+    assert "line 2: not valid JSON" in (drop_dir / REJECTED / "mixed.jsonl.error.txt").read_text()
+    assert (drop_dir / DONE / "mixed.jsonl").exists()
+
+
+def test_skip_invalid_still_rejects_a_truncated_file_whole(drop_dir, db):
+    content = gzip.compress(jsonl(*[f"s{i}" for i in range(500)]).encode())[:-40]
+    with Store(db) as store:
+        result = Ingestor(store, skip_invalid=True).ingest(drop(drop_dir, "cut.jsonl.gz", content))
+    assert result.outcome == "rejected"
+    assert stats_in(db) == []
+
+
+def test_the_watcher_survives_bad_files_and_goes_on(drop_dir, db):
+    with Running(drop_dir, db) as watcher:
+        drop(drop_dir, "bad.jsonl", "{{{{\n")
+        drop(drop_dir, "worse.csv.gz", b"\x1f\x8b garbage")
+        os.mkfifo(drop_dir / "pipe.csv")
+        drop(drop_dir, "good.jsonl", jsonl("survived"))
+        wait_for(lambda: ("good.jsonl", "ingested") in outcomes(watcher))
+    assert stats_in(db) == ["survived"]
+    assert sorted(o for _, o in outcomes(watcher)) == ["ingested", "rejected", "rejected"]
+
+
+def test_delete_after_ingest(drop_dir, db):
+    with Store(db) as store:
+        Ingestor(store, after="delete").ingest(drop(drop_dir, "gone.jsonl", jsonl("x")))
+    assert not (drop_dir / "gone.jsonl").exists() and not (drop_dir / DONE / "gone.jsonl").exists()
+    assert stats_in(db) == ["x"]
+
+
+def test_a_name_already_in_done_is_not_overwritten(drop_dir, db):
+    with Store(db) as store:
+        ingestor = Ingestor(store)
+        ingestor.ingest(drop(drop_dir, "same.jsonl", jsonl("first")))
+        ingestor.ingest(drop(drop_dir, "same.jsonl", jsonl("second")))
+    assert sorted(os.listdir(drop_dir / DONE)) == ["same.jsonl", "same.jsonl.1"]
+    assert stats_in(db) == ["first", "second"]
+
+
+def test_a_file_ingested_but_not_yet_moved_is_moved_not_taken_again(drop_dir, db):
+    """The crash window between commit and move: the digest is known, so the file only moves."""
+    path = drop(drop_dir, "window.jsonl", jsonl("once"))
+    with Store(db) as store:
+        assert Ingestor(store).ingest(path, move=False).outcome == "ingested"
+        assert path.exists()
+        assert Ingestor(store).ingest(path).outcome == "duplicate"
+    assert stats_in(db) == ["once"] and (drop_dir / DONE / "window.jsonl").exists()
