@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,11 @@ def test_the_example_config_in_packaging_is_valid_and_names_every_option(tmp_pat
         assert f"[{section}]" in example
         for key in keys:
             assert f"\n{key} = " in example or f"\n# {key} = " in example, f"{section}.{key} is not documented"
+    assert "\n# [[watch]]\n" in example
+    for key in config._WATCH_SCHEMA:
+        assert f"\n# {key} = " in example, f"watch.{key} is not documented"
+    # The commented example must itself be valid: uncomment its settings and read it.
+    watch_part = example[example.index("\n# [[watch]]"):]
+    uncommented = re.sub(r"(?m)^# (\[\[watch\]\]|\w+ = .*)$", r"\1", watch_part)
+    entry = config.watch_entry(tomllib.loads(uncommented)["watch"][0], "example")
+    assert entry.max_bytes == 256 << 20 and entry.after == "move"
