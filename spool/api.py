@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from spool.config import Config, default_db_path
-from spool.records import T_FLOOR, Record, make_record, now, parse_record
+from spool.records import T_FLOOR, Record, make_record, now, parse_record, record_rows
 from spool.store import ShipLock, Store
 
 
@@ -73,9 +73,7 @@ class Spool:
 
         `ezkey` applies to EZ records without their own. Records are consumed as a stream.
         """
-        stamp = now()
-        floor = self.t_floor
-        return self.store.append(parse_record(obj, clock_now=stamp, ezkey=ezkey, t_floor=floor) for obj in records)
+        return self.store.append(record_rows(records, clock_now=now(), ezkey=ezkey, t_floor=self.t_floor))
 
     def append_records(self, records: Iterable[Record]) -> int:
         """Commit already-validated records in one transaction."""

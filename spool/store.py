@@ -162,8 +162,10 @@ class Store:
 
     # -- producers -------------------------------------------------------------------------------
 
-    def append(self, records: Iterable[Record]) -> int:
-        """Commit `records` (any iterable, consumed lazily) in one transaction; return how many.
+    def append(self, records: Iterable[Sequence[Any]]) -> int:
+        """Commit `records` (Records, or tuples of the same shape; consumed lazily) in one transaction.
+
+        Returns how many were committed.
 
         If iterating raises (a record failed validation), nothing from this call is committed.
         """
@@ -172,7 +174,7 @@ class Store:
             conn.executemany(_INSERT, records)
             return conn.total_changes - before
 
-    def append_file(self, records: Iterable[Record], *, digest: Callable[[], str], name: str,
+    def append_file(self, records: Iterable[Sequence[Any]], *, digest: Callable[[], str], name: str,
                     now: float) -> int | None:
         """Commit a file's records together with its identity, in one transaction.
 

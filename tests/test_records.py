@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from spool.errors import InvalidRecord
-from spool.records import COUNT, VALUE, Record, expand_stat, make_record, parse_record
+from spool.records import COUNT, VALUE, Record, expand_stat, fast_row, make_record, parse_record, record_rows
 
 T = 1_700_000_000
 
@@ -125,3 +125,54 @@ def test_arbitrary_objects_are_either_valid_records_or_refused_with_a_reason(obj
     assert isinstance(record.number, int | float) and math.isfinite(record.number)
     assert 1_000_000_000 <= record.t <= 4_102_444_800
     assert (record.stat is None) == (record.key is not None)
+
+
+plain_names = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=260)
+any_stat = st.one_of(plain_names, names, st.text(max_size=300))
+any_t = st.one_of(st.integers(min_value=1_000_000_000 - 5, max_value=4_102_444_800 + 5),  # mostly valid
+                  st.one_of(st.integers(min_value=-10, max_value=10**12), st.floats(), st.text(max_size=3)))
+any_number = st.one_of(finite, st.one_of(st.integers(min_value=-(2**64), max_value=2**64), st.floats(),
+                                         st.booleans(), st.none(), st.text(max_size=3)))
+canonical_shape = st.builds(lambda stat, t, key, number: {"stat": stat, "t": t, key: number},
+                            any_stat, any_t, st.sampled_from(["count", "value"]), any_number)
+odd_shape = st.fixed_dictionaries({"stat": any_stat, "t": any_t},
+                                  optional={"count": any_number, "value": any_number, "ezkey": st.text(max_size=5),
+                                            "x": st.integers()})
+near_valid = st.builds(lambda stat, t, key, number: {"stat": stat, "t": t, key: number},
+                       plain_names, st.integers(min_value=1_000_000_000 - 2, max_value=4_102_444_800 + 2),
+                       st.sampled_from(["count", "value"]), finite)
+record_like = st.one_of(near_valid, canonical_shape, odd_shape)
+
+
+@given(record_like, st.none() | st.just("k"))
+@example({"stat": "s", "t": 4_102_444_801, "count": 1}, None)  # one past the last valid t
+@example({"stat": "s", "t": 999_999_999, "count": 1}, None)  # one before the floor
+@example({"stat": "a~", "t": T, "count": 1}, None)  # broken ~ forms
+@example({"stat": "~b", "t": T, "count": 1}, None)
+@example({"stat": " ", "t": T, "count": 1}, None)
+@example({"stat": "", "t": T, "count": 1}, None)
+@example({"stat": "x" * 256, "t": T, "count": 1}, None)
+@example({"stat": "s", "t": T, "count": 2**63}, None)
+@example({"stat": "s", "t": T, "value": float("nan")}, None)
+@example({"stat": "s", "t": T, "count": True}, None)
+@example({"stat": "s", "t": True, "count": 1}, None)
+@example({"stat": "s", "t": T, "count": None, "value": 1}, None)
+def test_the_fast_path_accepts_only_what_the_full_validator_accepts_and_builds_the_same_row(obj, ezkey):
+    row = fast_row(obj, ezkey, 1_000_000_000)
+    event("fast path took it" if row is not None else "left to the full validator")
+    if row is None:
+        return
+    try:
+        assert tuple(parse_record(obj, ezkey=ezkey)) == row
+    except InvalidRecord as exc:
+        raise AssertionError(f"the fast path accepted {obj!r}, which is invalid: {exc}") from None
+
+
+def test_record_rows_validates_every_record_of_a_large_stream_including_the_slow_ones():
+    objs = [{"stat": "plain", "count": i, "t": T} if i % 3 else {"stat": "a~b,c", "value": i, "t": T}
+            for i in range(10_000)]
+    rows = list(record_rows(objs))
+    assert len(rows) == 10_000 and rows[1] == ("plain", None, None, None, COUNT, 1, T)
+    assert rows[3] == Record("a~b,c", None, None, None, VALUE, 3, T)
+    with pytest.raises(InvalidRecord):
+        list(record_rows([*objs, {"stat": "", "count": 1, "t": T}]))

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""spool's benchmarks: every figure beside its baseline, measured in the same run on the same machine.
+
+    scripts/bench.py            # the full suite (several minutes)
+    scripts/bench.py --quick    # a small smoke run (the test suite runs this so the benchmark cannot rot)
+    scripts/bench.py --json     # one JSON object instead of the table
+    scripts/bench.py --only append_batched,drain
+
+Ratios, not absolute times, are the figures: machines differ and are noisy. Each timing is the median of
+several repetitions. Peers (persist-queue, litequeue) are installed into .bench-deps/ on first use, for the
+benchmark only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+BENCH_DEPS = ROOT / ".bench-deps"
+T0 = 1_700_000_000
+
+if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():  # run inside the project's venv
+    subprocess.run([str(ROOT / "scripts" / "bootstrap")], check=True)
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])  # noqa: S606 - re-exec ourselves
+
+sys.path.insert(0, str(ROOT))
+
+from spool import Spool  # noqa: E402
+from spool.config import Config  # noqa: E402
+from spool.ship import Shipper  # noqa: E402
+from spool.store import Store  # noqa: E402
+from spool.testing import Receiver  # noqa: E402
+
+
+class Figure:
+    """One measured figure: ours beside its baseline, and the target the ratio must meet."""
+
+    def __init__(self, name: str, ours: float, baseline: float | None, unit: str, target: str, ratio: float,
+                 note: str = ""):
+        self.name, self.ours, self.baseline, self.unit = name, ours, baseline, unit
+        self.target, self.ratio, self.note = target, ratio, note
+        op, bound = target.split(" ")
+        self.passed = ratio >= float(bound) if op == ">=" else ratio <= float(bound)
+
+    def row(self) -> dict[str, Any]:
+        return {"figure": self.name, "ours": round(self.ours, 3),
+                "baseline": None if self.baseline is None else round(self.baseline, 3), "unit": self.unit,
+                "ratio": round(self.ratio, 3), "target": self.target, "met": self.passed, "note": self.note}
+
+
+def median_time(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="spool-bench-") as folder:
+        yield Path(folder)
+
+
+RAW_SCHEMA = """
+CREATE TABLE records (id INTEGER PRIMARY KEY, state INTEGER NOT NULL DEFAULT 0, stat TEXT, key TEXT, ukey TEXT,
+  ezkey TEXT, kind INTEGER NOT NULL, number ANY NOT NULL, t INTEGER NOT NULL, lease_at FLOAT, done_at FLOAT,
+  reason TEXT, http_status INTEGER, body TEXT);
+CREATE INDEX records_state_t ON records (state, t);
+"""
+RAW_INSERT = "INSERT INTO records (stat, key, ukey, ezkey, kind, number, t) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def raw_connection(path: Path, synchronous: str) -> sqlite3.Connection:
+    """The baseline: plain sqlite3 on a table of the same shape, with the same pragmas as spool."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.executescript(RAW_SCHEMA)
+    return conn
+
+
+def dicts(n: int) -> list[dict[str, Any]]:
+    return [{"stat": f"bench stat {i % 50}", "count": i % 7 + 1, "t": T0 + i} for i in range(n)]
+
+
+# -- figures -------------------------------------------------------------------------------------------
+
+
+def bench_append_batched(n: int, repeat: int) -> list[Figure]:
+    """Spool.add_many (validation included) against raw executemany of ready-made tuples."""
+    records = dicts(n)
+    tuples = [(r["stat"], None, None, None, 0, r["count"], r["t"]) for r in records]
+
+    def ours() -> None:
+        with scratch() as folder, Spool(folder / "s.db") as sp:
+            sp.add_many(records)
+
+    def raw() -> None:
+        with scratch() as folder:
+            conn = raw_connection(folder / "r.db", "FULL")
+            with conn:
+                conn.executemany(RAW_INSERT, tuples)
+            conn.close()
+
+    a, b = median_time(ours, repeat), median_time(raw, repeat)
+    return [Figure(f"batched append, add_many {n} records", n / a, n / b, "records/s", ">= 0.75", b / a)]
+
+
+def bench_append_single(n: int, repeat: int) -> list[Figure]:
+    """One record per commit: Spool.count against raw insert+commit, for synchronous normal and full."""
+    figures = []
+    for synchronous, target in (("normal", ">= 0.6"), ("full", ">= 0.8")):
+        def ours(sync: str = synchronous) -> None:
+            with scratch() as folder, Spool(folder / "s.db", synchronous=sync) as sp:
+                for i in range(n):
+                    sp.count("bench stat", 1, t=T0 + i)
+
+        def raw(sync: str = synchronous) -> None:
+            with scratch() as folder:
+                conn = raw_connection(folder / "r.db", sync.upper())
+                for i in range(n):
+                    conn.execute(RAW_INSERT, ("bench stat", None, None, None, 0, 1, T0 + i))
+                    conn.commit()
+                conn.close()
+
+        a, b = median_time(ours, repeat), median_time(raw, repeat)
+        figures.append(Figure(f"single-record append, one commit each, synchronous={synchronous}", n / a, n / b,
+                              "records/s", target, b / a))
+    return figures
+
+
+def ensure_peers() -> bool:
+    """Make persist-queue and litequeue importable (installed into .bench-deps/ for the benchmark only)."""
+    sys.path.insert(0, str(BENCH_DEPS))
+    try:
+        import litequeue  # noqa: F401
+        import persistqueue  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                             "--target", str(BENCH_DEPS), "persist-queue", "litequeue"], capture_output=True)
+    if result.returncode != 0:
+        return False
+    import importlib
+
+    importlib.invalidate_caches()
+    return True
+
+
+def bench_peers(n: int, repeat: int) -> list[Figure]:
+    """One durable put per record: spool against persist-queue's SQLiteAckQueue and litequeue."""
+    if not ensure_peers():
+        return [Figure("single append vs peers", 0, None, "records/s", ">= 1", 0,
+                       note="persist-queue/litequeue could not be installed")]
+    import litequeue
+    import persistqueue
+
+    def ours() -> None:
+        with scratch() as folder, Spool(folder / "s.db") as sp:
+            for i in range(n):
+                sp.count("bench stat", 1, t=T0 + i)
+
+    def persist_queue() -> None:
+        with scratch() as folder:
+            q = persistqueue.SQLiteAckQueue(str(folder / "pq"), auto_commit=True)
+            for i in range(n):
+                q.put({"stat": "bench stat", "count": 1, "t": T0 + i})
+
+    def lite_queue() -> None:
+        with scratch() as folder:
+            q = litequeue.LiteQueue(str(folder / "lq.db"))
+            for i in range(n):
+                q.put(json.dumps({"stat": "bench stat", "count": 1, "t": T0 + i}))
+            q.close() if hasattr(q, "close") else None
+
+    a = median_time(ours, repeat)
+    p, lq = median_time(persist_queue, repeat), median_time(lite_queue, repeat)
+    return [Figure("single append vs persist-queue SQLiteAckQueue.put", n / a, n / p, "records/s", ">= 5", p / a),
+            Figure("single append vs litequeue put", n / a, n / lq, "records/s", ">= 2", lq / a)]
+
+
+def bench_add_process(runs: int) -> list[Figure]:
+    """`spool add` as a whole process against `python -c "import click, sqlite3"`."""
+    spool = ROOT / ".venv" / "bin" / "spool"
+    with scratch() as folder:
+        env = dict(os.environ, SPOOL_DB=str(folder / "s.db"))
+        subprocess.run([str(spool), "add", "warm", "--count", "1"], env=env, check=True)  # schema exists
+        ours, base = [], []
+        for _ in range(runs):  # interleaved, so drift in machine load hits both alike
+            started = time.perf_counter()
+            subprocess.run([str(spool), "add", "bench", "--count", "1"], env=env, check=True)
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import click, sqlite3"], check=True)
+            base.append(time.perf_counter() - started)
+    a, b = statistics.median(ours), statistics.median(base)
+    return [Figure("`spool add` process (one record)", a * 1000, b * 1000, "ms", "<= 1.3", a / b)]
+
+
+def fill_backlog(path: Path, n: int) -> None:
+    with Spool(path, synchronous="normal") as sp:
+        step = 50_000
+        for start in range(0, n, step):
+            sp.add_many({"stat": f"bench stat {i % 50}", "count": 1, "t": T0 + i}
+                        for i in range(start, min(n, start + step)))
+
+
+def bench_drain(n: int) -> list[Figure]:
+    """Drain an n-record backlog to the test receiver against a bare requests loop posting the same batches."""
+    import requests
+
+    with scratch() as folder, Receiver() as receiver:
+        db = folder / "s.db"
+        fill_backlog(db, n)
+        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", synchronous="full")
+        started = time.perf_counter()
+        with Store(db) as store, Shipper(store, config) as shipper:
+            assert shipper.drain().done
+        ours = time.perf_counter() - started
+        assert len(receiver.accepted) == n
+        bodies = [json.dumps({"ezkey": "bench-key", "data": [
+            {"stat": f"bench stat {i % 50}", "count": 1, "t": T0 + i} for i in range(s, min(n, s + 500))]},
+            separators=(",", ":")).encode() for s in range(0, n, 500)]
+        receiver.accepted.clear()
+        session = requests.Session()
+        started = time.perf_counter()
+        for body in bodies:
+            response = session.post(f"{receiver.url}/ez", data=body, headers={"Content-Type": "application/json"})
+            response.raise_for_status()
+        base = time.perf_counter() - started
+        session.close()
+    return [Figure(f"drain of a {n}-record backlog to the test receiver", n / ours, n / base, "records/s",
+                   ">= 0.8", base / ours)]
+
+
+DRAIN_CHILD = """
+import resource, sys
+from spool.config import Config
+from spool.ship import Shipper
+from spool.store import Store
+db, url = sys.argv[1], sys.argv[2]
+with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="bench-key")) as shipper:
+    assert shipper.drain().done
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_of_drain(n: int) -> float:
+    """Peak RSS in MiB of a process draining an n-record backlog."""
+    with scratch() as folder, Receiver() as receiver:
+        db = folder / "s.db"
+        fill_backlog(db, n)
+        out = subprocess.run([sys.executable, "-c", DRAIN_CHILD, str(db), receiver.url], check=True,
+                             capture_output=True, text=True, cwd=ROOT).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def bench_memory(small: int, large: int) -> list[Figure]:
+    a, b = peak_rss_of_drain(large), peak_rss_of_drain(small)
+    return [Figure(f"peak RSS draining {large} vs {small} backlog", a, b, "MiB", "<= 1.2", a / b),
+            Figure(f"peak RSS draining {large} backlog", a, None, "MiB", "<= 80", a)]
+
+
+def bench_ingest(n: int, repeat: int) -> list[Figure]:
+    """Ingest an n-line JSONL file against json.loads per line + executemany."""
+    from spool.watch import Ingestor
+
+    with scratch() as folder:
+        source = folder / "big.jsonl"
+        with open(source, "w") as handle:
+            for i in range(n):
+                handle.write(f'{{"stat":"bench stat {i % 50}","count":{i % 7 + 1},"t":{T0 + i}}}\n')
+
+        def ours() -> None:
+            with scratch() as inner, Store(inner / "s.db") as store:
+                result = Ingestor(store).ingest(source, move=False)
+                assert result.records == n, result
+
+        def raw() -> None:
+            with scratch() as inner:
+                conn = raw_connection(inner / "r.db", "FULL")
+                with open(source, "rb") as handle, conn:
+                    conn.executemany(RAW_INSERT, ((o["stat"], None, None, None, 0, o["count"], o["t"])
+                                                  for o in map(json.loads, handle)))
+                conn.close()
+
+        a, b = median_time(ours, repeat), median_time(raw, repeat)
+    return [Figure(f"ingest of a {n}-line JSONL file", n / a, n / b, "records/s", ">= 0.6", b / a)]
+
+
+DISK_CHILD = """
+import sys, time
+from spool import Spool
+from spool.config import Config
+from spool.ship import Shipper
+from spool.store import Store
+def written():
+    return int(next(l for l in open("/proc/self/io") if l.startswith("write_bytes")).split()[1])
+db, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+before = written()
+with Spool(db) as sp:
+    for start in range(0, n, 500):
+        sp.add_many({"stat": f"s{i % 50}", "count": 1, "t": 1700000000 + i} for i in range(start, start + 500))
+with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="k")) as shipper:
+    assert shipper.drain().done
+    store.prune_sent(sent_before=time.time() + 1)
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+import os; os.sync()
+print(written() - before)
+"""
+
+
+def bench_disk(n: int) -> list[Figure]:
+    """Bytes written to storage per record over its life: batched append, ship, prune."""
+    with scratch() as folder, Receiver() as receiver:
+        out = subprocess.run([sys.executable, "-c", DISK_CHILD, str(folder / "s.db"), receiver.url, str(n)],
+                             check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    per_record = int(out.split()[-1]) / n
+    return [Figure("disk bytes written per record (append, ship, prune)", per_record, None, "B", "<= 512",
+                   per_record)]
+
+
+def bench_idle(seconds: float) -> list[Figure]:
+    """CPU used by an idle `spool run` (shipper and one watched directory) over a period."""
+    with scratch() as folder, Receiver() as receiver:
+        drop = folder / "drop"
+        drop.mkdir()
+        config = folder / "spool.toml"
+        config.write_text(f'[ship]\nendpoint = "{receiver.url}"\nezkey = "k"\n[[watch]]\npath = "{drop}"\n')
+        agent = subprocess.Popen([str(ROOT / ".venv" / "bin" / "spool"), "--db", str(folder / "s.db"),
+                                  "--config", str(config), "run"], stderr=subprocess.DEVNULL)
+        time.sleep(3)  # start-up is not idling
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        before, started = cpu(), time.monotonic()
+        time.sleep(seconds)
+        used, elapsed = cpu() - before, time.monotonic() - started
+        agent.terminate()
+        agent.wait(30)
+    percent = 100 * used / elapsed
+    return [Figure(f"idle `spool run` CPU over {seconds:g} s", percent, None, "% of a core", "<= 0.5", percent)]
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+def suite(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
+    if quick:
+        return {
+            "append_batched": lambda: bench_append_batched(5_000, 1),
+            "append_single": lambda: bench_append_single(50, 1),
+            "add_process": lambda: bench_add_process(2),
+            "drain": lambda: bench_drain(2_000),
+            "memory": lambda: bench_memory(1_000, 3_000),
+            "ingest": lambda: bench_ingest(5_000, 1),
+            "disk": lambda: bench_disk(2_000),
+            "idle": lambda: bench_idle(1),
+        }
+    return {
+        "append_batched": lambda: bench_append_batched(200_000, 5),
+        "append_single": lambda: bench_append_single(2_000, 5),
+        "peers": lambda: bench_peers(2_000, 3),
+        "add_process": lambda: bench_add_process(30),
+        "drain": lambda: bench_drain(1_000_000),
+        "memory": lambda: bench_memory(100_000, 1_000_000),
+        "ingest": lambda: bench_ingest(1_000_000, 3),
+        "disk": lambda: bench_disk(100_000),
+        "idle": lambda: bench_idle(30),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", help="comma-separated figure groups to run")
+    args = parser.parse_args()
+    benches = suite(args.quick)
+    chosen = args.only.split(",") if args.only else list(benches)
+    unknown = [name for name in chosen if name not in benches]
+    if unknown:
+        parser.error(f"unknown figure group(s): {', '.join(unknown)}; known: {', '.join(benches)}")
+    rows = []
+    for name in chosen:
+        for figure in benches[name]():
+            rows.append(figure.row())
+            if not args.json:
+                print(format_row(figure.row()), flush=True)
+    if args.json:
+        print(json.dumps({"quick": args.quick, "python": sys.version.split()[0],
+                          "sqlite": sqlite3.sqlite_version, "figures": rows}, indent=2))
+    return 0
+
+
+def format_row(row: dict[str, Any]) -> str:
+    baseline = "" if row["baseline"] is None else f" vs {row['baseline']:,.1f}"
+    verdict = "met" if row["met"] else "MISSED"
+    return (f"{row['figure']:<62} {row['ours']:>12,.1f}{baseline:<16} {row['unit']:<10} "
+            f"ratio {row['ratio']:.2f} (target {row['target']}) {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
