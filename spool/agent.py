@@ -116,7 +116,7 @@ class Agent:
 
     def log_summary(self) -> None:
         try:
-            counts = self._store.counts()
+            pending, inflight = self._store.backlog()
             oldest = self._store.oldest_pending_t()
         except Exception as exc:
             log.warning("cannot read the spool for the summary: %s", exc)
@@ -125,9 +125,9 @@ class Agent:
         ingested = sum(r.records for w in self.watchers for r in w.results if r.outcome == "ingested")
         files = f"; ingested {ingested} records from files" if self.watchers else ""
         if self.shipper is None:
-            log.info("backlog %d pending%s%s", counts["pending"], age, files)
+            log.info("backlog %d pending%s%s", pending, age, files)
             return
         stats = self.shipper.stats
         log.info("backlog %d pending%s, %d in flight; shipped %d, dead %d this run%s; last error: %s",
-                 counts["pending"], age, counts["inflight"], stats.sent, stats.dead, files,
+                 pending, age, inflight, stats.sent, stats.dead, files,
                  stats.last_error or "none")

@@ -15,12 +15,13 @@ from tenacity.wait import wait_base, wait_random_exponential
 from spool.config import Config
 from spool.errors import EndpointError, Refused, ShipError, StoreError, TransientError
 from spool.stathat import StatHatClient
-from spool.store import Leased, ShipLock, Store
+from spool.store import Lease, Leased, ShipLock, Store
 
 log = logging.getLogger("spool.ship")
 
 META_THROTTLE = 1.0  # seconds between writes of "last attempt" facts while batches keep succeeding
-HOUSEKEEPING_INTERVAL = 60.0  # seconds between pruning sent records and freeing stale leases
+HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for stale leases
+PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
 
 
 class wait_retry_after(wait_base):
@@ -86,6 +87,7 @@ class Shipper:
         self._lock = ShipLock(store.path)
         self._last_meta = float("-inf")
         self._last_housekeeping = float("-inf")
+        self._last_prune = float("-inf")
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -110,39 +112,39 @@ class Shipper:
     def ship_batch(self) -> int:
         """Lease one batch and settle it (sent or dead); return how many records were settled.
 
-        On a transient failure or shutdown whatever is still leased goes back to pending and the error
-        propagates. Returns 0 when nothing deliverable is pending.
+        On a transient failure or shutdown the lease is dropped, so what was not settled is pending again, and
+        the error propagates. Returns 0 when nothing deliverable is pending.
         """
         if self.shutdown.is_set():
             return 0
-        leased = self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=self.config.ezkey is None)
-        if not leased:
+        lease = self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=self.config.ezkey is None)
+        if lease is None:
             return 0
+        batch = _Batch(self, lease)
         groups: dict[tuple[str, bool], list[Leased]] = {}
         classic: list[Leased] = []
-        for item in leased:
+        for item in lease.items:
             if item.record.stat is None:
                 classic.append(item)
             else:
                 own = item.record.ezkey is not None
                 groups.setdefault((item.record.ezkey or self.config.ezkey or "", own), []).append(item)
-        settled = 0
         try:
             for (ezkey, own_key), group in groups.items():
                 if self.shutdown.is_set():
                     break
-                settled += self._send_ez(ezkey, group, own_key=own_key)
+                self._send_ez(batch, ezkey, group, own_key=own_key)
             for item in classic:
                 if self.shutdown.is_set():
                     break
-                settled += self._send_classic(item)
+                self._send_classic(batch, item)
         finally:
-            if settled < len(leased):  # failure or shutdown: hand back what was not settled
-                self.store.release([item.id for item in leased])
+            if batch.unsettled:  # failure or shutdown: what is left is pending again
+                self.store.end_lease(lease.id)
         self._note(result="ok", error=None)
-        return settled
+        return len(lease.items) - batch.unsettled
 
-    def _send_ez(self, ezkey: str, group: Sequence[Leased], *, own_key: bool) -> int:
+    def _send_ez(self, batch: _Batch, ezkey: str, group: Sequence[Leased], *, own_key: bool) -> None:
         """Send one EZ batch; on refusal bisect it so only the records the receiver refuses die."""
         self.stats.requests += 1
         try:
@@ -152,31 +154,22 @@ class Shipper:
                 raise EndpointError(f"the receiver refused the configured ezkey ({refusal}); "
                                     "records stay pending until the key is fixed") from None
             if refusal.names_key or len(group) == 1:  # a record's own bad key condemns its whole group
-                return self._kill(group, refusal)
+                batch.kill(group, refusal)
+                return
             middle = len(group) // 2
-            return (self._send_ez(ezkey, group[:middle], own_key=own_key)
-                    + self._send_ez(ezkey, group[middle:], own_key=own_key))
-        return self._ack(group)
+            self._send_ez(batch, ezkey, group[:middle], own_key=own_key)
+            self._send_ez(batch, ezkey, group[middle:], own_key=own_key)
+            return
+        batch.ack(group)
 
-    def _send_classic(self, item: Leased) -> int:
+    def _send_classic(self, batch: _Batch, item: Leased) -> None:
         self.stats.requests += 1
         try:
             self.client.send_classic(item.record)
         except Refused as refusal:
-            return self._kill([item], refusal)
-        return self._ack([item])
-
-    def _ack(self, group: Sequence[Leased]) -> int:
-        self.store.ack([item.id for item in group], now=self.clock())
-        self.stats.sent += len(group)
-        return len(group)
-
-    def _kill(self, group: Sequence[Leased], refusal: Refused) -> int:
-        self.store.kill([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
-                        body=refusal.body, now=self.clock())
-        self.stats.dead += len(group)
-        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(group), refusal)
-        return len(group)
+            batch.kill([item], refusal)
+            return
+        batch.ack([item])
 
     # -- retrying --------------------------------------------------------------------------------------
 
@@ -257,18 +250,45 @@ class Shipper:
                     break
 
     def housekeeping(self) -> None:
-        """Prune sent records past retention and free leases older than the lease timeout."""
+        """Free leases older than the lease timeout; hourly, prune sent records past retention."""
         now = self.monotonic()
         if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL:
             return
         self._last_housekeeping = now
         try:
-            pruned = self.store.prune_sent(sent_before=self.clock() - self.config.retention)
             freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+            pruned = 0
+            if now - self._last_prune >= PRUNE_INTERVAL:
+                self._last_prune = now
+                pruned = self.store.prune_sent(sent_before=self.clock() - self.config.retention)
         except StoreError as exc:
             log.warning("housekeeping failed: %s", exc)
             return
         if pruned:
             log.info("pruned %d sent records older than the retention period", pruned)
         if freed:
-            log.warning("returned %d stale leases to pending", freed)
+            log.warning("returned %d records of stale leases to pending", freed)
+
+
+class _Batch:
+    """The records of one lease still to settle; the commit that settles the last of them ends the lease."""
+
+    def __init__(self, shipper: Shipper, lease: Lease):
+        self.shipper = shipper
+        self.lease = lease
+        self.unsettled = len(lease.items)
+
+    def ack(self, group: Sequence[Leased]) -> None:
+        self.unsettled -= len(group)
+        self.shipper.store.ack([item.id for item in group], now=self.shipper.clock(),
+                               lease=self.lease.id if self.unsettled == 0 else None)
+        self.shipper.stats.sent += len(group)
+
+    def kill(self, group: Sequence[Leased], refusal: Refused) -> None:
+        self.unsettled -= len(group)
+        self.shipper.store.kill([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
+                                body=refusal.body, now=self.shipper.clock())
+        if self.unsettled == 0:
+            self.shipper.store.end_lease(self.lease.id)
+        self.shipper.stats.dead += len(group)
+        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(group), refusal)

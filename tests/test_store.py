@@ -61,47 +61,68 @@ def test_an_invalid_record_in_a_batch_commits_nothing_from_that_batch(db):
 def test_lease_takes_the_oldest_records_first_and_marks_them_in_flight(db):
     with Store(db) as store:
         store.append([ez("late", t=T0 + 50), ez("early", t=T0), ez("middle", t=T0 + 10)])
-        leased = store.lease(2, now=T0, keyed_only=False)
-        assert [item.record.stat for item in leased] == ["early", "middle"]
+        lease = store.lease(2, now=T0, keyed_only=False)
+        assert [item.record.stat for item in lease.items] == ["early", "middle"]
         assert states(store) == {"pending": 1, "inflight": 2}
 
 
 def test_a_leased_record_is_never_leased_twice(db):
     with Store(db) as a, Store(db) as b:
         a.append([ez(t=T0 + i) for i in range(10)])
-        first = a.lease(6, now=T0, keyed_only=False)
-        second = b.lease(6, now=T0, keyed_only=False)
+        first = a.lease(6, now=T0, keyed_only=False).items
+        second = b.lease(6, now=T0, keyed_only=False).items
         assert len(first) == 6 and len(second) == 4
         assert not {i.id for i in first} & {i.id for i in second}
+        assert a.lease(6, now=T0, keyed_only=False) is None  # all of them are leased
 
 
 def test_keyed_only_leases_skip_ez_records_without_a_key(db):
     with Store(db) as store:
         store.append([ez("nokey"), ez("own", ezkey="k"), make_record(key="k", ukey="u", count=1, t=T0)])
-        leased = store.lease(10, now=T0, keyed_only=True)
+        leased = store.lease(10, now=T0, keyed_only=True).items
         assert sorted(str(i.record.stat) for i in leased) == ["None", "own"]
         assert store.keyless_pending() == 1
 
 
-def test_ack_release_and_kill_move_records_between_states(db):
+def test_ack_kill_and_end_lease_move_records_between_states(db):
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(3)])
-        a, b, c = store.lease(3, now=T0, keyed_only=False)
+        lease = store.lease(3, now=T0, keyed_only=False)
+        a, b, c = lease.items
         assert store.ack([a.id], now=T0) == 1
-        assert store.release([b.id]) == 1
         assert store.kill([c.id], reason="invalid stat", http_status=200, body='{"status":500}', now=T0) == 1
+        assert states(store) == {"sent": 1, "inflight": 1, "dead": 1}
+        store.end_lease(lease.id)  # b was neither sent nor refused: pending again
         assert states(store) == {"sent": 1, "pending": 1, "dead": 1}
         [dead] = store.dead()
         assert (dead["id"], dead["reason"], dead["http_status"]) == (c.id, "invalid stat", 200)
 
 
-def test_release_does_not_touch_records_already_settled(db):
+def test_ending_a_lease_does_not_touch_records_already_settled(db):
     with Store(db) as store:
         store.append([ez()])
-        [item] = store.lease(1, now=T0, keyed_only=False)
-        store.ack([item.id], now=T0)
-        assert store.release([item.id]) == 0
+        lease = store.lease(1, now=T0, keyed_only=False)
+        store.ack([lease.items[0].id], now=T0)
+        store.end_lease(lease.id)
         assert states(store) == {"sent": 1}
+
+
+def test_the_ack_that_settles_a_batch_can_end_its_lease_in_the_same_commit(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(3)])
+        lease = store.lease(3, now=T0, keyed_only=False)
+        store.ack([item.id for item in lease.items], now=T0, lease=lease.id)
+        assert states(store) == {"sent": 3}
+        assert store.conn.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+
+
+def test_leasing_rewrites_no_record(db):
+    """A lease is a row of its own: the records it names are untouched until they are settled."""
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(5)])
+        before = store.conn.total_changes
+        store.lease(5, now=T0, keyed_only=False)
+        assert store.conn.total_changes - before == 1
 
 
 def test_stale_leases_return_to_pending_by_age_or_all_at_once(db):
@@ -118,8 +139,10 @@ def test_stale_leases_return_to_pending_by_age_or_all_at_once(db):
 def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(4)])
-        leased = store.lease(4, now=T0, keyed_only=False)
+        lease = store.lease(4, now=T0, keyed_only=False)
+        leased = lease.items
         store.kill([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
+        store.end_lease(lease.id)  # as the shipper does once a batch is settled
         assert store.requeue_dead([leased[0].id]) == 1
         assert store.purge_dead([leased[1].id]) == 1
         assert states(store) == {"pending": 1, "dead": 2}
@@ -132,7 +155,7 @@ def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
 def test_prune_deletes_only_sent_records_older_than_the_cutoff_in_small_steps(db):
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(25)])
-        old = store.lease(20, now=T0, keyed_only=False)
+        old = store.lease(20, now=T0, keyed_only=False).items
         store.ack([i.id for i in old[:15]], now=1000.0)
         store.ack([i.id for i in old[15:]], now=5000.0)
         assert store.prune_sent(sent_before=2000.0, step=4) == 15
@@ -187,3 +210,16 @@ def test_add_many_streams_a_generator_in_one_transaction(db):
     with Spool(db) as sp:
         assert sp.add_many(produce()) == 10_000
         assert sp.store.counts()["pending"] == 10_000
+
+
+def test_prune_walks_past_records_of_other_states_interleaved_with_old_sent_ones(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(40)])
+        lease = store.lease(40, now=T0, keyed_only=False)
+        ids = [item.id for item in lease.items]
+        store.ack(ids[0::3], now=1000.0)  # old enough to prune
+        store.kill(ids[1::3], reason="r", http_status=200, body="", now=1000.0)  # dead: kept
+        store.ack(ids[2::3][:5], now=9000.0)  # sent recently: kept
+        store.end_lease(lease.id)
+        assert store.prune_sent(sent_before=2000.0, step=3) == len(ids[0::3])
+        assert states(store) == {"dead": len(ids[1::3]), "sent": 5, "pending": len(ids[2::3]) - 5}
