@@ -226,9 +226,9 @@ class Store:
         return None if row is None else {"name": row[0], "records": row[1], "at": row[2]}
 
     def append_one(self, record: Record) -> None:
-        """Commit one record in its own transaction."""
-        with self._write() as conn:
-            conn.execute(_INSERT, record)
+        """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
+        with _translated(self.path, self.busy_timeout):
+            self.conn.execute(_INSERT, record)
 
     # -- the shipper's state machine -------------------------------------------------------------
 
