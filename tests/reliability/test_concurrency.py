@@ -7,7 +7,7 @@ import sys
 
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, spawn_cli
+from ..conftest import T0, TEST_EZKEY, cli_env, spawn_cli
 
 PRODUCER = """
 import sys

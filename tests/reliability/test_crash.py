@@ -13,7 +13,7 @@ import pytest
 from spool import Spool
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
+from ..conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
 
 
 def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicating_at_most_that_batch(
@@ -76,3 +76,48 @@ def test_a_watcher_killed_mid_file_and_restarted_ingests_every_record_exactly_on
         stats = Counter(record.stat for _, _, record in store.records())
         assert store.integrity_ok()
     assert len(stats) == n and set(stats.values()) == {1}
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_an_import_killed_at_a_random_instant_commits_all_or_nothing(tmp_path, trial):
+    db, source = tmp_path / "spool.db", tmp_path / "big.jsonl"
+    n = 100_000
+    source.write_text("".join(f'{{"stat":"s{i}","count":1,"t":{T0}}}\n' for i in range(n)))
+    importer = spawn_cli(db, "import", str(source))
+    time.sleep(random.Random(100 + trial).uniform(0.1, 2.5))
+    importer.send_signal(signal.SIGKILL)
+    importer.communicate(timeout=30)
+    with Store(db) as store:
+        first = store.counts()["pending"]
+        assert store.integrity_ok()
+    assert first in (0, n), f"a killed import left {first} of {n} records"
+    if first == 0:
+        assert run_cli(db, "import", str(source)).returncode == 0
+    with Store(db) as store:
+        stats = Counter(record.stat for _, _, record in store.records())
+    assert len(stats) == n and set(stats.values()) == {1}
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_a_shipper_killed_at_a_random_instant_duplicates_at_most_one_whole_batch(tmp_path, receiver, trial):
+    db = tmp_path / "spool.db"
+    n, batch = 20_000, 200
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(n))
+    env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    shipper = spawn_cli(db, "ship", "--once", "--batch-size", str(batch), env=env)
+    time.sleep(random.Random(200 + trial).uniform(0.3, 2.0))
+    shipper.send_signal(signal.SIGKILL)
+    shipper.communicate(timeout=30)
+    result = run_cli(db, "ship", "--once", "--batch-size", str(batch), env=env)
+    assert result.returncode == 0, result.stderr
+    got = Counter(int(a["stat"][1:]) for a in receiver.accepted)
+    assert set(got) == set(range(n))  # nothing lost
+    duplicated = sorted(i for i, times in got.items() if times > 1)
+    assert all(got[i] == 2 for i in duplicated)
+    assert len(duplicated) <= batch  # at most one batch, sent again whole
+    if duplicated:
+        assert duplicated == list(range(duplicated[0], duplicated[0] + len(duplicated)))  # one contiguous batch
+    with Store(db) as store:
+        assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0}
+        assert store.integrity_ok()

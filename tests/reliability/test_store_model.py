@@ -1,0 +1,149 @@
+"""The store against a simple model (Hypothesis stateful testing), on a real SQLite file, reopened at random."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from spool.records import make_record
+from spool.store import Store
+
+T0 = 1_700_000_000
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Model: each record id -> "pending" | "sent" | "dead"; live leases -> the ids they name."""
+
+    def __init__(self):
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="spool-model-"))
+        self.store = Store(self.folder / "spool.db", synchronous="normal")
+        self.state: dict[int, str] = {}
+        self.sent_at: dict[int, float] = {}
+        self.leases: dict[int, set[int]] = {}
+        self.clock = 1000.0
+
+    def teardown(self):
+        self.store.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def leased(self) -> set[int]:
+        return set().union(*self.leases.values()) if self.leases else set()
+
+    @rule(n=st.integers(min_value=1, max_value=20), keyed=st.booleans())
+    def append(self, n, keyed):
+        before = {row[0] for row in self.store.conn.execute("SELECT id FROM records")}
+        self.store.append([make_record(stat=f"s{i}", count=1, t=T0 + i, ezkey="k" if keyed else None)
+                           for i in range(n)])
+        for (record_id,) in self.store.conn.execute("SELECT id FROM records"):
+            if record_id not in before:
+                self.state[record_id] = "pending"
+
+    @rule(limit=st.integers(min_value=1, max_value=15))
+    def lease(self, limit):
+        lease = self.store.lease(limit, now=self.clock, keyed_only=False)
+        free = [i for i, s in self.state.items() if s == "pending" and i not in self.leased()]
+        if lease is None:
+            assert not free
+            return
+        ids = {item.id for item in lease.items}
+        assert len(ids) == min(limit, len(free))
+        assert ids <= set(free), "leased a record that was not free"
+        self.leases[lease.id] = ids
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data(), end=st.booleans())
+    def ack(self, data, end):
+        lease_id = data.draw(st.sampled_from(sorted(self.leases)))
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.leases[lease_id])), unique=True))
+        self.clock += 1
+        self.store.ack(ids, now=self.clock, lease=lease_id if end else None)
+        for i in ids:  # a lease can still name a record acked and pruned meanwhile: the store ignores it
+            if self.state.get(i) == "pending":
+                self.state[i], self.sent_at[i] = "sent", self.clock
+        if end:
+            del self.leases[lease_id]
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def kill(self, data):
+        lease_id = data.draw(st.sampled_from(sorted(self.leases)))
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.leases[lease_id])), unique=True))
+        self.store.kill(ids, reason="refused", http_status=200, body="{}", now=self.clock)
+        for i in ids:
+            if self.state.get(i) == "pending":
+                self.state[i] = "dead"
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def end_lease(self, data):
+        lease_id = data.draw(st.sampled_from(sorted(self.leases)))
+        self.store.end_lease(lease_id)
+        del self.leases[lease_id]
+
+    @rule()
+    def release_all_stale(self):
+        named = sum(1 for i in self.leased() if self.state.get(i) == "pending")
+        assert self.store.release_stale_leases() == named
+        self.leases.clear()
+
+    @rule(everything=st.booleans(), data=st.data())
+    def requeue_dead(self, everything, data):
+        dead = sorted(i for i, s in self.state.items() if s == "dead")
+        ids = None if everything else data.draw(st.lists(st.sampled_from(dead), unique=True)) if dead else []
+        n = self.store.requeue_dead(ids)
+        chosen = dead if ids is None else ids
+        assert n == len(chosen)
+        for i in chosen:
+            self.state[i] = "pending"
+
+    @rule()
+    def purge_dead(self):
+        dead = [i for i, s in self.state.items() if s == "dead"]
+        assert self.store.purge_dead() == len(dead)
+        for i in dead:
+            del self.state[i]
+
+    @rule(age=st.floats(min_value=0, max_value=50), step=st.integers(min_value=1, max_value=7))
+    def prune(self, age, step):
+        cutoff = self.clock - age
+        expired = [i for i, s in self.state.items() if s == "sent" and self.sent_at[i] < cutoff]
+        assert self.store.prune_sent(sent_before=cutoff, step=step) == len(expired)
+        for i in expired:
+            del self.state[i]
+
+    @rule()
+    def close_and_reopen(self):
+        self.store.close()
+        self.store = Store(self.folder / "spool.db", synchronous="normal")
+
+    @invariant()
+    def counts_match_the_model(self):
+        leased = self.leased()
+        want = {"pending": 0, "inflight": 0, "sent": 0, "dead": 0}
+        for i, s in self.state.items():
+            want["inflight" if s == "pending" and i in leased else s] += 1
+        assert self.store.counts() == want
+
+    @invariant()
+    def every_record_is_in_exactly_the_state_the_model_says(self):
+        stored = {record_id: state for record_id, state, _ in self.store.records()}
+        names = {0: "pending", 2: "sent", 3: "dead"}
+        assert {i: names[s] for i, s in stored.items()} == self.state
+
+    @invariant()
+    def no_record_is_named_by_two_live_leases(self):
+        rows = self.store.conn.execute("SELECT value FROM leases, json_each(leases.ids)").fetchall()
+        named = [row[0] for row in rows if self.state.get(row[0]) == "pending"]
+        assert len(named) == len(set(named))
+
+
+StoreModel.TestCase.settings = settings(max_examples=200 if os.environ.get("SPOOL_LONG") else 40,
+                                        stateful_step_count=40, deadline=None)
+test_the_store_behaves_like_its_model = StoreModel.TestCase
