@@ -36,7 +36,7 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return "http://127.0.0.1:%d" % self._listener.getsockname()[1]
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
 
     def next(self, mode: str, n: int = 1, value: float = 0.0) -> None:
         with self._lock:

@@ -1,0 +1,78 @@
+"""Fuzzing with Hypothesis: hostile input never crashes spool or escapes as a traceback; refusals carry reasons."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spool.cli import main
+from spool.errors import InvalidRecord
+from spool.formats import SUFFIXES, read_json_stream, reader_for, to_records
+from spool.store import Store
+from spool.watch import Ingestor
+
+EXAMPLES = 300 if os.environ.get("SPOOL_LONG") else 60
+fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_ish = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["stat", "count", "value", "t", "ezkey", "key", "ukey", "data", "x"]), inner, max_size=5),
+    max_leaves=12)
+lines = st.lists(st.one_of(json_ish.map(lambda v: __import__("json").dumps(v)), st.text(max_size=60)),
+                 max_size=12).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass"))
+raw_bytes = st.binary(max_size=400)
+
+
+@fuzz
+@given(st.one_of(lines, raw_bytes))
+def test_import_parsing_never_raises_anything_but_a_refusal_with_a_reason(data):
+    errors = []
+    for record in to_records(read_json_stream(io.BytesIO(data)), clock_now=1_700_000_000, on_invalid=errors.append):
+        assert record[6] >= 1_000_000_000
+    assert all(isinstance(e, InvalidRecord) and e.reason for e in errors)
+
+
+@fuzz
+@given(data=st.one_of(lines, raw_bytes), suffix=st.sampled_from(SUFFIXES), compress=st.booleans())
+def test_every_file_format_takes_any_bytes_without_crashing(tmp_path_factory, data, suffix, compress):
+    folder = tmp_path_factory.mktemp("drop")
+    if suffix.endswith(".gz") and compress:
+        data = gzip.compress(data)
+    path = folder / f"fuzz{suffix}"
+    path.write_bytes(data)
+    assert reader_for(path.name) is not None
+    with Store(folder / "spool.db") as store:
+        result = Ingestor(store, skip_invalid=True).ingest(path)
+    assert result.outcome in ("ingested", "rejected")
+    assert result.outcome == "ingested" or all(e.reason for e in result.errors)
+
+
+tokens = st.sampled_from(["add", "import", "status", "dead", "list", "requeue", "purge", "ingest", "--count",
+                          "--value", "--t", "--key", "--ukey", "--ezkey", "--json", "--all", "--limit",
+                          "--skip-invalid", "--keep", "-", "1", "-1", "nan", "1e999", "1700000000",
+                          "1700000000000", "x~y,z", "", "ü📈", "--help", "--nope"])
+argv = st.lists(st.one_of(tokens, st.text(max_size=12)), max_size=7)
+
+
+@fuzz
+@given(args=argv)
+def test_the_cli_never_shows_a_traceback(args, capsys, monkeypatch):
+    folder = Path(tempfile.mkdtemp(prefix="spool-fuzz-"))
+    monkeypatch.setenv("SPOOL_DB", str(folder / "spool.db"))
+    monkeypatch.chdir(folder)  # relative file names land here
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # a real stdin has a binary buffer
+    with pytest.raises(SystemExit) as exited:
+        main(["--db", str(folder / "spool.db"), *args])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "internal error" not in out.err
+    if exited.value.code not in (0, None):
+        assert out.err.strip(), "a failure must say why"
+        assert out.err.strip().splitlines()[-1].startswith("spool: error: ")

@@ -1,0 +1,24 @@
+"""The benchmark's smoke mode runs, so scripts/bench.py cannot rot (figures are not asserted: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_benchmark_runs_in_quick_mode_and_reports_every_figure_beside_its_baseline():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    names = " | ".join(row["figure"] for row in report["figures"])
+    for expected in ["batched append", "single-record append", "`spool add` process", "drain", "peak RSS",
+                     "ingest", "disk bytes written per record", "idle `spool run` CPU"]:
+        assert expected in names
+    for row in report["figures"]:
+        assert row["ours"] > 0 or "CPU" in row["figure"], row
+        assert row["target"].split()[0] in (">=", "<=")
