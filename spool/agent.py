@@ -47,6 +47,17 @@ class Agent:
         self._store = self._open()  # the main thread's, for summaries
         self.shipper = Shipper(self._open(), config, shutdown=self.shutdown, wake=self.wake) if ship else None
         self.watchers = [self._watcher(watch) for watch in config.watch]
+        self.relay = self._relay() if config.relay.enabled else None
+
+    def _relay(self) -> Any:
+        from spool.metrics import Metrics
+        from spool.relay import Relay
+
+        metrics = Metrics(self._open(), shipper=self.shipper, watchers=lambda: self.watchers)
+        relay = Relay(self.config.relay, self._open(), t_floor=self.config.t_floor,
+                      on_commit=lambda n: self.wake.set(), health=metrics.health, metrics=metrics.render)
+        metrics.relay = relay
+        return relay
 
     def _open(self) -> Store:
         return Store(self.config.db, synchronous=self.config.synchronous)
@@ -91,6 +102,11 @@ class Agent:
                 watcher.start()
                 log.info("watching %s%s", watcher.directory, " (polling)" if watcher.watch.poll else "")
                 self._start(f"watch {watcher.directory.name}", watcher.run)
+            if self.relay is not None:
+                self.relay.start()
+                statsd = self.relay.statsd_address
+                log.info("relay listening on %s%s", self.relay.url,
+                         f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
             next_summary = self.monotonic() + self.config.summary_interval
             while not self.shutdown.wait(timeout=max(0.0, min(next_summary - self.monotonic(), 60.0))):
                 if self.monotonic() >= next_summary:
@@ -98,6 +114,8 @@ class Agent:
                     next_summary = self.monotonic() + self.config.summary_interval
             log.info("shutting down")
             self.wake.set()
+            if self.relay is not None:
+                self.relay.stop()  # answers what it took; nothing is taken after this
             for watcher in self.watchers:
                 watcher.stop()
             deadline = self.monotonic() + self.config.timeout + STOP_GRACE
@@ -124,6 +142,8 @@ class Agent:
         age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
         ingested = sum(r.records for w in self.watchers for r in w.results if r.outcome == "ingested")
         files = f"; ingested {ingested} records from files" if self.watchers else ""
+        if self.relay is not None:
+            files += f"; relayed {sum(self.relay.stats.appended.values())} records"
         if self.shipper is None:
             log.info("backlog %d pending%s%s", pending, age, files)
             return

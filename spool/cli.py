@@ -216,6 +216,30 @@ def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval
     raise click.exceptions.Exit(Agent(config.replace(watch=entries), ship=False).run())
 
 
+@cli.command()
+@click.option("--listen", metavar="HOST:PORT", help="Where to take StatHat calls. Default 127.0.0.1:8080.")
+@click.option("--statsd", metavar="HOST:PORT", help="Also take StatsD over UDP here (e.g. 127.0.0.1:8125).")
+@click.option("--allow-remote", is_flag=True, default=None, help="Allow listening on a non-loopback address.")
+@pass_context
+def relay(obj: Context, listen: str | None, statsd: str | None, allow_remote: bool | None) -> None:
+    """Run a local StatHat-compatible endpoint that spools every stat it is sent.
+
+    Point your StatHat client at http://127.0.0.1:8080 instead of the API; each call is answered as StatHat
+    would, once its records are on disk. Runs until SIGINT/SIGTERM; `spool run` runs it too when
+    [relay] enabled = true. It does not ship: run `spool run` (or `spool ship`) for that.
+
+    Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
+    """
+    from spool.agent import Agent, setup_logging
+
+    config = obj.config()
+    flags = {k: v for k, v in {"listen": listen, "statsd": statsd, "allow_remote": allow_remote}.items()
+             if v is not None}
+    relay_config = configuration.relay_table({**flags, "enabled": True}, "--", base=config.relay)
+    setup_logging(config.log_level)
+    raise click.exceptions.Exit(Agent(config.replace(relay=relay_config, watch=()), ship=False).run())
+
+
 def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--endpoint", metavar="URL", help="StatHat base URL (env SPOOL_ENDPOINT)."),
@@ -406,7 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         status = cli.main(args=argv, prog_name="spool", standalone_mode=False)
     except click.ClickException as exc:
-        click.echo(f"spool: error: {exc.format_message()}", err=True)
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `spool dead`: help, then why
+            click.echo(exc.format_message())
+            click.echo("spool: error: missing command (see the list above)", err=True)
+        else:
+            click.echo(f"spool: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("spool: aborted", err=True)

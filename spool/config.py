@@ -37,6 +37,20 @@ class WatchConfig(NamedTuple):
     max_bytes: int = DEFAULT_MAX_FILE
 
 
+class RelayConfig(NamedTuple):
+    """The [relay] table: a local StatHat-compatible endpoint (and StatsD listener)."""
+
+    enabled: bool = False  # run the relay as part of `spool run`
+    listen: str = "127.0.0.1:8080"
+    allow_remote: bool = False  # binding a non-loopback address must be asked for
+    statsd: str | None = None  # "HOST:PORT" to take StatsD over UDP (127.0.0.1:8125 is the custom)
+    statsd_prefix: str = ""
+    statsd_buffer: int = 1 << 20  # the UDP socket's receive buffer (SO_RCVBUF), bytes
+    max_body: int = 1 << 20
+    request_timeout: float = 10.0  # a request must arrive whole within this
+    max_connections: int = 64
+
+
 class Config(NamedTuple):
     """Everything spool can be told; every field has a TOML key (see packaging/spool.toml).
 
@@ -60,6 +74,7 @@ class Config(NamedTuple):
     log_level: str = "info"
     summary_interval: float = 60.0
     watch: tuple[WatchConfig, ...] = ()
+    relay: RelayConfig = RelayConfig()
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={'<hidden>' if name == 'ezkey' and value else repr(value)}"
@@ -180,6 +195,37 @@ _WATCH_SCHEMA: dict[str, Callable[[object, str], Any]] = {
 }
 
 
+def _statsd_address(value: object, name: str) -> str | None:
+    if value is True:
+        return "127.0.0.1:8125"
+    if value is False or value == "":
+        return None
+    return _text(value, name)
+
+
+_RELAY_SCHEMA: dict[str, Callable[[object, str], Any]] = {
+    "enabled": _boolean,
+    "listen": _text,
+    "allow_remote": _boolean,
+    "statsd": _statsd_address,
+    "statsd_prefix": lambda value, name: str(value),
+    "statsd_buffer": _byte_size,
+    "max_body": _byte_size,
+    "request_timeout": parse_duration,
+    "max_connections": _positive_int(10_000),
+}
+
+
+def relay_table(table: Mapping[str, object], where: str, base: RelayConfig | None = None) -> RelayConfig:
+    """Check a [relay] table (or the equivalent flags) into a RelayConfig."""
+    values = {}
+    for key, value in table.items():
+        if key not in _RELAY_SCHEMA:
+            raise ConfigError(f"{where}: unknown key '{key}' in [relay]{_did_you_mean(key, list(_RELAY_SCHEMA))}")
+        values[key] = _RELAY_SCHEMA[key](value, f"relay.{key}")
+    return (base or RelayConfig())._replace(**values)
+
+
 def watch_entry(table: Mapping[str, object], where: str) -> WatchConfig:
     """Check one [[watch]] table (or the equivalent flags) into a WatchConfig."""
     values = {}
@@ -240,6 +286,11 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for section, table in document.items():
+        if section == "relay":
+            if not isinstance(table, dict):
+                raise ConfigError(f"config {path}: 'relay' must be a [relay] table")
+            values["relay"] = relay_table(table, f"config {path}")
+            continue
         if section == "watch":
             if not isinstance(table, list):
                 raise ConfigError(f"config {path}: watched directories are [[watch]] tables (note the double brackets)")
@@ -247,7 +298,7 @@ def read_file(path: Path) -> dict[str, Any]:
             continue
         if section not in _SCHEMA:
             raise ConfigError(f"config {path}: unknown section [{section}]"
-                              f"{_did_you_mean(section, [*_SCHEMA, 'watch'])}")
+                              f"{_did_you_mean(section, [*_SCHEMA, 'watch', 'relay'])}")
         if not isinstance(table, dict):
             raise ConfigError(f"config {path}: '{section}' must be a [{section}] table")
         for key, value in table.items():

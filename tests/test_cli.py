@@ -265,3 +265,11 @@ def test_ingest_reports_each_file_and_exits_2_when_one_is_rejected(db, tmp_path)
     assert "rejected bad.jsonl: line 1: give count or value" in result.stderr
     assert [r.stat for r in pending(db)] == ["g"]
     assert (tmp_path / ".rejected" / "bad.jsonl.error.txt").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["dead"]])
+def test_a_missing_command_shows_the_help_and_one_error_line(db, args):
+    result = run_cli(db, *args)
+    assert result.returncode == 2
+    assert "Commands:" in result.stdout
+    assert_one_line_error(result, 2, "missing command")

@@ -1,0 +1,99 @@
+"""What the agent exposes at /metrics (Prometheus, via prometheus_client) and /healthz."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from spool.store import Store
+
+COUNTS_TTL = 30.0  # seconds a full count by state is reused (it walks the table; backlog figures do not)
+
+
+class Metrics:
+    """A prometheus_client collector reading the spool (its own connection) and the agent's components."""
+
+    def __init__(self, store: Store, *, shipper: Any = None, relay: Any = None,
+                 watchers: Callable[[], list[Any]] = list):
+        from prometheus_client import CollectorRegistry
+
+        self.store = store
+        self.shipper = shipper
+        self.relay = relay
+        self.watchers = watchers
+        self._lock = threading.Lock()  # one connection, several HTTP threads
+        self._counts: tuple[float, dict[str, int]] | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def health(self) -> dict[str, Any]:
+        """A short status for /healthz: is the spool writable, and how big is the backlog."""
+        with self._lock:
+            pending, inflight = self.store.backlog()
+            oldest = self.store.oldest_pending_t()
+        return {"writable": os.access(self.store.path.parent, os.W_OK) and os.access(self.store.path, os.W_OK),
+                "pending": pending, "inflight": inflight,
+                "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest)}
+
+    def _state_counts(self) -> dict[str, int]:
+        stamp = time.monotonic()
+        if self._counts is None or stamp - self._counts[0] > COUNTS_TTL:
+            self._counts = (stamp, self.store.counts())
+        counts = dict(self._counts[1])
+        counts["pending"], counts["inflight"] = self.store.backlog()  # always fresh: cheap
+        return counts
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        with self._lock:
+            counts = self._state_counts()
+            oldest = self.store.oldest_pending_t()
+            meta = self.store.meta()
+        records = GaugeMetricFamily("spool_records", "Records in the spool by state", labels=["state"])
+        for state, n in counts.items():
+            records.add_metric([state], n)
+        yield records
+        yield GaugeMetricFamily("spool_oldest_pending_age_seconds", "Age of the oldest pending record's t",
+                                value=0 if oldest is None else max(0, time.time() - oldest))
+        yield GaugeMetricFamily("spool_size_bytes", "Spool file and WAL size", value=self.store.size_bytes())
+        if meta.get("last_success_at"):
+            yield GaugeMetricFamily("spool_last_ship_success_timestamp_seconds",
+                                    "When StatHat last acknowledged a batch", value=meta["last_success_at"])
+        appended = CounterMetricFamily("spool_appended", "Records taken into the spool by this process",
+                                       labels=["source"])
+        if self.relay is not None:
+            with self.relay.stats.lock:
+                for source, n in self.relay.stats.appended.items():
+                    appended.add_metric([source], n)
+                refused, invalid, busy = (self.relay.stats.refused, self.relay.stats.statsd_invalid,
+                                          self.relay.stats.busy)
+            yield CounterMetricFamily("spool_relay_refused", "Relay requests refused as StatHat would", value=refused)
+            yield CounterMetricFamily("spool_statsd_invalid_lines", "StatsD lines ignored as invalid", value=invalid)
+            yield CounterMetricFamily("spool_relay_busy", "Connections turned away at the connection limit",
+                                      value=busy)
+        files = CounterMetricFamily("spool_ingested_files", "Dropped files by outcome", labels=["outcome"])
+        outcomes: dict[str, int] = {}
+        ingested = 0
+        for watcher in self.watchers():
+            for result in list(watcher.results):
+                outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+                ingested += result.records
+        for outcome, n in outcomes.items():
+            files.add_metric([outcome], n)
+        appended.add_metric(["watch"], ingested)
+        yield appended
+        yield files
+        if self.shipper is not None:
+            stats = self.shipper.stats
+            yield CounterMetricFamily("spool_shipped", "Records StatHat acknowledged (this process)", value=stats.sent)
+            yield CounterMetricFamily("spool_dead", "Records StatHat refused (this process)", value=stats.dead)
+            yield CounterMetricFamily("spool_ship_retries", "Send attempts retried", value=stats.retries)

@@ -1,0 +1,474 @@
+"""A local StatHat-compatible endpoint (and a StatsD listener): apps keep their StatHat client, spool keeps the stats.
+
+Every request is answered only after its records are committed to the spool. Concurrent requests share
+commits: one writer thread commits everything that arrived while its previous commit ran (group commit),
+so many clients do not each pay for an fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from spool.config import RelayConfig
+from spool.errors import ConfigError, InvalidRecord, StoreError
+from spool.records import T_FLOOR, check_stat, make_record, now, number_from_text, record_rows
+from spool.store import Store
+
+log = logging.getLogger("spool.relay")
+
+MAX_GROUP = 10_000  # rows in one group commit at most
+
+
+def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
+    """Parse HOST:PORT (or :PORT, or [v6]:PORT)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT, not '{text}'")
+    return host, int(port)
+
+
+def check_bind(host: str, allow_remote: bool, name: str) -> None:
+    from spool.stathat import is_loopback
+
+    if not is_loopback(host) and not allow_remote:
+        raise ConfigError(f"{name} {host} is not a loopback address; set relay.allow_remote = true "
+                          "(or --allow-remote) to accept stats from other machines")
+
+
+# -- the protocol: requests to records (pure) -----------------------------------------------------------
+
+
+class Refusal(Exception):
+    """A request StatHat would refuse: answered HTTP 200 with {"status":500,"msg":...}."""
+
+
+def form_records(path: str, form: dict[str, str], stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
+    """Records from one /ez, /c or /v call given as form fields (query string or body)."""
+    def number(field: str) -> int | float | None:
+        text = form.get(field)
+        return None if text is None or text == "" else number_from_text(text, field)
+
+    t = number("t")
+    try:
+        if path == "/ez":
+            ezkey = form.get("ezkey") or form.get("email")
+            if not ezkey:
+                raise Refusal("no ezkey specified")
+            return [make_record(stat=form.get("stat"), count=number("count"), value=number("value"), t=t,
+                                ezkey=ezkey, clock_now=stamp, t_floor=t_floor)]
+        key, ukey = form.get("key"), form.get("ukey")
+        if not key or not ukey:
+            raise Refusal("invalid keys")
+        if path == "/c":
+            count = number("count")
+            return [make_record(key=key, ukey=ukey, count=1 if count is None else count, t=t, clock_now=stamp,
+                                t_floor=t_floor)]
+        return [make_record(key=key, ukey=ukey, value=number("value"), t=t, clock_now=stamp, t_floor=t_floor)]
+    except InvalidRecord as exc:
+        raise Refusal(exc.reason) from None
+
+
+def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
+    """Records from one /ez JSON batch {"ezkey": ..., "data": [...]}."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Refusal("invalid json") from None
+    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+        raise Refusal("invalid json: expected {\"ezkey\": ..., \"data\": [...]}")
+    ezkey = document.get("ezkey") or document.get("email")
+    if not ezkey or not isinstance(ezkey, str):
+        raise Refusal("no ezkey specified")
+    items = [item for item in document["data"] if not (isinstance(item, dict) and "ezkey" in item)]
+    if len(items) != len(document["data"]):
+        raise Refusal("invalid json: a data item carries its own ezkey")
+    try:
+        return list(record_rows(items, clock_now=stamp, ezkey=ezkey, t_floor=t_floor))
+    except InvalidRecord as exc:
+        raise Refusal(exc.reason) from None
+
+
+STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value"}
+
+
+def statsd_records(packet: bytes, prefix: str, stamp: int) -> tuple[list[Any], int]:
+    """Records from one StatsD packet (newline-separated metrics); returns (records, invalid lines)."""
+    records, invalid = [], 0
+    for raw in packet.split(b"\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            name, _, rest = line.decode("utf-8").partition(":")
+            if not name.strip():
+                raise ValueError("a metric needs a name")  # checked before the prefix could hide it
+            fields = rest.split("|")
+            kind = STATSD_KINDS[fields[1]]
+            number = number_from_text(fields[0], kind)
+            if len(fields) > 2 and fields[2].startswith("@") and kind == "count":
+                rate = float(fields[2][1:])
+                if not 0 < rate <= 1:
+                    raise ValueError("sample rate must be in (0, 1]")
+                number = number / rate
+            records.append(make_record(stat=check_stat(prefix + name), t=stamp, clock_now=stamp, t_floor=0,
+                                       **{kind: number}))
+        except (UnicodeDecodeError, KeyError, IndexError, ValueError, InvalidRecord):
+            invalid += 1
+    return records, invalid
+
+
+# -- committing in groups ---------------------------------------------------------------------------------
+
+
+class _Waiting:
+    __slots__ = ("done", "error", "rows")
+
+    def __init__(self, rows: Sequence[Any]):
+        self.rows = rows
+        self.done = threading.Event()
+        self.error: StoreError | None = None
+
+
+class GroupWriter:
+    """One writer thread: commits whatever arrived while its last commit ran, then wakes those callers."""
+
+    def __init__(self, store: Store, on_commit: Callable[[int], None] = lambda n: None):
+        self.store = store
+        self.on_commit = on_commit
+        self.commits = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue[_Waiting | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="spool-relay-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, rows: Sequence[Any]) -> None:
+        """Return once `rows` are committed; raise StoreError if they could not be."""
+        waiting = _Waiting(rows)
+        self._queue.put(waiting)
+        waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            group, size, stopping = [first], len(first.rows), False
+            while size < MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                group.append(more)
+                size += len(more.rows)
+            try:
+                self.store.append(row for waiting in group for row in waiting.rows)
+                self.commits += 1
+                self.last_error = None
+                self.on_commit(size)
+            except StoreError as exc:
+                self.last_error = str(exc)
+                for waiting in group:
+                    waiting.error = exc
+            for waiting in group:
+                waiting.done.set()
+            if stopping:
+                return
+
+
+# -- the HTTP side ----------------------------------------------------------------------------------------
+
+
+class RelayStats:
+    """Counts for /metrics and the summary."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.appended: dict[str, int] = {"http": 0, "statsd": 0}
+        self.refused = 0
+        self.statsd_invalid = 0
+        self.busy = 0
+
+    def add(self, name: str, n: int = 1, source: str | None = None) -> None:
+        with self.lock:
+            if source is not None:
+                self.appended[source] += n
+            else:
+                setattr(self, name, getattr(self, name) + n)
+
+
+class Relay:
+    """The HTTP endpoint (and optional StatsD listener) in front of one spool."""
+
+    def __init__(self, config: RelayConfig, store: Store, *, t_floor: int = T_FLOOR,
+                 on_commit: Callable[[int], None] = lambda n: None,
+                 health: Callable[[], dict[str, Any]] | None = None,
+                 metrics: Callable[[], bytes] | None = None):
+        self.config = config
+        self.t_floor = t_floor
+        self.stats = RelayStats()
+        self.health = health or (lambda: {})
+        self.metrics = metrics
+        host, port = parse_address(config.listen, "relay.listen", 8080)  # refuse before starting anything
+        check_bind(host, config.allow_remote, "relay.listen")
+        if config.statsd:
+            check_bind(parse_address(config.statsd, "relay.statsd", 8125)[0], config.allow_remote, "relay.statsd")
+        self.writer = GroupWriter(store, on_commit)
+        self._slots = threading.BoundedSemaphore(config.max_connections)
+        try:
+            self.server = _Server((host, port), self._handler_class(), self)
+        except OSError as exc:
+            self.writer.stop()
+            raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.udp: socket.socket | None = None
+        if config.statsd:
+            self.udp = self._bind_statsd(config.statsd)
+        self._threads: list[threading.Thread] = []
+
+    def _bind_statsd(self, address: str) -> socket.socket:
+        host, port = parse_address(address, "relay.statsd", 8125)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.statsd_buffer)
+            udp.bind((host, port))
+        except OSError as exc:
+            udp.close()
+            self.server.server_close()
+            self.writer.stop()
+            raise ConfigError(f"cannot listen for StatsD on {address}: {exc.strerror}") from None
+        udp.settimeout(0.5)
+        return udp
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    @property
+    def statsd_address(self) -> tuple[str, int] | None:
+        return self.udp.getsockname()[:2] if self.udp else None
+
+    def start(self) -> Relay:
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
+                                  name="spool-relay", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        if self.udp is not None:
+            thread = threading.Thread(target=self._statsd_loop, name="spool-statsd", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def run(self) -> None:
+        """Serve until stop() (for the agent, which runs each component's run() in a thread)."""
+        self.start()
+        for thread in self._threads:
+            thread.join()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self.udp is not None:
+            self.udp.close()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(10)
+        self.writer.stop()
+
+    def _statsd_loop(self) -> None:
+        assert self.udp is not None
+        while True:
+            try:
+                packet = self.udp.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by stop()
+            records, invalid = statsd_records(packet, self.config.statsd_prefix, now())
+            if invalid:
+                self.stats.add("statsd_invalid", invalid)
+            if records:
+                try:
+                    self.writer.write(records)
+                    self.stats.add("", len(records), source="statsd")
+                except StoreError as exc:
+                    log.error("StatsD packet lost: %s", exc)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "spool-relay"
+            timeout = relay.config.request_timeout  # per socket read; the whole request has a deadline too
+
+            def log_message(self, format: str, *args: Any) -> None:  # access logs would be one line per stat
+                pass
+
+            def handle_one_request(self) -> None:
+                # A slow client must not hold a worker: close the connection if a request is not read in time.
+                timer = threading.Timer(relay.config.request_timeout, self._give_up)
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+                try:
+                    super().handle_one_request()
+                finally:
+                    timer.cancel()
+
+            def _give_up(self) -> None:
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def do_GET(self) -> None:
+                self._timer.cancel()
+                parts = urlsplit(self.path)
+                if parts.path == "/":
+                    self._send(200, b"", "text/plain")
+                elif parts.path == "/healthz":
+                    report = relay.health()
+                    ok = relay.writer.last_error is None and report.get("writable", True)
+                    body = {"status": "ok" if ok else "failing", "error": relay.writer.last_error, **report}
+                    self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
+                elif parts.path == "/metrics" and relay.metrics is not None:
+                    self._send(200, relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+                elif parts.path in ("/ez", "/c", "/v"):
+                    self._take_form(parts.path, parts.query)
+                else:
+                    self._send(404, b"404 page not found\n", "text/plain")
+
+            def do_POST(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path not in ("/ez", "/c", "/v"):
+                    self._send(404, b"404 page not found\n", "text/plain")
+                    return
+                if self.headers.get("Transfer-Encoding"):
+                    self.close_connection = True
+                    self._refuse("chunked bodies are not supported; send Content-Length")
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= relay.config.max_body:
+                    self.close_connection = True  # the body is not read: the connection cannot be reused
+                    self._refuse(f"request body too large (limit {relay.config.max_body} bytes)"
+                                 if length > 0 else "bad Content-Length")
+                    return
+                body = self.rfile.read(length)
+                self._timer.cancel()
+                if len(body) < length:
+                    self.close_connection = True
+                    return
+                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if content_type == "application/json":
+                    self._take(lambda stamp: json_records(body, stamp, relay.t_floor), batch=True)
+                else:
+                    try:
+                        text = body.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self._refuse("request body is not UTF-8")
+                        return
+                    self._take_form(parts.path, f"{parts.query}&{text}" if parts.query else text)
+
+            def _take_form(self, path: str, query: str) -> None:
+                try:
+                    fields = parse_qs(query, keep_blank_values=True, errors="strict", max_num_fields=50)
+                except (ValueError, UnicodeDecodeError):
+                    self._refuse("malformed form")
+                    return
+                form = {name: values[0] for name, values in fields.items()}
+                verbose = form.get("vb") == "1"
+                self._take(lambda stamp: form_records(path, form, stamp, relay.t_floor), verbose=verbose)
+
+            def _take(self, parse: Callable[[int], list[Any]], *, batch: bool = False, verbose: bool = False) -> None:
+                try:
+                    records = parse(now())
+                except Refusal as refusal:
+                    self._refuse(str(refusal))
+                    return
+                if not records and not batch:
+                    self._refuse("nothing to record")
+                    return
+                try:
+                    if records:
+                        relay.writer.write(records)
+                except StoreError as exc:
+                    log.error("relay could not spool %d records: %s", len(records), exc)
+                    self._send(503, f"spool unavailable: {exc}".encode(), "text/plain")
+                    return
+                relay.stats.add("", len(records), source="http")
+                if batch:
+                    self._send_json({"status": 200, "msg": "ok", "multiple": len(records)})
+                elif verbose:
+                    self._send_json({"status": 200, "msg": "ok"})
+                else:
+                    self._send(204, b"", None)
+
+            def _refuse(self, message: str) -> None:
+                relay.stats.add("refused")
+                self._send_json({"status": 500, "msg": message})
+
+            def _send_json(self, answer: dict[str, Any]) -> None:
+                self._send(200, json.dumps(answer, separators=(",", ":")).encode(), "application/json")
+
+            def _send(self, status: int, body: bytes, content_type: str | None) -> None:
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                if status != 204:
+                    self.send_header("Content-Length", str(len(body)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if status != 204:
+                    self.wfile.write(body)
+
+        return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading server with a cap on connections: past it, new ones get 503 at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], relay: Relay):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.relay = relay
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.relay._slots.acquire(blocking=False):
+            self.relay.stats.add("busy")
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.relay._slots.release()

@@ -1,0 +1,245 @@
+"""The relay: a real HTTP client (and a UDP sender) against a real relay on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import requests
+
+from spool.config import RelayConfig
+from spool.errors import ConfigError
+from spool.metrics import Metrics
+from spool.records import make_record
+from spool.relay import Relay
+from spool.ship import Shipper
+from spool.store import Store
+
+from .conftest import T0, TEST_EZKEY, cli_env, make_config, spawn_cli, wait_for_line
+
+
+@contextmanager
+def running(db, **options):
+    config = RelayConfig(enabled=True, listen="127.0.0.1:0", **options)
+    metrics = Metrics(Store(db))
+    relay = Relay(config, Store(db), health=metrics.health, metrics=metrics.render).start()
+    metrics.relay = relay
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        relay.writer.store.close()
+        metrics.store.close()
+
+
+def spooled(db):
+    with Store(db) as store:
+        return [record for _, _, record in store.records()]
+
+
+@pytest.fixture
+def relay(db):
+    with running(db) as r:
+        yield r
+
+
+def test_ez_by_get_query_is_answered_204_and_is_on_disk_before_the_answer(relay, db):
+    answer = requests.get(f"{relay.url}/ez", params={"ezkey": "k", "stat": "hits", "count": "2", "t": T0})
+    assert (answer.status_code, answer.content) == (204, b"")
+    assert spooled(db) == [make_record(stat="hits", count=2, t=T0, ezkey="k")]
+
+
+def test_ez_by_post_form_with_vb_gets_the_verbose_answer_byte_for_byte(relay, db):
+    answer = requests.post(f"{relay.url}/ez", data={"ezkey": "k", "stat": "load", "value": "0.73", "vb": "1"})
+    assert (answer.status_code, answer.content) == (200, b'{"status":200,"msg":"ok"}')
+    assert spooled(db)[0].number == 0.73
+
+
+def test_ez_json_batch_with_the_tilde_form_answers_multiple(relay, db):
+    body = {"ezkey": "k", "data": [{"stat": "messages sent~total,female", "count": 1, "t": T0},
+                                   {"stat": "ws0 load", "value": 0.5}]}
+    answer = requests.post(f"{relay.url}/ez", json=body)
+    assert (answer.status_code, answer.content) == (200, b'{"status":200,"msg":"ok","multiple":2}')
+    first, second = spooled(db)
+    assert first == make_record(stat="messages sent~total,female", count=1, t=T0, ezkey="k")
+    assert abs(second.t - time.time()) < 5  # no t: stamped on arrival, so it is never sent without one
+
+
+def test_the_email_alias_names_the_account(relay, db):
+    requests.post(f"{relay.url}/ez", data={"email": "me@example.com", "stat": "s", "count": "1"})
+    assert spooled(db)[0].ezkey == "me@example.com"
+
+
+def test_classic_counter_and_value(relay, db):
+    assert requests.post(f"{relay.url}/c", data={"key": "K", "ukey": "U", "t": T0}).status_code == 204
+    assert requests.get(f"{relay.url}/v", params={"key": "K", "ukey": "U", "value": "9.5", "t": T0}).status_code == 204
+    assert spooled(db) == [make_record(key="K", ukey="U", count=1, t=T0),
+                           make_record(key="K", ukey="U", value=9.5, t=T0)]
+
+
+def test_a_form_body_with_raw_spaces_from_a_client_that_does_not_encode_is_taken(relay, db):
+    raw = f"ezkey=k&stat=messages sent today&count=1&t={T0}".encode()
+    answer = requests.post(f"{relay.url}/ez", data=raw,
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 204
+    assert spooled(db)[0].stat == "messages sent today"
+
+
+@pytest.mark.parametrize(("path", "data", "message"), [
+    ("/ez", {"stat": "s", "count": "1"}, "no ezkey specified"),
+    ("/ez", {"ezkey": "k", "count": "1"}, "give stat"),
+    ("/ez", {"ezkey": "k", "stat": "s"}, "give count or value"),
+    ("/ez", {"ezkey": "k", "stat": "s", "count": "lots"}, "count 'lots' is not a number"),
+    ("/ez", {"ezkey": "k", "stat": "s", "value": "nan"}, "finite"),
+    ("/ez", {"ezkey": "k", "stat": "s", "count": "1", "t": "1700000000000"}, "looks like milliseconds"),
+    ("/ez", {"ezkey": "k", "stat": "a~", "count": "1"}, "empty name"),
+    ("/c", {"key": "K", "count": "1"}, "invalid keys"),
+    ("/v", {"key": "K", "ukey": "U"}, "give count or value"),
+])
+def test_refusals_are_http_200_with_status_500_naming_the_problem(relay, db, path, data, message):
+    answer = requests.post(f"{relay.url}{path}", data=data)
+    assert answer.status_code == 200
+    assert answer.json()["status"] == 500 and message in answer.json()["msg"]
+    assert spooled(db) == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"ezkey": "k"}', b'{"data": []}',
+                                  b'{"ezkey": "k", "data": [{"stat": "ok", "count": 1}, {"stat": ""}]}'])
+def test_a_bad_json_batch_is_refused_whole(relay, db, body):
+    answer = requests.post(f"{relay.url}/ez", data=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200 and answer.json()["status"] == 500
+    assert spooled(db) == []
+
+
+def test_a_key_is_never_echoed_in_a_refusal(relay):
+    answer = requests.post(f"{relay.url}/ez", data={"ezkey": "secret-key-xyz", "stat": "", "count": "1"})
+    assert "secret-key-xyz" not in answer.text
+
+
+def test_an_oversized_body_is_refused_without_reading_it(db):
+    with running(db, max_body=1000) as relay:
+        answer = requests.post(f"{relay.url}/ez", data=b"x" * 5000,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert answer.json() == {"status": 500, "msg": "request body too large (limit 1000 bytes)"}
+        assert answer.headers["Connection"] == "close"
+
+
+def test_a_slow_client_cannot_hold_a_worker(db):
+    with running(db, request_timeout=0.5) as relay:
+        host, port = relay.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as slow:
+            slow.sendall(b"POST /ez HTTP/1.1\r\nHost: x\r\n")  # ...and never the rest
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # the relay closed it
+            assert time.monotonic() - started < 8
+        assert requests.get(f"{relay.url}/").status_code == 200  # and still serves others
+
+
+def test_connections_past_the_limit_are_turned_away_at_once(db):
+    with running(db, max_connections=2) as relay:
+        host, port = relay.server.server_address[:2]
+        held = [socket.create_connection((host, port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection((host, port), timeout=5) as third:
+                assert third.recv(1024).startswith(b"HTTP/1.1 503")
+        finally:
+            for conn in held:
+                conn.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{relay.url}/", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        assert relay.stats.busy >= 1
+
+
+def test_concurrent_clients_and_a_draining_shipper_deliver_everything_with_its_original_t(db, receiver):
+    clients, each = 16, 40
+    with running(db) as relay, Store(db) as store, \
+            Shipper(store, make_config(db, receiver, batch_size=100)) as shipper:
+        ship = threading.Thread(target=shipper.run)
+        ship.start()
+
+        def client(n):
+            with requests.Session() as session:
+                for i in range(each):
+                    answer = session.post(f"{relay.url}/ez", data={"ezkey": TEST_EZKEY, "stat": f"c{n}",
+                                                                   "count": "1", "t": T0 + i})
+                    assert answer.status_code == 204
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 30
+        while len(receiver.accepted) < clients * each and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shipper.stop()
+        ship.join(10)
+    assert sorted((a["stat"], a["t"]) for a in receiver.accepted) == sorted(
+        (f"c{n}", T0 + i) for n in range(clients) for i in range(each))
+    assert relay.writer.commits < clients * each  # requests shared commits
+
+
+def test_statsd_counters_gauges_and_timers_become_records_and_bad_lines_are_counted(db):
+    with running(db, statsd="127.0.0.1:0", statsd_prefix="app.") as relay:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"hits:3|c\nsampled:1|c|@0.1\nload:0.5|g\nlatency:12|ms\nsize:7|h\n"
+                       b"garbage\nbad:x|c\nweird:1|s\n:1|c", relay.statsd_address)
+        deadline = time.monotonic() + 10
+        while len(spooled(db)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while relay.stats.statsd_invalid < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    got = {(r.stat, ("count", "value")[r.kind], r.number) for r in spooled(db)}
+    assert got == {("app.hits", "count", 3), ("app.sampled", "count", 10.0), ("app.load", "value", 0.5),
+                   ("app.latency", "value", 12), ("app.size", "value", 7)}
+    assert relay.stats.statsd_invalid == 4
+
+
+def test_healthz_and_metrics(relay, db):
+    requests.post(f"{relay.url}/ez", data={"ezkey": "k", "stat": "s", "count": "1", "t": T0})
+    health = requests.get(f"{relay.url}/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["pending"] == 1
+    metrics = requests.get(f"{relay.url}/metrics").text
+    assert 'spool_records{state="pending"} 1.0' in metrics
+    assert 'spool_appended_total{source="http"} 1.0' in metrics
+    assert "spool_oldest_pending_age_seconds" in metrics
+
+
+def test_a_non_loopback_address_needs_allow_remote(db):
+    with pytest.raises(ConfigError, match="not a loopback address"), Store(db) as store:
+        Relay(RelayConfig(listen="0.0.0.0:0"), store)
+
+
+def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "spool.toml"
+    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\n[relay]\nenabled = true\n'
+                      f'listen = "127.0.0.1:{port}"\n')
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    try:
+        wait_for_line(agent, "relay listening")
+        body = {"ezkey": TEST_EZKEY, "data": [{"stat": "via relay", "value": 1.5, "t": T0}]}
+        assert requests.post(f"http://127.0.0.1:{port}/ez", json=body).json()["multiple"] == 1
+        deadline = time.monotonic() + 20
+        while not receiver.accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    assert agent.returncode == 0, stderr
+    assert [(a["stat"], a["number"], a["t"]) for a in receiver.accepted] == [("via relay", 1.5, T0)]
+    assert json.dumps(TEST_EZKEY) not in stderr
