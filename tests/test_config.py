@@ -111,8 +111,11 @@ def test_the_example_config_in_packaging_is_valid_and_names_every_option(tmp_pat
     assert "\n# [[watch]]\n" in example
     for key in config._WATCH_SCHEMA:
         assert f"\n# {key} = " in example, f"watch.{key} is not documented"
+    for key in config._RELAY_SCHEMA:
+        assert f"\n{key} = " in example or f"\n# {key} = " in example, f"relay.{key} is not documented"
+    assert values["relay"].listen == "127.0.0.1:8080" and values["relay"].enabled is False
     # The commented example must itself be valid: uncomment its settings and read it.
-    watch_part = example[example.index("\n# [[watch]]"):]
+    watch_part = example[example.index("\n# [[watch]]"):example.index("\n[relay]")]
     uncommented = re.sub(r"(?m)^# (\[\[watch\]\]|\w+ = .*)$", r"\1", watch_part)
     entry = config.watch_entry(tomllib.loads(uncommented)["watch"][0], "example")
     assert entry.max_bytes == 256 << 20 and entry.after == "move"

@@ -76,3 +76,42 @@ def test_the_cli_never_shows_a_traceback(args, capsys, monkeypatch):
     if exited.value.code not in (0, None):
         assert out.err.strip(), "a failure must say why"
         assert out.err.strip().splitlines()[-1].startswith("spool: error: ")
+
+
+@fuzz
+@given(packet=st.one_of(raw_bytes, st.lists(st.text(max_size=30), max_size=8).map(
+    lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass"))))
+def test_statsd_packets_never_crash_the_parser_and_every_record_is_valid(packet):
+    from spool.records import check_stat
+    from spool.relay import statsd_records
+
+    records, invalid = statsd_records(packet, "p.", 1_700_000_000)
+    assert invalid >= 0
+    for record in records:
+        assert check_stat(record.stat) and record.t == 1_700_000_000
+
+
+@pytest.fixture(scope="module")
+def live_relay(tmp_path_factory):
+    from spool.config import RelayConfig
+    from spool.relay import Relay
+
+    folder = tmp_path_factory.mktemp("relay")
+    store = Store(folder / "spool.db")
+    relay = Relay(RelayConfig(enabled=True, listen="127.0.0.1:0"), store).start()
+    yield relay
+    relay.stop()
+    store.close()
+
+
+@fuzz
+@given(path=st.sampled_from(["/ez", "/c", "/v", "/", "/x", "/ez?vb=1"]), body=st.one_of(raw_bytes, lines),
+       content_type=st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain", ""]))
+def test_any_http_request_gets_an_answer_never_a_crash(live_relay, path, body, content_type):
+    import requests
+
+    answer = requests.post(live_relay.url + path, data=body, headers={"Content-Type": content_type}, timeout=10)
+    assert answer.status_code in (200, 204, 404)
+    if answer.status_code == 200 and path != "/":
+        assert answer.json()["status"] in (200, 500)
+        assert answer.json()["status"] == 200 or answer.json()["msg"]
