@@ -44,7 +44,8 @@ class Agent:
         self.monotonic = monotonic
         self._threads: list[threading.Thread] = []
         self._failed: list[str] = []
-        self._store = self._open()  # the main thread's, for summaries
+        # The first open moves a corrupt spool aside rather than crash-looping on it; this one serves summaries.
+        self._store = Store.for_config(config, quarantine=True)
         self.shipper = Shipper(self._open(), config, shutdown=self.shutdown, wake=self.wake) if ship else None
         self.watchers = [self._watcher(watch) for watch in config.watch]
         self.relay = self._relay() if config.relay.enabled else None
@@ -60,7 +61,7 @@ class Agent:
         return relay
 
     def _open(self) -> Store:
-        return Store(self.config.db, synchronous=self.config.synchronous)
+        return Store.for_config(self.config)
 
     def _watcher(self, watch: Any) -> Any:
         from spool.watch import DirectoryWatcher

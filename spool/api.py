@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from spool.config import Config, default_db_path
+from spool.config import Config, Limits, default_db_path
 from spool.records import T_FLOOR, Record, make_record, now, parse_record, record_rows
 from spool.store import ShipLock, Store
 
@@ -22,14 +22,14 @@ class Spool:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, synchronous: str = "full",
-                 t_floor: int = T_FLOOR):
+                 t_floor: int = T_FLOOR, limits: Limits | None = None):
         self.path = Path(path) if path is not None else default_db_path()
         self.t_floor = t_floor
-        self.store = Store(self.path, synchronous=synchronous)
+        self.store = Store(self.path, synchronous=synchronous, limits=limits)
 
     @classmethod
     def from_config(cls, config: Config) -> Spool:
-        return cls(config.db, synchronous=config.synchronous, t_floor=config.t_floor)
+        return cls(config.db, synchronous=config.synchronous, t_floor=config.t_floor, limits=config.limits)
 
     def close(self) -> None:
         self.store.close()
@@ -98,6 +98,7 @@ class Spool:
             "last_result": meta.get("last_result"),
             "last_error": meta.get("last_error"),
             "last_success_at": meta.get("last_success_at"),
+            "counters": self.store.counters(),
         }
         status["problems"] = self._problems(status, config)
         return status
@@ -120,6 +121,13 @@ class Spool:
             problems.append("no shipper is running (start `spool run` or `spool ship`)")
         if status["dead"]:
             problems.append(f"{status['dead']} records were refused by the receiver (see `spool dead list`)")
+        counters = status["counters"]
+        for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
+                           ("dropped_age", "dropped because their t was older than max_age"),
+                           ("refused_full", "appends refused because the spool was full"),
+                           ("corrupt_quarantined", "corrupt spool files moved aside")):
+            if counters.get(name):
+                problems.append(f"{counters[name]} {what}")
         return problems
 
     def dead(self, limit: int | None = None) -> list[dict[str, Any]]:

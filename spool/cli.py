@@ -177,7 +177,7 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
 
     config = obj.config()
     rejected = 0
-    with Store(config.db, synchronous=config.synchronous) as store:
+    with Store.for_config(config) as store:
         ingestor = Ingestor(store, skip_invalid=skip_invalid, t_floor=config.t_floor)
         for path in files:
             result = ingestor.ingest(path, move=not keep)
@@ -276,7 +276,8 @@ def ship(obj: Context, once: bool, max_time: str, **flags: Any) -> None:
     if not once:
         raise click.exceptions.Exit(Agent(config).run())
     deadline = configuration.parse_duration(max_time, "--max-time")
-    with Store(config.db, synchronous=config.synchronous) as store, Shipper(store, config) as shipper:
+    with Store.for_config(config) as store, \
+            Shipper(store, config) as shipper:
         result = shipper.drain(max_time=deadline)
         left = store.counts()["pending"]
         keyless = store.keyless_pending() if config.ezkey is None else 0
@@ -341,6 +342,8 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"last attempt {_when(report['last_attempt_at'])}: {result}")
     if report["last_success_at"] is not None:
         lines.append(f"last success {_when(report['last_success_at'])}")
+    if report["counters"]:
+        lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in sorted(report["counters"].items())))
     lines += [f"problem: {problem}" for problem in report["problems"]]
     return "\n".join(lines)
 
@@ -425,6 +428,11 @@ def dead_purge(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
     click.echo(f"purged {n} records", err=True)
 
 
+def one_line(message: str) -> str:
+    """Escape control characters (an argument may carry a newline) so an error stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every error, usage errors included, is one line on stderr with its exit status."""
     try:
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(exc.format_message())
             click.echo("spool: error: missing command (see the list above)", err=True)
         else:
-            click.echo(f"spool: error: {exc.format_message()}", err=True)
+            click.echo(f"spool: error: {one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("spool: aborted", err=True)

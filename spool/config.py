@@ -37,6 +37,19 @@ class WatchConfig(NamedTuple):
     max_bytes: int = DEFAULT_MAX_FILE
 
 
+class Limits(NamedTuple):
+    """Bounds on the spool ([spool] max_pending, max_spool_bytes, max_age, when_full). None: unbounded."""
+
+    max_pending: int | None = None  # records waiting to be shipped
+    max_spool_bytes: int | None = None  # bytes of the spool file in use
+    max_age: float | None = None  # seconds: records whose t is older are not shipped, and are dropped
+    when_full: str = "drop_oldest"  # or "reject_new"
+
+    @property
+    def active(self) -> bool:
+        return self.max_pending is not None or self.max_spool_bytes is not None
+
+
 class RelayConfig(NamedTuple):
     """The [relay] table: a local StatHat-compatible endpoint (and StatsD listener)."""
 
@@ -61,6 +74,7 @@ class Config(NamedTuple):
     synchronous: str = "full"
     retention: float = 7 * 86400.0
     t_floor: int = T_FLOOR
+    limits: Limits = Limits()
     endpoint: str = DEFAULT_ENDPOINT
     ezkey: str | None = None  # a secret: never in repr, logs or status
     allow_insecure: bool = False
@@ -154,6 +168,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "synchronous": ("synchronous", _choice("full", "normal")),
         "retention": ("retention", parse_duration),
         "t_floor": ("t_floor", _t_floor),
+        "max_pending": ("limits.max_pending", lambda value, name: _positive_int()(value, name)),
+        "max_spool_bytes": ("limits.max_spool_bytes", lambda value, name: _byte_size(value, name)),
+        "max_age": ("limits.max_age", parse_duration),
+        "when_full": ("limits.when_full", _choice("drop_oldest", "reject_new")),
     },
     "ship": {
         "endpoint": ("endpoint", _text),
@@ -329,7 +347,8 @@ def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         values[attr] = _FIELD_PARSERS[attr](value, f"--{attr.replace('_', '-')}")
     if "db" not in values:
         values["db"] = default_db_path(env)
-    config = Config(**values)
+    limits = {name.split(".", 1)[1]: values.pop(name) for name in list(values) if name.startswith("limits.")}
+    config = Config(**values, limits=Limits(**limits))
     if config.backoff_initial > config.backoff_max:
         raise ConfigError("ship.backoff_initial must not be larger than ship.backoff_max")
     if config.timeout <= 0:

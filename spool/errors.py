@@ -36,6 +36,10 @@ class StoreError(SpoolError):
     """The spool file could not be opened, read or written."""
 
 
+class SpoolFull(StoreError):
+    """The spool is at a configured bound (when_full = "reject_new"); nothing from the append was committed."""
+
+
 class SpoolBusy(StoreError):
     """Another process holds the spool's shipper lock."""
 

@@ -257,6 +257,9 @@ class Shipper:
         self._last_housekeeping = now
         try:
             freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+            expired = self.store.drop_expired(now=self.clock())
+            if expired:
+                log.warning("dropped %d pending records older than max_age", expired)
             pruned = 0
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now

@@ -21,14 +21,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from spool.errors import SpoolBusy, StoreError
+from spool.errors import SpoolBusy, SpoolFull, StoreError
 from spool.records import Record
+
+log = logging.getLogger("spool.store")
 
 PENDING, SENT, DEAD = 0, 2, 3  # stored states; "in flight" is never stored: it is PENDING named by a lease
 STATE_NAMES = ("pending", "inflight", "sent", "dead")  # indexed by state (1: in flight, as counted)
@@ -114,25 +118,65 @@ class Store:
     """An open spool file. One connection; use one Store per thread."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
-                 busy_timeout: float = BUSY_TIMEOUT):
+                 busy_timeout: float = BUSY_TIMEOUT, limits: Any = None, quarantine: bool = False):
+        """Open (creating if need be) a spool file.
+
+        `limits` (config.Limits) bounds it. With `quarantine`, a file that is not a sound spool (not a
+        database, or failing SQLite's quick check) is moved aside as NAME.corrupt-<time> and a fresh spool is
+        started in its place: the long-running agent must not crash-loop on a corrupt file.
+        """
         self.path = Path(path)
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
         self.busy_timeout = busy_timeout
+        self.limits = limits if limits is not None and limits.active else None
+        self.max_age = getattr(limits, "max_age", None)
+        try:
+            self._open(synchronous, check=quarantine)
+        except _Corrupt as corrupt:
+            if not quarantine:
+                raise StoreError(f"spool {self.path} is not a usable spool database: {corrupt}") from None
+            moved = self._quarantine()
+            log.error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
+                      self.path, corrupt, moved.name)
+            self._open(synchronous, check=False)
+            self.bump(corrupt_quarantined=1)
+
+    @classmethod
+    def for_config(cls, config: Any, *, quarantine: bool = False) -> Store:
+        """Open the spool a Config names, with its synchronous mode and limits."""
+        return cls(config.db, synchronous=config.synchronous, limits=config.limits, quarantine=quarantine)
+
+    def _open(self, synchronous: str, *, check: bool) -> None:
         _create_private_file(self.path)
         try:
-            self.conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+            self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                         check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open spool {self.path}: {exc}") from None
         try:
-            with _translated(self.path, busy_timeout):
+            try:
                 self.conn.execute("PRAGMA journal_mode=WAL")
+                if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise _Corrupt("failed SQLite's quick check")
+            except sqlite3.DatabaseError as exc:
+                if "not a database" in str(exc) or "malformed" in str(exc):
+                    raise _Corrupt(str(exc)) from None
+                raise
+            with _translated(self.path, self.busy_timeout):
                 self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
                 self._migrate()
         except BaseException:
             self.conn.close()
             raise
+
+    def _quarantine(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{self.path}{suffix}", f"{moved}{suffix}")
+        return moved
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -196,10 +240,93 @@ class Store:
 
         If iterating raises (a record failed validation), nothing from this call is committed.
         """
-        with self._write() as conn:
+        with self._bounded() as conn:
             before = conn.total_changes
             conn.executemany(_INSERT, records)
             return conn.total_changes - before
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[sqlite3.Connection]:
+        """An appending transaction that ends by bringing the spool back within its limits.
+
+        drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
+        bound is in bytes), counted in the same commit. reject_new: nothing from this append is committed,
+        SpoolFull is raised, and the refusal is counted.
+        """
+        try:
+            with self._write() as conn:
+                before = conn.total_changes
+                yield conn
+                if self.limits is not None:
+                    self._enforce(conn, conn.total_changes - before)
+        except SpoolFull:
+            self.bump(refused_full=1)
+            raise
+
+    def _enforce(self, conn: sqlite3.Connection, incoming: int) -> None:
+        limits = self.limits
+        assert limits is not None
+        reject = limits.when_full == "reject_new"
+        if limits.max_pending is not None:
+            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING}").fetchone()[0]
+            excess = pending - limits.max_pending
+            if excess > 0 and reject:
+                raise SpoolFull(f"spool full: {pending - incoming} records pending, the limit is "
+                                f"{limits.max_pending}; {incoming} new records refused")
+            if excess > 0:
+                self._drop_oldest(conn, excess)
+        if limits.max_spool_bytes is not None:
+            while (used := self._used_bytes(conn)) > limits.max_spool_bytes:
+                if self._prune_some(conn):
+                    continue  # delivered records give way first
+                if reject:
+                    raise SpoolFull(f"spool full: {used} bytes in use, the limit is {limits.max_spool_bytes}; "
+                                    f"{incoming} new records refused")
+                if not self._drop_oldest(conn, 1000):
+                    break
+
+    def _used_bytes(self, conn: sqlite3.Connection) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def _prune_some(self, conn: sqlite3.Connection) -> int:
+        return conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {SENT} "
+                            "ORDER BY id LIMIT 1000)").rowcount
+
+    def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
+        dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {PENDING} "
+                               f"AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?)", (n,)).rowcount
+        if dropped:
+            self._bump(conn, "dropped_oldest", dropped)
+            _warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
+        return dropped
+
+    def drop_expired(self, *, now: float) -> int:
+        """Delete pending records (not in flight) whose t is older than max_age; they would not be shipped."""
+        if self.max_age is None:
+            return 0
+        with self._write() as conn:
+            dropped = conn.execute(f"DELETE FROM records WHERE state = {PENDING} AND t < ? AND id NOT IN ({_LEASED})",
+                                   (now - self.max_age,)).rowcount
+            if dropped:
+                self._bump(conn, "dropped_age", dropped)
+        return dropped
+
+    def bump(self, **counts: int) -> None:
+        """Add to named counters (drops, refusals, ...) in their own transaction."""
+        with self._write() as conn:
+            for name, n in counts.items():
+                self._bump(conn, name, n)
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
+        conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                     "SET value = CAST(value AS INTEGER) + excluded.value", (f"count.{name}", n))
+
+    def counters(self) -> dict[str, int]:
+        """Return the counters (dropped_oldest, dropped_age, refused_full, corrupt_quarantined, ...)."""
+        return {name[6:]: int(value) for name, value in
+                self.conn.execute("SELECT name, value FROM meta WHERE name LIKE 'count.%'")}
 
     def append_file(self, records: Iterable[Sequence[Any]], *, digest: Callable[[], str], name: str,
                     now: float) -> int | None:
@@ -209,7 +336,7 @@ class Store:
         digest was committed before, nothing is committed and None is returned.
         """
         try:
-            with self._write() as conn:
+            with self._bounded() as conn:
                 before = conn.total_changes
                 conn.executemany(_INSERT, records)
                 taken = conn.total_changes - before
@@ -227,6 +354,9 @@ class Store:
 
     def append_one(self, record: Record) -> None:
         """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
+        if self.limits is not None:
+            self.append([record])
+            return
         with _translated(self.path, self.busy_timeout):
             self.conn.execute(_INSERT, record)
 
@@ -238,6 +368,8 @@ class Store:
         `keyed_only` skips EZ records that carry no ezkey (there is no configured key to send them with).
         """
         where = f"state = {PENDING} AND {_KEYED}" if keyed_only else f"state = {PENDING}"
+        if self.max_age is not None:
+            where += f" AND t >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
         with self._write() as conn:
             row = conn.execute(
                 f"INSERT INTO leases (ids, leased_at) SELECT json_group_array(id), ? FROM "
@@ -386,6 +518,21 @@ class Store:
 
     def meta(self) -> dict[str, Any]:
         return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+class _Corrupt(Exception):
+    pass
+
+
+_last_warning = [0.0]
+
+
+def _warn_rate_limited(message: str, *args: object) -> None:
+    """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
+    now = time.monotonic()
+    if now - _last_warning[0] >= 60:
+        _last_warning[0] = now
+        log.warning(message, *args)
 
 
 class ShipLock:
