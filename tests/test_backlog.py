@@ -1,0 +1,148 @@
+"""Backlog operations: bounds, disk full, corrupt spools, pacing, replay, export and import."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from spool import Spool
+from spool.config import Limits
+from spool.errors import SpoolFull, StoreError
+from spool.records import make_record
+from spool.store import Store
+
+from .conftest import T0, run_cli
+
+
+def records(n, start=0, stat="s"):
+    return [{"stat": f"{stat}{i}", "count": 1, "t": T0 + i} for i in range(start, start + n)]
+
+
+def test_drop_oldest_keeps_the_newest_records_and_counts_exactly_what_it_dropped(db):
+    with Spool(db, limits=Limits(max_pending=100)) as sp:
+        sp.add_many(records(80))
+        sp.add_many(records(50, start=80))
+        sp.count("single", 1, t=T0 + 1000)
+        kept = [r.stat for _, _, r in sp.store.records()]
+        assert len(kept) == 100 and kept[-1] == "single" and "s31" in kept and "s30" not in kept
+        assert sp.store.counters() == {"dropped_oldest": 31}
+        assert "31 dropped (oldest first)" in " ".join(sp.status()["problems"])
+
+
+def test_reject_new_refuses_the_whole_append_and_counts_it(db):
+    with Spool(db, limits=Limits(max_pending=100, when_full="reject_new")) as sp:
+        sp.add_many(records(90))
+        with pytest.raises(SpoolFull, match="spool full: 90 records pending, the limit is 100; 20 new records"):
+            sp.add_many(records(20, start=90))
+        assert sp.store.counts()["pending"] == 90  # nothing of the refused append
+        sp.add_many(records(10, start=90))  # exactly up to the bound is fine
+        with pytest.raises(SpoolFull):
+            sp.count("one more", 1, t=T0)
+        assert sp.store.counters() == {"refused_full": 2}
+
+
+def test_records_in_flight_are_never_dropped(db):
+    with Spool(db, limits=Limits(max_pending=10)) as sp:
+        sp.add_many(records(10))
+        lease = sp.store.lease(10, now=T0, keyed_only=False)
+        sp.add_many(records(5, start=10))
+        counts = sp.store.counts()
+        assert counts["inflight"] == 10 and counts["pending"] == 0  # the new ones made room by dropping... none
+        assert sp.store.counters()["dropped_oldest"] == 5
+        sp.store.end_lease(lease.id)
+
+
+def test_a_byte_bound_prunes_sent_records_first_then_drops_oldest(db):
+    with Spool(db, limits=Limits(max_spool_bytes=400_000)) as sp:
+        sp.add_many(records(3000, stat="old"))
+        lease = sp.store.lease(3000, now=T0, keyed_only=False)
+        sp.store.ack([i.id for i in lease.items], now=T0, lease=lease.id)
+        for start in range(0, 30_000, 3000):
+            sp.add_many(records(3000, start=start, stat="new"))
+        counts = sp.store.counts()
+        assert counts["sent"] == 0  # delivered records gave way first
+        used = sp.store._used_bytes(sp.store.conn)
+        assert used <= 400_000
+        assert sp.store.counters()["dropped_oldest"] == 30_000 - counts["pending"]
+
+
+def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
+    with Spool(db, limits=Limits(max_age=3600)) as sp:
+        sp.add_many(records(3) + [{"stat": "fresh", "count": 1, "t": T0 + 10_000}])
+        lease = sp.store.lease(10, now=T0 + 10_000, keyed_only=False)
+        assert [i.record.stat for i in lease.items] == ["fresh"]
+        sp.store.end_lease(lease.id)
+        assert sp.store.drop_expired(now=T0 + 10_000) == 3
+        assert sp.store.counters() == {"dropped_age": 3}
+
+
+def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
+    with Spool(db) as sp:
+        sp.add_many(records(10))
+    with open(db, "r+b") as f:  # wreck the schema page
+        f.seek(100)
+        f.write(os.urandom(3000))
+    with pytest.raises(StoreError, match="not a usable spool database"):
+        Store(db)  # producers are told plainly
+    with Store(db, quarantine=True) as store:  # the agent moves it aside and goes on
+        assert store.counts()["pending"] == 0
+        assert store.counters() == {"corrupt_quarantined": 1}
+    aside = [p.name for p in db.parent.iterdir() if ".corrupt-" in p.name]
+    assert aside and aside[0].startswith("spool.db.corrupt-")
+
+
+def test_a_file_that_is_not_a_database_is_quarantined_too(db):
+    db.write_bytes(b"garbage" * 1000)
+    with Store(db, quarantine=True) as store:
+        store.append([make_record(stat="s", count=1, t=T0)])
+        assert store.counts()["pending"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", f"spool-test-{uuid.uuid4().hex[:8]}",
+                             str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_fails_the_append_clearly_keeps_what_was_committed_and_recovers(small_disk):
+    db = small_disk / "spool.db"
+    ballast = small_disk / "ballast"
+    with Spool(db) as sp:
+        sp.add_many(records(200))
+        with open(ballast, "wb", buffering=0) as f:  # fill what is left of the disk
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        with pytest.raises(StoreError, match="spool full: .* no space left"):
+            for start in range(200, 100_000, 500):
+                sp.add_many(records(500, start=start))
+        assert sp.store.integrity_ok()
+        kept = sp.store.counts()["pending"]
+        assert kept >= 200
+        ballast.unlink()  # space returns: appends work again, no restart
+        sp.add_many(records(10, start=500_000))
+        assert sp.store.counts()["pending"] == kept + 10
+
+
+def test_status_json_reports_the_counters(db, tmp_path):
+    config = tmp_path / "spool.toml"
+    config.write_text("[spool]\nmax_pending = 5\n")
+    for i in range(7):
+        assert run_cli(db, "--config", str(config), "add", f"s{i}", "--count", "1", "--t", str(T0 + i)).returncode == 0
+    status = json.loads(run_cli(db, "--config", str(config), "status", "--json").stdout)
+    assert status["pending"] == 5 and status["counters"] == {"dropped_oldest": 2}
