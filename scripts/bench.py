@@ -236,7 +236,8 @@ def bench_drain(n: int) -> list[Figure]:
     with scratch() as folder, Receiver() as receiver:
         db = folder / "s.db"
         fill_backlog(db, n)
-        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", synchronous="full")
+        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", synchronous="full",
+                        max_requests_per_second=0)  # the drain itself, not the pacing, is measured
         started = time.perf_counter()
         with Store(db) as store, Shipper(store, config) as shipper:
             assert shipper.drain().done
@@ -265,7 +266,8 @@ from spool.config import Config
 from spool.ship import Shipper
 from spool.store import Store
 db, url = sys.argv[1], sys.argv[2]
-with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="bench-key")) as shipper:
+with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="bench-key",
+                                              max_requests_per_second=0)) as shipper:
     assert shipper.drain().done
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """
@@ -327,7 +329,7 @@ before = written()
 with Spool(db) as sp:
     for start in range(0, n, 500):
         sp.add_many({"stat": f"s{i % 50}", "count": 1, "t": 1700000000 + i} for i in range(start, start + 500))
-with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="k")) as shipper:
+with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="k", max_requests_per_second=0)) as shipper:
     assert shipper.drain().done
     store.prune_sent(sent_before=time.time() + 1)
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

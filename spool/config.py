@@ -85,6 +85,8 @@ class Config(NamedTuple):
     retry_after_max: float = 600.0
     lease_timeout: float = 300.0
     idle_poll: float = 2.0
+    max_requests_per_second: float = 20.0  # 0: unpaced
+    reconnect_jitter: float = 10.0  # `spool run` waits a random part of this before its first drain
     log_level: str = "info"
     summary_interval: float = 60.0
     watch: tuple[WatchConfig, ...] = ()
@@ -126,6 +128,17 @@ def _positive_int(limit: int | None = None) -> Callable[[object, str], int]:
             raise ConfigError(f"{name} must be at most {limit}, not {value}")
         return value
     return parse
+
+
+def _non_negative_number(value: object, name: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
+    return float(value)
 
 
 def _choice(*choices: str) -> Callable[[object, str], str]:
@@ -185,6 +198,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "retry_after_max": ("retry_after_max", parse_duration),
         "lease_timeout": ("lease_timeout", parse_duration),
         "idle_poll": ("idle_poll", parse_duration),
+        "max_requests_per_second": ("max_requests_per_second", _non_negative_number),
+        "reconnect_jitter": ("reconnect_jitter", parse_duration),
     },
     "log": {
         "level": ("log_level", _choice("debug", "info", "warning", "error")),

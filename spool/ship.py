@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,7 @@ class ShipStats:
     dead: int = 0
     requests: int = 0
     retries: int = 0
+    paced: float = 0.0  # seconds spent keeping to max_requests_per_second
     last_error: str | None = None
     waits: list[float] = field(default_factory=list)
 
@@ -84,6 +86,8 @@ class Shipper:
         self.clock = clock
         self.monotonic = monotonic
         self.stats = ShipStats()
+        self.rng = random.Random()
+        self._next_request = float("-inf")
         self._lock = ShipLock(store.path)
         self._last_meta = float("-inf")
         self._last_housekeeping = float("-inf")
@@ -144,8 +148,21 @@ class Shipper:
         self._note(result="ok", error=None)
         return len(lease.items) - batch.unsettled
 
+    def _pace(self) -> None:
+        """Keep to max_requests_per_second, so a long backlog drains without flooding the receiver."""
+        rate = self.config.max_requests_per_second
+        if not rate:
+            return
+        now = self.monotonic()
+        if self._next_request > now:
+            self.stats.paced += self._next_request - now
+            self.sleep(self._next_request - now)
+            now = self._next_request
+        self._next_request = now + 1.0 / rate
+
     def _send_ez(self, batch: _Batch, ezkey: str, group: Sequence[Leased], *, own_key: bool) -> None:
         """Send one EZ batch; on refusal bisect it so only the records the receiver refuses die."""
+        self._pace()
         self.stats.requests += 1
         try:
             self.client.send_ez(ezkey, [item.record for item in group])
@@ -163,6 +180,7 @@ class Shipper:
         batch.ack(group)
 
     def _send_classic(self, batch: _Batch, item: Leased) -> None:
+        self._pace()
         self.stats.requests += 1
         try:
             self.client.send_classic(item.record)
@@ -234,6 +252,10 @@ class Shipper:
     def run(self) -> None:
         """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
         seen = self.store.data_version()
+        jitter = self.rng.uniform(0, self.config.reconnect_jitter)
+        if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
+            log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
+            self.sleep(jitter)
         while not self.shutdown.is_set():
             self.housekeeping()
             result = self.drain()

@@ -51,13 +51,20 @@ def db(tmp_path: Path) -> Path:
 def make_config(db: Path, receiver: Receiver | None = None, **changes: object) -> Config:
     """A Config for tests: loopback receiver, tiny back-off, short timeout."""
     base = Config(db=db, endpoint=receiver.url if receiver else "http://127.0.0.1:9", ezkey=TEST_EZKEY,
-                  backoff_initial=0.001, backoff_max=0.01, timeout=2.0, idle_poll=0.05)
+                  backoff_initial=0.001, backoff_max=0.01, timeout=2.0, idle_poll=0.05,
+                  max_requests_per_second=0, reconnect_jitter=0)
     return base.replace(**changes)
 
 
+UNPACED = "[ship]\nmax_requests_per_second = 0\nreconnect_jitter = 0\n"  # pacing is tested with a fake clock
+
+
 def cli_env(db: Path, **extra: str) -> dict[str, str]:
+    """The environment for a `spool` subprocess: its spool, and a config without pacing or start-up jitter."""
+    config = db.parent / "unpaced.toml"
+    config.write_text(UNPACED)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
-    env.update(SPOOL_DB=str(db), PYTHONUNBUFFERED="1", **extra)
+    env.update(SPOOL_DB=str(db), SPOOL_CONFIG=str(config), PYTHONUNBUFFERED="1", **extra)
     return env
 
 

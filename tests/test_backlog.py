@@ -73,7 +73,7 @@ def test_a_byte_bound_prunes_sent_records_first_then_drops_oldest(db):
 
 def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
     with Spool(db, limits=Limits(max_age=3600)) as sp:
-        sp.add_many(records(3) + [{"stat": "fresh", "count": 1, "t": T0 + 10_000}])
+        sp.add_many([*records(3), {"stat": "fresh", "count": 1, "t": T0 + 10_000}])
         lease = sp.store.lease(10, now=T0 + 10_000, keyed_only=False)
         assert [i.record.stat for i in lease.items] == ["fresh"]
         sp.store.end_lease(lease.id)
@@ -128,7 +128,7 @@ def test_disk_full_fails_the_append_clearly_keeps_what_was_committed_and_recover
                     f.write(b"\0" * 4096)
             except OSError:
                 pass
-        with pytest.raises(StoreError, match="spool full: .* no space left"):
+        with pytest.raises(StoreError, match=r"spool full: .* no space left"):
             for start in range(200, 100_000, 500):
                 sp.add_many(records(500, start=start))
         assert sp.store.integrity_ok()
@@ -146,3 +146,47 @@ def test_status_json_reports_the_counters(db, tmp_path):
         assert run_cli(db, "--config", str(config), "add", f"s{i}", "--count", "1", "--t", str(T0 + i)).returncode == 0
     status = json.loads(run_cli(db, "--config", str(config), "status", "--json").stdout)
     assert status["pending"] == 5 and status["counters"] == {"dropped_oldest": 2}
+
+
+def test_the_drain_keeps_to_max_requests_per_second(db, receiver):
+    from spool.ship import Shipper
+
+    from .conftest import make_config
+    from .test_ship import SleepClock
+
+    with Spool(db) as sp:
+        sp.add_many(records(1000))
+    clock = SleepClock()
+    config = make_config(db, receiver, batch_size=100, max_requests_per_second=4)
+    with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock.monotonic) as shipper:
+        started = clock.monotonic()
+        assert shipper.drain().done
+        elapsed = clock.monotonic() - started
+    assert len(receiver.batches) == 10
+    assert elapsed >= 9 / 4  # ten requests, a quarter second apart at least
+    assert all(0 < wait <= 0.25 for wait in clock.waits)
+
+
+def test_run_waits_a_jittered_delay_before_draining_a_backlog(db, receiver):
+    import threading
+
+    from spool.ship import Shipper
+
+    from .conftest import make_config
+
+    with Spool(db) as sp:
+        sp.add_many(records(5))
+    waits = []
+    config = make_config(db, receiver, reconnect_jitter=30)
+    shutdown = threading.Event()
+    with Store(db) as store, Shipper(store, config, shutdown=shutdown, sleep=waits.append) as shipper:
+        shipper.rng.seed(7)
+        thread = threading.Thread(target=shipper.run)
+        thread.start()
+        deadline = 200
+        while len(receiver.accepted) < 5 and deadline:
+            shutdown.wait(0.05)
+            deadline -= 1
+        shipper.stop()
+        thread.join(10)
+    assert 0 < waits[0] <= 30 and len(receiver.accepted) == 5

@@ -14,7 +14,7 @@ from spool.cli import cli
 from spool.records import make_record
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli
+from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli
 
 
 def assert_one_line_error(result, status, text):
@@ -233,7 +233,7 @@ def test_run_ingests_dropped_files_and_ships_them(db, receiver, tmp_path):
     drop = tmp_path / "drop"
     drop.mkdir()
     config = tmp_path / "spool.toml"
-    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\n[[watch]]\npath = "{drop}"\n')
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\n[[watch]]\npath = "{drop}"\n')
     agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
     try:
         (drop / ".f.part").write_text(f'{{"stat":"from file","value":4.5,"t":{T0}}}\n')

@@ -20,7 +20,7 @@ from spool.relay import Relay
 from spool.ship import Shipper
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, make_config, spawn_cli, wait_for_line
+from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, make_config, spawn_cli, wait_for_line
 
 
 @contextmanager
@@ -227,7 +227,7 @@ def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = tmp_path / "spool.toml"
-    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\n[relay]\nenabled = true\n'
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\n[relay]\nenabled = true\n'
                       f'listen = "127.0.0.1:{port}"\n')
     agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
     try:

@@ -8,7 +8,7 @@ from collections import Counter
 
 from spool.store import Store
 
-from ..conftest import T0, TEST_EZKEY, cli_env, spawn_cli
+from ..conftest import T0, TEST_EZKEY, UNPACED, cli_env, spawn_cli
 
 PRODUCER = """
 import sys
@@ -27,7 +27,7 @@ def test_eight_producers_a_shipper_and_a_watcher_on_one_spool_lose_nothing_and_n
         tmp_path, receiver):
     db, drop, config = tmp_path / "spool.db", tmp_path / "drop", tmp_path / "spool.toml"
     drop.mkdir()
-    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\nbatch_size = 50\n[[watch]]\npath = "{drop}"\n')
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 50\n[[watch]]\npath = "{drop}"\n')
     workers, n, from_file = 8, 200, 3000
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY)
     agent = spawn_cli(db, "--config", str(config), "run", env=env)
