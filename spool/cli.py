@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -238,6 +240,101 @@ def relay(obj: Context, listen: str | None, statsd: str | None, allow_remote: bo
     relay_config = configuration.relay_table({**flags, "enabled": True}, "--", base=config.relay)
     setup_logging(config.log_level)
     raise click.exceptions.Exit(Agent(config.replace(relay=relay_config, watch=()), ship=False).run())
+
+
+def _when_option(text: str | None, name: str) -> int | None:
+    """Read a time given as unix seconds or as an ISO 8601 date/time (UTC unless it says otherwise)."""
+    if text is None:
+        return None
+    import datetime
+
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is neither unix seconds nor an ISO date like 2026-11-20T08:00",
+                                 param_hint=name) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp())
+
+
+def _progress(items: Any, length: int, label: str) -> Any:
+    """A progress bar on stderr when it is a terminal; nothing (the bare iterable) when it is not."""
+    if not sys.stderr.isatty() or length < 1000:
+        return contextlib.nullcontext(items)
+    return click.progressbar(items, length=length, label=label, file=sys.stderr)
+
+
+@cli.command()
+@click.option("--since", metavar="WHEN", required=True, help="Records with t at or after (unix or ISO date).")
+@click.option("--until", metavar="WHEN", help="Records with t at or before (unix or ISO date).")
+@click.option("--stat", "stat_glob", metavar="GLOB", help="Only stats matching this glob, e.g. 'api *'.")
+@click.option("--dry-run", is_flag=True, help="Say how many would be queued; change nothing.")
+@pass_context
+def replay(obj: Context, since: str, until: str | None, stat_glob: str | None, dry_run: bool) -> None:
+    """Send retained, already-delivered records again (StatHat adds counts again).
+
+    Copies of the sent records still kept (see spool.retention) are queued and shipped, paced, like any
+    backlog. Use it when StatHat lost data or a stat was deleted there.
+
+    Example: spool replay --since 2026-11-20 --until 2026-11-21 --stat 'api *' --dry-run
+    """
+    start, end = _when_option(since, "--since"), _when_option(until, "--until")
+    with obj.spool() as sp:
+        n = sp.store.count_selected("sent", since=start, until=end, stat_glob=stat_glob)
+        if not dry_run and n:
+            n = sp.store.replay(since=start, until=end, stat_glob=stat_glob)
+    verb = "would queue" if dry_run else "queued"
+    click.echo(f"{verb} {n} sent records to be shipped again; StatHat will count them again "
+               "(counters add up, values are averaged in)", err=True)
+
+
+@cli.command()
+@click.argument("file", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--state", type=click.Choice(["pending", "sent", "dead", "all"]), default="pending",
+              show_default=True, help="Which records.")
+@click.option("--since", metavar="WHEN", help="Records with t at or after (unix or ISO date).")
+@click.option("--until", metavar="WHEN", help="Records with t at or before (unix or ISO date).")
+@click.option("--remove", is_flag=True, help="Delete the exported records here once the file is written "
+                                             "(to move backlog to another machine without sending it twice).")
+@pass_context
+def export(obj: Context, file: str, state: str, since: str | None, until: str | None, remove: bool) -> None:
+    """Write records as JSON lines that `spool import` reads back unchanged.
+
+    The file holds keys (records' own ezkey, classic keys) so it can be shipped from elsewhere: it is created
+    readable by its owner only.
+
+    Example: spool export --state pending --remove /media/usb/backlog.jsonl
+    """
+    import json
+
+    start, end = _when_option(since, "--since"), _when_option(until, "--until")
+    with obj.spool() as sp:
+        total = sp.store.count_selected(state, since=start, until=end)
+        last_id, n = 0, 0
+        with _private_output(file) as out, _progress(sp.store.export(state, since=start, until=end), total,
+                                                     "exporting") as rows:
+            for record_id, record in rows:
+                out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+                last_id, n = record_id, n + 1
+        removed = sp.store.remove_exported(state, up_to_id=last_id, since=start, until=end) if remove and n else 0
+    click.echo(f"exported {n} records" + (f", removed {removed} from this spool" if remove else ""), err=True)
+
+
+@contextlib.contextmanager
+def _private_output(file: str) -> Any:
+    """Open the export target: stdout for '-', else a new file readable by its owner only, synced on close."""
+    if file == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())  # on disk before anything is removed from the spool
 
 
 def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:

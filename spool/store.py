@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from spool.errors import SpoolBusy, SpoolFull, StoreError
 from spool.records import Record
@@ -508,6 +508,55 @@ class Store:
                   else self.conn.execute(f"{sql} ORDER BY id"))
         for row in cursor:
             yield row[0], row[1], Record(*row[2:])
+
+    # -- moving backlog ----------------------------------------------------------------------------
+
+    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {PENDING}", "sent": f"state = {SENT}",
+                                              "dead": f"state = {DEAD}", "all": "1"}
+
+    def _selection(self, state: str, since: int | None, until: int | None,
+                   stat_glob: str | None = None) -> tuple[str, list[Any]]:
+        if state not in self._SELECTIONS:
+            raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
+        where, params = [self._SELECTIONS[state]], []
+        if since is not None:
+            where.append("t >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("t <= ?")
+            params.append(until)
+        if stat_glob is not None:
+            where.append("stat GLOB ?")
+            params.append(stat_glob)
+        return " AND ".join(where), params
+
+    def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
+                       stat_glob: str | None = None) -> int:
+        where, params = self._selection(state, since, until, stat_glob)
+        return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}", params).fetchone()[0]
+
+    def export(self, state: str, *, since: int | None = None, until: int | None = None,
+               stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot)."""
+        where, params = self._selection(state, since, until, stat_glob)
+        with self._read():
+            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where} ORDER BY id", params):
+                yield row[0], Record(*row[1:])
+
+    def remove_exported(self, state: str, *, up_to_id: int, since: int | None = None, until: int | None = None,
+                        stat_glob: str | None = None) -> int:
+        """Delete what `export` yielded (ids up to `up_to_id`), except records in flight: they are being sent."""
+        where, params = self._selection(state, since, until, stat_glob)
+        with self._write() as conn:
+            return conn.execute(f"DELETE FROM records WHERE {where} AND id <= ? AND id NOT IN ({_LEASED})",
+                                [*params, up_to_id]).rowcount
+
+    def replay(self, *, since: int | None, until: int | None, stat_glob: str | None = None) -> int:
+        """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
+        where, params = self._selection("sent", since, until, stat_glob)
+        with self._bounded() as conn:
+            return conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
+                                "ORDER BY id", params).rowcount
 
     # -- small persistent facts (last shipping attempt, ...) ----------------------------------------
 

@@ -190,3 +190,57 @@ def test_run_waits_a_jittered_delay_before_draining_a_backlog(db, receiver):
         shipper.stop()
         thread.join(10)
     assert 0 < waits[0] <= 30 and len(receiver.accepted) == 5
+
+
+def test_export_then_import_round_trips_every_record_unchanged(db, tmp_path):
+    originals = [make_record(stat="plain", count=3, t=T0), make_record(stat="ünï~a,b", value=0.25, t=T0 + 1),
+                 make_record(stat="own key", count=1.5, t=T0 + 2, ezkey="account-2"),
+                 make_record(key="K", ukey="U", value=-7, t=T0 + 3)]
+    with Spool(db) as sp:
+        sp.append_records(originals)
+    out = tmp_path / "backlog.jsonl"
+    result = run_cli(db, "export", str(out))
+    assert result.returncode == 0 and "exported 4 records" in result.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o600"  # it holds keys
+    other = tmp_path / "other.db"
+    assert run_cli(other, "import", str(out)).returncode == 0
+    with Store(other) as store:
+        assert [r for _, _, r in store.records()] == originals
+
+
+def test_export_remove_moves_backlog_without_leaving_it_to_be_sent_twice(db, tmp_path):
+    with Spool(db) as sp:
+        sp.add_many(records(20))
+    out = tmp_path / "moved.jsonl"
+    assert "removed 20 from this spool" in run_cli(db, "export", "--remove", str(out)).stderr
+    assert len(out.read_text().splitlines()) == 20
+    with Store(db) as store:
+        assert store.counts()["pending"] == 0
+
+
+def test_export_selects_by_state_and_time(db):
+    with Spool(db) as sp:
+        sp.add_many(records(10))
+    result = run_cli(db, "export", "--since", str(T0 + 3), "--until", "2023-11-14T22:13:27", "-")
+    assert [json.loads(line)["t"] for line in result.stdout.splitlines()] == [T0 + 3, T0 + 4, T0 + 5, T0 + 6, T0 + 7]
+    assert run_cli(db, "export", "--state", "dead").stdout == ""
+
+
+def test_replay_queues_copies_of_retained_sent_records_and_says_they_count_again(db):
+    with Spool(db) as sp:
+        sp.add_many(records(10, stat="api ") + records(5, start=10, stat="web "))
+        lease = sp.store.lease(100, now=T0, keyed_only=False)
+        sp.store.ack([i.id for i in lease.items], now=T0, lease=lease.id)
+    dry = run_cli(db, "replay", "--since", str(T0 + 5), "--stat", "api *", "--dry-run")
+    assert "would queue 5 sent records" in dry.stderr and "count them again" in dry.stderr
+    with Store(db) as store:
+        assert store.counts()["pending"] == 0
+    assert "queued 5 sent records" in run_cli(db, "replay", "--since", str(T0 + 5), "--stat", "api *").stderr
+    with Store(db) as store:
+        assert sorted(r.stat for _, _, r in store.records(0)) == [f"api {i}" for i in range(5, 10)]
+        assert store.counts()["sent"] == 15
+
+
+def test_a_bad_time_is_a_one_line_usage_error(db):
+    result = run_cli(db, "replay", "--since", "last tuesday")
+    assert result.returncode == 2 and "neither unix seconds nor an ISO date" in result.stderr
