@@ -337,6 +337,31 @@ def _private_output(file: str) -> Any:
         os.fsync(out.fileno())  # on disk before anything is removed from the spool
 
 
+@cli.command()
+@pass_context
+def doctor(obj: Context) -> None:
+    """Check the setup: config, key, endpoint, clock, disk, spool, watched directories, relay port.
+
+    Each check prints one line, with a fix when it fails. Exit 1 if any check failed.
+
+    Example: spool --config /etc/spool/spool.toml doctor
+    """
+    from spool.doctor import Verdict, checks
+    from spool.errors import ConfigError
+
+    try:
+        verdicts = list(checks(obj.config(), config_file=obj.config_file))
+    except ConfigError as exc:
+        verdicts = [Verdict("config", False, str(exc), "fix the configuration (see packaging/spool.toml)")]
+    for verdict in verdicts:
+        mark = "ok  " if verdict.ok else "FAIL"
+        fix = "" if verdict.ok or not verdict.fix else f" -- fix: {verdict.fix}"
+        click.echo(f"{mark} {verdict.name}: {one_line(verdict.detail)}{fix}")
+    failed = [v.name for v in verdicts if not v.ok]
+    if failed:
+        raise SpoolCommandError(f"{len(failed)} check(s) failed: {', '.join(failed)}", 1)
+
+
 def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--endpoint", metavar="URL", help="StatHat base URL (env SPOOL_ENDPOINT)."),

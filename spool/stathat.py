@@ -139,13 +139,13 @@ class StatHatClient:
         except requests.Timeout:
             raise TransientError(f"no answer from {self.endpoint} within {self.timeout:g} s") from None
         except requests.exceptions.SSLError as exc:
-            raise EndpointError(f"TLS failure talking to {self.endpoint}: {_reason(exc)}") from None
+            raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
         except requests.RequestException as exc:
-            raise TransientError(f"cannot reach {self.endpoint}: {_reason(exc)}") from None
+            raise TransientError(f"cannot reach {self.endpoint}: {reason(exc)}") from None
         return classify_response(response.status_code, body, response.headers.get("Retry-After"))
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
     """Return the gist of a requests error ("[Errno 111] Connection refused"), never a whole repr."""
     text = str(exc)
     found = re.search(r"\[Errno -?\d+\] [^'\")]+|Connection aborted|Remote end closed connection[^'\")]*", text)

@@ -16,7 +16,7 @@ from spool.errors import SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .conftest import T0, run_cli
+from .conftest import T0, cli_env, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -244,3 +244,45 @@ def test_replay_queues_copies_of_retained_sent_records_and_says_they_count_again
 def test_a_bad_time_is_a_one_line_usage_error(db):
     result = run_cli(db, "replay", "--since", "last tuesday")
     assert result.returncode == 2 and "neither unix seconds nor an ISO date" in result.stderr
+
+
+def test_doctor_passes_a_sound_setup_and_names_each_check(db, receiver, tmp_path):
+    key = tmp_path / "ezkey"
+    key.write_text("k")
+    key.chmod(0o600)
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY_FILE=str(key), SPOOL_ENDPOINT=receiver.url)
+    result = run_cli(db, "doctor", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert names == ["ok   config", "ok   ezkey", "ok   endpoint", "ok   clock", "ok   disk", "ok   spool"]
+    assert "k\n" not in result.stdout
+
+
+def test_doctor_fails_with_a_fix_for_each_problem(db, tmp_path):
+    config = tmp_path / "spool.toml"
+    config.write_text(f'[ship]\nendpoint = "http://127.0.0.1:9"\n[[watch]]\npath = "{tmp_path / "gone"}"\n'
+                      '[relay]\nenabled = true\nlisten = "127.0.0.1:1"\n')
+    result = run_cli(db, "--config", str(config), "doctor")
+    assert result.returncode == 1
+    failed = {line.split(":")[0][5:] for line in result.stdout.splitlines() if line.startswith("FAIL")}
+    assert {"ezkey", "endpoint", f"watch {tmp_path / 'gone'}"} <= failed
+    assert all("-- fix:" in line for line in result.stdout.splitlines() if line.startswith("FAIL"))
+    assert "spool: error:" in result.stderr and "check(s) failed" in result.stderr
+
+
+def test_doctor_catches_a_clock_from_before_the_release(db):
+    from spool.config import Config
+    from spool.doctor import checks
+
+    verdicts = {v.name: v for v in checks(Config(db=db), config_file=None, clock=lambda: 86_400.0,
+                                          probe=lambda url, timeout: "HTTP 200")}
+    assert not verdicts["clock"].ok and "1970-01-02" in verdicts["clock"].detail and "NTP" in verdicts["clock"].fix
+
+
+def test_doctor_reports_a_config_error_as_a_failed_check(db, tmp_path):
+    config = tmp_path / "spool.toml"
+    config.write_text("[ship]\nbatchsize = 1\n")
+    result = run_cli(db, "--config", str(config), "doctor")
+    assert result.returncode == 1 and result.stdout.startswith("FAIL config:")
