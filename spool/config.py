@@ -75,6 +75,7 @@ class Config(NamedTuple):
     retention: float = 7 * 86400.0
     t_floor: int = T_FLOOR
     limits: Limits = Limits()
+    compact_counts: int = 0  # seconds of a compaction bucket; 0: off
     endpoint: str = DEFAULT_ENDPOINT
     ezkey: str | None = None  # a secret: never in repr, logs or status
     allow_insecure: bool = False
@@ -185,6 +186,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "max_spool_bytes": ("limits.max_spool_bytes", lambda value, name: _byte_size(value, name)),
         "max_age": ("limits.max_age", parse_duration),
         "when_full": ("limits.when_full", _choice("drop_oldest", "reject_new")),
+        "compact_counts": ("compact_counts", lambda value, name: int(parse_duration(value, name))),
     },
     "ship": {
         "endpoint": ("endpoint", _text),

@@ -279,6 +279,10 @@ class Shipper:
         self._last_housekeeping = now
         try:
             freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+            if self.config.compact_counts:
+                saved = self.store.compact_counts(bucket=self.config.compact_counts)
+                if saved:
+                    log.info("compacted the backlog: %d count records merged away", saved)
             expired = self.store.drop_expired(now=self.clock())
             if expired:
                 log.warning("dropped %d pending records older than max_age", expired)

@@ -9,6 +9,8 @@ import subprocess
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spool import Spool
 from spool.config import Limits
@@ -286,3 +288,48 @@ def test_doctor_reports_a_config_error_as_a_failed_check(db, tmp_path):
     config.write_text("[ship]\nbatchsize = 1\n")
     result = run_cli(db, "--config", str(config), "doctor")
     assert result.returncode == 1 and result.stdout.startswith("FAIL config:")
+
+
+def bucket_sums(store, bucket):
+    sums, values = {}, []
+    for _, state, r in store.records():
+        if r.kind == 0:
+            k = (r.stat, r.key, r.ezkey, r.t // bucket * bucket, state)
+            sums[k] = sums.get(k, 0) + r.number
+        else:
+            values.append((r.stat, r.number, r.t, state))
+    return sums, sorted(values)
+
+
+def test_compaction_merges_counts_per_stat_key_and_bucket_exactly_and_leaves_the_rest(db):
+    with Spool(db) as sp:
+        sp.add_many([{"stat": f"c{i % 3}", "count": i, "t": T0 + i} for i in range(600)])
+        sp.add_many([{"stat": "c0", "count": 1, "t": T0 + i, "ezkey": "other"} for i in range(0, 600, 7)])
+        sp.add_many([{"stat": "v", "value": i / 7, "t": T0 + i} for i in range(100)])
+        lease = sp.store.lease(50, now=T0, keyed_only=False)  # in flight: must not be touched
+        leased = sorted(i.id for i in lease.items)
+        before = bucket_sums(sp.store, 60)
+        total_before = sum(sp.store.counts().values())
+        saved = sp.store.compact_counts(bucket=60, groups=7)
+        after = bucket_sums(sp.store, 60)
+        assert after == before  # every (stat, key, bucket) sum unchanged; values untouched
+        assert saved == total_before - sum(sp.store.counts().values()) > 0
+        assert sp.store.counters()["compacted"] == saved
+        assert sorted(i for i, _, _ in sp.store.records() if i in set(leased)) == leased
+        assert sp.store.compact_counts(bucket=60) == 0  # nothing left to merge
+        sp.store.end_lease(lease.id)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from([None, "k2"]), st.booleans(),
+                          st.integers(min_value=-5, max_value=10**6), st.integers(min_value=0, max_value=600)),
+                max_size=60),
+       st.sampled_from([1, 10, 60, 3600]))
+def test_compaction_preserves_every_bucket_sum(tmp_path_factory, items, bucket):
+    db = tmp_path_factory.mktemp("compact") / "spool.db"
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=s, ezkey=k, t=T0 + dt, **({"count": n} if is_count else {"value": n}))
+                           for s, k, is_count, n, dt in items])
+        before = bucket_sums(sp.store, bucket)
+        sp.store.compact_counts(bucket=bucket, groups=3)
+        assert bucket_sums(sp.store, bucket) == before
