@@ -121,6 +121,9 @@ class Spool:
             problems.append("no shipper is running (start `spool run` or `spool ship`)")
         if status["dead"]:
             problems.append(f"{status['dead']} records were refused by the receiver (see `spool dead list`)")
+        if status["held"]:
+            problems.append(f"{status['held']} records were stamped while the system clock was wrong; they are "
+                            "held and get their real time once the clock is right (start NTP)")
         counters = status["counters"]
         for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
                            ("dropped_age", "dropped because their t was older than max_age"),

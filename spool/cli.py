@@ -457,6 +457,7 @@ def format_status(report: dict[str, Any]) -> str:
         f"  in flight  {report['inflight']}",
         f"  sent       {report['sent']}   (kept for replay until pruned)",
         f"  dead       {report['dead']}",
+        f"  held       {report['held']}   (stamped while the clock was wrong)",
         f"shipper      {shipper}",
     ]
     if report["last_attempt_at"] is not None:

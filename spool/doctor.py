@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from spool.config import Config
+from spool.records import CLOCK_SANE_AFTER
 
-CLOCK_SANE_AFTER = 1_790_000_000  # 2026-09-21: a clock before the release of this spool is wrong
 MIN_FREE_BYTES = 50 << 20
 
 

@@ -23,6 +23,11 @@ MAX_KEY = 255
 T_MAX = 4_102_444_800  # 2100-01-01T00:00:00Z
 T_LOOKS_LIKE_MS = 100_000_000_000
 T_FLOOR = 1_000_000_000  # 2001-09-09: old enough for any real backfill, new enough to catch a 1970 clock
+# A system clock before this release of spool is wrong (a box without a real-time clock boots in 1970, or at
+# its last shutdown). Records spool stamps then are HELD: stamped 0, kept with the boot's monotonic time, and
+# re-stamped once the clock is sane (see Store.restamp_held). An explicit t is never 0 (T_FLOOR refuses it).
+CLOCK_SANE_AFTER = 1_790_000_000  # 2026-09-21
+HELD_T = 0
 INT64_MAX = 2**63 - 1
 
 # Compiled on first use (re caches it): most records never reach the slow path that needs it.
@@ -57,9 +62,14 @@ class Record(NamedTuple):
         return out
 
 
+def stamp(wall: float) -> int:
+    """Return the t spool stamps at wall-clock time `wall`: whole seconds, or HELD_T if the clock is wrong."""
+    return int(wall) if wall >= CLOCK_SANE_AFTER else HELD_T
+
+
 def now() -> int:
-    """Return the current unix time in whole seconds."""
-    return int(time.time())
+    """Return the t to stamp on a record now (see stamp)."""
+    return stamp(time.time())
 
 
 def check_stat(stat: object) -> str:

@@ -271,6 +271,19 @@ class Shipper:
                 if self.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL:
                     break
 
+    def _restamp_held(self) -> None:
+        from spool.records import CLOCK_SANE_AFTER
+        from spool.store import boot_clock, boot_id
+
+        wall = self.clock()
+        if wall < CLOCK_SANE_AFTER:
+            return
+        restamped, lost = self.store.restamp_held(wall=wall, mono=boot_clock(), boot=boot_id())
+        if restamped:
+            log.info("the clock is sane: re-stamped %d records held while it was not", restamped)
+        if lost:
+            log.warning("%d records held in an earlier boot cannot be placed in time; moved to dead letters", lost)
+
     def housekeeping(self) -> None:
         """Free leases older than the lease timeout; hourly, prune sent records past retention."""
         now = self.monotonic()
@@ -279,6 +292,7 @@ class Shipper:
         self._last_housekeeping = now
         try:
             freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+            self._restamp_held()
             if self.config.compact_counts:
                 saved = self.store.compact_counts(bucket=self.config.compact_counts)
                 if saved:

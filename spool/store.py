@@ -34,15 +34,20 @@ from spool.records import Record
 
 log = logging.getLogger("spool.store")
 
-PENDING, SENT, DEAD = 0, 2, 3  # stored states; "in flight" is never stored: it is PENDING named by a lease
-STATE_NAMES = ("pending", "inflight", "sent", "dead")  # indexed by state (1: in flight, as counted)
+PENDING, SENT, DEAD, HELD = 0, 2, 3, 4  # stored states; "in flight" is PENDING named by a lease, never stored
+STATE_NAMES = ("pending", "inflight", "sent", "dead", "held")  # indexed by state (1: in flight, as counted)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
 _COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
-_INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T): it is stored HELD, with
+# the boot it was stamped in and that boot's monotonic clock, computed here so the append path stays one
+# statement.
+_INSERT = (f"INSERT INTO records ({_COLUMNS}, state, held_boot, held_mono) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, "
+           f"CASE WHEN ?7 = 0 THEN 4 ELSE 0 END, CASE WHEN ?7 = 0 THEN boot_id() END, "
+           f"CASE WHEN ?7 = 0 THEN boot_clock() END)")
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
 _LEASED = "SELECT value FROM leases, json_each(leases.ids)"  # every id some live lease names
 _KEYED = "(ezkey IS NOT NULL OR key IS NOT NULL)"
@@ -107,7 +112,16 @@ def _add_files_and_leases(conn: sqlite3.Connection) -> None:
                     not_null={"ids", "leased_at"}, if_not_exists=True)
 
 
-_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases}  # version reached -> step; one per change
+def _add_held(conn: sqlite3.Connection) -> None:
+    """Version 3: records stamped while the clock was wrong keep their boot and its monotonic clock."""
+    import sqlite_utils
+
+    records = sqlite_utils.Database(conn, execute_plugins=False).table("records")
+    records.add_column("held_boot", str)
+    records.add_column("held_mono", float)
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held}  # version reached -> step
 
 
 class _AlreadyIngested(Exception):
@@ -154,6 +168,8 @@ class Store:
                                         check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open spool {self.path}: {exc}") from None
+        self.conn.create_function("boot_id", 0, boot_id)
+        self.conn.create_function("boot_clock", 0, boot_clock)
         try:
             try:
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -509,6 +525,26 @@ class Store:
         for row in cursor:
             yield row[0], row[1], Record(*row[2:])
 
+    # -- clock sanity ------------------------------------------------------------------------------
+
+    def restamp_held(self, *, wall: float, mono: float, boot: str) -> tuple[int, int]:
+        """Give held records their real t, now that the clock (`wall`) is sane; return (restamped, lost).
+
+        A record held in this boot gets t = wall - (mono - its monotonic time). One held in an earlier boot
+        cannot be placed in time: it becomes DEAD with the reason, for an operator to requeue or purge.
+        """
+        with self._write() as conn:
+            restamped = conn.execute(
+                f"UPDATE records SET t = CAST(? - (? - held_mono) AS INTEGER), state = {PENDING}, held_boot = NULL, "
+                f"held_mono = NULL WHERE state = {HELD} AND held_boot = ?", (wall, mono, boot)).rowcount
+            lost = conn.execute(
+                f"UPDATE records SET state = {DEAD}, done_at = ?, reason = ?, held_boot = NULL WHERE state = {HELD} "
+                f"AND held_boot != ?", (wall, "stamped while the clock was wrong, in an earlier boot: its time is "
+                                              "unknown", boot)).rowcount
+            if restamped:
+                self._bump(conn, "restamped", restamped)
+            return restamped, lost
+
     # -- compaction --------------------------------------------------------------------------------
 
     def compact_counts(self, *, bucket: int, groups: int = 500) -> int:
@@ -594,6 +630,20 @@ class Store:
 
     def meta(self) -> dict[str, Any]:
         return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+def boot_id() -> str:
+    """This boot's id (Linux), so held records are re-stamped only with the monotonic clock they were taken by."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def boot_clock() -> float:
+    """Seconds since boot, suspend included: the clock held records keep."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class _Corrupt(Exception):

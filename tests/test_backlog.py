@@ -333,3 +333,69 @@ def test_compaction_preserves_every_bucket_sum(tmp_path_factory, items, bucket):
         before = bucket_sums(sp.store, bucket)
         sp.store.compact_counts(bucket=bucket, groups=3)
         assert bucket_sums(sp.store, bucket) == before
+
+
+def test_records_stamped_while_the_clock_is_wrong_are_held_then_restamped_within_the_boot(db):
+    from spool.records import HELD_T, stamp
+    from spool.store import boot_clock, boot_id
+
+    assert stamp(86_400.0) == HELD_T  # a box that booted in 1970
+    with Spool(db) as sp:
+        sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
+        sp.count("explicit", 1, t=T0)  # an explicit t is never held
+        status = sp.status()
+        assert (status["held"], status["pending"]) == (1, 1)
+        assert "held" in " ".join(status["problems"])
+        assert sp.store.lease(10, now=T0, keyed_only=False).items[0].record.stat == "explicit"  # held never ships
+        mono = boot_clock()
+        restamped, lost = sp.store.restamp_held(wall=1_800_000_000.0, mono=mono + 30, boot=boot_id())
+        assert (restamped, lost) == (1, 0)
+        [early] = [r for _, _, r in sp.store.records() if r.stat == "early"]
+        assert abs(early.t - (1_800_000_000 - 30)) <= 1  # the real time, from the monotonic clock
+        assert sp.store.counters()["restamped"] == 1
+
+
+def test_held_records_from_an_earlier_boot_become_dead_with_the_reason(db):
+    from spool.records import stamp
+
+    with Spool(db) as sp:
+        sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
+        assert sp.store.restamp_held(wall=1_800_000_000.0, mono=5.0, boot="another-boot") == (0, 1)
+        [dead] = sp.dead()
+        assert "earlier boot" in dead["reason"]
+
+
+def test_the_shipper_restamps_held_records_once_its_clock_is_sane(db, receiver):
+    from spool.records import stamp
+    from spool.ship import Shipper
+
+    from .conftest import make_config
+
+    with Spool(db) as sp:
+        sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
+    wall = [86_500.0]
+    with Store(db) as store, Shipper(store, make_config(db, receiver), clock=lambda: wall[0]) as shipper:
+        shipper.housekeeping()
+        assert store.counts()["held"] == 1  # the clock is still wrong: nothing to do
+        wall[0] = 1_800_000_000.0
+        shipper._last_housekeeping = float("-inf")
+        shipper.housekeeping()
+        assert shipper.drain().done
+    assert [a["stat"] for a in receiver.accepted] == ["early"] and receiver.accepted[0]["t"] > 1_790_000_000
+
+
+def test_a_version_1_spool_is_migrated_keeping_its_records(db):
+    import sqlite3
+
+    from spool.store import SCHEMA_VERSION, _create_schema
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    _create_schema(conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO records (stat, kind, number, t) VALUES ('old', 0, 4, ?)", (T0,))
+    conn.close()
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert [r for _, _, r in store.records()] == [make_record(stat="old", count=4, t=T0)]
+        store.append([make_record(stat="new", count=1, t=T0)])  # the new columns and tables are there
+        assert store.lease(5, now=T0, keyed_only=False) is not None

@@ -178,7 +178,7 @@ def test_run_exits_0_on_sigterm_mid_drain_with_nothing_lost(db, receiver):
     assert "shutting down" in stderr and "Traceback" not in stderr
     assert TEST_EZKEY not in stderr
     with Store(db) as store:
-        assert store.counts() == {"pending": 300, "inflight": 0, "sent": 0, "dead": 0}
+        assert store.counts() == {"pending": 300, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
 
 
 def test_dead_list_requeue_and_purge(db, receiver):

@@ -73,7 +73,7 @@ def test_thousands_of_mixed_records_arrive_exactly_once_through_bursts_resets_st
     shipper, result, counts = ship_all(db, receiver, records, timeout=0.3, batch_size=250)
     assert result.done
     assert receiver.stats() == expected(records)
-    assert counts == {"pending": 0, "inflight": 0, "sent": 3000, "dead": 0}
+    assert counts == {"pending": 0, "inflight": 0, "sent": 3000, "dead": 0, "held": 0}
     assert shipper.stats.retries >= 13
     assert max(receiver.batches) <= 250
 
@@ -97,7 +97,7 @@ def test_a_refused_stat_inside_a_batch_ends_as_exactly_one_dead_record_and_the_r
     receiver.refuse_stat("poison", "invalid stat name")
     shipper, result, counts = ship_all(db, receiver, [*records, poison], batch_size=100)
     assert result.done
-    assert counts == {"pending": 0, "inflight": 0, "sent": 99, "dead": 1}
+    assert counts == {"pending": 0, "inflight": 0, "sent": 99, "dead": 1, "held": 0}
     assert receiver.stats() == expected(records)
     with Store(db) as store:
         [dead] = store.dead()
@@ -124,7 +124,7 @@ def test_a_record_whose_own_key_is_refused_goes_dead_without_holding_back_others
     good = [make_record(stat="fine", count=1, t=T0)]
     shipper, result, counts = ship_all(db, receiver, [*bad, *good])
     assert result.done
-    assert counts == {"pending": 0, "inflight": 0, "sent": 1, "dead": 8}
+    assert counts == {"pending": 0, "inflight": 0, "sent": 1, "dead": 8, "held": 0}
     assert receiver.requests == 2  # the bad key's group died whole: no bisecting through 8 records
 
 
@@ -138,7 +138,7 @@ def test_a_misconfigured_endpoint_pauses_and_keeps_every_record_pending(db, rece
     with Store(db) as store, Shipper(store, config, sleep=waits.append) as shipper:
         result = shipper.drain(max_time=0.5)
         assert not result.done and "HTTP 404" in result.reason
-        assert store.counts() == {"pending": 10, "inflight": 0, "sent": 0, "dead": 0}
+        assert store.counts() == {"pending": 10, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
         assert store.meta()["last_result"] == "paused"
     assert waits
 
@@ -192,7 +192,7 @@ def test_shutdown_mid_drain_hands_back_the_unsent_batch(db, receiver):
     with Store(db) as store, Shipper(store, config, shutdown=shutdown, sleep=sleep) as shipper:
         result = shipper.drain()
         assert not result.done
-        assert store.counts() == {"pending": 40, "inflight": 0, "sent": 0, "dead": 0}
+        assert store.counts() == {"pending": 40, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
 
 
 def test_a_new_shipper_reclaims_leases_left_by_a_dead_one(db, receiver):

@@ -43,7 +43,7 @@ def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicatin
     assert received - sent == Counter((a["stat"], a["number"], a["t"]) for a in held)  # that batch, once more
     assert not sent - received  # nothing lost
     with Store(db) as store:
-        assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0}
+        assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0, "held": 0}
         assert store.integrity_ok()
 
 
@@ -119,5 +119,5 @@ def test_a_shipper_killed_at_a_random_instant_duplicates_at_most_one_whole_batch
     if duplicated:
         assert duplicated == list(range(duplicated[0], duplicated[0] + len(duplicated)))  # one contiguous batch
     with Store(db) as store:
-        assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0}
+        assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0, "held": 0}
         assert store.integrity_ok()

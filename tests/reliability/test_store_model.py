@@ -126,7 +126,7 @@ class StoreModel(RuleBasedStateMachine):
     @invariant()
     def counts_match_the_model(self):
         leased = self.leased()
-        want = {"pending": 0, "inflight": 0, "sent": 0, "dead": 0}
+        want = {"pending": 0, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
         for i, s in self.state.items():
             want["inflight" if s == "pending" and i in leased else s] += 1
         assert self.store.counts() == want
