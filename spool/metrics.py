@@ -58,6 +58,16 @@ class Metrics:
             counts = self._state_counts()
             oldest = self.store.oldest_pending_t()
             meta = self.store.meta()
+            counters = self.store.counters()
+        dropped = CounterMetricFamily("spool_dropped", "Records dropped or refused at a bound, by reason",
+                                      labels=["reason"])
+        for reason in ("dropped_oldest", "dropped_age", "refused_full"):
+            dropped.add_metric([reason], counters.get(reason, 0))
+        yield dropped
+        yield CounterMetricFamily("spool_compacted", "Count records merged away by compaction",
+                                  value=counters.get("compacted", 0))
+        yield CounterMetricFamily("spool_corrupt_quarantined", "Corrupt spool files moved aside",
+                                  value=counters.get("corrupt_quarantined", 0))
         records = GaugeMetricFamily("spool_records", "Records in the spool by state", labels=["state"])
         for state, n in counts.items():
             records.add_metric([state], n)

@@ -215,6 +215,7 @@ def test_healthz_and_metrics(relay, db):
     assert 'spool_records{state="pending"} 1.0' in metrics
     assert 'spool_appended_total{source="http"} 1.0' in metrics
     assert "spool_oldest_pending_age_seconds" in metrics
+    assert 'spool_dropped_total{reason="dropped_oldest"} 0.0' in metrics
 
 
 def test_a_non_loopback_address_needs_allow_remote(db):
