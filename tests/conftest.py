@@ -97,3 +97,22 @@ def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 30
     found.wait(timeout)
     assert found.is_set(), f"no line with {text!r} within {timeout} s: {lines}"
     return lines
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    """Wait (polling) until `condition()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting")
+        time.sleep(0.02)
+
+
+def stop_agent(agent: subprocess.Popen[str]) -> str:
+    """SIGTERM a `spool run` subprocess, assert it exits 0, and return its stderr."""
+    import signal
+
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=30)
+    assert agent.returncode == 0, stderr
+    return stderr

@@ -14,7 +14,7 @@ from spool.cli import cli
 from spool.records import make_record
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli
+from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli, stop_agent, wait_for
 
 
 def assert_one_line_error(result, status, text):
@@ -238,13 +238,9 @@ def test_run_ingests_dropped_files_and_ships_them(db, receiver, tmp_path):
     try:
         (drop / ".f.part").write_text(f'{{"stat":"from file","value":4.5,"t":{T0}}}\n')
         (drop / ".f.part").rename(drop / "f.jsonl")
-        deadline = time.monotonic() + 20
-        while not receiver.accepted and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: receiver.accepted)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        _, stderr = agent.communicate(timeout=30)
-    assert agent.returncode == 0, stderr
+        stderr = stop_agent(agent)
     assert [(a["stat"], a["number"], a["t"]) for a in receiver.accepted] == [("from file", 4.5, T0)]
     assert "ingested 1 records from f.jsonl" in stderr
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import threading
 import time
@@ -20,7 +19,7 @@ from spool.relay import Relay
 from spool.ship import Shipper
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, make_config, spawn_cli, wait_for_line
+from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, make_config, spawn_cli, stop_agent, wait_for, wait_for_line
 
 
 @contextmanager
@@ -235,12 +234,8 @@ def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
         wait_for_line(agent, "relay listening")
         body = {"ezkey": TEST_EZKEY, "data": [{"stat": "via relay", "value": 1.5, "t": T0}]}
         assert requests.post(f"http://127.0.0.1:{port}/ez", json=body).json()["multiple"] == 1
-        deadline = time.monotonic() + 20
-        while not receiver.accepted and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: receiver.accepted)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        _, stderr = agent.communicate(timeout=30)
-    assert agent.returncode == 0, stderr
+        stderr = stop_agent(agent)
     assert [(a["stat"], a["number"], a["t"]) for a in receiver.accepted] == [("via relay", 1.5, T0)]
     assert json.dumps(TEST_EZKEY) not in stderr

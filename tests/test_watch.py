@@ -15,9 +15,7 @@ from spool.config import WatchConfig
 from spool.store import Store
 from spool.watch import DONE, REJECTED, DirectoryWatcher, Ingestor
 
-from .conftest import T0
-
-WAIT = 15.0  # seconds a test waits for the observer before failing
+from .conftest import T0, wait_for
 
 
 def jsonl(*stats, t=T0):
@@ -54,14 +52,6 @@ class Running:
         self.watcher.stop()
         self.thread.join(10)
         self.watcher.store.close()
-
-
-def wait_for(condition, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.02)
 
 
 @pytest.fixture
