@@ -141,7 +141,7 @@ class Agent:
             log.warning("cannot read the spool for the summary: %s", exc)
             return
         age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
-        ingested = sum(r.records for w in self.watchers for r in w.results if r.outcome == "ingested")
+        ingested = sum(watcher.ingested_records for watcher in self.watchers)
         files = f"; ingested {ingested} records from files" if self.watchers else ""
         if self.relay is not None:
             files += f"; relayed {sum(self.relay.stats.appended.values())} records"

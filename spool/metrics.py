@@ -94,9 +94,9 @@ class Metrics:
         outcomes: dict[str, int] = {}
         ingested = 0
         for watcher in self.watchers():
-            for result in list(watcher.results):
-                outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
-                ingested += result.records
+            for outcome, n in list(watcher.outcomes.items()):
+                outcomes[outcome] = outcomes.get(outcome, 0) + n
+            ingested += watcher.ingested_records
         for outcome, n in outcomes.items():
             files.add_metric([outcome], n)
         appended.add_metric(["watch"], ingested)

@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tenacity
 from tenacity.stop import stop_base, stop_when_event_set
@@ -60,7 +60,6 @@ class ShipStats:
     retries: int = 0
     paced: float = 0.0  # seconds spent keeping to max_requests_per_second
     last_error: str | None = None
-    waits: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,14 +197,10 @@ class Shipper:
                                                           max=self.config.backoff_max),
                                   cap=self.config.retry_after_max),
             stop=stop_when_event_set(self.shutdown) | stop_at_deadline(deadline, self.monotonic),
-            sleep=self._sleep,
+            sleep=self.sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
-
-    def _sleep(self, seconds: float) -> None:
-        self.stats.waits.append(seconds)
-        self.sleep(seconds)
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         error = retry_state.outcome.exception() if retry_state.outcome else None

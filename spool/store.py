@@ -363,11 +363,6 @@ class Store:
         except _AlreadyIngested:
             return None
 
-    def ingested_file(self, digest: str) -> dict[str, Any] | None:
-        """Return what is known of an ingested file by its digest."""
-        row = self.conn.execute("SELECT name, records, at FROM files WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else {"name": row[0], "records": row[1], "at": row[2]}
-
     def append_one(self, record: Record) -> None:
         """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
         if self.limits is not None:

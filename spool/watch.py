@@ -8,6 +8,7 @@ in place. Files with invalid records go to DIR/.rejected/ with NAME.error.txt be
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import io
@@ -33,6 +34,7 @@ DONE, REJECTED = ".done", ".rejected"
 IGNORED_SUFFIXES = (".tmp", ".part", ".swp", "~")
 MAX_REPORTED = 1000  # error lines written to NAME.error.txt
 INTERRUPT_EVERY = 10_000  # records between checks for shutdown while ingesting a large file
+RECENT = 1000  # results a long-running watcher keeps (totals are counted, not kept)
 
 
 class IngestResult(NamedTuple):
@@ -240,7 +242,9 @@ class DirectoryWatcher:
         self.shutdown = shutdown or threading.Event()
         self.on_ingested = on_ingested or (lambda result: None)
         self.ingestor = Ingestor.for_watch(store, watch, t_floor=t_floor, interrupted=self.shutdown.is_set)
-        self.results: list[IngestResult] = []
+        self.results: collections.deque[IngestResult] = collections.deque(maxlen=RECENT)  # recent files only
+        self.outcomes: collections.Counter[str] = collections.Counter()  # files by outcome, since start
+        self.ingested_records = 0
         self._queue: queue.Queue[tuple[Path, bool] | None] = queue.Queue()  # (path, must settle); None: stop
         self._deferred: list[tuple[float, str]] = []  # (not before, path) heap for files still settling
         self._observer = None
@@ -339,6 +343,8 @@ class DirectoryWatcher:
         level = logging.WARNING if result.outcome in ("rejected", "duplicate") else logging.INFO
         log.log(level, "%s", result.describe())
         self.results.append(result)
+        self.outcomes[result.outcome] += 1
+        self.ingested_records += result.records
         if result.outcome == "ingested":
             self.on_ingested(result)
 

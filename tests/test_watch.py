@@ -80,7 +80,7 @@ def test_a_file_written_in_place_is_read_only_after_it_is_closed(drop_dir, db):
             handle.write(jsonl("first"))
             handle.flush()
             time.sleep(0.3)  # an open writer: the close-after-write event has not come yet
-            assert watcher.results == []
+            assert not watcher.results
             handle.write(jsonl("second"))
         wait_for(lambda: watcher.results)
     assert stats_in(db) == ["first", "second"]
@@ -238,6 +238,7 @@ def test_the_watcher_survives_bad_files_and_goes_on(drop_dir, db):
         wait_for(lambda: ("good.jsonl", "ingested") in outcomes(watcher))
     assert stats_in(db) == ["survived"]
     assert sorted(o for _, o in outcomes(watcher)) == ["ingested", "rejected", "rejected"]
+    assert watcher.outcomes == {"ingested": 1, "rejected": 2} and watcher.ingested_records == 1
 
 
 def test_delete_after_ingest(drop_dir, db):
