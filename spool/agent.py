@@ -54,7 +54,7 @@ class Agent:
         from spool.metrics import Metrics
         from spool.relay import Relay
 
-        metrics = Metrics(self._open(), shipper=self.shipper, watchers=lambda: self.watchers)
+        metrics = self._metrics = Metrics(self._open(), shipper=self.shipper, watchers=lambda: self.watchers)
         relay = Relay(self.config.relay, self._open(), t_floor=self.config.t_floor,
                       on_commit=lambda n: self.wake.set(), health=metrics.health, metrics=metrics.render)
         metrics.relay = relay
@@ -126,9 +126,11 @@ class Agent:
         if stuck:
             log.error("did not stop in time: %s", ", ".join(stuck))
         else:
-            for component in [self.shipper, *self.watchers]:
-                if component is not None:
-                    component.store.close()
+            stores = [component.store for component in [self.shipper, *self.watchers] if component is not None]
+            if self.relay is not None:
+                stores += [self.relay.writer.store, self._metrics.store]
+            for store in stores:
+                store.close()
         self.log_summary()
         self._store.close()
         return 1 if self._failed or stuck else 0
