@@ -208,14 +208,11 @@ def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval
 
     Example: spool watch /var/spool/drop
     """
-    from spool.agent import Agent, setup_logging
-
     config = obj.config()
     entries = tuple(configuration.watch_entry(
         {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
          "after": "delete" if delete else "move"}, "--") for d in directories)
-    setup_logging(config.log_level)
-    raise click.exceptions.Exit(Agent(config.replace(watch=entries), ship=False).run())
+    _run_agent(config.replace(watch=entries), ship=False)
 
 
 @cli.command()
@@ -232,14 +229,11 @@ def relay(obj: Context, listen: str | None, statsd: str | None, allow_remote: bo
 
     Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
     """
-    from spool.agent import Agent, setup_logging
-
     config = obj.config()
     flags = {k: v for k, v in {"listen": listen, "statsd": statsd, "allow_remote": allow_remote}.items()
              if v is not None}
     relay_config = configuration.relay_table({**flags, "enabled": True}, "--", base=config.relay)
-    setup_logging(config.log_level)
-    raise click.exceptions.Exit(Agent(config.replace(relay=relay_config, watch=()), ship=False).run())
+    _run_agent(config.replace(relay=relay_config, watch=()), ship=False)
 
 
 def _when_option(text: str | None, name: str) -> int | None:
@@ -362,6 +356,14 @@ def doctor(obj: Context) -> None:
         raise SpoolCommandError(f"{len(failed)} check(s) failed: {', '.join(failed)}", 1)
 
 
+def _run_agent(config: configuration.Config, *, ship: bool = True) -> None:
+    """Run the agent in the foreground with its logging, and exit with its status."""
+    from spool.agent import Agent, setup_logging
+
+    setup_logging(config.log_level)
+    raise click.exceptions.Exit(Agent(config, ship=ship).run())
+
+
 def _shipping_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--endpoint", metavar="URL", help="StatHat base URL (env SPOOL_ENDPOINT)."),
@@ -389,14 +391,14 @@ def ship(obj: Context, once: bool, max_time: str, **flags: Any) -> None:
 
     Example: SPOOL_EZKEY_FILE=/etc/spool/ezkey spool ship --once --max-time 60
     """
-    from spool.agent import Agent, setup_logging
+    from spool.agent import setup_logging
     from spool.ship import Shipper
     from spool.store import Store
 
     config = obj.config(**flags)
-    setup_logging(config.log_level)
     if not once:
-        raise click.exceptions.Exit(Agent(config).run())
+        _run_agent(config)
+    setup_logging(config.log_level)
     deadline = configuration.parse_duration(max_time, "--max-time")
     with Store.for_config(config) as store, \
             Shipper(store, config) as shipper:
@@ -419,11 +421,8 @@ def run(obj: Context, **flags: Any) -> None:
 
     Example: SPOOL_CONFIG=/etc/spool/spool.toml spool run
     """
-    from spool.agent import Agent, setup_logging
-
     config = obj.config(**flags)
-    setup_logging(config.log_level)
-    raise click.exceptions.Exit(Agent(config).run())
+    _run_agent(config)
 
 
 @cli.command()

@@ -48,10 +48,6 @@ class Record(NamedTuple):
     number: int | float
     t: int  # unix seconds, always present
 
-    @property
-    def is_classic(self) -> bool:
-        return self.stat is None
-
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-lines form that `parse_record` reads back unchanged."""
         out: dict[str, Any] = {"key": self.key, "ukey": self.ukey} if self.stat is None else {"stat": self.stat}
@@ -255,16 +251,6 @@ def _row_chunks(objs: Iterator[object], clock_now: int | None, ezkey: str | None
             rows = [row if row is not None else parse_record(obj, clock_now=clock_now, ezkey=ezkey, t_floor=t_floor)
                     for obj, row in zip(batch, rows, strict=True)]
         yield rows
-
-
-def parse_number_text(text: str, field: str) -> int | float:
-    """Parse a count or value given as text and validate it."""
-    return check_number(number_from_text(text, field), field)
-
-
-def parse_t_text(text: str, t_floor: int = T_FLOOR) -> int:
-    """Parse a `t` given as text and validate it."""
-    return check_t(number_from_text(text, "t"), t_floor)
 
 
 def expand_stat(stat: str) -> list[str]:

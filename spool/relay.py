@@ -205,12 +205,15 @@ class RelayStats:
         self.statsd_invalid = 0
         self.busy = 0
 
-    def add(self, name: str, n: int = 1, source: str | None = None) -> None:
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of the counters: refused, statsd_invalid, busy."""
         with self.lock:
-            if source is not None:
-                self.appended[source] += n
-            else:
-                setattr(self, name, getattr(self, name) + n)
+            setattr(self, name, getattr(self, name) + n)
+
+    def took(self, source: str, n: int) -> None:
+        """Count records taken into the spool from `source` (http, statsd)."""
+        with self.lock:
+            self.appended[source] += n
 
 
 class Relay:
@@ -303,11 +306,11 @@ class Relay:
                 return  # closed by stop()
             records, invalid = statsd_records(packet, self.config.statsd_prefix, now())
             if invalid:
-                self.stats.add("statsd_invalid", invalid)
+                self.stats.count("statsd_invalid", invalid)
             if records:
                 try:
                     self.writer.write(records)
-                    self.stats.add("", len(records), source="statsd")
+                    self.stats.took("statsd", len(records))
                 except StoreError as exc:
                     log.error("StatsD packet lost: %s", exc)
 
@@ -416,7 +419,7 @@ class Relay:
                     log.error("relay could not spool %d records: %s", len(records), exc)
                     self._send(503, f"spool unavailable: {exc}".encode(), "text/plain")
                     return
-                relay.stats.add("", len(records), source="http")
+                relay.stats.took("http", len(records))
                 if batch:
                     self._send_json({"status": 200, "msg": "ok", "multiple": len(records)})
                 elif verbose:
@@ -425,7 +428,7 @@ class Relay:
                     self._send(204, b"", None)
 
             def _refuse(self, message: str) -> None:
-                relay.stats.add("refused")
+                relay.stats.count("refused")
                 self._send_json({"status": 500, "msg": message})
 
             def _send_json(self, answer: dict[str, Any]) -> None:
@@ -458,7 +461,7 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.relay._slots.acquire(blocking=False):
-            self.relay.stats.add("busy")
+            self.relay.stats.count("busy")
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             except OSError:

@@ -245,3 +245,13 @@ def test_a_2xx_answer_that_is_not_stathats_is_retried_not_counted_as_delivered(d
     receiver.fail_next(3, status=200, body=body)
     shipper, result, counts = ship_all(db, receiver, [make_record(stat="s", count=1, t=T0)])
     assert result.done and counts["sent"] == 1 and shipper.stats.retries == 3
+
+
+def test_an_answer_lost_after_the_receiver_took_the_batch_resends_exactly_that_batch(db, receiver):
+    records = [make_record(stat=f"s{i}", count=1, t=T0 + i) for i in range(30)]
+    receiver.pass_next(1)
+    receiver.reset_after_accept_next(1)  # the second batch is taken, its answer never arrives
+    shipper, result, counts = ship_all(db, receiver, records, batch_size=10)
+    assert result.done and counts["sent"] == 30
+    duplicated = Counter(a["stat"] for a in receiver.accepted) - Counter(r.stat for r in records)
+    assert sorted(duplicated) == sorted(f"s{i}" for i in range(10, 20))

@@ -223,3 +223,15 @@ def test_prune_walks_past_records_of_other_states_interleaved_with_old_sent_ones
         store.end_lease(lease.id)
         assert store.prune_sent(sent_before=2000.0, step=3) == len(ids[0::3])
         assert states(store) == {"dead": len(ids[1::3]), "sent": 5, "pending": len(ids[2::3]) - 5}
+
+
+def test_the_api_appends_classic_records_and_single_record_dicts(db):
+    with Spool(db) as sp:
+        sp.classic_count(key="K", ukey="U", count=3, t=T0)
+        sp.classic_value(key="K", ukey="U", value=0.5, t=T0 + 1)
+        sp.add({"stat": "d", "value": 2, "t": T0 + 2, "email": "me@example.com"})
+        with pytest.raises(InvalidRecord, match="ukey is missing"):
+            sp.add({"key": "K", "count": 1})
+        assert [r for _, _, r in sp.store.records()] == [
+            make_record(key="K", ukey="U", count=3, t=T0), make_record(key="K", ukey="U", value=0.5, t=T0 + 1),
+            make_record(stat="d", value=2, t=T0 + 2, ezkey="me@example.com")]
