@@ -1,0 +1,40 @@
+"""Upgrades keep the backlog: a spool written by each released schema opens, migrates and ships."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from spool.api import Spool
+from spool.ship import Shipper
+from spool.store import SCHEMA_VERSION, Store
+from tests.conftest import TEST_EZKEY, make_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dead_letters(tmp_path, receiver):
+    db = tmp_path / "spool.db"
+    shutil.copy(FIXTURES / "spool-schema3-0.1.0.db", db)
+    with Spool(db) as sp:
+        assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        before = sp.status()
+        assert before["pending"] + before["inflight"] == 9
+        assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
+        assert before["counters"]["dropped_oldest"] == 2
+        [dead] = sp.dead()
+        assert dead["reason"] == "invalid stat name" and dead["record"].stat == "fixture dead"
+    config = make_config(db, receiver)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=30).done
+    shipped = receiver.stats()
+    assert len(shipped) == 9
+    assert {s[0] for s in shipped} >= {f"fixture pending {i}" for i in range(5)} | {
+        "fixture own key~a,b", "fixture-classic-key", "fixture from file"}
+    own = [s for s in shipped if s[0] == "fixture own key~a,b"]
+    assert own == [("fixture own key~a,b", "value", 0.5, 1763500010, "fixture-own-key")]
+    assert ("fixture pending 0", "count", 1, 1763500000, TEST_EZKEY) in shipped
+    with Spool(db) as sp:
+        after = sp.status()
+        assert (after["pending"], after["inflight"], after["dead"]) == (0, 0, 1)
+        assert after["sent"] == 10
