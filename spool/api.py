@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from spool.config import Config, Limits, default_db_path
+from spool.lock import ShipLock
 from spool.records import T_FLOOR, Record, make_record, now, parse_record, record_rows
-from spool.store import ShipLock, Store
+from spool.store import Store
 
 
 class Spool:

@@ -15,8 +15,9 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from spool.config import Config
 from spool.errors import EndpointError, Refused, ShipError, StoreError, TransientError
+from spool.lock import ShipLock
 from spool.stathat import StatHatClient
-from spool.store import Lease, Leased, ShipLock, Store
+from spool.store import Lease, Leased, Store
 
 log = logging.getLogger("spool.ship")
 
@@ -96,8 +97,10 @@ class Shipper:
 
     def __enter__(self) -> Shipper:
         self._lock.acquire()
-        # We hold the lock, so whoever leased anything still in flight is dead: take it all back.
-        freed = self.store.release_stale_leases()
+        # Leases whose owner is proven dead go back to pending. Holding the lock, we also know that a lease an
+        # older release left without an owner belongs to a shipper that is gone.
+        self.store.sweep_stages()
+        freed = self.store.release_dead_leases(unowned_before=float("inf"))
         if freed:
             log.warning("returned %d records leased by a shipper that died to pending", freed)
         return self
@@ -267,8 +270,8 @@ class Shipper:
                     break
 
     def _restamp_held(self) -> None:
+        from spool.clock import boot_clock, boot_id
         from spool.records import CLOCK_SANE_AFTER
-        from spool.store import boot_clock, boot_id
 
         wall = self.clock()
         if wall < CLOCK_SANE_AFTER:
@@ -286,7 +289,8 @@ class Shipper:
             return
         self._last_housekeeping = now
         try:
-            freed = self.store.release_stale_leases(leased_before=self.clock() - self.config.lease_timeout)
+            freed = self.store.release_dead_leases(unowned_before=self.clock() - self.config.lease_timeout)
+            self.store.sweep_stages()
             self._restamp_held()
             if self.config.compact_counts:
                 saved = self.store.compact_counts(bucket=self.config.compact_counts)
@@ -324,7 +328,7 @@ class _Batch:
 
     def kill(self, group: Sequence[Leased], refusal: Refused) -> None:
         self.unsettled -= len(group)
-        self.shipper.store.kill([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
+        self.shipper.store.mark_dead([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
                                 body=refusal.body, now=self.shipper.clock())
         if self.unsettled == 0:
             self.shipper.store.end_lease(self.lease.id)

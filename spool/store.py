@@ -5,49 +5,62 @@ The storage contract, stated once:
 * A record is in exactly one state: PENDING, INFLIGHT (pending and named by a live lease), SENT or DEAD.
 * `append` returns only after its transaction committed; with synchronous=FULL (the default) that
   survives power loss, with NORMAL it survives a crash of the process but maybe not of the machine.
+* A large append is written in chunks as STAGED records (invisible to shippers and counts) and made
+  PENDING by one statement in the final transaction, so it is still all or nothing while no transaction
+  holds the write lock for long. Staged records of a process that died are discarded (`sweep_stages`).
 * `lease` takes the oldest pending records not already leased (by `t`, then append order) in one statement
   inside one immediate transaction, so two shippers can never lease the same record. A lease is one small
-  row holding the batch's ids: leasing rewrites no record, which keeps writes per record low (SD cards).
-* `ack` marks records SENT; it is called only after the receiver acknowledged them. `kill` moves records to
-  DEAD with the receiver's reason, HTTP status and body. `end_lease` drops the lease: whatever it named that
-  was not settled is simply pending again (transient failure, shutdown).
-* One shipper per spool file, enforced by `ShipLock`; whoever holds it may drop every lease at start-up,
-  because their holder is known to be dead.
+  row holding the batch's ids and its owner (boot, pid, process start): leasing rewrites no record, which
+  keeps writes per record low (SD cards). Lease ids are never reused (AUTOINCREMENT).
+* `ack` marks records SENT; it is called only after the receiver acknowledged them. `mark_dead` moves records
+  to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops the lease: whatever it named
+  that was not settled is simply pending again (transient failure, shutdown).
+* A lease is freed by anyone else only when its owner is proven dead (`release_dead_leases`): another boot,
+  or no process with that pid and start time. A live shipper's lease is never taken from it.
+* A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
+  before that offset) is committed with its records; see `FileMark`.
 * SENT records are kept for the retention period (for replay) and then pruned in small transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import itertools
 import json
 import logging
+import math
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from spool.errors import SpoolBusy, SpoolFull, StoreError
-from spool.records import Record
+from spool.clock import boot_clock, boot_id, is_alive, process_identity
+from spool.errors import SpoolFull, StoreError
+from spool.records import INT64_MAX, Record
 
 log = logging.getLogger("spool.store")
 
-PENDING, SENT, DEAD, HELD = 0, 2, 3, 4  # stored states; "in flight" is PENDING named by a lease, never stored
-STATE_NAMES = ("pending", "inflight", "sent", "dead", "held")  # indexed by state (1: in flight, as counted)
+# Stored states; "in flight" is PENDING named by a lease, never stored. (1 was never used on disk.)
+PENDING, SENT, DEAD, HELD, STAGED = 0, 2, 3, 4, 5
+STATE_NAMES = {PENDING: "pending", SENT: "sent", DEAD: "dead", HELD: "held", STAGED: "staged"}
+COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
+STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
+SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
 
 _COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
-# A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T): it is stored HELD, with
-# the boot it was stamped in and that boot's monotonic clock, computed here so the append path stays one
-# statement.
-_INSERT = (f"INSERT INTO records ({_COLUMNS}, state, held_boot, held_mono) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, "
-           f"CASE WHEN ?7 = 0 THEN 4 ELSE 0 END, CASE WHEN ?7 = 0 THEN boot_id() END, "
-           f"CASE WHEN ?7 = 0 THEN boot_clock() END)")
+_INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
+# boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
+# transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
+_HOLD = (f"UPDATE records SET state = {HELD}, held_boot = boot_id(), held_mono = boot_clock() "
+         f"WHERE state = {PENDING} AND t = 0")
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
 _LEASED = "SELECT value FROM leases, json_each(leases.ids)"  # every id some live lease names
 _KEYED = "(ezkey IS NOT NULL OR key IS NOT NULL)"
@@ -121,11 +134,50 @@ def _add_held(conn: sqlite3.Connection) -> None:
     records.add_column("held_mono", float)
 
 
-_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held}  # version reached -> step
+def _v4(conn: sqlite3.Connection) -> None:
+    """Version 4: files by identity, leases with owners and never-reused ids, staged appends, suspects.
+
+    * files: 0.1.0 knew files by a digest of their content, which dropped a second file with the same bytes.
+      Those rows cannot be mapped to an identity; they only mattered for a file committed but not yet moved
+      when 0.1.0 stopped, which is gone from its directory by now in all but that crash. They are dropped.
+    * leases: ids under AUTOINCREMENT are never reused; `owner` names the process that holds the lease.
+    * records.stage: the append a STAGED record belongs to (see `stages`). records.split: the suspect group
+      of a record the receiver refused as part of a batch (the shipper isolates such records).
+    """
+    conn.execute("DROP TABLE IF EXISTS files")
+    conn.execute("CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, "
+                 "offset INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, tail TEXT NOT NULL, "
+                 "records INTEGER NOT NULL, at REAL NOT NULL)")
+    conn.execute("CREATE TABLE leases_v4 (id INTEGER PRIMARY KEY AUTOINCREMENT, ids TEXT NOT NULL, "
+                 "leased_at REAL NOT NULL, owner TEXT)")
+    conn.execute("INSERT INTO leases_v4 (id, ids, leased_at) SELECT id, ids, leased_at FROM leases")
+    conn.execute("DROP TABLE leases")
+    conn.execute("ALTER TABLE leases_v4 RENAME TO leases")
+    conn.execute("CREATE TABLE stages (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, "
+                 "started_at REAL NOT NULL)")
+    conn.execute("ALTER TABLE records ADD COLUMN stage INTEGER")
+    conn.execute("ALTER TABLE records ADD COLUMN split INTEGER")
+    conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {STAGED}")
+    conn.execute(f"CREATE INDEX suspects ON records (split) WHERE state = {PENDING} AND split IS NOT NULL")
 
 
-class _AlreadyIngested(Exception):
-    pass
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4}  # version reached -> step
+
+
+class FileMark(NamedTuple):
+    """What the spool knows of a dropped file it took records from, committed with those records.
+
+    `offset` is how many bytes were read (the records taken end there); `tail` a hash of the bytes just before
+    it, which tells a file that grew by appending (the tail is unchanged) from one rewritten in place.
+    """
+
+    path: bytes  # os.fsencode of the absolute path: file names need not be UTF-8
+    dev: int
+    ino: int
+    offset: int
+    mtime_ns: int
+    tail: str
+    records: int = 0
 
 
 class Store:
@@ -140,6 +192,8 @@ class Store:
         started in its place: the long-running agent must not crash-loop on a corrupt file.
         """
         self.path = Path(path)
+        self.owner = process_identity()
+        self._last_warning = float("-inf")
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
         self.busy_timeout = busy_timeout
@@ -163,28 +217,39 @@ class Store:
 
     def _open(self, synchronous: str, *, check: bool) -> None:
         _create_private_file(self.path)
-        try:
+        with _translated(self.path, self.busy_timeout):
             self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                         check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open spool {self.path}: {exc}") from None
         self.conn.create_function("boot_id", 0, boot_id)
         self.conn.create_function("boot_clock", 0, boot_clock)
         try:
-            try:
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                    raise _Corrupt("failed SQLite's quick check")
-            except sqlite3.DatabaseError as exc:
-                if "not a database" in str(exc) or "malformed" in str(exc):
-                    raise _Corrupt(str(exc)) from None
-                raise
+            # Several processes opening a new spool at once race for the switch to WAL and the schema; the
+            # switch does not always wait on the busy handler, so wait here as any write would.
+            deadline = time.monotonic() + self.busy_timeout
+            while True:
+                try:
+                    self._prepare(synchronous, check=check)
+                    return
+                except sqlite3.OperationalError as exc:
+                    if _code(exc) not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if _code(exc) in (_CORRUPT, _NOTADB):
+                raise _Corrupt(str(exc)) from None
             with _translated(self.path, self.busy_timeout):
-                self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                self._migrate()
+                raise
         except BaseException:
             self.conn.close()
             raise
+
+    def _prepare(self, synchronous: str, *, check: bool) -> None:
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise _Corrupt("failed SQLite's quick check")
+        self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._migrate()
 
     def _quarantine(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -208,11 +273,17 @@ class Store:
     def _migrate(self) -> None:
         if self._schema_version() == SCHEMA_VERSION:
             return
-        with self._write():  # re-read inside the lock: another process may have migrated meanwhile
+        self.conn.execute("BEGIN IMMEDIATE")  # re-read inside the lock: another process may have migrated
+        try:
             version = self._schema_version()
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 _MIGRATIONS[target](self.conn)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def _schema_version(self) -> int:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -249,39 +320,100 @@ class Store:
 
     # -- producers -------------------------------------------------------------------------------
 
-    def append(self, records: Iterable[Sequence[Any]]) -> int:
-        """Commit `records` (Records, or tuples of the same shape; consumed lazily) in one transaction.
+    def append(self, records: Iterable[Sequence[Any]], *, file: FileMark | None = None,
+               chunk: int = STAGE_CHUNK) -> int:
+        """Commit `records` (Records, or tuples of the same shape; consumed lazily), all or nothing.
 
-        Returns how many were committed.
+        Returns how many were committed. With `file`, that file's mark is committed with them (replacing
+        any earlier mark for its path). If iterating raises (a record failed validation), nothing from this
+        call is committed.
 
-        If iterating raises (a record failed validation), nothing from this call is committed.
+        Up to `chunk` records go in one transaction. A larger append is staged: written `chunk` records per
+        transaction as STAGED, then made PENDING by one statement in the transaction that also commits the
+        file mark and enforces the bounds. No transaction holds the write lock for long, so a shipper's
+        acknowledgement is never kept waiting by a big import.
         """
-        with self._bounded() as conn:
-            before = conn.total_changes
-            conn.executemany(_INSERT, records)
-            return conn.total_changes - before
+        rows = iter(records)
+        first = list(itertools.islice(rows, chunk))
+        extra = next(rows, None) if len(first) == chunk else None
+        if extra is None:
+            with self._bounded() as conn:
+                conn.executemany(_INSERT, first)
+                conn.execute(_HOLD)
+                if file is not None:
+                    self._mark_file(conn, file._replace(records=len(first)))
+                self._enforce(conn, len(first))
+            return len(first)
+        return self._append_staged(itertools.chain(first, [extra], rows), file, chunk)
+
+    def _append_staged(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
+        self.sweep_stages()
+        with self._write() as conn:
+            stage = conn.execute("INSERT INTO stages (owner, started_at) VALUES (?, ?) RETURNING id",
+                                 (self.owner, time.time())).fetchone()[0]
+        insert = (f"INSERT INTO records ({_COLUMNS}, state, stage, held_boot, held_mono) VALUES "
+                  f"(?, ?, ?, ?, ?, ?, ?, {STAGED}, {int(stage)}, NULL, NULL)")
+        hold = (f"UPDATE records SET held_boot = boot_id(), held_mono = boot_clock() "
+                f"WHERE state = {STAGED} AND stage = {int(stage)} AND t = 0 AND held_boot IS NULL")
+        taken = 0
+        try:
+            while part := list(itertools.islice(rows, chunk)):
+                with self._write() as conn:
+                    conn.executemany(insert, part)
+                    conn.execute(hold)
+                taken += len(part)
+            with self._bounded() as conn:
+                conn.execute(f"UPDATE records SET state = CASE WHEN t = 0 THEN {HELD} ELSE {PENDING} END, "
+                             f"stage = NULL WHERE state = {STAGED} AND stage = ?", (stage,))
+                conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+                if file is not None:
+                    self._mark_file(conn, file._replace(records=taken))
+                self._enforce(conn, taken)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                self._discard_stage(stage)
+            raise
+        return taken
+
+    def _discard_stage(self, stage: int) -> None:
+        while True:
+            with self._write() as conn:
+                gone = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE "
+                                    f"state = {STAGED} AND stage = ? LIMIT {SWEEP_CHUNK})", (stage,)).rowcount
+                if gone < SWEEP_CHUNK:
+                    conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+                    return
+
+    def sweep_stages(self) -> int:
+        """Discard the staged records of appends whose process died before finishing; return how many stages."""
+        dead = [stage for stage, owner in self.conn.execute("SELECT id, owner FROM stages")
+                if not is_alive(owner)]
+        for stage in dead:
+            self._discard_stage(stage)
+        return len(dead)
 
     @contextlib.contextmanager
     def _bounded(self) -> Iterator[sqlite3.Connection]:
-        """An appending transaction that ends by bringing the spool back within its limits.
+        """An appending transaction; the block ends by calling `_enforce` with what it added.
 
-        drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
-        bound is in bytes), counted in the same commit. reject_new: nothing from this append is committed,
-        SpoolFull is raised, and the refusal is counted.
+        A SpoolFull from it rolls back the whole transaction and is counted.
         """
         try:
             with self._write() as conn:
-                before = conn.total_changes
                 yield conn
-                if self.limits is not None:
-                    self._enforce(conn, conn.total_changes - before)
         except SpoolFull:
             self.bump(refused_full=1)
             raise
 
     def _enforce(self, conn: sqlite3.Connection, incoming: int) -> None:
+        """Bring the spool back within its limits at the end of an appending transaction.
+
+        drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
+        bound is in bytes), counted in the same commit. reject_new: SpoolFull, so nothing is committed.
+        """
         limits = self.limits
-        assert limits is not None
+        if limits is None:
+            return
         reject = limits.when_full == "reject_new"
         if limits.max_pending is not None:
             pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING}").fetchone()[0]
@@ -314,8 +446,15 @@ class Store:
                                f"AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?)", (n,)).rowcount
         if dropped:
             self._bump(conn, "dropped_oldest", dropped)
-            _warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
+            self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
         return dropped
+
+    def _warn_rate_limited(self, message: str, *args: object) -> None:
+        """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
+        now = time.monotonic()
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            log.warning(message, *args)
 
     def drop_expired(self, *, now: float) -> int:
         """Delete pending records (not in flight) whose t is older than max_age; they would not be shipped."""
@@ -344,28 +483,39 @@ class Store:
         return {name[6:]: int(value) for name, value in
                 self.conn.execute("SELECT name, value FROM meta WHERE name LIKE 'count.%'")}
 
-    def append_file(self, records: Iterable[Sequence[Any]], *, digest: Callable[[], str], name: str,
-                    now: float) -> int | None:
-        """Commit a file's records together with its identity, in one transaction.
+    # -- dropped files --------------------------------------------------------------------------------
 
-        `digest` is called after `records` is consumed (it may hash what was read). If a file with that
-        digest was committed before, nothing is committed and None is returned.
-        """
-        try:
-            with self._bounded() as conn:
-                before = conn.total_changes
-                conn.executemany(_INSERT, records)
-                taken = conn.total_changes - before
-                if conn.execute("INSERT OR IGNORE INTO files (digest, name, records, at) VALUES (?, ?, ?, ?)",
-                                (digest(), name, taken, now)).rowcount == 0:
-                    raise _AlreadyIngested
-                return taken
-        except _AlreadyIngested:
-            return None
+    def _mark_file(self, conn: sqlite3.Connection, mark: FileMark) -> None:
+        conn.execute("INSERT INTO files (path, dev, ino, offset, mtime_ns, tail, records, at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET dev = excluded.dev, "
+                     "ino = excluded.ino, offset = excluded.offset, mtime_ns = excluded.mtime_ns, "
+                     "tail = excluded.tail, records = excluded.records, at = excluded.at",
+                     (*mark, time.time()))
+
+    def file_mark(self, path: bytes) -> FileMark | None:
+        """Return the mark committed for a file path, or None if no records were taken from a file there."""
+        row = self.conn.execute("SELECT path, dev, ino, offset, mtime_ns, tail, records FROM files "
+                                "WHERE path = ?", (path,)).fetchone()
+        return FileMark(*row) if row else None
+
+    def file_marks(self) -> list[FileMark]:
+        return [FileMark(*row) for row in
+                self.conn.execute("SELECT path, dev, ino, offset, mtime_ns, tail, records FROM files")]
+
+    def forget_files(self, paths: Iterable[bytes]) -> int:
+        """Drop the marks of files that are gone (moved to .done/, deleted, replaced); return how many."""
+        with self._write() as conn:
+            return sum(conn.execute("DELETE FROM files WHERE path = ?", (path,)).rowcount for path in paths)
+
+    def move_file_mark(self, old: bytes, new: bytes) -> None:
+        """Let a file's mark follow it to a new name."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM files WHERE path = ?", (new,))
+            conn.execute("UPDATE files SET path = ? WHERE path = ?", (new, old))
 
     def append_one(self, record: Record) -> None:
         """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
-        if self.limits is not None:
+        if self.limits is not None or record[6] == 0:  # bounds, or a held record: a transaction of its own
             self.append([record])
             return
         with _translated(self.path, self.busy_timeout):
@@ -383,9 +533,9 @@ class Store:
             where += f" AND t >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
         with self._write() as conn:
             row = conn.execute(
-                f"INSERT INTO leases (ids, leased_at) SELECT json_group_array(id), ? FROM "
+                f"INSERT INTO leases (ids, leased_at, owner) SELECT json_group_array(id), ?, ? FROM "
                 f"(SELECT id FROM records WHERE {where} AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?) "
-                f"HAVING count(*) > 0 RETURNING id, ids", (now, limit)).fetchone()
+                f"HAVING count(*) > 0 RETURNING id, ids", (now, self.owner, limit)).fetchone()
             if row is None:
                 return None
             rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE id IN ({_IDS}) ORDER BY t, id",
@@ -406,8 +556,8 @@ class Store:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
 
-    def kill(self, ids: Sequence[int], *, reason: str, http_status: int | None, body: str,
-             now: float) -> int:
+    def mark_dead(self, ids: Sequence[int], *, reason: str, http_status: int | None, body: str,
+                  now: float) -> int:
         """Move records to DEAD, keeping the receiver's reason, status and body."""
         with self._write() as conn:
             return conn.execute(
@@ -415,15 +565,31 @@ class Store:
                 f"WHERE id IN ({_IDS}) AND state = {PENDING}",
                 (now, reason, http_status, body[:MAX_BODY], json.dumps(list(ids)))).rowcount
 
-    def release_stale_leases(self, *, leased_before: float | None = None) -> int:
-        """Drop leases taken before `leased_before` (all of them when None); return the records they named."""
+    def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
+        """Drop the leases whose owner is proven dead; return how many pending records they named.
+
+        A lease written by a release that did not record owners is dropped when it was taken before
+        `unowned_before` (the caller holds the ship lock, or the lease is older than the lease timeout).
+        """
+        owners = self.conn.execute("SELECT DISTINCT owner FROM leases").fetchall()
+        dead = [owner for (owner,) in owners if owner is not None and not is_alive(owner)]
+        if not dead and not (unowned_before is not None and (None,) in owners):
+            return 0
         with self._write() as conn:
-            cutoff = "" if leased_before is None else "WHERE leased_at < ?"
-            params = () if leased_before is None else (leased_before,)
+            where = "owner IN (SELECT value FROM json_each(?))"
+            params: list[Any] = [json.dumps(dead)]
+            if unowned_before is not None:
+                where += " OR (owner IS NULL AND leased_at < ?)"
+                params.append(unowned_before)
             named = conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} AND id IN "
-                                 f"(SELECT value FROM leases, json_each(leases.ids) {cutoff})", params).fetchone()[0]
-            conn.execute(f"DELETE FROM leases {cutoff}", params)
+                                 f"(SELECT value FROM leases, json_each(leases.ids) WHERE {where})",
+                                 params).fetchone()[0]
+            conn.execute(f"DELETE FROM leases WHERE {where}", params)
             return named
+
+    def lease_count(self) -> int:
+        """Return how many leases are live (a drained, idle spool has none)."""
+        return self.conn.execute("SELECT count(*) FROM leases").fetchone()[0]
 
     def prune_sent(self, *, sent_before: float, step: int = 1000) -> int:
         """Delete SENT records older than the retention cut-off, `step` rows per transaction.
@@ -478,9 +644,10 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Return how many records are in each state."""
-        counts = dict.fromkeys(STATE_NAMES, 0)
+        counts = dict.fromkeys(COUNTED, 0)
         with self._read():  # one snapshot for both reads, so the numbers agree
-            for state, n in self.conn.execute("SELECT state, count(*) FROM records GROUP BY state"):
+            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {STAGED} "
+                                              "GROUP BY state"):
                 counts[STATE_NAMES[state]] = n
             counts["pending"], counts["inflight"] = self.backlog()
         return counts
@@ -516,7 +683,7 @@ class Store:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
         sql = f"SELECT id, state, {_COLUMNS} FROM records"
         cursor = (self.conn.execute(f"{sql} WHERE state = ? ORDER BY id", (state,)) if state is not None
-                  else self.conn.execute(f"{sql} ORDER BY id"))
+                  else self.conn.execute(f"{sql} WHERE state != {STAGED} ORDER BY id"))
         for row in cursor:
             yield row[0], row[1], Record(*row[2:])
 
@@ -548,29 +715,37 @@ class Store:
         Each group becomes one record holding the sum, at the bucket's start. Exact for counters at that
         resolution; values are never merged. Works `groups` groups per transaction; returns records saved.
         """
-        saved = 0
+        saved, after = 0, ""
         while True:
             with self._write() as conn:
+                # The sums are taken here, not with SQL's sum(), which raises on integer overflow; a group
+                # whose sum would leave what validation accepts is merged only as far as it fits.
                 rows = conn.execute(
-                    f"SELECT stat, key, ukey, ezkey, (t / ?1) * ?1 AS bucket, count(*), sum(number), "
-                    f"json_group_array(id) FROM records WHERE state = {PENDING} AND kind = 0 "
-                    f"AND id NOT IN ({_LEASED}) GROUP BY stat, key, ukey, ezkey, bucket HAVING count(*) > 1 "
-                    f"LIMIT ?2", (bucket, groups)).fetchall()
+                    f"SELECT stat, key, ukey, ezkey, bucket, json_group_array(json_array(id, number)), "
+                    f"json_array(stat, key, ukey, ezkey, bucket) AS tag FROM (SELECT id, stat, key, ukey, ezkey, "
+                    f"number, (t / ?) * ? AS bucket FROM records WHERE state = {PENDING} AND kind = 0 AND t > 0 "
+                    f"AND id NOT IN ({_LEASED}) ORDER BY id) GROUP BY stat, key, ukey, ezkey, bucket "
+                    f"HAVING count(*) > 1 AND tag > ? ORDER BY tag LIMIT ?",
+                    (bucket, bucket, after, groups)).fetchall()
                 merged = 0
-                for stat, key, ukey, ezkey, start, n, total, ids in rows:
-                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (ids,))
-                    conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
-                    merged += n - 1
+                for stat, key, ukey, ezkey, start, members, _ in rows:
+                    for ids, total in _mergeable(json.loads(members)):
+                        conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
+                        conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
+                        merged += len(ids) - 1
                 if merged:
                     self._bump(conn, "compacted", merged)
             saved += merged
             if len(rows) < groups:
                 return saved
+            after = rows[-1][6]
 
     # -- moving backlog ----------------------------------------------------------------------------
 
+    # "all" leaves out HELD records: their time is not known yet, so no file can carry them (import refuses t=0).
     _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {PENDING}", "sent": f"state = {SENT}",
-                                              "dead": f"state = {DEAD}", "all": "1"}
+                                              "dead": f"state = {DEAD}",
+                                              "all": f"state IN ({PENDING}, {SENT}, {DEAD})"}
 
     def _selection(self, state: str, since: int | None, until: int | None,
                    stat_glob: str | None = None) -> tuple[str, list[Any]]:
@@ -601,20 +776,38 @@ class Store:
             for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where} ORDER BY id", params):
                 yield row[0], Record(*row[1:])
 
-    def remove_exported(self, state: str, *, up_to_id: int, since: int | None = None, until: int | None = None,
-                        stat_glob: str | None = None) -> int:
-        """Delete what `export` yielded (ids up to `up_to_id`), except records in flight: they are being sent."""
+    def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
+                 until: int | None = None, stat_glob: str | None = None, chunk: int = 10_000) -> int:
+        """Hand the selected records to `write` a chunk at a time and delete each chunk once `write` returned.
+
+        Each chunk is selected, written (the callback must make it durable: flush and fsync) and deleted in
+        one transaction, so a record leaves the spool only after it is in the file, and no shipper can lease
+        it meanwhile. Records in flight are skipped (they are being sent). A crash can leave at most the last
+        chunk both in the file and in the spool; never in neither. Returns how many records moved.
+        """
         where, params = self._selection(state, since, until, stat_glob)
-        with self._write() as conn:
-            return conn.execute(f"DELETE FROM records WHERE {where} AND id <= ? AND id NOT IN ({_LEASED})",
-                                [*params, up_to_id]).rowcount
+        moved, after = 0, 0
+        while True:
+            with self._write() as conn:
+                rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where} AND id > ? "
+                                    f"AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
+                                    [*params, after, chunk]).fetchall()
+                if not rows:
+                    return moved
+                write([Record(*row[1:]) for row in rows])
+                ids = [row[0] for row in rows]
+                conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
+            moved += len(rows)
+            after = ids[-1]
 
     def replay(self, *, since: int | None, until: int | None, stat_glob: str | None = None) -> int:
         """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
         where, params = self._selection("sent", since, until, stat_glob)
         with self._bounded() as conn:
-            return conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
-                                "ORDER BY id", params).rowcount
+            queued = conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
+                                  "ORDER BY id", params).rowcount
+            self._enforce(conn, queued)
+            return queued
 
     # -- small persistent facts (last shipping attempt, ...) ----------------------------------------
 
@@ -627,80 +820,10 @@ class Store:
         return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
 
 
-def boot_id() -> str:
-    """This boot's id (Linux), so held records are re-stamped only with the monotonic clock they were taken by."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def boot_clock() -> float:
-    """Seconds since boot, suspend included: the clock held records keep."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
 class _Corrupt(Exception):
     pass
 
 
-_last_warning = [0.0]
-
-
-def _warn_rate_limited(message: str, *args: object) -> None:
-    """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
-    now = time.monotonic()
-    if now - _last_warning[0] >= 60:
-        _last_warning[0] = now
-        log.warning(message, *args)
-
-
-class ShipLock:
-    """An exclusive lock that makes one process the spool's only shipper; the kernel drops it on death."""
-
-    def __init__(self, spool_path: str | os.PathLike[str]):
-        self.path = Path(f"{spool_path}.ship.lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> ShipLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SpoolBusy(f"another shipper (pid {holder}) is already draining this spool") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def holder(self) -> int | None:
-        """Return the pid of the process holding the lock, or None when no shipper is running."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        finally:
-            os.close(fd)  # also drops the shared lock, if we got it
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> ShipLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _create_private_file(path: Path) -> None:
@@ -714,21 +837,70 @@ def _create_private_file(path: Path) -> None:
         raise StoreError(f"cannot create spool {path}: {exc.strerror}") from None
 
 
+def _mergeable(members: list[list[Any]]) -> Iterator[tuple[list[int], int | float]]:
+    """Split one compaction group's (id, number) pairs into runs whose sum validation would still accept."""
+    ids: list[int] = []
+    total: int | float = 0
+    for record_id, number in members:
+        candidate = total + number
+        fits = abs(candidate) <= INT64_MAX if isinstance(candidate, int) else math.isfinite(candidate)
+        if ids and not fits:
+            if len(ids) > 1:
+                yield ids, total
+            ids, total = [], 0
+        ids.append(record_id)
+        total = total + number
+    if len(ids) > 1:
+        yield ids, total
+
+
+# SQLite's primary result codes that need their own message (sqlite3.h).
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
+_CODES_BY_TEXT = (("database or disk is full", _FULL), ("locked", _BUSY), ("readonly", _READONLY),
+                  ("unable to open", _CANTOPEN), ("disk I/O error", _IOERR), ("not a database", _NOTADB),
+                  ("malformed", _CORRUPT))
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """Return SQLite's primary result code of an error (Python 3.11+ carries it; 3.10: read from the text)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    text = str(exc)
+    return next((code for words, code in _CODES_BY_TEXT if words in text), None)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path.parent, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return None
+
+
 @contextlib.contextmanager
 def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
-    """Turn SQLite's exceptions into StoreError with a message an operator can act on."""
+    """Turn SQLite's exceptions into StoreError with a message an operator can act on, by result code."""
     try:
         yield
-    except sqlite3.OperationalError as exc:
-        text = str(exc)
-        if "full" in text:
-            raise StoreError(f"spool full: {path}: the disk has no space left") from None
-        if "locked" in text or "busy" in text:
-            raise StoreError(f"spool {path} stayed locked by another process for "
-                             f"{busy_timeout:g} s; try again") from None
-        if "readonly" in text or "unable to open" in text:
-            raise StoreError(f"cannot write spool {path}: {text}") from None
-        raise StoreError(f"spool {path}: {text}") from None
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"spool {path} is not a usable spool database: {exc}") from None
+    except sqlite3.Error as exc:
+        raise StoreError(_explain(exc, path, busy_timeout)) from None
 
+
+def _explain(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
+    code = _code(exc)
+    user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    if code == _FULL or (code == _IOERR and _free_bytes(path) == 0):
+        return f"spool full: {path}: the disk has no space left; free some (appends and shipping resume by themselves)"
+    if code in (_BUSY, _LOCKED):
+        return f"spool {path} stayed locked by another process for {busy_timeout:g} s; try again"
+    if code == _READONLY:
+        return (f"cannot write spool {path}: it or its directory is read-only for {user} "
+                "(check the owner and mode, or a read-only mount)")
+    if code in (_CANTOPEN, _PERM):
+        return (f"cannot open spool {path}: its directory must exist and be writable by {user} "
+                "(SQLite creates PATH-wal and PATH-shm beside it)")
+    if code == _IOERR:
+        return f"disk I/O error on spool {path}: the disk may be failing or have been removed"
+    if code in (_CORRUPT, _NOTADB):
+        return f"spool {path} is not a usable spool database: {exc}"
+    return f"spool {path}: {exc}"

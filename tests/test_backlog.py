@@ -215,7 +215,7 @@ def test_export_remove_moves_backlog_without_leaving_it_to_be_sent_twice(db, tmp
     with Spool(db) as sp:
         sp.add_many(records(20))
     out = tmp_path / "moved.jsonl"
-    assert "removed 20 from this spool" in run_cli(db, "export", "--remove", str(out)).stderr
+    assert "exported 20 records and removed them" in run_cli(db, "export", "--remove", str(out)).stderr
     assert len(out.read_text().splitlines()) == 20
     with Store(db) as store:
         assert store.counts()["pending"] == 0
@@ -337,8 +337,8 @@ def test_compaction_preserves_every_bucket_sum(tmp_path_factory, items, bucket):
 
 
 def test_records_stamped_while_the_clock_is_wrong_are_held_then_restamped_within_the_boot(db):
+    from spool.clock import boot_clock, boot_id
     from spool.records import HELD_T, stamp
-    from spool.store import boot_clock, boot_id
 
     assert stamp(86_400.0) == HELD_T  # a box that booted in 1970
     with Spool(db) as sp:

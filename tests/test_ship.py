@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -198,10 +200,22 @@ def test_shutdown_mid_drain_hands_back_the_unsent_batch(db, receiver):
 def test_a_new_shipper_reclaims_leases_left_by_a_dead_one(db, receiver):
     with Spool(db) as sp:
         sp.append_records([make_record(stat="s", count=1, t=T0 + i) for i in range(5)])
+    lease_and_die = f"from spool.store import Store; Store({str(db)!r}).lease(5, now={T0}, keyed_only=False)"
+    subprocess.run([sys.executable, "-c", lease_and_die], check=True)  # a shipper that died holding a lease
     with Store(db) as store:
-        store.lease(5, now=T0, keyed_only=False)  # the "dead" shipper's lease; it never acked
+        assert store.counts()["inflight"] == 5
     shipper, result, counts = ship_all(db, receiver)
     assert counts["sent"] == 5 and len(receiver.accepted) == 5
+
+
+def test_a_live_shippers_lease_is_never_taken_by_another_shipper(db, receiver):
+    """Two shippers on one spool (e.g. through two hard links, which the lock cannot see): never the same record."""
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="s", count=1, t=T0 + i) for i in range(5)])
+    with Store(db) as store:
+        store.lease(2, now=T0, keyed_only=False)  # held by this live process
+        shipper, result, counts = ship_all(db, receiver)
+        assert counts["inflight"] == 2 and counts["sent"] == 3 and len(receiver.accepted) == 3
 
 
 def test_housekeeping_prunes_sent_records_after_retention(db, receiver):

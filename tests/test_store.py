@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from spool import Spool
 from spool.errors import InvalidRecord, SpoolBusy, StoreError
+from spool.lock import ShipLock
 from spool.records import make_record
-from spool.store import SCHEMA_VERSION, ShipLock, Store
+from spool.store import SCHEMA_VERSION, Store
 
 from .conftest import T0
 
@@ -90,7 +93,7 @@ def test_ack_kill_and_end_lease_move_records_between_states(db):
         lease = store.lease(3, now=T0, keyed_only=False)
         a, b, c = lease.items
         assert store.ack([a.id], now=T0) == 1
-        assert store.kill([c.id], reason="invalid stat", http_status=200, body='{"status":500}', now=T0) == 1
+        assert store.mark_dead([c.id], reason="invalid stat", http_status=200, body='{"status":500}', now=T0) == 1
         assert states(store) == {"sent": 1, "inflight": 1, "dead": 1}
         store.end_lease(lease.id)  # b was neither sent nor refused: pending again
         assert states(store) == {"sent": 1, "pending": 1, "dead": 1}
@@ -125,15 +128,31 @@ def test_leasing_rewrites_no_record(db):
         assert store.conn.total_changes - before == 1
 
 
-def test_stale_leases_return_to_pending_by_age_or_all_at_once(db):
+def test_leases_of_a_dead_owner_return_to_pending_and_a_live_owners_never_do(db):
     with Store(db) as store:
-        store.append([ez(t=T0 + i) for i in range(4)])
+        store.append([ez(t=T0 + i) for i in range(6)])
         store.lease(2, now=100.0, keyed_only=False)
         store.lease(2, now=200.0, keyed_only=False)
-        assert store.release_stale_leases(leased_before=150.0) == 2
-        assert states(store) == {"pending": 2, "inflight": 2}
-        assert store.release_stale_leases() == 2
-        assert states(store) == {"pending": 4}
+        assert store.release_dead_leases(unowned_before=float("inf")) == 0  # ours: alive
+        died = subprocess.run([sys.executable, "-c", "from spool.clock import process_identity as p; print(p())"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        first = store.conn.execute("SELECT min(id) FROM leases").fetchone()[0]
+        store.conn.execute("UPDATE leases SET owner = ? WHERE id = ?", (died, first))  # as if it had leased
+        assert store.release_dead_leases() == 2
+        assert states(store) == {"pending": 4, "inflight": 2}
+        store.conn.execute("UPDATE leases SET owner = NULL")  # as a release that kept no owner left it
+        assert store.release_dead_leases(unowned_before=150.0) == 0  # leased at 200: too recent
+        assert store.release_dead_leases(unowned_before=250.0) == 2
+        assert states(store) == {"pending": 6}
+
+
+def test_lease_ids_are_never_reused(db):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(3)])
+        first = store.lease(1, now=T0, keyed_only=False)
+        store.end_lease(first.id)
+        second = store.lease(1, now=T0, keyed_only=False)
+        assert second.id > first.id
 
 
 def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
@@ -141,7 +160,7 @@ def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
         store.append([ez(t=T0 + i) for i in range(4)])
         lease = store.lease(4, now=T0, keyed_only=False)
         leased = lease.items
-        store.kill([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
+        store.mark_dead([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
         store.end_lease(lease.id)  # as the shipper does once a batch is settled
         assert store.requeue_dead([leased[0].id]) == 1
         assert store.purge_dead([leased[1].id]) == 1
@@ -218,7 +237,7 @@ def test_prune_walks_past_records_of_other_states_interleaved_with_old_sent_ones
         lease = store.lease(40, now=T0, keyed_only=False)
         ids = [item.id for item in lease.items]
         store.ack(ids[0::3], now=1000.0)  # old enough to prune
-        store.kill(ids[1::3], reason="r", http_status=200, body="", now=1000.0)  # dead: kept
+        store.mark_dead(ids[1::3], reason="r", http_status=200, body="", now=1000.0)  # dead: kept
         store.ack(ids[2::3][:5], now=9000.0)  # sent recently: kept
         store.end_lease(lease.id)
         assert store.prune_sent(sent_before=2000.0, step=3) == len(ids[0::3])

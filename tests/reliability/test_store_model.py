@@ -14,6 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from spool.records import make_record
 from spool.store import Store
 
+DEAD_OWNER = "another-boot:1:1"  # a process identity from a boot that is over: proven dead
+
 T0 = 1_700_000_000
 
 
@@ -75,7 +77,7 @@ class StoreModel(RuleBasedStateMachine):
     def kill(self, data):
         lease_id = data.draw(st.sampled_from(sorted(self.leases)))
         ids = data.draw(st.lists(st.sampled_from(sorted(self.leases[lease_id])), unique=True))
-        self.store.kill(ids, reason="refused", http_status=200, body="{}", now=self.clock)
+        self.store.mark_dead(ids, reason="refused", http_status=200, body="{}", now=self.clock)
         for i in ids:
             if self.state.get(i) == "pending":
                 self.state[i] = "dead"
@@ -88,9 +90,11 @@ class StoreModel(RuleBasedStateMachine):
         del self.leases[lease_id]
 
     @rule()
-    def release_all_stale(self):
+    def the_shipper_dies(self):
+        """Every lease's owner dies (as if a shipper process had held them); they return to pending."""
         named = sum(1 for i in self.leased() if self.state.get(i) == "pending")
-        assert self.store.release_stale_leases() == named
+        self.store.conn.execute("UPDATE leases SET owner = ?", (DEAD_OWNER,))
+        assert self.store.release_dead_leases() == named
         self.leases.clear()
 
     @rule(everything=st.booleans(), data=st.data())
