@@ -170,7 +170,8 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
     """Ingest record files (.jsonl, .ndjson, .json, .csv, optionally .gz) once each, as the watcher does.
 
     Each file is one transaction. Afterwards it moves to .done/ (or .rejected/, with NAME.error.txt) beside
-    it; a file whose content was ingested before is not taken again. Exit 2 if any file was rejected.
+    it. The same file is never taken twice: with --keep, running this again takes only what was appended to
+    it since. Exit 2 if any file was rejected.
 
     Example: spool ingest /var/spool/drop/batch-0001.jsonl.gz
     """
@@ -182,10 +183,16 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
     with Store.for_config(config) as store:
         ingestor = Ingestor(store, skip_invalid=skip_invalid, t_floor=config.t_floor)
         for path in files:
-            result = ingestor.ingest(path, move=not keep)
+            for attempt in range(5):  # a file being written, or appended to while it was moved: read again
+                result = ingestor.ingest(path, move=not keep)
+                if result.outcome != "changing" and (keep or result.moved_to is not None or not path.exists()
+                                                     or result.outcome == "rejected"):
+                    break
+                click.echo(result.describe(), err=True)
+                time.sleep(0.2 * (attempt + 1))
             if result.outcome == "vanished":
                 raise SpoolCommandError(f"no such file: {path}", 1)
-            rejected += result.outcome == "rejected"
+            rejected += result.outcome in ("rejected", "failed")
             click.echo(result.describe(), err=True)
     if rejected:
         raise SpoolCommandError(f"{rejected} of {len(files)} files rejected", EXIT_USAGE)
@@ -255,7 +262,7 @@ def _when_option(text: str | None, name: str) -> int | None:
 
 
 def _progress(items: Any, length: int, label: str) -> Any:
-    """A progress bar on stderr when it is a terminal; nothing (the bare iterable) when it is not."""
+    """A progress bar on stderr when it is a terminal; nothing (the bare iterable, or None) when it is not."""
     if not sys.stderr.isatty() or length < 1000:
         return contextlib.nullcontext(items)
     return click.progressbar(items, length=length, label=label, file=sys.stderr)
@@ -288,47 +295,72 @@ def replay(obj: Context, since: str, until: str | None, stat_glob: str | None, d
 @cli.command()
 @click.argument("file", default="-", type=click.Path(allow_dash=True, dir_okay=False))
 @click.option("--state", type=click.Choice(["pending", "sent", "dead", "all"]), default="pending",
-              show_default=True, help="Which records.")
+              show_default=True, help="Which records ('all': pending, sent and dead).")
 @click.option("--since", metavar="WHEN", help="Records with t at or after (unix or ISO date).")
 @click.option("--until", metavar="WHEN", help="Records with t at or before (unix or ISO date).")
-@click.option("--remove", is_flag=True, help="Delete the exported records here once the file is written "
-                                             "(to move backlog to another machine without sending it twice).")
+@click.option("--remove", is_flag=True, help="Move the records: each chunk is deleted here once it is synced to "
+                                             "FILE (to move backlog to another machine without sending it twice).")
+@click.option("--append", "append", is_flag=True, help="Append to FILE if it exists (it is refused otherwise).")
 @pass_context
-def export(obj: Context, file: str, state: str, since: str | None, until: str | None, remove: bool) -> None:
+def export(obj: Context, file: str, state: str, since: str | None, until: str | None, remove: bool,
+           append: bool) -> None:
     """Write records as JSON lines that `spool import` reads back unchanged.
 
     The file holds keys (records' own ezkey, classic keys) so it can be shipped from elsewhere: it is created
-    readable by its owner only.
+    readable by its owner only, and an existing file is refused unless --append. Records in flight are not
+    exported; held records (stamped while the clock was wrong) cannot be, until their time is known.
 
     Example: spool export --state pending --remove /media/usb/backlog.jsonl
     """
     import json
 
     start, end = _when_option(since, "--since"), _when_option(until, "--until")
+    if remove and file == "-":
+        raise click.UsageError("--remove needs a FILE: records must be on disk before they leave the spool")
+
+    def lines(records: Any) -> str:
+        return "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in records)
+
     with obj.spool() as sp:
         total = sp.store.count_selected(state, since=start, until=end)
-        last_id, n = 0, 0
-        with _private_output(file) as out, _progress(sp.store.export(state, since=start, until=end), total,
-                                                     "exporting") as rows:
-            for record_id, record in rows:
-                out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-                last_id, n = record_id, n + 1
-        removed = sp.store.remove_exported(state, up_to_id=last_id, since=start, until=end) if remove and n else 0
-    click.echo(f"exported {n} records" + (f", removed {removed} from this spool" if remove else ""), err=True)
+        held = sp.store.counts()["held"] if state == "all" else 0
+        with _private_output(file, append) as out:
+            if remove:
+                with _progress(None, total, "exporting") as bar:
+                    def write(records: list[Any]) -> None:
+                        out.write(lines(records))
+                        out.flush()
+                        os.fsync(out.fileno())  # on disk before this chunk is deleted from the spool
+                        if bar is not None:
+                            bar.update(len(records))
+                    n = sp.store.move_out(state, write, since=start, until=end)
+            else:
+                n = 0
+                with _progress(sp.store.export(state, since=start, until=end), total, "exporting") as rows:
+                    for _, record in rows:
+                        out.write(lines([record]))
+                        n += 1
+    note = f", {held} held records left out (their time is not known yet)" if held else ""
+    click.echo(f"exported {n} records" + (" and removed them from this spool" if remove else "") + note, err=True)
 
 
 @contextlib.contextmanager
-def _private_output(file: str) -> Any:
-    """Open the export target: stdout for '-', else a new file readable by its owner only, synced on close."""
+def _private_output(file: str, append: bool) -> Any:
+    """Open the export target: stdout for '-', else a file readable by its owner only, synced on close."""
     if file == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    from spool.durable import open_private
+
+    try:
+        fd = open_private(Path(file), append=append)
+    except FileExistsError:
+        raise SpoolCommandError(f"{file} exists; give another name, or --append to add to it", 1) from None
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         yield out
         out.flush()
-        os.fsync(out.fileno())  # on disk before anything is removed from the spool
+        os.fsync(out.fileno())
 
 
 @cli.command()
