@@ -32,6 +32,7 @@ class WatchConfig(NamedTuple):
     poll: bool = False  # poll instead of inotify (NFS, some FUSE mounts)
     poll_interval: float = 1.0
     settle: float = 1.0  # a file found by a scan or a poll must be this old (unchanged) before it is read
+    rescan: float = 30.0  # seconds between rescans of the directory (events can be lost)
     after: str = "move"  # "move" ingested files to DIR/.done/, or "delete" them
     skip_invalid: bool = False  # take a file's good records and report the bad ones, instead of rejecting it
     max_bytes: int = DEFAULT_MAX_FILE
@@ -224,6 +225,7 @@ _WATCH_SCHEMA: dict[str, Callable[[object, str], Any]] = {
     "poll": _boolean,
     "poll_interval": parse_duration,
     "settle": parse_duration,
+    "rescan": parse_duration,
     "after": _choice("move", "delete"),
     "skip_invalid": _boolean,
     "max_bytes": _byte_size,

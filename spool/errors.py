@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """Escape what would break a log line or a terminal: control characters, lone surrogates, newlines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class SpoolError(Exception):
     """Base of every error spool raises on purpose."""
 

@@ -40,7 +40,8 @@ class Running:
     """A DirectoryWatcher running in a thread, stopped (and joined) on exit."""
 
     def __init__(self, directory: Path, db: Path, **options):
-        self.watcher = DirectoryWatcher(WatchConfig(path=directory, settle=0.0, **options), Store(db))
+        options.setdefault("settle", 0.0)
+        self.watcher = DirectoryWatcher(WatchConfig(path=directory, **options), Store(db))
         self.thread = threading.Thread(target=self.watcher.run, name="test-watcher")
 
     def __enter__(self) -> DirectoryWatcher:
@@ -75,7 +76,8 @@ def test_a_file_renamed_into_place_is_ingested_and_moved_to_done(drop_dir, db):
 
 
 def test_a_file_written_in_place_is_read_only_after_it_is_closed(drop_dir, db):
-    with Running(drop_dir, db) as watcher:
+    """Writes keep coming (within `settle` of each other): the file is read once it is closed."""
+    with Running(drop_dir, db, settle=2.0) as watcher:
         with open(drop_dir / "slow.jsonl", "w") as handle:
             handle.write(jsonl("first"))
             handle.flush()
@@ -133,15 +135,17 @@ def test_each_format_is_ingested(drop_dir, db, name, content):
     assert stats_in(db) == ["x"]
 
 
-def test_a_file_with_content_already_ingested_is_not_taken_again(drop_dir, db):
+def test_a_second_file_with_the_same_bytes_is_a_second_event(drop_dir, db):
+    """A nightly job dropping {"stat": "backups done", "count": 1} three times means three backups."""
+    nightly = '{"stat": "backups done", "count": 1}\n'
     with Running(drop_dir, db) as watcher:
-        drop(drop_dir, "one.jsonl", jsonl("a", "b"))
-        wait_for(lambda: watcher.results)
-        drop(drop_dir, "copy.jsonl", jsonl("a", "b"))
-        wait_for(lambda: len(watcher.results) == 2)
-    assert outcomes(watcher) == [("one.jsonl", "ingested"), ("copy.jsonl", "duplicate")]
-    assert stats_in(db) == ["a", "b"]
-    assert (drop_dir / DONE / "copy.jsonl").exists()
+        for night in range(3):
+            drop(drop_dir, f"night-{night}.jsonl", nightly)
+            wait_for(lambda n=night: len(watcher.results) == n + 1)
+        drop(drop_dir, "night-0.jsonl", nightly)  # and the same name again, another night
+        wait_for(lambda: len(watcher.results) == 4)
+    assert [o for _, o in outcomes(watcher)] == ["ingested"] * 4
+    assert stats_in(db) == ["backups done"] * 4
 
 
 def make_fifo(directory):
@@ -237,8 +241,8 @@ def test_the_watcher_survives_bad_files_and_goes_on(drop_dir, db):
         drop(drop_dir, "good.jsonl", jsonl("survived"))
         wait_for(lambda: ("good.jsonl", "ingested") in outcomes(watcher))
     assert stats_in(db) == ["survived"]
-    assert sorted(o for _, o in outcomes(watcher)) == ["ingested", "rejected", "rejected"]
-    assert watcher.outcomes == {"ingested": 1, "rejected": 2} and watcher.ingested_records == 1
+    assert sorted(o for _, o in outcomes(watcher)) == ["ingested", "rejected", "rejected", "rejected"]
+    assert watcher.outcomes == {"ingested": 1, "rejected": 3} and watcher.ingested_records == 1
 
 
 def test_delete_after_ingest(drop_dir, db):
@@ -258,10 +262,11 @@ def test_a_name_already_in_done_is_not_overwritten(drop_dir, db):
 
 
 def test_a_file_ingested_but_not_yet_moved_is_moved_not_taken_again(drop_dir, db):
-    """The crash window between commit and move: the digest is known, so the file only moves."""
+    """The crash window between commit and move: the file's identity is known, so the file only moves."""
     path = drop(drop_dir, "window.jsonl", jsonl("once"))
     with Store(db) as store:
         assert Ingestor(store).ingest(path, move=False).outcome == "ingested"
         assert path.exists()
-        assert Ingestor(store).ingest(path).outcome == "duplicate"
+        assert Ingestor(store).ingest(path).outcome == "already"
+        assert store.file_marks() == []  # the mark goes once the file has left the directory
     assert stats_in(db) == ["once"] and (drop_dir / DONE / "window.jsonl").exists()
