@@ -24,6 +24,8 @@ log = logging.getLogger("spool.ship")
 META_THROTTLE = 1.0  # seconds between writes of "last attempt" facts while batches keep succeeding
 HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for stale leases
 PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
+SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
+SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 
 
 class wait_retry_after(wait_base):
@@ -49,6 +51,23 @@ class stop_at_deadline(stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.deadline is not None and self.monotonic() + retry_state.upcoming_sleep >= self.deadline
+
+
+class stop_after_shutdown(stop_base):
+    """Stop `grace` seconds after `shutdown` is set (never before it is)."""
+
+    def __init__(self, shutdown: threading.Event, grace: float, monotonic: Callable[[], float]):
+        self.shutdown = shutdown
+        self.grace = grace
+        self.monotonic = monotonic
+        self._since: float | None = None
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        if not self.shutdown.is_set():
+            return False
+        if self._since is None:
+            self._since = self.monotonic()
+        return self.monotonic() - self._since >= self.grace
 
 
 @dataclass
@@ -191,6 +210,24 @@ class Shipper:
             return
         batch.ack([item])
 
+    def settle(self, write: Callable[[], object]) -> None:
+        """Commit what the receiver answered, retrying until it commits: this is the write never given up.
+
+        A delivered batch whose acknowledgement is lost is sent again, so a busy or full spool is waited out
+        (with back-off, loudly) rather than abandoned. Only SETTLE_GRACE after a shutdown request is it given
+        up, and then the records of that lease are the ones that may be sent twice.
+        """
+        tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StoreError),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=SETTLE_BACKOFF_MAX),
+            stop=stop_after_shutdown(self.shutdown, SETTLE_GRACE, self.monotonic),
+            sleep=time.sleep,  # not the shutdown-aware sleep: this wait must not be cut short
+            before_sleep=lambda state: log.warning(
+                "cannot record the receiver's answer yet: %s; retrying in %.1f s",
+                state.outcome.exception() if state.outcome else None, state.upcoming_sleep),
+            reraise=True,
+        )(write)
+
     # -- retrying --------------------------------------------------------------------------------------
 
     def _retrying(self, deadline: float | None) -> tenacity.Retrying:
@@ -321,16 +358,19 @@ class _Batch:
         self.unsettled = len(lease.items)
 
     def ack(self, group: Sequence[Leased]) -> None:
+        last = self.unsettled == len(group)
+        ids = [item.id for item in group]
+        self.shipper.settle(lambda: self.shipper.store.ack(ids, now=self.shipper.clock(),
+                                                           lease=self.lease.id if last else None))
         self.unsettled -= len(group)
-        self.shipper.store.ack([item.id for item in group], now=self.shipper.clock(),
-                               lease=self.lease.id if self.unsettled == 0 else None)
         self.shipper.stats.sent += len(group)
 
     def kill(self, group: Sequence[Leased], refusal: Refused) -> None:
+        ids = [item.id for item in group]
+        self.shipper.settle(lambda: self.shipper.store.mark_dead(
+            ids, reason=str(refusal), http_status=refusal.http_status, body=refusal.body, now=self.shipper.clock()))
         self.unsettled -= len(group)
-        self.shipper.store.mark_dead([item.id for item in group], reason=str(refusal), http_status=refusal.http_status,
-                                body=refusal.body, now=self.shipper.clock())
         if self.unsettled == 0:
-            self.shipper.store.end_lease(self.lease.id)
+            self.shipper.settle(lambda: self.shipper.store.end_lease(self.lease.id))
         self.shipper.stats.dead += len(group)
         log.warning("receiver refused %d record(s): %s; moved to dead letters", len(group), refusal)

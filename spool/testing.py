@@ -180,6 +180,9 @@ class Receiver:
 
             def setup(self) -> None:
                 super().setup()
+                # Headers and body go out in separate writes: without this, Nagle's algorithm holds the body
+                # until the client's delayed ACK (~40 ms per answer on a keep-alive connection).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with receiver._lock:
                     receiver._connections.add(self.connection)
 
