@@ -21,7 +21,6 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PAGE = 4096
@@ -472,10 +471,3 @@ class Disk:
         self.open_fds.clear()
         self.pending.clear()
         self.dirty_files.clear()
-
-    def pending_summary(self) -> Iterator[str]:
-        """Describe what a cut would lose now, one line each (for debugging)."""
-        for node in self.dirty_files:
-            yield f"data of inode {node.number}: {len(node.dirty)} dirty pages, size {node.size}"
-        for change in self.pending:
-            yield f"{change.kind} {change.name!r} in inode {change.parent.number} (waits for {change.unsynced})"

@@ -28,6 +28,7 @@ import mfusepy
 from .disk import Disk, FsError, Inode
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("lazyfs")
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2  # special tv_nsec values of utimensat(2)
 
 
@@ -43,6 +44,9 @@ def guarded(method: F) -> F:
                 return method(self, *args, **kwargs)
             except FsError as e:
                 raise mfusepy.FuseOSError(e.errno) from None
+            except Exception:  # a bug here, or the backing directory failing: say so loudly, fail the call
+                log.exception("lazyfs: %s failed", method.__name__)
+                raise mfusepy.FuseOSError(errno.EIO) from None
 
     return run  # type: ignore[return-value]
 
