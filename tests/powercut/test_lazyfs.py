@@ -465,3 +465,71 @@ def test_the_mount_shows_what_a_plain_directory_would_and_an_orderly_unmount_sto
     assert snapshot(fs.mountpoint) == snapshot(reference)
     fs.unmount()
     assert snapshot(fs.backing) == snapshot(reference)
+
+
+class FlatDirectoryOracle:
+    """What a cut must leave of one directory, by the rules, kept independently of lazyfs's own model."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}  # logical: name -> inode
+        self.content: dict[int, bytes] = {}  # logical content of each inode
+        self.durable_names: dict[str, int] = {}
+        self.durable_content: dict[int, bytes] = {}
+        self.inodes = iter(range(1, 1 << 30))
+
+    def after_cut(self) -> dict[str, bytes]:
+        survivors = {name: self.durable_content.get(ino, b"") for name, ino in self.durable_names.items()}
+        self.names = dict(self.durable_names)
+        self.content = {ino: self.durable_content.get(ino, b"") for ino in self.names.values()}
+        return survivors
+
+
+def random_flat_operation(rng: random.Random, oracle: FlatDirectoryOracle, mnt: Path) -> None:
+    """Do one random operation in mnt, and record its effect in the oracle."""
+    name = f"f{rng.randrange(6)}"
+    existing = sorted(oracle.names)
+    action = rng.choice(["create", "write", "truncate", "rename", "unlink", "fsync", "fsync", "dirsync"])
+    if action == "create" and name not in oracle.names:
+        ino = next(oracle.inodes)
+        oracle.names[name], oracle.content[ino] = ino, b""
+        (mnt / name).touch()
+    elif action == "write" and existing:
+        chosen, offset, data = rng.choice(existing), rng.randrange(9000), rng.randbytes(rng.randrange(5000))
+        ino = oracle.names[chosen]
+        old = oracle.content[ino]
+        oracle.content[ino] = (old + bytes(max(0, offset - len(old))))[:offset] + data + old[offset + len(data):]
+        with open(mnt / chosen, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+    elif action == "truncate" and existing:
+        chosen, length = rng.choice(existing), rng.randrange(9000)
+        ino = oracle.names[chosen]
+        oracle.content[ino] = (oracle.content[ino] + bytes(length))[:length]
+        os.truncate(mnt / chosen, length)
+    elif action == "rename" and existing:
+        chosen = rng.choice(existing)
+        oracle.names[name] = oracle.names.pop(chosen)
+        os.replace(mnt / chosen, mnt / name)
+    elif action == "unlink" and existing:
+        chosen = rng.choice(existing)
+        del oracle.names[chosen]
+        os.unlink(mnt / chosen)
+    elif action == "fsync" and existing:
+        chosen = rng.choice(existing)
+        ino = oracle.names[chosen]
+        oracle.durable_content[ino] = oracle.content[ino]
+        fsync_file(mnt / chosen)
+    elif action == "dirsync":
+        oracle.durable_names = dict(oracle.names)
+        fsync_dir(mnt)
+
+
+def test_random_operations_and_cuts_leave_exactly_what_was_synced(lazyfs):
+    fs = lazyfs()
+    oracle = FlatDirectoryOracle()
+    rng = random.Random(14)
+    for round_ in range(6):
+        for _ in range(60):
+            random_flat_operation(rng, oracle, fs.mountpoint)
+        fs = power_cut(lazyfs, fs)
+        assert snapshot(fs.mountpoint) == oracle.after_cut(), f"after cut {round_}"
