@@ -1,0 +1,154 @@
+"""Run lazyfs in a subprocess over a backing directory: mount, cut, unmount, and never leave a mount behind."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 30.0
+
+
+class MountError(RuntimeError):
+    """lazyfs could not be mounted; the message says why (its stderr)."""
+
+
+class LazyMount:
+    """One lazyfs process serving `mountpoint` from `backing`; a context manager that always unmounts."""
+
+    def __init__(self, backing: Path, mountpoint: Path, *extra_args: str):
+        self.backing, self.mountpoint, self.extra_args = Path(backing), Path(mountpoint), extra_args
+        self.log = self.mountpoint.parent / f"{self.mountpoint.name}.lazyfs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.was_cut = False
+
+    def __enter__(self) -> LazyMount:
+        self.mount()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.unmount()
+
+    def mount(self) -> None:
+        """Start lazyfs and return once the mount serves requests."""
+        assert self.proc is None, "already mounted"
+        self.was_cut = False
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.powercut.lazyfs", str(self.backing), str(self.mountpoint),
+                 *self.extra_args], stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        if self._wait_for_line("ready") and is_mounted(self.mountpoint):
+            return
+        self.unmount()
+        raise MountError(f"lazyfs did not mount {self.mountpoint}: {self.errors() or 'no error given'}")
+
+    def cut(self) -> None:
+        """Lose everything not yet durable, as a power cut does; the mount answers EIO until unmounted."""
+        assert self.proc is not None and self.proc.poll() is None, "lazyfs is not running"
+        self.proc.send_signal(signal.SIGUSR1)
+        self.was_cut = True
+        if not self._wait_for_line("cut"):
+            raise MountError(f"lazyfs did not confirm the cut: {self.errors()}")
+
+    def unmount(self) -> None:
+        """Unmount and stop lazyfs; safe to call at any point, twice too.
+
+        Without a cut this is an orderly shutdown: everything pending becomes durable. While processes still
+        hold files on the mount it is detached lazily; after a cut lazyfs is killed at once (they see
+        ENOTCONN), otherwise it is given 10 s for them to close their files, then killed (losing, as a cut
+        does, what was still pending).
+        """
+        if self.proc is None:
+            self._detach()  # a mount left by an earlier, killed run
+            return
+        proc, self.proc = self.proc, None
+        busy = (proc.poll() is None and is_mounted(self.mountpoint)
+                and subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True).returncode)
+        if busy:  # files still open on it
+            if self.was_cut:
+                proc.kill()  # nothing is left to save; processes still on the mount now see ENOTCONN
+            else:
+                self._abort_connection()  # the daemon ends and syncs; without fusectl, it waits for the last close
+            self._detach()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the kernel ends the connection when the daemon's /dev/fuse closes
+            proc.wait()
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+        self._detach()
+
+    def errors(self) -> str:
+        """Return what lazyfs wrote to stderr, less libfuse's harmless notice about thread counts."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(line for line in text.splitlines() if "max threads" not in line).strip()
+
+    def _wait_for_line(self, expected: str) -> bool:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not ready:
+                break
+            line = self.proc.stdout.readline()
+            if not line:  # the process ended
+                return False
+            if line.decode().strip() == expected:
+                return True
+        return False
+
+    def _abort_connection(self) -> None:
+        """Fail every request still waiting on this mount, so a hung reader cannot hold it."""
+        device = mount_device(self.mountpoint)  # from the mount table: stat would fail on a cut mount
+        if device is None:
+            return
+        try:
+            Path("/sys/fs/fuse/connections", str(os.minor(device)), "abort").write_text("1")
+        except OSError:
+            pass  # no fusectl here: the kill and lazy unmount that follow still end it
+
+    def _detach(self) -> None:
+        """Lazily unmount whatever is still mounted here (processes with open files keep them, and see errors)."""
+        for _ in range(3):
+            if not is_mounted(self.mountpoint):
+                return
+            if shutil.which("fusermount3"):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+            if is_mounted(self.mountpoint):
+                subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+
+def mount_device(path: Path) -> int | None:
+    """Return the device number of the mount at a path, by the kernel's table (None when nothing is mounted)."""
+    where = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split(" ")
+            point = fields[4]
+            for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+                point = point.replace(escaped, plain)
+            if point == where:
+                major, minor = fields[2].split(":")
+                return os.makedev(int(major), int(minor))
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    """Say whether a path is a mount point (a FUSE mount whose daemon died counts)."""
+    return mount_device(path) is not None
