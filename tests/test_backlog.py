@@ -400,3 +400,23 @@ def test_a_version_1_spool_is_migrated_keeping_its_records(db):
         assert [r for _, _, r in store.records()] == [make_record(stat="old", count=4, t=T0)]
         store.append([make_record(stat="new", count=1, t=T0)])  # the new columns and tables are there
         assert store.lease(5, now=T0, keyed_only=False) is not None
+
+
+def test_compaction_never_merges_past_what_validation_accepts_and_housekeeping_goes_on(db, receiver):
+    from spool.ship import Shipper
+
+    from .conftest import make_config
+
+    big_int, big_float = 2**62, 1e308
+    with Spool(db, limits=Limits(max_age=3600)) as sp:
+        sp.add_many([{"stat": "ints", "count": big_int, "t": T0}, {"stat": "ints", "count": big_int, "t": T0},
+                     {"stat": "floats", "count": big_float, "t": T0}, {"stat": "floats", "count": big_float, "t": T0},
+                     {"stat": "small", "count": 1, "t": T0}, {"stat": "small", "count": 2, "t": T0}])
+        assert sp.store.compact_counts(bucket=60) == 1  # only the small pair fits in one record
+        numbers = sorted((r.stat, r.number) for _, _, r in sp.store.records())
+        assert numbers == [("floats", big_float), ("floats", big_float), ("ints", big_int), ("ints", big_int),
+                           ("small", 3)]
+    config = make_config(db, receiver, compact_counts=60, limits=Limits(max_age=3600))
+    with Store.for_config(config) as store, Shipper(store, config, clock=lambda: T0 + 7200.0) as shipper:
+        shipper.housekeeping()  # compaction runs, then max_age drops the (now too old) records: it got there
+        assert store.counts()["pending"] == 0 and store.counters()["dropped_age"] == 5
