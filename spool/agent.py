@@ -95,7 +95,7 @@ class Agent:
         with contextlib.ExitStack() as stack:
             if self.shipper is not None:
                 stack.enter_context(self.shipper)  # takes the shipper lock first: a second agent stops here
-                log.info("shipping %s to %s", self.config.db, self.shipper.client.endpoint)
+                log.info("shipping %s to %s", self.config.db, self.shipper.endpoint)
                 if self.config.ezkey is None:
                     log.warning("no ezkey configured: only records carrying their own key will be shipped")
                 self._start("shipper", self.shipper.run)

@@ -88,6 +88,7 @@ class Config(NamedTuple):
     lease_timeout: float = 300.0
     idle_poll: float = 2.0
     max_requests_per_second: float = 20.0  # 0: unpaced
+    max_in_flight: int = 8  # requests under way at once at most (the shipper adapts below this)
     reconnect_jitter: float = 10.0  # `spool run` waits a random part of this before its first drain
     log_level: str = "info"
     summary_interval: float = 60.0
@@ -202,6 +203,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "lease_timeout": ("lease_timeout", parse_duration),
         "idle_poll": ("idle_poll", parse_duration),
         "max_requests_per_second": ("max_requests_per_second", _non_negative_number),
+        "max_in_flight": ("max_in_flight", _positive_int(64)),
         "reconnect_jitter": ("reconnect_jitter", parse_duration),
     },
     "log": {

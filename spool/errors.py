@@ -75,3 +75,12 @@ class Refused(ShipError):
         self.body = body
         self.names_key = names_key
         super().__init__(message)
+
+
+class PartlyTaken(Refused):
+    """The receiver took only part of a JSON batch; which records is unknown, so none may be sent again."""
+
+    def __init__(self, message: str, *, taken: int, sent: int, http_status: int, body: str):
+        self.taken = taken
+        self.sent = sent
+        super().__init__(message, http_status=http_status, body=body)

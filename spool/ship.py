@@ -1,28 +1,52 @@
-"""The drain loop: lease a batch, send it, bisect refusals, acknowledge; retry policy built with tenacity."""
+"""The drain: lease batches, keep several requests in flight, settle each answer, isolate refused records.
+
+The shipper's thread owns the spool connection and decides; a small pool of sender threads only speaks HTTP.
+Every request is one *unit*: the records of one lease that share a key (an EZ JSON batch), or one classic
+record. What comes back settles the unit:
+
+* accepted: its records are SENT (the acknowledgement is the one write never given up, see `settle`);
+* refused, one record (or a record's own key refused, or the receiver took part of a batch): DEAD, with the
+  receiver's answer;
+* refused, several records: the unit is split in two *suspect groups*, marked in the spool, and each is sent
+  on its own later. Clean records keep flowing in full batches meanwhile;
+* transient (network, 5xx, 429, timeout): the same unit is sent again, on the same lease, after a back-off
+  shared by the whole link; nothing settled is redone.
+
+So progress is guaranteed: every refusal either settles a record or replaces a group by two smaller ones,
+and no schedule of transient failures undoes what was settled. Every record ends SENT or DEAD (with a
+reason), unless a bound the operator configured drops it first.
+
+How many requests are in flight adapts to the link (AIMD, as Vector's adaptive request concurrency): one
+more per round trip while answers come back fast and clean, half as many after a timeout, a reset, a 429 or
+a 503, never more than `max_in_flight`, and never faster than `max_requests_per_second`.
+"""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
+import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import tenacity
-from tenacity.stop import stop_base, stop_when_event_set
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
 from spool.config import Config
-from spool.errors import EndpointError, Refused, ShipError, StoreError, TransientError
+from spool.errors import EndpointError, PartlyTaken, Refused, StoreError, TransientError
 from spool.lock import ShipLock
-from spool.stathat import StatHatClient
+from spool.stathat import StatHatClient, check_endpoint
 from spool.store import Lease, Leased, Store
 
 log = logging.getLogger("spool.ship")
 
-META_THROTTLE = 1.0  # seconds between writes of "last attempt" facts while batches keep succeeding
-HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for stale leases
+META_THROTTLE = 1.0  # seconds between writes of an unchanged failure note
+HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for dead owners' leases, held records, expired records
 PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
@@ -40,17 +64,6 @@ class wait_retry_after(wait_base):
         error = retry_state.outcome.exception() if retry_state.outcome else None
         retry_after = getattr(error, "retry_after", None)
         return max(wait, min(retry_after, self.cap)) if retry_after is not None else wait
-
-
-class stop_at_deadline(stop_base):
-    """Stop when the next wait would end past a time.monotonic() deadline (never, when it is None)."""
-
-    def __init__(self, deadline: float | None, monotonic: Callable[[], float]):
-        self.deadline = deadline
-        self.monotonic = monotonic
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return self.deadline is not None and self.monotonic() + retry_state.upcoming_sleep >= self.deadline
 
 
 class stop_after_shutdown(stop_base):
@@ -78,8 +91,12 @@ class ShipStats:
     dead: int = 0
     requests: int = 0
     retries: int = 0
+    splits: int = 0  # refused batches split to find the refused records
     paced: float = 0.0  # seconds spent keeping to max_requests_per_second
+    in_flight: int = 0  # requests under way now
+    limit: int = 1  # requests the link is trusted with at once now
     last_error: str | None = None
+    latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1000))
 
 
 @dataclass(frozen=True)
@@ -88,17 +105,65 @@ class DrainResult:
     reason: str | None = None  # why not, when not done
 
 
+@dataclass
+class _Unit:
+    """One request's worth of a lease: records sharing a key, or one classic record."""
+
+    lease: int
+    items: list[Leased]
+    ezkey: str | None  # None: a classic record
+    own_key: bool = False  # the records carry their own ezkey (a refusal of it is theirs, not the config's)
+    attempts: int = 0
+
+
+@dataclass
+class _Answer:
+    unit: _Unit
+    error: Exception | None  # None: accepted
+    seconds: float
+
+
+class AdaptiveLimit:
+    """How many requests to keep in flight: additive increase while the link is clean, halve on trouble."""
+
+    def __init__(self, maximum: int, monotonic: Callable[[], float] = time.monotonic):
+        self.maximum = max(1, maximum)
+        self.monotonic = monotonic
+        self._limit = 1.0
+        self._fastest = float("inf")
+        self._last_cut = float("-inf")
+
+    @property
+    def value(self) -> int:
+        return int(self._limit)
+
+    def success(self, seconds: float) -> None:
+        """A clean answer: one more request in flight per round trip, unless answers are getting slower."""
+        self._fastest = min(self._fastest, seconds)
+        if seconds <= 2 * self._fastest + 0.05:  # slower than that: a queue is building at the receiver
+            self._limit = min(self.maximum, self._limit + 1 / self._limit)
+
+    def trouble(self) -> None:
+        """A timeout, reset, 429 or 503: half as many, at most once per round trip (one event, one cut)."""
+        now = self.monotonic()
+        if now - self._last_cut >= min(self._fastest, 1.0):
+            self._limit = max(1.0, self._limit / 2)
+            self._last_cut = now
+
+
 class Shipper:
     """Drain a spool into a StatHat endpoint. Use one Shipper per spool (it takes the ShipLock)."""
 
-    def __init__(self, store: Store, config: Config, *, client: StatHatClient | None = None,
+    def __init__(self, store: Store, config: Config, *,
+                 client_factory: Callable[[], StatHatClient] | None = None,
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.store = store
         self.config = config
-        self.client = client or StatHatClient(config.endpoint, timeout=config.timeout,
-                                              allow_insecure=config.allow_insecure)
+        self.endpoint = check_endpoint(config.endpoint, allow_insecure=config.allow_insecure)
+        self.client_factory = client_factory or (lambda: StatHatClient(
+            config.endpoint, timeout=config.timeout, allow_insecure=config.allow_insecure))
         self.shutdown = shutdown or threading.Event()
         self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
         self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
@@ -106,9 +171,18 @@ class Shipper:
         self.monotonic = monotonic
         self.stats = ShipStats()
         self.rng = random.Random()
+        self.limit = AdaptiveLimit(config.max_in_flight, monotonic)
+        self._backoff = wait_retry_after(wait_random_exponential(multiplier=config.backoff_initial,
+                                                                 max=config.backoff_max),
+                                         cap=config.retry_after_max)
         self._next_request = float("-inf")
         self._lock = ShipLock(store.path)
-        self._last_meta = float("-inf")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._clients: list[StatHatClient] = []
+        self._clients_lock = threading.Lock()
+        self._answers: queue.Queue[_Answer] = queue.Queue()
+        self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
         self._last_housekeeping = float("-inf")
         self._last_prune = float("-inf")
 
@@ -122,93 +196,250 @@ class Shipper:
         freed = self.store.release_dead_leases(unowned_before=float("inf"))
         if freed:
             log.warning("returned %d records leased by a shipper that died to pending", freed)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_in_flight, "spool-sender")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._clients_lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
         self._lock.release()
-        self.client.close()
 
     def stop(self) -> None:
         self.shutdown.set()
         self.wake.set()
 
-    # -- one batch -------------------------------------------------------------------------------------
+    # -- sending (sender threads: HTTP only, no spool) -------------------------------------------------
 
-    def ship_batch(self) -> int:
-        """Lease one batch and settle it (sent or dead); return how many records were settled.
+    def _client(self) -> StatHatClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self.client_factory()
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
-        On a transient failure or shutdown the lease is dropped, so what was not settled is pending again, and
-        the error propagates. Returns 0 when nothing deliverable is pending.
+    def _send(self, unit: _Unit) -> None:
+        started = time.monotonic()
+        try:
+            records = [item.record for item in unit.items]
+            if unit.ezkey is None:
+                self._client().send_classic(records[0])
+            else:
+                self._client().send_ez(unit.ezkey, records)
+            error: Exception | None = None
+        except (Refused, TransientError, EndpointError) as exc:
+            error = exc
+        except Exception as exc:  # a bug must not lose the unit: it is retried like a transient failure
+            log.exception("sending failed unexpectedly")
+            error = TransientError(f"unexpected {type(exc).__name__}: {exc}")
+        self._answers.put(_Answer(unit, error, time.monotonic() - started))
+
+    # -- the drain (the shipper's thread: the spool and every decision) ---------------------------------
+
+    def drain(self, *, max_time: float | None = None, fail_fast: bool = False,
+              on_progress: Callable[[int], object] | None = None) -> DrainResult:
+        """Ship until nothing deliverable is pending, shutdown is asked, or `max_time` seconds pass.
+
+        `fail_fast` (for `ship --once`): a misconfiguration that waiting cannot fix (a 404 from the endpoint,
+        TLS against plain http, an unresolvable host before anything was delivered) ends the drain at once.
+        `on_progress` is called with the number of records settled by each answer.
         """
-        if self.shutdown.is_set():
-            return 0
-        lease = self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=self.config.ezkey is None)
+        if self._pool is None:
+            raise RuntimeError("use the Shipper as a context manager: `with Shipper(...) as shipper:`")
+        deadline = None if max_time is None else self.monotonic() + max_time
+        waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
+        unsettled: dict[int, int] = {}  # lease -> records not yet settled
+        state = _DrainState(deadline)
+        try:
+            while True:
+                if self.shutdown.is_set():
+                    return state.stopped("shutting down")
+                if deadline is not None and self.monotonic() >= deadline:
+                    return state.stopped(f"stopped after {max_time:g} s")
+                if state.failed is not None and fail_fast:
+                    return state.stopped(state.failed)
+                self._dispatch(waiting, unsettled, state)
+                if self.stats.in_flight == 0 and not waiting:
+                    return DrainResult(True) if state.failed is None else DrainResult(False, state.failed)
+                if self.stats.in_flight == 0:
+                    continue  # the dispatch stopped for shutdown or the deadline: seen at the top
+                try:
+                    answer = self._answers.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self._settle_answer(answer, waiting, unsettled, state, on_progress)
+        finally:
+            self._finish(waiting, unsettled)
+
+    def _dispatch(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> None:
+        """Send units while the link's limit allows and the gate (back-off) and pacing let us."""
+        assert self._pool is not None
+        while self.stats.in_flight < self.limit.value:
+            if self.shutdown.is_set() or (state.deadline is not None and self.monotonic() >= state.deadline):
+                return
+            if not waiting and not self._lease_more(waiting, unsettled, state):
+                return
+            now = self.monotonic()
+            pace = self._next_request if self.config.max_requests_per_second else 0.0
+            wait = max(state.gate, pace) - now
+            if wait > 0:
+                if self.stats.in_flight:
+                    return  # answers may come meanwhile; the gate is looked at again after each
+                if state.deadline is not None:
+                    wait = min(wait, state.deadline - now)
+                if pace > state.gate:  # pacing, not back-off, holds us back
+                    self.stats.paced += wait
+                self.sleep(wait)
+                continue
+            unit = waiting.popleft()
+            unit.attempts += 1
+            if self.config.max_requests_per_second:
+                interval = 1.0 / self.config.max_requests_per_second
+                self._next_request = max(self.monotonic(), self._next_request) + interval
+            self.stats.requests += 1
+            self.stats.in_flight += 1
+            self._pool.submit(self._send, unit)
+        self.stats.limit = self.limit.value
+
+    def _lease_more(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> bool:
+        """Lease the next suspect group, or else the next clean batch, as units; False when there is none."""
+        if state.failed is not None:  # paused: probe with what is already leased, lease nothing new
+            return False
+        keyed_only = self.config.ezkey is None
+        try:
+            lease = (self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
+                     or self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=keyed_only))
+        except StoreError as exc:
+            state.failed = f"cannot lease records: {exc}"
+            return False
         if lease is None:
-            return 0
-        batch = _Batch(self, lease)
+            return False
+        unsettled[lease.id] = len(lease.items)
+        waiting.extend(self._units(lease))
+        return True
+
+    def _units(self, lease: Lease) -> list[_Unit]:
         groups: dict[tuple[str, bool], list[Leased]] = {}
-        classic: list[Leased] = []
+        units = []
         for item in lease.items:
             if item.record.stat is None:
-                classic.append(item)
+                units.append(_Unit(lease.id, [item], None))
             else:
                 own = item.record.ezkey is not None
                 groups.setdefault((item.record.ezkey or self.config.ezkey or "", own), []).append(item)
-        try:
-            for (ezkey, own_key), group in groups.items():
-                if self.shutdown.is_set():
-                    break
-                self._send_ez(batch, ezkey, group, own_key=own_key)
-            for item in classic:
-                if self.shutdown.is_set():
-                    break
-                self._send_classic(batch, item)
-        finally:
-            if batch.unsettled:  # failure or shutdown: what is left is pending again
-                self.store.end_lease(lease.id)
-        self._note(result="ok", error=None)
-        return len(lease.items) - batch.unsettled
+        return [_Unit(lease.id, group, key, own) for (key, own), group in groups.items()] + units
 
-    def _pace(self) -> None:
-        """Keep to max_requests_per_second, so a long backlog drains without flooding the receiver."""
-        rate = self.config.max_requests_per_second
-        if not rate:
-            return
-        now = self.monotonic()
-        if self._next_request > now:
-            self.stats.paced += self._next_request - now
-            self.sleep(self._next_request - now)
-            now = self._next_request
-        self._next_request = now + 1.0 / rate
+    def _settle_answer(self, answer: _Answer, waiting: collections.deque[_Unit], unsettled: dict[int, int],
+                       state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
+        self.stats.in_flight -= 1
+        unit, error = answer.unit, answer.error
+        ids = [item.id for item in unit.items]
+        if isinstance(error, Refused) and error.names_key and not unit.own_key:
+            error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
+                                  "records stay pending until the key is fixed")
+        if error is None:
+            self.stats.latencies.append(answer.seconds)
+            self.limit.success(answer.seconds)
+            state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
+            last = self._settled(unit, unsettled)
+            note = self._note_ok()
+            self.settle(lambda: self.store.ack(ids, now=self.clock(), lease=unit.lease if last else None,
+                                               note=note))
+            self.stats.sent += len(ids)
+            if on_progress:
+                on_progress(len(ids))
+        elif isinstance(error, Refused):
+            self._refused(unit, error, unsettled)
+            if on_progress and len(unit.items) == 1:
+                on_progress(1)
+        else:
+            self._failed(unit, error, waiting, state)
 
-    def _send_ez(self, batch: _Batch, ezkey: str, group: Sequence[Leased], *, own_key: bool) -> None:
-        """Send one EZ batch; on refusal bisect it so only the records the receiver refuses die."""
-        self._pace()
-        self.stats.requests += 1
-        try:
-            self.client.send_ez(ezkey, [item.record for item in group])
-        except Refused as refusal:
-            if refusal.names_key and not own_key:
-                raise EndpointError(f"the receiver refused the configured ezkey ({refusal}); "
-                                    "records stay pending until the key is fixed") from None
-            if refusal.names_key or len(group) == 1:  # a record's own bad key condemns its whole group
-                batch.kill(group, refusal)
-                return
-            middle = len(group) // 2
-            self._send_ez(batch, ezkey, group[:middle], own_key=own_key)
-            self._send_ez(batch, ezkey, group[middle:], own_key=own_key)
+    def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int]) -> None:
+        ids = [item.id for item in unit.items]
+        whole = len(ids) == 1 or refusal.names_key or isinstance(refusal, PartlyTaken)
+        if not whole:  # somewhere in here is what the receiver refuses: isolate it, in the spool
+            middle = len(ids) // 2
+            self.settle(lambda: self.store.split(unit.lease, [ids[:middle], ids[middle:]]))
+            self._settled(unit, unsettled, end=False)
+            self.stats.splits += 1
+            log.info("receiver refused a batch of %d records (%s); splitting it to find which", len(ids), refusal)
             return
-        batch.ack(group)
+        last = self._settled(unit, unsettled)
+        self.settle(lambda: self.store.mark_dead(ids, reason=str(refusal), http_status=refusal.http_status,
+                                                  body=refusal.body, now=self.clock()))
+        if last:
+            self.settle(lambda: self.store.end_lease(unit.lease))
+        self.stats.dead += len(ids)
+        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal)
 
-    def _send_classic(self, batch: _Batch, item: Leased) -> None:
-        self._pace()
-        self.stats.requests += 1
-        try:
-            self.client.send_classic(item.record)
-        except Refused as refusal:
-            batch.kill([item], refusal)
+    def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
+        """A transient failure or a misconfiguration: the same unit goes again, after the link's back-off."""
+        waiting.appendleft(unit)
+        self.limit.trouble()
+        state.failures += 1
+        self.stats.retries += 1
+        paused = isinstance(error, EndpointError)
+        retry_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        retry_state.attempt_number = state.failures
+        retry_state.set_exception((type(error), error, None))
+        wait = self._backoff(retry_state)
+        state.gate = self.monotonic() + wait
+        state.last_error = str(error)
+        if paused or (getattr(error, "unresolvable", False) and not state.delivered):
+            state.failed = str(error)
+        self._note("paused" if paused else "retrying", str(error))
+        level = logging.ERROR if paused else logging.WARNING
+        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
+
+    def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
+        """Count a unit's records as settled in its lease; return whether that was the lease's last."""
+        unsettled[unit.lease] -= len(unit.items)
+        if unsettled[unit.lease] == 0:
+            del unsettled[unit.lease]
+            return end
+        return False
+
+    def _finish(self, waiting: collections.deque[_Unit], unsettled: dict[int, int]) -> None:
+        """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
+        while self.stats.in_flight:
+            try:
+                answer = self._answers.get(timeout=self.config.timeout + 5)
+            except queue.Empty:
+                log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
+                self.stats.in_flight = 0
+                break
+            state = _DrainState(None)
+            self._settle_answer(answer, collections.deque(), unsettled, state, None)
+        for lease in list(unsettled):
+            self.settle(lambda lease=lease: self.store.end_lease(lease))
+        unsettled.clear()
+        waiting.clear()
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def _note_ok(self) -> dict[str, object]:
+        """The facts an acknowledgement records with it: the last attempt succeeded, now."""
+        now = self.clock()
+        self._last_note = ("ok", None, self.monotonic())
+        return {"last_attempt_at": now, "last_result": "ok", "last_error": None, "last_success_at": now}
+
+    def _note(self, result: str, error: str | None) -> None:
+        """Record a failure for `spool status`: at once when it changes, at most once a second while it repeats."""
+        self.stats.last_error = error
+        last_result, last_error, at = self._last_note
+        if (result, error) == (last_result, last_error) and self.monotonic() - at < META_THROTTLE:
             return
-        batch.ack([item])
+        self._last_note = (result, error, self.monotonic())
+        try:
+            self.store.set_meta(last_attempt_at=self.clock(), last_result=result, last_error=error)
+        except StoreError as exc:  # status bookkeeping must never stop delivery
+            log.warning("cannot record shipping status: %s", exc)
 
     def settle(self, write: Callable[[], object]) -> None:
         """Commit what the receiver answered, retrying until it commits: this is the write never given up.
@@ -228,61 +459,7 @@ class Shipper:
             reraise=True,
         )(write)
 
-    # -- retrying --------------------------------------------------------------------------------------
-
-    def _retrying(self, deadline: float | None) -> tenacity.Retrying:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((TransientError, EndpointError, StoreError)),
-            wait=wait_retry_after(wait_random_exponential(multiplier=self.config.backoff_initial,
-                                                          max=self.config.backoff_max),
-                                  cap=self.config.retry_after_max),
-            stop=stop_when_event_set(self.shutdown) | stop_at_deadline(deadline, self.monotonic),
-            sleep=self.sleep,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-
-    def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        self.stats.retries += 1
-        paused = isinstance(error, EndpointError)
-        self._note(result="paused" if paused else "retrying", error=str(error), force=True)
-        level = logging.ERROR if paused else logging.WARNING
-        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed",
-                error, retry_state.upcoming_sleep)
-
-    def _note(self, *, result: str, error: str | None, force: bool = False) -> None:
-        """Record the last attempt in the spool (for `spool status`), at most once a second on success."""
-        self.stats.last_error = error if error else self.stats.last_error
-        now = self.monotonic()
-        if not force and now - self._last_meta < META_THROTTLE:
-            return
-        self._last_meta = now
-        facts: dict[str, object] = {"last_attempt_at": self.clock(), "last_result": result, "last_error": error}
-        if result == "ok":
-            facts["last_success_at"] = self.clock()
-        try:
-            self.store.set_meta(**facts)
-        except StoreError as exc:  # status bookkeeping must never stop delivery
-            log.warning("cannot record shipping status: %s", exc)
-
-    # -- draining --------------------------------------------------------------------------------------
-
-    def drain(self, *, max_time: float | None = None) -> DrainResult:
-        """Ship until nothing deliverable is pending, shutdown is asked, or `max_time` seconds pass."""
-        deadline = None if max_time is None else self.monotonic() + max_time
-        while not self.shutdown.is_set():
-            if deadline is not None and self.monotonic() >= deadline:
-                return DrainResult(False, f"stopped after {max_time:g} s")
-            try:
-                settled = self._retrying(deadline)(self.ship_batch)
-            except (ShipError, StoreError) as exc:
-                return DrainResult(False, str(exc))
-            if self.shutdown.is_set():
-                break  # a batch cut short by shutdown also settles 0: that is not "done"
-            if settled == 0:
-                return DrainResult(True)
-        return DrainResult(False, "shutting down")
+    # -- running --------------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
@@ -306,7 +483,8 @@ class Shipper:
                 if self.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL:
                     break
 
-    def _restamp_held(self) -> None:
+    def restamp_held(self) -> None:
+        """Give held records their time if the clock is sane now (see Store.restamp_held)."""
         from spool.clock import boot_clock, boot_id
         from spool.records import CLOCK_SANE_AFTER
 
@@ -320,7 +498,7 @@ class Shipper:
             log.warning("%d records held in an earlier boot cannot be placed in time; moved to dead letters", lost)
 
     def housekeeping(self) -> None:
-        """Free leases older than the lease timeout; hourly, prune sent records past retention."""
+        """Free dead owners' leases; re-stamp held records; compact, expire; hourly, prune sent records."""
         now = self.monotonic()
         if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL:
             return
@@ -328,7 +506,7 @@ class Shipper:
         try:
             freed = self.store.release_dead_leases(unowned_before=self.clock() - self.config.lease_timeout)
             self.store.sweep_stages()
-            self._restamp_held()
+            self.restamp_held()
             if self.config.compact_counts:
                 saved = self.store.compact_counts(bucket=self.config.compact_counts)
                 if saved:
@@ -346,31 +524,23 @@ class Shipper:
         if pruned:
             log.info("pruned %d sent records older than the retention period", pruned)
         if freed:
-            log.warning("returned %d records of stale leases to pending", freed)
+            log.warning("returned %d records of leases whose shipper died to pending", freed)
 
 
-class _Batch:
-    """The records of one lease still to settle; the commit that settles the last of them ends the lease."""
+@dataclass
+class _DrainState:
+    """What one drain knows of the link: the back-off gate, consecutive failures, a reason to give up."""
 
-    def __init__(self, shipper: Shipper, lease: Lease):
-        self.shipper = shipper
-        self.lease = lease
-        self.unsettled = len(lease.items)
+    deadline: float | None
+    gate: float = 0.0  # no request before this (monotonic)
+    failures: int = 0
+    failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
+    delivered: bool = False
 
-    def ack(self, group: Sequence[Leased]) -> None:
-        last = self.unsettled == len(group)
-        ids = [item.id for item in group]
-        self.shipper.settle(lambda: self.shipper.store.ack(ids, now=self.shipper.clock(),
-                                                           lease=self.lease.id if last else None))
-        self.unsettled -= len(group)
-        self.shipper.stats.sent += len(group)
+    last_error: str | None = None
 
-    def kill(self, group: Sequence[Leased], refusal: Refused) -> None:
-        ids = [item.id for item in group]
-        self.shipper.settle(lambda: self.shipper.store.mark_dead(
-            ids, reason=str(refusal), http_status=refusal.http_status, body=refusal.body, now=self.shipper.clock()))
-        self.unsettled -= len(group)
-        if self.unsettled == 0:
-            self.shipper.settle(lambda: self.shipper.store.end_lease(self.lease.id))
-        self.shipper.stats.dead += len(group)
-        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(group), refusal)
+    def stopped(self, why: str) -> DrainResult:
+        if self.failed:
+            return DrainResult(False, self.failed)
+        return DrainResult(False, f"{why}; last error: {self.last_error}" if self.last_error else why)
+

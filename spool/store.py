@@ -524,32 +524,73 @@ class Store:
     # -- the shipper's state machine -------------------------------------------------------------
 
     def lease(self, limit: int, *, now: float, keyed_only: bool) -> Lease | None:
-        """Lease up to `limit` of the oldest pending records no lease names; None when there are none.
+        """Lease up to `limit` of the oldest clean pending records no lease names; None when there are none.
 
-        `keyed_only` skips EZ records that carry no ezkey (there is no configured key to send them with).
+        Clean: never refused as part of a batch (suspects are leased by `lease_suspects`). `keyed_only` skips
+        EZ records that carry no ezkey (there is no configured key to send them with).
         """
-        where = f"state = {PENDING} AND {_KEYED}" if keyed_only else f"state = {PENDING}"
+        return self._lease(f"split IS NULL{self._shippable(now, keyed_only)} ORDER BY t, id LIMIT ?", (limit,), now)
+
+    def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
+        """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""
+        where = f"split IS NOT NULL{self._shippable(now, keyed_only)}"
+        return self._lease(f"split = (SELECT min(split) FROM records WHERE state = {PENDING} AND {where} "
+                           f"AND id NOT IN ({_LEASED})) ORDER BY t, id", (), now)
+
+    def _shippable(self, now: float, keyed_only: bool) -> str:
+        where = f" AND {_KEYED}" if keyed_only else ""
         if self.max_age is not None:
             where += f" AND t >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
+        return where
+
+    def _lease(self, where: str, params: tuple[Any, ...], now: float) -> Lease | None:
         with self._write() as conn:
             row = conn.execute(
                 f"INSERT INTO leases (ids, leased_at, owner) SELECT json_group_array(id), ?, ? FROM "
-                f"(SELECT id FROM records WHERE {where} AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?) "
-                f"HAVING count(*) > 0 RETURNING id, ids", (now, self.owner, limit)).fetchone()
+                f"(SELECT id FROM records WHERE state = {PENDING} AND id NOT IN ({_LEASED}) AND {where}) "
+                f"HAVING count(*) > 0 RETURNING id, ids", (now, self.owner, *params)).fetchone()
             if row is None:
                 return None
             rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE id IN ({_IDS}) ORDER BY t, id",
                                 (row[1],)).fetchall()
         return Lease(row[0], [Leased(r[0], Record(*r[1:])) for r in rows])
 
-    def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None) -> int:
-        """Mark records SENT: the receiver acknowledged them. With `lease`, end that lease in the same commit."""
+    def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None,
+            note: dict[str, Any] | None = None) -> int:
+        """Mark records SENT: the receiver acknowledged them.
+
+        With `lease`, end that lease in the same commit; with `note`, record those facts (the last shipping
+        result) in it too, so keeping status true costs no commit of its own.
+        """
         with self._write() as conn:
-            n = conn.execute(f"UPDATE records SET state = {SENT}, done_at = ? WHERE id IN ({_IDS}) "
+            n = conn.execute(f"UPDATE records SET state = {SENT}, done_at = ?, split = NULL WHERE id IN ({_IDS}) "
                              f"AND state = {PENDING}", (now, json.dumps(list(ids)))).rowcount
             if lease is not None:
                 conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+            if note:
+                self._set_meta(conn, note)
             return n
+
+    def split(self, lease: int, halves: Sequence[Sequence[int]]) -> None:
+        """Mark records the receiver refused together as suspect groups (one per half) and give them back.
+
+        Each group is named by its smallest id. The records leave the lease in the same commit, so they can
+        be leased again at once, each group on its own: the bisection goes on where it stopped, whatever
+        happens to the shipper in between.
+        """
+        every = [i for half in halves for i in half]
+        with self._write() as conn:
+            for half in halves:
+                conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {PENDING}",
+                             (min(half), json.dumps(list(half))))
+            conn.execute(f"UPDATE leases SET ids = (SELECT json_group_array(value) FROM json_each(leases.ids) "
+                         f"WHERE value NOT IN ({_IDS})) WHERE id = ?", (json.dumps(every), lease))
+            conn.execute("DELETE FROM leases WHERE id = ? AND json_array_length(ids) = 0", (lease,))
+
+    def suspects(self) -> int:
+        """Return how many pending records are suspect (refused as part of a batch, not yet isolated)."""
+        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} "
+                                 "AND split IS NOT NULL").fetchone()[0]
 
     def end_lease(self, lease: int) -> None:
         """Drop a lease: the records it named that were not settled are pending again."""
@@ -561,7 +602,7 @@ class Store:
         """Move records to DEAD, keeping the receiver's reason, status and body."""
         with self._write() as conn:
             return conn.execute(
-                f"UPDATE records SET state = {DEAD}, done_at = ?, reason = ?, http_status = ?, body = ? "
+                f"UPDATE records SET state = {DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, split = NULL "
                 f"WHERE id IN ({_IDS}) AND state = {PENDING}",
                 (now, reason, http_status, body[:MAX_BODY], json.dumps(list(ids)))).rowcount
 
@@ -813,8 +854,12 @@ class Store:
 
     def set_meta(self, **values: Any) -> None:
         with self._write() as conn:
-            conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                             [(name, json.dumps(value)) for name, value in values.items()])
+            self._set_meta(conn, values)
+
+    @staticmethod
+    def _set_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                         [(name, json.dumps(value)) for name, value in values.items()])
 
     def meta(self) -> dict[str, Any]:
         return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}

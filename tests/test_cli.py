@@ -141,7 +141,7 @@ def test_ship_once_gives_up_after_max_time_saying_what_is_left(db, receiver):
     result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
                      env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
     assert result.returncode == 1
-    assert "spool: error: 1 records still pending: HTTP 503" in result.stderr
+    assert "spool: error: 1 records still pending: stopped after 1 s; last error: HTTP 503" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -163,7 +163,7 @@ def test_retry_after_is_honoured_and_capped(db, receiver):
     clock = SleepClock()
     ship_all(db, receiver, [make_record(stat="s", count=1, t=T0)], clock=clock,
              backoff_initial=0.001, backoff_max=0.01, retry_after_max=600, max_time=3600)
-    assert clock.waits == [30, 600]
+    assert clock.waits == pytest.approx([30, 600], abs=0.05)  # waits run from the failure to the gate
 
 
 def test_records_without_any_key_stay_pending_and_do_not_block_the_drain(db, receiver):
