@@ -153,8 +153,11 @@ def import_(obj: Context, file: str, skip_invalid: bool, ezkey: str | None) -> N
         skipped.append(error)
         click.echo(f"skipped {error}", err=True)
 
-    with obj.spool(config) as sp, click.open_file(file, "rb") as stream:
-        records = to_records(read_json_stream(stream), ezkey=ezkey, clock_now=now(), t_floor=config.t_floor,
+    size = os.stat(file).st_size if file != "-" and os.path.isfile(file) else 0
+    with obj.spool(config) as sp, click.open_file(file, "rb") as stream, \
+            _progress(None, size, "importing", of_bytes=True) as bar:
+        counted = _CountingReader(stream, bar.update) if bar is not None else stream
+        records = to_records(read_json_stream(counted), ezkey=ezkey, clock_now=now(), t_floor=config.t_floor,
                              on_invalid=report if skip_invalid else None)
         taken = sp.append_records(records)
     click.echo(f"imported {taken} records" + (f", skipped {len(skipped)} invalid" if skipped else ""),
@@ -261,11 +264,36 @@ def _when_option(text: str | None, name: str) -> int | None:
     return int(when.timestamp())
 
 
-def _progress(items: Any, length: int, label: str) -> Any:
-    """A progress bar on stderr when it is a terminal; nothing (the bare iterable, or None) when it is not."""
-    if not sys.stderr.isatty() or length < 1000:
+def _progress(items: Any, length: int, label: str, *, of_bytes: bool = False) -> Any:
+    """A progress bar on stderr when it is a terminal; nothing (the bare iterable, or None) when it is not.
+
+    Only for work big enough to watch: 1,000 records, or 1 MiB (`of_bytes`, shown as a percentage).
+    """
+    if not sys.stderr.isatty() or length < (1 << 20 if of_bytes else 1000):
         return contextlib.nullcontext(items)
-    return click.progressbar(items, length=length, label=label, file=sys.stderr)
+    return click.progressbar(items, length=length, label=label, file=sys.stderr, show_eta=True,
+                             show_pos=not of_bytes, show_percent=of_bytes)
+
+
+class _CountingReader:
+    """A binary stream that reports how many bytes were read through it (for a progress bar)."""
+
+    def __init__(self, stream: Any, update: Callable[[int], object]):
+        self._stream = stream
+        self._update = update
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._stream.readline(size)
+        self._update(len(line))
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._update(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @cli.command()
@@ -432,9 +460,9 @@ def ship(obj: Context, once: bool, max_time: str, **flags: Any) -> None:
         _run_agent(config)
     setup_logging(config.log_level)
     deadline = configuration.parse_duration(max_time, "--max-time")
-    with Store.for_config(config) as store, \
-            Shipper(store, config) as shipper:
-        result = shipper.drain(max_time=deadline)
+    with Store.for_config(config) as store, Shipper(store, config) as shipper, \
+            _progress(None, store.backlog()[0], "shipping") as bar:
+        result = shipper.drain(max_time=deadline, fail_fast=True, on_progress=bar.update if bar else None)
         left = store.counts()["pending"]
         keyless = store.keyless_pending() if config.ezkey is None else 0
     click.echo(f"shipped {shipper.stats.sent}, dead {shipper.stats.dead}", err=True)

@@ -60,6 +60,7 @@ class TransientError(ShipError):
 
     def __init__(self, message: str, *, retry_after: float | None = None):
         self.retry_after = retry_after
+        self.unresolvable = False  # the host name did not resolve (a typo, or no DNS yet on this link)
         super().__init__(message)
 
 

@@ -10,6 +10,7 @@ import email.utils
 import ipaddress
 import json
 import re
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,10 @@ def check_endpoint(url: str, *, allow_insecure: bool = False) -> str:
     if parts.scheme == "http" and not allow_insecure and not is_loopback(parts.hostname):
         raise ConfigError(f"endpoint {url} is plain http to a remote host; use https, "
                           "or allow it explicitly with --allow-insecure (allow_insecure = true)")
+    if parts.path.rstrip("/").endswith(("/ez", "/c", "/v")):
+        root = url.rstrip("/").rsplit("/", 1)[0]
+        raise ConfigError(f"endpoint {url} names an API call; give the API root ({root}): spool adds /ez, "
+                          "/c and /v itself")
     return url.rstrip("/")
 
 
@@ -139,10 +144,35 @@ class StatHatClient:
         except requests.Timeout:
             raise TransientError(f"no answer from {self.endpoint} within {self.timeout:g} s") from None
         except requests.exceptions.SSLError as exc:
+            if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
+                raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain http "
+                                    "there (use http://, or the https port)") from None
             raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
         except requests.RequestException as exc:
+            if _unresolvable(exc):
+                error = TransientError(f"cannot resolve host {urlsplit(self.endpoint).hostname}: check the "
+                                       "endpoint's host name and DNS")
+                error.unresolvable = True
+                raise error from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc)}") from None
         return classify_response(response.status_code, body, response.headers.get("Retry-After"))
+
+
+def _unresolvable(exc: BaseException) -> bool:
+    """Whether a requests error comes from a host name that does not resolve (a gaierror underneath).
+
+    requests and urllib3 wrap the cause a few levels deep (in `args`, `reason`, `__cause__`), differently
+    from version to version, so look through all of them.
+    """
+    todo, seen = [exc], 0
+    while todo and seen < 20:
+        error = todo.pop()
+        seen += 1
+        if isinstance(error, socket.gaierror) or type(error).__name__ == "NameResolutionError":
+            return True
+        todo += [e for e in (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
+                 if isinstance(e, BaseException)]
+    return False
 
 
 def reason(exc: Exception) -> str:

@@ -48,6 +48,9 @@ class Receiver:
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self.holding = threading.Event()  # set while a request taken by hold_after_accept_next is held
+        self.latency = 0.0  # seconds every answer waits (a long link), set at will
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most requests it ever answered at once
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -199,6 +202,18 @@ class Receiver:
                 self._serve(parts.path, parse_qs(parts.query, keep_blank_values=True), None)
 
             def do_POST(self) -> None:
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
+                try:
+                    if receiver.latency:
+                        receiver._stopping.wait(receiver.latency)
+                    self._post()
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
+
+            def _post(self) -> None:
                 fault = receiver._next_fault()
                 length = int(self.headers.get("Content-Length") or 0)
                 if fault is not None and fault.action == "reset":
