@@ -258,6 +258,55 @@ def bench_drain(n: int) -> list[Figure]:
                    ">= 0.8", base / ours)]
 
 
+def bench_pipeline(n: int) -> list[Figure]:
+    """Drain through a receiver 300 ms away: requests in flight (the default) against one at a time."""
+    def drain(max_in_flight: int) -> float:
+        with scratch() as folder, Receiver() as receiver:
+            receiver.latency = 0.3
+            db = folder / "s.db"
+            fill_backlog(db, n)
+            config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", max_in_flight=max_in_flight)
+            started = time.perf_counter()
+            with Store(db) as store, Shipper(store, config) as shipper:
+                assert shipper.drain().done
+            assert len(receiver.accepted) == n
+            return n / (time.perf_counter() - started)
+
+    default = Config(db=Path("unused"))
+    ours, serial = drain(default.max_in_flight), drain(1)
+    return [Figure(f"drain of {n} records through a 300 ms link (max_in_flight {default.max_in_flight}, "
+                   f"{default.max_requests_per_second:g} req/s)", ours, serial, "records/s", ">= 4", ours / serial,
+                   note="baseline: the same drain with max_in_flight = 1, in the same run")]
+
+
+def bench_livelock(n: int) -> list[Figure]:
+    """One refused record at the head of a backlog on a link failing every few requests: time to drain."""
+    with scratch() as folder, Receiver() as receiver:
+        db = folder / "s.db"
+        with Spool(db) as sp:
+            sp.count("poison", 1, t=T0 - 1)  # the oldest record of all
+        fill_backlog(db, n)
+        receiver.refuse_stat("poison")
+        for i in range(1, 4000):
+            if i % 7 == 0:
+                receiver.reset_next(1)
+            elif i % 11 == 0:
+                receiver.rate_limit_next(1, retry_after="0")
+            elif i % 13 == 0:
+                receiver.stall_next(1, seconds=3)
+            else:
+                receiver.pass_next(1)
+        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", timeout=1.0)
+        started = time.perf_counter()
+        with Store(db) as store, Shipper(store, config) as shipper:
+            assert shipper.drain(max_time=600).done
+            dead = [d["record"].stat for d in store.dead()]
+        took = time.perf_counter() - started
+        assert len(receiver.accepted) == n and dead == ["poison"], (len(receiver.accepted), dead)
+    return [Figure(f"livelock scenario: {n} records, 1 poison, a reset/429/stall every 7/11/13 requests", took,
+                   None, "s", "<= 60", took, note="all clean records delivered, exactly the poison dead")]
+
+
 # VmHWM, not ru_maxrss: on Linux ru_maxrss survives execve, so a child forked from this (large) benchmark
 # process would report the parent's peak.
 DRAIN_CHILD = """
@@ -437,6 +486,8 @@ def suite(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
             "append_single": lambda: bench_append_single(50, 1),
             "add_process": lambda: bench_add_process(2),
             "drain": lambda: bench_drain(2_000),
+            "pipeline": lambda: bench_pipeline(2_000),
+            "livelock": lambda: bench_livelock(300),
             "memory": lambda: bench_memory(1_000, 3_000),
             "ingest": lambda: bench_ingest(5_000, 1),
             "disk": lambda: bench_disk(2_000),
@@ -449,6 +500,8 @@ def suite(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         "peers": lambda: bench_peers(2_000, 3),
         "add_process": lambda: bench_add_process(30),
         "drain": lambda: bench_drain(1_000_000),
+        "pipeline": lambda: bench_pipeline(50_000),
+        "livelock": lambda: bench_livelock(3_000),
         "memory": lambda: bench_memory(100_000, 1_000_000),
         "ingest": lambda: bench_ingest(1_000_000, 3),
         "disk": lambda: bench_disk(100_000),

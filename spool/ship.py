@@ -50,6 +50,7 @@ HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for dead owners' leases, h
 PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
+ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 
 
 class wait_retry_after(wait_base):
@@ -263,33 +264,37 @@ class Shipper:
                     return state.stopped(f"stopped after {max_time:g} s")
                 if state.failed is not None and fail_fast:
                     return state.stopped(state.failed)
-                self._dispatch(waiting, unsettled, state)
+                patience = self._dispatch(waiting, unsettled, state)
                 if self.stats.in_flight == 0 and not waiting:
                     return DrainResult(True) if state.failed is None else DrainResult(False, state.failed)
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
                 try:
-                    answer = self._answers.get(timeout=0.5)
+                    answer = self._answers.get(timeout=patience)
                 except queue.Empty:
                     continue
                 self._settle_answer(answer, waiting, unsettled, state, on_progress)
         finally:
             self._finish(waiting, unsettled)
 
-    def _dispatch(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> None:
-        """Send units while the link's limit allows and the gate (back-off) and pacing let us."""
+    def _dispatch(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> float:
+        """Send units while the link's limit allows and the gate (back-off) and pacing let us.
+
+        Returns how long to wait for answers before trying again (pacing or the back-off holds a unit back).
+        """
         assert self._pool is not None
+        self.stats.limit = self.limit.value
         while self.stats.in_flight < self.limit.value:
             if self.shutdown.is_set() or (state.deadline is not None and self.monotonic() >= state.deadline):
-                return
+                return ANSWER_POLL
             if not waiting and not self._lease_more(waiting, unsettled, state):
-                return
+                return ANSWER_POLL
             now = self.monotonic()
             pace = self._next_request if self.config.max_requests_per_second else 0.0
             wait = max(state.gate, pace) - now
             if wait > 0:
                 if self.stats.in_flight:
-                    return  # answers may come meanwhile; the gate is looked at again after each
+                    return min(wait, ANSWER_POLL)  # wait for answers meanwhile, then look again
                 if state.deadline is not None:
                     wait = min(wait, state.deadline - now)
                 if pace > state.gate:  # pacing, not back-off, holds us back
@@ -304,7 +309,7 @@ class Shipper:
             self.stats.requests += 1
             self.stats.in_flight += 1
             self._pool.submit(self._send, unit)
-        self.stats.limit = self.limit.value
+        return ANSWER_POLL
 
     def _lease_more(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> bool:
         """Lease the next suspect group, or else the next clean batch, as units; False when there is none."""

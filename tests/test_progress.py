@@ -90,6 +90,16 @@ def test_requests_are_pipelined_on_a_long_link_and_never_beyond_max_in_flight(db
     assert 3 <= receiver.max_in_flight <= 6
 
 
+def test_pacing_does_not_stop_the_pipeline(db, receiver):
+    """Between paced requests the drain waits for answers only until the next one may go."""
+    backlog(db, 2000)
+    receiver.latency = 0.3
+    config = make_config(db, receiver, batch_size=100, max_in_flight=6, max_requests_per_second=30)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=120).done
+    assert receiver.max_in_flight >= 3
+
+
 def test_one_at_a_time_when_max_in_flight_is_one(db, receiver):
     backlog(db, 500)
     receiver.latency = 0.05
