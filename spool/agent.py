@@ -54,7 +54,8 @@ class Agent:
         from spool.metrics import Metrics
         from spool.relay import Relay
 
-        metrics = self._metrics = Metrics(self._open(), shipper=self.shipper, watchers=lambda: self.watchers)
+        metrics = self._metrics = Metrics(self._open(), shipper=self.shipper, watchers=lambda: self.watchers,
+                                          unhealthy_after=self.config.unhealthy_after)
         relay = Relay(self.config.relay, self._open(), t_floor=self.config.t_floor,
                       on_commit=lambda n: self.wake.set(), health=metrics.health, metrics=metrics.render)
         metrics.relay = relay

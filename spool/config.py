@@ -89,6 +89,7 @@ class Config(NamedTuple):
     idle_poll: float = 2.0
     max_requests_per_second: float = 20.0  # 0: unpaced
     max_in_flight: int = 8  # requests under way at once at most (the shipper adapts below this)
+    unhealthy_after: float = 900.0  # /healthz: degraded when records wait and nothing was delivered this long
     reconnect_jitter: float = 10.0  # `spool run` waits a random part of this before its first drain
     log_level: str = "info"
     summary_interval: float = 60.0
@@ -204,6 +205,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
         "idle_poll": ("idle_poll", parse_duration),
         "max_requests_per_second": ("max_requests_per_second", _non_negative_number),
         "max_in_flight": ("max_in_flight", _positive_int(64)),
+        "unhealthy_after": ("unhealthy_after", parse_duration),
         "reconnect_jitter": ("reconnect_jitter", parse_duration),
     },
     "log": {

@@ -17,10 +17,14 @@ class Metrics:
     """A prometheus_client collector reading the spool (its own connection) and the agent's components."""
 
     def __init__(self, store: Store, *, shipper: Any = None, relay: Any = None,
-                 watchers: Callable[[], list[Any]] = list):
+                 watchers: Callable[[], list[Any]] = list, unhealthy_after: float = 900.0,
+                 clock: Callable[[], float] = time.time):
         from prometheus_client import CollectorRegistry
 
         self.store = store
+        self.unhealthy_after = unhealthy_after
+        self.clock = clock
+        self.started_at = clock()
         self.shipper = shipper
         self.relay = relay
         self.watchers = watchers
@@ -35,13 +39,23 @@ class Metrics:
         return generate_latest(self.registry)
 
     def health(self) -> dict[str, Any]:
-        """A short status for /healthz: is the spool writable, and how big is the backlog."""
+        """A short status for /healthz: the backlog, the last delivery, and every reason it is not healthy.
+
+        Degraded (as Fluent Bit's health thresholds do) when records are waiting and nothing was delivered for
+        `unhealthy_after` seconds (counted from the agent's start if nothing was delivered since).
+        """
         with self._lock:
             pending, inflight = self.store.backlog()
             oldest = self.store.oldest_pending_t()
-        return {"writable": os.access(self.store.path.parent, os.W_OK) and os.access(self.store.path, os.W_OK),
-                "pending": pending, "inflight": inflight,
-                "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest)}
+            last = self.store.meta().get("last_success_at")
+        now = self.clock()
+        writable = os.access(self.store.path.parent, os.W_OK) and os.access(self.store.path, os.W_OK)
+        problems = [] if writable else ["the spool is not writable"]
+        quiet = now - max(last or 0.0, self.started_at)
+        if pending + inflight and quiet >= self.unhealthy_after:
+            problems.append(f"{pending + inflight} records waiting and nothing delivered for {quiet:.0f} s")
+        return {"writable": writable, "pending": pending, "inflight": inflight, "last_success_at": last,
+                "oldest_pending_age": None if oldest is None else max(0, int(now) - oldest), "problems": problems}
 
     def _state_counts(self) -> dict[str, int]:
         stamp = time.monotonic()
