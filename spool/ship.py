@@ -253,6 +253,10 @@ class Shipper:
         if self._pool is None:
             raise RuntimeError("use the Shipper as a context manager: `with Shipper(...) as shipper:`")
         deadline = None if max_time is None else self.monotonic() + max_time
+        try:
+            self.restamp_held()  # every way of shipping (the agent, ship --once from cron) places held records
+        except StoreError as exc:
+            log.warning("cannot re-stamp held records: %s", exc)
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
         state = _DrainState(deadline)
@@ -496,11 +500,13 @@ class Shipper:
         wall = self.clock()
         if wall < CLOCK_SANE_AFTER:
             return
-        restamped, lost = self.store.restamp_held(wall=wall, mono=boot_clock(), boot=boot_id())
+        restamped, lost = self.store.restamp_held(wall=wall, mono=boot_clock(), boot=boot_id(),
+                                                  floor=self.config.t_floor)
         if restamped:
             log.info("the clock is sane: re-stamped %d records held while it was not", restamped)
         if lost:
-            log.warning("%d records held in an earlier boot cannot be placed in time; moved to dead letters", lost)
+            log.warning("%d held records cannot be placed in time (held in an earlier boot, or the monotonic "
+                        "clock jumped); moved to dead letters with the reason", lost)
 
     def housekeeping(self) -> None:
         """Free dead owners' leases; re-stamp held records; compact, expire; hourly, prune sent records."""

@@ -51,6 +51,7 @@ COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() repor
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
+RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
 SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
 
@@ -143,6 +144,8 @@ def _v4(conn: sqlite3.Connection) -> None:
     * leases: ids under AUTOINCREMENT are never reused; `owner` names the process that holds the lease.
     * records.stage: the append a STAGED record belongs to (see `stages`). records.split: the suspect group
       of a record the receiver refused as part of a batch (the shipper isolates such records).
+    * partial indexes of staged, suspect and held records: each holds only those, so it costs nothing when
+      there are none.
     """
     conn.execute("DROP TABLE IF EXISTS files")
     conn.execute("CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, "
@@ -159,6 +162,8 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE records ADD COLUMN split INTEGER")
     conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {STAGED}")
     conn.execute(f"CREATE INDEX suspects ON records (split) WHERE state = {PENDING} AND split IS NOT NULL")
+    # Every drain looks for held records to re-stamp: an index holding only those keeps that look free.
+    conn.execute(f"CREATE INDEX held ON records (held_boot) WHERE state = {HELD}")
 
 
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4}  # version reached -> step
@@ -730,23 +735,35 @@ class Store:
 
     # -- clock sanity ------------------------------------------------------------------------------
 
-    def restamp_held(self, *, wall: float, mono: float, boot: str) -> tuple[int, int]:
-        """Give held records their real t, now that the clock (`wall`) is sane; return (restamped, lost).
+    def restamp_held(self, *, wall: float, mono: float, boot: str, floor: int) -> tuple[int, int]:
+        """Give held records their real t, now that the clock (`wall`) is sane; return (restamped, dead).
 
-        A record held in this boot gets t = wall - (mono - its monotonic time). One held in an earlier boot
-        cannot be placed in time: it becomes DEAD with the reason, for an operator to requeue or purge.
+        A record held in this boot gets t = wall - (mono - its monotonic time), if that lands between `floor`
+        and now: a monotonic clock that jumped would place it in the future or before the floor, and such a
+        record is not shipped with a wrong time; it becomes DEAD with the reason (counted as
+        restamp_refused). One held in an earlier boot cannot be placed in time: DEAD with the reason too.
+        Dead letters can be inspected, requeued or purged.
         """
+        placed = "CAST(:wall - (:mono - held_mono) AS INTEGER)"
+        params = {"wall": wall, "mono": mono, "boot": boot, "floor": floor, "slack": wall + RESTAMP_SLACK}
         with self._write() as conn:
             restamped = conn.execute(
-                f"UPDATE records SET t = CAST(? - (? - held_mono) AS INTEGER), state = {PENDING}, held_boot = NULL, "
-                f"held_mono = NULL WHERE state = {HELD} AND held_boot = ?", (wall, mono, boot)).rowcount
+                f"UPDATE records SET t = {placed}, state = {PENDING}, held_boot = NULL, held_mono = NULL "
+                f"WHERE state = {HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack", params).rowcount
+            refused = conn.execute(
+                f"UPDATE records SET state = {DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
+                f"', which is in the future or before the floor (' || :floor || '): the monotonic clock is not "
+                f"to be trusted; its time is unknown', held_boot = NULL WHERE state = {HELD} AND held_boot = :boot",
+                params).rowcount
             lost = conn.execute(
-                f"UPDATE records SET state = {DEAD}, done_at = ?, reason = ?, held_boot = NULL WHERE state = {HELD} "
-                f"AND held_boot != ?", (wall, "stamped while the clock was wrong, in an earlier boot: its time is "
-                                              "unknown", boot)).rowcount
+                f"UPDATE records SET state = {DEAD}, done_at = :wall, reason = 'stamped while the clock was wrong, "
+                f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {HELD} "
+                f"AND held_boot IS NOT :boot", params).rowcount
             if restamped:
                 self._bump(conn, "restamped", restamped)
-            return restamped, lost
+            if refused:
+                self._bump(conn, "restamp_refused", refused)
+            return restamped, refused + lost
 
     # -- compaction --------------------------------------------------------------------------------
 

@@ -349,7 +349,7 @@ def test_records_stamped_while_the_clock_is_wrong_are_held_then_restamped_within
         assert "held" in " ".join(status["problems"])
         assert sp.store.lease(10, now=T0, keyed_only=False).items[0].record.stat == "explicit"  # held never ships
         mono = boot_clock()
-        restamped, lost = sp.store.restamp_held(wall=1_800_000_000.0, mono=mono + 30, boot=boot_id())
+        restamped, lost = sp.store.restamp_held(wall=1_800_000_000.0, mono=mono + 30, boot=boot_id(), floor=T0)
         assert (restamped, lost) == (1, 0)
         [early] = [r for _, _, r in sp.store.records() if r.stat == "early"]
         assert abs(early.t - (1_800_000_000 - 30)) <= 1  # the real time, from the monotonic clock
@@ -361,7 +361,7 @@ def test_held_records_from_an_earlier_boot_become_dead_with_the_reason(db):
 
     with Spool(db) as sp:
         sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
-        assert sp.store.restamp_held(wall=1_800_000_000.0, mono=5.0, boot="another-boot") == (0, 1)
+        assert sp.store.restamp_held(wall=1_800_000_000.0, mono=5.0, boot="another-boot", floor=T0) == (0, 1)
         [dead] = sp.dead()
         assert "earlier boot" in dead["reason"]
 
