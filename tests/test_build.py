@@ -170,17 +170,23 @@ def test_the_zipapp_runs_the_agent_ships_a_dropped_file_and_exits_0_on_sigterm(b
     assert not any(m == "pip" or m.startswith("pip.") for m in imported("".join(lines) + stderr))
 
 
-def test_the_zipapp_runs_from_its_sources_on_other_pythons(built, box):
-    """Bytecode is for one Python; any other 3.10+ (here the oldest the machine has) runs the sources.
-
-    As ourselves, not as nobody: pyenv's interpreters usually live in a home nobody may enter.
-    """
+def other_python() -> str:
+    """The oldest Python 3.10+ from pyenv other than the system's (3.10 is the one without tomllib)."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     others = [p for p in (pyenv / "versions").glob("3.1[0-9]*/bin/python3")
-              if p.resolve() != Path(SYSTEM_PYTHON).resolve()]
+              if p.resolve() != Path(SYSTEM_PYTHON).resolve() and p.resolve() != Path(sys.executable).resolve()]
     if not others:
         pytest.skip("no other Python 3.10+ here")
-    python = str(min(others))  # 3.10 sorts first: the one without tomllib
+    return str(min(others))
+
+
+def test_the_zipapp_runs_from_its_sources_on_other_pythons(built, box):
+    """Bytecode is for one Python; any other 3.10+ runs the sources (as ourselves, not as nobody: pyenv's
+    interpreters usually live in a home nobody may enter)."""
+    python = other_python()
+    origin = subprocess.run([python, "-c", CODE_ORIGIN, str(built / "spool.pyz")], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert origin == str(built / "spool.pyz" / "spool" / "cli.py")  # compiled from the source at import
     config = box / "spool.toml"
     config.write_text("[spool]\nretention = \"1d\"\n")
     for args in (["add", "old python", "--count", "1"], ["--config", str(config), "status"]):
@@ -188,6 +194,17 @@ def test_the_zipapp_runs_from_its_sources_on_other_pythons(built, box):
                                 env=clean_env(box), cwd="/", timeout=60)
         assert result.returncode == 0, (python, result.stderr)
     assert "pending    1" in result.stdout
+
+
+def test_the_zipapp_can_carry_bytecode_for_the_boxes_python(tmp_path):
+    python = other_python()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "build"), "--offline", "--no-deb",
+                             "--bytecode-for", python, "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    origin = subprocess.run([python, "-c", CODE_ORIGIN, str(tmp_path / "spool.pyz")], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert origin == "spool.pyz/spool/cli.py"
 
 
 # -- the .deb ------------------------------------------------------------------------------------------------
