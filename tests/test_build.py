@@ -248,6 +248,16 @@ def test_the_deb_holds_the_zipapp_the_unit_and_the_config(built, tmp_path):
     assert binary.read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_the_debs_unit(built, tmp_path):
+    subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
+    unit = tmp_path / "spool.service"  # verify wants ExecStart to exist: point it at the unpacked command
+    unit.write_text((tmp_path / "lib/systemd/system/spool.service").read_text()
+                    .replace("/usr/bin/spool", str(tmp_path / "usr/bin/spool")))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_debs_spool_command_runs_by_its_own_shebang(built, tmp_path, box):
     subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
     binary = box / "spool"  # somewhere the unprivileged user can reach
