@@ -258,16 +258,20 @@ def test_systemd_analyze_verifies_the_debs_unit(built, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_the_debs_spool_command_runs_by_its_own_shebang(built, tmp_path, box):
+def test_the_debs_spool_command_runs_by_its_own_shebang(built, tmp_path, box, receiver):
+    """/usr/bin/python3 -IS: nothing from dist-packages, so everything the agent imports is in the file."""
     subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
     binary = box / "spool"  # somewhere the unprivileged user can reach
     shutil.copy2(tmp_path / "usr/bin/spool", binary)
     prefix, _, _ = unprivileged()
-    for args in (["add", "deb stat", "--count", "1"], ["status"]):
-        result = subprocess.run([*prefix, str(binary), *args], capture_output=True, text=True, env=clean_env(box),
-                                cwd="/", timeout=60)
+    for args in (["add", "deb stat", "--count", "1", "--t", str(T0)], ["status"],
+                 ["ship", "--once", "--endpoint", receiver.url]):
+        result = subprocess.run([*prefix, str(binary), *args], capture_output=True, text=True, cwd="/", timeout=60,
+                                env=clean_env(box, SPOOL_EZKEY=TEST_EZKEY))
         assert result.returncode == 0, result.stderr
-    assert "pending    1" in result.stdout
+        if args == ["status"]:
+            assert "pending    1" in result.stdout
+    assert receiver.stats() == [("deb stat", "count", 1, T0, TEST_EZKEY)]
 
 
 def test_the_debs_conffile_is_the_config_and_its_scripts_are_valid_sh(deb_control):
