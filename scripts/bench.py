@@ -221,6 +221,28 @@ def bench_add_process(runs: int) -> list[Figure]:
     return [Figure("`spool add` process (one record)", a * 1000, b * 1000, "ms", "<= 1.3", a / b)]
 
 
+def bench_zipapp_add(runs: int) -> list[Figure]:
+    """`spool add` from the one-file zipapp (scripts/build) against the venv's `spool add`, same interpreter."""
+    spool = ROOT / ".venv" / "bin" / "spool"
+    with scratch() as folder:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build"), "--offline", "--no-deb", "--out",
+                        str(folder / "dist")], check=True, capture_output=True)
+        zipapp = [sys.executable, str(folder / "dist" / "spool.pyz")]
+        env = dict(os.environ, SPOOL_DB=str(folder / "s.db"))
+        subprocess.run([str(spool), "add", "warm", "--count", "1"], env=env, check=True)  # schema exists
+        ours, base = [], []
+        for _ in range(runs):  # interleaved, so drift in machine load hits both alike
+            started = time.perf_counter()
+            subprocess.run([*zipapp, "add", "bench", "--count", "1"], env=env, check=True)
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            subprocess.run([str(spool), "add", "bench", "--count", "1"], env=env, check=True)
+            base.append(time.perf_counter() - started)
+    a, b = statistics.median(ours), statistics.median(base)
+    return [Figure("`spool add` process: zipapp vs venv", a * 1000, b * 1000, "ms", "<= 1.3", a / b,
+                   note=f"both on Python {sys.version.split()[0]}; the zipapp's bytecode is for it")]
+
+
 def fill_backlog(path: Path, n: int) -> None:
     with Spool(path, synchronous="normal") as sp:
         step = 50_000
@@ -485,6 +507,7 @@ def suite(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
             "append_batched": lambda: bench_append_batched(5_000, 1),
             "append_single": lambda: bench_append_single(50, 1),
             "add_process": lambda: bench_add_process(2),
+            "zipapp_add": lambda: bench_zipapp_add(2),
             "drain": lambda: bench_drain(2_000),
             "pipeline": lambda: bench_pipeline(2_000),
             "livelock": lambda: bench_livelock(300),
@@ -499,6 +522,7 @@ def suite(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         "append_single": lambda: bench_append_single(2_000, 5),
         "peers": lambda: bench_peers(2_000, 3),
         "add_process": lambda: bench_add_process(30),
+        "zipapp_add": lambda: bench_zipapp_add(30),
         "drain": lambda: bench_drain(1_000_000),
         "pipeline": lambda: bench_pipeline(50_000),
         "livelock": lambda: bench_livelock(3_000),

@@ -260,7 +260,7 @@ def _when_option(text: str | None, name: str) -> int | None:
         raise click.BadParameter(f"'{text}' is neither unix seconds nor an ISO date like 2026-11-20T08:00",
                                  param_hint=name) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
+        when = when.replace(tzinfo=datetime.timezone.utc)  # not datetime.UTC: 3.11+
     return int(when.timestamp())
 
 

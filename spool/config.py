@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -316,7 +317,10 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
 
 def read_file(path: Path) -> dict[str, Any]:
     """Parse and check a TOML config file into Config field values."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Ubuntu 22.04's Python 3.10 has no tomllib; tomli is the same parser
+        import tomli as tomllib
 
     try:
         with open(path, "rb") as handle:

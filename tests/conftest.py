@@ -19,6 +19,12 @@ settings.register_profile("spool", deadline=None, suppress_health_check=[HealthC
                           max_examples=500 if os.environ.get("SPOOL_LONG") else 100)
 settings.load_profile("spool")
 
+# Subprocesses (the CLI, the agent) turn deprecations from our own modules into errors too, as pyproject.toml's
+# filterwarnings does in this process. -W matches module names literally, so each module is named.
+_OURS = sorted(f"spool.{p.stem}" for p in (Path(__file__).resolve().parent.parent / "spool").glob("[!_]*.py"))
+os.environ["PYTHONWARNINGS"] = ",".join(
+    [os.environ.get("PYTHONWARNINGS", ""), *(f"error::DeprecationWarning:{m}" for m in ["spool", *_OURS])]).strip(",")
+
 T0 = 1_700_000_000  # a fixed, plausible unix time for records in tests
 TEST_EZKEY = "test-ezkey-0123456789"
 

@@ -16,8 +16,8 @@ def test_the_benchmark_runs_in_quick_mode_and_reports_every_figure_beside_its_ba
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     names = " | ".join(row["figure"] for row in report["figures"])
-    for expected in ["batched append", "single-record append", "`spool add` process", "drain", "peak RSS",
-                     "ingest", "disk bytes written per record", "idle `spool run` CPU", "relay"]:
+    for expected in ["batched append", "single-record append", "`spool add` process", "zipapp vs venv", "drain",
+                     "peak RSS", "ingest", "disk bytes written per record", "idle `spool run` CPU", "relay"]:
         assert expected in names
     for row in report["figures"]:
         assert row["ours"] > 0 or "CPU" in row["figure"], row

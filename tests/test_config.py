@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
 
 from spool import config
 from spool.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def write(tmp_path, text):

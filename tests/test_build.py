@@ -1,0 +1,337 @@
+"""The release files from scripts/build: the zipapp runs the agent on the system's python3 in a clean environment,
+as an unprivileged user with no home; the .deb holds what it must, and installs and purges in a throwaway root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import T0, TEST_EZKEY, wait_for, wait_for_line
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"  # the Python the boxes have, not the venv's
+VERSION = "0.1.0"
+
+pytestmark = pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="no system python3 at /usr/bin/python3")
+
+
+def unprivileged() -> tuple[list[str], int, int]:
+    """A command prefix that runs as nobody (when we are root), and that user's uid and gid."""
+    if os.geteuid() != 0:
+        return [], os.geteuid(), os.getegid()
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    return prefix, nobody.pw_uid, nobody.pw_gid
+
+
+@pytest.fixture(scope="module")
+def built() -> Iterator[Path]:
+    """Build once for this module, offline, from the wheels scripts/bootstrap fetched into .wheels/."""
+    assert any((ROOT / ".wheels").glob("sqlite_utils-*.whl")), "no wheels in .wheels/: run scripts/bootstrap"
+    out = Path(tempfile.mkdtemp(prefix="spool-dist-"))
+    out.chmod(0o755)  # the unprivileged user must read the zipapp
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "build"), "--offline", "--out", str(out)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        yield out
+    finally:
+        shutil.rmtree(out)
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Path]:
+    """A directory the unprivileged user owns: its spool, its temporary files, its drop directory."""
+    _, uid, gid = unprivileged()
+    folder = Path(tempfile.mkdtemp(prefix="spool-box-"))
+    for path in (folder, folder / "tmp", folder / "drop"):
+        path.mkdir(exist_ok=True)
+        os.chown(path, uid, gid)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def clean_env(box: Path, **extra: str) -> dict[str, str]:
+    """What `env -i` leaves, plus a home that does not exist and the spool's own variables."""
+    return {"HOME": "/nonexistent", "TMPDIR": str(box / "tmp"), "SPOOL_DB": str(box / "spool.db"), **extra}
+
+
+def zipapp_command(program: Path, *args: str, python: str = SYSTEM_PYTHON) -> list[str]:
+    prefix, _, _ = unprivileged()
+    return [*prefix, python, "-X", "importtime", str(program), *args]
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a process imported, from its -X importtime lines."""
+    return {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")} - {
+        "package"}
+
+
+def messages(stderr: str) -> str:
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("import time:"))
+
+
+def run_zipapp(program: Path, box: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(zipapp_command(program, *args), capture_output=True, text=True, env=clean_env(box, **extra),
+                            cwd="/", timeout=60)
+    assert not any(m == "pip" or m.startswith("pip.") for m in imported(result.stderr)), "the zipapp imported pip"
+    return result
+
+
+def test_the_build_makes_the_sdist_the_wheel_the_zipapp_and_the_deb(built):
+    names = sorted(p.name for p in built.iterdir())
+    assert names == sorted([f"stathat_spool-{VERSION}.tar.gz", f"stathat_spool-{VERSION}-py3-none-any.whl",
+                            "spool.pyz", f"stathat-spool_{VERSION}_all.deb"])
+    with tarfile.open(built / f"stathat_spool-{VERSION}.tar.gz") as sdist:
+        assert f"stathat_spool-{VERSION}/spool/cli.py" in sdist.getnames()
+
+
+def test_the_zipapp_is_pure_python_for_3_10_and_up_without_pip(built):
+    names = zipfile.ZipFile(built / "spool.pyz").namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {"__main__.py", "spool", "sqlite_utils", "tenacity", "requests", "watchdog", "click", "prometheus_client",
+            "charset_normalizer", "tomli"} <= tops  # tomli: 3.10 has no tomllib
+    assert "pip" not in tops and not any(t.startswith("pip-") for t in tops)
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
+    assert "spool/cli.pyc" in names and "spool/cli.py" in names  # bytecode where zipimport looks, and sources
+    assert (built / "spool.pyz").read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+
+CODE_ORIGIN = ("import sys; sys.path.insert(0, sys.argv[1]); import spool.cli; "
+               "print(spool.cli.main.__code__.co_filename)")
+
+
+def test_the_zipapp_bytecode_is_used_by_the_python_that_built_it(built):
+    """Bytecode names its file spool.pyz/...; code compiled from the sources at import names the archive's path."""
+    origin = subprocess.run([sys.executable, "-c", CODE_ORIGIN, str(built / "spool.pyz")], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert origin == "spool.pyz/spool/cli.py"
+
+
+def test_the_zipapp_shows_help_adds_and_reports_status_with_no_home_as_an_unprivileged_user(built, box):
+    pyz = built / "spool.pyz"
+    result = run_zipapp(pyz, box, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage: spool" in result.stdout
+    result = run_zipapp(pyz, box, "add", "pyz requests", "--count", "2", "--t", str(T0))
+    assert result.returncode == 0, messages(result.stderr)
+    result = run_zipapp(pyz, box, "status")
+    assert result.returncode == 0, messages(result.stderr)
+    assert "pending    1" in result.stdout
+    assert sorted(p.name for p in box.iterdir() if not p.name.startswith("spool.db")) == ["drop", "tmp"]
+
+
+def test_the_zipapp_ships_once_to_the_receiver_and_leaves_no_temporary_file(built, box, receiver):
+    pyz = built / "spool.pyz"
+    assert run_zipapp(pyz, box, "add", "pyz shipped", "--value", "1.5", "--t", str(T0)).returncode == 0
+    result = run_zipapp(pyz, box, "ship", "--once", "--endpoint", receiver.url, SPOOL_EZKEY=TEST_EZKEY)
+    assert result.returncode == 0, messages(result.stderr)
+    assert receiver.stats() == [("pyz shipped", "value", 1.5, T0, TEST_EZKEY)]
+    assert "requests" in imported(result.stderr)  # the shipping path really ran from the archive
+    assert list((box / "tmp").iterdir()) == []  # certifi's CA bundle file is removed at exit
+
+
+def test_the_zipapp_runs_the_agent_ships_a_dropped_file_and_exits_0_on_sigterm(built, box, receiver):
+    config = box / "spool.toml"
+    config.write_text(f'[ship]\nendpoint = "{receiver.url}"\nmax_requests_per_second = 0\nreconnect_jitter = 0\n'
+                      f'[[watch]]\npath = "{box / "drop"}"\n')
+    config.chmod(0o644)
+    agent = subprocess.Popen(zipapp_command(built / "spool.pyz", "--config", str(config), "run"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+                             env=clean_env(box, SPOOL_EZKEY=TEST_EZKEY))
+    try:
+        lines = wait_for_line(agent, "watching")
+        part = box / "drop" / ".job.part"
+        part.write_text(f'{{"stat": "pyz dropped", "count": 3, "t": {T0}}}\n')
+        part.rename(box / "drop" / "job.jsonl")
+        wait_for(lambda: [a["stat"] for a in receiver.accepted] == ["pyz dropped"])
+        wait_for(lambda: (box / "drop" / ".done" / "job.jsonl").exists())
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    assert agent.returncode == 0, messages("".join(lines) + stderr)
+    assert "shutting down" in stderr
+    assert not any(m == "pip" or m.startswith("pip.") for m in imported("".join(lines) + stderr))
+
+
+def other_python() -> str:
+    """The oldest Python 3.10+ from pyenv other than the system's (3.10 is the one without tomllib)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    others = [p for p in (pyenv / "versions").glob("3.1[0-9]*/bin/python3")
+              if p.resolve() != Path(SYSTEM_PYTHON).resolve() and p.resolve() != Path(sys.executable).resolve()]
+    if not others:
+        pytest.skip("no other Python 3.10+ here")
+    return str(min(others))
+
+
+def test_the_zipapp_runs_from_its_sources_on_other_pythons(built, box):
+    """Bytecode is for one Python; any other 3.10+ runs the sources (as ourselves, not as nobody: pyenv's
+    interpreters usually live in a home nobody may enter)."""
+    python = other_python()
+    origin = subprocess.run([python, "-c", CODE_ORIGIN, str(built / "spool.pyz")], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert origin == str(built / "spool.pyz" / "spool" / "cli.py")  # compiled from the source at import
+    config = box / "spool.toml"
+    config.write_text("[spool]\nretention = \"1d\"\n")
+    for args in (["add", "old python", "--count", "1"], ["--config", str(config), "status"]):
+        result = subprocess.run([python, str(built / "spool.pyz"), *args], capture_output=True, text=True,
+                                env=clean_env(box), cwd="/", timeout=60)
+        assert result.returncode == 0, (python, result.stderr)
+    assert "pending    1" in result.stdout
+
+
+def test_the_zipapp_can_carry_bytecode_for_the_boxes_python(tmp_path):
+    python = other_python()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "build"), "--offline", "--no-deb",
+                             "--bytecode-for", python, "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    origin = subprocess.run([python, "-c", CODE_ORIGIN, str(tmp_path / "spool.pyz")], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert origin == "spool.pyz/spool/cli.py"
+
+
+# -- the .deb ------------------------------------------------------------------------------------------------
+
+
+def deb(built: Path) -> Path:
+    return built / f"stathat-spool_{VERSION}_all.deb"
+
+
+@pytest.fixture(scope="module")
+def deb_control(built) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="spool-deb-control-"))
+    try:
+        subprocess.run(["dpkg-deb", "--control", str(deb(built)), str(folder)], check=True)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_deb_says_what_it_is_and_depends_only_on_python3(built):
+    info = subprocess.run(["dpkg-deb", "--info", str(deb(built))], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.strip().split(": ", 1) for line in info.splitlines() if ": " in line and line.startswith(" "))
+    assert fields["Package"] == "stathat-spool"
+    assert fields["Version"] == VERSION
+    assert fields["Architecture"] == "all"
+    assert fields["Depends"] == "python3 (>= 3.10)"
+
+
+def test_the_deb_holds_the_zipapp_the_unit_and_the_config(built, tmp_path):
+    listing = subprocess.run(["dpkg-deb", "--contents", str(deb(built))], capture_output=True, text=True,
+                             check=True).stdout
+    files = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    assert {"/usr/bin/spool", "/lib/systemd/system/spool.service", "/etc/spool/spool.toml"} <= files
+    subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
+    unit = (tmp_path / "lib/systemd/system/spool.service").read_text()
+    assert "ExecStart=/usr/bin/spool --config /etc/spool/spool.toml run" in unit
+    assert "/opt/spool" not in unit
+    assert (tmp_path / "etc/spool/spool.toml").read_text() == (ROOT / "packaging/spool.toml").read_text()
+    binary = tmp_path / "usr/bin/spool"
+    assert binary.stat().st_mode & 0o755 == 0o755
+    assert binary.read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_the_debs_unit(built, tmp_path):
+    subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
+    unit = tmp_path / "spool.service"  # verify wants ExecStart to exist: point it at the unpacked command
+    unit.write_text((tmp_path / "lib/systemd/system/spool.service").read_text()
+                    .replace("/usr/bin/spool", str(tmp_path / "usr/bin/spool")))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_debs_spool_command_runs_by_its_own_shebang(built, tmp_path, box, receiver):
+    """/usr/bin/python3 -IS: nothing from dist-packages, so everything the agent imports is in the file."""
+    subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
+    binary = box / "spool"  # somewhere the unprivileged user can reach
+    shutil.copy2(tmp_path / "usr/bin/spool", binary)
+    prefix, _, _ = unprivileged()
+    for args in (["add", "deb stat", "--count", "1", "--t", str(T0)], ["status"],
+                 ["ship", "--once", "--endpoint", receiver.url]):
+        result = subprocess.run([*prefix, str(binary), *args], capture_output=True, text=True, cwd="/", timeout=60,
+                                env=clean_env(box, SPOOL_EZKEY=TEST_EZKEY))
+        assert result.returncode == 0, result.stderr
+        if args == ["status"]:
+            assert "pending    1" in result.stdout
+    assert receiver.stats() == [("deb stat", "count", 1, T0, TEST_EZKEY)]
+
+
+def test_the_debs_conffile_is_the_config_and_its_scripts_are_valid_sh(deb_control):
+    assert (deb_control / "conffiles").read_text().split() == ["/etc/spool/spool.toml"]
+    for name in ("postinst", "prerm", "postrm"):
+        script = deb_control / name
+        assert script.stat().st_mode & 0o111, name
+        assert script.read_text().startswith("#!/bin/sh\n")
+        result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (name, result.stderr)
+    assert "/var/lib/spool" not in "".join(line for line in (deb_control / "postrm").read_text().splitlines()
+                                          if "rm " in line)  # the spool is never removed
+
+
+def throwaway_root(folder: Path) -> Path:
+    """A root with an empty dpkg database and a passwd that knows only root."""
+    for sub in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"):
+        (folder / sub).mkdir(parents=True)
+    for name in ("status", "available"):
+        (folder / "var/lib/dpkg" / name).touch()
+    for name, line in (("passwd", "root:x:0:0:root:/root:/bin/sh"), ("group", "root:x:0:"),
+                       ("shadow", "root:*:19000:0:99999:7:::"), ("gshadow", "root:*::")):
+        (folder / "etc" / name).write_text(line + "\n")
+    return folder
+
+
+def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """dpkg on the throwaway root; maintainer scripts run on this machine with DPKG_ROOT set (no chroot)."""
+    result = subprocess.run(["dpkg", f"--root={root}", "--force-script-chrootless", "--force-depends",
+                             "--log=/dev/null", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dpkg --root sets file owners: needs root")
+def test_the_deb_installs_idempotently_and_its_purge_keeps_the_spool(built, tmp_path):
+    root = throwaway_root(tmp_path / "root")
+    dpkg(root, "--install", str(deb(built)))
+    dpkg(root, "--install", str(deb(built)))  # again, as an upgrade would: postinst is idempotent
+    users = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines()]
+    [spool] = [u for u in users if u[0] == "spool"]
+    assert spool[5:] == ["/var/lib/spool", "/usr/sbin/nologin"]
+    state = (root / "var/lib/spool").stat()
+    assert (state.st_uid, oct(state.st_mode & 0o777)) == (int(spool[2]), "0o700")
+    assert "Conffiles:\n /etc/spool/spool.toml" in dpkg(root, "--status", "stathat-spool").stdout
+    assert (root / "usr/bin/spool").exists()
+    (root / "var/lib/spool/spool.db").write_text("records not shipped yet")
+    os.chown(root / "var/lib/spool/spool.db", int(spool[2]), int(spool[3]))
+
+    purge = dpkg(root, "--purge", "stathat-spool")
+    assert "/var/lib/spool is kept" in purge.stdout
+    assert (root / "var/lib/spool/spool.db").read_text() == "records not shipped yet"
+    assert "spool:" not in (root / "etc/passwd").read_text()
+    assert not (root / "usr/bin/spool").exists()
+    assert not (root / "etc/spool/spool.toml").exists()
+
+    with open(root / "etc/passwd", "a") as passwd:  # meanwhile another user took the old uid
+        passwd.write(f"other:x:{spool[2]}:{spool[3]}::/nonexistent:/usr/sbin/nologin\n")
+    dpkg(root, "--install", str(deb(built)))  # back again: the kept spool belongs to the new spool user
+    old_uid = spool[2]
+    [spool] = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("spool:")]
+    assert (root / "var/lib/spool").stat().st_uid == int(spool[2]) != int(old_uid)
+    assert (root / "var/lib/spool/spool.db").stat().st_uid == int(spool[2])
