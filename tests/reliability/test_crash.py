@@ -26,6 +26,9 @@ def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicatin
     receiver.pass_next(3)
     receiver.hold_after_accept_next(1, seconds=30)  # the 4th batch is taken, its answer never comes
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    serial = db.parent / "serial.toml"  # one request at a time: the held batch is the only one in flight
+    serial.write_text("[ship]\nmax_requests_per_second = 0\nreconnect_jitter = 0\nmax_in_flight = 1\n")
+    env["SPOOL_CONFIG"] = str(serial)
     shipper = spawn_cli(db, "ship", "--once", "--batch-size", str(batch), env=env)
     try:
         assert receiver.holding.wait(30), "the shipper never reached the held batch"
