@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterator
@@ -92,59 +93,96 @@ def document_items(document: Any, *, line: int = 1) -> Iterator[Item]:
 
 
 def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:
-    """Yield record objects from JSON lines, or from one whole JSON document (detected from the input)."""
-    lines = read_lines(stream)
-    for number, raw in lines:
-        try:
-            text = _raw_text(number, raw)
-            if not text:
-                continue
-            try:
-                document = json.loads(text)
-            except ValueError:
-                if text[0] not in "{[":
-                    raise
-                # A document spread over several lines: read it whole.
-                document = _loads(_read_rest(text, lines), number)
-        except (InvalidRecord, ValueError, RecursionError) as exc:
-            yield Item(number, None, error=_as_invalid(exc, number))
+    """Yield record objects from JSON lines, or from one whole JSON document (detected from the input).
+
+    The input is one document over several lines only when its first non-blank line begins a JSON value
+    (the parser stops at the line's very end, wanting more: `{`, `[`, `{"ezkey": "k",`) and the next
+    non-blank line continues it (the two together still begin a value, or are one). Anything else is JSON
+    lines, where a broken first line is one bad line like any other.
+    """
+    texts = _texts(read_lines(stream))
+    for number, text in texts:
+        if isinstance(text, str) and _wants_more(text.strip()):
+            following = next(texts, None)
+            if (following is not None and isinstance(following[1], str)
+                    and _wants_more(f"{text.strip()}\n{following[1].strip()}", complete_ok=True)):
+                yield from _document(number, text, following, texts)
+                return
+            yield from _line_items(number, text)  # the first line's own error
+            if following is not None:
+                yield from _line_items(*following)
         else:
-            yield from document_items(document, line=number)
+            yield from _line_items(number, text)
         break
-    for number, raw in lines:
-        try:
-            text = _raw_text(number, raw)
-            if text:
-                yield from document_items(_loads(text, number), line=number)
-        except InvalidRecord as exc:
-            yield Item(number, None, error=exc)
+    for number, text in texts:
+        yield from _line_items(number, text)
 
 
-def _raw_text(number: int, raw: bytes | InvalidRecord) -> str:
-    if isinstance(raw, InvalidRecord):
-        raise raw
-    return _decode(raw, number).strip()
-
-
-def _as_invalid(exc: Exception, line: int) -> InvalidRecord:
-    if isinstance(exc, InvalidRecord):
-        return exc
-    if isinstance(exc, json.JSONDecodeError):
-        return InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line)
-    return InvalidRecord("not valid JSON", line=line)
-
-
-def _read_rest(first: str, lines: Iterator[tuple[int, bytes | InvalidRecord]]) -> str:
-    parts = [first]
-    size = len(first)
+def _texts(lines: Iterator[tuple[int, bytes | InvalidRecord]]) -> Iterator[tuple[int, str | InvalidRecord]]:
+    """Yield (line number, decoded line without its line ending, or why it is unreadable); skip blank lines."""
     for number, raw in lines:
         if isinstance(raw, InvalidRecord):
-            raise raw
-        size += len(raw)
+            yield number, raw
+            continue
+        try:
+            text = _decode(raw, number)
+        except InvalidRecord as exc:
+            yield number, exc
+            continue
+        if not text.isspace() and text:
+            yield number, text.rstrip("\r\n")
+
+
+def _line_items(number: int, text: str | InvalidRecord) -> Iterator[Item]:
+    """Yield the record objects of one JSON line (an object, an array, a body), or its error."""
+    try:
+        if isinstance(text, InvalidRecord):
+            raise text
+        yield from document_items(_loads(text, number), line=number)
+    except InvalidRecord as exc:
+        yield Item(number, None, error=exc)
+
+
+def _wants_more(text: str, *, complete_ok: bool = False) -> bool:
+    """Tell whether `text` begins a JSON value: the parser stops at its very end, wanting more.
+
+    A JSON string cannot span lines, so a line cut inside a string is broken, never a beginning (the parser
+    then points at the string's start, not at the end of the text).
+    """
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text)
+    except (ValueError, RecursionError):
+        return False
+    return complete_ok
+
+
+def _document(first: int, text: str, following: tuple[int, str | InvalidRecord],
+              texts: Iterator[tuple[int, str | InvalidRecord]]) -> Iterator[Item]:
+    """Read the rest of a document that began on line `first` and yield its record objects (or one error)."""
+    parts, size, last = [text], len(text), first
+    for number, more in itertools.chain([following], texts):
+        if isinstance(more, InvalidRecord):
+            yield Item(number, None, error=more)
+            return
+        size += len(more)
         if size > MAX_DOCUMENT:
-            raise InvalidRecord(f"JSON document is larger than {MAX_DOCUMENT >> 20} MiB", line=number)
-        parts.append(_decode(raw, number))
-    return "\n".join(parts)
+            yield Item(number, None, error=InvalidRecord(f"JSON document is larger than {MAX_DOCUMENT >> 20} MiB",
+                                                         line=number))
+            return
+        parts += ["\n" * (number - last), more]  # blank lines kept, so the parser's line numbers are the file's
+        last = number
+    try:
+        document = json.loads("".join(parts))
+    except json.JSONDecodeError as exc:
+        line = first + exc.lineno - 1
+        yield Item(line, None, error=InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line))
+        return
+    except (ValueError, RecursionError):
+        yield Item(first, None, error=InvalidRecord("JSON nested too deeply", line=first))
+        return
+    yield from document_items(document, line=first)
 
 
 def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: int | None = None,
