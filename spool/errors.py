@@ -75,3 +75,12 @@ class Refused(ShipError):
         self.body = body
         self.names_key = names_key
         super().__init__(message)
+
+
+class PartlyTaken(Refused):
+    """The receiver said it took fewer records than were sent; which ones is unknown, so none can be re-sent."""
+
+    def __init__(self, message: str, *, http_status: int, body: str, taken: int, sent: int):
+        self.taken = taken
+        self.sent = sent
+        super().__init__(message, http_status=http_status, body=body)

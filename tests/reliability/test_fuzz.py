@@ -115,3 +115,41 @@ def test_any_http_request_gets_an_answer_never_a_crash(live_relay, path, body, c
     if answer.status_code == 200 and path != "/":
         assert answer.json()["status"] in (200, 500)
         assert answer.json()["status"] == 200 or answer.json()["msg"]
+
+
+# -- receiver answers: whatever comes back is classified (sent, refused, transient, misconfigured) ---------------
+
+answer_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.sampled_from([200, "200", "200 ", 200.0, 500, "500", -1, 2**70]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+answers = st.fixed_dictionaries({}, optional={"status": answer_values, "msg": answer_values,
+                                              "multiple": answer_values}).map(
+    lambda d: __import__("json").dumps(d, allow_nan=True))
+nested = st.integers(min_value=1, max_value=200_000).map(lambda n: '{"status":' + "[" * n + "]" * n + "}")
+bodies = st.one_of(answers, nested, st.text(max_size=200), raw_bytes.map(lambda b: b.decode("latin-1")),
+                   st.integers(min_value=0, max_value=3).map(lambda n: '{"status":200,"msg":"' + "x" * (10**n) * 100))
+
+
+odd_retry_after = st.sampled_from(["1e999", "-5", "nan", "Wed, 21 Oct 99999 07:28:00 GMT",
+                                   "Mon, 01 Jan 0001 00:00:00 GMT"])
+
+
+@fuzz
+@given(status=st.integers(min_value=100, max_value=599), body=bodies,
+       retry_after=st.none() | st.text(max_size=40) | odd_retry_after,
+       sent=st.none() | st.integers(min_value=1, max_value=1000))
+def test_any_answer_is_classified_never_raised_as_anything_else(status, body, retry_after, sent):
+    from spool.errors import EndpointError, Refused, TransientError
+    from spool.stathat import classify_response
+
+    try:
+        taken = classify_response(status, body, retry_after, sent=sent)
+    except (TransientError, EndpointError) as exc:
+        assert str(exc).isprintable()
+        return
+    except Refused as exc:
+        assert str(exc) and str(exc).isprintable()
+        return
+    assert taken is None or (isinstance(taken, int) and taken >= (sent or 0))
