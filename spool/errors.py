@@ -10,6 +10,21 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def masked(text: str) -> str:
+    """Quote input text that could be a key: at most its first 3 characters, then … and its length."""
+    if len(text) <= 3:
+        return f"'{printable(text)}'"
+    return f"'{printable(text[:3])}…' ({len(text)} characters)"
+
+
+def redact_url(url: str) -> str:
+    """Return a URL fit to print: credentials (user:password@) and any query string shown as ***."""
+    import re
+
+    base, query, _ = url.partition("?")
+    return printable(re.sub(r"[^/@\s]*@", "***@", base) + ("?***" if query else ""))
+
+
 class SpoolError(Exception):
     """Base of every error spool raises on purpose."""
 

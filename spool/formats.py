@@ -18,8 +18,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NamedTuple
 
-from spool.errors import InvalidRecord
-from spool.records import T_FLOOR, Record, fast_row, number_from_text, parse_record
+from spool.errors import InvalidRecord, masked
+from spool.records import T_FLOOR, Record, check_key, did_you_mean, fast_row, number_from_text, parse_record
 
 MAX_LINE = 1 << 20  # bytes in one JSON line
 MAX_DOCUMENT = 256 << 20  # bytes in one whole JSON document
@@ -75,21 +75,33 @@ def document_items(document: Any, *, line: int = 1) -> Iterator[Item]:
             yield Item(line, obj)
         return
     if isinstance(document, dict) and "data" in document:
-        extra = document.keys() - {"ezkey", "email", "data"}
-        ezkey = document.get("ezkey", document.get("email"))
-        if extra:
-            error = InvalidRecord(f"unknown field '{sorted(extra)[0][:40]}' in the StatHat body", line=line)
-        elif ezkey is not None and not isinstance(ezkey, str):
-            error = InvalidRecord("ezkey must be a string", field="ezkey", line=line)
-        elif not isinstance(document["data"], list):
-            error = InvalidRecord("'data' must be a list of records", line=line)
-        else:
-            for obj in document["data"]:
-                yield Item(line, obj, ezkey)
+        error = _body_error(document)
+        if error is not None:
+            yield Item(line, None, error=error.at_line(line))
             return
-        yield Item(line, None, error=error)
+        ezkey = document.get("ezkey", document.get("email"))
+        for obj in document["data"]:
+            yield Item(line, obj, ezkey)
         return
     yield Item(line, document)  # a single record object: validation says what is wrong with it
+
+
+def _body_error(body: dict[str, Any]) -> InvalidRecord | None:
+    """Return what is wrong with a StatHat body as a whole (its fields, its key), or None."""
+    extra = body.keys() - {"ezkey", "email", "data"}
+    if extra:
+        name = sorted(map(str, extra))[0]
+        return InvalidRecord(f"unknown field {masked(name)} in the StatHat body"
+                             f"{did_you_mean(name, ('ezkey', 'email', 'data'))}")
+    ezkey = body.get("ezkey", body.get("email"))
+    if ezkey is not None:
+        try:
+            check_key(ezkey, "ezkey")  # once for the body: its records take it unchecked (fast_row)
+        except InvalidRecord as exc:
+            return exc
+    if not isinstance(body["data"], list):
+        return InvalidRecord("'data' must be a list of records")
+    return None
 
 
 def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:
@@ -188,7 +200,12 @@ def _document(first: int, text: str, following: tuple[int, str | InvalidRecord],
 def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: int | None = None,
                t_floor: int = T_FLOOR,
                on_invalid: Callable[[InvalidRecord], None] | None = None) -> Iterator[Record]:
-    """Validate items into records. Invalid input raises, unless `on_invalid` takes the error and we go on."""
+    """Validate items into records. Invalid input raises, unless `on_invalid` takes the error and we go on.
+
+    `ezkey`, the key for records that carry none, is checked first: a bad one raises whatever `on_invalid`.
+    """
+    if ezkey is not None:
+        check_key(ezkey, "ezkey")
     for item in items:
         row = fast_row(item.obj, item.ezkey or ezkey, t_floor) if item.error is None else None
         if row is not None:
@@ -211,7 +228,7 @@ def read_csv(stream: IO[bytes]) -> Iterator[Item]:
     header = [name.strip().lower() for name in next(reader, [])]
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if not header or unknown or len(set(header)) != len(header):
-        problem = (f"unknown column '{unknown[0][:40]}'" if unknown else
+        problem = (f"unknown column {masked(unknown[0])}{did_you_mean(unknown[0], CSV_COLUMNS)}" if unknown else
                    "a column is named twice" if header else "no header row")
         yield Item(1, None, error=InvalidRecord(f"{problem}; the header names columns from "
                                                 f"{', '.join(CSV_COLUMNS)}", line=1, fatal=True))

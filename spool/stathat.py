@@ -26,7 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT
-from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, TransientError, printable
+from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, TransientError, printable, redact_url
 from spool.records import KIND_NAMES, Record
 
 TRANSIENT_STATUSES = frozenset({408, 429})
@@ -36,13 +36,17 @@ MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers
 
 def check_endpoint(url: str, *, allow_insecure: bool = False) -> str:
     """Return the endpoint without a trailing slash; refuse plain http to a non-loopback host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"endpoint must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{url}'")
-    if parts.username or parts.password or parts.query:
-        raise ConfigError("endpoint must not carry credentials or a query string")
-    if parts.scheme == "http" and not allow_insecure and not is_loopback(parts.hostname):
-        raise ConfigError(f"endpoint {url} is plain http to a remote host; use https, "
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unbalanced [ in the host
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"endpoint must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{redact_url(url)}'")
+    if parts.username or parts.password or parts.query or "@" in parts.netloc:
+        raise ConfigError(f"endpoint must not carry credentials or a query string ({redact_url(url)})")
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
+        raise ConfigError(f"endpoint {redact_url(url)} is plain http to a remote host; use https, "
                           "or allow it explicitly with --allow-insecure (allow_insecure = true)")
     return url.rstrip("/")
 
