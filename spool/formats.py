@@ -5,7 +5,14 @@ Input forms (`reader_for` picks one by file name; `.gz` on top of any of them me
   `key` and `ukey` for classic records). Blank lines are skipped.
 * A whole StatHat JSON body `{"ezkey": ..., "data": [...]}` (its key applies to its items), or a JSON array
   of record objects; on one line or pretty-printed. (`.json`, and `spool import`, which detects the form.)
+  The input is one document over several lines only when its first non-blank line begins a JSON value and
+  stops short (`{`, `[`, `{"ezkey": "k",`: the parser reaches the line's end wanting more) and the next
+  non-blank line continues it. Otherwise it is JSON lines, and a broken first line is one bad line.
 * CSV with a header row naming columns from stat, count, value, t, ezkey, key, ukey (`.csv`).
+
+A line (a CSV record, even over several lines) longer than MAX_LINE is refused, fatal for its file, without
+reading more of it than that: memory stays bounded whatever the input, a gzip bomb included. A body's key
+and a default key are checked once (records.check_key); error texts quote input as errors.masked does.
 """
 
 from __future__ import annotations
@@ -222,10 +229,44 @@ def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: in
             on_invalid(error)
 
 
+class _CsvLines:
+    """Lines for csv.reader, each (and each record spread over lines by a quoted newline) at most MAX_LINE long.
+
+    TextIOWrapper.readline with a limit keeps universal newlines and never holds more than the limit, so a
+    file with no newline (a gzip bomb) costs MAX_LINE, not its size. Characters are counted; as each is at
+    least a byte, what is refused is longer than MAX_LINE bytes too.
+    """
+
+    def __init__(self, stream: IO[bytes]):
+        self.text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        self.record = 0  # characters of the record being read; reset after each record
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(MAX_LINE + 1)
+        if not line:
+            raise StopIteration
+        self.record += len(line)
+        if self.record > MAX_LINE:
+            raise InvalidRecord(f"line is longer than {MAX_LINE} bytes", fatal=True)
+        return line
+
+
 def read_csv(stream: IO[bytes]) -> Iterator[Item]:
     """Yield record objects from CSV whose header names columns from CSV_COLUMNS; empty cells are absent."""
-    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""), strict=True)
+    lines = _CsvLines(stream)
+    reader = csv.reader(lines, strict=True)
+    try:
+        yield from _csv_items(reader, lines)
+    except InvalidRecord as exc:  # an over-long line (fatal): nothing after it can be trusted
+        yield Item(reader.line_num + 1, None, error=exc.at_line(reader.line_num + 1))
+
+
+def _csv_items(reader: Any, lines: _CsvLines) -> Iterator[Item]:
     header = [name.strip().lower() for name in next(reader, [])]
+    lines.record = 0
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if not header or unknown or len(set(header)) != len(header):
         problem = (f"unknown column {masked(unknown[0])}{did_you_mean(unknown[0], CSV_COLUMNS)}" if unknown else
@@ -234,6 +275,7 @@ def read_csv(stream: IO[bytes]) -> Iterator[Item]:
                                                 f"{', '.join(CSV_COLUMNS)}", line=1, fatal=True))
         return
     for row in reader:
+        lines.record = 0
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -314,3 +317,31 @@ def test_doctor_never_prints_credentials_of_the_endpoint(db, endpoint):
     assert "endpoint" in result.stdout + result.stderr
     assert "hunter2" not in result.stdout + result.stderr
     assert "***" in result.stdout + result.stderr
+
+
+# -- item 13: a gzip bomb costs no more memory as CSV than as JSON lines -------------------------------------
+
+# Run `spool ingest` and report the peak RSS of that very process (VmHWM is reset by exec, unlike ru_maxrss,
+# which would carry the forking test process's own peak).
+MEASURED_INGEST = """
+import runpy, sys
+sys.argv = ["spool", "ingest", sys.argv[1]]
+try:
+    runpy.run_module("spool", run_name="__main__")
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print("peak kB", hwm.split()[1], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("name", "head"), [("bomb.csv.gz", b"stat,count\nx,"), ("bomb.jsonl.gz", b'{"stat": "')])
+def test_a_gzip_bomb_with_no_newline_is_rejected_in_bounded_memory(db, tmp_path, name, head):
+    # 512 MiB of one byte, no newline, in ~0.5 MB: gzip members, concatenated, read as one stream.
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(head) + gzip.compress(b"a" * (1 << 20), 9) * 512)
+    result = subprocess.run([sys.executable, "-c", MEASURED_INGEST, str(path)], capture_output=True, text=True,
+                            env=cli_env(db), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "line is longer than 1048576 bytes" in (tmp_path / ".rejected" / f"{name}.error.txt").read_text()
+    peak_mib = int(result.stderr.split("peak kB")[1].split()[0]) / 1024
+    assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB"
