@@ -69,8 +69,8 @@ def form_records(path: str, form: dict[str, str], stamp: int, t_floor: int = T_F
         text = form.get(field)
         return None if text is None or text == "" else number_from_text(text, field)
 
-    t = number("t")
     try:
+        t = number("t")  # inside: "t= " is a refusal like any other, not an error that drops the connection
         if path == "/ez":
             ezkey = request_key(form.get("ezkey") or form.get("email"), "ezkey", "no ezkey specified")
             return [make_record(stat=form.get("stat"), count=number("count"), value=number("value"), t=t,

@@ -345,3 +345,11 @@ def test_a_gzip_bomb_with_no_newline_is_rejected_in_bounded_memory(db, tmp_path,
     assert "line is longer than 1048576 bytes" in (tmp_path / ".rejected" / f"{name}.error.txt").read_text()
     peak_mib = int(result.stderr.split("peak kB")[1].split()[0]) / 1024
     assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB"
+
+
+def test_a_form_with_a_blank_t_is_refused_not_dropped(db):
+    # Found by the relay fuzz test: "t= " raised outside the refusal handling and the connection was cut.
+    with running(db) as relay:
+        answer = http("POST", relay.url + "/ez", data="ezkey=k&stat=s&count=1&t=%20")
+    assert answer.status_code == 200 and answer.json()["status"] == 500
+    assert "t" in answer.json()["msg"] and "not a number" in answer.json()["msg"]
