@@ -119,7 +119,8 @@ def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:
     non-blank line continues it (the two together still begin a value, or are one). Anything else is JSON
     lines, where a broken first line is one bad line like any other.
     """
-    texts = _texts(read_lines(stream))
+    lines = read_lines(stream)
+    texts = _texts(lines)  # pulls from `lines` only as asked: once the first line is decided, read `lines` on
     for number, text in texts:
         if isinstance(text, str) and _wants_more(text.strip()):
             following = next(texts, None)
@@ -133,8 +134,22 @@ def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:
         else:
             yield from _line_items(number, text)
         break
-    for number, text in texts:
-        yield from _line_items(number, text)
+    for number, raw in lines:  # JSON lines: the hot loop of ingestion, so no generator per line
+        if isinstance(raw, InvalidRecord):
+            yield Item(number, None, error=raw)
+            continue
+        try:
+            text = _decode(raw, number)
+            if text.isspace():
+                continue
+            document = _loads(text, number)
+        except InvalidRecord as exc:
+            yield Item(number, None, error=exc)
+            continue
+        if type(document) is dict and "data" not in document:
+            yield Item(number, document)  # one record object, the common case
+        else:
+            yield from document_items(document, line=number)
 
 
 def _texts(lines: Iterator[tuple[int, bytes | InvalidRecord]]) -> Iterator[tuple[int, str | InvalidRecord]]:
