@@ -59,16 +59,13 @@ def _endpoint(config: Config, probe: Callable[[str, float], str]) -> Verdict:
 
 
 def _probe(endpoint: str, timeout: float) -> str:
-    import requests
+    from spool.stathat import StatHatClient
 
-    from spool.stathat import check_endpoint, reason
-
+    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True)  # the same deadline as shipping
     try:
-        response = requests.get(check_endpoint(endpoint, allow_insecure=True) + "/", timeout=timeout,
-                                allow_redirects=False)
-    except requests.RequestException as exc:
-        raise OSError(reason(exc)) from None
-    return f"HTTP {response.status_code}"
+        return f"HTTP {client.ping()}"
+    finally:
+        client.close()
 
 
 def _clock(now: float) -> Verdict:

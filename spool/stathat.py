@@ -279,21 +279,28 @@ class StatHatClient:
         path, form = classic_form(record)
         return self._post(path, data=form)
 
+    def ping(self) -> int:
+        """GET the endpoint's root within the deadline and return the HTTP status (doctor's reachability check)."""
+        return self._request("GET", "/")[0].status_code
+
     def _post(self, path: str, *, sent: int | None = None, **kwargs: Any) -> int | None:
+        response, body = self._request("POST", path, **kwargs)
+        return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[requests.Response, str]:
         deadline = _Deadline(self.timeout)
         try:
             with deadline:
-                response = self.session.post(self.endpoint + path, timeout=self.timeout, allow_redirects=False,
-                                             stream=True, **kwargs)
+                response = self.session.request(method, self.endpoint + path, timeout=self.timeout,
+                                                allow_redirects=False, stream=True, **kwargs)
                 with response:
-                    body = _read_answer(response)
+                    return response, _read_answer(response)
         except _CUT as exc:
             if deadline.expired or isinstance(exc, requests.Timeout):
                 raise TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}") from None
             if isinstance(exc, requests.exceptions.SSLError):
                 raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc)}") from None
-        return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
 
 
 def _read_answer(response: requests.Response) -> str:

@@ -195,8 +195,12 @@ class Receiver:
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
-                if parts.path == "/":
-                    self._answer(200, b"", "text/plain")
+                if parts.path == "/":  # a ping (spool doctor's): answers at once, or trickles if told to
+                    fault = receiver._next_fault()
+                    if fault is not None and fault.action == "trickle":
+                        self._trickle({"status": 200, "msg": "ok"}, fault.rate)
+                    else:
+                        self._answer(200, b"", "text/plain")
                     return
                 self._serve(parts.path, parse_qs(parts.query, keep_blank_values=True), None)
 

@@ -129,3 +129,12 @@ def test_a_refusal_with_an_odd_message_is_still_a_refusal_with_a_printable_reaso
 def test_a_multiple_that_is_not_a_count_is_unsaid(multiple):
     body = json.dumps({"status": 200, "msg": "ok", "multiple": multiple}, allow_nan=True)
     assert classify_response(200, body, sent=5) is None
+
+
+def test_doctor_gives_a_trickling_endpoint_its_timeout_not_more(db, receiver, tmp_path):
+    receiver.trickle_next(1, bytes_per_second=2)  # doctor's GET / meets it: 100 s of answer
+    config = tmp_path / "timeout.toml"
+    config.write_text('[ship]\ntimeout = "1s"\n')
+    env = {**cli_env(db, SPOOL_ENDPOINT=receiver.url), "SPOOL_CONFIG": str(config)}
+    result = run_cli(db, "doctor", env=env, timeout=30)
+    assert "endpoint: " + receiver.url + " not reachable: no complete answer within 1 s" in result.stdout
