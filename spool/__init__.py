@@ -17,6 +17,7 @@ _EXPORTS = {
     "ConfigError": "spool.errors",
     "EndpointError": "spool.errors",
     "InvalidRecord": "spool.errors",
+    "PartlyTaken": "spool.errors",
     "Refused": "spool.errors",
     "ShipError": "spool.errors",
     "SpoolError": "spool.errors",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from spool.config import Config
+from spool.errors import redact_url
 from spool.records import CLOCK_SANE_AFTER
 
 MIN_FREE_BYTES = 50 << 20
@@ -48,25 +49,23 @@ def _key(config: Config) -> Verdict:
 
 
 def _endpoint(config: Config, probe: Callable[[str, float], str]) -> Verdict:
+    shown = redact_url(config.endpoint)  # an endpoint may carry credentials by mistake: never print them
     try:
         answer = probe(config.endpoint, min(config.timeout, 10.0))
     except Exception as exc:  # any failure to reach it is the verdict
-        return Verdict("endpoint", False, f"{config.endpoint} not reachable: {exc}",
+        return Verdict("endpoint", False, f"{shown} not reachable: {exc}",
                        "check the network, DNS, proxy settings and ship.endpoint")
-    return Verdict("endpoint", True, f"{config.endpoint} answered {answer}")
+    return Verdict("endpoint", True, f"{shown} answered {answer}")
 
 
 def _probe(endpoint: str, timeout: float) -> str:
-    import requests
+    from spool.stathat import StatHatClient
 
-    from spool.stathat import check_endpoint, reason
-
+    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True)  # the same deadline as shipping
     try:
-        response = requests.get(check_endpoint(endpoint, allow_insecure=True) + "/", timeout=timeout,
-                                allow_redirects=False)
-    except requests.RequestException as exc:
-        raise OSError(reason(exc)) from None
-    return f"HTTP {response.status_code}"
+        return f"HTTP {client.ping()}"
+    finally:
+        client.close()
 
 
 def _clock(now: float) -> Verdict:

@@ -10,6 +10,21 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def masked(text: str) -> str:
+    """Quote input text that could be a key: at most its first 3 characters, then … and its length."""
+    if len(text) <= 3:
+        return f"'{printable(text)}'"
+    return f"'{printable(text[:3])}…' ({len(text)} characters)"
+
+
+def redact_url(url: str) -> str:
+    """Return a URL fit to print: credentials (user:password@) and any query string shown as ***."""
+    import re
+
+    base, query, _ = url.partition("?")
+    return printable(re.sub(r"[^/@\s]*@", "***@", base) + ("?***" if query else ""))
+
+
 class SpoolError(Exception):
     """Base of every error spool raises on purpose."""
 
@@ -79,9 +94,9 @@ class Refused(ShipError):
 
 
 class PartlyTaken(Refused):
-    """The receiver took only part of a JSON batch; which records is unknown, so none may be sent again."""
+    """The receiver said it took fewer records than were sent; which ones is unknown, so none can be re-sent."""
 
-    def __init__(self, message: str, *, taken: int, sent: int, http_status: int, body: str):
+    def __init__(self, message: str, *, http_status: int, body: str, taken: int, sent: int):
         self.taken = taken
         self.sent = sent
         super().__init__(message, http_status=http_status, body=body)

@@ -5,20 +5,28 @@ Input forms (`reader_for` picks one by file name; `.gz` on top of any of them me
   `key` and `ukey` for classic records). Blank lines are skipped.
 * A whole StatHat JSON body `{"ezkey": ..., "data": [...]}` (its key applies to its items), or a JSON array
   of record objects; on one line or pretty-printed. (`.json`, and `spool import`, which detects the form.)
+  The input is one document over several lines only when its first non-blank line begins a JSON value and
+  stops short (`{`, `[`, `{"ezkey": "k",`: the parser reaches the line's end wanting more) and the next
+  non-blank line continues it. Otherwise it is JSON lines, and a broken first line is one bad line.
 * CSV with a header row naming columns from stat, count, value, t, ezkey, key, ukey (`.csv`).
+
+A line (a CSV record, even over several lines) longer than MAX_LINE is refused, fatal for its file, without
+reading more of it than that: memory stays bounded whatever the input, a gzip bomb included. A body's key
+and a default key are checked once (records.check_key); error texts quote input as errors.masked does.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NamedTuple
 
-from spool.errors import InvalidRecord
-from spool.records import T_FLOOR, Record, fast_row, number_from_text, parse_record
+from spool.errors import InvalidRecord, masked
+from spool.records import T_FLOOR, Record, check_key, did_you_mean, fast_row, number_from_text, parse_record
 
 MAX_LINE = 1 << 20  # bytes in one JSON line
 MAX_DOCUMENT = 256 << 20  # bytes in one whole JSON document
@@ -74,83 +82,152 @@ def document_items(document: Any, *, line: int = 1) -> Iterator[Item]:
             yield Item(line, obj)
         return
     if isinstance(document, dict) and "data" in document:
-        extra = document.keys() - {"ezkey", "email", "data"}
-        ezkey = document.get("ezkey", document.get("email"))
-        if extra:
-            error = InvalidRecord(f"unknown field '{sorted(extra)[0][:40]}' in the StatHat body", line=line)
-        elif ezkey is not None and not isinstance(ezkey, str):
-            error = InvalidRecord("ezkey must be a string", field="ezkey", line=line)
-        elif not isinstance(document["data"], list):
-            error = InvalidRecord("'data' must be a list of records", line=line)
-        else:
-            for obj in document["data"]:
-                yield Item(line, obj, ezkey)
+        error = _body_error(document)
+        if error is not None:
+            yield Item(line, None, error=error.at_line(line))
             return
-        yield Item(line, None, error=error)
+        ezkey = document.get("ezkey", document.get("email"))
+        for obj in document["data"]:
+            yield Item(line, obj, ezkey)
         return
     yield Item(line, document)  # a single record object: validation says what is wrong with it
 
 
+def _body_error(body: dict[str, Any]) -> InvalidRecord | None:
+    """Return what is wrong with a StatHat body as a whole (its fields, its key), or None."""
+    extra = body.keys() - {"ezkey", "email", "data"}
+    if extra:
+        name = sorted(map(str, extra))[0]
+        return InvalidRecord(f"unknown field {masked(name)} in the StatHat body"
+                             f"{did_you_mean(name, ('ezkey', 'email', 'data'))}")
+    ezkey = body.get("ezkey", body.get("email"))
+    if ezkey is not None:
+        try:
+            check_key(ezkey, "ezkey")  # once for the body: its records take it unchecked (fast_row)
+        except InvalidRecord as exc:
+            return exc
+    if not isinstance(body["data"], list):
+        return InvalidRecord("'data' must be a list of records")
+    return None
+
+
 def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:
-    """Yield record objects from JSON lines, or from one whole JSON document (detected from the input)."""
+    """Yield record objects from JSON lines, or from one whole JSON document (detected from the input).
+
+    The input is one document over several lines only when its first non-blank line begins a JSON value
+    (the parser stops at the line's very end, wanting more: `{`, `[`, `{"ezkey": "k",`) and the next
+    non-blank line continues it (the two together still begin a value, or are one). Anything else is JSON
+    lines, where a broken first line is one bad line like any other.
+    """
     lines = read_lines(stream)
-    for number, raw in lines:
-        try:
-            text = _raw_text(number, raw)
-            if not text:
-                continue
-            try:
-                document = json.loads(text)
-            except ValueError:
-                if text[0] not in "{[":
-                    raise
-                # A document spread over several lines: read it whole.
-                document = _loads(_read_rest(text, lines), number)
-        except (InvalidRecord, ValueError, RecursionError) as exc:
-            yield Item(number, None, error=_as_invalid(exc, number))
+    texts = _texts(lines)  # pulls from `lines` only as asked: once the first line is decided, read `lines` on
+    for number, text in texts:
+        if isinstance(text, str) and _wants_more(text.strip()):
+            following = next(texts, None)
+            if (following is not None and isinstance(following[1], str)
+                    and _wants_more(f"{text.strip()}\n{following[1].strip()}", complete_ok=True)):
+                yield from _document(number, text, following, texts)
+                return
+            yield from _line_items(number, text)  # the first line's own error
+            if following is not None:
+                yield from _line_items(*following)
         else:
-            yield from document_items(document, line=number)
+            yield from _line_items(number, text)
         break
-    for number, raw in lines:
+    for number, raw in lines:  # JSON lines: the hot loop of ingestion, so no generator per line
+        if isinstance(raw, InvalidRecord):
+            yield Item(number, None, error=raw)
+            continue
         try:
-            text = _raw_text(number, raw)
-            if text:
-                yield from document_items(_loads(text, number), line=number)
+            text = _decode(raw, number)
+            if text.isspace():
+                continue
+            document = _loads(text, number)
         except InvalidRecord as exc:
             yield Item(number, None, error=exc)
+            continue
+        if type(document) is dict and "data" not in document:
+            yield Item(number, document)  # one record object, the common case
+        else:
+            yield from document_items(document, line=number)
 
 
-def _raw_text(number: int, raw: bytes | InvalidRecord) -> str:
-    if isinstance(raw, InvalidRecord):
-        raise raw
-    return _decode(raw, number).strip()
-
-
-def _as_invalid(exc: Exception, line: int) -> InvalidRecord:
-    if isinstance(exc, InvalidRecord):
-        return exc
-    if isinstance(exc, json.JSONDecodeError):
-        return InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line)
-    return InvalidRecord("not valid JSON", line=line)
-
-
-def _read_rest(first: str, lines: Iterator[tuple[int, bytes | InvalidRecord]]) -> str:
-    parts = [first]
-    size = len(first)
+def _texts(lines: Iterator[tuple[int, bytes | InvalidRecord]]) -> Iterator[tuple[int, str | InvalidRecord]]:
+    """Yield (line number, decoded line without its line ending, or why it is unreadable); skip blank lines."""
     for number, raw in lines:
         if isinstance(raw, InvalidRecord):
-            raise raw
-        size += len(raw)
+            yield number, raw
+            continue
+        try:
+            text = _decode(raw, number)
+        except InvalidRecord as exc:
+            yield number, exc
+            continue
+        if not text.isspace() and text:
+            yield number, text.rstrip("\r\n")
+
+
+def _line_items(number: int, text: str | InvalidRecord) -> Iterator[Item]:
+    """Yield the record objects of one JSON line (an object, an array, a body), or its error."""
+    try:
+        if isinstance(text, InvalidRecord):
+            raise text
+        yield from document_items(_loads(text, number), line=number)
+    except InvalidRecord as exc:
+        yield Item(number, None, error=exc)
+
+
+def _wants_more(text: str, *, complete_ok: bool = False) -> bool:
+    """Tell whether `text` begins a JSON value: the parser stops at its very end, wanting more.
+
+    A JSON string cannot span lines, so a line cut inside a string is broken, never a beginning (the parser
+    then points at the string's start, not at the end of the text).
+    """
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text)
+    except (ValueError, RecursionError):
+        return False
+    return complete_ok
+
+
+def _document(first: int, text: str, following: tuple[int, str | InvalidRecord],
+              texts: Iterator[tuple[int, str | InvalidRecord]]) -> Iterator[Item]:
+    """Read the rest of a document that began on line `first` and yield its record objects (or one error)."""
+    parts, size, last = [text], len(text), first
+    for number, more in itertools.chain([following], texts):
+        if isinstance(more, InvalidRecord):
+            yield Item(number, None, error=more)
+            return
+        size += len(more)
         if size > MAX_DOCUMENT:
-            raise InvalidRecord(f"JSON document is larger than {MAX_DOCUMENT >> 20} MiB", line=number)
-        parts.append(_decode(raw, number))
-    return "\n".join(parts)
+            yield Item(number, None, error=InvalidRecord(f"JSON document is larger than {MAX_DOCUMENT >> 20} MiB",
+                                                         line=number))
+            return
+        parts += ["\n" * (number - last), more]  # blank lines kept, so the parser's line numbers are the file's
+        last = number
+    try:
+        document = json.loads("".join(parts))
+    except json.JSONDecodeError as exc:
+        line = first + exc.lineno - 1
+        yield Item(line, None, error=InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line))
+        return
+    except (ValueError, RecursionError):
+        yield Item(first, None, error=InvalidRecord("JSON nested too deeply", line=first))
+        return
+    yield from document_items(document, line=first)
 
 
 def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: int | None = None,
                t_floor: int = T_FLOOR,
                on_invalid: Callable[[InvalidRecord], None] | None = None) -> Iterator[Record]:
-    """Validate items into records. Invalid input raises, unless `on_invalid` takes the error and we go on."""
+    """Validate items into records. Invalid input raises, unless `on_invalid` takes the error and we go on.
+
+    `ezkey`, the key for records that carry none, is checked first: a bad one raises whatever `on_invalid`.
+    """
+    if ezkey is not None:
+        check_key(ezkey, "ezkey")
     for item in items:
         row = fast_row(item.obj, item.ezkey or ezkey, t_floor) if item.error is None else None
         if row is not None:
@@ -167,18 +244,53 @@ def to_records(items: Iterator[Item], *, ezkey: str | None = None, clock_now: in
             on_invalid(error)
 
 
+class _CsvLines:
+    """Lines for csv.reader, each (and each record spread over lines by a quoted newline) at most MAX_LINE long.
+
+    TextIOWrapper.readline with a limit keeps universal newlines and never holds more than the limit, so a
+    file with no newline (a gzip bomb) costs MAX_LINE, not its size. Characters are counted; as each is at
+    least a byte, what is refused is longer than MAX_LINE bytes too.
+    """
+
+    def __init__(self, stream: IO[bytes]):
+        self.text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        self.record = 0  # characters of the record being read; reset after each record
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(MAX_LINE + 1)
+        if not line:
+            raise StopIteration
+        self.record += len(line)
+        if self.record > MAX_LINE:
+            raise InvalidRecord(f"line is longer than {MAX_LINE} bytes", fatal=True)
+        return line
+
+
 def read_csv(stream: IO[bytes]) -> Iterator[Item]:
     """Yield record objects from CSV whose header names columns from CSV_COLUMNS; empty cells are absent."""
-    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""), strict=True)
+    lines = _CsvLines(stream)
+    reader = csv.reader(lines, strict=True)
+    try:
+        yield from _csv_items(reader, lines)
+    except InvalidRecord as exc:  # an over-long line (fatal): nothing after it can be trusted
+        yield Item(reader.line_num + 1, None, error=exc.at_line(reader.line_num + 1))
+
+
+def _csv_items(reader: Any, lines: _CsvLines) -> Iterator[Item]:
     header = [name.strip().lower() for name in next(reader, [])]
+    lines.record = 0
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if not header or unknown or len(set(header)) != len(header):
-        problem = (f"unknown column '{unknown[0][:40]}'" if unknown else
+        problem = (f"unknown column {masked(unknown[0])}{did_you_mean(unknown[0], CSV_COLUMNS)}" if unknown else
                    "a column is named twice" if header else "no header row")
         yield Item(1, None, error=InvalidRecord(f"{problem}; the header names columns from "
                                                 f"{', '.join(CSV_COLUMNS)}", line=1, fatal=True))
         return
     for row in reader:
+        lines.record = 0
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from spool.errors import InvalidRecord
+from spool.errors import InvalidRecord, masked
 
 COUNT = 0
 VALUE = 1
@@ -32,6 +32,9 @@ INT64_MAX = 2**63 - 1
 
 # Compiled on first use (re caches it): most records never reach the slow path that needs it.
 _CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
+# A lone surrogate (JSON's "\ud800", Python's surrogateescape) is no character at all: SQLite cannot store it.
+_SURROGATE = r"[\ud800-\udfff]"
+_SURROGATE_REASON = "contains a lone surrogate (not valid Unicode)"
 _EZ_FIELDS = frozenset({"stat", "count", "value", "t", "ezkey", "email"})
 _CLASSIC_FIELDS = frozenset({"key", "ukey", "count", "value", "t"})
 _ALL_FIELDS = _EZ_FIELDS | _CLASSIC_FIELDS
@@ -76,6 +79,8 @@ def check_stat(stat: object) -> str:
         return stat  # the common case, decided by C-speed checks alone
     if not stat.strip():
         raise InvalidRecord("stat is empty", field="stat")
+    if re.search(_SURROGATE, stat):
+        raise InvalidRecord(f"stat {_SURROGATE_REASON}", field="stat")
     if re.search(_CONTROL, stat):
         raise InvalidRecord("stat contains a control character", field="stat")
     if "~" not in stat:
@@ -94,8 +99,8 @@ def check_stat(stat: object) -> str:
         if not name.strip():
             raise InvalidRecord("stat has an empty name in its '~' list", field="stat")
         if len(prefix) + 1 + len(name) > MAX_NAME:
-            raise InvalidRecord(f"stat expands to '{prefix} {name[:20]}…', over {MAX_NAME} characters",
-                                field="stat")
+            raise InvalidRecord(f"stat expands to a name of {len(prefix) + 1 + len(name)} characters, over "
+                                f"{MAX_NAME} characters (its '~' list names {masked(name)})", field="stat")
     return stat
 
 
@@ -138,13 +143,21 @@ def check_t(t: object, floor: int = T_FLOOR) -> int:
 
 
 def check_key(key: object, field: str) -> str:
-    """Return `key` if it is a usable key string; the message never repeats the key itself."""
+    """Return `key` if it is a usable key string; the message never repeats the key itself.
+
+    The one rule for keys (ezkey, email, key, ukey) on every path: a record's own, a StatHat body's, a
+    default given to an import or a batch. Callers check a key shared by many records once, before use.
+    """
     if not isinstance(key, str):
         raise InvalidRecord(f"{field} must be a string, not {_type_name(key)}", field=field)
     if not key.strip():
         raise InvalidRecord(f"{field} is empty", field=field)
-    if len(key) > MAX_KEY or re.search(_CONTROL, key):
-        raise InvalidRecord(f"{field} is not a valid key (too long or has control characters)", field=field)
+    if len(key) > MAX_KEY:
+        raise InvalidRecord(f"{field} is {len(key)} characters long; a key is at most {MAX_KEY}", field=field)
+    if re.search(_SURROGATE, key):
+        raise InvalidRecord(f"{field} {_SURROGATE_REASON}", field=field)
+    if re.search(_CONTROL, key):
+        raise InvalidRecord(f"{field} has control characters; it is not a valid key", field=field)
     return key
 
 
@@ -185,7 +198,7 @@ def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None
     unknown = obj.keys() - _ALL_FIELDS
     if unknown:
         name = sorted(map(str, unknown))[0]
-        raise InvalidRecord(f"unknown field '{name[:40]}'", field=name)
+        raise InvalidRecord(f"unknown field {masked(name)}{did_you_mean(name, _ALL_FIELDS)}", field=name)
     own_key = obj.get("ezkey", obj.get("email"))
     if own_key is None and "stat" in obj:
         own_key = ezkey
@@ -204,7 +217,15 @@ def number_from_text(text: str, field: str) -> int | float:
     try:
         return float(cleaned)
     except ValueError:
-        raise InvalidRecord(f"{field} '{cleaned[:40]}' is not a number", field=field) from None
+        raise InvalidRecord(f"{field} {masked(cleaned)} is not a number", field=field) from None
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """Return ", did you mean 'value'?" for a misspelt field name close to a known one, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), sorted(known), n=1)
+    return f", did you mean '{close[0]}'?" if close else ""
 
 
 def fast_row(obj: object, ezkey: str | None, t_floor: int) -> tuple[Any, ...] | None:
@@ -212,7 +233,9 @@ def fast_row(obj: object, ezkey: str | None, t_floor: int) -> tuple[Any, ...] | 
 
     The hot path of batched appends and ingestion: exactly {"stat", "count" or "value", "t"} with a plain
     name, a finite number and whole seconds is accepted with C-speed checks alone. None means "not decided
-    here": call parse_record, which accepts or refuses with a reason. Never accepts what parse_record refuses.
+    here": call parse_record, which accepts or refuses with a reason. `ezkey` is the key shared by the
+    records, already checked once by the caller (check_key; record_rows and formats.to_records do it).
+    Given that, never accepts what parse_record refuses.
     """
     try:
         stat, t = obj["stat"], obj["t"]  # type: ignore[index]
@@ -238,8 +261,10 @@ def record_rows(objs: Iterable[object], *, clock_now: int | None = None, ezkey: 
     """Validate record objects into store rows (Record-shaped tuples), streaming; raises on the first invalid.
 
     Works a chunk at a time with map() and chain(), so the common case costs one fast_row call per record
-    and no generator step; memory is bounded by the chunk, not the input.
+    and no generator step; memory is bounded by the chunk, not the input. A bad `ezkey` raises at once.
     """
+    if ezkey is not None:
+        check_key(ezkey, "ezkey")
     return itertools.chain.from_iterable(_row_chunks(iter(objs), clock_now, ezkey, t_floor, chunk))
 
 
@@ -267,5 +292,5 @@ def _type_name(obj: object) -> str:
     if isinstance(obj, bool):
         return "a boolean"
     if isinstance(obj, str):
-        return f"the string '{obj[:40]}'"
+        return f"the string {masked(obj)}"
     return {dict: "an object", list: "a list"}.get(type(obj), type(obj).__name__)

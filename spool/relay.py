@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from spool.config import RelayConfig
-from spool.errors import ConfigError, InvalidRecord, StoreError
-from spool.records import T_FLOOR, check_stat, make_record, now, number_from_text, record_rows
+from spool.errors import ConfigError, InvalidRecord, StoreError, printable
+from spool.records import T_FLOOR, check_key, check_stat, make_record, now, number_from_text, record_rows
 from spool.store import Store
 
 log = logging.getLogger("spool.relay")
@@ -53,23 +53,30 @@ class Refusal(Exception):
     """A request StatHat would refuse: answered HTTP 200 with {"status":500,"msg":...}."""
 
 
+def request_key(value: object, field: str, missing: str) -> str:
+    """Return a request's key, or refuse it as StatHat does: `missing` if absent or blank, else "invalid keys"."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise Refusal(missing)
+    try:
+        return check_key(value, field)
+    except InvalidRecord:
+        raise Refusal("invalid keys") from None
+
+
 def form_records(path: str, form: dict[str, str], stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
     """Records from one /ez, /c or /v call given as form fields (query string or body)."""
     def number(field: str) -> int | float | None:
         text = form.get(field)
         return None if text is None or text == "" else number_from_text(text, field)
 
-    t = number("t")
     try:
+        t = number("t")  # inside: "t= " is a refusal like any other, not an error that drops the connection
         if path == "/ez":
-            ezkey = form.get("ezkey") or form.get("email")
-            if not ezkey:
-                raise Refusal("no ezkey specified")
+            ezkey = request_key(form.get("ezkey") or form.get("email"), "ezkey", "no ezkey specified")
             return [make_record(stat=form.get("stat"), count=number("count"), value=number("value"), t=t,
                                 ezkey=ezkey, clock_now=stamp, t_floor=t_floor)]
-        key, ukey = form.get("key"), form.get("ukey")
-        if not key or not ukey:
-            raise Refusal("invalid keys")
+        key = request_key(form.get("key"), "key", "invalid keys")
+        ukey = request_key(form.get("ukey"), "ukey", "invalid keys")
         if path == "/c":
             count = number("count")
             return [make_record(key=key, ukey=ukey, count=1 if count is None else count, t=t, clock_now=stamp,
@@ -87,9 +94,7 @@ def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
         raise Refusal("invalid json") from None
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise Refusal("invalid json: expected {\"ezkey\": ..., \"data\": [...]}")
-    ezkey = document.get("ezkey") or document.get("email")
-    if not ezkey or not isinstance(ezkey, str):
-        raise Refusal("no ezkey specified")
+    ezkey = request_key(document.get("ezkey") or document.get("email"), "ezkey", "no ezkey specified")
     items = [item for item in document["data"] if not (isinstance(item, dict) and "ezkey" in item)]
     if len(items) != len(document["data"]):
         raise Refusal("invalid json: a data item carries its own ezkey")
@@ -177,19 +182,39 @@ class GroupWriter:
                     break
                 group.append(more)
                 size += len(more.rows)
-            try:
-                self.store.append(row for waiting in group for row in waiting.rows)
-                self.commits += 1
-                self.last_error = None
-                self.on_commit(size)
-            except StoreError as exc:
-                self.last_error = str(exc)
-                for waiting in group:
-                    waiting.error = exc
-            for waiting in group:
-                waiting.done.set()
+            self._commit(group)
             if stopping:
                 return
+
+    def _commit(self, group: list[_Waiting]) -> None:
+        """Commit one group and wake its callers, each with its outcome. Never raises: the writer must live on."""
+        try:
+            size = self.store.append(row for waiting in group for row in waiting.rows)
+        except StoreError as exc:
+            self._fail(group, exc)
+            return
+        except Exception as exc:
+            if len(group) > 1:  # perhaps one caller's rows: commit each caller's alone, so only that one fails
+                for waiting in group:
+                    self._commit([waiting])
+                return
+            log.exception("relay: a commit failed unexpectedly; its caller gets 503 and the relay goes on")
+            self._fail(group, StoreError(f"commit failed: {type(exc).__name__}: {printable(str(exc))[:200]}"))
+            return
+        self.commits += 1
+        self.last_error = None
+        try:
+            self.on_commit(size)
+        except Exception:
+            log.exception("relay: after a commit, telling the agent failed")
+        for waiting in group:
+            waiting.done.set()
+
+    def _fail(self, group: list[_Waiting], error: StoreError) -> None:
+        self.last_error = str(error)  # /healthz says failing until a commit succeeds again
+        for waiting in group:
+            waiting.error = error
+            waiting.done.set()
 
 
 # -- the HTTP side ----------------------------------------------------------------------------------------
@@ -417,7 +442,8 @@ class Relay:
                         relay.writer.write(records)
                 except StoreError as exc:
                     log.error("relay could not spool %d records: %s", len(records), exc)
-                    self._send(503, f"spool unavailable: {exc}".encode(), "text/plain")
+                    self._send(503, f"spool unavailable: {exc}".encode("utf-8", "backslashreplace"),
+                               "text/plain")
                     return
                 relay.stats.took("http", len(records))
                 if batch:

@@ -1,45 +1,57 @@
 """Speaking to StatHat: build EZ JSON batches and classic form posts, classify what comes back.
 
-The only module that imports requests. Keys travel in request bodies only, so no URL, log line or
-exception message built here can carry one.
+The only module that imports requests (and urllib3 under it). Keys travel in request bodies only, so no URL,
+log line or exception message built here can carry one.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import ipaddress
 import json
+import math
 import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT
-from spool.errors import ConfigError, EndpointError, Refused, TransientError
+from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, TransientError, printable, redact_url
 from spool.records import KIND_NAMES, Record
 
 TRANSIENT_STATUSES = frozenset({408, 429})
 USER_AGENT = "stathat-spool"
+MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
 
 
 def check_endpoint(url: str, *, allow_insecure: bool = False) -> str:
     """Return the endpoint without a trailing slash; refuse plain http to a non-loopback host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"endpoint must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{url}'")
-    if parts.username or parts.password or parts.query:
-        raise ConfigError("endpoint must not carry credentials or a query string")
-    if parts.scheme == "http" and not allow_insecure and not is_loopback(parts.hostname):
-        raise ConfigError(f"endpoint {url} is plain http to a remote host; use https, "
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unbalanced [ in the host
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"endpoint must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{redact_url(url)}'")
+    if parts.username or parts.password or parts.query or "@" in parts.netloc:
+        raise ConfigError(f"endpoint must not carry credentials or a query string ({redact_url(url)})")
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
+        raise ConfigError(f"endpoint {redact_url(url)} is plain http to a remote host; use https, "
                           "or allow it explicitly with --allow-insecure (allow_insecure = true)")
     if parts.path.rstrip("/").endswith(("/ez", "/c", "/v")):
         root = url.rstrip("/").rsplit("/", 1)[0]
-        raise ConfigError(f"endpoint {url} names an API call; give the API root ({root}): spool adds /ez, "
-                          "/c and /v itself")
+        raise ConfigError(f"endpoint {redact_url(url)} names an API call; give the API root "
+                          f"({redact_url(root)}): spool adds /ez, /c and /v itself")
     return url.rstrip("/")
 
 
@@ -73,19 +85,22 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     except ValueError:
         pass
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):  # whatever a malformed date makes it raise
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when - (time.time() if now is None else now))
 
 
-def classify_response(status: int, body: str, retry_after: str | None = None) -> int | None:
+def classify_response(status: int, body: str, retry_after: str | None = None, *,
+                      sent: int | None = None) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
-    204, or 2xx with an empty body or `{"status": 200}`: accepted. HTTP 200 with another `status` in its
-    JSON body: Refused. 408, 429, 5xx: TransientError (with Retry-After). Any other status: EndpointError,
-    a misconfiguration to pause on. A 2xx body that is not StatHat's JSON (a captive portal's page, a proxy's
-    error) is transient: counting it as delivered could lose data.
+    204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
+    number as `status` in its JSON body: Refused. A `multiple` smaller than the `sent` items: PartlyTaken
+    (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with Retry-After). Any
+    other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not StatHat's answer
+    (a captive portal's page, a proxy's error, a status that is no number) is transient: counting it as
+    delivered could lose data. Whatever the body holds, nothing else is raised.
     """
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
         raise TransientError(f"HTTP {status} {_snippet(body)}".rstrip(),
@@ -96,32 +111,163 @@ def classify_response(status: int, body: str, retry_after: str | None = None) ->
         return None
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         answer = None
-    if not isinstance(answer, dict) or "status" not in answer:
+    code = _as_number(answer.get("status")) if isinstance(answer, dict) else None
+    if code is None:
         raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body)}")
-    if answer.get("status") == 200:
-        multiple = answer.get("multiple")
-        return multiple if isinstance(multiple, int) else None
-    message = str(answer.get("msg") or f"status {answer.get('status')}")
-    raise Refused(message[:500], http_status=status, body=body, names_key="key" in message.lower())
+    if code != 200:
+        message = printable(str(answer.get("msg") or f"status {answer.get('status')}"))[:500]
+        raise Refused(message, http_status=status, body=body, names_key="key" in message.lower())
+    multiple = _as_number(answer.get("multiple"))
+    if multiple is None or multiple < 0 or not multiple.is_integer():
+        return None  # the status says ok; a count we cannot read tells nothing more
+    taken = int(multiple)
+    if sent is not None and taken < sent:
+        raise PartlyTaken(f"the receiver took {taken} of {sent} records; which ones is unknown "
+                          f"(answer: {_snippet(body)[1:-1]})", http_status=status, body=body, taken=taken,
+                          sent=sent)
+    return taken
+
+
+def _as_number(value: object) -> float | None:
+    """Return a JSON status or count as a finite number (200, 200.0, "200 "), or None if it is none."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value) if abs(value) < 1e300 else math.inf  # ints beyond float range are no count either
+    return number if math.isfinite(number) else None
 
 
 def _snippet(body: str) -> str:
-    text = " ".join(body.split())
+    text = printable(" ".join(body[:1000].split()))
     return f"({text[:120]})" if text else ""
 
 
+# -- a deadline for the whole request ------------------------------------------------------------------------
+#
+# requests' timeout bounds each socket operation, not the request: an answer trickling in a byte a second
+# never trips it. So each request runs under a _Deadline, and our connections (installed by _DeadlineAdapter)
+# hand themselves to the deadline of the thread that uses them: urllib3 calls connect() and request() on the
+# thread making the request. When time is up, a timer thread shuts the socket down and the blocked read ends
+# at once. This uses only public, long-stable parts of urllib3 (PoolManager.pool_classes_by_scheme,
+# ConnectionCls, HTTPConnection.connect/request), present alike in urllib3 1.26 and 2.x.
+
+_watching = threading.local()  # .deadline: the _Deadline of the request this thread is making, if any
+
+
+class _Deadline:
+    """Shut down the socket of the request this thread makes once `seconds` have passed."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._connection: Any = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _watching.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _watching.deadline = None
+
+    def watch(self, connection: Any) -> None:
+        """Take the connection the request now uses (shut at once if time is already up)."""
+        with self._lock:
+            self._connection = connection
+            if self.expired:
+                _shut(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._connection is not None:
+                _shut(self._connection)
+
+
+def _shut(connection: Any) -> None:
+    sock = getattr(connection, "sock", None)
+    sock = getattr(sock, "socket", sock)  # urllib3's SSLTransport (TLS through a TLS proxy) wraps a socket
+    if isinstance(sock, socket.socket):
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: leaves an SSL object intact
+        except OSError:
+            pass  # already closed
+
+
+def _hand_over(connection: Any) -> None:
+    deadline = getattr(_watching, "deadline", None)
+    if deadline is not None:
+        deadline.watch(connection)
+
+
+class _Watched:
+    """Mixed into urllib3's connections: hand the connection to the current request's deadline."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _hand_over(self)  # a deadline that expired while connecting shuts the new socket now
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        _hand_over(self)  # a kept-alive connection is not connected again
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter, making its connections from _Watched classes."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if manager.pool_classes_by_scheme is pool_classes_by_scheme:  # not SOCKS, which has its own classes
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
+
+
+# Errors that end a request whose socket the deadline shut (which one depends on where it was cut).
+_CUT = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
 class StatHatClient:
-    """One connection-reusing session to a StatHat endpoint."""
+    """One connection-reusing session to a StatHat endpoint; each request has `timeout` seconds in all."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 10.0,
                  allow_insecure: bool = False, verify: bool | str = True):
         self.endpoint = check_endpoint(endpoint, allow_insecure=allow_insecure)
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.mount("http://", _DeadlineAdapter())
+        self.session.mount("https://", _DeadlineAdapter())
         self.session.verify = verify
         self.session.headers["User-Agent"] = USER_AGENT
+        self.session.headers["Accept-Encoding"] = "identity"  # a tiny answer; nothing to inflate
 
     def close(self) -> None:
         self.session.close()
@@ -129,33 +275,59 @@ class StatHatClient:
     def send_ez(self, ezkey: str, records: Sequence[Record]) -> int | None:
         """POST one EZ JSON batch; return what `classify_response` returns."""
         body = json.dumps({"ezkey": ezkey, "data": [ez_item(r) for r in records]}, separators=(",", ":"))
-        return self._post("/ez", data=body.encode(), headers={"Content-Type": "application/json"})
+        return self._post("/ez", sent=len(records), data=body.encode(),
+                          headers={"Content-Type": "application/json"})
 
     def send_classic(self, record: Record) -> int | None:
         """POST one classic counter (/c) or value (/v) as a form."""
         path, form = classic_form(record)
         return self._post(path, data=form)
 
-    def _post(self, path: str, **kwargs: Any) -> int | None:
+    def ping(self) -> int:
+        """GET the endpoint's root within the deadline and return the HTTP status (doctor's reachability check)."""
+        return self._request("GET", "/")[0].status_code
+
+    def _post(self, path: str, *, sent: int | None = None, **kwargs: Any) -> int | None:
+        response, body = self._request("POST", path, **kwargs)
+        return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[requests.Response, str]:
+        deadline = _Deadline(self.timeout)
         try:
-            response = self.session.post(self.endpoint + path, timeout=self.timeout, allow_redirects=False,
-                                         **kwargs)
-            body = response.text
-        except requests.Timeout:
-            raise TransientError(f"no answer from {self.endpoint} within {self.timeout:g} s") from None
-        except requests.exceptions.SSLError as exc:
-            if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
-                raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain http "
-                                    "there (use http://, or the https port)") from None
-            raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
-        except requests.RequestException as exc:
+            with deadline:
+                response = self.session.request(method, self.endpoint + path, timeout=self.timeout,
+                                                allow_redirects=False, stream=True, **kwargs)
+                with response:
+                    return response, _read_answer(response)
+        except _CUT as exc:
+            if deadline.expired or isinstance(exc, requests.Timeout):
+                raise TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}") from None
+            if isinstance(exc, requests.exceptions.SSLError):
+                if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
+                    raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain "
+                                        "http there (use http://, or the https port)") from None
+                raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
             if _unresolvable(exc):
                 error = TransientError(f"cannot resolve host {urlsplit(self.endpoint).hostname}: check the "
                                        "endpoint's host name and DNS")
                 error.unresolvable = True
                 raise error from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc)}") from None
-        return classify_response(response.status_code, body, response.headers.get("Retry-After"))
+
+
+def _read_answer(response: requests.Response) -> str:
+    """Return the answer body, read up to MAX_ANSWER bytes; a longer one is not StatHat's answer (transient)."""
+    chunks, size = [], 0
+    for chunk in response.iter_content(chunk_size=8192):
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise TransientError(f"HTTP {response.status_code} with an answer over {MAX_ANSWER >> 10} KiB, "
+                                 "which is not StatHat's answer")
+        chunks.append(chunk)
+    try:
+        return b"".join(chunks).decode(response.encoding or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _unresolvable(exc: BaseException) -> bool:

@@ -27,11 +27,12 @@ OVERLOADED = "Back-end server is at capacity"
 
 @dataclass
 class _Fault:
-    action: str  # "status", "reset", "reset_after_accept", "stall", "hold_after_accept"
+    action: str  # "status", "reset", "reset_after_accept", "stall", "hold_after_accept", "trickle"
     status: int = 503
     body: str = OVERLOADED
     retry_after: str | None = None
     seconds: float = 0.0
+    rate: float = 1.0  # bytes a second, for "trickle"
 
 
 class Receiver:
@@ -85,6 +86,10 @@ class Receiver:
     def stall_next(self, n: int, seconds: float) -> None:
         """Hold the next `n` requests for `seconds` (past the client's timeout), then drop them untaken."""
         self._add(n, _Fault("stall", seconds=seconds))
+
+    def trickle_next(self, n: int, bytes_per_second: float = 1.0) -> None:
+        """Take the next `n` requests, then send the whole answer (status line included) a byte at a time."""
+        self._add(n, _Fault("trickle", rate=bytes_per_second))
 
     def refuse_stat(self, stat: str, msg: str = "invalid stat name") -> None:
         """Refuse every request that carries `stat`, as StatHat refuses: HTTP 200, status 500."""
@@ -196,8 +201,12 @@ class Receiver:
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
-                if parts.path == "/":
-                    self._answer(200, b"", "text/plain")
+                if parts.path == "/":  # a ping (spool doctor's): answers at once, or trickles if told to
+                    fault = receiver._next_fault()
+                    if fault is not None and fault.action == "trickle":
+                        self._trickle({"status": 200, "msg": "ok"}, fault.rate)
+                    else:
+                        self._answer(200, b"", "text/plain")
                     return
                 self._serve(parts.path, parse_qs(parts.query, keep_blank_values=True), None)
 
@@ -253,6 +262,8 @@ class Receiver:
                     receiver._stopping.wait(fault.seconds)
                     receiver.holding.clear()
                     self._reset()
+                elif fault is not None and fault.action == "trickle":
+                    self._trickle(answer, fault.rate)
                 elif fault is not None:  # reset_after_accept
                     self._reset()
                 elif answer is None:
@@ -286,6 +297,20 @@ class Receiver:
                 self.end_headers()
                 if status != 204:
                     self.wfile.write(body)
+
+            def _trickle(self, answer: dict[str, Any] | None, rate: float) -> None:
+                """Send a complete, valid answer, so slowly that only a deadline for the whole of it ends it."""
+                body = json.dumps(answer or {"status": 200, "msg": "ok"}).encode()
+                raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                self.close_connection = True
+                for i in range(len(raw)):
+                    if receiver._stopping.wait(1 / rate):
+                        return
+                    try:
+                        self.connection.sendall(raw[i:i + 1])
+                    except OSError:
+                        return  # the client gave up: what it should do
 
             def _reset(self) -> None:
                 """Close with a TCP reset and no answer at all."""

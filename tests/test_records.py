@@ -9,7 +9,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from spool.errors import InvalidRecord
-from spool.records import COUNT, VALUE, Record, expand_stat, fast_row, make_record, parse_record, record_rows
+from spool.records import COUNT, VALUE, Record, check_key, expand_stat, fast_row, make_record, parse_record, record_rows
 
 T = 1_700_000_000
 
@@ -50,7 +50,7 @@ T = 1_700_000_000
     ({"ukey": "u", "count": 1}, "key", "key is missing"),
     ({"key": "k", "ukey": "u", "count": 1, "ezkey": "e"}, "ezkey", "belongs to EZ records"),
     ({"count": 1}, "stat", "give stat (EZ API) or key and ukey"),
-    ({"stat": "s", "count": 1, "vaule": 2}, "vaule", "unknown field 'vaule'"),
+    ({"stat": "s", "count": 1, "vaule": 2}, "vaule", "unknown field 'vau…' (5 characters), did you mean 'value'?"),
 ])
 def test_invalid_records_are_refused_naming_the_field(fields, field, message):
     with pytest.raises(InvalidRecord) as caught:
@@ -128,7 +128,10 @@ def test_arbitrary_objects_are_either_valid_records_or_refused_with_a_reason(obj
 
 
 plain_names = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=260)
-any_stat = st.one_of(plain_names, names, st.text(max_size=300))
+surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+with_surrogates = st.text(st.one_of(st.characters(), surrogates), min_size=1, max_size=20)
+any_stat = st.one_of(plain_names, names, st.text(max_size=300), with_surrogates)
+any_ezkey = st.one_of(st.none(), st.just("k"), with_surrogates, st.sampled_from(["", " ", "k" * 256, "k\x00"]))
 any_t = st.one_of(st.integers(min_value=1_000_000_000 - 5, max_value=4_102_444_800 + 5),  # mostly valid
                   st.one_of(st.integers(min_value=-10, max_value=10**12), st.floats(), st.text(max_size=3)))
 any_number = st.one_of(finite, st.one_of(st.integers(min_value=-(2**64), max_value=2**64), st.floats(),
@@ -144,7 +147,7 @@ near_valid = st.builds(lambda stat, t, key, number: {"stat": stat, "t": t, key: 
 record_like = st.one_of(near_valid, canonical_shape, odd_shape)
 
 
-@given(record_like, st.none() | st.just("k"))
+@given(record_like, any_ezkey)
 @example({"stat": "s", "t": 4_102_444_801, "count": 1}, None)  # one past the last valid t
 @example({"stat": "s", "t": 999_999_999, "count": 1}, None)  # one before the floor
 @example({"stat": "a~", "t": T, "count": 1}, None)  # broken ~ forms
@@ -157,7 +160,17 @@ record_like = st.one_of(near_valid, canonical_shape, odd_shape)
 @example({"stat": "s", "t": T, "count": True}, None)
 @example({"stat": "s", "t": True, "count": 1}, None)
 @example({"stat": "s", "t": T, "count": None, "value": 1}, None)
+@example({"stat": "a\ud800", "t": T, "count": 1}, None)
+@example({"stat": "s", "t": T, "count": 1}, "k\udfff")
 def test_the_fast_path_accepts_only_what_the_full_validator_accepts_and_builds_the_same_row(obj, ezkey):
+    try:
+        if ezkey is not None:
+            check_key(ezkey, "ezkey")
+    except InvalidRecord:
+        # A shared key is checked once, before any record (fast_row takes it as checked): refused up front.
+        with pytest.raises(InvalidRecord):
+            list(record_rows([obj], ezkey=ezkey))
+        return
     row = fast_row(obj, ezkey, 1_000_000_000)
     event("fast path took it" if row is not None else "left to the full validator")
     if row is None:

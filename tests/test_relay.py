@@ -93,7 +93,7 @@ def test_a_form_body_with_raw_spaces_from_a_client_that_does_not_encode_is_taken
     ("/ez", {"stat": "s", "count": "1"}, "no ezkey specified"),
     ("/ez", {"ezkey": "k", "count": "1"}, "give stat"),
     ("/ez", {"ezkey": "k", "stat": "s"}, "give count or value"),
-    ("/ez", {"ezkey": "k", "stat": "s", "count": "lots"}, "count 'lots' is not a number"),
+    ("/ez", {"ezkey": "k", "stat": "s", "count": "lots"}, "count 'lot…' (4 characters) is not a number"),
     ("/ez", {"ezkey": "k", "stat": "s", "value": "nan"}, "finite"),
     ("/ez", {"ezkey": "k", "stat": "s", "count": "1", "t": "1700000000000"}, "looks like milliseconds"),
     ("/ez", {"ezkey": "k", "stat": "a~", "count": "1"}, "empty name"),

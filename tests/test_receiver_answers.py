@@ -1,0 +1,140 @@
+"""Odd answers from a receiver: short counts, odd statuses, trickles, deep nesting. Real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spool import PartlyTaken, Spool
+from spool.errors import Refused, TransientError
+from spool.records import make_record
+from spool.stathat import StatHatClient, classify_response
+
+from .conftest import T0, TEST_EZKEY, cli_env, run_cli
+
+NESTED = "[" * 20_000 + "]" * 20_000  # far past Python's recursion limit, yet small
+
+
+def records(n: int) -> list:
+    return [make_record(stat=f"s{i}", count=1, t=T0) for i in range(n)]
+
+
+def send(receiver, n: int, **options):
+    client = StatHatClient(receiver.url, **options)
+    try:
+        return client.send_ez(TEST_EZKEY, records(n))
+    finally:
+        client.close()
+
+
+# -- item 6: a short count is a batch we cannot account for --------------------------------------------------
+
+
+def test_a_receiver_that_took_1_of_100_records_is_partly_taken_never_all_sent(receiver):
+    receiver.fail_next(1, status=200, body='{"status":200,"msg":"ok","multiple":1}')
+    with pytest.raises(PartlyTaken) as caught:
+        send(receiver, 100)
+    assert isinstance(caught.value, Refused)
+    assert (caught.value.taken, caught.value.sent) == (1, 100)
+    assert str(caught.value).startswith("the receiver took 1 of 100 records; which ones is unknown (answer: ")
+    assert caught.value.body == '{"status":200,"msg":"ok","multiple":1}'
+
+
+@pytest.mark.parametrize("multiple", [100, 140, 100.0, "100"])
+def test_as_many_or_more_than_sent_is_accepted(multiple):
+    # More is fine: StatHat may count the stats a ~ form expands to.
+    body = json.dumps({"status": 200, "msg": "ok", "multiple": multiple})
+    assert classify_response(200, body, sent=100) in (100, 140)
+
+
+@pytest.mark.parametrize("status", ['"200"', '"200 "', "200.0", '" 200"'])
+def test_a_200_status_written_as_a_string_or_a_float_is_accepted(receiver, status):
+    receiver.fail_next(1, status=200, body='{"status":' + status + ',"msg":"ok","multiple":3}')
+    assert send(receiver, 3) == 3
+
+
+@pytest.mark.parametrize("status", ['"500"', "500", "400.0", '"404 "'])
+def test_a_status_that_is_clearly_not_200_is_a_refusal(status):
+    with pytest.raises(Refused):
+        classify_response(200, '{"status":' + status + ',"msg":"invalid stat"}')
+
+
+# -- item 10: a trickling answer ends at the deadline -------------------------------------------------------
+
+
+def test_a_trickling_answer_ends_within_the_timeout_as_a_transient_failure(receiver):
+    receiver.trickle_next(1, bytes_per_second=4)
+    with pytest.raises(TransientError, match="no complete answer within 1 s"):
+        send(receiver, 1, timeout=1)
+
+
+def test_ship_once_against_a_trickling_receiver_ends_within_its_max_time(db, receiver):
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    receiver.trickle_next(1000, bytes_per_second=2)  # every attempt trickles: 200 bytes at 2 B/s is 100 s each
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--timeout", "1", "--max-time", "5",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "1 records still pending: no complete answer within 1 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_answer_larger_than_stathat_would_ever_send_is_transient(receiver):
+    receiver.fail_next(1, status=200, body='{"status":200,"msg":"' + "x" * (1 << 20) + '"}')
+    with pytest.raises(TransientError, match="not StatHat's answer"):
+        send(receiver, 1)
+
+
+# -- item 11: any answer is classified, never raised as something else --------------------------------------
+
+
+def test_a_deeply_nested_answer_is_transient_not_a_crash(receiver):
+    receiver.fail_next(1, status=200, body=NESTED)
+    with pytest.raises(TransientError, match="not StatHat's answer"):
+        send(receiver, 1)
+
+
+def test_ship_once_against_a_receiver_answering_deep_nesting_says_why_and_exits_1(db, receiver):
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    receiver.fail_next(100_000, status=200, body='{"status":' + NESTED + "}")
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "1 records still pending: HTTP 200 with a body that is not StatHat's answer" in result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("body", [
+    '{"status":[200]}', '{"status":{"code":200}}', '{"status":null}', '{"status":true}', '{"status":"ok"}',
+    '{"status":"", "msg": "?"}', "\x00\xff binary", '{"status":1e999}', '{"status":NaN}',
+])
+def test_a_status_of_an_odd_type_is_not_stathats_answer(body):
+    with pytest.raises(TransientError, match="not StatHat's answer"):
+        classify_response(200, body)
+
+
+@pytest.mark.parametrize("answer", [
+    {"status": 500, "msg": 12}, {"status": 500, "msg": ["a", {"b": 1}]}, {"status": 500, "msg": None},
+    {"status": 500, "msg": "line\nbreak\x1b[31m"},
+])
+def test_a_refusal_with_an_odd_message_is_still_a_refusal_with_a_printable_reason(answer):
+    with pytest.raises(Refused) as caught:
+        classify_response(200, json.dumps(answer))
+    assert str(caught.value) and str(caught.value).isprintable()
+
+
+@pytest.mark.parametrize("multiple", ["many", True, -3, 2.5, None, [1], {"n": 1}, 1e999])
+def test_a_multiple_that_is_not_a_count_is_unsaid(multiple):
+    body = json.dumps({"status": 200, "msg": "ok", "multiple": multiple}, allow_nan=True)
+    assert classify_response(200, body, sent=5) is None
+
+
+def test_doctor_gives_a_trickling_endpoint_its_timeout_not_more(db, receiver, tmp_path):
+    receiver.trickle_next(1, bytes_per_second=2)  # doctor's GET / meets it: 100 s of answer
+    config = tmp_path / "timeout.toml"
+    config.write_text('[ship]\ntimeout = "1s"\n')
+    env = {**cli_env(db, SPOOL_ENDPOINT=receiver.url), "SPOOL_CONFIG": str(config)}
+    result = run_cli(db, "doctor", env=env, timeout=30)
+    assert "endpoint: " + receiver.url + " not reachable: no complete answer within 1 s" in result.stdout
