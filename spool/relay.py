@@ -374,9 +374,13 @@ class Relay:
                     self._send(200, b"", "text/plain")
                 elif parts.path == "/healthz":
                     report = relay.health()
-                    ok = relay.writer.last_error is None and report.get("writable", True)
-                    body = {"status": "ok" if ok else "failing", "error": relay.writer.last_error, **report}
-                    self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
+                    problems = list(report.get("problems", []))
+                    if relay.writer.last_error is not None:
+                        problems.insert(0, f"the last commit failed: {relay.writer.last_error}")
+                    status = "failing" if relay.writer.last_error or not report.get("writable", True) else \
+                        "degraded" if problems else "ok"
+                    body = {**report, "status": status, "error": relay.writer.last_error, "problems": problems}
+                    self._send(200 if status == "ok" else 503, json.dumps(body).encode(), "application/json")
                 elif parts.path == "/metrics" and relay.metrics is not None:
                     self._send(200, relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
                 elif parts.path in ("/ez", "/c", "/v"):

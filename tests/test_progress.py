@@ -231,3 +231,14 @@ def test_ship_once_and_import_show_progress_on_a_terminal_and_nothing_when_not(d
     assert status == 0 and "shipping" in shown and "30000/30000" in shown
     piped = run_cli(db, "import", str(big), env=env)
     assert "importing" not in piped.stderr and piped.stderr == "imported 30000 records\n"
+
+
+def test_a_batch_the_receiver_took_only_part_of_is_dead_with_the_answer_and_never_resent(db, receiver):
+    backlog(db, 100)
+    receiver.fail_next(1, status=200, body='{"status":200,"msg":"ok","multiple":1}')
+    env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    result = run_cli(db, "ship", "--once", "--batch-size", "100", env=env)
+    assert result.returncode == 0, result.stderr
+    assert receiver.requests == 1  # not split, not sent again: some of it was counted already
+    dead = [json.loads(line) for line in run_cli(db, "dead", "list", "--json").stdout.splitlines()]
+    assert len(dead) == 100 and "took 1 of 100" in dead[0]["reason"]

@@ -239,3 +239,25 @@ def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
         stderr = stop_agent(agent)
     assert [(a["stat"], a["number"], a["t"]) for a in receiver.accepted] == [("via relay", 1.5, T0)]
     assert json.dumps(TEST_EZKEY) not in stderr
+
+
+def test_healthz_says_degraded_when_records_wait_and_nothing_was_delivered_for_a_while(db):
+    now = [1_800_000_000.0]
+    metrics = Metrics(Store(db), unhealthy_after=900, clock=lambda: now[0])
+    relay = Relay(RelayConfig(enabled=True, listen="127.0.0.1:0"), Store(db), health=metrics.health).start()
+    try:
+        assert requests.get(f"{relay.url}/healthz").status_code == 200  # nothing waits: healthy
+        requests.post(f"{relay.url}/ez", data={"ezkey": "k", "stat": "s", "count": "1", "t": T0})
+        now[0] += 899
+        assert requests.get(f"{relay.url}/healthz").status_code == 200
+        now[0] += 2
+        health = requests.get(f"{relay.url}/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "nothing delivered for 901 s" in health.json()["problems"][0]
+        with Store(db) as store:  # a delivery (as the shipper records it with its acknowledgement)
+            store.set_meta(last_success_at=now[0])
+        assert requests.get(f"{relay.url}/healthz").json()["status"] == "ok"
+    finally:
+        relay.stop()
+        relay.writer.store.close()
+        metrics.store.close()
