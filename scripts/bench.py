@@ -98,6 +98,11 @@ def raw_connection(path: Path, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
+def bench_config(db: Path, url: str, **changes: Any) -> Config:
+    """A Config for a benchmark: this spool, this receiver, a key; other settings by name."""
+    return Config().replace(**{"spool.path": db, "endpoint": url, "ezkey": "bench-key", **changes})
+
+
 def dicts(n: int) -> list[dict[str, Any]]:
     return [{"stat": f"bench stat {i % 50}", "count": i % 7 + 1, "t": T0 + i} for i in range(n)]
 
@@ -258,8 +263,8 @@ def bench_drain(n: int) -> list[Figure]:
     with scratch() as folder, Receiver() as receiver:
         db = folder / "s.db"
         fill_backlog(db, n)
-        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", synchronous="full",
-                        max_requests_per_second=0)  # the drain itself, not the pacing, is measured
+        # the drain itself, not the pacing, is measured
+        config = bench_config(db, receiver.url, synchronous="full", max_requests_per_second=0)
         started = time.perf_counter()
         with Store(db) as store, Shipper(store, config) as shipper:
             assert shipper.drain().done
@@ -287,14 +292,14 @@ def bench_pipeline(n: int) -> list[Figure]:
             receiver.latency = 0.3
             db = folder / "s.db"
             fill_backlog(db, n)
-            config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", max_in_flight=max_in_flight)
+            config = bench_config(db, receiver.url, max_in_flight=max_in_flight)
             started = time.perf_counter()
             with Store(db) as store, Shipper(store, config) as shipper:
                 assert shipper.drain().done
             assert len(receiver.accepted) == n
             return n / (time.perf_counter() - started)
 
-    default = Config(db=Path("unused"))
+    default = Config().ship
     ours, serial = drain(default.max_in_flight), drain(1)
     return [Figure(f"drain of {n} records through a 300 ms link (max_in_flight {default.max_in_flight}, "
                    f"{default.max_requests_per_second:g} req/s)", ours, serial, "records/s", ">= 4", ours / serial,
@@ -318,11 +323,11 @@ def bench_livelock(n: int) -> list[Figure]:
                 receiver.stall_next(1, seconds=3)
             else:
                 receiver.pass_next(1)
-        config = Config(db=db, endpoint=receiver.url, ezkey="bench-key", timeout=1.0)
+        config = bench_config(db, receiver.url, timeout=1.0)
         started = time.perf_counter()
         with Store(db) as store, Shipper(store, config) as shipper:
             assert shipper.drain(max_time=600).done
-            dead = [d["record"].stat for d in store.dead()]
+            dead = [d["record"].stat for d in store.dead_letters()]
         took = time.perf_counter() - started
         assert len(receiver.accepted) == n and dead == ["poison"], (len(receiver.accepted), dead)
     return [Figure(f"livelock scenario: {n} records, 1 poison, a reset/429/stall every 7/11/13 requests", took,
@@ -337,8 +342,8 @@ from spool.config import Config
 from spool.ship import Shipper
 from spool.store import Store
 db, url = sys.argv[1], sys.argv[2]
-with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="bench-key",
-                                              max_requests_per_second=0)) as shipper:
+config = Config().replace(**{"spool.path": db, "endpoint": url, "ezkey": "bench-key", "max_requests_per_second": 0})
+with Store(db) as store, Shipper(store, config) as shipper:
     assert shipper.drain().done
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """
@@ -400,7 +405,8 @@ before = written()
 with Spool(db) as sp:
     for start in range(0, n, 500):
         sp.add_many({"stat": f"s{i % 50}", "count": 1, "t": 1700000000 + i} for i in range(start, start + 500))
-with Store(db) as store, Shipper(store, Config(db=db, endpoint=url, ezkey="k", max_requests_per_second=0)) as shipper:
+config = Config().replace(**{"spool.path": db, "endpoint": url, "ezkey": "k", "max_requests_per_second": 0})
+with Store(db) as store, Shipper(store, config) as shipper:
     assert shipper.drain().done
     store.prune_sent(sent_before=time.time() + 1)
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -465,7 +471,7 @@ print(clients * each / (time.perf_counter() - started))
 
 def bench_relay(each: int, repeat: int) -> list[Figure]:
     """Durable single-stat requests/s through the relay, 16 clients, beside the same server not spooling."""
-    from spool.config import RelayConfig
+    from spool.config import RelaySettings
     from spool.relay import Relay
 
     class NotSpooling:  # the baseline: the same server and parsing, answering without committing anything
@@ -479,7 +485,7 @@ def bench_relay(each: int, repeat: int) -> list[Figure]:
 
     def rate(spooling: bool) -> float:
         with scratch() as folder, Store(folder / "s.db") as store:
-            relay = Relay(RelayConfig(enabled=True, listen="127.0.0.1:0", max_connections=64), store)
+            relay = Relay(RelaySettings(enabled=True, listen="127.0.0.1:0", max_connections=64), store)
             if not spooling:
                 relay.writer.stop()
                 relay.writer = NotSpooling()  # type: ignore[assignment]

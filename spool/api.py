@@ -1,36 +1,101 @@
-"""The producer and operator API: `Spool`. Every append returns only after its records are committed."""
+"""`Spool`: the one door to everything spool does. The CLI is a thin client of it: parse, one call, print.
+
+    from spool import Spool
+
+    with Spool("/var/lib/spool/spool.db") as sp:
+        sp.count("messages sent~total,female", 1)
+        sp.value("ws0 load average", 0.73, t=1363118126, ezkey="...")
+        sp.ship_once(endpoint="https://api.stathat.com", ezkey_file="/etc/spool/ezkey")
+
+Every append returns only after its records are committed. Operator work (import, ingest, export, replay,
+dead letters, status, shipping what is pending) is here too, so a Python user gets all a CLI user gets.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
-from spool.config import Config, Limits, default_db_path
-from spool.lock import ShipLock
-from spool.records import T_FLOOR, Record, make_record, now, parse_record, record_rows
+from spool.config import Config
+from spool.errors import InvalidRecord, SpoolError
+from spool.records import Record, make_record, now, parse_record, record_rows
 from spool.store import Store
+
+MAX_REPORTED = 1000  # invalid lines an import reports at most
+
+
+class ImportResult(NamedTuple):
+    taken: int
+    invalid: tuple[InvalidRecord, ...] = ()  # skipped (with skip_invalid), at most MAX_REPORTED of them
+
+
+class InvalidInput(InvalidRecord):
+    """An import had invalid records and nothing from it was committed; `errors` lists them (up to a limit)."""
+
+    def __init__(self, errors: Sequence[InvalidRecord], more: int = 0):
+        self.errors = tuple(errors)
+        first = errors[0]
+        extra = len(errors) - 1 + more
+        suffix = f" (and {extra} more invalid line{'s' if extra != 1 else ''})" if extra else ""
+        super().__init__(f"{first.reason}{suffix}; nothing was imported", field=first.field, line=first.line)
+
+
+class ShipResult(NamedTuple):
+    done: bool  # nothing deliverable is left
+    sent: int
+    dead: int
+    pending: int  # left when it stopped
+    keyless: int  # pending records that carry no key while none is configured (they wait)
+    reason: str | None  # why not done
+
+
+class ExportResult(NamedTuple):
+    exported: int
+    held_left: int  # held records left in the spool (their time is not known yet)
+    removed: bool
+
+
+class DeadLetter(NamedTuple):
+    id: int
+    record: Record
+    dead_at: float | None
+    reason: str | None
+    http_status: int | None
+    body: str | None
+
+
+class Settled(NamedTuple):
+    """What a requeue or purge did: how many records, and which ids it was given that are not dead letters."""
+
+    count: int
+    missing: tuple[int, ...] = ()
 
 
 class Spool:
     """A durable spool of StatHat records in one SQLite file.
 
-        with Spool("/var/lib/spool/spool.db") as sp:
-            sp.count("messages sent~total,female", 1)
-            sp.value("ws0 load average", 0.73, t=1363118126, ezkey="...")
+    `Spool(path)` uses the default settings; `Spool(config=...)` a loaded Config; `[spool]` settings can be
+    given as keywords (`Spool(path, synchronous="normal", max_pending=100_000)`). With `create=False` a missing
+    file is an error (SpoolMissing) instead of a new empty spool.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, synchronous: str = "full",
-                 t_floor: int = T_FLOOR, limits: Limits | None = None):
-        self.path = Path(path) if path is not None else default_db_path()
-        self.t_floor = t_floor
-        self.store = Store(self.path, synchronous=synchronous, limits=limits)
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
+                 create: bool = True, **spool_settings: Any):
+        config = config or Config()
+        changes = {f"spool.{name}": value for name, value in spool_settings.items()}
+        if path is not None:
+            changes["spool.path"] = Path(path)
+        self.config = config.replace(**changes) if changes else config
+        self.path = self.config.db
+        self.store = Store.for_config(self.config, create=create)
 
     @classmethod
-    def from_config(cls, config: Config) -> Spool:
-        return cls(config.db, synchronous=config.synchronous, t_floor=config.t_floor, limits=config.limits)
+    def from_config(cls, config: Config, *, create: bool = True) -> Spool:
+        return cls(config=config, create=create)
 
     def close(self) -> None:
         self.store.close()
@@ -42,6 +107,10 @@ class Spool:
         self.close()
 
     # -- producing -----------------------------------------------------------------------------------
+
+    @property
+    def t_floor(self) -> int:
+        return self.config.spool.t_floor
 
     def count(self, stat: str, count: int | float = 1, *, t: int | None = None,
               ezkey: str | None = None) -> Record:
@@ -70,7 +139,7 @@ class Spool:
         return self.append(parse_record(record, t_floor=self.t_floor))
 
     def add_many(self, records: Iterable[Mapping[str, Any]], *, ezkey: str | None = None) -> int:
-        """Validate and commit many records in one transaction: all of them, or none if one is invalid.
+        """Validate and commit many records: all of them, or none if one is invalid (its index is named).
 
         `ezkey` applies to EZ records without their own. Records are consumed as a stream.
         """
@@ -80,68 +149,289 @@ class Spool:
         """Commit already-validated records in one transaction."""
         return self.store.append(records)
 
-    # -- operating ------------------------------------------------------------------------------------
+    def import_lines(self, stream: IO[bytes], *, ezkey: str | None = None, skip_invalid: bool = False,
+                     on_progress: Callable[[int], object] | None = None) -> ImportResult:
+        """Import JSON lines or a StatHat body from a binary stream, all or nothing unless `skip_invalid`.
 
-    def status(self, config: Config | None = None) -> dict[str, Any]:
+        Every invalid line is reported (up to MAX_REPORTED): with `skip_invalid` in the result, else in the
+        InvalidInput raised, and then nothing is committed. `on_progress` gets the bytes read as they are.
+        """
+        from spool.formats import read_json_stream, to_records
+        from spool.records import check_key
+
+        if ezkey is not None:
+            check_key(ezkey, "--ezkey")
+        errors: list[InvalidRecord] = []
+        more = [0]
+
+        def collect(error: InvalidRecord) -> None:
+            if len(errors) < MAX_REPORTED:
+                errors.append(error)
+            else:
+                more[0] += 1
+
+        source = _Counting(stream, on_progress) if on_progress else stream
+        records = to_records(read_json_stream(source), ezkey=ezkey, clock_now=now(), t_floor=self.t_floor,
+                             on_invalid=collect)
+
+        def checked() -> Iterator[Any]:
+            yield from records
+            if errors and not skip_invalid:
+                raise InvalidInput(errors, more[0])  # inside the append: nothing from it commits
+
+        return ImportResult(self.store.append(checked()), tuple(errors))
+
+    def ingest(self, path: str | os.PathLike[str], *, skip_invalid: bool = False, keep: bool = False) -> Any:
+        """Ingest one record file exactly as a watched directory does; return its IngestResult.
+
+        The file moves to .done/ (or .rejected/) beside it, unless `keep`; a file still being written, or
+        appended to while it was moved, is read again until it settles (a few tries).
+        """
+        from spool.watch import Ingestor
+
+        target = Path(path)
+        ingestor = Ingestor(self.store, skip_invalid=skip_invalid, t_floor=self.t_floor)
+        for attempt in range(5):
+            result = ingestor.ingest(target, move=not keep)
+            settled = keep or result.moved_to is not None or not target.exists()
+            if result.outcome != "changing" and (settled or result.outcome in ("rejected", "failed")):
+                break
+            time.sleep(0.2 * (attempt + 1))
+        return result
+
+    # -- shipping ---------------------------------------------------------------------------------------
+
+    def ship_once(self, *, max_time: float | None = 300.0, on_progress: Callable[[int], object] | None = None,
+                  **ship_settings: Any) -> ShipResult:
+        """Deliver what is pending now, then return: done, or why not (after `max_time` seconds at most).
+
+        Held records are re-stamped first (if the clock is sane). A misconfiguration that waiting cannot fix
+        (a 404, TLS against plain http, a host that does not resolve) ends it at once. `[ship]` settings can be
+        given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...).
+        """
+        from spool.ship import Shipper
+
+        config = self.config.replace(**{f"ship.{name}": value for name, value in ship_settings.items()})
+        with Shipper(self.store, config) as shipper:
+            result = shipper.drain(max_time=max_time, fail_fast=True, on_progress=on_progress)
+            stats = shipper.snapshot()
+        pending = self.store.counts()["pending"]
+        keyless = self.store.keyless_pending() if shipper.ezkey is None else 0
+        return ShipResult(result.done, stats["sent"], stats["dead"], pending, keyless, result.reason)
+
+    def backlog(self) -> int:
+        """Return how many records wait to be shipped (not in flight)."""
+        return self.store.backlog()[0]
+
+    # -- moving backlog ----------------------------------------------------------------------------------
+
+    def export(self, target: str | os.PathLike[str] | IO[str], *, state: str = "pending", since: int | None = None,
+               until: int | None = None, remove: bool = False, append: bool = False,
+               on_progress: Callable[[int], object] | None = None) -> ExportResult:
+        """Write records as JSON lines that `import_lines` reads back unchanged.
+
+        `target` is a path (created 0600; an existing file is refused unless `append`) or a text stream. With
+        `remove` the records move: each chunk is written, fsynced and deleted here in one transaction (a path
+        only). Records in flight are left out, and so are held records (their time is not known yet).
+        """
+        import json
+
+        from spool.durable import open_private
+
+        _check_window(since, until)
+        if remove and not isinstance(target, str | os.PathLike):
+            raise SpoolError("export --remove needs a file: records must be on disk before they leave the spool")
+        held = self.store.counts()["held"] if state == "all" else 0
+
+        def lines(records: Iterable[Record]) -> str:
+            return "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in records)
+
+        if not isinstance(target, str | os.PathLike):
+            n = 0
+            for _, record in self.store.export(state, since=since, until=until):
+                target.write(lines([record]))
+                n += 1
+                if on_progress and n % 1000 == 0:
+                    on_progress(1000)
+            return ExportResult(n, held, False)
+        try:
+            fd = open_private(Path(target), append=append)
+        except FileExistsError:
+            raise SpoolError(f"{target} exists; give another name, or --append to add to it") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            def write(records: list[Record]) -> None:
+                out.write(lines(records))
+                out.flush()
+                os.fsync(out.fileno())  # on disk before this chunk is deleted from the spool
+                if on_progress:
+                    on_progress(len(records))
+
+            if remove:
+                n = self.store.move_out(state, write, since=since, until=until)
+            else:
+                chunk: list[Record] = []
+                n = 0
+                for _, record in self.store.export(state, since=since, until=until):
+                    chunk.append(record)
+                    if len(chunk) == 10_000:
+                        write(chunk)
+                        n += len(chunk)
+                        chunk = []
+                write(chunk)
+                n += len(chunk)
+        return ExportResult(n, held, remove)
+
+    def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
+                       stat: str | None = None) -> int:
+        """Return how many records a state and time window select (what export or replay would take)."""
+        _check_window(since, until)
+        return self.store.count_selected(state, since=since, until=until, stat_glob=stat)
+
+    def replay(self, *, since: int, until: int | None = None, stat: str | None = None, dry_run: bool = False) -> int:
+        """Queue pending copies of retained sent records (StatHat counts them again); return how many."""
+        _check_window(since, until)
+        if dry_run:
+            return self.store.count_selected("sent", since=since, until=until, stat_glob=stat)
+        return self.store.replay(since=since, until=until, stat_glob=stat)
+
+    # -- dead letters ------------------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """Return records the receiver refused, oldest first, with its reason, HTTP status and body."""
+        return [DeadLetter(**row) for row in self.store.dead_letters(limit)]
+
+    def requeue(self, ids: Sequence[int] | None = None) -> Settled:
+        """Return dead records (all when `ids` is None) to pending; name the ids that are not dead letters."""
+        return Settled(*self.store.requeue_dead(ids))
+
+    def purge(self, ids: Sequence[int] | None = None) -> Settled:
+        """Delete dead records (all when `ids` is None); name the ids that are not dead letters."""
+        return Settled(*self.store.purge_dead(ids))
+
+    # -- what operators see ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
         """Return counts per state, the backlog's age, size on disk, the last shipping attempt, and problems."""
+        from spool.lock import ShipLock
+
         counts = self.store.counts()
         oldest = self.store.oldest_pending_t()
         meta = self.store.meta()
-        shipper = ShipLock(self.path).holder()
         status: dict[str, Any] = {
             **counts,
             "oldest_pending_t": oldest,
             "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest),
             "size_bytes": self.store.size_bytes(),
             "path": str(self.path),
-            "shipper_pid": shipper,
+            "config": self.config.source,
+            "path_from": self.config.db_source,
+            "shipper_pid": ShipLock(self.path).holder(),
             "last_attempt_at": meta.get("last_attempt_at"),
             "last_result": meta.get("last_result"),
             "last_error": meta.get("last_error"),
             "last_success_at": meta.get("last_success_at"),
             "counters": self.store.counters(),
         }
-        status["problems"] = self._problems(status, config)
+        status["problems"] = self._problems(status)
         return status
 
-    def _problems(self, status: Mapping[str, Any], config: Config | None) -> list[str]:
+    def _problems(self, status: Mapping[str, Any]) -> list[str]:
         problems = []
-        if status["pending"] and config is not None and config.ezkey is None:
+        if status["pending"] and self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
             keyless = self.store.keyless_pending()
             if keyless:
-                problems.append(f"{keyless} pending records have no ezkey and none is configured "
-                                "(set SPOOL_EZKEY, ship.ezkey or ship.ezkey_file)")
+                problems.append(f"{_n(keyless, 'pending record')} carry no ezkey and none is configured "
+                                "(set ship.ezkey_file or SPOOL_EZKEY_FILE)")
         if status["last_result"] == "paused":
             problems.append(f"shipping is paused: {status['last_error']}")
         elif status["last_result"] == "retrying":
             problems.append(f"the receiver is failing; retrying: {status['last_error']}")
         if status["inflight"] and status["shipper_pid"] is None:
-            problems.append(f"{status['inflight']} records were leased by a shipper that is no longer "
-                            "running; they return to pending when a shipper starts")
+            problems.append(f"{_n(status['inflight'], 'record')} leased by a shipper that is no longer running; "
+                            "they return to pending when a shipper starts")
         if status["pending"] and status["shipper_pid"] is None:
             problems.append("no shipper is running (start `spool run` or `spool ship`)")
         if status["dead"]:
-            problems.append(f"{status['dead']} records were refused by the receiver (see `spool dead list`)")
+            problems.append(f"{_n(status['dead'], 'record')} refused by the receiver (see `spool dead list`)")
         if status["held"]:
-            problems.append(f"{status['held']} records were stamped while the system clock was wrong; they are "
-                            "held and get their real time once the clock is right (start NTP)")
+            problems.append(f"{_n(status['held'], 'record')} stamped while the system clock was wrong: held until "
+                            "their real time is known (start NTP)")
         counters = status["counters"]
         for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
                            ("dropped_age", "dropped because their t was older than max_age"),
                            ("refused_full", "appends refused because the spool was full"),
+                           ("restamp_refused", "held records whose re-stamp was impossible (dead letters)"),
                            ("corrupt_quarantined", "corrupt spool files moved aside")):
             if counters.get(name):
-                problems.append(f"{counters[name]} {what}")
+                problems.append(f"{counters[name]:,} {what}")
         return problems
 
-    def dead(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Return dead-lettered records with the receiver's reason, HTTP status and body."""
-        return self.store.dead(limit)
 
-    def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Return dead records (all when `ids` is None) to pending."""
-        return self.store.requeue_dead(ids)
+def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = None,
+                clock: Callable[[], float] = time.time) -> list[Any]:
+    """Check the whole setup (`spool doctor`): one Verdict per part, every check run even if the config is broken."""
+    from spool import config as configuration
+    from spool.doctor import checks
 
-    def purge_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Delete dead records (all when `ids` is None)."""
-        return self.store.purge_dead(ids)
+    flags = dict(flags or {})
+
+    def fallback() -> Config:
+        db = flags.get("spool.path") or os.environ.get("SPOOL_DB")
+        path = Path(db).expanduser() if db else configuration.default_db_path()
+        return Config().replace(**{"spool.path": path})
+
+    return list(checks(lambda: configuration.load(config_file, **flags), fallback=fallback, clock=clock))
+
+
+def parse_when(text: str, name: str = "time") -> int:
+    """Read a time given as unix seconds or as an ISO 8601 date/time (UTC unless it says otherwise)."""
+    import datetime
+
+    from spool.errors import ConfigError
+    from spool.records import T_LOOKS_LIKE_MS
+
+    if text.strip().lstrip("-").isdigit():
+        seconds = int(text)
+        if seconds >= T_LOOKS_LIKE_MS:
+            raise ConfigError(f"{name} {seconds} looks like milliseconds; give unix seconds "
+                              f"(did you mean {seconds // 1000}?)")
+        return seconds
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name} '{text}' is neither unix seconds nor an ISO date like 2026-11-20T08:00 "
+                          "(UTC unless it names a zone)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def _check_window(since: int | None, until: int | None) -> None:
+    if since is not None and until is not None and until < since:
+        raise SpoolError(f"--until ({until}) is before --since ({since}): the window selects nothing")
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 record', '2,000 records'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+class _Counting(io.RawIOBase):
+    """A binary stream that reports how many bytes were read through it (for a progress bar)."""
+
+    def __init__(self, stream: IO[bytes], update: Callable[[int], object]):
+        self._stream = stream
+        self._update = update
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self._stream.readline(-1 if size is None else size)
+        self._update(len(line))
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._stream.read(-1 if size is None else size)
+        self._update(len(data))
+        return data

@@ -1,19 +1,35 @@
-"""One frozen configuration object, from defaults < TOML file < environment < command-line flags."""
+"""Configuration: every setting is declared once, here, and everything else is derived from that declaration.
+
+A setting is a field of one section (a frozen dataclass: `[spool]`, `[ship]`, `[log]`, `[relay]`, `[metrics]`,
+`[[watch]]`) made with `setting(...)`: its name and type are the field's, its default, parser, help, CLI flag
+and extra environment names are the setting's. From those declarations come the TOML parsing, the
+environment variables (`SPOOL_<SECTION>_<KEY>` for every setting), the click options, the reference table in
+README.md and packaging/spool.toml (`python -m spool.config markdown|toml` prints them; tests compare).
+
+Values are checked when the configuration is loaded, all of them, with the setting's name in the message.
+Precedence: command-line flags > environment > the file > defaults. The file is `--config`, else
+`$SPOOL_CONFIG`, else /etc/spool/spool.toml if it exists, else none.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import math
 import os
 import re
-import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
-from spool.errors import ConfigError
+from spool.errors import ConfigError, redact_url
 from spool.records import T_FLOOR
 
 DEFAULT_ENDPOINT = "https://api.stathat.com"
+DEFAULT_CONFIG = Path("/etc/spool/spool.toml")
 MAX_BATCH = 1000
 
 
@@ -23,288 +39,480 @@ def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
     return Path(state_home) / "spool" / "spool.db"
 
 
-DEFAULT_MAX_FILE = 256 << 20
+# -- setting types: each parses what a TOML file gives (typed) or what the environment or a flag gives (text) --
 
 
-class WatchConfig(NamedTuple):
-    """One watched drop directory (a [[watch]] table)."""
+class SettingType:
+    """The type of a setting: `parse(value, name, text)` checks and converts; `describe` says what it takes."""
 
-    path: Path
-    poll: bool = False  # poll instead of inotify (NFS, some FUSE mounts)
-    poll_interval: float = 1.0
-    settle: float = 1.0  # a file found by a scan or a poll must be this old (unchanged) before it is read
-    rescan: float = 30.0  # seconds between rescans of the directory (events can be lost)
-    after: str = "move"  # "move" ingested files to DIR/.done/, or "delete" them
-    skip_invalid: bool = False  # take a file's good records and report the bad ones, instead of rejecting it
-    max_bytes: int = DEFAULT_MAX_FILE
+    describe = "a value"
+
+    def parse(self, value: object, name: str, text: bool) -> Any:
+        raise NotImplementedError
+
+    def show(self, value: Any) -> str:
+        """Render a value as TOML (for the example config)."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return repr(value)
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def refuse(self, value: object, name: str) -> ConfigError:
+        shown = f'"{value}"' if isinstance(value, str) else repr(value)
+        return ConfigError(f"{name} must be {self.describe}, not {shown}")
 
 
-class Limits(NamedTuple):
-    """Bounds on the spool ([spool] max_pending, max_spool_bytes, max_age, when_full). None: unbounded."""
+class Integer(SettingType):
+    def __init__(self, least: int, most: int | None = None):
+        self.least, self.most = least, most
+        bounds = f" from {least} to {most}" if most is not None else f" >= {least}"
+        self.describe = f"a whole number{bounds}"
 
-    max_pending: int | None = None  # records waiting to be shipped
-    max_spool_bytes: int | None = None  # bytes of the spool file in use
-    max_age: float | None = None  # seconds: records whose t is older are not shipped, and are dropped
-    when_full: str = "drop_oldest"  # or "reject_new"
+    def parse(self, value: object, name: str, text: bool) -> int:
+        if text and isinstance(value, str) and re.fullmatch(r"\s*-?\d[\d_]*\s*", value):
+            value = int(value.replace("_", ""))
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.refuse(value, name)  # "500" in a TOML file is a string: refused, it says why
+        if value < self.least or (self.most is not None and value > self.most):
+            raise self.refuse(value, name)
+        return value
+
+
+class Number(SettingType):
+    describe = "a number >= 0"
+
+    def parse(self, value: object, name: str, text: bool) -> float:
+        if text and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise self.refuse(value, name) from None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise self.refuse(value, name)
+        return float(value)
+
+
+class Boolean(SettingType):
+    describe = "true or false"
+    WORDS: ClassVar[dict[str, bool]] = {"1": True, "true": True, "yes": True, "on": True,
+                                        "0": False, "false": False, "no": False, "off": False}
+
+    def parse(self, value: object, name: str, text: bool) -> bool:
+        if isinstance(value, bool):
+            return value
+        if text and isinstance(value, str) and value.strip().lower() in self.WORDS:
+            return self.WORDS[value.strip().lower()]
+        raise self.refuse(value, name)
+
+
+class Choice(SettingType):
+    def __init__(self, *choices: str):
+        self.choices = choices
+        self.describe = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in self.choices:
+            raise self.refuse(value, name)
+        return value.strip().lower()
+
+
+class Text(SettingType):
+    describe = "a non-empty string"
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.refuse(value, name)
+        return value.strip()
+
+
+class AnyText(SettingType):
+    describe = "a string"
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        if not isinstance(value, str):
+            raise self.refuse(value, name)
+        return value
+
+
+class PathKind(Text):
+    describe = "a path"
+
+    def parse(self, value: object, name: str, text: bool) -> Path:  # type: ignore[override]
+        return Path(super().parse(value, name, text)).expanduser()
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+
+
+class Duration(SettingType):
+    describe = 'a duration like 30, "90s", "5m", "1h30m", "7d" or "1w"'
+
+    def parse(self, value: object, name: str, text: bool) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            return float(value)
+        if isinstance(value, str):
+            spaced = value.strip().lower()
+            if re.fullmatch(r"\d+(?:\.\d+)?", spaced):
+                return float(spaced)  # bare seconds, as text
+            parts = _DURATION.findall(spaced)
+            if parts and re.fullmatch(r"(?:\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w))+\s*", spaced):
+                return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+        raise self.refuse(value, name)
+
+    def show(self, value: Any) -> str:
+        for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+            if value >= size and value % size == 0:
+                return f'"{int(value // size)}{unit}"'
+        return f'"{value:g}s"'
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+               "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+class Size(SettingType):
+    describe = 'a size like 1048576, "512K", "5M", "1G" (K/M/G and KiB/MiB/GiB: 1024-based; KB/MB/GB: 1000)'
+
+    def parse(self, value: object, name: str, text: bool) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+        if match and match.group(2).lower() in _SIZE_UNITS and int(match.group(1)) > 0:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        raise self.refuse(value, name)
+
+    def show(self, value: Any) -> str:
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f'"{value // size}{unit}"'
+        return str(value)
+
+
+class Endpoint(Text):
+    describe = f"an http(s) URL like {DEFAULT_ENDPOINT}"
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        # Whether plain http to a remote host is allowed depends on ship.allow_insecure: checked in _checked().
+        return check_endpoint(super().parse(value, name, text), allow_insecure=True, name=name)
+
+
+class Address(Text):
+    """HOST:PORT (or :PORT, or [v6]:PORT)."""
+
+    describe = 'an address like "127.0.0.1:8080"'
+
+    def __init__(self, default_port: int):
+        self.default_port = default_port
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        address = super().parse(value, name, text)
+        parse_address(address, name, self.default_port)
+        return address
+
+
+class OptionalAddress(Address):
+    """An address, or true for the custom one, or false / "" for none."""
+
+    def __init__(self, default_port: int, default: str):
+        super().__init__(default_port)
+        self.default = default
+
+    def parse(self, value: object, name: str, text: bool) -> str | None:  # type: ignore[override]
+        if text and isinstance(value, str) and value.strip().lower() in Boolean.WORDS:
+            value = Boolean.WORDS[value.strip().lower()]
+        if value is True:
+            return self.default
+        if value is False or value == "":
+            return None
+        return super().parse(value, name, text)
+
+
+class UnixSeconds(Integer):
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.describe = "unix seconds (a whole number >= 0)"
+
+
+# -- validation shared by kinds and by the components (pure: no sockets, no HTTP) -----------------------------
+
+
+def check_endpoint(url: str, *, allow_insecure: bool = False, name: str = "endpoint") -> str:
+    """Return the endpoint without a trailing slash, or raise saying what is wrong with it.
+
+    Plain http to a remote host is refused unless `allow_insecure` (checked once the whole config is known).
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unbalanced [ in the host
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{name} must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{redact_url(url)}'")
+    if parts.username or parts.password or parts.query or "@" in parts.netloc:
+        raise ConfigError(f"{name} must not carry credentials or a query string ({redact_url(url)})")
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
+        raise ConfigError(f"{name} {redact_url(url)} is plain http to a remote host; use https, "
+                          "or allow it explicitly with --allow-insecure (ship.allow_insecure = true)")
+    if parts.path.rstrip("/").endswith(("/ez", "/c", "/v")):
+        root = url.rstrip("/").rsplit("/", 1)[0]
+        raise ConfigError(f"{name} {redact_url(url)} names an API call; give the API root "
+                          f"({redact_url(root)}): spool adds /ez, /c and /v itself")
+    return url.rstrip("/")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
+    """Parse HOST:PORT (or :PORT, or [v6]:PORT) into (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):  # a bare v6 address or no port at all
+        host, port = text, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT like 127.0.0.1:{default_port}, not '{text}'")
+    return host, int(port)
+
+
+def check_bind(address: str, name: str, default_port: int, allow_remote: bool) -> tuple[str, int]:
+    """Parse a listening address; a non-loopback one must be allowed (listeners bind loopback by default)."""
+    host, port = parse_address(address, name, default_port)
+    if not is_loopback(host) and not allow_remote:
+        section = name.split(".")[0]
+        raise ConfigError(f"{name} {host} is not a loopback address, so other machines could reach it; to allow "
+                          f"that, set {section}.allow_remote = true" + (" (or --allow-remote)" if section == "relay"
+                                                                        else ""))
+    return host, port
+
+
+# -- declaring settings ------------------------------------------------------------------------------------
+
+
+def setting(default: Any, kind: SettingType, help: str, *, flag: str | None = None, env: tuple[str, ...] = (),
+            secret: bool = False, example: Any = None, packaged: Any = None) -> Any:
+    """Declare one setting as a dataclass field: its default, kind, help, CLI flag and extra env names.
+
+    In the example config (packaging/spool.toml, installed as /etc/spool/spool.toml) a setting shows its
+    default; `example` is shown commented out instead (for settings unset by default), and `packaged` is set
+    there (what a system-wide install uses, e.g. the spool under /var/lib/spool).
+    """
+    return dataclasses.field(default=default, metadata={
+        "kind": kind, "help": help, "flag": flag, "env": env, "secret": secret, "example": example,
+        "packaged": packaged})
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """[spool]: the spool file, its durability and bounds."""
+
+    path: Path | None = setting(
+        None, PathKind(), "the spool file (SQLite; created 0600 in a 0700 directory). Default: "
+        "$XDG_STATE_HOME/spool/spool.db (~/.local/state/spool/spool.db)", flag="--db", env=("SPOOL_DB",),
+        packaged="/var/lib/spool/spool.db")
+    synchronous: str = setting(
+        "full", Choice("full", "normal"), '"full": a commit survives power loss. "normal": survives a crash of '
+        "spool, but a power cut may lose the last commits (never corrupts); faster on SD cards")
+    retention: float = setting(7 * 86400.0, Duration(), "how long delivered records are kept (for replay)")
+    t_floor: int = setting(T_FLOOR, UnixSeconds(), "records whose explicit t is before this are refused "
+                           "(catches a box that booted in 1970)")
+    max_pending: int | None = setting(None, Integer(1), "at most this many records waiting (unset: unbounded)",
+                                      example=1_000_000)
+    max_spool_bytes: int | None = setting(None, Size(), "at most this many bytes of the spool file in use; "
+                                          "delivered records give way first", example=512 << 20)
+    max_age: float | None = setting(None, Duration(), "records whose t is older are not shipped, and are dropped",
+                                    example=30 * 86400.0)
+    when_full: str = setting("drop_oldest", Choice("drop_oldest", "reject_new"),
+                             "at a bound: drop the oldest pending records, or refuse new appends")
+    compact_counts: float = setting(0.0, Duration(), "merge waiting counts of one stat and key within buckets of "
+                                    "this size (0: off)", example=60.0)
 
     @property
-    def active(self) -> bool:
+    def bounded(self) -> bool:
         return self.max_pending is not None or self.max_spool_bytes is not None
 
 
-class RelayConfig(NamedTuple):
-    """The [relay] table: a local StatHat-compatible endpoint (and StatsD listener)."""
+@dataclass(frozen=True)
+class ShipSettings:
+    """[ship]: where and how records are delivered."""
 
-    enabled: bool = False  # run the relay as part of `spool run`
-    listen: str = "127.0.0.1:8080"
-    allow_remote: bool = False  # binding a non-loopback address must be asked for
-    statsd: str | None = None  # "HOST:PORT" to take StatsD over UDP (127.0.0.1:8125 is the custom)
-    statsd_prefix: str = ""
-    statsd_buffer: int = 1 << 20  # the UDP socket's receive buffer (SO_RCVBUF), bytes
-    max_body: int = 1 << 20
-    request_timeout: float = 10.0  # a request must arrive whole within this
-    max_connections: int = 64
+    endpoint: str = setting(DEFAULT_ENDPOINT, Endpoint(), "StatHat's API root; plain http only to loopback "
+                            "unless allow_insecure", flag="--endpoint", env=("SPOOL_ENDPOINT",))
+    ezkey_file: Path | None = setting(None, PathKind(), "a file holding the EZ key for records that carry none "
+                                      "(chmod 600); read when shipping starts", env=("SPOOL_EZKEY_FILE",),
+                                      packaged="/etc/spool/ezkey")
+    ezkey: str | None = setting(None, Text(), "the EZ key inline (prefer ezkey_file: argv and config files leak)",
+                                flag="--ezkey", env=("SPOOL_EZKEY",), secret=True, example="...")
+    allow_insecure: bool = setting(False, Boolean(), "allow a plain http:// endpoint on a remote host",
+                                   flag="--allow-insecure")
+    batch_size: int = setting(500, Integer(1, MAX_BATCH), "records per EZ JSON batch", flag="--batch-size")
+    timeout: float = setting(10.0, Duration(), "deadline for a whole request, answer included", flag="--timeout")
+    max_in_flight: int = setting(8, Integer(1, 64), "requests under way at once, at most (the shipper adapts "
+                                 "below it; 1: one at a time)", flag="--max-in-flight")
+    max_requests_per_second: float = setting(20.0, Number(), "pacing of the drain (0: none)",
+                                             flag="--max-requests-per-second")
+    backoff_initial: float = setting(0.5, Duration(), "first retry back-off (exponential with full jitter)")
+    backoff_max: float = setting(60.0, Duration(), "longest retry back-off")
+    retry_after_max: float = setting(600.0, Duration(), "a receiver's Retry-After is honoured up to this")
+    reconnect_jitter: float = setting(10.0, Duration(), "`spool run` waits a random part of this before draining "
+                                      "a backlog at start-up (a fleet must not arrive together)")
+    idle_poll: float = setting(2.0, Duration(), "how often an idle shipper looks for records other processes "
+                               "appended")
+    lease_timeout: float = setting(300.0, Duration(), "a lease left by a release that kept no owner is freed "
+                                   "after this (newer leases are freed only when their owner is proven dead)")
 
 
-class Config(NamedTuple):
-    """Everything spool can be told; every field has a TOML key (see packaging/spool.toml).
+@dataclass(frozen=True)
+class LogSettings:
+    """[log]: what spool says, and how."""
 
-    A NamedTuple rather than a dataclass: immutable, and cheap to import on the `spool add` path.
-    """
+    level: str = setting("info", Choice("debug", "info", "warning", "error"), "the least severe level logged",
+                         flag="--log-level")
+    format: str = setting("text", Choice("text", "json"), "one line per event: text, or one JSON object",
+                          flag="--log-format")
+    summary_interval: float = setting(60.0, Duration(), "how often `spool run` logs a one-line summary")
 
-    db: Path
-    synchronous: str = "full"
-    retention: float = 7 * 86400.0
-    t_floor: int = T_FLOOR
-    limits: Limits = Limits()
-    compact_counts: int = 0  # seconds of a compaction bucket; 0: off
-    endpoint: str = DEFAULT_ENDPOINT
-    ezkey: str | None = None  # a secret: never in repr, logs or status
-    allow_insecure: bool = False
-    batch_size: int = 500
-    timeout: float = 10.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 60.0
-    retry_after_max: float = 600.0
-    lease_timeout: float = 300.0
-    idle_poll: float = 2.0
-    max_requests_per_second: float = 20.0  # 0: unpaced
-    max_in_flight: int = 8  # requests under way at once at most (the shipper adapts below this)
-    unhealthy_after: float = 900.0  # /healthz: degraded when records wait and nothing was delivered this long
-    reconnect_jitter: float = 10.0  # `spool run` waits a random part of this before its first drain
-    log_level: str = "info"
-    summary_interval: float = 60.0
-    watch: tuple[WatchConfig, ...] = ()
-    relay: RelayConfig = RelayConfig()
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """[relay]: a local StatHat-compatible endpoint (and StatsD listener)."""
+
+    enabled: bool = setting(False, Boolean(), "run the relay in `spool run`")
+    listen: str = setting("127.0.0.1:8080", Address(8080), "where the relay listens", flag="--listen")
+    allow_remote: bool = setting(False, Boolean(), "allow listening on a non-loopback address",
+                                 flag="--allow-remote")
+    statsd: str | None = setting(None, OptionalAddress(8125, "127.0.0.1:8125"), "take StatsD over UDP here "
+                                 "(true: 127.0.0.1:8125)", flag="--statsd", example="127.0.0.1:8125")
+    statsd_prefix: str = setting("", AnyText(), "put before every StatsD name to make the stat name")
+    statsd_buffer: int = setting(1 << 20, Size(), "the UDP socket's receive buffer")
+    max_body: int = setting(1 << 20, Size(), "requests larger than this are refused")
+    request_timeout: float = setting(10.0, Duration(), "a request must arrive whole within this")
+    max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: /metrics (Prometheus) and /healthz, on a port of their own (the relay's port serves them too)."""
+
+    listen: str | None = setting(None, OptionalAddress(9464, "127.0.0.1:9464"), "serve /metrics and /healthz "
+                                 "here (true: 127.0.0.1:9464)", example="127.0.0.1:9464")
+    allow_remote: bool = setting(False, Boolean(), "allow listening on a non-loopback address")
+    unhealthy_after: float = setting(900.0, Duration(), "/healthz answers 503 degraded when records wait and "
+                                     "nothing was delivered for this long")
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """[[watch]]: one drop directory (repeat the table for more)."""
+
+    path: Path = setting(Path(), PathKind(), "the directory; it must exist and be writable by spool",
+                         example="/var/spool/stathat-drop")
+    poll: bool = setting(False, Boolean(), "poll instead of inotify (NFS, some FUSE mounts)")
+    poll_interval: float = setting(1.0, Duration(), "with poll: how often")
+    settle: float = setting(1.0, Duration(), "a file found by a scan or a poll must be unchanged this long")
+    rescan: float = setting(30.0, Duration(), "how often the directory is listed again (events can be lost)")
+    after: str = setting("move", Choice("move", "delete"), "ingested files go to DIR/.done/, or are deleted")
+    skip_invalid: bool = setting(False, Boolean(), "take a file's good records and report the bad ones")
+    max_bytes: int = setting(256 << 20, Size(), "larger files are rejected unread")
+
+
+SECTIONS: dict[str, type] = {"spool": SpoolSettings, "ship": ShipSettings, "log": LogSettings,
+                             "relay": RelaySettings, "metrics": MetricsSettings}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything spool can be told, checked; one section per TOML table. Never holds a secret in its repr."""
+
+    spool: SpoolSettings = SpoolSettings()
+    ship: ShipSettings = ShipSettings()
+    log: LogSettings = LogSettings()
+    relay: RelaySettings = RelaySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    watch: tuple[WatchSettings, ...] = ()
+    file: Path | None = None  # the config file read, if any
+    source: str = "built-in defaults"  # how that file was chosen, for `spool status` and `doctor`
+    db_source: str = "the default location"  # how the spool path was chosen
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={'<hidden>' if name == 'ezkey' and value else repr(value)}"
-                          for name, value in zip(self._fields, self, strict=True))
-        return f"Config({shown})"
+        def shown(section: object) -> str:
+            values = []
+            for field in dataclasses.fields(section):  # type: ignore[arg-type]
+                value = getattr(section, field.name)
+                values.append(f"{field.name}={'<hidden>' if field.metadata.get('secret') and value else value!r}")
+            return f"{type(section).__name__}({', '.join(values)})"
+        sections = ", ".join(f"{name}={shown(getattr(self, name))}" for name in SECTIONS)
+        return f"Config({sections}, watch={self.watch!r}, file={self.file!r})"
+
+    @property
+    def db(self) -> Path:
+        """The spool file (load() always sets one)."""
+        return self.spool.path if self.spool.path is not None else default_db_path()
 
     def replace(self, **changes: Any) -> Config:
-        return self._replace(**changes)
+        """Return a copy with settings changed, named "section.key" or by a key no two sections share."""
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name in ("watch", "file", "source", "db_source", *SECTIONS):
+                top[name] = value
+                continue
+            section, key = name.split(".", 1) if "." in name else (_section_of(name), name)
+            sections.setdefault(section, {})[key] = value
+        for section, values in sections.items():
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top)
 
-
-_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(value: object, name: str) -> float:
-    """Parse seconds given as a number or as text like '500ms', '30s', '5m', '2h', '7d'."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := re.match(_DURATION, value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ConfigError(f"{name} must be a duration like 30, '30s', '5m' or '7d', not {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{name} must not be negative")
-    return seconds
-
-
-def _positive_int(limit: int | None = None) -> Callable[[object, str], int]:
-    def parse(value: object, name: str) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive whole number, not {value!r}")
-        if limit is not None and value > limit:
-            raise ConfigError(f"{name} must be at most {limit}, not {value}")
-        return value
-    return parse
-
-
-def _non_negative_number(value: object, name: str) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-        raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
-    return float(value)
-
-
-def _choice(*choices: str) -> Callable[[object, str], str]:
-    def parse(value: object, name: str) -> str:
-        text = str(value).lower()
-        if text not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-        return text
-    return parse
-
-
-def _boolean(value: object, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise ConfigError(f"{name} must be true or false, not {value!r}")
-
-
-def _text(value: object, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{name} must be a non-empty string")
-    return value.strip()
-
-
-def _path(value: object, name: str) -> Path:
-    return Path(_text(value, name)).expanduser()
-
-
-def _t_floor(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{name} must be unix seconds (a whole number >= 0), not {value!r}")
-    return value
-
-
-# TOML section -> key -> (Config field, parser). "ezkey_file" is read into the ezkey field.
-_SCHEMA: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
-    "spool": {
-        "path": ("db", _path),
-        "synchronous": ("synchronous", _choice("full", "normal")),
-        "retention": ("retention", parse_duration),
-        "t_floor": ("t_floor", _t_floor),
-        "max_pending": ("limits.max_pending", lambda value, name: _positive_int()(value, name)),
-        "max_spool_bytes": ("limits.max_spool_bytes", lambda value, name: _byte_size(value, name)),
-        "max_age": ("limits.max_age", parse_duration),
-        "when_full": ("limits.when_full", _choice("drop_oldest", "reject_new")),
-        "compact_counts": ("compact_counts", lambda value, name: int(parse_duration(value, name))),
-    },
-    "ship": {
-        "endpoint": ("endpoint", _text),
-        "ezkey": ("ezkey", _text),
-        "ezkey_file": ("ezkey", lambda value, name: read_key_file(_path(value, name))),
-        "allow_insecure": ("allow_insecure", _boolean),
-        "batch_size": ("batch_size", _positive_int(MAX_BATCH)),
-        "timeout": ("timeout", parse_duration),
-        "backoff_initial": ("backoff_initial", parse_duration),
-        "backoff_max": ("backoff_max", parse_duration),
-        "retry_after_max": ("retry_after_max", parse_duration),
-        "lease_timeout": ("lease_timeout", parse_duration),
-        "idle_poll": ("idle_poll", parse_duration),
-        "max_requests_per_second": ("max_requests_per_second", _non_negative_number),
-        "max_in_flight": ("max_in_flight", _positive_int(64)),
-        "unhealthy_after": ("unhealthy_after", parse_duration),
-        "reconnect_jitter": ("reconnect_jitter", parse_duration),
-    },
-    "log": {
-        "level": ("log_level", _choice("debug", "info", "warning", "error")),
-        "summary_interval": ("summary_interval", parse_duration),
-    },
-}
-def _byte_size(value: object, name: str) -> int:
-    """Parse a size given as a number of bytes or as text like '512KiB', '256MiB', '1GiB'."""
-    units = {"": 1, "b": 1, "kib": 1 << 10, "kb": 1000, "mib": 1 << 20, "mb": 10**6, "gib": 1 << 30, "gb": 10**9}
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.match(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$", value) if isinstance(value, str) else None
-    if match and match.group(2).lower() in units and int(match.group(1)) > 0:
-        return int(match.group(1)) * units[match.group(2).lower()]
-    raise ConfigError(f"{name} must be a size like 1048576, '512KiB' or '256MiB', not {value!r}")
-
-
-_WATCH_SCHEMA: dict[str, Callable[[object, str], Any]] = {
-    "path": _path,
-    "poll": _boolean,
-    "poll_interval": parse_duration,
-    "settle": parse_duration,
-    "rescan": parse_duration,
-    "after": _choice("move", "delete"),
-    "skip_invalid": _boolean,
-    "max_bytes": _byte_size,
-}
-
-
-def _statsd_address(value: object, name: str) -> str | None:
-    if value is True:
-        return "127.0.0.1:8125"
-    if value is False or value == "":
+    def ezkey(self) -> str | None:
+        """The configured EZ key: inline, or read from ezkey_file now (ConfigError if that cannot be read)."""
+        if self.ship.ezkey is not None:
+            return self.ship.ezkey
+        if self.ship.ezkey_file is not None:
+            return read_key_file(self.ship.ezkey_file)
         return None
-    return _text(value, name)
 
 
-_RELAY_SCHEMA: dict[str, Callable[[object, str], Any]] = {
-    "enabled": _boolean,
-    "listen": _text,
-    "allow_remote": _boolean,
-    "statsd": _statsd_address,
-    "statsd_prefix": lambda value, name: str(value),
-    "statsd_buffer": _byte_size,
-    "max_body": _byte_size,
-    "request_timeout": parse_duration,
-    "max_connections": _positive_int(10_000),
-}
+def _section_of(key: str) -> str:
+    owners = [name for name, section in SECTIONS.items() if key in section.__dataclass_fields__]  # type: ignore[attr-defined]
+    if len(owners) != 1:
+        raise ConfigError(f"unknown setting '{key}'" if not owners else
+                          f"'{key}' is in several sections ({', '.join(owners)}); say which, as section.{key}")
+    return owners[0]
 
 
-def relay_table(table: Mapping[str, object], where: str, base: RelayConfig | None = None) -> RelayConfig:
-    """Check a [relay] table (or the equivalent flags) into a RelayConfig."""
-    values = {}
-    for key, value in table.items():
-        if key not in _RELAY_SCHEMA:
-            raise ConfigError(f"{where}: unknown key '{key}' in [relay]{_did_you_mean(key, list(_RELAY_SCHEMA))}")
-        values[key] = _RELAY_SCHEMA[key](value, f"relay.{key}")
-    return (base or RelayConfig())._replace(**values)
+def settings(section: type) -> Iterator[dataclasses.Field[Any]]:
+    return iter(dataclasses.fields(section))
 
 
-def watch_entry(table: Mapping[str, object], where: str) -> WatchConfig:
-    """Check one [[watch]] table (or the equivalent flags) into a WatchConfig."""
-    values = {}
-    for key, value in table.items():
-        if key not in _WATCH_SCHEMA:
-            raise ConfigError(f"{where}: unknown key '{key}' in [[watch]]{_did_you_mean(key, list(_WATCH_SCHEMA))}")
-        values[key] = _WATCH_SCHEMA[key](value, f"watch.{key}")
-    if "path" not in values:
-        raise ConfigError(f"{where}: a [[watch]] table needs a path")
-    return WatchConfig(**values)
-
-
-_FIELD_PARSERS = {attr: parse for keys in _SCHEMA.values()
-                  for key, (attr, parse) in keys.items() if key != "ezkey_file"}
-_ENV = {  # variable -> (Config field, parser); later entries win
-    "SPOOL_DB": ("db", _path),
-    "SPOOL_ENDPOINT": ("endpoint", _text),
-    "SPOOL_EZKEY_FILE": _SCHEMA["ship"]["ezkey_file"],
-    "SPOOL_EZKEY": ("ezkey", _text),
-}
+def env_names(section: str, field: dataclasses.Field[Any]) -> tuple[str, ...]:
+    """Every environment variable a setting is read from: SPOOL_<SECTION>_<KEY>, then its short aliases."""
+    return (f"SPOOL_{section.upper()}_{field.name.upper()}", *field.metadata["env"])
 
 
 def read_key_file(path: Path) -> str:
     """Read a key from a file readable only by the service user (warn if others can read it)."""
+    import stat
+
     try:
         mode = path.stat().st_mode
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read ezkey_file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read ship.ezkey_file {path}: {exc.strerror}; shipping needs the key") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"ezkey_file {path} is not text") from None
+        raise ConfigError(f"ship.ezkey_file {path} is not text") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):
         import logging
 
         logging.getLogger("spool").warning("ezkey_file %s is readable by every user; chmod 600 it", path)
     if not key:
-        raise ConfigError(f"ezkey_file {path} is empty")
+        raise ConfigError(f"ship.ezkey_file {path} is empty; put the EZ key in it")
     return key
 
 
@@ -315,8 +523,28 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(choices))}"
 
 
+def _table(section_type: type, table: Mapping[str, object], where: str, label: str, *, text: bool = False,
+           base: Any = None) -> Any:
+    """Check one table of values (TOML, or flags given as text) into a section."""
+    fields = {field.name: field for field in dataclasses.fields(section_type)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}' in {label}{_did_you_mean(key, list(fields))}")
+        values[key] = fields[key].metadata["kind"].parse(value, f"{label.strip('[]')}.{key}", text)
+    return dataclasses.replace(base if base is not None else section_type(), **values)
+
+
+def watch_entry(table: Mapping[str, object], where: str, *, text: bool = False) -> WatchSettings:
+    """Check one [[watch]] table (or the equivalent flags) into a WatchSettings."""
+    if "path" not in table:
+        raise ConfigError(f"{where}: a [[watch]] table needs a path")
+    entry: WatchSettings = _table(WatchSettings, table, where, "[[watch]]", text=text)
+    return entry
+
+
 def read_file(path: Path) -> dict[str, Any]:
-    """Parse and check a TOML config file into Config field values."""
+    """Parse a TOML config file into {section: {key: value}} and a watch list, each value checked."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # Ubuntu 22.04's Python 3.10 has no tomllib; tomli is the same parser
@@ -325,59 +553,146 @@ def read_file(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    values: dict[str, Any] = {}
+    where = f"config {path}"
+    out: dict[str, Any] = {}
     for section, table in document.items():
-        if section == "relay":
-            if not isinstance(table, dict):
-                raise ConfigError(f"config {path}: 'relay' must be a [relay] table")
-            values["relay"] = relay_table(table, f"config {path}")
-            continue
         if section == "watch":
             if not isinstance(table, list):
-                raise ConfigError(f"config {path}: watched directories are [[watch]] tables (note the double brackets)")
-            values["watch"] = tuple(watch_entry(entry, f"config {path}") for entry in table)
+                raise ConfigError(f"{where}: watched directories are [[watch]] tables (note the double brackets)")
+            out["watch"] = tuple(watch_entry(entry, where) for entry in table)
             continue
-        if section not in _SCHEMA:
-            raise ConfigError(f"config {path}: unknown section [{section}]"
-                              f"{_did_you_mean(section, [*_SCHEMA, 'watch', 'relay'])}")
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]{_did_you_mean(section, [*SECTIONS, 'watch'])}")
         if not isinstance(table, dict):
-            raise ConfigError(f"config {path}: '{section}' must be a [{section}] table")
-        for key, value in table.items():
-            if key not in _SCHEMA[section]:
-                raise ConfigError(f"config {path}: unknown key '{key}' in [{section}]"
-                                  f"{_did_you_mean(key, list(_SCHEMA[section]))}")
-            attr, parse = _SCHEMA[section][key]
-            values[attr] = parse(value, f"{section}.{key}")
-    return values
+            raise ConfigError(f"{where}: '{section}' must be a [{section}] table")
+        out[section] = _table(SECTIONS[section], table, where, f"[{section}]")
+    return out
+
+
+def find_file(config_file: str | os.PathLike[str] | None, env: Mapping[str, str]) -> tuple[Path | None, str]:
+    """Choose the config file: --config, else $SPOOL_CONFIG, else /etc/spool/spool.toml if it exists."""
+    if config_file:
+        return Path(config_file).expanduser(), "--config"
+    if env.get("SPOOL_CONFIG"):
+        return Path(env["SPOOL_CONFIG"]).expanduser(), "SPOOL_CONFIG"
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG, "the default location"
+    return None, ""
 
 
 def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
          **flags: Any) -> Config:
-    """Build the Config: defaults, then the file, then SPOOL_* environment variables, then flags (None = unset)."""
+    """Build the Config: defaults, then the file, then environment variables, then flags (None = not given).
+
+    Flags are named "section.key" (or by a key no two sections share) and given as click passes them: text,
+    or True for a flag that is set.
+    """
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    file = config_file or env.get("SPOOL_CONFIG")
-    if file:
-        values.update(read_file(Path(file).expanduser()))
-    for variable, (attr, parse) in _ENV.items():
-        if env.get(variable):
-            values[attr] = parse(env[variable], variable)
-    for attr, value in flags.items():
+    path, how = find_file(config_file, env)
+    config = Config()
+    db_source = "the default location"
+    if path is not None:
+        values = read_file(path)
+        watch = values.pop("watch", ())
+        config = dataclasses.replace(config, **values, watch=watch, file=path, source=f"{path} (from {how})")
+        if config.spool.path is not None:
+            db_source = f"spool.path in {path}"
+    changes: dict[str, dict[str, Any]] = {}
+    for name, section in SECTIONS.items():
+        for field in dataclasses.fields(section):
+            for variable in reversed(env_names(name, field)):  # the long name wins over an alias
+                if env.get(variable):
+                    changes.setdefault(name, {})[field.name] = field.metadata["kind"].parse(env[variable], variable,
+                                                                                            True)
+                    if name == "spool" and field.name == "path":
+                        db_source = variable
+    for name, value in flags.items():
         if value is None:
             continue
-        if attr not in _FIELD_PARSERS:
-            raise ConfigError(f"unknown setting '{attr}'")
-        values[attr] = _FIELD_PARSERS[attr](value, f"--{attr.replace('_', '-')}")
-    if "db" not in values:
-        values["db"] = default_db_path(env)
-    limits = {name.split(".", 1)[1]: values.pop(name) for name in list(values) if name.startswith("limits.")}
-    config = Config(**values, limits=Limits(**limits))
-    if config.backoff_initial > config.backoff_max:
+        section, key = name.split(".", 1) if "." in name else (_section_of(name), name)
+        field = SECTIONS[section].__dataclass_fields__[key]  # type: ignore[attr-defined]
+        changes.setdefault(section, {})[key] = field.metadata["kind"].parse(value, field.metadata["flag"] or key, True)
+        if (section, key) == ("spool", "path"):
+            db_source = "--db"
+    for section, values in changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    if config.spool.path is None:
+        config = config.replace(**{"spool.path": default_db_path(env)})
+    return _checked(dataclasses.replace(config, db_source=db_source))
+
+
+def _checked(config: Config) -> Config:
+    """Checks that involve more than one setting."""
+    ship, relay = config.ship, config.relay
+    check_endpoint(ship.endpoint, allow_insecure=ship.allow_insecure, name="ship.endpoint")
+    if ship.backoff_initial > ship.backoff_max:
         raise ConfigError("ship.backoff_initial must not be larger than ship.backoff_max")
-    if config.timeout <= 0:
+    if ship.timeout <= 0:
         raise ConfigError("ship.timeout must be more than 0 seconds")
+    check_bind(relay.listen, "relay.listen", 8080, relay.allow_remote)
+    if relay.statsd:
+        check_bind(relay.statsd, "relay.statsd", 8125, relay.allow_remote)
+    if config.metrics.listen:
+        check_bind(config.metrics.listen, "metrics.listen", 9464, config.metrics.allow_remote)
     return config
+
+
+# -- what is derived for people: the reference table, the example config ---------------------------------------
+
+
+def _default_text(kind: SettingType, value: Any) -> str:
+    return "unset" if value is None else kind.show(value)
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference: one row per setting, from the declarations."""
+    rows = ["| setting | default | environment | flag | meaning |", "|---|---|---|---|---|"]
+    for name, section in [*SECTIONS.items(), ("watch", WatchSettings)]:
+        for field in dataclasses.fields(section):
+            meta = field.metadata
+            key = f"`[[watch]] {field.name}`" if name == "watch" else f"`{name}.{field.name}`"
+            env = "" if name == "watch" else " ".join(f"`{v}`" for v in env_names(name, field))
+            flag = f"`{meta['flag']}`" if meta["flag"] else ""
+            default = _default_text(meta["kind"], field.default)
+            if (name, field.name) == ("spool", "path"):
+                default = "see meaning"
+            rows.append(f"| {key} | `{default}` | {env} | {flag} | {meta['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+def example_toml() -> str:
+    """packaging/spool.toml: every setting with its default and help, from the declarations."""
+    import textwrap
+
+    lines = ["# spool configuration: /etc/spool/spool.toml (the default location), or --config FILE, or",
+             "# $SPOOL_CONFIG. Every setting, with its default. Precedence: command-line flags > environment",
+             "# (SPOOL_<SECTION>_<KEY>) > this file > defaults. Durations: 30, \"90s\", \"5m\", \"1h30m\", \"7d\",",
+             "# \"1w\". Sizes: 1048576, \"512K\", \"5M\", \"1G\". Unknown sections or keys are errors, with a",
+             "# suggestion, so typos cannot hide. Generated from spool/config.py: python -m spool.config toml"]
+    for name, section in [*SECTIONS.items(), ("watch", WatchSettings)]:
+        lines += ["", f"# {section.__doc__}", "# [[watch]]" if name == "watch" else f"[{name}]"]
+        for field in dataclasses.fields(section):
+            meta = field.metadata
+            text = f"{meta['help'][0].upper()}{meta['help'][1:]}."
+            lines += textwrap.wrap(text, 110, initial_indent="# ", subsequent_indent="# ")
+            if meta["packaged"] is not None:
+                lines.append(f"{field.name} = {meta['kind'].show(meta['packaged'])}")
+            elif name == "watch" or field.default is None or meta["secret"]:
+                shown = meta["example"] if meta["example"] is not None else field.default
+                lines.append(f"# {field.name} = {meta['kind'].show(shown)}")
+            else:
+                lines.append(f"{field.name} = {meta['kind'].show(field.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    choice = sys.argv[1] if len(sys.argv) > 1 else ""
+    if choice not in ("markdown", "toml"):
+        sys.exit("usage: python -m spool.config markdown|toml")
+    sys.stdout.write(reference_markdown() if choice == "markdown" else example_toml())

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from spool.config import Config
-from spool.errors import redact_url
+from spool.config import Config, parse_address
+from spool.errors import ConfigError, redact_url
 from spool.records import CLOCK_SANE_AFTER
 
 MIN_FREE_BYTES = 50 << 20
@@ -24,10 +24,20 @@ class Verdict(NamedTuple):
     fix: str = ""
 
 
-def checks(config: Config, *, config_file: str | None, clock: Callable[[], float] = time.time,
+def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock: Callable[[], float] = time.time,
            probe: Callable[[str, float], str] | None = None) -> Iterator[Verdict]:
-    """Yield a verdict for each part of the setup, in the order an operator would look."""
-    yield Verdict("config", True, f"valid ({config_file or 'defaults and environment'})")
+    """Yield a verdict for each part of the setup, in the order an operator would look.
+
+    A configuration that does not load is the first failed verdict; every other check still runs, on
+    `fallback` (the defaults, with the spool path given on the command line or in the environment).
+    """
+    try:
+        config = load()
+        yield Verdict("config", True, f"{config.source}; spool {config.db} ({config.db_source})")
+    except ConfigError as exc:
+        yield Verdict("config", False, str(exc), "fix the configuration (`python -m spool.config toml` prints "
+                      "every setting with its default)")
+        config = fallback()
     yield _key(config)
     yield _endpoint(config, probe or _probe)
     yield _clock(clock())
@@ -38,20 +48,26 @@ def checks(config: Config, *, config_file: str | None, clock: Callable[[], float
         yield Verdict(f"watch {watch.path}", writable, "writable" if writable else "missing or not writable",
                       f"mkdir -p {watch.path} and give the spool user write access")
     if config.relay.enabled:
-        yield _port(config.relay.listen)
+        yield _port(config.relay.listen, "relay", 8080)
+    if config.metrics.listen:
+        yield _port(config.metrics.listen, "metrics", 9464)
 
 
 def _key(config: Config) -> Verdict:
-    if config.ezkey is None:
+    try:
+        key = config.ezkey()
+    except ConfigError as exc:
+        return Verdict("ezkey", False, str(exc), "put the key in that file (chmod 600, owned by the spool user)")
+    if key is None:
         return Verdict("ezkey", False, "no ezkey configured: only records with their own key will ship",
                        "put the key in a file (chmod 600) and set ship.ezkey_file or SPOOL_EZKEY_FILE")
     return Verdict("ezkey", True, "configured (not shown)")
 
 
 def _endpoint(config: Config, probe: Callable[[str, float], str]) -> Verdict:
-    shown = redact_url(config.endpoint)  # an endpoint may carry credentials by mistake: never print them
+    shown = redact_url(config.ship.endpoint)  # an endpoint may carry credentials by mistake: never print them
     try:
-        answer = probe(config.endpoint, min(config.timeout, 10.0))
+        answer = probe(config.ship.endpoint, min(config.ship.timeout, 10.0))
     except Exception as exc:  # any failure to reach it is the verdict
         return Verdict("endpoint", False, f"{shown} not reachable: {exc}",
                        "check the network, DNS, proxy settings and ship.endpoint")
@@ -94,7 +110,7 @@ def _integrity(config: Config) -> Verdict:
         return Verdict("spool", True, f"{config.db} does not exist yet; it is created on first use")
     mode = stat.S_IMODE(config.db.stat().st_mode)
     try:
-        with Store.for_config(config) as store:
+        with Store.for_config(config, create=False) as store:
             sound = store.integrity_ok()
             counts = store.counts()
     except StoreError as exc:
@@ -108,16 +124,14 @@ def _integrity(config: Config) -> Verdict:
     return Verdict("spool", True, f"sound; {counts['pending']} pending, {counts['dead']} dead")
 
 
-def _port(listen: str) -> Verdict:
-    from spool.relay import parse_address
-
-    host, port = parse_address(listen, "relay.listen", 8080)
+def _port(listen: str, section: str, default_port: int) -> Verdict:
+    host, port = parse_address(listen, f"{section}.listen", default_port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return Verdict("relay port", False, f"{listen} is not free: {exc.strerror}",
+            return Verdict(f"{section} port", False, f"{listen} is not free: {exc.strerror}",
                            "if `spool run` is running, that is it; else stop what uses it (ss -ltnp) "
-                           "or change relay.listen")
-    return Verdict("relay port", True, f"{listen} is free")
+                           f"or change {section}.listen")
+    return Verdict(f"{section} port", True, f"{listen} is free")

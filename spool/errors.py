@@ -58,6 +58,10 @@ class StoreError(SpoolError):
     """The spool file could not be opened, read or written."""
 
 
+class SpoolMissing(StoreError):
+    """A command that only reads or manages a spool was pointed at a file that does not exist."""
+
+
 class SpoolFull(StoreError):
     """The spool is at a configured bound (when_full = "reject_new"); nothing from the append was committed."""
 

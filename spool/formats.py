@@ -82,33 +82,34 @@ def document_items(document: Any, *, line: int = 1) -> Iterator[Item]:
             yield Item(line, obj)
         return
     if isinstance(document, dict) and "data" in document:
-        error = _body_error(document)
-        if error is not None:
+        try:
+            ezkey, data = stathat_body(document)
+        except InvalidRecord as error:
             yield Item(line, None, error=error.at_line(line))
             return
-        ezkey = document.get("ezkey", document.get("email"))
-        for obj in document["data"]:
+        for obj in data:
             yield Item(line, obj, ezkey)
         return
     yield Item(line, document)  # a single record object: validation says what is wrong with it
 
 
-def _body_error(body: dict[str, Any]) -> InvalidRecord | None:
-    """Return what is wrong with a StatHat body as a whole (its fields, its key), or None."""
+def stathat_body(body: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    """Check a StatHat JSON body as a whole and return (its key, its data items), or raise saying what is wrong.
+
+    The one reader of `{"ezkey": ..., "data": [...]}` for `import`, drop files and the relay. The key (or its
+    legacy name `email`) is checked once here: the records then take it unchecked (fast_row).
+    """
     extra = body.keys() - {"ezkey", "email", "data"}
     if extra:
         name = sorted(map(str, extra))[0]
-        return InvalidRecord(f"unknown field {masked(name)} in the StatHat body"
-                             f"{did_you_mean(name, ('ezkey', 'email', 'data'))}")
+        raise InvalidRecord(f"unknown field {masked(name)} in the StatHat body"
+                            f"{did_you_mean(name, ('ezkey', 'email', 'data'))}")
     ezkey = body.get("ezkey", body.get("email"))
     if ezkey is not None:
-        try:
-            check_key(ezkey, "ezkey")  # once for the body: its records take it unchecked (fast_row)
-        except InvalidRecord as exc:
-            return exc
-    if not isinstance(body["data"], list):
-        return InvalidRecord("'data' must be a list of records")
-    return None
+        check_key(ezkey, "ezkey")
+    if not isinstance(body.get("data"), list):
+        raise InvalidRecord("'data' must be a list of records", field="data")
+    return ezkey, body["data"]
 
 
 def read_json_stream(stream: IO[bytes]) -> Iterator[Item]:

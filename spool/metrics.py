@@ -1,36 +1,50 @@
-"""What the agent exposes at /metrics (Prometheus, via prometheus_client) and /healthz."""
+"""What the agent exposes at /metrics (Prometheus, via prometheus_client) and /healthz.
+
+The collector reads the spool through its own connection and the components through their snapshots
+(plain dicts copied under each component's lock), never their live internals. /metrics and /healthz are
+served on the relay's port and, with `[metrics] listen`, on a port of their own (MetricsServer).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from spool.config import MetricsSettings, check_bind
+from spool.errors import ConfigError
 from spool.store import Store
 
 COUNTS_TTL = 30.0  # seconds a full count by state is reused (it walks the table; backlog figures do not)
 
+Snapshot = Callable[[], dict[str, Any]]
+
 
 class Metrics:
-    """A prometheus_client collector reading the spool (its own connection) and the agent's components."""
+    """A prometheus_client collector over the spool (its own connection) and the components' snapshots."""
 
-    def __init__(self, store: Store, *, shipper: Any = None, relay: Any = None,
-                 watchers: Callable[[], list[Any]] = list, unhealthy_after: float = 900.0,
+    def __init__(self, store: Store, *, shipper: Snapshot | None = None, relay: Snapshot | None = None,
+                 watchers: Callable[[], list[dict[str, Any]]] = list, unhealthy_after: float = 900.0,
                  clock: Callable[[], float] = time.time):
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
         self.store = store
-        self.unhealthy_after = unhealthy_after
-        self.clock = clock
-        self.started_at = clock()
         self.shipper = shipper
         self.relay = relay
         self.watchers = watchers
+        self.unhealthy_after = unhealthy_after
+        self.clock = clock
+        self.started_at = clock()
         self._lock = threading.Lock()  # one connection, several HTTP threads
         self._counts: tuple[float, dict[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.registry.register(self)
 
     def render(self) -> bytes:
@@ -57,6 +71,11 @@ class Metrics:
         return {"writable": writable, "pending": pending, "inflight": inflight, "last_success_at": last,
                 "oldest_pending_age": None if oldest is None else max(0, int(now) - oldest), "problems": problems}
 
+    def health_answer(self) -> tuple[int, dict[str, Any]]:
+        report = self.health()
+        status = "failing" if not report["writable"] else "degraded" if report["problems"] else "ok"
+        return (200 if status == "ok" else 503), {**report, "status": status}
+
     def _state_counts(self) -> dict[str, int]:
         stamp = time.monotonic()
         if self._counts is None or stamp - self._counts[0] > COUNTS_TTL:
@@ -66,16 +85,24 @@ class Metrics:
         return counts
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
+        from spool import __version__
 
         with self._lock:
             counts = self._state_counts()
             oldest = self.store.oldest_pending_t()
             meta = self.store.meta()
             counters = self.store.counters()
+        yield InfoMetricFamily("spool_build", "spool's version", value={"version": __version__})
         dropped = CounterMetricFamily("spool_dropped", "Records dropped or refused at a bound, by reason",
                                       labels=["reason"])
-        for reason in ("dropped_oldest", "dropped_age", "refused_full"):
+        for reason in ("dropped_oldest", "dropped_age", "refused_full", "restamp_refused"):
             dropped.add_metric([reason], counters.get(reason, 0))
         yield dropped
         yield CounterMetricFamily("spool_compacted", "Count records merged away by compaction",
@@ -87,7 +114,7 @@ class Metrics:
             records.add_metric([state], n)
         yield records
         yield GaugeMetricFamily("spool_oldest_pending_age_seconds", "Age of the oldest pending record's t",
-                                value=0 if oldest is None else max(0, time.time() - oldest))
+                                value=0 if oldest is None else max(0, self.clock() - oldest))
         yield GaugeMetricFamily("spool_size_bytes", "Spool file and WAL size", value=self.store.size_bytes())
         if meta.get("last_success_at"):
             yield GaugeMetricFamily("spool_last_ship_success_timestamp_seconds",
@@ -95,29 +122,107 @@ class Metrics:
         appended = CounterMetricFamily("spool_appended", "Records taken into the spool by this process",
                                        labels=["source"])
         if self.relay is not None:
-            with self.relay.stats.lock:
-                for source, n in self.relay.stats.appended.items():
-                    appended.add_metric([source], n)
-                refused, invalid, busy = (self.relay.stats.refused, self.relay.stats.statsd_invalid,
-                                          self.relay.stats.busy)
-            yield CounterMetricFamily("spool_relay_refused", "Relay requests refused as StatHat would", value=refused)
-            yield CounterMetricFamily("spool_statsd_invalid_lines", "StatsD lines ignored as invalid", value=invalid)
+            relay = self.relay()
+            for source, n in relay["appended"].items():
+                appended.add_metric([source], n)
+            yield CounterMetricFamily("spool_relay_refused", "Relay requests refused as StatHat would",
+                                      value=relay["refused"])
+            yield CounterMetricFamily("spool_statsd_invalid_lines", "StatsD lines ignored as invalid",
+                                      value=relay["statsd_invalid"])
             yield CounterMetricFamily("spool_relay_busy", "Connections turned away at the connection limit",
-                                      value=busy)
+                                      value=relay["busy"])
         files = CounterMetricFamily("spool_ingested_files", "Dropped files by outcome", labels=["outcome"])
         outcomes: dict[str, int] = {}
         ingested = 0
         for watcher in self.watchers():
-            for outcome, n in list(watcher.outcomes.items()):
+            for outcome, n in watcher["outcomes"].items():
                 outcomes[outcome] = outcomes.get(outcome, 0) + n
-            ingested += watcher.ingested_records
-        for outcome, n in outcomes.items():
+            ingested += watcher["records"]
+        for outcome, n in sorted(outcomes.items()):
             files.add_metric([outcome], n)
         appended.add_metric(["watch"], ingested)
         yield appended
         yield files
         if self.shipper is not None:
-            stats = self.shipper.stats
-            yield CounterMetricFamily("spool_shipped", "Records StatHat acknowledged (this process)", value=stats.sent)
-            yield CounterMetricFamily("spool_dead", "Records StatHat refused (this process)", value=stats.dead)
-            yield CounterMetricFamily("spool_ship_retries", "Send attempts retried", value=stats.retries)
+            ship = self.shipper()
+            yield CounterMetricFamily("spool_shipped", "Records StatHat acknowledged (this process)",
+                                      value=ship["sent"])
+            yield CounterMetricFamily("spool_dead", "Records StatHat refused (this process)", value=ship["dead"])
+            yield CounterMetricFamily("spool_ship_retries", "Send attempts retried", value=ship["retries"])
+            requests = CounterMetricFamily("spool_ship_requests", "Requests to the receiver by outcome",
+                                           labels=["outcome"])
+            for outcome, n in sorted(ship["outcomes"].items()):
+                requests.add_metric([outcome], n)
+            yield requests
+            yield GaugeMetricFamily("spool_ship_in_flight", "Requests under way now", value=ship["in_flight"])
+            yield GaugeMetricFamily("spool_ship_concurrency_limit", "Requests the link is trusted with at once",
+                                    value=ship["limit"])
+            histogram = HistogramMetricFamily("spool_ship_request_seconds", "Time to the receiver's answer")
+            cumulative, buckets = 0, []
+            for bound, n in zip((*ship["latency_bounds"], float("inf")), ship["latency_buckets"], strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            histogram.add_metric([], buckets, sum_value=ship["latency_sum"])
+            yield histogram
+
+
+class MetricsServer:
+    """/metrics and /healthz on a port of their own ([metrics] listen), for an agent running without the relay."""
+
+    def __init__(self, settings: MetricsSettings, metrics: Metrics):
+        assert settings.listen is not None
+        host, port = check_bind(settings.listen, "metrics.listen", 9464, settings.allow_remote)
+        handler = type("Handler", (_MetricsHandler,), {"metrics": metrics})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+        try:
+            self.server = server_class((host, port), handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on metrics.listen {settings.listen}: {exc.strerror}") from None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}" if ":" not in str(host) else f"http://[{host}]:{port}"
+
+    def start(self) -> MetricsServer:
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="spool-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    metrics: Metrics
+    protocol_version = "HTTP/1.1"
+    timeout = 10
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/metrics":
+            self._send(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        elif self.path.split("?")[0] == "/healthz":
+            code, body = self.metrics.health_answer()
+            self._send(code, json.dumps(body).encode(), "application/json")
+        else:
+            self._send(404, b"404 page not found\n", "text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

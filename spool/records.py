@@ -7,13 +7,26 @@ import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from enum import IntEnum
 from typing import Any, NamedTuple
 
 from spool.errors import InvalidRecord, masked
 
-COUNT = 0
-VALUE = 1
-KIND_NAMES = ("count", "value")
+
+class Kind(IntEnum):
+    """What a record's number is: a count (StatHat sums them per bucket) or a value (averaged)."""
+
+    COUNT = 0
+    VALUE = 1
+
+    @property
+    def field(self) -> str:
+        """The record field (and API parameter) that carries the number: "count" or "value"."""
+        return self.name.lower()
+
+
+COUNT, VALUE = Kind.COUNT, Kind.VALUE
+KIND_NAMES = ("count", "value")  # indexed by kind, as stored
 
 MAX_NAME = 255  # StatHat's limit for one stat name (and for each name a `~` form expands to)
 MAX_MULTI = 4096  # a `prefix~a,b,...` string as a whole; far beyond any real use, short of abuse
@@ -270,11 +283,17 @@ def record_rows(objs: Iterable[object], *, clock_now: int | None = None, ezkey: 
 
 def _row_chunks(objs: Iterator[object], clock_now: int | None, ezkey: str | None, t_floor: int,
                 size: int) -> Iterator[list[Any]]:
+    offset = 0
     while batch := list(itertools.islice(objs, size)):
         rows = list(map(fast_row, batch, itertools.repeat(ezkey), itertools.repeat(t_floor)))
         if None in rows:  # some need the full validator, which accepts them or says why not
-            rows = [row if row is not None else parse_record(obj, clock_now=clock_now, ezkey=ezkey, t_floor=t_floor)
-                    for obj, row in zip(batch, rows, strict=True)]
+            for index, (obj, row) in enumerate(zip(batch, rows, strict=True)):
+                if row is None:
+                    try:
+                        rows[index] = parse_record(obj, clock_now=clock_now, ezkey=ezkey, t_floor=t_floor)
+                    except InvalidRecord as exc:  # say which one: the input has no lines to name
+                        raise InvalidRecord(f"record {offset + index}: {exc.reason}", field=exc.field) from None
+        offset += len(batch)
         yield rows
 
 

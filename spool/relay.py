@@ -17,33 +17,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from spool.config import RelayConfig
+from spool.config import RelaySettings, check_bind, parse_address
 from spool.errors import ConfigError, InvalidRecord, StoreError, printable
+from spool.formats import stathat_body
 from spool.records import T_FLOOR, check_key, check_stat, make_record, now, number_from_text, record_rows
 from spool.store import Store
 
 log = logging.getLogger("spool.relay")
 
 MAX_GROUP = 10_000  # rows in one group commit at most
-
-
-def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
-    """Parse HOST:PORT (or :PORT, or [v6]:PORT)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{name} must be HOST:PORT, not '{text}'")
-    return host, int(port)
-
-
-def check_bind(host: str, allow_remote: bool, name: str) -> None:
-    from spool.stathat import is_loopback
-
-    if not is_loopback(host) and not allow_remote:
-        raise ConfigError(f"{name} {host} is not a loopback address; set relay.allow_remote = true "
-                          "(or --allow-remote) to accept stats from other machines")
 
 
 # -- the protocol: requests to records (pure) -----------------------------------------------------------
@@ -87,7 +69,7 @@ def form_records(path: str, form: dict[str, str], stamp: int, t_floor: int = T_F
 
 
 def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
-    """Records from one /ez JSON batch {"ezkey": ..., "data": [...]}."""
+    """Records from one /ez JSON batch {"ezkey": ..., "data": [...]}, refused as StatHat refuses."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
@@ -95,8 +77,11 @@ def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise Refusal("invalid json: expected {\"ezkey\": ..., \"data\": [...]}")
     ezkey = request_key(document.get("ezkey") or document.get("email"), "ezkey", "no ezkey specified")
-    items = [item for item in document["data"] if not (isinstance(item, dict) and "ezkey" in item)]
-    if len(items) != len(document["data"]):
+    try:
+        _, items = stathat_body(document)
+    except InvalidRecord as exc:
+        raise Refusal(f"invalid json: {exc.reason}") from None
+    if any(isinstance(item, dict) and "ezkey" in item for item in items):
         raise Refusal("invalid json: a data item carries its own ezkey")
     try:
         return list(record_rows(items, clock_now=stamp, ezkey=ezkey, t_floor=t_floor))
@@ -244,7 +229,7 @@ class RelayStats:
 class Relay:
     """The HTTP endpoint (and optional StatsD listener) in front of one spool."""
 
-    def __init__(self, config: RelayConfig, store: Store, *, t_floor: int = T_FLOOR,
+    def __init__(self, config: RelaySettings, store: Store, *, t_floor: int = T_FLOOR,
                  on_commit: Callable[[int], None] = lambda n: None,
                  health: Callable[[], dict[str, Any]] | None = None,
                  metrics: Callable[[], bytes] | None = None):
@@ -253,14 +238,13 @@ class Relay:
         self.stats = RelayStats()
         self.health = health or (lambda: {})
         self.metrics = metrics
-        host, port = parse_address(config.listen, "relay.listen", 8080)  # refuse before starting anything
-        check_bind(host, config.allow_remote, "relay.listen")
+        host, port = check_bind(config.listen, "relay.listen", 8080, config.allow_remote)  # before anything starts
         if config.statsd:
-            check_bind(parse_address(config.statsd, "relay.statsd", 8125)[0], config.allow_remote, "relay.statsd")
+            check_bind(config.statsd, "relay.statsd", 8125, config.allow_remote)
         self.writer = GroupWriter(store, on_commit)
         self._slots = threading.BoundedSemaphore(config.max_connections)
         try:
-            self.server = _Server((host, port), self._handler_class(), self)
+            self.server = _Server((host, port), RelayHandler, self)
         except OSError as exc:
             self.writer.stop()
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
@@ -287,11 +271,28 @@ class Relay:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        return f"http://{host}:{port}" if ":" not in str(host) else f"http://[{host}]:{port}"
 
     @property
     def statsd_address(self) -> tuple[str, int] | None:
         return self.udp.getsockname()[:2] if self.udp else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the relay has done, for /metrics: counts copied under the lock, never the live objects."""
+        with self.stats.lock:
+            return {"appended": dict(self.stats.appended), "refused": self.stats.refused,
+                    "statsd_invalid": self.stats.statsd_invalid, "busy": self.stats.busy}
+
+    def health_answer(self) -> tuple[int, dict[str, Any]]:
+        """The /healthz answer: 200 ok, or 503 with every reason it is failing or degraded."""
+        report = self.health()
+        problems = list(report.get("problems", []))
+        if self.writer.last_error is not None:
+            problems.insert(0, f"the last commit failed: {self.writer.last_error}")
+        failing = self.writer.last_error is not None or not report.get("writable", True)
+        status = "failing" if failing else "degraded" if problems else "ok"
+        return (200 if status == "ok" else 503,
+                {**report, "status": status, "error": self.writer.last_error, "problems": problems})
 
     def start(self) -> Relay:
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
@@ -303,12 +304,6 @@ class Relay:
             thread.start()
             self._threads.append(thread)
         return self
-
-    def run(self) -> None:
-        """Serve until stop() (for the agent, which runs each component's run() in a thread)."""
-        self.start()
-        for thread in self._threads:
-            thread.join()
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -339,144 +334,148 @@ class Relay:
                 except StoreError as exc:
                     log.error("StatsD packet lost: %s", exc)
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        relay = self
+    def take(self, parse: Callable[[int], list[Any]], *, batch: bool) -> tuple[str, int]:
+        """Parse a request's records and commit them; return ("ok", n), ("refused", 0) or raise StoreError."""
+        records = parse(now())
+        if not records and not batch:
+            raise Refusal("nothing to record")
+        if records:
+            self.writer.write(records)
+        self.stats.took("http", len(records))
+        return "ok", len(records)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            server_version = "spool-relay"
-            timeout = relay.config.request_timeout  # per socket read; the whole request has a deadline too
 
-            def log_message(self, format: str, *args: Any) -> None:  # access logs would be one line per stat
-                pass
+class RelayHandler(BaseHTTPRequestHandler):
+    """One connection to the relay: StatHat's API, answered only after commit; /healthz and /metrics too."""
 
-            def handle_one_request(self) -> None:
-                # A slow client must not hold a worker: close the connection if a request is not read in time.
-                timer = threading.Timer(relay.config.request_timeout, self._give_up)
-                timer.daemon = True
-                self._timer = timer
-                timer.start()
-                try:
-                    super().handle_one_request()
-                finally:
-                    timer.cancel()
+    protocol_version = "HTTP/1.1"
+    server_version = "spool-relay"
+    server: _Server
 
-            def _give_up(self) -> None:
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    @property
+    def relay(self) -> Relay:
+        return self.server.relay
 
-            def do_GET(self) -> None:
-                self._timer.cancel()
-                parts = urlsplit(self.path)
-                if parts.path == "/":
-                    self._send(200, b"", "text/plain")
-                elif parts.path == "/healthz":
-                    report = relay.health()
-                    problems = list(report.get("problems", []))
-                    if relay.writer.last_error is not None:
-                        problems.insert(0, f"the last commit failed: {relay.writer.last_error}")
-                    status = "failing" if relay.writer.last_error or not report.get("writable", True) else \
-                        "degraded" if problems else "ok"
-                    body = {**report, "status": status, "error": relay.writer.last_error, "problems": problems}
-                    self._send(200 if status == "ok" else 503, json.dumps(body).encode(), "application/json")
-                elif parts.path == "/metrics" and relay.metrics is not None:
-                    self._send(200, relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-                elif parts.path in ("/ez", "/c", "/v"):
-                    self._take_form(parts.path, parts.query)
-                else:
-                    self._send(404, b"404 page not found\n", "text/plain")
+    def setup(self) -> None:
+        self.timeout = self.relay.config.request_timeout  # per socket read; the whole request has a deadline too
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm holds the body until the
+        # client's delayed ACK (~40 ms per answer on a keep-alive connection).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-            def do_POST(self) -> None:
-                parts = urlsplit(self.path)
-                if parts.path not in ("/ez", "/c", "/v"):
-                    self._send(404, b"404 page not found\n", "text/plain")
-                    return
-                if self.headers.get("Transfer-Encoding"):
-                    self.close_connection = True
-                    self._refuse("chunked bodies are not supported; send Content-Length")
-                    return
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                if not 0 <= length <= relay.config.max_body:
-                    self.close_connection = True  # the body is not read: the connection cannot be reused
-                    self._refuse(f"request body too large (limit {relay.config.max_body} bytes)"
-                                 if length > 0 else "bad Content-Length")
-                    return
-                body = self.rfile.read(length)
-                self._timer.cancel()
-                if len(body) < length:
-                    self.close_connection = True
-                    return
-                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-                if content_type == "application/json":
-                    self._take(lambda stamp: json_records(body, stamp, relay.t_floor), batch=True)
-                else:
-                    try:
-                        text = body.decode("utf-8")
-                    except UnicodeDecodeError:
-                        self._refuse("request body is not UTF-8")
-                        return
-                    self._take_form(parts.path, f"{parts.query}&{text}" if parts.query else text)
+    def log_message(self, format: str, *args: Any) -> None:  # access logs would be one line per stat
+        pass
 
-            def _take_form(self, path: str, query: str) -> None:
-                try:
-                    fields = parse_qs(query, keep_blank_values=True, errors="strict", max_num_fields=50)
-                except (ValueError, UnicodeDecodeError):
-                    self._refuse("malformed form")
-                    return
-                form = {name: values[0] for name, values in fields.items()}
-                verbose = form.get("vb") == "1"
-                self._take(lambda stamp: form_records(path, form, stamp, relay.t_floor), verbose=verbose)
+    def handle_one_request(self) -> None:
+        # A slow client must not hold a worker: close the connection if a request is not read in time.
+        self._timer = threading.Timer(self.relay.config.request_timeout, self._give_up)
+        self._timer.daemon = True
+        self._timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._timer.cancel()
 
-            def _take(self, parse: Callable[[int], list[Any]], *, batch: bool = False, verbose: bool = False) -> None:
-                try:
-                    records = parse(now())
-                except Refusal as refusal:
-                    self._refuse(str(refusal))
-                    return
-                if not records and not batch:
-                    self._refuse("nothing to record")
-                    return
-                try:
-                    if records:
-                        relay.writer.write(records)
-                except StoreError as exc:
-                    log.error("relay could not spool %d records: %s", len(records), exc)
-                    self._send(503, f"spool unavailable: {exc}".encode("utf-8", "backslashreplace"),
-                               "text/plain")
-                    return
-                relay.stats.took("http", len(records))
-                if batch:
-                    self._send_json({"status": 200, "msg": "ok", "multiple": len(records)})
-                elif verbose:
-                    self._send_json({"status": 200, "msg": "ok"})
-                else:
-                    self._send(204, b"", None)
+    def _give_up(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
-            def _refuse(self, message: str) -> None:
-                relay.stats.count("refused")
-                self._send_json({"status": 500, "msg": message})
+    def do_GET(self) -> None:
+        self._timer.cancel()
+        parts = urlsplit(self.path)
+        if parts.path == "/":
+            self._send(200, b"", "text/plain")
+        elif parts.path == "/healthz":
+            code, body = self.relay.health_answer()
+            self._send(code, json.dumps(body).encode(), "application/json")
+        elif parts.path == "/metrics" and self.relay.metrics is not None:
+            self._send(200, self.relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        elif parts.path in ("/ez", "/c", "/v"):
+            self._take_form(parts.path, parts.query)
+        else:
+            self._send(404, b"404 page not found\n", "text/plain")
 
-            def _send_json(self, answer: dict[str, Any]) -> None:
-                self._send(200, json.dumps(answer, separators=(",", ":")).encode(), "application/json")
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path not in ("/ez", "/c", "/v"):
+            self._send(404, b"404 page not found\n", "text/plain")
+            return
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._refuse("chunked bodies are not supported; send Content-Length")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        limit = self.relay.config.max_body
+        if not 0 <= length <= limit:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self._refuse(f"request body too large (limit {limit} bytes)" if length > 0 else "bad Content-Length")
+            return
+        body = self.rfile.read(length)
+        self._timer.cancel()
+        if len(body) < length:
+            self.close_connection = True
+            return
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            self._take(lambda stamp: json_records(body, stamp, self.relay.t_floor), batch=True)
+            return
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse("request body is not UTF-8")
+            return
+        self._take_form(parts.path, f"{parts.query}&{text}" if parts.query else text)
 
-            def _send(self, status: int, body: bytes, content_type: str | None) -> None:
-                self.send_response(status)
-                if content_type:
-                    self.send_header("Content-Type", content_type)
-                if status != 204:
-                    self.send_header("Content-Length", str(len(body)))
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                if status != 204:
-                    self.wfile.write(body)
+    def _take_form(self, path: str, query: str) -> None:
+        try:
+            fields = parse_qs(query, keep_blank_values=True, errors="strict", max_num_fields=50)
+        except (ValueError, UnicodeDecodeError):
+            self._refuse("malformed form")
+            return
+        form = {name: values[0] for name, values in fields.items()}
+        verbose = form.get("vb") == "1"
+        self._take(lambda stamp: form_records(path, form, stamp, self.relay.t_floor), verbose=verbose)
 
-        return Handler
+    def _take(self, parse: Callable[[int], list[Any]], *, batch: bool = False, verbose: bool = False) -> None:
+        try:
+            _, taken = self.relay.take(parse, batch=batch)
+        except Refusal as refusal:
+            self._refuse(str(refusal))
+            return
+        except StoreError as exc:
+            log.error("relay could not spool a request: %s", exc)
+            self._send(503, f"spool unavailable: {exc}".encode("utf-8", "backslashreplace"), "text/plain")
+            return
+        if batch:
+            self._send_json({"status": 200, "msg": "ok", "multiple": taken})
+        elif verbose:
+            self._send_json({"status": 200, "msg": "ok"})
+        else:
+            self._send(204, b"", None)
+
+    def _refuse(self, message: str) -> None:
+        self.relay.stats.count("refused")
+        self._send_json({"status": 500, "msg": message})
+
+    def _send_json(self, answer: dict[str, Any]) -> None:
+        self._send(200, json.dumps(answer, separators=(",", ":")).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str | None) -> None:
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        if status != 204:
+            self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if status != 204:
+            self.wfile.write(body)
 
 
 class _Server(ThreadingHTTPServer):

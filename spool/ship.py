@@ -23,6 +23,7 @@ a 503, never more than `max_in_flight`, and never faster than `max_requests_per_
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import logging
@@ -32,15 +33,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
-from spool.config import Config
-from spool.errors import EndpointError, PartlyTaken, Refused, StoreError, TransientError
+from spool.config import Config, check_endpoint
+from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, StoreError, TransientError
 from spool.lock import ShipLock
-from spool.stathat import StatHatClient, check_endpoint
+from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
 
 log = logging.getLogger("spool.ship")
@@ -50,6 +52,7 @@ HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for dead owners' leases, h
 PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 
 
@@ -97,7 +100,15 @@ class ShipStats:
     in_flight: int = 0  # requests under way now
     limit: int = 1  # requests the link is trusted with at once now
     last_error: str | None = None
-    latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1000))
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)  # answers by kind
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def answered(self, outcome: str, seconds: float) -> None:
+        """Count one answer (ok, refused, transient, endpoint) and how long it took."""
+        self.outcomes[outcome] += 1
+        self.latency_sum += seconds
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 @dataclass(frozen=True)
@@ -162,20 +173,22 @@ class Shipper:
                  monotonic: Callable[[], float] = time.monotonic):
         self.store = store
         self.config = config
-        self.endpoint = check_endpoint(config.endpoint, allow_insecure=config.allow_insecure)
+        self.endpoint = check_endpoint(config.ship.endpoint, allow_insecure=config.ship.allow_insecure)
         self.client_factory = client_factory or (lambda: StatHatClient(
-            config.endpoint, timeout=config.timeout, allow_insecure=config.allow_insecure))
+            config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure))
+        self.ezkey: str | None = None  # the configured key, read when a drain starts (a key file may be fixed)
         self.shutdown = shutdown or threading.Event()
         self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
         self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
         self.clock = clock
         self.monotonic = monotonic
         self.stats = ShipStats()
+        self._stats_lock = threading.Lock()  # the drain updates, /metrics reads (snapshot)
         self.rng = random.Random()
-        self.limit = AdaptiveLimit(config.max_in_flight, monotonic)
-        self._backoff = wait_retry_after(wait_random_exponential(multiplier=config.backoff_initial,
-                                                                 max=config.backoff_max),
-                                         cap=config.retry_after_max)
+        self.limit = AdaptiveLimit(config.ship.max_in_flight, monotonic)
+        self._backoff = wait_retry_after(wait_random_exponential(multiplier=config.ship.backoff_initial,
+                                                                 max=config.ship.backoff_max),
+                                         cap=config.ship.retry_after_max)
         self._next_request = float("-inf")
         self._lock = ShipLock(store.path)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -197,7 +210,7 @@ class Shipper:
         freed = self.store.release_dead_leases(unowned_before=float("inf"))
         if freed:
             log.warning("returned %d records leased by a shipper that died to pending", freed)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_in_flight, "spool-sender")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.ship.max_in_flight, "spool-sender")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -213,6 +226,16 @@ class Shipper:
     def stop(self) -> None:
         self.shutdown.set()
         self.wake.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this shipper has done, for /metrics and the summary: copied under its lock."""
+        with self._stats_lock:
+            stats = self.stats
+            return {"sent": stats.sent, "dead": stats.dead, "retries": stats.retries, "requests": stats.requests,
+                    "in_flight": stats.in_flight, "limit": self.limit.value, "outcomes": dict(stats.outcomes),
+                    "latency_bounds": LATENCY_BUCKETS, "latency_buckets": list(stats.latency_buckets),
+                    "latency_sum": stats.latency_sum,
+                    "last_error": stats.last_error}
 
     # -- sending (sender threads: HTTP only, no spool) -------------------------------------------------
 
@@ -254,6 +277,12 @@ class Shipper:
             raise RuntimeError("use the Shipper as a context manager: `with Shipper(...) as shipper:`")
         deadline = None if max_time is None else self.monotonic() + max_time
         try:
+            self.ezkey = self.config.ezkey()
+        except ConfigError as exc:  # producers go on; shipping waits for the key, loudly
+            self._note("paused", str(exc))
+            log.error("shipping paused: %s", exc)
+            return DrainResult(False, str(exc))
+        try:
             self.restamp_held()  # every way of shipping (the agent, ship --once from cron) places held records
         except StoreError as exc:
             log.warning("cannot re-stamp held records: %s", exc)
@@ -269,6 +298,9 @@ class Shipper:
                 if state.failed is not None and fail_fast:
                     return state.stopped(state.failed)
                 patience = self._dispatch(waiting, unsettled, state)
+                if self.stats.in_flight == 0 and not waiting and state.blocked:
+                    self.sleep(max(0.0, state.gate - self.monotonic()))  # then lease again
+                    continue
                 if self.stats.in_flight == 0 and not waiting:
                     return DrainResult(True) if state.failed is None else DrainResult(False, state.failed)
                 if self.stats.in_flight == 0:
@@ -294,7 +326,7 @@ class Shipper:
             if not waiting and not self._lease_more(waiting, unsettled, state):
                 return ANSWER_POLL
             now = self.monotonic()
-            pace = self._next_request if self.config.max_requests_per_second else 0.0
+            pace = self._next_request if self.config.ship.max_requests_per_second else 0.0
             wait = max(state.gate, pace) - now
             if wait > 0:
                 if self.stats.in_flight:
@@ -307,11 +339,12 @@ class Shipper:
                 continue
             unit = waiting.popleft()
             unit.attempts += 1
-            if self.config.max_requests_per_second:
-                interval = 1.0 / self.config.max_requests_per_second
+            if self.config.ship.max_requests_per_second:
+                interval = 1.0 / self.config.ship.max_requests_per_second
                 self._next_request = max(self.monotonic(), self._next_request) + interval
-            self.stats.requests += 1
-            self.stats.in_flight += 1
+            with self._stats_lock:
+                self.stats.requests += 1
+                self.stats.in_flight += 1
             self._pool.submit(self._send, unit)
         return ANSWER_POLL
 
@@ -319,13 +352,18 @@ class Shipper:
         """Lease the next suspect group, or else the next clean batch, as units; False when there is none."""
         if state.failed is not None:  # paused: probe with what is already leased, lease nothing new
             return False
-        keyed_only = self.config.ezkey is None
+        keyed_only = self.ezkey is None
         try:
             lease = (self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
-                     or self.store.lease(self.config.batch_size, now=self.clock(), keyed_only=keyed_only))
-        except StoreError as exc:
-            state.failed = f"cannot lease records: {exc}"
+                     or self.store.lease(self.config.ship.batch_size, now=self.clock(), keyed_only=keyed_only))
+        except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
+            state.blocked = f"cannot lease records: {exc}"
+            state.last_error = state.blocked
+            state.gate = self.monotonic() + min(SETTLE_BACKOFF_MAX, 0.05 * 2 ** min(state.failures, 7))
+            state.failures += 1
+            log.warning("%s; retrying", state.blocked)
             return False
+        state.blocked = None
         if lease is None:
             return False
         unsettled[lease.id] = len(lease.items)
@@ -340,19 +378,21 @@ class Shipper:
                 units.append(_Unit(lease.id, [item], None))
             else:
                 own = item.record.ezkey is not None
-                groups.setdefault((item.record.ezkey or self.config.ezkey or "", own), []).append(item)
+                groups.setdefault((item.record.ezkey or self.ezkey or "", own), []).append(item)
         return [_Unit(lease.id, group, key, own) for (key, own), group in groups.items()] + units
 
     def _settle_answer(self, answer: _Answer, waiting: collections.deque[_Unit], unsettled: dict[int, int],
                        state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
-        self.stats.in_flight -= 1
         unit, error = answer.unit, answer.error
+        with self._stats_lock:
+            self.stats.in_flight -= 1
+            self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
+                                "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
         ids = [item.id for item in unit.items]
         if isinstance(error, Refused) and error.names_key and not unit.own_key:
             error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
                                   "records stay pending until the key is fixed")
         if error is None:
-            self.stats.latencies.append(answer.seconds)
             self.limit.success(answer.seconds)
             state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
             last = self._settled(unit, unsettled)
@@ -418,7 +458,7 @@ class Shipper:
         """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
         while self.stats.in_flight:
             try:
-                answer = self._answers.get(timeout=self.config.timeout + 5)
+                answer = self._answers.get(timeout=self.config.ship.timeout + 5)
             except queue.Empty:
                 log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
                 self.stats.in_flight = 0
@@ -473,7 +513,7 @@ class Shipper:
     def run(self) -> None:
         """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
         seen = self.store.data_version()
-        jitter = self.rng.uniform(0, self.config.reconnect_jitter)
+        jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
         if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
             log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
             self.sleep(jitter)
@@ -483,7 +523,7 @@ class Shipper:
             if not result.done and not self.shutdown.is_set():
                 log.error("shipping stopped: %s", result.reason)
             while not self.shutdown.is_set():
-                self.wake.wait(self.config.idle_poll)
+                self.wake.wait(self.config.ship.idle_poll)
                 self.wake.clear()
                 version = self.store.data_version()
                 if version != seen:
@@ -501,7 +541,7 @@ class Shipper:
         if wall < CLOCK_SANE_AFTER:
             return
         restamped, lost = self.store.restamp_held(wall=wall, mono=boot_clock(), boot=boot_id(),
-                                                  floor=self.config.t_floor)
+                                                  floor=self.config.spool.t_floor)
         if restamped:
             log.info("the clock is sane: re-stamped %d records held while it was not", restamped)
         if lost:
@@ -515,11 +555,11 @@ class Shipper:
             return
         self._last_housekeeping = now
         try:
-            freed = self.store.release_dead_leases(unowned_before=self.clock() - self.config.lease_timeout)
+            freed = self.store.release_dead_leases(unowned_before=self.clock() - self.config.ship.lease_timeout)
             self.store.sweep_stages()
             self.restamp_held()
-            if self.config.compact_counts:
-                saved = self.store.compact_counts(bucket=self.config.compact_counts)
+            if self.config.spool.compact_counts:
+                saved = self.store.compact_counts(bucket=self.config.spool.compact_counts)
                 if saved:
                     log.info("compacted the backlog: %d count records merged away", saved)
             expired = self.store.drop_expired(now=self.clock())
@@ -528,7 +568,7 @@ class Shipper:
             pruned = 0
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now
-                pruned = self.store.prune_sent(sent_before=self.clock() - self.config.retention)
+                pruned = self.store.prune_sent(sent_before=self.clock() - self.config.spool.retention)
         except StoreError as exc:
             log.warning("housekeeping failed: %s", exc)
             return
@@ -546,6 +586,7 @@ class _DrainState:
     gate: float = 0.0  # no request before this (monotonic)
     failures: int = 0
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
+    blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
     delivered: bool = False
 
     last_error: str | None = None

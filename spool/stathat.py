@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email.utils
 import http.client
-import ipaddress
 import json
 import math
 import re
@@ -25,43 +24,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
-from spool.config import DEFAULT_ENDPOINT
-from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, TransientError, printable, redact_url
-from spool.records import KIND_NAMES, Record
+from spool.config import DEFAULT_ENDPOINT, check_endpoint
+from spool.errors import EndpointError, PartlyTaken, Refused, TransientError, printable
+from spool.records import KIND_NAMES, Kind, Record
 
 TRANSIENT_STATUSES = frozenset({408, 429})
 USER_AGENT = "stathat-spool"
 MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
-
-
-def check_endpoint(url: str, *, allow_insecure: bool = False) -> str:
-    """Return the endpoint without a trailing slash; refuse plain http to a non-loopback host."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:  # an unbalanced [ in the host
-        host = None
-    if host is None or parts.scheme not in ("http", "https"):
-        raise ConfigError(f"endpoint must be an http(s) URL like {DEFAULT_ENDPOINT}, not '{redact_url(url)}'")
-    if parts.username or parts.password or parts.query or "@" in parts.netloc:
-        raise ConfigError(f"endpoint must not carry credentials or a query string ({redact_url(url)})")
-    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
-        raise ConfigError(f"endpoint {redact_url(url)} is plain http to a remote host; use https, "
-                          "or allow it explicitly with --allow-insecure (allow_insecure = true)")
-    if parts.path.rstrip("/").endswith(("/ez", "/c", "/v")):
-        root = url.rstrip("/").rsplit("/", 1)[0]
-        raise ConfigError(f"endpoint {redact_url(url)} names an API call; give the API root "
-                          f"({redact_url(root)}): spool adds /ez, /c and /v itself")
-    return url.rstrip("/")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def ez_item(record: Record) -> dict[str, Any]:
@@ -71,7 +40,7 @@ def ez_item(record: Record) -> dict[str, Any]:
 
 def classic_form(record: Record) -> tuple[str, dict[str, Any]]:
     """Return the classic API path (/c or /v) and form fields for one classic record."""
-    path, field = ("/c", "count") if record.kind == 0 else ("/v", "value")
+    path, field = ("/c", "count") if record.kind == Kind.COUNT else ("/v", "value")
     return path, {"key": record.key, "ukey": record.ukey, field: record.number, "t": record.t}
 
 

@@ -34,18 +34,30 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from enum import IntEnum
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from spool.clock import boot_clock, boot_id, is_alive, process_identity
-from spool.errors import SpoolFull, StoreError
-from spool.records import INT64_MAX, Record
+from spool.errors import SpoolFull, SpoolMissing, StoreError
+from spool.records import INT64_MAX, Kind, Record
+
+if TYPE_CHECKING:
+    from spool.config import Config, SpoolSettings
 
 log = logging.getLogger("spool.store")
 
-# Stored states; "in flight" is PENDING named by a lease, never stored. (1 was never used on disk.)
-PENDING, SENT, DEAD, HELD, STAGED = 0, 2, 3, 4, 5
-STATE_NAMES = {PENDING: "pending", SENT: "sent", DEAD: "dead", HELD: "held", STAGED: "staged"}
+
+class State(IntEnum):
+    """A record's stored state. "In flight" is PENDING named by a lease, never stored. (1 was never used.)"""
+
+    PENDING = 0
+    SENT = 2
+    DEAD = 3
+    HELD = 4  # stamped while the clock was wrong: waits for its real t
+    STAGED = 5  # part of a large append not yet committed whole
+
+
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
 SCHEMA_VERSION = 4
@@ -60,8 +72,8 @@ _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 # A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
 # boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
 # transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
-_HOLD = (f"UPDATE records SET state = {HELD}, held_boot = boot_id(), held_mono = boot_clock() "
-         f"WHERE state = {PENDING} AND t = 0")
+_HOLD = (f"UPDATE records SET state = {State.HELD}, held_boot = boot_id(), held_mono = boot_clock() "
+         f"WHERE state = {State.PENDING} AND t = 0")
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
 _LEASED = "SELECT value FROM leases, json_each(leases.ids)"  # every id some live lease names
 _KEYED = "(ezkey IS NOT NULL OR key IS NOT NULL)"
@@ -105,13 +117,13 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         },
         pk="id",
         not_null={"state", "kind", "number", "t"},
-        defaults={"state": PENDING},
+        defaults={"state": int(State.PENDING)},
         if_not_exists=True,
     )
     # Only pending records are indexed (by t, then id): that serves leasing oldest-first and the backlog's
     # count and age, while acks and prunes touch no index pages at all (a third fewer bytes written per
     # record; see scripts/bench.py). Everything else walks the primary key.
-    conn.execute(f"CREATE INDEX IF NOT EXISTS pending_t ON records (t) WHERE state = {PENDING}")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS pending_t ON records (t) WHERE state = {State.PENDING}")
     db.create_table("meta", {"name": str, "value": str}, pk="name", if_not_exists=True)
 
 
@@ -160,10 +172,10 @@ def _v4(conn: sqlite3.Connection) -> None:
                  "started_at REAL NOT NULL)")
     conn.execute("ALTER TABLE records ADD COLUMN stage INTEGER")
     conn.execute("ALTER TABLE records ADD COLUMN split INTEGER")
-    conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {STAGED}")
-    conn.execute(f"CREATE INDEX suspects ON records (split) WHERE state = {PENDING} AND split IS NOT NULL")
+    conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
+    conn.execute(f"CREATE INDEX suspects ON records (split) WHERE state = {State.PENDING} AND split IS NOT NULL")
     # Every drain looks for held records to re-stamp: an index holding only those keeps that look free.
-    conn.execute(f"CREATE INDEX held ON records (held_boot) WHERE state = {HELD}")
+    conn.execute(f"CREATE INDEX held ON records (held_boot) WHERE state = {State.HELD}")
 
 
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4}  # version reached -> step
@@ -189,10 +201,13 @@ class Store:
     """An open spool file. One connection; use one Store per thread."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full",
-                 busy_timeout: float = BUSY_TIMEOUT, limits: Any = None, quarantine: bool = False):
+                 busy_timeout: float = BUSY_TIMEOUT, limits: SpoolSettings | None = None, quarantine: bool = False,
+                 create: bool = True):
         """Open (creating if need be) a spool file.
 
-        `limits` (config.Limits) bounds it. With `quarantine`, a file that is not a sound spool (not a
+        `limits` (the [spool] settings) bounds it. Without `create`, a missing file is an error (SpoolMissing):
+        commands that only read or manage a spool never make one. With `quarantine`, a file that is not a sound
+        spool (not a
         database, or failing SQLite's quick check) is moved aside as NAME.corrupt-<time> and a fresh spool is
         started in its place: the long-running agent must not crash-loop on a corrupt file.
         """
@@ -202,7 +217,10 @@ class Store:
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
         self.busy_timeout = busy_timeout
-        self.limits = limits if limits is not None and limits.active else None
+        if not create and not self.path.exists():
+            raise SpoolMissing(f"no spool at {self.path}: nothing was spooled there yet (is --db, SPOOL_DB or "
+                               "spool.path the one you meant?)")
+        self.limits = limits if limits is not None and limits.bounded else None
         self.max_age = getattr(limits, "max_age", None)
         try:
             self._open(synchronous, check=quarantine)
@@ -213,12 +231,13 @@ class Store:
             log.error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
                       self.path, corrupt, moved.name)
             self._open(synchronous, check=False)
-            self.bump(corrupt_quarantined=1)
+            self.add_counts(corrupt_quarantined=1)
 
     @classmethod
-    def for_config(cls, config: Any, *, quarantine: bool = False) -> Store:
+    def for_config(cls, config: Config, *, quarantine: bool = False, create: bool = True) -> Store:
         """Open the spool a Config names, with its synchronous mode and limits."""
-        return cls(config.db, synchronous=config.synchronous, limits=config.limits, quarantine=quarantine)
+        return cls(config.db, synchronous=config.spool.synchronous, limits=config.spool, quarantine=quarantine,
+                   create=create)
 
     def _open(self, synchronous: str, *, check: bool) -> None:
         _create_private_file(self.path)
@@ -357,9 +376,9 @@ class Store:
             stage = conn.execute("INSERT INTO stages (owner, started_at) VALUES (?, ?) RETURNING id",
                                  (self.owner, time.time())).fetchone()[0]
         insert = (f"INSERT INTO records ({_COLUMNS}, state, stage, held_boot, held_mono) VALUES "
-                  f"(?, ?, ?, ?, ?, ?, ?, {STAGED}, {int(stage)}, NULL, NULL)")
+                  f"(?, ?, ?, ?, ?, ?, ?, {State.STAGED}, {int(stage)}, NULL, NULL)")
         hold = (f"UPDATE records SET held_boot = boot_id(), held_mono = boot_clock() "
-                f"WHERE state = {STAGED} AND stage = {int(stage)} AND t = 0 AND held_boot IS NULL")
+                f"WHERE state = {State.STAGED} AND stage = {int(stage)} AND t = 0 AND held_boot IS NULL")
         taken = 0
         try:
             while part := list(itertools.islice(rows, chunk)):
@@ -368,8 +387,8 @@ class Store:
                     conn.execute(hold)
                 taken += len(part)
             with self._bounded() as conn:
-                conn.execute(f"UPDATE records SET state = CASE WHEN t = 0 THEN {HELD} ELSE {PENDING} END, "
-                             f"stage = NULL WHERE state = {STAGED} AND stage = ?", (stage,))
+                conn.execute(f"UPDATE records SET state = CASE WHEN t = 0 THEN {State.HELD} ELSE {State.PENDING} END, "
+                             f"stage = NULL WHERE state = {State.STAGED} AND stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                 if file is not None:
                     self._mark_file(conn, file._replace(records=taken))
@@ -384,7 +403,7 @@ class Store:
         while True:
             with self._write() as conn:
                 gone = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE "
-                                    f"state = {STAGED} AND stage = ? LIMIT {SWEEP_CHUNK})", (stage,)).rowcount
+                                    f"state = {State.STAGED} AND stage = ? LIMIT {SWEEP_CHUNK})", (stage,)).rowcount
                 if gone < SWEEP_CHUNK:
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
@@ -407,7 +426,7 @@ class Store:
             with self._write() as conn:
                 yield conn
         except SpoolFull:
-            self.bump(refused_full=1)
+            self.add_counts(refused_full=1)
             raise
 
     def _enforce(self, conn: sqlite3.Connection, incoming: int) -> None:
@@ -421,7 +440,7 @@ class Store:
             return
         reject = limits.when_full == "reject_new"
         if limits.max_pending is not None:
-            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING}").fetchone()[0]
+            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}").fetchone()[0]
             excess = pending - limits.max_pending
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {pending - incoming} records pending, the limit is "
@@ -443,14 +462,14 @@ class Store:
         return pages * conn.execute("PRAGMA page_size").fetchone()[0]
 
     def _prune_some(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {SENT} "
+        return conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.SENT} "
                             "ORDER BY id LIMIT 1000)").rowcount
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
-        dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {PENDING} "
+        dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "
                                f"AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?)", (n,)).rowcount
         if dropped:
-            self._bump(conn, "dropped_oldest", dropped)
+            self._add_count(conn, "dropped_oldest", dropped)
             self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
         return dropped
 
@@ -466,20 +485,21 @@ class Store:
         if self.max_age is None:
             return 0
         with self._write() as conn:
-            dropped = conn.execute(f"DELETE FROM records WHERE state = {PENDING} AND t < ? AND id NOT IN ({_LEASED})",
+            dropped = conn.execute(f"DELETE FROM records WHERE state = {State.PENDING} AND t < ? "
+                                   f"AND id NOT IN ({_LEASED})",
                                    (now - self.max_age,)).rowcount
             if dropped:
-                self._bump(conn, "dropped_age", dropped)
+                self._add_count(conn, "dropped_age", dropped)
         return dropped
 
-    def bump(self, **counts: int) -> None:
+    def add_counts(self, **counts: int) -> None:
         """Add to named counters (drops, refusals, ...) in their own transaction."""
         with self._write() as conn:
             for name, n in counts.items():
-                self._bump(conn, name, n)
+                self._add_count(conn, name, n)
 
     @staticmethod
-    def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
+    def _add_count(conn: sqlite3.Connection, name: str, n: int) -> None:
         conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
                      "SET value = CAST(value AS INTEGER) + excluded.value", (f"count.{name}", n))
 
@@ -539,7 +559,7 @@ class Store:
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
         """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""
         where = f"split IS NOT NULL{self._shippable(now, keyed_only)}"
-        return self._lease(f"split = (SELECT min(split) FROM records WHERE state = {PENDING} AND {where} "
+        return self._lease(f"split = (SELECT min(split) FROM records WHERE state = {State.PENDING} AND {where} "
                            f"AND id NOT IN ({_LEASED})) ORDER BY t, id", (), now)
 
     def _shippable(self, now: float, keyed_only: bool) -> str:
@@ -552,7 +572,7 @@ class Store:
         with self._write() as conn:
             row = conn.execute(
                 f"INSERT INTO leases (ids, leased_at, owner) SELECT json_group_array(id), ?, ? FROM "
-                f"(SELECT id FROM records WHERE state = {PENDING} AND id NOT IN ({_LEASED}) AND {where}) "
+                f"(SELECT id FROM records WHERE state = {State.PENDING} AND id NOT IN ({_LEASED}) AND {where}) "
                 f"HAVING count(*) > 0 RETURNING id, ids", (now, self.owner, *params)).fetchone()
             if row is None:
                 return None
@@ -568,8 +588,8 @@ class Store:
         result) in it too, so keeping status true costs no commit of its own.
         """
         with self._write() as conn:
-            n = conn.execute(f"UPDATE records SET state = {SENT}, done_at = ?, split = NULL WHERE id IN ({_IDS}) "
-                             f"AND state = {PENDING}", (now, json.dumps(list(ids)))).rowcount
+            n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL WHERE id IN ({_IDS}) "
+                             f"AND state = {State.PENDING}", (now, json.dumps(list(ids)))).rowcount
             if lease is not None:
                 conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
             if note:
@@ -586,7 +606,7 @@ class Store:
         every = [i for half in halves for i in half]
         with self._write() as conn:
             for half in halves:
-                conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {PENDING}",
+                conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                              (min(half), json.dumps(list(half))))
             conn.execute(f"UPDATE leases SET ids = (SELECT json_group_array(value) FROM json_each(leases.ids) "
                          f"WHERE value NOT IN ({_IDS})) WHERE id = ?", (json.dumps(every), lease))
@@ -594,7 +614,7 @@ class Store:
 
     def suspects(self) -> int:
         """Return how many pending records are suspect (refused as part of a batch, not yet isolated)."""
-        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} "
+        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
                                  "AND split IS NOT NULL").fetchone()[0]
 
     def end_lease(self, lease: int) -> None:
@@ -607,8 +627,9 @@ class Store:
         """Move records to DEAD, keeping the receiver's reason, status and body."""
         with self._write() as conn:
             return conn.execute(
-                f"UPDATE records SET state = {DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, split = NULL "
-                f"WHERE id IN ({_IDS}) AND state = {PENDING}",
+                f"UPDATE records SET state = {State.DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, "
+                f"split = NULL "
+                f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                 (now, reason, http_status, body[:MAX_BODY], json.dumps(list(ids)))).rowcount
 
     def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
@@ -627,7 +648,7 @@ class Store:
             if unowned_before is not None:
                 where += " OR (owner IS NULL AND leased_at < ?)"
                 params.append(unowned_before)
-            named = conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} AND id IN "
+            named = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} AND id IN "
                                  f"(SELECT value FROM leases, json_each(leases.ids) WHERE {where})",
                                  params).fetchone()[0]
             conn.execute(f"DELETE FROM leases WHERE {where}", params)
@@ -646,7 +667,7 @@ class Store:
         while True:
             with self._write() as conn:
                 ids = [row[0] for row in conn.execute(
-                    f"SELECT id FROM records WHERE id > ? AND state = {SENT} AND done_at < ? ORDER BY id LIMIT ?",
+                    f"SELECT id FROM records WHERE id > ? AND state = {State.SENT} AND done_at < ? ORDER BY id LIMIT ?",
                     (after, sent_before, step))]
                 if ids:
                     conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
@@ -661,30 +682,33 @@ class Store:
 
     # -- dead letters ------------------------------------------------------------------------------
 
-    def dead(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Return dead records, oldest first, with the receiver's reason, status and body."""
         rows = self.conn.execute(
             f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
-            f"WHERE state = {DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+            f"WHERE state = {State.DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
         return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
                  "http_status": row[10], "body": row[11]} for row in rows]
 
-    def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Return dead records (all when `ids` is None) to PENDING for another try."""
-        with self._write() as conn:
-            clear = (f"UPDATE records SET state = {PENDING}, done_at = NULL, reason = NULL, "
-                     f"http_status = NULL, body = NULL WHERE state = {DEAD}")
-            if ids is None:
-                return conn.execute(clear).rowcount
-            return conn.execute(f"{clear} AND id IN ({_IDS})", (json.dumps(list(ids)),)).rowcount
+    def requeue_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
+        """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead)."""
+        clear = (f"UPDATE records SET state = {State.PENDING}, done_at = NULL, reason = NULL, "
+                 f"http_status = NULL, body = NULL WHERE state = {State.DEAD}")
+        return self._dead_by_ids(clear, ids)
 
-    def purge_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Delete dead records (all when `ids` is None)."""
+    def purge_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
+        """Delete dead records (all when `ids` is None); return (how many, ids that are not dead)."""
+        return self._dead_by_ids(f"DELETE FROM records WHERE state = {State.DEAD}", ids)
+
+    def _dead_by_ids(self, statement: str, ids: Sequence[int] | None) -> tuple[int, tuple[int, ...]]:
         with self._write() as conn:
             if ids is None:
-                return conn.execute(f"DELETE FROM records WHERE state = {DEAD}").rowcount
-            return conn.execute(f"DELETE FROM records WHERE state = {DEAD} AND id IN ({_IDS})",
-                                (json.dumps(list(ids)),)).rowcount
+                return conn.execute(statement).rowcount, ()
+            wanted = json.dumps(sorted(set(ids)))
+            missing = tuple(row[0] for row in conn.execute(
+                f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records WHERE state = {State.DEAD} "
+                f"AND id IN ({_IDS}))", (wanted, wanted)))
+            return conn.execute(f"{statement} AND id IN ({_IDS})", (wanted,)).rowcount, missing
 
     # -- what operators see -------------------------------------------------------------------------
 
@@ -692,26 +716,26 @@ class Store:
         """Return how many records are in each state."""
         counts = dict.fromkeys(COUNTED, 0)
         with self._read():  # one snapshot for both reads, so the numbers agree
-            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {STAGED} "
+            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {State.STAGED} "
                                               "GROUP BY state"):
-                counts[STATE_NAMES[state]] = n
+                counts[State(state).name.lower()] = n
             counts["pending"], counts["inflight"] = self.backlog()
         return counts
 
     def backlog(self) -> tuple[int, int]:
         """Return (pending, in flight) from the pending index alone: cheap enough to ask every minute."""
         with self._read():
-            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING}").fetchone()[0]
-            inflight = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} "
+            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}").fetchone()[0]
+            inflight = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
                                          f"AND id IN ({_LEASED})").fetchone()[0]
         return waiting - inflight, inflight
 
     def oldest_pending_t(self) -> int | None:
-        return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {PENDING}").fetchone()[0]
+        return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {State.PENDING}").fetchone()[0]
 
     def keyless_pending(self) -> int:
         """Return how many pending EZ records carry no ezkey of their own."""
-        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {PENDING} "
+        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
                                  "AND stat IS NOT NULL AND ezkey IS NULL").fetchone()[0]
 
     def size_bytes(self) -> int:
@@ -729,7 +753,7 @@ class Store:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
         sql = f"SELECT id, state, {_COLUMNS} FROM records"
         cursor = (self.conn.execute(f"{sql} WHERE state = ? ORDER BY id", (state,)) if state is not None
-                  else self.conn.execute(f"{sql} WHERE state != {STAGED} ORDER BY id"))
+                  else self.conn.execute(f"{sql} WHERE state != {State.STAGED} ORDER BY id"))
         for row in cursor:
             yield row[0], row[1], Record(*row[2:])
 
@@ -748,21 +772,24 @@ class Store:
         params = {"wall": wall, "mono": mono, "boot": boot, "floor": floor, "slack": wall + RESTAMP_SLACK}
         with self._write() as conn:
             restamped = conn.execute(
-                f"UPDATE records SET t = {placed}, state = {PENDING}, held_boot = NULL, held_mono = NULL "
-                f"WHERE state = {HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack", params).rowcount
+                f"UPDATE records SET t = {placed}, state = {State.PENDING}, held_boot = NULL, held_mono = NULL "
+                f"WHERE state = {State.HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack",
+                params).rowcount
             refused = conn.execute(
-                f"UPDATE records SET state = {DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
+                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
                 f"', which is in the future or before the floor (' || :floor || '): the monotonic clock is not "
-                f"to be trusted; its time is unknown', held_boot = NULL WHERE state = {HELD} AND held_boot = :boot",
+                f"to be trusted; its time is unknown', held_boot = NULL "
+                f"WHERE state = {State.HELD} AND held_boot = :boot",
                 params).rowcount
             lost = conn.execute(
-                f"UPDATE records SET state = {DEAD}, done_at = :wall, reason = 'stamped while the clock was wrong, "
-                f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {HELD} "
+                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, "
+                f"reason = 'stamped while the clock was wrong, "
+                f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {State.HELD} "
                 f"AND held_boot IS NOT :boot", params).rowcount
             if restamped:
-                self._bump(conn, "restamped", restamped)
+                self._add_count(conn, "restamped", restamped)
             if refused:
-                self._bump(conn, "restamp_refused", refused)
+                self._add_count(conn, "restamp_refused", refused)
             return restamped, refused + lost
 
     # -- compaction --------------------------------------------------------------------------------
@@ -781,7 +808,8 @@ class Store:
                 rows = conn.execute(
                     f"SELECT stat, key, ukey, ezkey, bucket, json_group_array(json_array(id, number)), "
                     f"json_array(stat, key, ukey, ezkey, bucket) AS tag FROM (SELECT id, stat, key, ukey, ezkey, "
-                    f"number, (t / ?) * ? AS bucket FROM records WHERE state = {PENDING} AND kind = 0 AND t > 0 "
+                    f"number, (t / ?) * ? AS bucket FROM records WHERE state = {State.PENDING} "
+                    f"AND kind = {Kind.COUNT} AND t > 0 "
                     f"AND id NOT IN ({_LEASED}) ORDER BY id) GROUP BY stat, key, ukey, ezkey, bucket "
                     f"HAVING count(*) > 1 AND tag > ? ORDER BY tag LIMIT ?",
                     (bucket, bucket, after, groups)).fetchall()
@@ -792,7 +820,7 @@ class Store:
                         conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
                         merged += len(ids) - 1
                 if merged:
-                    self._bump(conn, "compacted", merged)
+                    self._add_count(conn, "compacted", merged)
             saved += merged
             if len(rows) < groups:
                 return saved
@@ -801,9 +829,9 @@ class Store:
     # -- moving backlog ----------------------------------------------------------------------------
 
     # "all" leaves out HELD records: their time is not known yet, so no file can carry them (import refuses t=0).
-    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {PENDING}", "sent": f"state = {SENT}",
-                                              "dead": f"state = {DEAD}",
-                                              "all": f"state IN ({PENDING}, {SENT}, {DEAD})"}
+    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {State.PENDING}", "sent": f"state = {State.SENT}",
+                                              "dead": f"state = {State.DEAD}",
+                                              "all": f"state IN ({State.PENDING}, {State.SENT}, {State.DEAD})"}
 
     def _selection(self, state: str, since: int | None, until: int | None,
                    stat_glob: str | None = None) -> tuple[str, list[Any]]:

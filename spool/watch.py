@@ -30,9 +30,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from spool.config import WatchConfig
+from spool.config import WatchSettings
 from spool.durable import fsync_dir
 from spool.errors import InvalidRecord, StoreError, printable
 from spool.formats import SUFFIXES, reader_for, to_records
@@ -140,7 +140,7 @@ class Ingestor:
         self.interrupted = interrupted
 
     @classmethod
-    def for_watch(cls, store: Store, watch: WatchConfig, **kwargs: object) -> Ingestor:
+    def for_watch(cls, store: Store, watch: WatchSettings, **kwargs: object) -> Ingestor:
         return cls(store, skip_invalid=watch.skip_invalid, after=watch.after, max_bytes=watch.max_bytes,
                    **kwargs)  # type: ignore[arg-type]
 
@@ -350,7 +350,7 @@ class DirectoryWatcher:
     kernel dropped events) makes sure no file waits for a restart whatever the events did.
     """
 
-    def __init__(self, watch: WatchConfig, store: Store, *, shutdown: threading.Event | None = None,
+    def __init__(self, watch: WatchSettings, store: Store, *, shutdown: threading.Event | None = None,
                  on_ingested: Callable[[IngestResult], None] | None = None, t_floor: int = T_FLOOR,
                  monotonic: Callable[[], float] = time.monotonic):
         self.watch = watch
@@ -363,6 +363,7 @@ class DirectoryWatcher:
         self.results: collections.deque[IngestResult] = collections.deque(maxlen=RECENT)  # recent files only
         self.outcomes: collections.Counter[str] = collections.Counter()  # files by outcome, since start
         self.ingested_records = 0
+        self._stats_lock = threading.Lock()  # this watcher's thread counts, /metrics reads (snapshot)
         self.overflowed = threading.Event()  # the kernel dropped events: rescan now
         self._queue: queue.Queue[tuple[str, bool] | None] = queue.Queue()  # (path, must settle); None: stop
         # Files still settling: (when to look again, path, (size, mtime_ns) when last seen), and their paths.
@@ -371,6 +372,11 @@ class DirectoryWatcher:
         self._next_scan = float("inf")
         self._observer = None
         self._overflow_watch = _OverflowWatch(self.overflowed)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Files by outcome and records taken since start, copied under the lock (for /metrics)."""
+        with self._stats_lock:
+            return {"outcomes": dict(self.outcomes), "records": self.ingested_records}
 
     def check_directory(self) -> None:
         """Fail early, with a clear reason, if the directory cannot be watched."""
@@ -532,9 +538,10 @@ class DirectoryWatcher:
             self.offer(path, settle=True)  # it grew or was replaced while being moved: look again
         level = logging.WARNING if result.outcome in ("rejected", "failed") else logging.INFO
         log.log(level, "%s", result.describe())
-        self.results.append(result)
-        self.outcomes[result.outcome] += 1
-        self.ingested_records += result.records
+        with self._stats_lock:
+            self.results.append(result)
+            self.outcomes[result.outcome] += 1
+            self.ingested_records += result.records
         if result.outcome == "ingested":
             self.on_ingested(result)
 

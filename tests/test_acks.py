@@ -11,7 +11,7 @@ from spool.records import record_rows
 from spool.ship import Shipper
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, make_config, run_cli, spawn_cli
+from .helpers import T0, TEST_EZKEY, cli_env, make_config, run_cli, spawn_cli
 from .reliability.faultproxy import FaultProxy
 
 

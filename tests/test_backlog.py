@@ -13,12 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spool import Spool
-from spool.config import Limits
 from spool.errors import SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .conftest import T0, cli_env, run_cli
+from .helpers import T0, cli_env, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -26,7 +25,7 @@ def records(n, start=0, stat="s"):
 
 
 def test_drop_oldest_keeps_the_newest_records_and_counts_exactly_what_it_dropped(db):
-    with Spool(db, limits=Limits(max_pending=100)) as sp:
+    with Spool(db, max_pending=100) as sp:
         sp.add_many(records(80))
         sp.add_many(records(50, start=80))
         sp.count("single", 1, t=T0 + 1000)
@@ -37,7 +36,7 @@ def test_drop_oldest_keeps_the_newest_records_and_counts_exactly_what_it_dropped
 
 
 def test_reject_new_refuses_the_whole_append_and_counts_it(db):
-    with Spool(db, limits=Limits(max_pending=100, when_full="reject_new")) as sp:
+    with Spool(db, max_pending=100, when_full="reject_new") as sp:
         sp.add_many(records(90))
         with pytest.raises(SpoolFull, match="spool full: 90 records pending, the limit is 100; 20 new records"):
             sp.add_many(records(20, start=90))
@@ -49,7 +48,7 @@ def test_reject_new_refuses_the_whole_append_and_counts_it(db):
 
 
 def test_records_in_flight_are_never_dropped(db):
-    with Spool(db, limits=Limits(max_pending=10)) as sp:
+    with Spool(db, max_pending=10) as sp:
         sp.add_many(records(10))
         lease = sp.store.lease(10, now=T0, keyed_only=False)
         sp.add_many(records(5, start=10))
@@ -61,7 +60,7 @@ def test_records_in_flight_are_never_dropped(db):
 
 
 def test_a_byte_bound_prunes_sent_records_first_then_drops_oldest(db):
-    with Spool(db, limits=Limits(max_spool_bytes=400_000)) as sp:
+    with Spool(db, max_spool_bytes=400_000) as sp:
         sp.add_many(records(3000, stat="old"))
         lease = sp.store.lease(3000, now=T0, keyed_only=False)
         sp.store.ack([i.id for i in lease.items], now=T0, lease=lease.id)
@@ -75,7 +74,7 @@ def test_a_byte_bound_prunes_sent_records_first_then_drops_oldest(db):
 
 
 def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
-    with Spool(db, limits=Limits(max_age=3600)) as sp:
+    with Spool(db, max_age=3600) as sp:
         sp.add_many([*records(3), {"stat": "fresh", "count": 1, "t": T0 + 10_000}])
         lease = sp.store.lease(10, now=T0 + 10_000, keyed_only=False)
         assert [i.record.stat for i in lease.items] == ["fresh"]
@@ -154,7 +153,7 @@ def test_status_json_reports_the_counters(db, tmp_path):
 def test_the_drain_keeps_to_max_requests_per_second(db, receiver):
     from spool.ship import Shipper
 
-    from .conftest import make_config
+    from .helpers import make_config
     from .test_ship import SleepClock
 
     with Spool(db) as sp:
@@ -175,7 +174,7 @@ def test_run_waits_a_jittered_delay_before_draining_a_backlog(db, receiver):
 
     from spool.ship import Shipper
 
-    from .conftest import make_config
+    from .helpers import make_config
 
     with Spool(db) as sp:
         sp.add_many(records(5))
@@ -272,14 +271,15 @@ def test_doctor_fails_with_a_fix_for_each_problem(db, tmp_path):
     failed = {line.split(":")[0][5:] for line in result.stdout.splitlines() if line.startswith("FAIL")}
     assert {"ezkey", "endpoint", f"watch {tmp_path / 'gone'}"} <= failed
     assert all("-- fix:" in line for line in result.stdout.splitlines() if line.startswith("FAIL"))
-    assert "spool: error:" in result.stderr and "check(s) failed" in result.stderr
+    assert "spool: error: 3 checks failed: ezkey, endpoint, watch" in result.stderr
 
 
 def test_doctor_catches_a_clock_from_before_the_release(db):
     from spool.config import Config
     from spool.doctor import checks
 
-    verdicts = {v.name: v for v in checks(Config(db=db), config_file=None, clock=lambda: 86_400.0,
+    config = Config().replace(**{"spool.path": db})
+    verdicts = {v.name: v for v in checks(lambda: config, fallback=lambda: config, clock=lambda: 86_400.0,
                                           probe=lambda url, timeout: "HTTP 200")}
     assert not verdicts["clock"].ok and "1970-01-02" in verdicts["clock"].detail and "NTP" in verdicts["clock"].fix
 
@@ -362,15 +362,15 @@ def test_held_records_from_an_earlier_boot_become_dead_with_the_reason(db):
     with Spool(db) as sp:
         sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
         assert sp.store.restamp_held(wall=1_800_000_000.0, mono=5.0, boot="another-boot", floor=T0) == (0, 1)
-        [dead] = sp.dead()
-        assert "earlier boot" in dead["reason"]
+        [dead] = sp.dead_letters()
+        assert "earlier boot" in dead.reason
 
 
 def test_the_shipper_restamps_held_records_once_its_clock_is_sane(db, receiver):
     from spool.records import stamp
     from spool.ship import Shipper
 
-    from .conftest import make_config
+    from .helpers import make_config
 
     with Spool(db) as sp:
         sp.append(make_record(stat="early", count=1, clock_now=stamp(86_400.0)))
@@ -405,10 +405,10 @@ def test_a_version_1_spool_is_migrated_keeping_its_records(db):
 def test_compaction_never_merges_past_what_validation_accepts_and_housekeeping_goes_on(db, receiver):
     from spool.ship import Shipper
 
-    from .conftest import make_config
+    from .helpers import make_config
 
     big_int, big_float = 2**62, 1e308
-    with Spool(db, limits=Limits(max_age=3600)) as sp:
+    with Spool(db, max_age=3600) as sp:
         sp.add_many([{"stat": "ints", "count": big_int, "t": T0}, {"stat": "ints", "count": big_int, "t": T0},
                      {"stat": "floats", "count": big_float, "t": T0}, {"stat": "floats", "count": big_float, "t": T0},
                      {"stat": "small", "count": 1, "t": T0}, {"stat": "small", "count": 2, "t": T0}])
@@ -416,7 +416,7 @@ def test_compaction_never_merges_past_what_validation_accepts_and_housekeeping_g
         numbers = sorted((r.stat, r.number) for _, _, r in sp.store.records())
         assert numbers == [("floats", big_float), ("floats", big_float), ("ints", big_int), ("ints", big_int),
                            ("small", 3)]
-    config = make_config(db, receiver, compact_counts=60, limits=Limits(max_age=3600))
+    config = make_config(db, receiver, compact_counts=60, max_age=3600)
     with Store.for_config(config) as store, Shipper(store, config, clock=lambda: T0 + 7200.0) as shipper:
         shipper.housekeeping()  # compaction runs, then max_age drops the (now too old) records: it got there
         assert store.counts()["pending"] == 0 and store.counters()["dropped_age"] == 5

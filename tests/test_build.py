@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import T0, TEST_EZKEY, wait_for, wait_for_line
+from .helpers import T0, TEST_EZKEY, wait_for, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"  # the Python the boxes have, not the venv's

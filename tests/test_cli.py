@@ -14,7 +14,7 @@ from spool.cli import cli
 from spool.records import make_record
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli, stop_agent, wait_for
+from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli, stop_agent, wait_for
 
 
 def assert_one_line_error(result, status, text):
@@ -46,7 +46,7 @@ def test_add_without_t_stamps_the_current_time(db):
 
 @pytest.mark.parametrize(("args", "text"), [
     (["add", "s", "--value", "nan"], "value must be a finite number"),
-    (["add", "s", "--value", "abc"], "value 'abc' is not a number"),
+    (["add", "s", "--value", "abc"], "'--value': 'abc' is not a number"),
     (["add", "s", "--count", "1", "--t", "1700000000000"], "looks like milliseconds"),
     (["add", "s", "--count", "1", "--value", "2"], "not both"),
     (["add", "s"], "give count or value"),
@@ -118,7 +118,7 @@ def test_status_explains_why_records_are_stuck(db):
     result = run_cli(db, "status")
     assert result.returncode == 0
     assert "pending    1" in result.stdout
-    assert "have no ezkey and none is configured" in result.stdout
+    assert "carry no ezkey and none is configured" in result.stdout
     assert "no shipper is running" in result.stdout
 
 
@@ -141,7 +141,7 @@ def test_ship_once_gives_up_after_max_time_saying_what_is_left(db, receiver):
     result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
                      env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
     assert result.returncode == 1
-    assert "spool: error: 1 records still pending: stopped after 1 s; last error: HTTP 503" in result.stderr
+    assert "spool: error: 1 record still pending: stopped after 1 s; last error: HTTP 503" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -192,8 +192,8 @@ def test_dead_list_requeue_and_purge(db, receiver):
     listed = [json.loads(line) for line in run_cli(db, "dead", "list", "--json").stdout.splitlines()]
     assert [(d["stat"], d["number"], d["reason"]) for d in listed] == [
         ("poison", 1, "invalid stat name"), ("poison", 2, "invalid stat name")]
-    assert "requeued 1 records" in run_cli(db, "dead", "requeue", str(listed[0]["id"])).stderr
-    assert "purged 1 records" in run_cli(db, "dead", "purge", "--all").stderr
+    assert "requeued 1 record\n" in run_cli(db, "dead", "requeue", str(listed[0]["id"])).stderr
+    assert "purged 1 record\n" in run_cli(db, "dead", "purge", "--all").stderr
     status = json.loads(run_cli(db, "status", "--json").stdout)
     assert (status["pending"], status["dead"], status["sent"]) == (1, 0, 1)
 

@@ -16,7 +16,7 @@ import pytest
 
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli
+from .helpers import T0, TEST_EZKEY, cli_env, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime (libfaketime) is not installed")
 

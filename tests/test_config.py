@@ -1,7 +1,8 @@
-"""Configuration: precedence, validation with one clear error per mistake, and key handling."""
+"""Configuration: declared once, loaded in order, every mistake one clear error, keys read only to ship."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -13,10 +14,14 @@ import pytest
 from spool import config
 from spool.errors import ConfigError
 
+from .helpers import cli_env, run_cli
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path, text):
@@ -25,41 +30,71 @@ def write(tmp_path, text):
     return path
 
 
-def test_defaults_when_nothing_is_given(tmp_path):
+def test_defaults_when_nothing_is_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "no-such.toml")
     cfg = config.load(env={"HOME": str(tmp_path)})
-    assert cfg.endpoint == "https://api.stathat.com"
-    assert cfg.batch_size == 500 and cfg.synchronous == "full" and cfg.retention == 7 * 86400
+    assert cfg.ship.endpoint == "https://api.stathat.com" and cfg.file is None
+    assert cfg.ship.batch_size == 500 and cfg.spool.synchronous == "full" and cfg.spool.retention == 7 * 86400
     assert cfg.db == tmp_path / ".local" / "state" / "spool" / "spool.db"
     assert config.load(env={"XDG_STATE_HOME": "/srv/state"}).db.as_posix() == "/srv/state/spool/spool.db"
+    assert cfg.source == "built-in defaults"
 
 
 def test_flags_beat_environment_beat_file_beat_defaults(tmp_path):
     path = write(tmp_path, '[ship]\nendpoint = "https://file.example"\nbatch_size = 100\ntimeout = "30s"\n')
-    env = {"SPOOL_ENDPOINT": "https://env.example"}
-    cfg = config.load(path, env=env, batch_size=200)
-    assert (cfg.endpoint, cfg.batch_size, cfg.timeout) == ("https://env.example", 200, 30.0)
+    env = {"SPOOL_ENDPOINT": "https://env.example", "SPOOL_SHIP_TIMEOUT": "45"}
+    cfg = config.load(path, env=env, batch_size="200")
+    assert (cfg.ship.endpoint, cfg.ship.batch_size, cfg.ship.timeout) == ("https://env.example", 200, 45.0)
     cfg = config.load(path, env=env, endpoint="https://flag.example")
-    assert cfg.endpoint == "https://flag.example"
+    assert cfg.ship.endpoint == "https://flag.example"
 
 
-def test_the_config_file_can_come_from_the_environment(tmp_path):
+def test_every_setting_can_come_from_the_environment_by_section_and_key(tmp_path):
+    env = {"SPOOL_SPOOL_MAX_PENDING": "1000", "SPOOL_RELAY_ENABLED": "yes", "SPOOL_LOG_LEVEL": "debug",
+           "SPOOL_SPOOL_MAX_SPOOL_BYTES": "5M", "SPOOL_METRICS_LISTEN": "true", "SPOOL_SHIP_EZKEY": "env-key",
+           "SPOOL_DB": str(tmp_path / "short.db"), "SPOOL_SPOOL_PATH": str(tmp_path / "long.db")}
+    cfg = config.load(env=env)
+    assert cfg.spool.max_pending == 1000 and cfg.relay.enabled is True and cfg.log.level == "debug"
+    assert cfg.spool.max_spool_bytes == 5 << 20 and cfg.metrics.listen == "127.0.0.1:9464"
+    assert cfg.ship.ezkey == "env-key"
+    assert cfg.db == tmp_path / "long.db" and cfg.db_source == "SPOOL_SPOOL_PATH"  # the long name wins
+    with pytest.raises(ConfigError, match="SPOOL_SHIP_BATCH_SIZE must be a whole number"):
+        config.load(env={"SPOOL_SHIP_BATCH_SIZE": "lots"})
+
+
+def test_the_config_file_comes_from_the_flag_the_environment_or_the_default_location(tmp_path, monkeypatch):
     path = write(tmp_path, "[spool]\nsynchronous = 'normal'\n")
-    assert config.load(env={"SPOOL_CONFIG": str(path)}).synchronous == "normal"
+    assert config.load(env={"SPOOL_CONFIG": str(path)}).spool.synchronous == "normal"
+    default = tmp_path / "etc-spool.toml"
+    default.write_text("[ship]\nbatch_size = 42\n")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", default)
+    cfg = config.load(env={})
+    assert cfg.ship.batch_size == 42 and cfg.source == f"{default} (from the default location)"
+    assert config.load(path, env={}).ship.batch_size == 500  # --config wins over the default location
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.toml", env={})
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[ship]\nendpiont = 'x'\n", "unknown key 'endpiont' in [ship]; did you mean 'endpoint'?"),
     ("[shp]\n", "unknown section [shp]; did you mean 'ship'?"),
-    ("[ship]\nbatch_size = 5000\n", "ship.batch_size must be at most 1000"),
-    ("[ship]\nbatch_size = 0\n", "ship.batch_size must be a positive whole number"),
+    ("[ship]\nbatch_size = 5000\n", "ship.batch_size must be a whole number from 1 to 1000, not 5000"),
+    ("[ship]\nbatch_size = 0\n", "ship.batch_size must be a whole number from 1 to 1000, not 0"),
+    ("[ship]\nbatch_size = \"500\"\n", 'ship.batch_size must be a whole number from 1 to 1000, not "500"'),
+    ("[relay]\nenabled = \"yes\"\n", 'relay.enabled must be true or false, not "yes"'),
     ("[ship]\ntimeout = 'soon'\n", "ship.timeout must be a duration"),
-    ("[spool]\nsynchronous = 'off'\n", "spool.synchronous must be one of full, normal"),
+    ("[spool]\nsynchronous = 'off'\n", 'spool.synchronous must be one of "full", "normal"'),
     ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
     ("ship = 3\n", "'ship' must be a [ship] table"),
     ("[ship\n", "not valid TOML"),
     ("[ship]\nbackoff_initial = '2m'\nbackoff_max = '1m'\n", "backoff_initial must not be larger"),
+    ("[ship]\nendpoint = 'https://api.stathat.com/ez'\n", "give the API root (https://api.stathat.com)"),
+    ("[ship]\nendpoint = 'http://stathat.example'\n", "plain http to a remote host"),
+    ("[relay]\nlisten = '0.0.0.0:8080'\n", "set relay.allow_remote = true"),
+    ("[relay]\nlisten = 'localhost:http'\n", "relay.listen must be HOST:PORT"),
+    ("[metrics]\nlisten = '10.0.0.1:9464'\n", "set metrics.allow_remote = true"),
 ])
-def test_each_mistake_gives_one_clear_error(tmp_path, text, message):
+def test_each_mistake_gives_one_clear_error_when_the_config_is_loaded(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, text), env={})
     assert message in str(caught.value)
@@ -67,20 +102,36 @@ def test_each_mistake_gives_one_clear_error(tmp_path, text, message):
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
-    (30, 30.0), (0.5, 0.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("2h", 7200.0), ("7d", 604800.0),
+    (30, 30.0), (0.5, 0.5), ("90", 90.0), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("2h", 7200.0),
+    ("7d", 604800.0), ("1w", 604800.0), ("1h30m", 5400.0), ("1d 12h", 129600.0),
 ])
 def test_durations(text, seconds):
-    assert config.parse_duration(text, "x") == seconds
+    assert config.Duration().parse(text, "x", False) == seconds
 
 
-def test_the_ezkey_is_read_from_a_key_file_and_never_shown(tmp_path, caplog):
+@pytest.mark.parametrize("text", ["soon", "5 minutes", "1h30", "-5", "m", ""])
+def test_durations_refused(text):
+    with pytest.raises(ConfigError, match="x must be a duration"):
+        config.Duration().parse(text, "x", False)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    (1048576, 1 << 20), ("512K", 512 << 10), ("5M", 5 << 20), ("1G", 1 << 30), ("256MiB", 256 << 20),
+    ("5MB", 5_000_000), ("1000", 1000),
+])
+def test_sizes(text, size):
+    assert config.Size().parse(text, "x", False) == size
+
+
+def test_the_ezkey_is_read_from_a_key_file_only_when_shipping_and_never_shown(tmp_path, caplog):
     key_file = tmp_path / "ezkey"
     key_file.write_text("file-key-123\n")
     os.chmod(key_file, 0o600)
     cfg = config.load(write(tmp_path, f"[ship]\nezkey_file = '{key_file}'\n"), env={})
-    assert cfg.ezkey == "file-key-123"
+    assert cfg.ezkey() == "file-key-123"
     assert "file-key-123" not in repr(cfg)
-    assert config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey == "file-key-123"
+    assert config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey() == "file-key-123"
+    assert "env-secret" not in repr(config.load(env={"SPOOL_EZKEY": "env-secret"}))
     assert not caplog.records
 
 
@@ -89,38 +140,62 @@ def test_a_world_readable_key_file_is_warned_about(tmp_path, caplog):
     key_file.write_text("k")
     os.chmod(key_file, 0o644)
     with caplog.at_level(logging.WARNING, logger="spool"):
-        config.load(env={"SPOOL_EZKEY_FILE": str(key_file)})
+        config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey()
     assert "readable by every user" in caplog.text
     assert "k\n" not in caplog.text
 
 
-def test_a_missing_or_empty_key_file_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read ezkey_file"):
-        config.load(env={"SPOOL_EZKEY_FILE": str(tmp_path / "missing")})
+def test_a_missing_or_empty_key_file_stops_shipping_not_loading(tmp_path):
+    cfg = config.load(env={"SPOOL_EZKEY_FILE": str(tmp_path / "missing")})  # producers need no key
+    with pytest.raises(ConfigError, match=r"cannot read ship\.ezkey_file"):
+        cfg.ezkey()
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
-        config.load(env={"SPOOL_EZKEY_FILE": str(tmp_path / "empty")})
+        config.load(env={"SPOOL_EZKEY_FILE": str(tmp_path / "empty")}).ezkey()
 
 
-def test_the_example_config_in_packaging_is_valid_and_names_every_option(tmp_path):
-    example = (Path(__file__).parent.parent / "packaging" / "spool.toml").read_text()
-    key_file = tmp_path / "ezkey"
-    key_file.write_text("k")
-    os.chmod(key_file, 0o600)
-    values = config.read_file(write(tmp_path, example.replace("/etc/spool/ezkey", str(key_file))))
-    assert values["batch_size"] == 500 and values["ezkey"] == "k"
-    for section, keys in config._SCHEMA.items():
-        assert f"[{section}]" in example
-        for key in keys:
-            assert f"\n{key} = " in example or f"\n# {key} = " in example, f"{section}.{key} is not documented"
-    assert "\n# [[watch]]\n" in example
-    for key in config._WATCH_SCHEMA:
-        assert f"\n# {key} = " in example, f"watch.{key} is not documented"
-    for key in config._RELAY_SCHEMA:
-        assert f"\n{key} = " in example or f"\n# {key} = " in example, f"relay.{key} is not documented"
-    assert values["relay"].listen == "127.0.0.1:8080" and values["relay"].enabled is False
-    # The commented example must itself be valid: uncomment its settings and read it.
-    watch_part = example[example.index("\n# [[watch]]"):example.index("\n[relay]")]
-    uncommented = re.sub(r"(?m)^# (\[\[watch\]\]|\w+ = .*)$", r"\1", watch_part)
-    entry = config.watch_entry(tomllib.loads(uncommented)["watch"][0], "example")
-    assert entry.max_bytes == 256 << 20 and entry.after == "move"
+def test_a_missing_key_file_never_stops_producers_but_stops_shipping_loudly(db, tmp_path):
+    env = cli_env(db, SPOOL_EZKEY_FILE=str(tmp_path / "no-such-key"))
+    assert run_cli(db, "add", "s", "--count", "1", env=env).returncode == 0
+    assert run_cli(db, "status", env=env).returncode == 0
+    assert run_cli(db, "dead", "list", env=env).returncode == 0
+    shipped = run_cli(db, "ship", "--once", "--max-time", "5", env=env)
+    assert shipped.returncode == 1
+    assert "cannot read ship.ezkey_file" in shipped.stderr.splitlines()[-1]
+
+
+def test_the_example_config_is_generated_from_the_declarations_and_is_valid(tmp_path):
+    example = (ROOT / "packaging" / "spool.toml").read_text()
+    assert example == config.example_toml(), "regenerate it: python -m spool.config toml > packaging/spool.toml"
+    values = config.read_file(write(tmp_path, example))
+    assert values["relay"] == config.RelaySettings() and values["log"] == config.LogSettings()
+    # A system-wide install: the spool under /var/lib/spool, the key in a file beside this config.
+    assert values["spool"].path == Path("/var/lib/spool/spool.db")
+    assert values["ship"] == config.ShipSettings(ezkey_file=Path("/etc/spool/ezkey"))
+    # The commented settings must themselves be valid: uncomment them all and read the file again.
+    uncommented = re.sub(r"(?m)^# (\[\[watch\]\]|\w+ = .*)$", r"\1", example)
+    document = tomllib.loads(uncommented)
+    config.watch_entry(document["watch"][0], "example")
+    config.read_file(write(tmp_path, uncommented))
+
+
+def test_the_readme_reference_table_is_generated_from_the_declarations():
+    readme = (ROOT / "README.md").read_text()
+    assert config.reference_markdown() in readme, "regenerate it: python -m spool.config markdown"
+
+
+def test_every_setting_has_help_and_a_type_and_a_flag_only_once():
+    flags = []
+    for section in [*config.SECTIONS.values(), config.WatchSettings]:
+        for field in dataclasses.fields(section):
+            assert field.metadata["help"] and isinstance(field.metadata["kind"], config.SettingType)
+            if field.metadata["flag"]:
+                flags.append(field.metadata["flag"])
+    assert len(flags) == len(set(flags))
+
+
+def test_replace_takes_section_and_key_or_a_key_no_two_sections_share():
+    cfg = config.Config().replace(batch_size=10, **{"relay.listen": "127.0.0.1:1"})
+    assert cfg.ship.batch_size == 10 and cfg.relay.listen == "127.0.0.1:1"
+    with pytest.raises(ConfigError, match="several sections"):
+        config.Config().replace(allow_remote=True)

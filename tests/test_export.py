@@ -12,7 +12,7 @@ from spool.records import HELD_T, make_record
 from spool.store import Store
 from spool.testing import Receiver
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for
+from .helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for
 
 
 def backlog(db, n, stat="s"):
@@ -56,7 +56,7 @@ def test_export_all_leaves_held_records_in_the_spool_and_says_so(db, tmp_path):
         sp.count("timed", 1, t=T0)
     result = run_cli(db, "export", "--state", "all", "--remove", str(out))
     assert result.returncode == 0
-    assert "exported 1 records and removed them from this spool, 1 held records left out" in result.stderr
+    assert "exported 1 record and removed them from this spool, 1 held record left out" in result.stderr
     assert stats_in_file(out) == Counter({"timed": 1})
     with Store(db) as store:
         assert store.counts()["held"] == 1

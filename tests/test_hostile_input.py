@@ -18,8 +18,7 @@ from spool.formats import read_json_stream, to_records
 from spool.records import parse_record, record_rows
 from spool.store import Store
 
-from .conftest import T0, cli_env, run_cli, wait_for
-from .test_relay import running
+from .helpers import T0, cli_env, run_cli, running_relay, wait_for
 
 STATHAT_EXAMPLE = """{
     "ezkey": "XXXYYYZZZ",
@@ -134,7 +133,7 @@ def test_a_drop_file_with_a_lone_surrogate_is_rejected_with_the_reason(db, tmp_p
 def shared_relay(tmp_path_factory):
     """One relay for the tests that only look at its answers (starting and stopping one costs half a second)."""
     db = tmp_path_factory.mktemp("relay") / "spool.db"
-    with running(db) as relay:
+    with running_relay(db) as relay:
         yield relay, db
 
 
@@ -166,7 +165,7 @@ def test_the_relays_writer_survives_an_error_nobody_expected_and_health_says_so(
     # A row SQLite cannot encode (validation refuses such text now, so it is handed to the writer directly):
     # the real sqlite3 module raises UnicodeEncodeError, which is no StoreError.
     unexpected = ("a\ud800", None, None, "k", 0, 1, T0)
-    with running(db) as relay:
+    with running_relay(db) as relay:
         with pytest.raises(StoreError, match="UnicodeEncodeError"):
             within(lambda: relay.writer.write([unexpected]))
         health = http("GET", relay.url + "/healthz")
@@ -198,7 +197,7 @@ def within(call, seconds=30):
 
 
 def test_one_bad_request_in_a_group_does_not_fail_the_others(db):
-    with running(db) as relay:
+    with running_relay(db) as relay:
         results = {}
 
         def write(name, stat):

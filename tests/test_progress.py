@@ -14,7 +14,7 @@ from spool.records import make_record
 from spool.ship import AdaptiveLimit, Shipper
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, cli_env, make_config, run_cli
+from .helpers import T0, TEST_EZKEY, cli_env, make_config, run_cli
 
 
 def backlog(db, n, *, poison=(), seed=0):
@@ -77,7 +77,7 @@ def test_every_record_ends_sent_or_dead_whatever_transient_failures_come(db, rec
         assert shipper.drain(max_time=120).done
         counts = store.counts()
         assert (counts["pending"], counts["inflight"], store.lease_count(), store.suspects()) == (0, 0, 0, 0)
-        assert sorted(d["record"].stat for d in store.dead()) == sorted(poison)
+        assert sorted(d["record"].stat for d in store.dead_letters()) == sorted(poison)
     assert Counter(a["stat"] for a in receiver.accepted) == clean
 
 
@@ -230,7 +230,7 @@ def test_ship_once_and_import_show_progress_on_a_terminal_and_nothing_when_not(d
     status, shown = on_a_terminal(["ship", "--once"], env)
     assert status == 0 and "shipping" in shown and "30000/30000" in shown
     piped = run_cli(db, "import", str(big), env=env)
-    assert "importing" not in piped.stderr and piped.stderr == "imported 30000 records\n"
+    assert "importing" not in piped.stderr and piped.stderr == "imported 30,000 records\n"
 
 
 def test_a_batch_the_receiver_took_only_part_of_is_dead_with_the_answer_and_never_resent(db, receiver):

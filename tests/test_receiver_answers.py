@@ -11,7 +11,7 @@ from spool.errors import Refused, TransientError
 from spool.records import make_record
 from spool.stathat import StatHatClient, classify_response
 
-from .conftest import T0, TEST_EZKEY, cli_env, run_cli
+from .helpers import T0, TEST_EZKEY, cli_env, run_cli
 
 NESTED = "[" * 20_000 + "]" * 20_000  # far past Python's recursion limit, yet small
 
@@ -76,7 +76,7 @@ def test_ship_once_against_a_trickling_receiver_ends_within_its_max_time(db, rec
     result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--timeout", "1", "--max-time", "5",
                      env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
     assert result.returncode == 1, result.stderr
-    assert "1 records still pending: stopped after 5 s; last error: no complete answer within 1 s" in result.stderr
+    assert "1 record still pending: stopped after 5 s; last error: no complete answer within 1 s" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -102,7 +102,7 @@ def test_ship_once_against_a_receiver_answering_deep_nesting_says_why_and_exits_
     result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
                      env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
     assert result.returncode == 1, result.stderr
-    assert ("1 records still pending: stopped after 1 s; last error: HTTP 200 with a body that is not "
+    assert ("1 record still pending: stopped after 1 s; last error: HTTP 200 with a body that is not "
             "StatHat's answer") in result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
 

@@ -6,12 +6,11 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import requests
 
-from spool.config import RelayConfig
+from spool.config import RelaySettings
 from spool.errors import ConfigError
 from spool.metrics import Metrics
 from spool.records import make_record
@@ -19,21 +18,18 @@ from spool.relay import Relay
 from spool.ship import Shipper
 from spool.store import Store
 
-from .conftest import T0, TEST_EZKEY, UNPACED, cli_env, make_config, spawn_cli, stop_agent, wait_for, wait_for_line
-
-
-@contextmanager
-def running(db, **options):
-    config = RelayConfig(enabled=True, listen="127.0.0.1:0", **options)
-    metrics = Metrics(Store(db))
-    relay = Relay(config, Store(db), health=metrics.health, metrics=metrics.render).start()
-    metrics.relay = relay
-    try:
-        yield relay
-    finally:
-        relay.stop()
-        relay.writer.store.close()
-        metrics.store.close()
+from .helpers import (
+    T0,
+    TEST_EZKEY,
+    UNPACED,
+    cli_env,
+    make_config,
+    running_relay,
+    spawn_cli,
+    stop_agent,
+    wait_for,
+    wait_for_line,
+)
 
 
 def spooled(db):
@@ -43,7 +39,7 @@ def spooled(db):
 
 @pytest.fixture
 def relay(db):
-    with running(db) as r:
+    with running_relay(db) as r:
         yield r
 
 
@@ -121,7 +117,7 @@ def test_a_key_is_never_echoed_in_a_refusal(relay):
 
 
 def test_an_oversized_body_is_refused_without_reading_it(db):
-    with running(db, max_body=1000) as relay:
+    with running_relay(db, max_body=1000) as relay:
         answer = requests.post(f"{relay.url}/ez", data=b"x" * 5000,
                                headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert answer.json() == {"status": 500, "msg": "request body too large (limit 1000 bytes)"}
@@ -129,7 +125,7 @@ def test_an_oversized_body_is_refused_without_reading_it(db):
 
 
 def test_a_slow_client_cannot_hold_a_worker(db):
-    with running(db, request_timeout=0.5) as relay:
+    with running_relay(db, request_timeout=0.5) as relay:
         host, port = relay.server.server_address[:2]
         with socket.create_connection((host, port), timeout=10) as slow:
             slow.sendall(b"POST /ez HTTP/1.1\r\nHost: x\r\n")  # ...and never the rest
@@ -140,7 +136,7 @@ def test_a_slow_client_cannot_hold_a_worker(db):
 
 
 def test_connections_past_the_limit_are_turned_away_at_once(db):
-    with running(db, max_connections=2) as relay:
+    with running_relay(db, max_connections=2) as relay:
         host, port = relay.server.server_address[:2]
         held = [socket.create_connection((host, port)) for _ in range(2)]
         try:
@@ -162,7 +158,7 @@ def test_connections_past_the_limit_are_turned_away_at_once(db):
 
 def test_concurrent_clients_and_a_draining_shipper_deliver_everything_with_its_original_t(db, receiver):
     clients, each = 16, 40
-    with running(db) as relay, Store(db) as store, \
+    with running_relay(db) as relay, Store(db) as store, \
             Shipper(store, make_config(db, receiver, batch_size=100)) as shipper:
         ship = threading.Thread(target=shipper.run)
         ship.start()
@@ -190,7 +186,7 @@ def test_concurrent_clients_and_a_draining_shipper_deliver_everything_with_its_o
 
 
 def test_statsd_counters_gauges_and_timers_become_records_and_bad_lines_are_counted(db):
-    with running(db, statsd="127.0.0.1:0", statsd_prefix="app.") as relay:
+    with running_relay(db, statsd="127.0.0.1:0", statsd_prefix="app.") as relay:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"hits:3|c\nsampled:1|c|@0.1\nload:0.5|g\nlatency:12|ms\nsize:7|h\n"
                        b"garbage\nbad:x|c\nweird:1|s\n:1|c", relay.statsd_address)
@@ -219,7 +215,7 @@ def test_healthz_and_metrics(relay, db):
 
 def test_a_non_loopback_address_needs_allow_remote(db):
     with pytest.raises(ConfigError, match="not a loopback address"), Store(db) as store:
-        Relay(RelayConfig(listen="0.0.0.0:0"), store)
+        Relay(RelaySettings(listen="0.0.0.0:0"), store)
 
 
 def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
@@ -244,7 +240,7 @@ def test_run_with_the_relay_takes_stats_and_ships_them(db, receiver, tmp_path):
 def test_healthz_says_degraded_when_records_wait_and_nothing_was_delivered_for_a_while(db):
     now = [1_800_000_000.0]
     metrics = Metrics(Store(db), unhealthy_after=900, clock=lambda: now[0])
-    relay = Relay(RelayConfig(enabled=True, listen="127.0.0.1:0"), Store(db), health=metrics.health).start()
+    relay = Relay(RelaySettings(enabled=True, listen="127.0.0.1:0"), Store(db), health=metrics.health).start()
     try:
         assert requests.get(f"{relay.url}/healthz").status_code == 200  # nothing waits: healthy
         requests.post(f"{relay.url}/ez", data={"ezkey": "k", "stat": "s", "count": "1", "t": T0})

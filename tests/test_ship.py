@@ -14,9 +14,9 @@ import pytest
 from spool import Spool
 from spool.records import KIND_NAMES, make_record
 from spool.ship import Shipper
-from spool.store import SENT, Store
+from spool.store import State, Store
 
-from .conftest import T0, TEST_EZKEY, make_config
+from .helpers import T0, TEST_EZKEY, make_config
 
 
 def expected(records, default_key=TEST_EZKEY):
@@ -102,7 +102,7 @@ def test_a_refused_stat_inside_a_batch_ends_as_exactly_one_dead_record_and_the_r
     assert counts == {"pending": 0, "inflight": 0, "sent": 99, "dead": 1, "held": 0}
     assert receiver.stats() == expected(records)
     with Store(db) as store:
-        [dead] = store.dead()
+        [dead] = store.dead_letters()
     assert dead["record"] == poison
     assert (dead["reason"], dead["http_status"]) == ("invalid stat name", 200)
     assert '"status":500' in dead["body"]
@@ -114,8 +114,8 @@ def test_a_refused_configured_key_pauses_shipping_and_kills_nothing(db, receiver
     shipper, result, counts = ship_all(db, receiver, records, max_time=1)
     assert not result.done and "configured ezkey" in result.reason
     assert counts["dead"] == 0 and counts["pending"] == 5
-    with Spool(db) as sp:
-        status = sp.status(make_config(db, receiver))
+    with Spool(config=make_config(db, receiver)) as sp:
+        status = sp.status()
     assert any("paused" in problem for problem in status["problems"])
     assert TEST_EZKEY not in result.reason and TEST_EZKEY not in str(status)
 
@@ -251,7 +251,7 @@ def test_run_ships_records_appended_by_another_connection_while_idle(db, receive
             thread.join(5)
     assert [a["stat"] for a in receiver.accepted] == ["later"]
     with Store(db) as store:
-        assert [state for _, state, _ in store.records()] == [SENT]
+        assert [state for _, state, _ in store.records()] == [State.SENT]
 
 
 @pytest.mark.parametrize("body", ["<html>captive portal</html>", "ok"])

@@ -8,7 +8,7 @@ from spool.errors import ConfigError, EndpointError, Refused, TransientError
 from spool.records import make_record
 from spool.stathat import StatHatClient, check_endpoint, classify_response, retry_after_seconds
 
-from .conftest import T0
+from .helpers import T0
 
 
 @pytest.mark.parametrize(("status", "body", "taken"), [

@@ -16,7 +16,7 @@ from spool.lock import ShipLock
 from spool.records import make_record
 from spool.store import SCHEMA_VERSION, Store
 
-from .conftest import T0
+from .helpers import T0
 
 
 def ez(stat: str = "s", n: int | float = 1, t: int = T0, ezkey: str | None = None):
@@ -97,7 +97,7 @@ def test_ack_kill_and_end_lease_move_records_between_states(db):
         assert states(store) == {"sent": 1, "inflight": 1, "dead": 1}
         store.end_lease(lease.id)  # b was neither sent nor refused: pending again
         assert states(store) == {"sent": 1, "pending": 1, "dead": 1}
-        [dead] = store.dead()
+        [dead] = store.dead_letters()
         assert (dead["id"], dead["reason"], dead["http_status"]) == (c.id, "invalid stat", 200)
 
 
@@ -162,13 +162,13 @@ def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
         leased = lease.items
         store.mark_dead([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
         store.end_lease(lease.id)  # as the shipper does once a batch is settled
-        assert store.requeue_dead([leased[0].id]) == 1
-        assert store.purge_dead([leased[1].id]) == 1
+        assert store.requeue_dead([leased[0].id]) == (1, ())
+        assert store.purge_dead([leased[1].id, 999]) == (1, (999,))
         assert states(store) == {"pending": 1, "dead": 2}
-        assert store.requeue_dead() == 2
-        assert store.purge_dead() == 0
+        assert store.requeue_dead() == (2, ())
+        assert store.purge_dead() == (0, ())
         assert states(store) == {"pending": 3}
-        assert store.dead() == []
+        assert store.dead_letters() == []
 
 
 def test_prune_deletes_only_sent_records_older_than_the_cutoff_in_small_steps(db):

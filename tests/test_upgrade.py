@@ -8,7 +8,7 @@ from pathlib import Path
 from spool.api import Spool
 from spool.ship import Shipper
 from spool.store import SCHEMA_VERSION, Store
-from tests.conftest import TEST_EZKEY, make_config
+from tests.helpers import TEST_EZKEY, make_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -22,8 +22,8 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
         assert before["pending"] + before["inflight"] == 9
         assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
         assert before["counters"]["dropped_oldest"] == 2
-        [dead] = sp.dead()
-        assert dead["reason"] == "invalid stat name" and dead["record"].stat == "fixture dead"
+        [dead] = sp.dead_letters()
+        assert dead.reason == "invalid stat name" and dead.record.stat == "fixture dead"
     config = make_config(db, receiver)
     with Store(db) as store, Shipper(store, config) as shipper:
         assert shipper.drain(max_time=30).done
@@ -39,6 +39,6 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
         assert (after["pending"], after["inflight"], after["held"]) == (0, 0, 0)
         assert after["sent"] == 10
         # The held record was stamped in a boot that is over: its time cannot be known, so it is a dead letter.
-        reasons = {d["record"].stat: d["reason"] for d in sp.dead()}
+        reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
         assert reasons["fixture dead"] == "invalid stat name"
         assert "earlier boot" in reasons["fixture held"]

@@ -5,54 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from spool.config import WatchConfig
 from spool.store import Store
-from spool.watch import DONE, REJECTED, DirectoryWatcher, Ingestor
+from spool.watch import DONE, REJECTED, Ingestor
 
-from .conftest import T0, wait_for
-
-
-def jsonl(*stats, t=T0):
-    return "".join(json.dumps({"stat": s, "count": 1, "t": t}) + "\n" for s in stats)
-
-
-def drop(directory: Path, name: str, content: str | bytes) -> Path:
-    """Write under a temporary name and rename into place, as producers are told to."""
-    temp = directory / f".{name}.part"
-    temp.write_bytes(content.encode() if isinstance(content, str) else content)
-    final = directory / name
-    os.rename(temp, final)
-    return final
-
-
-def stats_in(db: Path) -> list[str]:
-    with Store(db) as store:
-        return [record.stat for _, _, record in store.records()]
-
-
-class Running:
-    """A DirectoryWatcher running in a thread, stopped (and joined) on exit."""
-
-    def __init__(self, directory: Path, db: Path, **options):
-        options.setdefault("settle", 0.0)
-        self.watcher = DirectoryWatcher(WatchConfig(path=directory, **options), Store(db))
-        self.thread = threading.Thread(target=self.watcher.run, name="test-watcher")
-
-    def __enter__(self) -> DirectoryWatcher:
-        self.watcher.start()
-        self.thread.start()
-        return self.watcher
-
-    def __exit__(self, *exc) -> None:
-        self.watcher.stop()
-        self.thread.join(10)
-        self.watcher.store.close()
+from .helpers import T0, Running, drop, jsonl, outcomes, stats_in, wait_for
 
 
 @pytest.fixture
@@ -60,10 +20,6 @@ def drop_dir(tmp_path):
     path = tmp_path / "drop"
     path.mkdir()
     return path
-
-
-def outcomes(watcher):
-    return [(r.path.name, r.outcome) for r in watcher.results]
 
 
 def test_a_file_renamed_into_place_is_ingested_and_moved_to_done(drop_dir, db):

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from spool.config import WatchConfig
+from spool.config import WatchSettings
 from spool.store import Store
 from spool.watch import DONE, DirectoryWatcher, Ingestor
 
-from .conftest import T0, spawn_cli, stop_agent, wait_for, wait_for_line
-from .test_watch import Running, drop, jsonl, outcomes, stats_in
+from .helpers import T0, Running, drop, jsonl, outcomes, spawn_cli, stats_in, stop_agent, wait_for, wait_for_line
 
 
 def produce(script: str, *args: str) -> subprocess.Popen[bytes]:
@@ -218,7 +217,7 @@ def test_a_file_dated_in_the_future_waits_only_the_settle_time(drop_dir, db):
 
 
 def test_files_whose_events_were_lost_are_found_by_the_periodic_rescan(drop_dir, db):
-    watcher = DirectoryWatcher(WatchConfig(path=drop_dir, settle=0.0, rescan=0.3), Store(db))
+    watcher = DirectoryWatcher(WatchSettings(path=drop_dir, settle=0.0, rescan=0.3), Store(db))
     watcher.scan()  # as at start, but with no observer running: no event will ever come for what follows
     drop(drop_dir, "unseen.jsonl", jsonl("found"))
     deadline = time.monotonic() + 10

@@ -8,7 +8,7 @@ from collections import Counter
 
 from spool.store import Store
 
-from ..conftest import T0, TEST_EZKEY, UNPACED, cli_env, spawn_cli
+from ..helpers import T0, TEST_EZKEY, UNPACED, cli_env, spawn_cli
 
 PRODUCER = """
 import sys

@@ -14,7 +14,7 @@ from spool import Spool
 from spool.config import Config
 from spool.store import Store
 
-from ..conftest import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
+from ..helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
 
 
 def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicating_at_most_that_batch(
@@ -123,7 +123,7 @@ def test_a_shipper_killed_at_a_random_instant_duplicates_at_most_the_batches_in_
     # than could be in flight at once.
     batches = Counter(i // batch for i in duplicated)
     assert all(size == batch for size in batches.values())
-    assert len(batches) <= Config(db=db).max_in_flight
+    assert len(batches) <= Config().ship.max_in_flight
     with Store(db) as store:
         assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0, "held": 0}
         assert store.integrity_ok()

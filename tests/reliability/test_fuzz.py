@@ -104,12 +104,12 @@ def test_statsd_packets_never_crash_the_parser_and_every_record_is_valid(packet)
 
 @pytest.fixture(scope="module")
 def live_relay(tmp_path_factory):
-    from spool.config import RelayConfig
+    from spool.config import RelaySettings
     from spool.relay import Relay
 
     folder = tmp_path_factory.mktemp("relay")
     store = Store(folder / "spool.db")
-    relay = Relay(RelayConfig(enabled=True, listen="127.0.0.1:0"), store).start()
+    relay = Relay(RelaySettings(enabled=True, listen="127.0.0.1:0"), store).start()
     yield relay
     relay.stop()
     store.close()

@@ -12,7 +12,7 @@ from spool import Spool
 from spool.ship import Shipper
 from spool.store import Store
 
-from ..conftest import T0, make_config
+from ..helpers import T0, make_config
 from .faultproxy import FaultProxy
 
 N, BATCH = 600, 50

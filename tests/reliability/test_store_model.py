@@ -101,16 +101,16 @@ class StoreModel(RuleBasedStateMachine):
     def requeue_dead(self, everything, data):
         dead = sorted(i for i, s in self.state.items() if s == "dead")
         ids = None if everything else data.draw(st.lists(st.sampled_from(dead), unique=True)) if dead else []
-        n = self.store.requeue_dead(ids)
+        n, missing = self.store.requeue_dead(ids)
         chosen = dead if ids is None else ids
-        assert n == len(chosen)
+        assert (n, missing) == (len(chosen), ())
         for i in chosen:
             self.state[i] = "pending"
 
     @rule()
     def purge_dead(self):
         dead = [i for i, s in self.state.items() if s == "dead"]
-        assert self.store.purge_dead() == len(dead)
+        assert self.store.purge_dead() == (len(dead), ())
         for i in dead:
             del self.state[i]
 

@@ -1,0 +1,158 @@
+"""Helpers the tests share: configs, CLI subprocesses, waiting, drop files, a running relay and watcher.
+
+Fixtures live in conftest.py; everything a test imports comes from here (no test imports another test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from spool.config import Config, RelaySettings, WatchSettings
+from spool.metrics import Metrics
+from spool.relay import Relay
+from spool.store import Store
+from spool.testing import Receiver
+from spool.watch import DirectoryWatcher
+
+T0 = 1_700_000_000  # a fixed, plausible unix time for records in tests
+TEST_EZKEY = "test-ezkey-0123456789"
+
+
+def make_config(db: Path, receiver: Receiver | None = None, **changes: Any) -> Config:
+    """A Config for tests: loopback receiver, tiny back-off, short timeout; `changes` by setting name."""
+    base = Config().replace(**{
+        "spool.path": db, "endpoint": receiver.url if receiver else "http://127.0.0.1:9", "ezkey": TEST_EZKEY,
+        "backoff_initial": 0.001, "backoff_max": 0.01, "timeout": 2.0, "idle_poll": 0.05,
+        "max_requests_per_second": 0, "reconnect_jitter": 0})
+    return base.replace(**changes)
+
+
+UNPACED = "[ship]\nmax_requests_per_second = 0\nreconnect_jitter = 0\n"  # pacing is tested with a fake clock
+def cli_env(db: Path, **extra: str) -> dict[str, str]:
+    """The environment for a `spool` subprocess: its spool, and a config without pacing or start-up jitter."""
+    config = db.parent / "unpaced.toml"
+    config.write_text(UNPACED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    env.update(SPOOL_DB=str(db), SPOOL_CONFIG=str(config), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_cli(db: Path, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `spool ARGS` as a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "spool", *args], input=input.decode() if input else None,
+                          capture_output=True, text=True, env=env or cli_env(db), timeout=timeout)
+
+
+def spawn_cli(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "spool", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or cli_env(db))
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 30) -> list[str]:
+    """Read the process's stderr until a line containing `text`; return the lines read."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    found.wait(timeout)
+    assert found.is_set(), f"no line with {text!r} within {timeout} s: {lines}"
+    return lines
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    """Wait (polling) until `condition()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting")
+        time.sleep(0.02)
+
+
+def stop_agent(agent: subprocess.Popen[str]) -> str:
+    """SIGTERM a `spool run` subprocess, assert it exits 0, and return its stderr."""
+    import signal
+
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=30)
+    assert agent.returncode == 0, stderr
+    return stderr
+
+
+# -- drop directories ---------------------------------------------------------------------------------
+
+
+def jsonl(*stats: str, t: int = T0) -> str:
+    return "".join(json.dumps({"stat": s, "count": 1, "t": t}) + "\n" for s in stats)
+
+
+def drop(directory: Path, name: str, content: str | bytes) -> Path:
+    """Write under a temporary name and rename into place, as producers are told to."""
+    temp = directory / f".{name}.part"
+    temp.write_bytes(content.encode() if isinstance(content, str) else content)
+    final = directory / name
+    os.rename(temp, final)
+    return final
+
+
+def stats_in(db: Path) -> list[str]:
+    with Store(db) as store:
+        return [record.stat for _, _, record in store.records()]
+
+
+class Running:
+    """A DirectoryWatcher running in a thread, stopped (and joined) on exit."""
+
+    def __init__(self, directory: Path, db: Path, **options: Any):
+        options.setdefault("settle", 0.0)
+        self.watcher = DirectoryWatcher(WatchSettings(path=directory, **options), Store(db))
+        self.thread = threading.Thread(target=self.watcher.run, name="test-watcher")
+
+    def __enter__(self) -> DirectoryWatcher:
+        self.watcher.start()
+        self.thread.start()
+        return self.watcher
+
+    def __exit__(self, *exc: object) -> None:
+        self.watcher.stop()
+        self.thread.join(10)
+        self.watcher.store.close()
+
+
+def outcomes(watcher: DirectoryWatcher) -> list[tuple[str, str]]:
+    return [(r.path.name, r.outcome) for r in watcher.results]
+
+
+# -- the relay ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_relay(db: Path, **options: Any) -> Iterator[Relay]:
+    """A relay on 127.0.0.1, port 0, over `db`, with /metrics and /healthz; stopped on exit."""
+    config = RelaySettings(enabled=True, listen="127.0.0.1:0", **options)
+    metrics = Metrics(Store(db))
+    relay = Relay(config, Store(db), health=metrics.health, metrics=metrics.render).start()
+    metrics.relay = relay.snapshot
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        relay.writer.store.close()
+        metrics.store.close()
