@@ -131,6 +131,7 @@ class Agent:
     def _relay(self) -> Any:
         from spool.relay import Relay
 
+        assert self.metrics is not None  # made first, for the relay's /metrics and /healthz
         relay = Relay(self.config.relay, self._open(), t_floor=self.config.spool.t_floor,
                       on_commit=lambda n: self.wake.set(), health=self.metrics.health, metrics=self.metrics.render)
         self.metrics.relay = relay.snapshot
@@ -140,6 +141,7 @@ class Agent:
     def _metrics_server(self) -> Any:
         from spool.metrics import MetricsServer
 
+        assert self.metrics is not None
         server = MetricsServer(self.config.metrics, self.metrics)
         self.stack.callback(server.stop)
         return server

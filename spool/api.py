@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 from spool.config import Config
 from spool.errors import InvalidRecord, SpoolError
@@ -71,7 +71,7 @@ class DeadLetter(NamedTuple):
 class Settled(NamedTuple):
     """What a requeue or purge did: how many records, and which ids it was given that are not dead letters."""
 
-    count: int
+    records: int
     missing: tuple[int, ...] = ()
 
 
@@ -170,7 +170,7 @@ class Spool:
             else:
                 more[0] += 1
 
-        source = _Counting(stream, on_progress) if on_progress else stream
+        source = cast(IO[bytes], _Counting(stream, on_progress)) if on_progress else stream
         records = to_records(read_json_stream(source), ezkey=ezkey, clock_now=now(), t_floor=self.t_floor,
                              on_invalid=collect)
 

@@ -44,10 +44,11 @@ class SpoolGroup(click.Group):
                 raise
             raise SpoolCommandError(str(exc), exc.exit_status) from None
         except BrokenPipeError:
-            # The reader went away (`spool dead list | head`): say nothing more, exit as a broken pipe does.
+            # The reader went away (`spool export - | head`): one line on stderr, the exit status of SIGPIPE.
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout's own close must not fail again
-            raise click.exceptions.Exit(141) from None
+            raise SpoolCommandError("the output was closed before all of it was written (broken pipe); "
+                                    "nothing in the spool changed", 141) from None
         except OSError as exc:
             if ctx.meta.get("spool.debug"):
                 raise
@@ -121,8 +122,6 @@ def settings_options(*sections: str) -> Callable[[Callable[..., Any]], Callable[
                     continue
                 boolean = isinstance(meta["kind"], configuration.Boolean)
                 help_text = meta["help"][0].upper() + meta["help"][1:] + "."
-                if meta["secret"]:
-                    help_text += " Prefer a key file: argv is visible to every user."
                 command = click.option(meta["flag"], f"{section}__{field.name}", is_flag=boolean, default=None,
                                        expose_value=False, callback=_remember(f"{section}.{field.name}"),
                                        metavar=None if boolean else field.name.upper(), help=help_text)(command)
@@ -542,7 +541,7 @@ def _ids_or_all(ids: tuple[int, ...], everything: bool) -> list[int] | None:
 
 
 def _settled(verb: str, settled: Any) -> None:
-    click.echo(f"{verb} {_n(settled.count, 'record')}", err=True)
+    click.echo(f"{verb} {_n(settled.records, 'record')}", err=True)
     if settled.missing:
         listed = ", ".join(map(str, settled.missing[:20])) + (" ..." if len(settled.missing) > 20 else "")
         raise SpoolCommandError(f"not dead letters (no such id, or not dead): {listed}", 1)

@@ -274,7 +274,9 @@ def is_loopback(host: str) -> bool:
 def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
     """Parse HOST:PORT (or :PORT, or [v6]:PORT) into (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):  # a bare v6 address or no port at all
+    if not sep and text.strip().isdigit():  # a port alone: on loopback
+        host, port = "", text.strip()
+    elif not sep or (host.count(":") and not host.startswith("[")):  # a bare v6 address, or no port at all
         host, port = text, str(default_port)
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -612,16 +614,17 @@ def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str,
                                                                                             True)
                     if name == "spool" and field.name == "path":
                         db_source = variable
-    for name, value in flags.items():
+    for flag, value in flags.items():
         if value is None:
             continue
-        section, key = name.split(".", 1) if "." in name else (_section_of(name), name)
-        field = SECTIONS[section].__dataclass_fields__[key]  # type: ignore[attr-defined]
-        changes.setdefault(section, {})[key] = field.metadata["kind"].parse(value, field.metadata["flag"] or key, True)
-        if (section, key) == ("spool", "path"):
+        table, key = flag.split(".", 1) if "." in flag else (_section_of(flag), flag)
+        declared = {field.name: field for field in dataclasses.fields(SECTIONS[table])}[key]
+        changes.setdefault(table, {})[key] = declared.metadata["kind"].parse(
+            value, declared.metadata["flag"] or key, True)
+        if (table, key) == ("spool", "path"):
             db_source = "--db"
-    for section, values in changes.items():
-        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    for table, values in changes.items():
+        config = dataclasses.replace(config, **{table: dataclasses.replace(getattr(config, table), **values)})
     if config.spool.path is None:
         config = config.replace(**{"spool.path": default_db_path(env)})
     return _checked(dataclasses.replace(config, db_source=db_source))

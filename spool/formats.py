@@ -69,8 +69,10 @@ def _decode(raw: bytes, line: int) -> str:
 def _loads(text: str, line: int) -> Any:
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line) from None
+    except ValueError:
+        raise InvalidRecord("not valid JSON", line=line) from None
     except RecursionError:
         raise InvalidRecord("JSON nested too deeply", line=line) from None
 

@@ -184,7 +184,8 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}" if ":" not in str(host) else f"http://[{host}]:{port}"
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
     def start(self) -> MetricsServer:
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},

@@ -312,4 +312,6 @@ def _type_name(obj: object) -> str:
         return "a boolean"
     if isinstance(obj, str):
         return f"the string {masked(obj)}"
-    return {dict: "an object", list: "a list"}.get(type(obj), type(obj).__name__)
+    if isinstance(obj, dict):
+        return "an object"
+    return "a list" if isinstance(obj, list) else type(obj).__name__

@@ -271,7 +271,8 @@ class Relay:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}" if ":" not in str(host) else f"http://[{host}]:{port}"
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
     @property
     def statsd_address(self) -> tuple[str, int] | None:
@@ -357,8 +358,8 @@ class RelayHandler(BaseHTTPRequestHandler):
         return self.server.relay
 
     def setup(self) -> None:
-        self.timeout = self.relay.config.request_timeout  # per socket read; the whole request has a deadline too
         super().setup()
+        self.connection.settimeout(self.relay.config.request_timeout)  # per read; the request has a deadline too
         # Headers and body go out in separate writes: without this, Nagle's algorithm holds the body until the
         # client's delayed ACK (~40 ms per answer on a keep-alive connection).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

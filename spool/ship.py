@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import functools
 import logging
 import queue
 import random
@@ -466,7 +467,7 @@ class Shipper:
             state = _DrainState(None)
             self._settle_answer(answer, collections.deque(), unsettled, state, None)
         for lease in list(unsettled):
-            self.settle(lambda lease=lease: self.store.end_lease(lease))
+            self.settle(functools.partial(self.store.end_lease, lease))
         unsettled.clear()
         waiting.clear()
 
@@ -559,7 +560,7 @@ class Shipper:
             self.store.sweep_stages()
             self.restamp_held()
             if self.config.spool.compact_counts:
-                saved = self.store.compact_counts(bucket=self.config.spool.compact_counts)
+                saved = self.store.compact_counts(bucket=int(self.config.spool.compact_counts))
                 if saved:
                     log.info("compacted the backlog: %d count records merged away", saved)
             expired = self.store.drop_expired(now=self.clock())

@@ -837,7 +837,7 @@ class Store:
                    stat_glob: str | None = None) -> tuple[str, list[Any]]:
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
-        where, params = [self._SELECTIONS[state]], []
+        where, params = [self._SELECTIONS[state]], list[Any]()
         if since is not None:
             where.append("t >= ?")
             params.append(since)
@@ -920,6 +920,10 @@ def _create_private_file(path: Path) -> None:
     """Create the spool file (and its directory) readable by its owner only, if it does not exist yet."""
     if path.exists():
         return
+    blocker = next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
+    if blocker is not None:
+        raise StoreError(f"cannot create spool {path}: {blocker} is a file, not a directory (check --db, SPOOL_DB "
+                         "or spool.path)")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))

@@ -12,6 +12,7 @@ and refusals as HTTP 200 with {"status":500,"msg":...}. Run `python -m spool.tes
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import socket
 import struct
@@ -92,7 +93,7 @@ class Receiver:
         self._add(n, _Fault("trickle", rate=bytes_per_second))
 
     def refuse_stat(self, stat: str, msg: str = "invalid stat name") -> None:
-        """Refuse every request that carries `stat`, as StatHat refuses: HTTP 200, status 500."""
+        """Refuse every request that carries `stat` (a glob: `bad*`), as StatHat refuses: HTTP 200, status 500."""
         with self._lock:
             self._refused_stats[stat] = msg
 
@@ -116,7 +117,7 @@ class Receiver:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> Receiver:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -174,7 +175,9 @@ class Receiver:
         with self._lock:
             if item.get("ezkey") in self._refused_keys or item.get("key") in self._refused_keys:
                 return "invalid keys"
-            return self._refused_stats.get(item.get("stat") or "")
+            stat = item.get("stat") or ""
+            return next((msg for pattern, msg in self._refused_stats.items() if fnmatch.fnmatchcase(stat, pattern)),
+                        None)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
@@ -357,11 +360,38 @@ def _json_item(raw: dict[str, Any], ezkey: str | None) -> dict[str, Any]:
             "t": int(t) if isinstance(t, int | float) else int(time.time())}
 
 
-def main() -> None:
-    """Run a receiver in the foreground and print what it takes: python -m spool.testing [PORT]."""
+def main(argv: list[str] | None = None) -> int:
+    """Run a receiver in the foreground and print what it takes: `python -m spool.testing --help`."""
+    import argparse
+    import signal
     import sys
 
-    receiver = Receiver(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000).start()
+    parser = argparse.ArgumentParser(
+        prog="python -m spool.testing",
+        description="A StatHat-compatible receiver on loopback that prints every stat it takes (keys shortened). "
+                    "Point spool at it: SPOOL_ENDPOINT=http://127.0.0.1:8000 spool ship --once",
+        epilog="Example: python -m spool.testing --port 8000 --refuse-stat 'bad *' --fail-next 3")
+    parser.add_argument("port_arg", nargs="?", type=int, metavar="PORT", help="the port (same as --port)")
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (0: any free one); default 8000")
+    parser.add_argument("--refuse-stat", action="append", default=[], metavar="GLOB",
+                        help="refuse stats whose name matches, as StatHat does (they become dead letters); repeatable")
+    parser.add_argument("--fail-next", type=int, default=0, metavar="N",
+                        help="answer the next N requests 503 'at capacity' (spool retries them)")
+    parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer")
+    args = parser.parse_args(argv)
+    port = args.port_arg if args.port_arg is not None else args.port
+    try:
+        receiver = Receiver(port=port)
+    except OSError as exc:
+        print(f"spool.testing: error: cannot listen on 127.0.0.1:{port}: {exc.strerror} (is another receiver "
+              "running? try --port 0)", file=sys.stderr)
+        return 1
+    for pattern in args.refuse_stat:
+        receiver.refuse_stat(pattern)
+    receiver.fail_next(args.fail_next)
+    receiver.latency = args.latency
+    receiver.start()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"StatHat-compatible test receiver on {receiver.url} (Ctrl-C to stop)", flush=True)
     seen = 0
     try:
@@ -374,7 +404,8 @@ def main() -> None:
             seen = len(receiver.accepted)
     except KeyboardInterrupt:
         receiver.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -370,7 +370,7 @@ class DirectoryWatcher:
         self._deferred: list[tuple[float, str, tuple[int, int] | None]] = []
         self._waiting: set[str] = set()
         self._next_scan = float("inf")
-        self._observer = None
+        self._observer: Any = None
         self._overflow_watch = _OverflowWatch(self.overflowed)
 
     def snapshot(self) -> dict[str, Any]:
@@ -391,10 +391,12 @@ class DirectoryWatcher:
         """Start the observer; then queue what is already there, oldest first."""
         from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
         from watchdog.observers import Observer
+        from watchdog.observers.api import BaseObserver
         from watchdog.observers.polling import PollingObserver
 
         self.check_directory()
-        handler = _Handler(self)
+        handler: Any = _Handler(self)  # observers only call dispatch(): no watchdog base class needed
+        observer: BaseObserver
         if self.watch.poll:
             observer = PollingObserver(timeout=self.watch.poll_interval)
             kinds = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent]
