@@ -85,14 +85,16 @@ class Schedule:
     @classmethod
     def bad_day(cls, seed: int, duration: float, *, outages: int, spikes: int, outage: tuple[float, float],
                 spike: tuple[float, float], spike_latency: tuple[float, float], **link: object) -> Schedule:
-        """Place `outages` blackholes and `spikes` latency spikes at seeded random times within `duration`."""
+        """Spread `outages` blackholes and `spikes` latency spikes over `duration`: one of each kind per equal
+        slot of the day, at a seeded random time within its slot, with seeded lengths and latencies."""
         rng = random.Random(seed)
         windows = []
         for kind, n, length, extra in (("blackhole", outages, outage, (0.0, 0.0)),
                                        ("latency", spikes, spike, spike_latency)):
-            for _ in range(n):
-                span = rng.uniform(*length)
-                start = rng.uniform(0, max(0.0, duration - span))
+            slot = duration / max(1, n)
+            for k in range(n):
+                span = min(rng.uniform(*length), slot)
+                start = k * slot + rng.uniform(0, slot - span)
                 windows.append(Window(start, start + span, kind, round(rng.uniform(*extra), 3)))
         return cls(seed=seed, windows=tuple(sorted(windows, key=lambda w: w.start)), **link)  # type: ignore[arg-type]
 
