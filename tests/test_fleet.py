@@ -29,7 +29,7 @@ def test_a_tiny_fleet_drains_every_scenario_into_the_capacity_limited_receiver_a
     report = json.loads(result.stdout)
     setup = report["fleet"]
     assert [r["settings"]["max_requests_per_second"] for r in report["results"]] == [
-        0, 20, setup["capacity"] / setup["agents"], setup["capacity"] / setup["agents"]]
+        0, 20, setup["capacity"] / setup["agents"], 2 * setup["capacity"] / setup["agents"]]
     for row in report["results"]:
         assert row["drained_seconds"] is not None and row["bulk_seconds"] is not None, row["scenario"]
         assert row["records"] == setup["agents"] * setup["backlog"]
