@@ -260,10 +260,16 @@ class FaultProxy:
                 return False
         # (For truncate and lost the schedule's latency is not added: the answer is lost either way.)
         with socket.create_connection(self.upstream, timeout=30) as upstream:
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            upstream.sendall(request)
-            exchange.forwarded = True
-            answer = _Reader(upstream).message(response=True)
+            with self._lock:
+                self._open.add(upstream)  # so that stopping wakes a thread waiting on a slow receiver
+            try:
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                upstream.sendall(request)
+                exchange.forwarded = True
+                answer = _Reader(upstream).message(response=True)
+            finally:
+                with self._lock:
+                    self._open.discard(upstream)
         exchange.seconds = time.monotonic() - started
         if answer is None:  # the receiver dropped it (its own fault): the client sees the connection drop
             _reset(client)

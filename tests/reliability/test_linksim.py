@@ -108,3 +108,13 @@ def test_heal_ends_every_fault_at_once(receiver):
         for k in range(3):
             client.send_ez(TEST_EZKEY, batch(1, f"h{k}-"))
     assert proxy.counts == {"pass": 3}
+
+
+def test_stopping_the_simulator_ends_an_exchange_that_waits_on_a_receiver_holding_its_answer(receiver):
+    receiver.hold_after_accept_next(1, seconds=60)
+    with FaultProxy(receiver) as proxy, closing(StatHatClient(proxy.url, timeout=0.3)) as client:
+        with pytest.raises(TransientError):
+            client.send_ez(TEST_EZKEY, batch(1))
+        assert receiver.holding.wait(10)
+    assert not [thread for thread in proxy._threads if thread.is_alive()]
+    assert proxy.exchanges[0].forwarded and not proxy.exchanges[0].answered

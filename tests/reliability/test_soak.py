@@ -188,6 +188,9 @@ def test_a_bad_day_on_the_link_loses_nothing_kills_only_the_poison_and_duplicate
     with Receiver() as receiver, FaultProxy(receiver, schedule) as proxy:
         for stat in POISON:
             receiver.refuse_stat(stat)
+        for mode, value in (("lost", 0), ("truncate", 5), ("reset", 0), ("stall", TIMEOUT + 1)):
+            proxy.next("pass", 2)  # the day opens with one of each fault for certain; the schedule does the rest
+            proxy.next(mode, 1, value)
         env = {**cli_env(db), "SPOOL_EZKEY": TEST_EZKEY, "SPOOL_ENDPOINT": proxy.url, "SPOOL_CONFIG": str(config)}
         agent = Agent(env, log)
         producers = Producers(db, drop, tmp_path, rng)
@@ -247,7 +250,9 @@ def test_a_bad_day_on_the_link_loses_nothing_kills_only_the_poison_and_duplicate
     print("soak:", json.dumps(report))
     assert sum(duplicates.values()) <= bound, report
 
-    # The day was as bad as planned: every kind of fault struck, and the agent really died and came back.
+    # The day was as bad as planned: the outages and spikes struck, the schedule's own faults too (beyond the
+    # four that opened the day), and the agent really died and came back.
+    assert sum(proxy.counts.get(mode, 0) for mode in ("reset", "stall", "truncate", "lost")) > 4, report
     for mode in ("reset", "stall", "truncate", "lost", "halfopen", "latency"):
         assert proxy.counts.get(mode, 0) > 0, report
     assert agent.starts == killed + 1
