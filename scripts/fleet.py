@@ -392,7 +392,7 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated scenario numbers to run (1 to 4)")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the load and the backlog over time to this file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seeds the agents' jitter and back-off (default 1)")
     args = parser.parse_args()
     if args.plot:
         try:
@@ -412,10 +412,10 @@ def main() -> int:
         parser.error("--agents and --capacity must be positive")
     chosen = scenarios(fleet, jitter)
     if args.only:
-        try:
-            chosen = [chosen[int(n) - 1] for n in args.only.split(",")]
-        except (ValueError, IndexError):
+        numbers = [n.strip() for n in args.only.split(",")]
+        if not all(n.isdigit() and 1 <= int(n) <= len(chosen) for n in numbers):
             parser.error(f"--only takes scenario numbers from 1 to {len(chosen)}")
+        chosen = [chosen[int(n) - 1] for n in numbers]
     results = []
     with quiet_spool():
         for scenario in chosen:
