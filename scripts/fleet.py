@@ -250,10 +250,11 @@ def run(fleet: Fleet, scenario: Scenario, seed: int) -> Result:
         failures: list[str] = []
 
         def agent(index: int, path: Path) -> None:
-            config = Config(db=path, endpoint=receiver.url, ezkey="fleet-ezkey", synchronous="normal",
-                            batch_size=fleet.batch_size, backoff_max=fleet.backoff_max, idle_poll=1.0,
-                            max_requests_per_second=scenario.max_requests_per_second,
-                            reconnect_jitter=scenario.reconnect_jitter, max_in_flight=scenario.max_in_flight)
+            config = Config().replace(**{
+                "spool.path": path, "endpoint": receiver.url, "ezkey": "fleet-ezkey", "synchronous": "normal",
+                "batch_size": fleet.batch_size, "backoff_max": fleet.backoff_max, "idle_poll": 1.0,
+                "max_requests_per_second": scenario.max_requests_per_second,
+                "reconnect_jitter": scenario.reconnect_jitter, "max_in_flight": scenario.max_in_flight})
             try:
                 with Store(path, synchronous="normal") as store, Shipper(store, config, shutdown=shutdown) as shipper:
                     shipper.rng = random.Random(seed * 100_000 + index)

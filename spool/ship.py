@@ -432,14 +432,18 @@ class Shipper:
         """A transient failure or a misconfiguration: the same unit goes again, after the link's back-off."""
         waiting.appendleft(unit)
         self.limit.trouble()
-        state.failures += 1
         self.stats.retries += 1
         paused = isinstance(error, EndpointError)
-        retry_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        retry_state.attempt_number = state.failures
-        retry_state.set_exception((type(error), error, None))
-        wait = self._backoff(retry_state)
-        state.gate = self.monotonic() + wait
+        now = self.monotonic()
+        # One burst of failures met by every request in flight is one event: it backs off one step, not one
+        # step per request. A failure that comes while the link is already backing off only waits with it.
+        if now >= state.gate:
+            state.failures += 1
+            retry_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+            retry_state.attempt_number = state.failures
+            retry_state.set_exception((type(error), error, None))
+            state.gate = now + self._backoff(retry_state)
+        wait = state.gate - now
         state.last_error = str(error)
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
             state.failed = str(error)

@@ -258,6 +258,11 @@ class StatHatClient:
 
     def _post(self, path: str, *, sent: int | None = None, **kwargs: Any) -> int | None:
         response, body = self._request("POST", path, **kwargs)
+        framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
+        if 200 <= response.status_code <= 299 and response.status_code != 204 and not framed:
+            # An answer cut in its headers reads as a whole 2xx with no body: a refusal could hide there.
+            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no Content-Length: the "
+                                 "answer was cut short, so it is not taken for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> tuple[requests.Response, str]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
-
 from spool import Spool
 from spool.ship import Shipper
 from spool.store import Store
 
-from .conftest import T0, make_config
+from .helpers import T0, make_config
 
 
 class SleepClock:
@@ -27,9 +25,6 @@ class SleepClock:
         return time.monotonic() + sum(self.waits)
 
 
-@pytest.mark.xfail(strict=True, reason="spool/ship.py counts each failed request as one more consecutive failure, so "
-                   "one burst of 503s met by K requests in flight backs off K steps (a window of 2**(K-1) x "
-                   "backoff_initial, 64 s at the defaults with 8 in flight) instead of one")
 def test_one_burst_of_503s_met_by_every_request_in_flight_backs_off_one_step_not_one_per_request(db, receiver):
     with Spool(db) as sp:
         sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(2000))

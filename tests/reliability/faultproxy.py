@@ -63,10 +63,10 @@ class Schedule:
     faults: tuple[tuple[str, float], ...] = ()  # (mode, probability per exchange): reset, stall, truncate, lost
     stall: float = 5.0  # seconds a stall holds (longer than the client's timeout: it gives up first)
     windows: tuple[Window, ...] = ()
-    # Where a truncated answer is cut (bytes kept; negative: all but that many): inside the status line or the
-    # body. A cut between them, in the headers, reads to http.client as a whole answer with an empty body; see
-    # test_a_refusal_whose_answer_is_cut_in_its_headers_is_never_taken_for_a_delivery.
-    cuts: tuple[int, ...] = (*range(12), *range(-20, 0))
+    # Where a truncated answer is cut (bytes kept; negative: all but that many): anywhere in the status line,
+    # the headers or the body. (A cut in the headers reads to http.client as a whole answer with no body; see
+    # test_a_refusal_whose_answer_is_cut_in_its_headers_is_never_taken_for_a_delivery.)
+    cuts: tuple[int, ...] = (*range(160), *range(-20, 0))
 
     def choose(self, number: int) -> tuple[str, float]:
         """Return exchange `number`'s fault and its value, from (seed, number) alone."""

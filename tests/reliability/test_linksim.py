@@ -11,7 +11,7 @@ from spool.errors import TransientError
 from spool.records import make_record
 from spool.stathat import StatHatClient
 
-from ..conftest import T0, TEST_EZKEY
+from ..helpers import T0, TEST_EZKEY
 from .faultproxy import FaultProxy, Schedule, Window
 
 

@@ -94,9 +94,6 @@ def test_after_a_blackhole_ends_the_backlog_drains_promptly(db, receiver):
     assert outcome["at"] - recovered < 20  # liveness: back-off is capped, the drain resumes on its own
 
 
-@pytest.mark.xfail(strict=True, reason="spool/stathat.py takes a 200 answer cut in its headers (no Content-Length, "
-                   "no body: what http.client reads when the link drops there) for an acceptance, so a refused "
-                   "batch is marked sent: its records are neither delivered nor dead")
 def test_a_refusal_whose_answer_is_cut_in_its_headers_is_never_taken_for_a_delivery(db, receiver):
     with Spool(db) as sp:
         sp.count("poison", 1, t=T0)

@@ -32,7 +32,7 @@ from spool import Spool
 from spool.store import Store
 from spool.testing import Receiver
 
-from ..conftest import T0, TEST_EZKEY, cli_env, run_cli
+from ..helpers import T0, TEST_EZKEY, cli_env, run_cli
 from .faultproxy import FaultProxy, Schedule
 
 LONG = bool(os.environ.get("SPOOL_LONG"))
