@@ -1,0 +1,199 @@
+"""Power cuts at random instants under load: what spool said was done survives, and nothing is taken twice.
+
+The spool, a drop directory and the export files live on lazyfs, which loses every write not fsynced when the
+power goes (see README.md). Every kind of producer runs at once against `spool run` (shipping to the test
+receiver, which is not on the mount: what it accepted is delivered for good), with an `export --remove` at
+some point; at a random instant the power goes. Every process is killed, the disk is mounted again, and the
+next stretch of load begins with the agent restarted (so cuts also land in its recovery). After the last cut
+the agent drains, and:
+
+* every record a producer was told was done is delivered, or in the spool, or in an export file;
+* every record delivered is in the spool as sent (retention is 7 days: none is pruned), or was moved out by
+  an export after a cut lost its acknowledgement (then it counts as resent);
+* no record is in the spool twice (a dropped file is taken once, an import whole or not at all);
+* an export that exited 0 holds exactly what it said it moved, none of which is still in the spool;
+* every file in `.done/` was taken in, and none is left waiting in the drop directory;
+* the receiver got a record twice only across a cut, and all cuts together resent no more than the stated
+  bound, max_in_flight x batch_size records a cut (README, "Delivery guarantees");
+* SQLite's integrity check passes after every cut.
+
+`SPOOL_LONG=1` runs 200 cuts instead of 20. `pytest -s` prints each trial's figures.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spool.store import SENT, Store
+
+from .load import Agent, Layout, Phase, Processes, Tally, wait_until, write_config
+
+LONG = bool(os.environ.get("SPOOL_LONG"))
+TRIALS, CUTS = (20, 10) if LONG else (2, 10)
+BATCH_SIZE, MAX_IN_FLIGHT = 20, 4
+RESENT_PER_CUT = BATCH_SIZE * MAX_IN_FLIGHT  # the README's bound for one power cut
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare(layout: Layout) -> None:
+    """Make the directories spool is given, durably: the operator's (or systemd's) part, not spool's."""
+    for folder in (layout.db.parent, layout.drop, layout.exports):
+        folder.mkdir()
+    fsync_dir(layout.mount)
+    layout.scratch.mkdir()
+
+
+def integrity_ok(db: Path) -> bool:
+    if not db.exists():  # the power went before the first process created it
+        return True
+    with Store(db) as store:
+        return store.integrity_ok()
+
+
+def quiet(receiver: Any) -> int:
+    """Wait until the receiver answers nothing (requests of killed processes are done); return what it took."""
+    wait_until(lambda: receiver.in_flight == 0, 30, "the receiver to finish the requests under way")
+    return len(receiver.accepted)
+
+
+def drain(layout: Layout, timeout: float = 60) -> None:
+    """Run the agent until nothing is pending, in flight, or waiting in the drop directory; it must exit 0."""
+    agent = Agent(layout, Processes())
+    try:
+        wait_until(agent.relay_up.is_set, 30, "the agent to start")
+        with Store(layout.db) as store:
+            def settled() -> bool:
+                # The directory first: a file gone from it had its records committed before it was moved.
+                waiting = [name for name in os.listdir(layout.drop) if not name.startswith(".")]
+                counts = store.counts()
+                return counts["pending"] + counts["inflight"] + counts["held"] == 0 and not waiting
+            wait_until(settled, timeout, "the agent to drain")
+    finally:
+        agent.stop()
+
+
+@dataclass
+class Figures:
+    cuts: int
+    done: Counter[str]  # records producers were told were done, by producer: each one is checked
+    delivered: int
+    exported: int
+    resent: int  # extra copies: sent again, or moved out by an export after being delivered
+    most_resent_by_a_cut: int
+    lost: int = 0
+
+
+def resends_by_cut(accepted: list[dict[str, Any]], marks: list[int]) -> dict[int, int]:
+    """Count second (and later) copies by the cut before them; fail if one came with no cut in between.
+
+    `marks[k]` is how many stats the receiver had taken when the agent was started again after cut k.
+    """
+    seen: dict[str, int] = {}
+    by_cut: dict[int, int] = defaultdict(int)
+    for index, item in enumerate(accepted):
+        stat = item["stat"]
+        if stat in seen:
+            cut = bisect.bisect_right(marks, index) - 1  # the last restart at or before this copy
+            assert cut >= 0 and marks[cut] > seen[stat], f"{stat!r} was sent twice with no power cut between"
+            by_cut[cut] += 1
+        seen[stat] = index
+    return by_cut
+
+
+def check(layout: Layout, tally: Tally, accepted: list[dict[str, Any]], marks: list[int]) -> Figures:
+    """Check every promise against the disk after the last cut and the drain; return the figures."""
+    with Store(layout.db) as store:
+        assert store.integrity_ok()
+        counts = store.counts()
+        rows = [(state, record.stat) for _, state, record in store.records()]
+    assert counts["pending"] == counts["inflight"] == counts["held"] == counts["dead"] == 0, counts
+    in_spool = Counter(stat for _, stat in rows)
+    sent = {stat for state, stat in rows if state == SENT}
+    delivered = Counter(item["stat"] for item in accepted)
+    exports = {path: Counter(json.loads(line)["stat"] for line in path.read_text().splitlines())
+               for path in layout.exports.iterdir()}
+    exported = sum(exports.values(), Counter())
+
+    lost = sorted(stat for stat in tally.done if stat not in delivered and stat not in in_spool
+                  and stat not in exported)
+    assert not lost, f"{len(lost)} records told done are nowhere, e.g. {lost[:5]}"
+    twice = sorted(stat for stat, n in in_spool.items() if n > 1)
+    assert not twice, f"{len(twice)} records are in the spool twice, e.g. {twice[:5]}"
+    # A batch delivered just before a cut, its acknowledgement lost, is pending again afterwards: it is sent
+    # again, or moved out by an export (and sent again when the file is imported). Both count as resent.
+    unsent = sorted(stat for stat in delivered if stat not in sent and stat not in exported)
+    assert not unsent, f"{len(unsent)} delivered records are not in the spool as sent, e.g. {unsent[:5]}"
+    for path, moved in tally.exports.items():
+        holds = exports[path]
+        assert sum(holds.values()) == moved, f"{path.name} holds {sum(holds.values())} records, not {moved}"
+        assert max(holds.values(), default=1) == 1, f"{path.name} holds a record twice"
+        assert not [stat for stat in holds if stat in in_spool], f"{path.name} holds records still in the spool"
+    done = layout.drop / ".done"
+    for name in os.listdir(done) if done.exists() else []:
+        taken = [stat for stat in tally.files[name] if stat in in_spool or stat in exported]
+        assert taken == tally.files[name], f".done/{name} was not taken in"
+    assert not [name for name in os.listdir(layout.drop) if not name.startswith(".")]
+
+    by_cut = resends_by_cut(accepted, marks)
+    for stat in exported:
+        if stat in delivered:  # moved out after the cut that lost its acknowledgement: counted for that cut
+            by_cut[bisect.bisect_right(marks, accepted_index(accepted, stat))] += 1
+    resent = sum(by_cut.values())
+    cuts = len(marks)
+    assert resent <= cuts * RESENT_PER_CUT, f"{resent} records resent over {cuts} cuts"
+    return Figures(cuts, Counter(stat.split()[1] for stat in tally.done), len(delivered),
+                   sum(exported.values()), resent, max(by_cut.values(), default=0))
+
+
+def accepted_index(accepted: list[dict[str, Any]], stat: str) -> int:
+    return next(i for i, item in enumerate(accepted) if item["stat"] == stat)
+
+
+def report(name: str, figures: Figures) -> None:
+    """One line of figures per trial (pytest -s shows them; docs/powercut.md has a run's)."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(figures.done.items()))
+    print(f"\n{name}: {figures.cuts} cuts; {figures.done.total()} records told done ({kinds}), all checked; "
+          f"{figures.delivered} delivered, {figures.exported} exported, {figures.lost} lost; {figures.resent} "
+          f"resent, at most {figures.most_resent_by_a_cut} by one cut (bound {RESENT_PER_CUT} a cut)")
+
+
+@pytest.mark.parametrize("seed", range(TRIALS))
+def test_what_spool_said_was_done_survives_random_power_cuts_under_load(lazyfs, tmp_path, receiver, seed):
+    rng = random.Random(seed)
+    fs = lazyfs()
+    layout = Layout(fs.mountpoint, tmp_path / "spool.toml", tmp_path / "imports")
+    prepare(layout)
+    write_config(layout, receiver.url, batch_size=BATCH_SIZE, max_in_flight=MAX_IN_FLIGHT)
+    receiver.latency = 0.02  # a backlog builds up, for the export to take part of
+    tally = Tally()
+    marks: list[int] = []
+    for cut in range(CUTS):
+        phase = Phase(layout, tally, rng, f"c{cut}")
+        phase.start()
+        time.sleep(rng.uniform(0.3, 2.0))
+        fs.cut()
+        phase.end()
+        fs = lazyfs()
+        assert integrity_ok(layout.db), f"SQLite's integrity check failed after cut {cut}"
+        marks.append(quiet(receiver))
+    receiver.latency = 0
+    drain(layout)
+    figures = check(layout, tally, receiver.accepted, marks)
+    report(f"seed {seed}", figures)
