@@ -100,6 +100,14 @@ rescan = "1s"
 """)
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def spool_env(layout: Layout) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
     env.update(SPOOL_CONFIG=str(layout.config), PYTHONUNBUFFERED="1")
@@ -300,7 +308,11 @@ class Phase:
             connection.close()
 
     def _drops(self) -> None:
-        """Write drop files as a careful producer does: a dot name, the data fsynced, then a rename."""
+        """Write drop files as careful producers do: a dot name, the data fsynced, then a rename.
+
+        Half of them also fsync the directory after the rename, so the file is on the disk before spool takes
+        it: from then on only spool's own fsyncs keep it from being taken twice after a cut.
+        """
         drop = self.layout.drop
         for n in range(10_000):
             if self.stop.wait(0.05):
@@ -313,7 +325,10 @@ class Phase:
                 f.write("".join(json.dumps({"stat": stat, "count": 1, "t": self._t()}) + "\n" for stat in stats))
                 f.flush()
                 os.fsync(f.fileno())
+            durable = self.rng.random() < 0.5
             os.rename(drop / f".{name}.part", drop / name)
+            if durable:
+                fsync_dir(drop)
 
     def _watch_done(self) -> None:
         """A file is done once the watcher moved it to .done/ (it moves a file only after its commit)."""
