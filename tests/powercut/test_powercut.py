@@ -28,9 +28,11 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from .load import (
     wait_until,
     write_config,
 )
+from .mount import LazyMount
 
 LONG = bool(os.environ.get("SPOOL_LONG"))
 TRIALS, CUTS = (20, 10) if LONG else (2, 10)
@@ -74,6 +77,22 @@ def integrity_ok(db: Path) -> bool:
         return True
     with Store(db) as store:
         return store.integrity_ok()
+
+
+def power_back(lazyfs: Callable[[], LazyMount], device: int) -> LazyMount:
+    """Mount the disk again after a cut, as the same device: a disk keeps its device number across a reboot.
+
+    The kernel frees a FUSE mount's device number a moment after the mount is gone (and another mount may take
+    it meanwhile), so a new mount may get another one at first; spool knows drop files by device and inode.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        fs = lazyfs()
+        if os.stat(fs.mountpoint).st_dev == device:
+            return fs
+        assert time.monotonic() < deadline, f"the disk never came back as device {device}"
+        fs.unmount()
+        time.sleep(0.05)
 
 
 def quiet(receiver: Any) -> int:
@@ -204,9 +223,10 @@ def test_what_spool_said_was_done_survives_random_power_cuts_under_load(lazyfs, 
         phase = Phase(layout, tally, rng, f"c{cut}")
         phase.start()
         time.sleep(rng.uniform(0.3, 2.0))
+        device = os.stat(fs.mountpoint).st_dev
         fs.cut()
         phase.end()
-        fs = lazyfs()
+        fs = power_back(lazyfs, device)
         assert integrity_ok(layout.db), f"SQLite's integrity check failed after cut {cut}"
         marks.append(quiet(receiver))
     receiver.latency = 0
@@ -367,3 +387,47 @@ def test_an_export_cut_between_chunks_leaves_every_record_in_its_file_or_in_the_
     assert max(moved.values()) == 1 and max(left.values(), default=1) == 1
     assert len(moved) >= 10_000, "the chunk that left the spool is not in the file"
     assert len(set(moved) & set(left)) <= 10_000
+
+
+@pytest.mark.parametrize("device", [
+    "the same",
+    pytest.param("another", marks=pytest.mark.xfail(strict=True, reason=(
+        "watch.Ingestor._resume_at (and DirectoryWatcher.forget_gone) know a file by (st_dev, st_ino): a disk "
+        "that comes back with another device number (FUSE, btrfs subvolumes, LVM and NFS get theirs when "
+        "mounted) makes a file whose records were committed before the cut, but which was not moved yet, a "
+        "new file, taken a second time"))),
+])
+def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_back(lazyfs, device):
+    """The power goes after a file's records and identity were committed and before it was moved to .done/."""
+    fs = lazyfs()
+    drop, db = fs.mountpoint / "drop", fs.mountpoint / "state" / "spool.db"
+    drop.mkdir()
+    db.parent.mkdir()
+    fsync_dir(fs.mountpoint)
+    job = drop / "job.jsonl"
+    with open(job, "w") as f:
+        f.write("".join(json.dumps({"stat": f"job {i}", "count": 1, "t": T0}) + "\n" for i in range(3)))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(drop)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    taken = subprocess.run(spool_args("--db", str(db), "ingest", "--keep", str(job)), env=env,
+                           capture_output=True, text=True)  # taken and left in place: the state a cut leaves
+    assert taken.returncode == 0, taken.stderr
+    before = os.stat(fs.mountpoint).st_dev
+    # An open directory keeps the cut mount's device number taken after it is detached, so the disk comes back
+    # with another one.
+    holder = os.open(fs.mountpoint, os.O_RDONLY | os.O_DIRECTORY) if device == "another" else None
+    try:
+        fs.cut()
+        fs = lazyfs() if holder is not None else power_back(lazyfs, before)
+        assert (os.stat(fs.mountpoint).st_dev == before) == (device == "the same")
+        again = subprocess.run(spool_args("--db", str(db), "ingest", str(job)), env=env, capture_output=True,
+                               text=True)
+        assert again.returncode == 0, again.stderr
+    finally:
+        if holder is not None:
+            os.close(holder)
+    with Store(db) as store:
+        assert sorted(record.stat for _, _, record in store.records()) == ["job 0", "job 1", "job 2"]
+    assert (drop / ".done" / "job.jsonl").exists()
