@@ -267,7 +267,7 @@ def test_synchronous_normal_loses_only_the_last_commits_at_a_cut_and_never_corru
     db.parent.mkdir()
     fsync_dir(fs.mountpoint)
     kept: set[str] = set()
-    lost_some = 0
+    lost_some = told = lost = 0
     for cut in range(NORMAL_CUTS):
         processes, returned, reader = appending(db, "normal", f"n{cut} ", rng.randrange(1 << 30))
         wait_until(lambda: len(returned) > 5, 30, "the first appends")  # noqa: B023 (waited for here)
@@ -296,8 +296,12 @@ def test_synchronous_normal_loses_only_the_last_commits_at_a_cut_and_never_corru
         assert {stat for stat in stats if stat.startswith(f"n{cut} ")} <= {*returned, f"n{cut} {len(returned)}"}
         assert survived >= floor, f"cut {cut} lost records committed before a checkpoint"
         lost_some += survived < len(returned)
+        told += len(returned)
+        lost += len(returned) - survived
         kept = stats
     assert lost_some, "normal mode never lost a commit at a cut: the cuts did not test it"
+    print(f"\nsynchronous = normal: {NORMAL_CUTS} cuts; {told} appends returned, {lost} of them lost (all after "
+          f"the last checkpoint, {lost_some} cuts lost some), integrity check passed after every cut")
 
 
 @pytest.mark.xfail(strict=True, reason=(
