@@ -13,11 +13,13 @@ the agent drains, and:
 * no record is in the spool twice (a dropped file is taken once, an import whole or not at all);
 * an export that exited 0 holds exactly what it said it moved, none of which is still in the spool;
 * every file in `.done/` was taken in, and none is left waiting in the drop directory;
-* the receiver got a record twice only across a cut, and all cuts together resent no more than the stated
-  bound, max_in_flight x batch_size records a cut (README, "Delivery guarantees");
+* the receiver got a record again only across a cut, and no cut made spool send more again than the stated
+  bound, max_in_flight x batch_size records (README, "Delivery guarantees");
 * SQLite's integrity check passes after every cut.
 
-`SPOOL_LONG=1` runs 200 cuts instead of 20. `pytest -s` prints each trial's figures.
+The other tests here cut the power at chosen moments: synchronous = "normal", an export between two chunks,
+a quarantined spool, a file taken but not yet moved, a spool in a directory spool made. `SPOOL_LONG=1` runs
+200 cuts under load instead of 20; `pytest -s` prints the figures (docs/powercut.md has a run's).
 """
 
 from __future__ import annotations
