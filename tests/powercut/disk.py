@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 
 PAGE = 4096
+# A file's inode number in the model, kept with its backing file (a user xattr): a real file system keeps inode
+# numbers across a power cut, and programs that know files by (device, inode) rely on that.
+NUMBER_XATTR = "user.lazyfs.ino"
 
 
 class FsError(OSError):
@@ -110,7 +113,7 @@ class Disk:
     def __init__(self, backing: str, *, fsync_backing: bool = True):
         self.backing = os.path.realpath(backing)
         self.fsync_backing = fsync_backing  # the host's own crash safety; off only to measure
-        self._numbers = iter(range(2, 1 << 62))
+        self._numbers = iter(())  # set once what is on disk is loaded, above every number kept there
         self.pending: list[Change] = []
         self.dirty_files: set[Inode] = set()
         self.open_fds: set[Inode] = set()
@@ -120,6 +123,7 @@ class Disk:
 
     def _load_root(self) -> Inode:
         root = self._inode_from(os.lstat(self.backing), number=1)
+        unnumbered: list[tuple[Inode, str]] = []  # put there behind our back, or symlinks (no user xattrs)
         stack = [(root, self.backing)]
         while stack:
             directory, path = stack.pop()
@@ -128,17 +132,34 @@ class Disk:
                     st = entry.stat(follow_symlinks=False)
                     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                         continue  # sockets and fifos are no disk content
-                    child = self._inode_from(st)
+                    child = self._inode_from(st, number=_kept_number(entry.path))
+                    if not child.number:
+                        unnumbered.append((child, entry.path))
                     child.dparent, child.dname = directory, entry.name
                     if stat.S_ISLNK(st.st_mode):
                         child.target = os.readlink(entry.path)
                     directory.entries[entry.name] = child
                     if child.is_dir:
                         stack.append((child, entry.path))
+        highest = max([1, *(node.number for node in self._walk(root))])
+        self._numbers = iter(range(highest + 1, 1 << 62))
+        for node, path in unnumbered:
+            node.number = next(self._numbers)
+            if not stat.S_ISLNK(node.mode):
+                _keep_number(path, node.number)
         return root
 
-    def _inode_from(self, st: os.stat_result, number: int | None = None) -> Inode:
-        return Inode(number=number or next(self._numbers), mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+    def _walk(self, directory: Inode) -> list[Inode]:
+        found = []
+        for child in directory.entries.values():
+            found.append(child)
+            if child.is_dir:
+                found += self._walk(child)
+        return found
+
+    @staticmethod
+    def _inode_from(st: os.stat_result, number: int) -> Inode:
+        return Inode(number=number, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                      size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
                      base_limit=st.st_size if stat.S_ISREG(st.st_mode) else 0)
@@ -418,6 +439,7 @@ class Disk:
             path = self._durable_child(change.parent, change.name)
             if node.is_dir:
                 os.mkdir(path, stat.S_IMODE(node.mode))
+                _keep_number(path, node.number)
             elif stat.S_ISLNK(node.mode):
                 os.symlink(node.target, path)
             else:
@@ -450,6 +472,7 @@ class Disk:
         """Create a file's durable name, with the content that was durable while it had none."""
         assert node.mem is not None
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(node.mode))
+        _keep_number(fd, node.number)
         os.write(fd, node.mem)
         if self.fsync_backing:
             os.fsync(fd)
@@ -471,3 +494,16 @@ class Disk:
         self.open_fds.clear()
         self.pending.clear()
         self.dirty_files.clear()
+
+
+def _kept_number(path: str) -> int:
+    """Return the inode number a backing file had in the model, or 0 if it has none."""
+    try:
+        return int(os.getxattr(path, NUMBER_XATTR, follow_symlinks=False))
+    except (OSError, ValueError):
+        return 0
+
+
+def _keep_number(where: str | int, number: int) -> None:
+    """Keep an inode's number with its backing file (a path, or an open descriptor)."""
+    os.setxattr(where, NUMBER_XATTR, str(number).encode())

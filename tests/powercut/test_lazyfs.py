@@ -199,6 +199,30 @@ def test_a_new_directory_and_what_is_in_it_need_the_parent_fsynced_too(lazyfs):
     assert (mnt / "d" / "f").read_bytes() == b"durable"
 
 
+def test_inode_numbers_survive_a_remount_and_a_cut_and_new_ones_never_reuse_them(lazyfs):
+    fs = lazyfs()
+    mnt = fs.mountpoint
+    (mnt / "d").mkdir()
+    fsync_dir(mnt)
+    names = ["d", *(f"d/{n}" for n in range(20))]  # numbered in this order; listed back in another
+    for name in names[1:]:
+        durable(mnt / name)
+    numbers = [os.lstat(mnt / name).st_ino for name in names]
+    (fs.backing / "placed").write_bytes(b"put on the disk behind the mount's back")
+    fs = lazyfs()  # an orderly remount
+    assert [os.lstat(mnt / name).st_ino for name in names] == numbers
+    names.append("placed")  # numbered at this mount, and keeps that number from now on
+    numbers.append(os.lstat(mnt / "placed").st_ino)
+    os.rename(mnt / "d" / "0", mnt / "d" / "renamed")
+    fsync_dir(mnt / "d")
+    write(mnt / "unsynced", b"", sync=False)  # its number dies with it at the cut
+    fs = power_cut(lazyfs, fs)
+    names[1] = "d/renamed"  # a renamed file is the same file
+    assert [os.lstat(mnt / name).st_ino for name in names] == numbers
+    write(mnt / "new", b"", sync=False)
+    assert os.lstat(mnt / "new").st_ino not in numbers
+
+
 def test_a_shared_mapping_is_durable_after_msync_and_lost_without_it(lazyfs):
     fs = lazyfs()
     path = fs.mountpoint / "mapped"
