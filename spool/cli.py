@@ -218,7 +218,7 @@ def import_(obj: Context, file: str, skip_invalid: bool, ezkey: str | None) -> N
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--skip-invalid", is_flag=True, help="Take a file's good records; report the bad ones.")
-@click.option("--keep", is_flag=True, help="Leave files where they are (taken again, only what is appended).")
+@click.option("--keep", is_flag=True, help="Leave files where they are (run again, it takes only what was appended).")
 @common_options
 @pass_context
 def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from spool.clock import boot_clock, boot_id, is_alive, process_identity
+from spool.durable import fsync_dir
 from spool.errors import SpoolFull, SpoolMissing, StoreError
 from spool.records import INT64_MAX, Kind, Record
 
@@ -281,6 +282,7 @@ class Store:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(f"{self.path}{suffix}", f"{moved}{suffix}")
+        fsync_dir(self.path.parent)  # the renames are durable before a fresh spool takes the name
         return moved
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -924,9 +926,14 @@ def _create_private_file(path: Path) -> None:
     if blocker is not None:
         raise StoreError(f"cannot create spool {path}: {blocker} is a file, not a directory (check --db, SPOOL_DB "
                          "or spool.path)")
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        # A new name is durable once its directory is synced: the file's, then each directory made for it,
+        # deepest first (SQLite syncs only the spool's own directory, and only when it makes the WAL).
+        for folder in (path.parent, *(made_one.parent for made_one in made)):
+            fsync_dir(folder)
     except OSError as exc:
         raise StoreError(f"cannot create spool {path}: {exc.strerror}") from None
 

@@ -53,7 +53,7 @@ class Receiver:
         self.latency = 0.0  # seconds every answer waits (a long link), set at will
         self.in_flight = 0  # requests being answered now
         self.max_in_flight = 0  # the most requests it ever answered at once
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server = _QuietServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -322,6 +322,16 @@ class Receiver:
                 self.connection.close()
 
         return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (a shipper killed, a timeout) is ordinary here: no traceback for it."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 def _number(text: str | None) -> int | float | None:

@@ -200,7 +200,9 @@ class Ingestor:
     @staticmethod
     def _resume_at(fd: int, seen: os.stat_result, mark: FileMark | None) -> int | None:
         """Where to start reading this file: 0 (a new file), the old end (it grew), None (nothing new)."""
-        if mark is None or (mark.dev, mark.ino) != (seen.st_dev, seen.st_ino):
+        # The inode alone names the file: a disk can come back (after a power cut, a remount) with another
+        # device number (FUSE, btrfs subvolumes, LVM, NFS get theirs when mounted); the tail hash guards the rest.
+        if mark is None or mark.ino != seen.st_ino:
             return 0  # never seen, or another file now has this name
         if seen.st_size < mark.offset or tail_hash(fd, mark.offset) != mark.tail:
             return 0  # truncated or rewritten in place: what is there now is new
@@ -265,6 +267,8 @@ class Ingestor:
             with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
                 os.fchmod(out.fileno(), 0o600)
                 out.write("\n".join(lines) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
         except OSError as exc:
             log.error("cannot write the error report for %s: %s", printable(path.name), exc.strerror)
 
@@ -329,6 +333,7 @@ def _move_into(path: Path, folder: Path) -> Path | None:
         target = _free_name(folder, path.name)
         os.rename(path, target)
         fsync_dir(folder)
+        fsync_dir(path.parent)  # the file left the watched directory for good: it is not read again
         return target
     except FileNotFoundError:
         return None
@@ -430,8 +435,7 @@ class DirectoryWatcher:
         for mark in self.store.file_marks():
             if mark.path.startswith(prefix) and b"/" not in mark.path[len(prefix):]:
                 try:
-                    info = os.lstat(mark.path)
-                    if (info.st_dev, info.st_ino) == (mark.dev, mark.ino):
+                    if os.lstat(mark.path).st_ino == mark.ino:
                         continue
                 except OSError:
                     pass
@@ -524,7 +528,7 @@ class DirectoryWatcher:
     def _ingest(self, path: Path) -> None:
         try:
             result = self.ingestor.ingest(path)
-        except StoreError as exc:  # the spool is unwritable (disk full, ...): keep the file, try again later
+        except (StoreError, OSError) as exc:  # the spool or the disk failed (full, I/O error): keep the file, retry
             log.error("cannot ingest %s: %s; will retry", printable(path.name), exc)
             self._defer(path, None, delay=5.0)
             return

@@ -68,6 +68,7 @@ def test_export_remove_while_the_agent_ships_puts_no_record_both_in_the_file_and
     backlog(db, n)
     out = tmp_path / "moved.jsonl"
     with Receiver() as receiver:
+        receiver.latency = 0.05  # a link that takes a while: the export surely meets batches in flight
         env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
         agent = spawn_cli(db, "run", "--batch-size", "100", env=env)
         try:

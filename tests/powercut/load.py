@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ..conftest import T0, TEST_EZKEY
+from ..helpers import T0, TEST_EZKEY
 
 RELAY_CLIENTS = 16
 T_SPAN = 1000  # records get t in [T0, T0 + T_SPAN): an export of t <= the middle takes part of the backlog

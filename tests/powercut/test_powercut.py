@@ -42,9 +42,9 @@ from typing import Any
 import pytest
 
 from spool import Spool
-from spool.store import SENT, Store
+from spool.store import State, Store
 
-from ..conftest import T0
+from ..helpers import T0
 from .load import (
     Agent,
     Layout,
@@ -158,7 +158,7 @@ def check(layout: Layout, tally: Tally, accepted: list[dict[str, Any]], marks: l
         rows = [(state, record.stat) for _, state, record in store.records()]
     assert counts["pending"] == counts["inflight"] == counts["held"] == counts["dead"] == 0, counts
     in_spool = Counter(stat for _, stat in rows)
-    sent = {stat for state, stat in rows if state == SENT}
+    sent = {stat for state, stat in rows if state == State.SENT}
     delivered = Counter(item["stat"] for item in accepted)
     exports = {path: Counter(json.loads(line)["stat"] for line in path.read_text().splitlines())
                for path in layout.exports.iterdir()}
@@ -306,10 +306,6 @@ def test_synchronous_normal_loses_only_the_last_commits_at_a_cut_and_never_corru
           f"the last checkpoint, {lost_some} cuts lost some), integrity check passed after every cut")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store._create_private_file makes the spool's directory (mkdir with parents) and the spool file, and "
-    "fsyncs neither parent: SQLite syncs the spool's own directory when it creates the WAL, but not the "
-    "directories above it, so the new directory, and every commit in it, is lost at a cut"))
 def test_the_first_append_to_a_spool_in_a_directory_spool_made_survives_a_cut(lazyfs):
     fs = lazyfs()
     db = fs.mountpoint / "state" / "spool" / "spool.db"  # as $XDG_STATE_HOME/spool/spool.db on a first run
@@ -396,14 +392,7 @@ def test_an_export_cut_between_chunks_leaves_every_record_in_its_file_or_in_the_
     assert len(set(moved) & set(left)) <= 10_000
 
 
-@pytest.mark.parametrize("device", [
-    "the same",
-    pytest.param("another", marks=pytest.mark.xfail(strict=True, reason=(
-        "watch.Ingestor._resume_at (and DirectoryWatcher.forget_gone) know a file by (st_dev, st_ino): a disk "
-        "that comes back with another device number (FUSE, btrfs subvolumes, LVM and NFS get theirs when "
-        "mounted) makes a file whose records were committed before the cut, but which was not moved yet, a "
-        "new file, taken a second time"))),
-])
+@pytest.mark.parametrize("device", ["the same", "another"])
 def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_back(lazyfs, device):
     """The power goes after a file's records and identity were committed and before it was moved to .done/."""
     fs = lazyfs()
