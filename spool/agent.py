@@ -74,150 +74,286 @@ def _drop_inotify_stop_race(record: logging.LogRecord) -> bool:
     return "called when the thread is inactive" not in record.getMessage()
 
 
+class Component:
+    """One running part of the agent: it owns what it opens (an ExitStack) and stops on its own event.
+
+    `key` is the slice of the configuration it was built from: on a reload, a component whose key did not
+    change keeps running, so nothing it holds (a listening socket, a lease) is disturbed.
+    """
+
+    def __init__(self, name: str, key: object):
+        self.name = name
+        self.key = key
+        self.stop_event = threading.Event()
+        self.stack = contextlib.ExitStack()
+        self.thread: threading.Thread | None = None
+
+    def open_store(self, config: Config) -> Store:
+        return self.stack.enter_context(Store.for_config(config))
+
+    def start(self, target: Callable[[], Any], failed: Callable[[str, BaseException], None]) -> None:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception as exc:  # a component died: the agent stops, loudly, so systemd restarts it
+                failed(self.name, exc)
+
+        self.thread = threading.Thread(target=guarded, name=f"spool-{self.name}", daemon=True)
+        self.thread.start()
+
+    def halt(self) -> None:
+        """Ask it to stop (it finishes or hands back what it holds)."""
+        self.stop_event.set()
+
+    def join(self, deadline: float, monotonic: Callable[[], float]) -> bool:
+        """Wait for its thread until `deadline`; close what it owns if it ended. Return whether it ended."""
+        if self.thread is not None:
+            self.thread.join(timeout=max(0.0, deadline - monotonic()))
+            if self.thread.is_alive():
+                self.stack.pop_all()  # it still uses its spool connections: leave them to the process's exit
+                return False
+        self.stack.close()
+        return True
+
+
 class Agent:
-    """Run named components until SIGTERM/SIGINT (or a component's failure), each in its own thread."""
+    """Run named components until SIGTERM/SIGINT (or a component's failure); SIGHUP reloads the configuration.
+
+    `only`: the components to run ("ship", "watch", "relay", "metrics"); all the configuration asks for when
+    None (a relay named in `only` is run even if not enabled). `reload`: how to read the configuration again
+    on SIGHUP (the CLI passes the same file and flags); an invalid new one is refused and the running one kept.
+    """
 
     def __init__(self, config: Config, *, only: Collection[str] | None = None,
-                 monotonic: Callable[[], float] = time.monotonic):
-        """`only`: the components to run (all the configuration asks for when None); a relay named is run."""
+                 reload: Callable[[], Config] | None = None, monotonic: Callable[[], float] = time.monotonic):
         unknown = set(only or ()) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
         self.config = config
+        self.only = set(only) if only is not None else None
+        self.reload = reload
         self.shutdown = threading.Event()
+        self.reload_asked = threading.Event()
+        self._signalled = threading.Event()  # wakes the main loop for a signal (or a component's failure)
         self.wake = threading.Event()
         self.monotonic = monotonic
-        self.stack = contextlib.ExitStack()
-        self._threads: list[threading.Thread] = []
+        self.components: dict[str, Component] = {}
         self._failed: list[str] = []
-        wanted = set(only) if only is not None else {
+        # The first open moves a corrupt spool aside rather than crash-looping on it; it serves the summary.
+        self._store = Store.for_config(config, quarantine=True)
+        self._metrics: Any = None
+
+    # -- what runs ------------------------------------------------------------------------------------
+
+    def wanted(self, config: Config) -> dict[str, object]:
+        """The components a configuration asks for, each with the slice of it that it is built from.
+
+        Raises ConfigError for what can be known wrong before anything starts (a missing drop directory).
+        """
+        only = self.only if self.only is not None else {
             "ship", *(["watch"] if config.watch else []), *(["relay"] if config.relay.enabled else []),
             *(["metrics"] if config.metrics.listen else [])}
+        spool = (config.db, config.spool)
+        wanted: dict[str, object] = {}
+        if "ship" in only:
+            wanted["ship"] = (spool, config.ship)
+        if "watch" in only:
+            from spool.watch import check_directory
+
+            for entry in config.watch:
+                check_directory(entry.path)
+                wanted[f"watch {entry.path}"] = (spool, entry)
+        if "relay" in only:
+            wanted["relay"] = (spool, config.relay)
+        if "metrics" in only and config.metrics.listen:
+            wanted["metrics"] = (spool, config.metrics)
+        return wanted
+
+    @property
+    def metrics(self) -> Any:
+        """The /metrics and /healthz collector (made on first use: only the relay and the metrics server need it).
+
+        It reads whichever components run now, so a reload that restarts one is seen at once.
+        """
+        if self._metrics is None:
+            from spool.metrics import Metrics
+
+            def snapshot(name: str) -> dict[str, Any] | None:
+                component = self.components.get(name)
+                return component.snapshot() if component is not None else None  # type: ignore[attr-defined]
+
+            self._metrics = Metrics(
+                Store.for_config(self.config), shipper=lambda: snapshot("ship"), relay=lambda: snapshot("relay"),
+                watchers=lambda: [c.watcher.snapshot() for c in self.components.values() if hasattr(c, "watcher")],
+                unhealthy_after=self.config.metrics.unhealthy_after)
+        return self._metrics
+
+    def _build(self, name: str, key: object, config: Config) -> Component:
+        component = Component(name, key)
         try:
-            # The first open moves a corrupt spool aside rather than crash-looping on it; it serves the summary.
-            self._store = self.stack.enter_context(Store.for_config(config, quarantine=True))
-            self.shipper = self._shipper() if "ship" in wanted else None
-            self.watchers = [self._watcher(entry) for entry in config.watch] if "watch" in wanted else []
-            self.metrics = self._metrics() if {"relay", "metrics"} & wanted else None
-            self.relay = self._relay() if "relay" in wanted else None
-            self.metrics_server = self._metrics_server() if "metrics" in wanted and config.metrics.listen else None
+            if name == "ship":
+                from spool.ship import Shipper
+
+                shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event, wake=self.wake)
+                component.stack.enter_context(shipper)  # takes the shipper lock: a second agent stops here
+                component.snapshot = shipper.snapshot  # type: ignore[attr-defined]
+                component.shipper = shipper  # type: ignore[attr-defined]
+                component.start(shipper.run, self._component_failed)
+                log.info("shipping %s to %s", config.db, shipper.endpoint)
+            elif name.startswith("watch "):
+                from spool.watch import DirectoryWatcher
+
+                entry = key[1]  # type: ignore[index]
+                watcher = DirectoryWatcher(entry, component.open_store(config), shutdown=component.stop_event,
+                                           t_floor=config.spool.t_floor, on_ingested=lambda result: self.wake.set())
+                watcher.check_directory()  # a missing directory is a configuration error, before anything starts
+                watcher.start()
+                component.stack.callback(watcher.stop)
+                component.watcher = watcher  # type: ignore[attr-defined]
+                component.start(watcher.run, self._component_failed)
+                log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "")
+            elif name == "relay":
+                from spool.relay import Relay
+
+                relay = Relay(config.relay, component.open_store(config), t_floor=config.spool.t_floor,
+                              on_commit=lambda n: self.wake.set(), health=self.metrics.health,
+                              metrics=self.metrics.render)
+                component.stack.callback(relay.stop)
+                relay.start()
+                component.snapshot = relay.snapshot  # type: ignore[attr-defined]
+                component.relay = relay  # type: ignore[attr-defined]
+                statsd = relay.statsd_address
+                log.info("relay listening on %s%s", relay.url,
+                         f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
+            elif name == "metrics":
+                from spool.metrics import MetricsServer
+
+                server = MetricsServer(config.metrics, self.metrics).start()
+                component.stack.callback(server.stop)
+                log.info("metrics and health on %s/metrics and /healthz", server.url)
         except BaseException:
-            self.stack.close()
+            component.stack.close()
             raise
+        return component
 
-    def _open(self) -> Store:
-        return self.stack.enter_context(Store.for_config(self.config))
+    def _component_failed(self, name: str, exc: BaseException) -> None:
+        log.error("%s failed: %s", name, exc, exc_info=exc)
+        self._failed.append(name)
+        self.shutdown.set()
+        self._signalled.set()
 
-    def _shipper(self) -> Any:
-        from spool.ship import Shipper
+    def _apply(self, config: Config) -> None:
+        """Bring the running components in line with `config`: stop what changed or went, start what is new."""
+        wanted = self.wanted(config)
+        going = [c for name, c in self.components.items() if wanted.get(name) != c.key]
+        self._stop(going)
+        for component in going:
+            del self.components[component.name]
+        for name, key in wanted.items():
+            if name not in self.components:
+                self.components[name] = self._build(name, key, config)
+        self.config = config
 
-        return Shipper(self._open(), self.config, shutdown=self.shutdown, wake=self.wake)
+    def _stop(self, components: list[Component]) -> list[str]:
+        """Stop components (relays first: they answer what they took; then the rest); return the stuck."""
+        for component in sorted(components, key=lambda c: c.name != "relay"):
+            component.halt()
+            relay = getattr(component, "relay", None)
+            if relay is not None:
+                relay.stop()
+            watcher = getattr(component, "watcher", None)
+            if watcher is not None:
+                watcher.stop()
+        self.wake.set()
+        deadline = self.monotonic() + self.config.ship.timeout + STOP_GRACE
+        return [c.name for c in components if not c.join(deadline, self.monotonic)]
 
-    def _watcher(self, entry: Any) -> Any:
-        from spool.watch import DirectoryWatcher
-
-        watcher = DirectoryWatcher(entry, self._open(), shutdown=self.shutdown, t_floor=self.config.spool.t_floor,
-                                   on_ingested=lambda result: self.wake.set())
-        watcher.check_directory()  # a missing directory is a configuration error, before anything starts
-        return watcher
-
-    def _metrics(self) -> Any:
-        from spool.metrics import Metrics
-
-        return Metrics(self._open(), shipper=self.shipper.snapshot if self.shipper else None,
-                       watchers=lambda: [watcher.snapshot() for watcher in self.watchers],
-                       unhealthy_after=self.config.metrics.unhealthy_after)
-
-    def _relay(self) -> Any:
-        from spool.relay import Relay
-
-        assert self.metrics is not None  # made first, for the relay's /metrics and /healthz
-        relay = Relay(self.config.relay, self._open(), t_floor=self.config.spool.t_floor,
-                      on_commit=lambda n: self.wake.set(), health=self.metrics.health, metrics=self.metrics.render)
-        self.metrics.relay = relay.snapshot
-        self.stack.callback(relay.stop)
-        return relay
-
-    def _metrics_server(self) -> Any:
-        from spool.metrics import MetricsServer
-
-        assert self.metrics is not None
-        server = MetricsServer(self.config.metrics, self.metrics)
-        self.stack.callback(server.stop)
-        return server
-
-    def _start(self, name: str, target: Callable[[], Any]) -> None:
-        def guarded() -> None:
-            try:
-                target()
-            except Exception as exc:  # a component died: stop the agent, loudly, so systemd restarts it
-                log.exception("%s failed: %s", name, exc)
-                self._failed.append(name)
-                self.shutdown.set()
-
-        thread = threading.Thread(target=guarded, name=f"spool-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+    # -- running ----------------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.shutdown.set()  # nothing else is safe in a signal handler
+        # Nothing but setting flags is safe in a signal handler.
+        (self.reload_asked if signum == signal.SIGHUP else self.shutdown).set()
+        self._signalled.set()
 
     def run(self) -> int:
         """Run until a signal or a component failure; return the process exit status."""
+        from spool import systemd
+
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, self._on_signal)
         stuck: list[str] = []
-        with self.stack:
+        try:
+            self.wanted(self.config)  # what is wrong in the configuration is said before anything starts
             self._introduce()
-            if self.shipper is not None:
-                self.stack.enter_context(self.shipper)  # takes the shipper lock first: a second agent stops here
-                self._start("shipper", self.shipper.run)
-            for watcher in self.watchers:
-                watcher.start()
-                log.info("watching %s%s", watcher.directory, " (polling)" if watcher.watch.poll else "")
-                self._start(f"watch {watcher.directory.name}", watcher.run)
-            if self.relay is not None:
-                self.relay.start()
-                statsd = self.relay.statsd_address
-                log.info("relay listening on %s%s", self.relay.url,
-                         f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
-            if self.metrics_server is not None:
-                self.metrics_server.start()
-                log.info("metrics and health on %s/metrics and /healthz", self.metrics_server.url)
+            self._apply(self.config)
+            systemd.notify("READY=1", f"STATUS=running: {', '.join(self.components) or 'nothing'}")
+            watchdog = systemd.watchdog_interval()
             next_summary = self.monotonic() + self.config.log.summary_interval
-            while not self.shutdown.wait(timeout=max(0.0, min(next_summary - self.monotonic(), 60.0))):
-                if self.monotonic() >= next_summary:
+            next_ping = self.monotonic()
+            while not self.shutdown.is_set():
+                now = self.monotonic()
+                if watchdog is not None and now >= next_ping and not self._failed:
+                    systemd.notify("WATCHDOG=1")
+                    next_ping = now + watchdog
+                if now >= next_summary:
                     self.log_summary()
-                    next_summary = self.monotonic() + self.config.log.summary_interval
+                    next_summary = now + self.config.log.summary_interval
+                if self.reload_asked.is_set():
+                    self.reload_asked.clear()
+                    self._reload()
+                    continue
+                waits = [next_summary - now, 60.0] + ([next_ping - now] if watchdog is not None else [])
+                self._signalled.wait(timeout=max(0.0, min(waits)))
+                self._signalled.clear()
+            systemd.notify("STOPPING=1")
             log.info("shutting down")
-            self.wake.set()
-            if self.relay is not None:
-                self.relay.stop()  # answers what it took; nothing is taken after this
-            for watcher in self.watchers:
-                watcher.stop()
-            deadline = self.monotonic() + self.config.ship.timeout + STOP_GRACE
-            for thread in self._threads:
-                thread.join(timeout=max(0.0, deadline - self.monotonic()))
-            stuck = [thread.name for thread in self._threads if thread.is_alive()]
+            stuck = self._stop(list(self.components.values()))
+            self.components.clear()
             if stuck:
                 log.error("did not stop in time: %s", ", ".join(stuck))
-                self.stack.pop_all()  # threads still use their spool connections: leave them to the exit
             else:
                 self.log_summary()
+        finally:
+            if not stuck:
+                if self._metrics is not None:
+                    self._metrics.store.close()
+                self._store.close()
         return 1 if self._failed or stuck else 0
+
+    def _reload(self) -> None:
+        from spool import systemd
+        from spool.errors import SpoolError
+
+        if self.reload is None:
+            log.warning("SIGHUP: this command has no configuration to read again; nothing changed")
+            return
+        systemd.reloading()
+        try:
+            config = self.reload()
+            self.wanted(config)  # a new component set that cannot even be described is refused here too
+        except SpoolError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            systemd.notify("READY=1")
+            return
+        before = dict(self.components)
+        try:
+            self._apply(config)
+        except SpoolError as exc:  # a new part could not start (a port taken, a directory missing)
+            log.error("reload: %s; going back to the configuration that ran", exc)
+            self._apply(self.config)  # _apply sets self.config only once everything started
+        names = sorted({name for name, _ in set(before.items()) ^ set(self.components.items())})
+        log.info("reloaded the configuration: %s", f"restarted {', '.join(names)}" if names else "nothing changed")
+        systemd.notify("READY=1")
 
     def _introduce(self) -> None:
         """Say in the first lines what runs, on which spool and config, and what is missing."""
-        parts = [name for name, on in (("shipping", self.shipper), ("watching", self.watchers),
-                                       ("relay", self.relay), ("metrics", self.metrics_server)) if on]
+        parts = sorted(self.wanted(self.config))
         log.info("spool agent: %s; spool %s (%s); config: %s", ", ".join(parts) or "nothing to do",
                  self.config.db, self.config.db_source, self.config.source)
-        if self.shipper is not None:
-            log.info("shipping to %s", self.shipper.endpoint)
-            if self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
-                log.warning("no ezkey configured: only records carrying their own key will be shipped "
-                            "(set ship.ezkey_file in the config, or SPOOL_EZKEY_FILE)")
+        if "ship" in parts and self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
+            log.warning("no ezkey configured: only records carrying their own key will be shipped "
+                        "(set ship.ezkey_file in the config, or SPOOL_EZKEY_FILE)")
 
     def log_summary(self) -> None:
         try:
@@ -227,14 +363,16 @@ class Agent:
             log.warning("cannot read the spool for the summary: %s", exc)
             return
         age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
-        ingested = sum(watcher.snapshot()["records"] for watcher in self.watchers)
-        files = f"; ingested {ingested:,} records from files" if self.watchers else ""
-        if self.relay is not None:
-            files += f"; relayed {sum(self.relay.snapshot()['appended'].values()):,} records"
-        if self.shipper is None:
+        watchers = [c.watcher for c in self.components.values() if hasattr(c, "watcher")]
+        files = f"; ingested {sum(w.snapshot()['records'] for w in watchers):,} records from files" if watchers else ""
+        relay = self.components.get("relay")
+        if relay is not None:
+            files += f"; relayed {sum(relay.snapshot()['appended'].values()):,} records"  # type: ignore[attr-defined]
+        ship = self.components.get("ship")
+        if ship is None:
             log.info("backlog %s pending%s%s", f"{pending:,}", age, files)
             return
-        stats = self.shipper.snapshot()
+        stats = ship.snapshot()  # type: ignore[attr-defined]
         log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; last error: %s",
                  f"{pending:,}", age, f"{inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}", files,
                  stats["last_error"] or "none")

@@ -261,11 +261,10 @@ def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval
 
     Example: spool watch /var/spool/drop
     """
-    config = obj.config()
     entries = tuple(configuration.watch_entry(
         {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
          "after": "delete" if delete else "move"}, "--", text=True) for d in directories)
-    _run_agent(config.replace(watch=entries), only=("watch",))
+    _run_agent(lambda: obj.config().replace(watch=entries), only=("watch",))
 
 
 @cli.command()
@@ -282,7 +281,7 @@ def relay(obj: Context) -> None:
 
     Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
     """
-    _run_agent(obj.config(), only=("relay",))
+    _run_agent(obj.config, only=("relay",))
 
 
 def _when_option(text: str | None, name: str) -> int | None:
@@ -378,7 +377,7 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
     if not once:
         if max_time is not None:
             raise click.UsageError("--max-time applies to --once only; the agent ships until it is stopped")
-        _run_agent(config, only=("ship",))
+        _run_agent(obj.config, only=("ship",))
     from spool.agent import setup_logging
 
     setup_logging(config.log.level, config.log.format)
@@ -401,17 +400,21 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
 def run(obj: Context) -> None:
     """Run the agent: ship, and watch, relay and serve metrics as configured, until SIGTERM/SIGINT.
 
+    SIGHUP reads the configuration again and restarts only what changed (an invalid one is refused and the
+    running one kept). Under systemd (Type=notify) it reports READY, RELOADING, STOPPING and watchdog pings.
+
     Example: SPOOL_CONFIG=/etc/spool/spool.toml spool run
     """
-    _run_agent(obj.config())
+    _run_agent(obj.config)
 
 
-def _run_agent(config: configuration.Config, *, only: tuple[str, ...] | None = None) -> None:
-    """Run the agent in the foreground with its logging, and exit with its status."""
+def _run_agent(load: Callable[[], configuration.Config], *, only: tuple[str, ...] | None = None) -> None:
+    """Run the agent in the foreground with its logging, and exit with its status. SIGHUP calls `load` again."""
     from spool.agent import Agent, setup_logging
 
+    config = load()
     setup_logging(config.log.level, config.log.format)
-    raise click.exceptions.Exit(Agent(config, only=only).run())
+    raise click.exceptions.Exit(Agent(config, only=only, reload=load).run())
 
 
 @cli.command()

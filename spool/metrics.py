@@ -23,12 +23,13 @@ from spool.store import Store
 COUNTS_TTL = 30.0  # seconds a full count by state is reused (it walks the table; backlog figures do not)
 
 Snapshot = Callable[[], dict[str, Any]]
+MaybeSnapshot = Callable[[], "dict[str, Any] | None"]  # None: that component is not running now
 
 
 class Metrics:
     """A prometheus_client collector over the spool (its own connection) and the components' snapshots."""
 
-    def __init__(self, store: Store, *, shipper: Snapshot | None = None, relay: Snapshot | None = None,
+    def __init__(self, store: Store, *, shipper: MaybeSnapshot | None = None, relay: MaybeSnapshot | None = None,
                  watchers: Callable[[], list[dict[str, Any]]] = list, unhealthy_after: float = 900.0,
                  clock: Callable[[], float] = time.time):
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -121,8 +122,8 @@ class Metrics:
                                     "When StatHat last acknowledged a batch", value=meta["last_success_at"])
         appended = CounterMetricFamily("spool_appended", "Records taken into the spool by this process",
                                        labels=["source"])
-        if self.relay is not None:
-            relay = self.relay()
+        relay = self.relay() if self.relay is not None else None
+        if relay is not None:
             for source, n in relay["appended"].items():
                 appended.add_metric([source], n)
             yield CounterMetricFamily("spool_relay_refused", "Relay requests refused as StatHat would",
@@ -143,8 +144,8 @@ class Metrics:
         appended.add_metric(["watch"], ingested)
         yield appended
         yield files
-        if self.shipper is not None:
-            ship = self.shipper()
+        ship = self.shipper() if self.shipper is not None else None
+        if ship is not None:
             yield CounterMetricFamily("spool_shipped", "Records StatHat acknowledged (this process)",
                                       value=ship["sent"])
             yield CounterMetricFamily("spool_dead", "Records StatHat refused (this process)", value=ship["dead"])

@@ -342,6 +342,16 @@ def _move_into(path: Path, folder: Path) -> Path | None:
         return None
 
 
+def check_directory(directory: Path) -> None:
+    """Raise ConfigError, with the reason, if a drop directory cannot be watched."""
+    from spool.errors import ConfigError
+
+    if not directory.is_dir():
+        raise ConfigError(f"watched directory {directory} does not exist or is not a directory")
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(f"watched directory {directory} must be readable and writable by spool")
+
+
 def is_candidate(path: Path) -> bool:
     """Whether a file name is one producers mean us to take (not a temporary or hidden one)."""
     name = path.name
@@ -385,12 +395,7 @@ class DirectoryWatcher:
 
     def check_directory(self) -> None:
         """Fail early, with a clear reason, if the directory cannot be watched."""
-        from spool.errors import ConfigError
-
-        if not self.directory.is_dir():
-            raise ConfigError(f"watched directory {self.directory} does not exist or is not a directory")
-        if not os.access(self.directory, os.R_OK | os.W_OK | os.X_OK):
-            raise ConfigError(f"watched directory {self.directory} must be readable and writable by spool")
+        check_directory(self.directory)
 
     def start(self) -> None:
         """Start the observer; then queue what is already there, oldest first."""

@@ -1,0 +1,186 @@
+"""A daemon that behaves: SIGHUP reloads, systemd hears READY/RELOADING/STOPPING and watchdog pings, logs
+carry their priority under journald, metrics and health have a port of their own. Real processes only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+
+import requests
+
+from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, drop, jsonl, spawn_cli, stop_agent, wait_for, wait_for_line
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def config_text(receiver, port, *watched, batch_size=100):
+    text = UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = {batch_size}\n'
+    text += f'[relay]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+    return text + "".join(f'[[watch]]\npath = "{path}"\nsettle = 0\n' for path in watched)
+
+
+class Lines:
+    """Read a process's stderr in a thread, keeping every line."""
+
+    def __init__(self, process):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.thread.start()
+
+    def _read(self, process):
+        for line in process.stderr:
+            self.lines.append(line)
+
+    def has(self, text):
+        return any(text in line for line in self.lines)
+
+
+def test_sighup_reloads_what_changed_and_loses_or_repeats_nothing(tmp_path, db, receiver):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    port = free_port()
+    config = tmp_path / "spool.toml"
+    config.write_text(config_text(receiver, port, first))
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    sent, failures, stop = Counter(), [], threading.Event()
+
+    def relay_client():  # a StatHat client posting through the reload: never refused, never lost
+        session, n = requests.Session(), 0
+        while not stop.is_set():
+            answer = session.post(f"http://127.0.0.1:{port}/ez", data={"ezkey": TEST_EZKEY, "stat": f"r{n}",
+                                                                      "count": 1, "t": T0})
+            if answer.status_code == 204:
+                sent[f"r{n}"] += 1
+            else:
+                failures.append(answer.status_code)
+            n += 1
+
+    try:
+        wait_for(lambda: log.has("relay listening"))
+        client = threading.Thread(target=relay_client)
+        client.start()
+        drop(first, "one.jsonl", jsonl("from a"))
+        wait_for(lambda: any(a["stat"] == "from a" for a in receiver.accepted))
+        config.write_text(config_text(receiver, port, first, second, batch_size=10))
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        drop(second, "two.jsonl", jsonl("from b"))
+        wait_for(lambda: any(a["stat"] == "from b" for a in receiver.accepted))
+        stop.set()
+        client.join()
+        wait_for(lambda: sum(1 for a in receiver.accepted if a["stat"].startswith("r")) == sum(sent.values()))
+    finally:
+        stop.set()
+        stop_agent(agent)
+    reloaded = next(line for line in log.lines if "reloaded the configuration" in line)
+    assert "restarted ship, watch" in reloaded and "relay" not in reloaded  # the relay's settings did not change
+    assert failures == []  # the relay answered all along
+    got = Counter(a["stat"] for a in receiver.accepted)
+    assert got == Counter({**sent, "from a": 1, "from b": 1})
+    assert max(receiver.batches[-3:]) <= 10  # the new batch size took effect
+
+
+def test_an_invalid_config_on_reload_is_refused_and_the_running_one_kept(tmp_path, db, receiver):
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\n')
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: log.has("shipping"))
+        config.write_text("[ship]\nbatch_size = 'many'\n")
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reload refused"))
+        from .helpers import run_cli
+
+        assert run_cli(db, "add", "still shipping", "--count", "1", "--t", str(T0)).returncode == 0
+        wait_for(lambda: [a["stat"] for a in receiver.accepted] == ["still shipping"])
+    finally:
+        stop_agent(agent)
+    assert any("ship.batch_size must be a whole number" in line for line in log.lines)
+
+
+def test_systemd_hears_ready_reloading_stopping_and_watchdog_pings(tmp_path, db, receiver):
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\n')
+    env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, NOTIFY_SOCKET=address, WATCHDOG_USEC="200000")
+    agent = spawn_cli(db, "--config", str(config), "run", env=env)
+    messages: list[str] = []
+
+    def until(state):
+        while not any(state in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+
+    try:
+        until("READY=1")
+        until("WATCHDOG=1")
+        agent.send_signal(signal.SIGHUP)
+        until("RELOADING=1")
+        reloading = next(m for m in messages if "RELOADING=1" in m)
+        assert "MONOTONIC_USEC=" in reloading
+        count = len(messages)
+        while not any("READY=1" in m for m in messages[count:]):
+            messages.append(listener.recv(4096).decode())
+    finally:
+        stop_agent(agent)
+        until("STOPPING=1")
+        listener.close()
+    assert sum("WATCHDOG=1" in m for m in messages) >= 1
+
+
+def test_under_journald_every_line_carries_its_priority(db):
+    env = cli_env(db, JOURNAL_STREAM="8:12345")  # what systemd sets when stderr is the journal
+    agent = spawn_cli(db, "run", env=env)
+    wait_for_line(agent, "spool agent")
+    stderr = stop_agent(agent)
+    lines = [line for line in stderr.splitlines() if line]
+    assert lines and all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines
+    assert any(line.startswith("<4>WARNING no ezkey configured") for line in lines)
+
+
+def test_json_log_lines_when_asked(db):
+    agent = spawn_cli(db, "run", "--log-format", "json", "--log-level", "debug")
+    wait_for_line(agent, "spool agent")
+    stderr = stop_agent(agent)
+    entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= entries[0].keys()
+    assert any(entry["message"] == "shutting down" for entry in entries)
+
+
+def test_metrics_and_health_have_a_port_of_their_own_without_the_relay(tmp_path, db, receiver):
+    port = free_port()
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    try:
+        wait_for_line(agent, "metrics and health on")
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics").text
+        health = requests.get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        stop_agent(agent)
+    for name in ("process_resident_memory_bytes", "spool_build_info", 'spool_records{state="pending"}',
+                 "spool_ship_request_seconds_bucket", "spool_ship_in_flight"):
+        assert name in metrics, name
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_sighup_to_a_command_without_the_full_agent_does_not_kill_it(db):
+    agent = spawn_cli(db, "ship")
+    wait_for_line(agent, "shipping")
+    agent.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert agent.poll() is None
+    stop_agent(agent)
