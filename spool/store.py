@@ -213,6 +213,7 @@ class Store:
         started in its place: the long-running agent must not crash-loop on a corrupt file.
         """
         self.path = Path(path)
+        self.synchronous = synchronous
         self.owner = process_identity()
         self._last_warning = float("-inf")
         if synchronous not in ("full", "normal"):
@@ -359,7 +360,10 @@ class Store:
         file mark and enforces the bounds. No transaction holds the write lock for long, so a shipper's
         acknowledgement is never kept waiting by a big import.
         """
-        rows = iter(records)
+        with self._synced() if file is not None else contextlib.nullcontext():
+            return self._append(iter(records), file, chunk)
+
+    def _append(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
         first = list(itertools.islice(rows, chunk))
         extra = next(rows, None) if len(first) == chunk else None
         if extra is None:
@@ -371,6 +375,19 @@ class Store:
                 self._enforce(conn, len(first))
             return len(first)
         return self._append_staged(itertools.chain(first, [extra], rows), file, chunk)
+
+    @contextlib.contextmanager
+    def _synced(self) -> Iterator[None]:
+        """Commit with synchronous=FULL whatever the spool's mode: a dropped file's records must be on disk
+        before the file leaves its directory for good (with "normal" a power cut could lose both)."""
+        if self.synchronous == "full":
+            yield
+            return
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
 
     def _append_staged(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
         self.sweep_stages()

@@ -427,3 +427,36 @@ def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_b
     with Store(db) as store:
         assert sorted(record.stat for _, _, record in store.records()) == ["job 0", "job 1", "job 2"]
     assert (drop / ".done" / "job.jsonl").exists()
+
+
+def test_with_synchronous_normal_a_file_moved_to_done_is_still_in_the_spool_after_a_cut(lazyfs, tmp_path):
+    """normal may lose the last appends, but never a file's: the file leaves the directory for good."""
+    fs = lazyfs()
+    drop, db = fs.mountpoint / "drop", fs.mountpoint / "state" / "spool.db"
+    drop.mkdir()
+    db.parent.mkdir()
+    fsync_dir(fs.mountpoint)
+    job = drop / "job.jsonl"
+    with open(job, "w") as f:
+        f.write("".join(json.dumps({"stat": f"job {i}", "count": 1, "t": T0}) + "\n" for i in range(3)))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(drop)
+    config = tmp_path / "normal.toml"
+    config.write_text('[spool]\nsynchronous = "normal"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    # The watcher, running on: its connection stays open (a last close would checkpoint the WAL to disk).
+    watcher = subprocess.Popen(spool_args("--config", str(config), "--db", str(db), "watch", str(drop)), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (drop / ".done" / "job.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fs.cut()
+    finally:
+        watcher.kill()
+        watcher.wait(30)
+    fs = lazyfs()
+    assert (drop / ".done" / "job.jsonl").exists() and not job.exists()
+    with Store(db) as store:
+        assert sorted(record.stat for _, _, record in store.records()) == ["job 0", "job 1", "job 2"]
