@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from spool.config import Config
+from spool.config import Config, WatchSettings
 from spool.store import Store
 
 log = logging.getLogger("spool")
@@ -87,6 +87,9 @@ class Component:
         self.stop_event = threading.Event()
         self.stack = contextlib.ExitStack()
         self.thread: threading.Thread | None = None
+        self.snapshot: Callable[[], dict[str, Any]] | None = None  # what it has done, for /metrics
+        self.watcher: Any = None  # the DirectoryWatcher of a watch component
+        self.relay: Any = None  # the Relay of the relay component
 
     def open_store(self, config: Config) -> Store:
         return self.stack.enter_context(Store.for_config(config))
@@ -180,11 +183,11 @@ class Agent:
 
             def snapshot(name: str) -> dict[str, Any] | None:
                 component = self.components.get(name)
-                return component.snapshot() if component is not None else None  # type: ignore[attr-defined]
+                return component.snapshot() if component is not None and component.snapshot else None
 
             self._metrics = Metrics(
                 Store.for_config(self.config), shipper=lambda: snapshot("ship"), relay=lambda: snapshot("relay"),
-                watchers=lambda: [c.watcher.snapshot() for c in self.components.values() if hasattr(c, "watcher")],
+                watchers=lambda: [c.watcher.snapshot() for c in self.components.values() if c.watcher is not None],
                 unhealthy_after=self.config.metrics.unhealthy_after)
         return self._metrics
 
@@ -196,20 +199,19 @@ class Agent:
 
                 shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event, wake=self.wake)
                 component.stack.enter_context(shipper)  # takes the shipper lock: a second agent stops here
-                component.snapshot = shipper.snapshot  # type: ignore[attr-defined]
-                component.shipper = shipper  # type: ignore[attr-defined]
+                component.snapshot = shipper.snapshot
                 component.start(shipper.run, self._component_failed)
                 log.info("shipping %s to %s", config.db, shipper.endpoint)
             elif name.startswith("watch "):
                 from spool.watch import DirectoryWatcher
 
-                entry = key[1]  # type: ignore[index]
+                _, entry = cast(tuple[object, WatchSettings], key)
                 watcher = DirectoryWatcher(entry, component.open_store(config), shutdown=component.stop_event,
                                            t_floor=config.spool.t_floor, on_ingested=lambda result: self.wake.set())
                 watcher.check_directory()  # a missing directory is a configuration error, before anything starts
                 watcher.start()
                 component.stack.callback(watcher.stop)
-                component.watcher = watcher  # type: ignore[attr-defined]
+                component.watcher = watcher
                 component.start(watcher.run, self._component_failed)
                 log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "")
             elif name == "relay":
@@ -220,8 +222,8 @@ class Agent:
                               metrics=self.metrics.render)
                 component.stack.callback(relay.stop)
                 relay.start()
-                component.snapshot = relay.snapshot  # type: ignore[attr-defined]
-                component.relay = relay  # type: ignore[attr-defined]
+                component.snapshot = relay.snapshot
+                component.relay = relay
                 statsd = relay.statsd_address
                 log.info("relay listening on %s%s", relay.url,
                          f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
@@ -258,12 +260,10 @@ class Agent:
         """Stop components (relays first: they answer what they took; then the rest); return the stuck."""
         for component in sorted(components, key=lambda c: c.name != "relay"):
             component.halt()
-            relay = getattr(component, "relay", None)
-            if relay is not None:
-                relay.stop()
-            watcher = getattr(component, "watcher", None)
-            if watcher is not None:
-                watcher.stop()
+            if component.relay is not None:
+                component.relay.stop()
+            if component.watcher is not None:
+                component.watcher.stop()
         self.wake.set()
         deadline = self.monotonic() + self.config.ship.timeout + STOP_GRACE
         return [c.name for c in components if not c.join(deadline, self.monotonic)]
@@ -363,16 +363,16 @@ class Agent:
             log.warning("cannot read the spool for the summary: %s", exc)
             return
         age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
-        watchers = [c.watcher for c in self.components.values() if hasattr(c, "watcher")]
+        watchers = [c.watcher for c in self.components.values() if c.watcher is not None]
         files = f"; ingested {sum(w.snapshot()['records'] for w in watchers):,} records from files" if watchers else ""
         relay = self.components.get("relay")
-        if relay is not None:
-            files += f"; relayed {sum(relay.snapshot()['appended'].values()):,} records"  # type: ignore[attr-defined]
+        if relay is not None and relay.snapshot is not None:
+            files += f"; relayed {sum(relay.snapshot()['appended'].values()):,} records"
         ship = self.components.get("ship")
-        if ship is None:
+        if ship is None or ship.snapshot is None:
             log.info("backlog %s pending%s%s", f"{pending:,}", age, files)
             return
-        stats = ship.snapshot()  # type: ignore[attr-defined]
+        stats = ship.snapshot()
         log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; last error: %s",
                  f"{pending:,}", age, f"{inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}", files,
                  stats["last_error"] or "none")
