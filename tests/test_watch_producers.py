@@ -231,11 +231,12 @@ def test_files_whose_events_were_lost_are_found_by_the_periodic_rescan(drop_dir,
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="lowering the inotify queue limit needs root")
 def test_nothing_waits_for_a_restart_after_an_inotify_queue_overflow(drop_dir, db):
+    """A real overflow; found by the rescan at once (watchdog 7 says it overflowed) or at the next periodic one."""
     limit = Path("/proc/sys/fs/inotify/max_queued_events")
     old = limit.read_text()
     limit.write_text("8\n")  # a tiny kernel queue (it applies to watches made from now on)
     try:
-        with Running(drop_dir, db, rescan=3600) as watcher:
+        with Running(drop_dir, db, rescan=2) as watcher:
             limit.write_text(old)
             for i in range(300):
                 (drop_dir / f".{i}.part").write_text(jsonl(f"file {i}"))
@@ -245,6 +246,29 @@ def test_nothing_waits_for_a_restart_after_an_inotify_queue_overflow(drop_dir, d
     finally:
         limit.write_text(old)
     assert sorted(stats_in(db)) == sorted(f"file {i}" for i in range(300))
+
+
+def test_watchdogs_word_of_an_overflow_starts_a_rescan_at_once(drop_dir, db):
+    import logging
+
+    watcher = DirectoryWatcher(WatchSettings(path=drop_dir, settle=0.0, rescan=3600), Store(db))
+    try:
+        watcher.start()
+        watcher._observer.stop()  # events stop here: as if the kernel had dropped every one from now on
+        watcher._observer.join()
+        drop(drop_dir, "unseen.jsonl", jsonl("found"))
+        logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events "
+                                                                  "were lost")  # what watchdog 7 logs
+        assert watcher.overflowed.is_set()
+        deadline = time.monotonic() + 10
+        while not watcher.results and time.monotonic() < deadline:
+            path = watcher._next()
+            if path is not None:
+                watcher._ingest(path)
+    finally:
+        watcher.close()
+        watcher.store.close()
+    assert stats_in(db) == ["found"]
 
 
 def test_names_that_are_not_utf8_or_hold_newlines_are_taken_and_logged_escaped(drop_dir, db):
