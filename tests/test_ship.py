@@ -265,7 +265,7 @@ def test_an_answer_lost_after_the_receiver_took_the_batch_resends_exactly_that_b
     records = [make_record(stat=f"s{i}", count=1, t=T0 + i) for i in range(30)]
     receiver.pass_next(1)
     receiver.reset_after_accept_next(1)  # the second batch is taken, its answer never arrives
-    shipper, result, counts = ship_all(db, receiver, records, batch_size=10)
+    shipper, result, counts = ship_all(db, receiver, records, batch_size=10, max_in_flight=1)  # in order
     assert result.done and counts["sent"] == 30
     duplicated = Counter(a["stat"] for a in receiver.accepted) - Counter(r.stat for r in records)
     assert sorted(duplicated) == sorted(f"s{i}" for i in range(10, 20))
