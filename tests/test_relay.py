@@ -189,7 +189,7 @@ def test_statsd_counters_gauges_and_timers_become_records_and_bad_lines_are_coun
     with running_relay(db, statsd="127.0.0.1:0", statsd_prefix="app.") as relay:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"hits:3|c\nsampled:1|c|@0.1\nload:0.5|g\nlatency:12|ms\nsize:7|h\n"
-                       b"garbage\nbad:x|c\nweird:1|s\n:1|c", relay.statsd_address)
+                       b"garbage\nbad:x|c\nweird:1|x\n:1|c", relay.statsd_address)
         deadline = time.monotonic() + 10
         while len(spooled(db)) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -257,3 +257,4 @@ def test_healthz_says_degraded_when_records_wait_and_nothing_was_delivered_for_a
         relay.stop()
         relay.writer.store.close()
         metrics.store.close()
+
