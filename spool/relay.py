@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import queue
+import signal
 import socket
 import threading
 import time
@@ -257,6 +258,16 @@ class StatsdReader:
         self.members += 1
 
 
+def keep_signals_for_the_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling thread (and the threads it starts).
+
+    Python runs signal handlers in the main thread only. A process-directed signal that a busy thread of ours
+    takes leaves the main thread asleep in its wait, so `spool run` would not stop (seen: one SIGTERM in four,
+    sent just after an HTTP request). Blocked here, the kernel gives the signal to a thread that takes it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 # -- committing in groups ---------------------------------------------------------------------------------
 
 
@@ -294,6 +305,7 @@ class GroupWriter:
         self._thread.join(30)
 
     def _run(self) -> None:
+        keep_signals_for_the_main_thread()
         while (first := self._queue.get()) is not None:
             group, size, stopping = [first], len(first.rows), False
             while size < MAX_GROUP:
@@ -447,8 +459,7 @@ class Relay:
                 {**report, "status": status, "error": self.writer.last_error, "problems": problems})
 
     def start(self) -> Relay:
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
-                                  name="spool-relay", daemon=True)
+        thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)
         thread.start()
         self._threads.append(thread)
         if self.udp is not None:
@@ -456,6 +467,10 @@ class Relay:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _serve(self) -> None:
+        keep_signals_for_the_main_thread()  # and so in every connection's thread, started from this one
+        self.server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -471,6 +486,7 @@ class Relay:
 
     def _statsd_loop(self) -> None:
         assert self.udp is not None
+        keep_signals_for_the_main_thread()
         copied: Counter[str] = Counter()
         logged: Counter[str] = Counter()
         last_log = -math.inf
