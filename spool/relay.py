@@ -142,8 +142,10 @@ class StatsdReader:
         self.max_gauges = max_gauges
         self.max_set_members = max_set_members
         self.gauges: OrderedDict[str, int | float] = OrderedDict()
-        self.sets: dict[tuple[int, str], set[int]] = {}  # (window start, stat) -> hashes of its members
+        self.sets: dict[tuple[float, str], set[int]] = {}  # (window start, stat) -> hashes of its members
         self.members = 0
+        self.first_end = math.inf  # when the earliest window of self.sets ends
+        self.last_start = -math.inf  # when the latest one starts
         self.counts: Counter[str] = Counter()  # "invalid", "tags_dropped" and STATSD_DROPS
 
     def read(self, packet: bytes, wall: float) -> list[Any]:
@@ -163,13 +165,18 @@ class StatsdReader:
 
     def flush(self, wall: float, *, everything: bool = False) -> list[Any]:
         """Return a value record for each set whose window has ended by `wall` (or every set, at shutdown)."""
-        ended = [key for key in self.sets if everything or key[0] + self.set_window <= wall]
+        if not everything and self.last_start <= wall < self.first_end:
+            return []  # the common case, per packet: no window has ended
+        # A window that starts after `wall` (the clock was stepped back) is written now, not hours later.
+        ended = [key for key in self.sets if everything or not key[0] <= wall < key[0] + self.set_window]
         records = []
         for start, stat in ended:
             members = self.sets.pop((start, stat))
             self.members -= len(members)
             t = stamp_at(start)
             records.append(make_record(stat=stat, value=len(members), t=t, clock_now=t, t_floor=0))
+        self.first_end = min((start + self.set_window for start, _ in self.sets), default=math.inf)
+        self.last_start = max((start for start, _ in self.sets), default=-math.inf)
         return records
 
     def _line(self, line: str, wall: float, stamp: int, records: list[Any],
@@ -244,7 +251,7 @@ class StatsdReader:
         if self.set_window <= 0:
             self.counts["set_refused"] += 1
             return
-        start = int(wall // self.set_window * self.set_window)
+        start = wall // self.set_window * self.set_window
         members = self.sets.setdefault((start, stat), set())
         token = hash(member)
         if token in members:
@@ -256,6 +263,8 @@ class StatsdReader:
             return
         members.add(token)
         self.members += 1
+        self.first_end = min(self.first_end, start + self.set_window)
+        self.last_start = max(self.last_start, start)
 
 
 def keep_signals_for_the_main_thread() -> None:

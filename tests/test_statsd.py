@@ -170,6 +170,13 @@ def test_sets_count_distinct_members_per_window_aligned_to_the_clock():
     assert reader.members == 0 and reader.sets == {}
 
 
+def test_a_sets_window_is_written_at_once_when_the_clock_is_stepped_back():
+    reader = StatsdReader(set_window=60)
+    reader.read(b"users:alice|s", WINDOW_START + 3600)
+    assert reader.flush(WINDOW_START + 3630) == []
+    assert reader.flush(WINDOW_START + 5) == [make_record(stat="users", value=1, t=WINDOW_START + 3600)]
+
+
 def test_set_members_past_the_cap_are_dropped_and_counted():
     reader = StatsdReader(set_window=60, max_set_members=2)
     reader.read(b"a:1|s\na:2|s\na:2|s\nb:3|s\na:4|s", WINDOW_START)
