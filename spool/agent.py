@@ -303,7 +303,9 @@ class Agent:
                     self.reload_asked.clear()
                     self._reload()
                     continue
-                waits = [next_summary - now, 60.0] + ([next_ping - now] if watchdog is not None else [])
+                # At most a second: a signal taken by another thread (watchdog's, the pool's) wakes no wait here,
+                # it only sets the flags; the loop then sees them within a second.
+                waits = [next_summary - now, 1.0] + ([next_ping - now] if watchdog is not None else [])
                 self._signalled.wait(timeout=max(0.0, min(waits)))
                 self._signalled.clear()
             systemd.notify("STOPPING=1")

@@ -394,6 +394,10 @@ class RelaySettings:
                                  "(true: 127.0.0.1:8125)", flag="--statsd", example="127.0.0.1:8125")
     statsd_prefix: str = setting("", AnyText(), "put before every StatsD name to make the stat name")
     statsd_buffer: int = setting(1 << 20, Size(), "the UDP socket's receive buffer")
+    statsd_tags: str = setting("append", Choice("append", "drop"), "DogStatsD tags (`#env:prod`): append them to "
+                               "the stat name (`name env=prod`), or drop them (counted)")
+    statsd_sets: float = setting(60.0, Duration(), "StatsD sets (type `s`) become a value stat: the distinct "
+                                 "members seen in each window of this length (0: refuse sets, counted)")
     max_body: int = setting(1 << 20, Size(), "requests larger than this are refused")
     request_timeout: float = setting(10.0, Duration(), "a request must arrive whole within this")
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")

@@ -7,7 +7,6 @@ export file, a drop file moved to .done/, a quarantined spool) goes through here
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -36,12 +35,3 @@ def open_private(path: Path, *, append: bool = False) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def rename(source: Path, target: Path) -> None:
-    """Rename a file and make the rename durable in both directories."""
-    os.rename(source, target)
-    fsync_dir(target.parent)
-    if source.parent != target.parent:
-        with contextlib.suppress(OSError):
-            fsync_dir(source.parent)

@@ -70,11 +70,28 @@ def _loads(text: str, line: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line) from None
+        raise json_error(exc, first_line=line) from None
     except ValueError:
         raise InvalidRecord("not valid JSON", line=line) from None
     except RecursionError:
         raise InvalidRecord("JSON nested too deeply", line=line) from None
+
+
+def json_error(exc: json.JSONDecodeError, *, first_line: int = 1) -> InvalidRecord:
+    """Say where JSON text is broken (its line in the input) and, for mistakes people make, why."""
+    doc, pos = exc.doc, exc.pos
+    line = first_line + exc.lineno - 1
+    # A trailing comma (StatHat's own API page prints one): Python 3.13 points at the comma, older ones at the
+    # bracket after it. JSON whitespace is only space, tab, CR and LF, so the neighbours found are structural.
+    comma = pos if doc[pos:pos + 1] == "," else len(doc[:pos].rstrip(" \t\r\n")) - 1
+    close = len(doc) - len(doc[comma + 1:].lstrip(" \t\r\n")) if comma >= 0 else len(doc)
+    before = doc[:comma].rstrip(" \t\r\n")[-1:] if comma >= 0 else ""
+    if doc[comma:comma + 1] == "," and doc[close:close + 1] in ("]", "}") and before not in ("", ":", ",", "[", "{"):
+        close_line = first_line + doc.count("\n", 0, close)
+        comma_line = first_line + doc.count("\n", 0, comma)
+        where = f"; the comma is on line {comma_line}" if comma_line != close_line else ""
+        return InvalidRecord(f"trailing comma before '{doc[close]}' (JSON allows none{where})", line=close_line)
+    return InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line)
 
 
 def document_items(document: Any, *, line: int = 1) -> Iterator[Item]:
@@ -213,8 +230,8 @@ def _document(first: int, text: str, following: tuple[int, str | InvalidRecord],
     try:
         document = json.loads("".join(parts))
     except json.JSONDecodeError as exc:
-        line = first + exc.lineno - 1
-        yield Item(line, None, error=InvalidRecord(f"not valid JSON: {exc.msg} at column {exc.colno}", line=line))
+        error = json_error(exc, first_line=first)
+        yield Item(error.line or first, None, error=error)
         return
     except (ValueError, RecursionError):
         yield Item(first, None, error=InvalidRecord("JSON nested too deeply", line=first))

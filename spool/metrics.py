@@ -130,6 +130,13 @@ class Metrics:
                                       value=relay["refused"])
             yield CounterMetricFamily("spool_statsd_invalid_lines", "StatsD lines ignored as invalid",
                                       value=relay["statsd_invalid"])
+            statsd = CounterMetricFamily("spool_statsd_dropped", "Readable StatsD lines (or set members) dropped, "
+                                         "by reason", labels=["reason"])
+            for reason, n in sorted(relay["statsd_dropped"].items()):
+                statsd.add_metric([reason], n)
+            yield statsd
+            yield CounterMetricFamily("spool_statsd_tags_dropped", "StatsD lines taken without their DogStatsD "
+                                      "tags (relay.statsd_tags = \"drop\")", value=relay["statsd_tags_dropped"])
             yield CounterMetricFamily("spool_relay_busy", "Connections turned away at the connection limit",
                                       value=relay["busy"])
         files = CounterMetricFamily("spool_ingested_files", "Dropped files by outcome", labels=["outcome"])

@@ -205,7 +205,10 @@ def make_record(*, stat: object = None, count: object = None, value: object = No
 
 def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None = None,
                  t_floor: int = T_FLOOR) -> Record:
-    """Validate one JSON-lines record object; `ezkey` applies when the object has none of its own."""
+    """Validate one JSON-lines record object; `ezkey` applies when the object has none of its own.
+
+    A classic record with neither count nor value is a counter hit of 1, as StatHat's /c takes it.
+    """
     if not isinstance(obj, Mapping):
         raise InvalidRecord(f"a record must be a JSON object, not {_type_name(obj)}")
     unknown = obj.keys() - _ALL_FIELDS
@@ -215,7 +218,11 @@ def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None
     own_key = obj.get("ezkey", obj.get("email"))
     if own_key is None and "stat" in obj:
         own_key = ezkey
-    return make_record(stat=obj.get("stat"), count=obj.get("count"), value=obj.get("value"), t=obj.get("t"),
+    count = obj.get("count")
+    if (count is None and obj.get("value") is None and obj.get("stat") is None
+            and (obj.get("key") is not None or obj.get("ukey") is not None)):
+        count = 1  # StatHat's classic counter: count is optional, default 1 (its value API requires value)
+    return make_record(stat=obj.get("stat"), count=count, value=obj.get("value"), t=obj.get("t"),
                        ezkey=own_key, key=obj.get("key"), ukey=obj.get("ukey"), clock_now=clock_now,
                        t_floor=t_floor)
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
+import signal
 import socket
 import threading
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,7 +24,18 @@ from urllib.parse import parse_qs, urlsplit
 from spool.config import RelaySettings, check_bind, parse_address
 from spool.errors import ConfigError, InvalidRecord, StoreError, printable
 from spool.formats import stathat_body
-from spool.records import T_FLOOR, check_key, check_stat, make_record, now, number_from_text, record_rows
+from spool.records import (
+    T_FLOOR,
+    check_key,
+    check_number,
+    check_stat,
+    check_t,
+    make_record,
+    now,
+    number_from_text,
+    record_rows,
+)
+from spool.records import stamp as stamp_at
 from spool.store import Store
 
 log = logging.getLogger("spool.relay")
@@ -89,33 +104,177 @@ def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
         raise Refusal(exc.reason) from None
 
 
-STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value"}
+STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value", "d": "value"}
+# Why a StatsD line was not taken as it came, for /metrics (spool_statsd_*): "invalid" lines are unreadable;
+# the others are readable lines the listener cannot turn into a true stat (or, tags_dropped, took without tags).
+STATSD_DROPS = ("delta_without_gauge", "set_refused", "set_overflow")
+STATSD_REASONS = {
+    "invalid": "lines ignored as invalid",
+    "tags_dropped": "lines taken without their tags (relay.statsd_tags = \"drop\")",
+    "delta_without_gauge": "delta gauges dropped: no gauge of that name known (a restart forgets gauges)",
+    "set_refused": "set lines refused (relay.statsd_sets = 0)",
+    "set_overflow": "set members dropped: too many distinct members at once",
+}
+MAX_GAUGES = 100_000  # gauge names remembered for delta gauges; the least recently set is forgotten first
+MAX_SET_MEMBERS = 1_000_000  # distinct set members held at once (as 64-bit hashes: ~60 MiB at most)
 
 
-def statsd_records(packet: bytes, prefix: str, stamp: int) -> tuple[list[Any], int]:
-    """Records from one StatsD packet (newline-separated metrics); returns (records, invalid lines)."""
-    records, invalid = [], 0
-    for raw in packet.split(b"\n"):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            name, _, rest = line.decode("utf-8").partition(":")
-            if not name.strip():
-                raise ValueError("a metric needs a name")  # checked before the prefix could hide it
-            fields = rest.split("|")
-            kind = STATSD_KINDS[fields[1]]
-            number = number_from_text(fields[0], kind)
-            if len(fields) > 2 and fields[2].startswith("@") and kind == "count":
-                rate = float(fields[2][1:])
+class StatsdReader:
+    """StatsD and DogStatsD lines to records, with the state the protocol needs. Pure: no sockets, no clock.
+
+    Counters (`|c`, `|@rate` scales them), timers and distributions (`|ms`, `|d`) and histograms (`|h`) are
+    records at once. A gauge (`|g`) is a value; a delta gauge (`+3|g`, `-3|g`) moves the last gauge of that
+    name this reader saw (a restart forgets them: a delta with no known gauge is dropped, counted); several
+    settings of one gauge in one packet record its last value only (as pystatsd sends a negative gauge: `0|g`
+    then `-5|g`). A set (`|s`) collects distinct members per window of `set_window` seconds (aligned to the
+    clock) and becomes a value stat, the number of members, at the window's start; 0 refuses sets (counted).
+    DogStatsD tags (`|#env:prod,canary`) are appended to the name, sorted (`name canary env=prod`), or dropped
+    (counted). `|T<unix>` gives a counter, gauge or timer its own time; `|c:<id>` (a container) is ignored;
+    several values in one line (`name:1:2:3|d`) are several records.
+    """
+
+    def __init__(self, prefix: str = "", *, tags: str = "append", set_window: float = 60.0,
+                 t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS):
+        self.prefix = prefix
+        self.tags = tags
+        self.set_window = set_window
+        self.t_floor = t_floor
+        self.max_gauges = max_gauges
+        self.max_set_members = max_set_members
+        self.gauges: OrderedDict[str, int | float] = OrderedDict()
+        self.sets: dict[tuple[float, str], set[int]] = {}  # (window start, stat) -> hashes of its members
+        self.members = 0
+        self.first_end = math.inf  # when the earliest window of self.sets ends
+        self.last_start = -math.inf  # when the latest one starts
+        self.counts: Counter[str] = Counter()  # "invalid", "tags_dropped" and STATSD_DROPS
+
+    def read(self, packet: bytes, wall: float) -> list[Any]:
+        """Return the records of one packet (newline-separated lines) that arrived at wall-clock time `wall`."""
+        records: list[Any] = []
+        gauge_at: dict[tuple[str, int], int] = {}  # a gauge's record in this packet: replaced by later settings
+        stamp = stamp_at(wall)
+        for raw in packet.split(b"\n"):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                self._line(line.decode("utf-8"), wall, stamp, records, gauge_at)
+            except (UnicodeDecodeError, KeyError, IndexError, ValueError, InvalidRecord):
+                self.counts["invalid"] += 1
+        return records
+
+    def flush(self, wall: float, *, everything: bool = False) -> list[Any]:
+        """Return a value record for each set whose window has ended by `wall` (or every set, at shutdown)."""
+        if not everything and self.last_start <= wall < self.first_end:
+            return []  # the common case, per packet: no window has ended
+        # A window that starts after `wall` (the clock was stepped back) is written now, not hours later.
+        ended = [key for key in self.sets if everything or not key[0] <= wall < key[0] + self.set_window]
+        records = []
+        for start, stat in ended:
+            members = self.sets.pop((start, stat))
+            self.members -= len(members)
+            t = stamp_at(start)
+            records.append(make_record(stat=stat, value=len(members), t=t, clock_now=t, t_floor=0))
+        self.first_end = min((start + self.set_window for start, _ in self.sets), default=math.inf)
+        self.last_start = max((start for start, _ in self.sets), default=-math.inf)
+        return records
+
+    def _line(self, line: str, wall: float, stamp: int, records: list[Any],
+              gauge_at: dict[tuple[str, int], int]) -> None:
+        name, colon, rest = line.partition(":")
+        if not colon or not name.strip():
+            raise ValueError("a metric needs a name")  # checked before the prefix could hide it
+        fields = rest.split("|")
+        kind, rate, t, tags = fields[1], 1.0, stamp, None
+        for extra in fields[2:]:
+            if extra.startswith("@"):
+                rate = float(extra[1:])
                 if not 0 < rate <= 1:
                     raise ValueError("sample rate must be in (0, 1]")
-                number = number / rate
-            records.append(make_record(stat=check_stat(prefix + name), t=stamp, clock_now=stamp, t_floor=0,
-                                       **{kind: number}))
-        except (UnicodeDecodeError, KeyError, IndexError, ValueError, InvalidRecord):
-            invalid += 1
-    return records, invalid
+            elif extra.startswith("#"):
+                tags = extra[1:]
+            elif extra.startswith("T") and kind != "s":
+                t = check_t(int(extra[1:]), self.t_floor)
+            elif not extra.startswith("c:"):
+                raise ValueError("unknown field")
+        stat, untagged = self._name(self.prefix + name, tags)
+        if kind == "s":
+            self._member(stat, fields[0], wall)
+        else:
+            field = STATSD_KINDS[kind]
+            numbers = [(text, number_from_text(text, field)) for text in fields[0].split(":")]
+            if kind == "c":
+                records += [make_record(stat=stat, count=number / rate if rate < 1 else number, t=t, clock_now=t,
+                                        t_floor=0) for _, number in numbers]
+            elif kind != "g":
+                records += [make_record(stat=stat, value=number, t=t, clock_now=t, t_floor=0) for _, number in numbers]
+            else:
+                self._gauge(stat, t, numbers, records, gauge_at)
+        self.counts["tags_dropped"] += untagged  # only for a line taken
+
+    def _name(self, name: str, tags: str | None) -> tuple[str, bool]:
+        """The stat name for a metric name and its DogStatsD tags (by the `tags` setting); True if tags were dropped."""
+        parts = sorted(filter(None, (tag.strip() for tag in (tags or "").split(","))))
+        if not parts or self.tags == "drop":
+            return check_stat(name), bool(parts)
+        if any("~" in part for part in parts):
+            raise ValueError("a tag with '~' would make StatHat's multi-stat form")
+        return check_stat(" ".join([name, *(part.replace(":", "=", 1) for part in parts)])), False
+
+    def _gauge(self, stat: str, t: int, numbers: list[tuple[str, int | float]], records: list[Any],
+               gauge_at: dict[tuple[str, int], int]) -> None:
+        """Set a gauge (a delta moves the last one) and record its value: one record per gauge per packet."""
+        gauge, orphans = self.gauges.get(stat), 0
+        for text, number in numbers:
+            if text.lstrip()[:1] in ("+", "-"):
+                if gauge is None:
+                    orphans += 1
+                    continue
+                number = check_number(gauge + number, "value")
+            gauge = number
+        if gauge is None:
+            self.counts["delta_without_gauge"] += orphans
+            return
+        record = make_record(stat=stat, value=gauge, t=t, clock_now=t, t_floor=0)
+        self.counts["delta_without_gauge"] += orphans
+        self.gauges[stat] = gauge
+        self.gauges.move_to_end(stat)
+        if len(self.gauges) > self.max_gauges:
+            self.gauges.popitem(last=False)
+        if (stat, t) in gauge_at:
+            records[gauge_at[stat, t]] = record
+        else:
+            gauge_at[stat, t] = len(records)
+            records.append(record)
+
+    def _member(self, stat: str, member: str, wall: float) -> None:
+        if self.set_window <= 0:
+            self.counts["set_refused"] += 1
+            return
+        start = wall // self.set_window * self.set_window
+        members = self.sets.setdefault((start, stat), set())
+        token = hash(member)
+        if token in members:
+            return
+        if self.members >= self.max_set_members:
+            self.counts["set_overflow"] += 1
+            if not members:
+                del self.sets[start, stat]
+            return
+        members.add(token)
+        self.members += 1
+        self.first_end = min(self.first_end, start + self.set_window)
+        self.last_start = max(self.last_start, start)
+
+
+def keep_signals_for_the_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling thread (and the threads it starts).
+
+    Python runs signal handlers in the main thread only. A process-directed signal that a busy thread of ours
+    takes leaves the main thread asleep in its wait, so `spool run` would not stop (seen: one SIGTERM in four,
+    sent just after an HTTP request). Blocked here, the kernel gives the signal to a thread that takes it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 # -- committing in groups ---------------------------------------------------------------------------------
@@ -155,6 +314,7 @@ class GroupWriter:
         self._thread.join(30)
 
     def _run(self) -> None:
+        keep_signals_for_the_main_thread()
         while (first := self._queue.get()) is not None:
             group, size, stopping = [first], len(first.rows), False
             while size < MAX_GROUP:
@@ -213,12 +373,21 @@ class RelayStats:
         self.appended: dict[str, int] = {"http": 0, "statsd": 0}
         self.refused = 0
         self.statsd_invalid = 0
+        self.statsd_dropped: dict[str, int] = dict.fromkeys(STATSD_DROPS, 0)
+        self.statsd_tags_dropped = 0
         self.busy = 0
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of the counters: refused, statsd_invalid, busy."""
         with self.lock:
             setattr(self, name, getattr(self, name) + n)
+
+    def statsd(self, counts: Counter[str]) -> None:
+        """Copy a StatsD reader's counts (its own totals, kept by the listener's thread) for /metrics."""
+        with self.lock:
+            self.statsd_invalid = counts["invalid"]
+            self.statsd_tags_dropped = counts["tags_dropped"]
+            self.statsd_dropped = {reason: counts[reason] for reason in STATSD_DROPS}
 
     def took(self, source: str, n: int) -> None:
         """Count records taken into the spool from `source` (http, statsd)."""
@@ -248,6 +417,8 @@ class Relay:
         except OSError as exc:
             self.writer.stop()
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.statsd = StatsdReader(config.statsd_prefix, tags=config.statsd_tags, set_window=config.statsd_sets,
+                                   t_floor=t_floor)
         self.udp: socket.socket | None = None
         if config.statsd:
             self.udp = self._bind_statsd(config.statsd)
@@ -282,7 +453,8 @@ class Relay:
         """What the relay has done, for /metrics: counts copied under the lock, never the live objects."""
         with self.stats.lock:
             return {"appended": dict(self.stats.appended), "refused": self.stats.refused,
-                    "statsd_invalid": self.stats.statsd_invalid, "busy": self.stats.busy}
+                    "statsd_invalid": self.stats.statsd_invalid, "statsd_dropped": dict(self.stats.statsd_dropped),
+                    "statsd_tags_dropped": self.stats.statsd_tags_dropped, "busy": self.stats.busy}
 
     def health_answer(self) -> tuple[int, dict[str, Any]]:
         """The /healthz answer: 200 ok, or 503 with every reason it is failing or degraded."""
@@ -296,8 +468,7 @@ class Relay:
                 {**report, "status": status, "error": self.writer.last_error, "problems": problems})
 
     def start(self) -> Relay:
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
-                                  name="spool-relay", daemon=True)
+        thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)
         thread.start()
         self._threads.append(thread)
         if self.udp is not None:
@@ -305,6 +476,10 @@ class Relay:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _serve(self) -> None:
+        keep_signals_for_the_main_thread()  # and so in every connection's thread, started from this one
+        self.server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -314,26 +489,43 @@ class Relay:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
+        if self.udp is not None:
+            self._write_statsd(self.statsd.flush(time.time(), everything=True))  # a set's last, partial window
         self.writer.stop()
 
     def _statsd_loop(self) -> None:
         assert self.udp is not None
+        keep_signals_for_the_main_thread()
+        copied: Counter[str] = Counter()
+        logged: Counter[str] = Counter()
+        last_log = -math.inf
         while True:
             try:
                 packet = self.udp.recv(65535)
             except TimeoutError:
-                continue
+                packet = b""
             except OSError:
                 return  # closed by stop()
-            records, invalid = statsd_records(packet, self.config.statsd_prefix, now())
-            if invalid:
-                self.stats.count("statsd_invalid", invalid)
-            if records:
-                try:
-                    self.writer.write(records)
-                    self.stats.took("statsd", len(records))
-                except StoreError as exc:
-                    log.error("StatsD packet lost: %s", exc)
+            wall = time.time()
+            records = self.statsd.read(packet, wall) if packet else []
+            records += self.statsd.flush(wall)
+            if self.statsd.counts != copied:
+                copied = self.statsd.counts.copy()
+                self.stats.statsd(copied)
+            if copied != logged and time.monotonic() - last_log >= 60:  # never silent, never a line per packet
+                last_log = time.monotonic()
+                news, logged = copied - logged, copied
+                log.warning("StatsD: %s", "; ".join(f"{n:,} {STATSD_REASONS[reason]}"
+                                                     for reason, n in sorted(news.items())))
+            self._write_statsd(records)
+
+    def _write_statsd(self, records: list[Any]) -> None:
+        if records:
+            try:
+                self.writer.write(records)
+                self.stats.took("statsd", len(records))
+            except StoreError as exc:
+                log.error("StatsD records lost: %s", exc)
 
     def take(self, parse: Callable[[int], list[Any]], *, batch: bool) -> tuple[str, int]:
         """Parse a request's records and commit them; return ("ok", n), ("refused", 0) or raise StoreError."""

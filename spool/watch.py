@@ -269,6 +269,7 @@ class Ingestor:
                 out.write("\n".join(lines) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
+            fsync_dir(folder)
         except OSError as exc:
             log.error("cannot write the error report for %s: %s", printable(path.name), exc.strerror)
 

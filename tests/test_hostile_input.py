@@ -88,8 +88,32 @@ def test_stathats_own_example_with_its_trailing_comma_is_one_precise_error_not_f
     errors = []
     records = list(to_records(read_json_stream(io.BytesIO(STATHAT_EXAMPLE.encode())), on_invalid=errors.append))
     assert records == []
-    assert len(errors) == 1 and "not valid JSON" in errors[0].reason
+    assert len(errors) == 1
+    assert errors[0].reason == "trailing comma before ']' (JSON allows none; the comma is on line 7)"
     assert errors[0].line == 8  # the line of the "]" after the trailing comma, not the first line
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"stat": "a", "count": 1,}', "line 1: trailing comma before '}' (JSON allows none)"),
+    ('[{"stat": "a", "count": 1},  ]', "line 1: trailing comma before ']' (JSON allows none)"),
+    ('[\n{"stat": "a", "count": 1},\n\n]',
+     "line 4: trailing comma before ']' (JSON allows none; the comma is on line 2)"),
+    ('{"stat": ,}', "line 1: not valid JSON: Expecting value at column 10"),  # a missing value, not a trailing comma
+    ('[1,,]', "line 1: not valid JSON: Expecting value at column 4"),
+])
+def test_a_trailing_comma_is_named_with_its_line_and_other_breakage_keeps_the_parsers_words(text, message):
+    errors = []
+    list(to_records(read_json_stream(io.BytesIO(text.encode())), on_invalid=errors.append))
+    assert [str(error) for error in errors] == [message]
+
+
+@pytest.mark.parametrize("pos", [10, 12])  # Python 3.13 points at the comma; 3.10-3.12 at the bracket after it
+def test_the_trailing_comma_is_found_wherever_the_parser_points(pos):
+    from spool.formats import json_error
+
+    doc = '[\n  1,\n  2,\n]'
+    error = json_error(json.JSONDecodeError("any message", doc, pos))
+    assert (error.line, error.reason) == (4, "trailing comma before ']' (JSON allows none; the comma is on line 3)")
 
 
 # -- item 9: a lone surrogate is refused at validation, and the relay's writer survives anything ------------

@@ -80,6 +80,16 @@ def test_a_record_without_t_is_stamped_with_the_time_of_append():
     assert record.t == T + 7
 
 
+@pytest.mark.parametrize("fields", [{"key": "k", "ukey": "u"}, {"key": "k", "ukey": "u", "count": None}])
+def test_a_classic_record_with_neither_count_nor_value_is_a_counter_hit_of_one(fields):
+    assert parse_record({**fields, "t": T}) == make_record(key="k", ukey="u", count=1, t=T)
+
+
+def test_an_ez_record_with_neither_count_nor_value_is_still_refused():
+    with pytest.raises(InvalidRecord, match="give count or value"):
+        parse_record({"stat": "s", "t": T})
+
+
 def test_a_whole_float_t_is_taken_as_integer_seconds():
     assert parse_record({"stat": "s", "count": 1, "t": 1_700_000_000.0}).t == 1_700_000_000
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -189,7 +190,7 @@ def test_statsd_counters_gauges_and_timers_become_records_and_bad_lines_are_coun
     with running_relay(db, statsd="127.0.0.1:0", statsd_prefix="app.") as relay:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"hits:3|c\nsampled:1|c|@0.1\nload:0.5|g\nlatency:12|ms\nsize:7|h\n"
-                       b"garbage\nbad:x|c\nweird:1|s\n:1|c", relay.statsd_address)
+                       b"garbage\nbad:x|c\nweird:1|x\n:1|c", relay.statsd_address)
         deadline = time.monotonic() + 10
         while len(spooled(db)) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -257,3 +258,22 @@ def test_healthz_says_degraded_when_records_wait_and_nothing_was_delivered_for_a
         relay.stop()
         relay.writer.store.close()
         metrics.store.close()
+
+
+def test_the_relays_threads_leave_sigterm_and_sigint_to_the_main_thread(db):
+    # Python handles signals in the main thread only: one taken by a relay thread left `spool run` asleep.
+    def blocked(native_id: int) -> int:
+        with open(f"/proc/self/task/{native_id}/status") as status:
+            return int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+
+    stop_signals = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    with running_relay(db, statsd="127.0.0.1:0") as relay, \
+            socket.create_connection(relay.server.server_address[:2]) as held:  # a connection's own thread
+        held.sendall(b"GET /ez")
+        wait_for(lambda: any("process_request_thread" in t.name for t in threading.enumerate()))
+        threads = [t for t in threading.enumerate()
+                   if t.name.startswith(("spool-relay", "spool-statsd")) or "process_request_thread" in t.name]
+        assert {t.name for t in threads} >= {"spool-relay", "spool-relay-writer", "spool-statsd"}
+        for thread in threads:
+            assert blocked(thread.native_id) & stop_signals == stop_signals, thread.name
+    assert blocked(threading.get_native_id()) & stop_signals == 0  # the main thread still takes them

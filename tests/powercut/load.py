@@ -349,7 +349,7 @@ class Phase:
         target = self.layout.exports / f"{self.name.replace(' ', '-')}.jsonl"
         result = self._run(spool_args("export", "--remove", "--until", str(T0 + T_SPAN // 2), str(target)))
         if result is not None and result.returncode == 0:
-            moved = int(result.stderr.split("exported ")[1].split()[0])
+            moved = int(result.stderr.split("exported ")[1].split()[0].replace(",", ""))  # "1,124 records"
             with self.tally.lock:
                 self.tally.exports[target] = moved
 

@@ -94,12 +94,13 @@ def test_the_cli_never_shows_a_traceback(args, capsys, monkeypatch):
     lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass"))))
 def test_statsd_packets_never_crash_the_parser_and_every_record_is_valid(packet):
     from spool.records import check_stat
-    from spool.relay import statsd_records
+    from spool.relay import StatsdReader
 
-    records, invalid = statsd_records(packet, "p.", 1_700_000_000)
-    assert invalid >= 0
+    reader = StatsdReader("p.", set_window=60, t_floor=1_000_000_000)
+    records = reader.read(packet, 1_800_000_000) + reader.flush(1_800_000_000, everything=True)
+    assert all(n >= 0 for n in reader.counts.values())
     for record in records:
-        assert check_stat(record.stat) and record.t == 1_700_000_000
+        assert check_stat(record.stat) and 1_000_000_000 <= record.t <= 4_102_444_800
 
 
 @pytest.fixture(scope="module")
