@@ -64,11 +64,18 @@ def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 30
     found = threading.Event()
 
     def read() -> None:
-        for line in process.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            if text in line:
-                found.set()
-                return
+        # Byte by byte from the descriptor: a buffered reader would keep the lines after the match
+        # in its buffer, where a later communicate() (which reads the descriptor) never sees them.
+        fd = process.stderr.fileno()  # type: ignore[union-attr]
+        line = b""
+        while byte := os.read(fd, 1):
+            line += byte
+            if byte == b"\n":
+                lines.append(line.decode(errors="replace"))
+                if text in lines[-1]:
+                    found.set()
+                    return
+                line = b""
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -144,8 +144,8 @@ def test_systemd_hears_ready_reloading_stopping_and_watchdog_pings(tmp_path, db,
 def test_under_journald_every_line_carries_its_priority(db):
     env = cli_env(db, JOURNAL_STREAM="8:12345")  # what systemd sets when stderr is the journal
     agent = spawn_cli(db, "run", env=env)
-    wait_for_line(agent, "spool agent")
-    stderr = stop_agent(agent)
+    first = wait_for_line(agent, "spool agent")
+    stderr = "".join(first) + stop_agent(agent)
     lines = [line for line in stderr.splitlines() if line]
     assert lines and all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines
     assert any(line.startswith("<4>WARNING no ezkey configured") for line in lines)
