@@ -118,6 +118,15 @@ def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
         assert sp.store.counters() == {"dropped_age": 3}
 
 
+def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_counted_as_dropped(db):
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many(records(3))
+        lease = sp.store.lease(10, now=T0 + 100, keyed_only=False)  # leased while fresh, on their way
+        assert sp.store.drop_expired(now=T0 + 10_000) == 0
+        assert sp.store.ack([item.id for item in lease.items], now=T0 + 10_000, lease=lease.id) == 3
+        assert sp.store.counts()["sent"] == 3 and sp.store.counters() == {}
+
+
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     with Spool(db) as sp:
         sp.add_many(records(10))
