@@ -369,10 +369,10 @@ class Store:
         if extra is None:
             with self._bounded() as conn:
                 conn.executemany(_INSERT, first)
-                conn.execute(_HOLD)
+                held = conn.execute(_HOLD).rowcount
                 if file is not None:
                     self._mark_file(conn, file._replace(records=len(first)))
-                self._enforce(conn, len(first))
+                self._enforce(conn, len(first), held=held)
             return len(first)
         return self._append_staged(itertools.chain(first, [extra], rows), file, chunk)
 
@@ -406,12 +406,14 @@ class Store:
                     conn.execute(hold)
                 taken += len(part)
             with self._bounded() as conn:
+                held = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.STAGED} AND stage = ? "
+                                    "AND t = 0", (stage,)).fetchone()[0]
                 conn.execute(f"UPDATE records SET state = CASE WHEN t = 0 THEN {State.HELD} ELSE {State.PENDING} END, "
                              f"stage = NULL WHERE state = {State.STAGED} AND stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                 if file is not None:
                     self._mark_file(conn, file._replace(records=taken))
-                self._enforce(conn, taken)
+                self._enforce(conn, taken, held=held)
         except BaseException:
             with contextlib.suppress(StoreError):
                 self._discard_stage(stage)
@@ -448,11 +450,12 @@ class Store:
             self.add_counts(refused_full=1)
             raise
 
-    def _enforce(self, conn: sqlite3.Connection, incoming: int) -> None:
+    def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0) -> None:
         """Bring the spool back within its limits at the end of an appending transaction.
 
         drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
         bound is in bytes), counted in the same commit. reject_new: SpoolFull, so nothing is committed.
+        `incoming` records were added, `held` of them held (not pending).
         """
         limits = self.limits
         if limits is None:
@@ -462,7 +465,7 @@ class Store:
             pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}").fetchone()[0]
             excess = pending - limits.max_pending
             if excess > 0 and reject:
-                raise SpoolFull(f"spool full: {pending - incoming} records pending, the limit is "
+                raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
                                 f"{limits.max_pending}; {incoming} new records refused")
             if excess > 0:
                 self._drop_oldest(conn, excess)

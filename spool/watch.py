@@ -36,7 +36,7 @@ from spool.config import WatchSettings
 from spool.durable import fsync_dir
 from spool.errors import InvalidRecord, StoreError, printable
 from spool.formats import SUFFIXES, reader_for, to_records
-from spool.records import T_FLOOR, Record
+from spool.records import T_FLOOR, Record, stamp
 from spool.store import FileMark, Store
 
 log = logging.getLogger("spool.watch")
@@ -183,7 +183,7 @@ class Ingestor:
         errors: list[InvalidRecord] = []
         mark = FileMark(key, seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns, tail_hash(fd, seen.st_size))
         try:
-            records = self._checked(to_records(reader(stream), clock_now=int(self.clock()), t_floor=self.t_floor,
+            records = self._checked(to_records(reader(stream), clock_now=stamp(self.clock()), t_floor=self.t_floor,
                                                on_invalid=errors.append), errors, fd, seen)
             taken = self.store.append(records, file=mark)
         except _RejectFile:

@@ -151,11 +151,15 @@ def outcomes(watcher: DirectoryWatcher) -> list[tuple[str, str]]:
 
 
 @contextmanager
-def running_relay(db: Path, **options: Any) -> Iterator[Relay]:
-    """A relay on 127.0.0.1, port 0, over `db`, with /metrics and /healthz; stopped on exit."""
+def running_relay(db: Path, *, spool: dict[str, Any] | None = None, **options: Any) -> Iterator[Relay]:
+    """A relay on 127.0.0.1, port 0, over `db`, with /metrics and /healthz; stopped on exit.
+
+    `spool` holds [spool] settings for the relay's store (its bounds: `{"max_pending": 1, ...}`).
+    """
     config = RelaySettings(enabled=True, listen="127.0.0.1:0", **options)
     metrics = Metrics(Store(db))
-    relay = Relay(config, Store(db), health=metrics.health, metrics=metrics.render).start()
+    limits = Config().replace(**{f"spool.{name}": value for name, value in (spool or {}).items()}).spool
+    relay = Relay(config, Store(db, limits=limits), health=metrics.health, metrics=metrics.render).start()
     metrics.relay = relay.snapshot
     try:
         yield relay

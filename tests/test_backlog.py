@@ -17,7 +17,7 @@ from spool.errors import SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .helpers import T0, cli_env, run_cli
+from .helpers import T0, UNPACED, cli_env, jsonl, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -45,6 +45,41 @@ def test_reject_new_refuses_the_whole_append_and_counts_it(db):
         with pytest.raises(SpoolFull):
             sp.count("one more", 1, t=T0)
         assert sp.store.counters() == {"refused_full": 2}
+
+
+def test_a_file_a_full_spool_refuses_stays_where_it_was_and_the_error_counts_what_waits(db, tmp_path):
+    config = tmp_path / "bounded.toml"
+    config.write_text(UNPACED + '[spool]\nmax_pending = 5\nwhen_full = "reject_new"\n')
+    with Spool(db) as sp:
+        sp.add_many(records(3))
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    dropped = folder / "six.jsonl"
+    dropped.write_text(jsonl(*(f"f{i}" for i in range(6))))
+    result = run_cli(db, "ingest", str(dropped), env={**cli_env(db), "SPOOL_CONFIG": str(config)})
+    assert result.returncode == 1
+    assert "spool full: 3 records pending, the limit is 5; 6 new records refused" in result.stderr
+    assert [p.name for p in folder.iterdir()] == ["six.jsonl"]  # not in .done/ with 0 records: taken later
+    with Store(db) as store:
+        assert store.counts()["pending"] == 3 and store.file_marks() == []
+
+
+def test_a_refusal_counts_what_waited_before_even_when_some_new_records_are_held(db, tmp_path):
+    """Records stamped while the clock is wrong are held, not pending: they are no part of what waited."""
+    from spool.watch import Ingestor
+
+    dropped = tmp_path / "mixed.jsonl"
+    dropped.write_text(jsonl(*(f"f{i}" for i in range(5))) + '{"stat": "undated", "count": 1}\n')
+    with Spool(db, max_pending=4, when_full="reject_new") as sp:
+        sp.add_many(records(2))
+        with pytest.raises(SpoolFull, match="spool full: 2 records pending, the limit is 4; 6 new records refused"):
+            Ingestor(sp.store, clock=lambda: 86_400.0).ingest(dropped)
+        assert dropped.exists()
+        rows = [make_record(stat=f"g{i}", count=1, t=T0) for i in range(5)] + [
+            make_record(stat="undated", count=1, clock_now=0)]
+        with pytest.raises(SpoolFull, match="spool full: 2 records pending, the limit is 4; 6 new records refused"):
+            sp.store.append(rows, chunk=2)  # a large append, staged: the same count
+        assert sp.store.counts()["pending"] == 2
 
 
 def test_records_in_flight_are_never_dropped(db):
@@ -81,6 +116,15 @@ def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
         sp.store.end_lease(lease.id)
         assert sp.store.drop_expired(now=T0 + 10_000) == 3
         assert sp.store.counters() == {"dropped_age": 3}
+
+
+def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_counted_as_dropped(db):
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many(records(3))
+        lease = sp.store.lease(10, now=T0 + 100, keyed_only=False)  # leased while fresh, on their way
+        assert sp.store.drop_expired(now=T0 + 10_000) == 0
+        assert sp.store.ack([item.id for item in lease.items], now=T0 + 10_000, lease=lease.id) == 3
+        assert sp.store.counts()["sent"] == 3 and sp.store.counters() == {}
 
 
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):

@@ -64,3 +64,14 @@ def test_a_restamp_that_would_land_before_the_floor_is_a_dead_letter(db, receive
     assert run_cli(db, "ship", "--once", env=env).returncode == 0
     assert receiver.accepted == []
     assert "before the floor" in run_cli(db, "dead", "list").stdout
+
+
+def test_a_dropped_file_read_while_the_clock_is_wrong_has_its_undated_records_held_not_dated_2000(db, tmp_path):
+    dropped = tmp_path / "undated.jsonl"
+    dropped.write_text('{"stat": "undated", "count": 1}\n' + json.dumps({"stat": "dated", "count": 1, "t": T0}) + "\n")
+    env = {**cli_env(db), "DONT_FAKE_MONOTONIC": "1"}
+    result = subprocess.run(["faketime", "2000-01-01 00:00:00", sys.executable, "-m", "spool", "ingest",
+                             str(dropped)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with Store(db) as store:
+        assert {r.stat: s for _, s, r in store.records()} == {"undated": 4, "dated": 0}  # HELD, PENDING

@@ -277,3 +277,22 @@ def test_the_relays_threads_leave_sigterm_and_sigint_to_the_main_thread(db):
         for thread in threads:
             assert blocked(thread.native_id) & stop_signals == stop_signals, thread.name
     assert blocked(threading.get_native_id()) & stop_signals == 0  # the main thread still takes them
+
+
+def test_a_relay_in_front_of_a_full_spool_answers_503_never_204_and_healthz_says_failing(db):
+    form = {"ezkey": "k", "count": "1", "t": T0}
+    with running_relay(db, spool={"max_pending": 1, "when_full": "reject_new"}) as relay:
+        assert requests.post(f"{relay.url}/ez", data={**form, "stat": "first"}).status_code == 204
+        refused = requests.post(f"{relay.url}/ez", data={**form, "stat": "second"})
+        assert refused.status_code == 503 and "spool full" in refused.text
+        batch = requests.post(f"{relay.url}/ez", json={"ezkey": "k", "data": [{"stat": "third", "count": 1}]})
+        assert batch.status_code == 503
+        health = requests.get(f"{relay.url}/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "failing"
+        assert "spool full" in health.json()["error"]
+        assert [r.stat for r in spooled(db)] == ["first"]  # what was answered 503 is not there
+        with Store(db) as store:  # the shipper delivers what waited: room again
+            lease = store.lease(10, now=T0, keyed_only=False)
+            store.ack([item.id for item in lease.items], now=T0, lease=lease.id)
+        assert requests.post(f"{relay.url}/ez", data={**form, "stat": "fourth"}).status_code == 204
+        assert requests.get(f"{relay.url}/healthz").json()["status"] == "ok"

@@ -46,6 +46,21 @@ def test_synchronous_normal_is_selectable_and_anything_else_refused(db):
         Store(db, synchronous="off")
 
 
+def test_the_public_door_opens_a_spool_with_full_durability_unless_told_normal(db):
+    """Spool(path), Spool(path, synchronous=...) and Spool(config=...): what a Python user and every command open."""
+    from spool.config import Config
+
+    def synchronous(sp: Spool) -> int:
+        return sp.store.conn.execute("PRAGMA synchronous").fetchone()[0]
+
+    with Spool(db) as sp:
+        assert synchronous(sp) == 2  # FULL: a commit survives a power cut
+    with Spool(db, synchronous="normal") as sp:
+        assert synchronous(sp) == 1
+    with Spool(config=Config().replace(**{"spool.path": db, "spool.synchronous": "normal"})) as sp:
+        assert synchronous(sp) == 1
+
+
 def test_records_survive_closing_and_reopening(db):
     with Store(db) as store:
         store.append([ez("a", 1), ez("b", 2.5)])

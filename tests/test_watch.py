@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from spool.store import Store
+from spool.store import State, Store
 from spool.watch import DONE, REJECTED, Ingestor
 
 from .helpers import T0, Running, drop, jsonl, outcomes, stats_in, wait_for
@@ -226,3 +226,13 @@ def test_a_file_ingested_but_not_yet_moved_is_moved_not_taken_again(drop_dir, db
         assert Ingestor(store).ingest(path).outcome == "already"
         assert store.file_marks() == []  # the mark goes once the file has left the directory
     assert stats_in(db) == ["once"] and (drop_dir / DONE / "window.jsonl").exists()
+
+
+def test_a_file_read_while_the_clock_is_wrong_has_its_undated_records_held(drop_dir, db):
+    """Stamped as `spool add` stamps: a box that booted in 1970 holds a record until its time is known."""
+    content = jsonl("dated") + '{"stat": "undated", "count": 1}\n'
+    with Store(db) as store:
+        result = Ingestor(store, clock=lambda: 86_400.0).ingest(drop(drop_dir, "early.jsonl", content))
+        assert result.outcome == "ingested"
+        assert (store.counts()["pending"], store.counts()["held"]) == (1, 1)
+        assert [r.stat for _, _, r in store.records(State.HELD)] == ["undated"]

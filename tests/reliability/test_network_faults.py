@@ -67,9 +67,11 @@ def test_a_truncated_answer_duplicates_at_most_the_batch_it_carried(db, receiver
     assert not want - got  # nothing lost
     duplicates = got - want
     assert sum(duplicates.values()) == 2 * BATCH  # two truncations, each the whole of one batch, once
-    assert set(duplicates.values()) == {1}
-    by_batch = Counter((int(stat[1:]) // BATCH) for stat, _, _ in duplicates)
-    assert sorted(by_batch.values()) == [BATCH, BATCH]
+    # Whole batches only. Requests are pipelined, so the retry of the first truncated batch may be the very
+    # exchange the second truncation hits: then that one batch is duplicated twice.
+    for batch in {int(stat[1:]) // BATCH for stat, _, _ in duplicates}:
+        copies = {duplicates[(f"s{i}", 1, T0 + i)] for i in range(batch * BATCH, (batch + 1) * BATCH)}
+        assert len(copies) == 1 and copies != {0}, (batch, copies)
 
 
 def test_after_a_blackhole_ends_the_backlog_drains_promptly(db, receiver):
