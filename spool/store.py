@@ -8,13 +8,17 @@ The storage contract, stated once:
 * A large append is written in chunks as STAGED records (invisible to shippers and counts) and made
   PENDING by one statement in the final transaction, so it is still all or nothing while no transaction
   holds the write lock for long. Staged records of a process that died are discarded (`sweep_stages`).
-* `lease` takes the oldest pending records not already leased (by `t`, then append order) in one statement
-  inside one immediate transaction, so two shippers can never lease the same record. A lease is one small
-  row holding the batch's ids and its owner (boot, pid, process start): leasing rewrites no record, which
-  keeps writes per record low (SD cards). Lease ids are never reused (AUTOINCREMENT).
-* `ack` marks records SENT; it is called only after the receiver acknowledged them. `mark_dead` moves records
-  to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops the lease: whatever it named
-  that was not settled is simply pending again (transient failure, shutdown).
+* `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
+  immediate transaction (the write lock is held from its start, so no other shipper can lease between the
+  query and the insert): two shippers can never lease the same record. A lease is one small row naming its
+  owner (boot, pid, process start), and each record it holds is one row of `leased` (record id -> lease):
+  leasing rewrites no record, which keeps writes per record low (SD cards), and "is this record in flight?"
+  is one lookup by id. Lease ids are never reused (AUTOINCREMENT). A lease is committed without waiting for
+  the disk: one lost in a power cut only returns its records to pending, as its owner's death would, and
+  the next durable commit (an acknowledgement) makes it durable anyway.
+* `ack` marks records SENT (and they leave their lease); it is called only after the receiver acknowledged
+  them. `mark_dead` moves records to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops
+  the lease: whatever it named that was not settled is simply pending again (transient failure, shutdown).
 * A lease is freed by anyone else only when its owner is proven dead (`release_dead_leases`): another boot,
   or no process with that pid and start time. A live shipper's lease is never taken from it.
 * A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
@@ -61,7 +65,7 @@ class State(IntEnum):
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
@@ -76,7 +80,7 @@ _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _HOLD = (f"UPDATE records SET state = {State.HELD}, held_boot = boot_id(), held_mono = boot_clock() "
          f"WHERE state = {State.PENDING} AND t = 0")
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
-_LEASED = "SELECT value FROM leases, json_each(leases.ids)"  # every id some live lease names
+_LEASED = "SELECT id FROM leased"  # every record some live lease holds
 _KEYED = "(ezkey IS NOT NULL OR key IS NOT NULL)"
 
 
@@ -179,7 +183,19 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE INDEX held ON records (held_boot) WHERE state = {State.HELD}")
 
 
-_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4}  # version reached -> step
+def _v5(conn: sqlite3.Connection) -> None:
+    """Version 5: the records a lease holds are rows of `leased` (record id -> lease), not a JSON list in the lease.
+
+    Leasing asks of every candidate whether some lease holds it: with lists, each lease parsed every live
+    lease's list (its cost grew with the records in flight); a row per record is one lookup by id.
+    """
+    conn.execute("CREATE TABLE leased (id INTEGER PRIMARY KEY, lease INTEGER NOT NULL)")
+    conn.execute("INSERT OR IGNORE INTO leased (id, lease) SELECT value, leases.id FROM leases, "
+                 "json_each(leases.ids) ORDER BY leases.id")
+    conn.execute("ALTER TABLE leases DROP COLUMN ids")
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5}  # version reached -> step
 
 
 class FileMark(NamedTuple):
@@ -274,6 +290,7 @@ class Store:
         if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise _Corrupt("failed SQLite's quick check")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._full = synchronous == "full"  # the configured durability (a lease commits without waiting: _write)
         self._migrate()
 
     def _quarantine(self) -> Path:
@@ -332,17 +349,29 @@ class Store:
                 self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """Run the block in one immediate transaction, translating SQLite's errors into StoreError."""
+    def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """Run the block in one immediate transaction, translating SQLite's errors into StoreError.
+
+        Without `wait`, the commit does not wait for the disk even under synchronous=FULL (NORMAL's guarantee:
+        it survives a crash of the process, and a power cut may take it with the other commits since the last
+        sync, never an earlier one). Only for writes whose loss a power cut may cause harmlessly (a lease).
+        """
+        relaxed = self._full and not wait
         with _translated(self.path, self.busy_timeout):
-            self.conn.execute("BEGIN IMMEDIATE")
+            if relaxed:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if relaxed:  # every other write, appends included, waits for the disk as configured
+                    self.conn.execute("PRAGMA synchronous=FULL")
 
     # -- producers -------------------------------------------------------------------------------
 
@@ -571,32 +600,41 @@ class Store:
         return where
 
     def _lease(self, where: str, params: tuple[Any, ...], now: float) -> Lease | None:
-        with self._write() as conn:
-            row = conn.execute(
-                f"INSERT INTO leases (ids, leased_at, owner) SELECT json_group_array(id), ?, ? FROM "
-                f"(SELECT id FROM records WHERE state = {State.PENDING} AND id NOT IN ({_LEASED}) AND {where}) "
-                f"HAVING count(*) > 0 RETURNING id, ids", (now, self.owner, *params)).fetchone()
-            if row is None:
+        with self._write(wait=False) as conn:
+            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE state = {State.PENDING} "
+                                f"AND id NOT IN ({_LEASED}) AND {where}", params).fetchall()
+            if not rows:
                 return None
-            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE id IN ({_IDS}) ORDER BY t, id",
-                                (row[1],)).fetchall()
-        return Lease(row[0], [Leased(r[0], Record(*r[1:])) for r in rows])
+            lease = conn.execute("INSERT INTO leases (leased_at, owner) VALUES (?, ?) RETURNING id",
+                                 (now, self.owner)).fetchone()[0]
+            conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)",
+                         (lease, json.dumps([row[0] for row in rows])))
+        return Lease(lease, [Leased(row[0], Record(*row[1:])) for row in rows])
 
-    def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None,
+    def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None, leases: Sequence[int] = (),
             note: dict[str, Any] | None = None) -> int:
-        """Mark records SENT: the receiver acknowledged them.
+        """Mark records SENT: the receiver acknowledged them. They leave their lease.
 
-        With `lease`, end that lease in the same commit; with `note`, record those facts (the last shipping
-        result) in it too, so keeping status true costs no commit of its own.
+        With `lease` (or several, `leases`), end those leases in the same commit; with `note`, record those
+        facts (the last shipping result) in it too, so keeping status true costs no commit of its own.
         """
+        ended = [*leases] if lease is None else [*leases, lease]
         with self._write() as conn:
+            named = json.dumps(list(ids))
             n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL WHERE id IN ({_IDS}) "
-                             f"AND state = {State.PENDING}", (now, json.dumps(list(ids)))).rowcount
-            if lease is not None:
-                conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+                             f"AND state = {State.PENDING}", (now, named)).rowcount
+            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (named,))
+            if ended:
+                self._end_leases(conn, ended)
             if note:
                 self._set_meta(conn, note)
             return n
+
+    @staticmethod
+    def _end_leases(conn: sqlite3.Connection, leases: Sequence[int]) -> None:
+        ended = json.dumps(list(leases))
+        conn.execute(f"DELETE FROM leased WHERE lease IN ({_IDS})", (ended,))
+        conn.execute(f"DELETE FROM leases WHERE id IN ({_IDS})", (ended,))
 
     def split(self, lease: int, halves: Sequence[Sequence[int]]) -> None:
         """Mark records the receiver refused together as suspect groups (one per half) and give them back.
@@ -610,9 +648,9 @@ class Store:
             for half in halves:
                 conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                              (min(half), json.dumps(list(half))))
-            conn.execute(f"UPDATE leases SET ids = (SELECT json_group_array(value) FROM json_each(leases.ids) "
-                         f"WHERE value NOT IN ({_IDS})) WHERE id = ?", (json.dumps(every), lease))
-            conn.execute("DELETE FROM leases WHERE id = ? AND json_array_length(ids) = 0", (lease,))
+            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (json.dumps(every),))
+            conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
+                         (lease, lease))
 
     def suspects(self) -> int:
         """Return how many pending records are suspect (refused as part of a batch, not yet isolated)."""
@@ -622,7 +660,7 @@ class Store:
     def end_lease(self, lease: int) -> None:
         """Drop a lease: the records it named that were not settled are pending again."""
         with self._write() as conn:
-            conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+            self._end_leases(conn, [lease])
 
     def mark_dead(self, ids: Sequence[int], *, reason: str, http_status: int | None, body: str,
                   now: float) -> int:
@@ -651,8 +689,9 @@ class Store:
                 where += " OR (owner IS NULL AND leased_at < ?)"
                 params.append(unowned_before)
             named = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} AND id IN "
-                                 f"(SELECT value FROM leases, json_each(leases.ids) WHERE {where})",
-                                 params).fetchone()[0]
+                                 f"(SELECT leased.id FROM leased JOIN leases ON leased.lease = leases.id "
+                                 f"WHERE {where})", params).fetchone()[0]
+            conn.execute(f"DELETE FROM leased WHERE lease IN (SELECT id FROM leases WHERE {where})", params)
             conn.execute(f"DELETE FROM leases WHERE {where}", params)
             return named
 
