@@ -251,11 +251,10 @@ class Shipper:
     def _send(self, unit: _Unit) -> None:
         started = time.monotonic()
         try:
-            records = [item.record for item in unit.items]
             if unit.ezkey is None:
-                self._client().send_classic(records[0])
+                self._client().send_classic(unit.items[0].record)
             else:
-                self._client().send_ez(unit.ezkey, records)
+                self._client().send_ez(unit.ezkey, unit.items)
             error: Exception | None = None
         except (Refused, TransientError, EndpointError) as exc:
             error = exc
@@ -307,10 +306,18 @@ class Shipper:
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
                 try:
-                    answer = self._answers.get(timeout=patience)
+                    answers = [self._answers.get(timeout=patience)]
                 except queue.Empty:
                     continue
-                self._settle_answer(answer, waiting, unsettled, state, on_progress)
+                while True:  # every answer that is here already: acceptances in a row share one commit
+                    try:
+                        answers.append(self._answers.get_nowait())
+                    except queue.Empty:
+                        break
+                for i, run in enumerate(_runs_of_answers(answers)):
+                    if i:  # the slots freed so far are refilled before the next answer is looked at, as ever
+                        self._dispatch(waiting, unsettled, state)
+                    self._settle_answers(run, waiting, unsettled, state, on_progress)
         finally:
             self._finish(waiting, unsettled)
 
@@ -372,43 +379,63 @@ class Shipper:
         return True
 
     def _units(self, lease: Lease) -> list[_Unit]:
+        if all(item.stat is not None and item.ezkey is None for item in lease.items):  # the common case
+            return [_Unit(lease.id, lease.items, self.ezkey or "")]
         groups: dict[tuple[str, bool], list[Leased]] = {}
         units = []
         for item in lease.items:
-            if item.record.stat is None:
+            if item.stat is None:
                 units.append(_Unit(lease.id, [item], None))
             else:
-                own = item.record.ezkey is not None
-                groups.setdefault((item.record.ezkey or self.ezkey or "", own), []).append(item)
+                own = item.ezkey is not None
+                groups.setdefault((item.ezkey or self.ezkey or "", own), []).append(item)
         return [_Unit(lease.id, group, key, own) for (key, own), group in groups.items()] + units
 
-    def _settle_answer(self, answer: _Answer, waiting: collections.deque[_Unit], unsettled: dict[int, int],
-                       state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
-        unit, error = answer.unit, answer.error
-        with self._stats_lock:
-            self.stats.in_flight -= 1
-            self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
-                                "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
-        ids = [item.id for item in unit.items]
-        if isinstance(error, Refused) and error.names_key and not unit.own_key:
-            error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
-                                  "records stay pending until the key is fixed")
-        if error is None:
-            self.limit.success(answer.seconds)
-            state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
-            last = self._settled(unit, unsettled)
-            note = self._note_ok()
-            self.settle(lambda: self.store.ack(ids, now=self.clock(), lease=unit.lease if last else None,
-                                               note=note))
-            self.stats.sent += len(ids)
-            if on_progress:
-                on_progress(len(ids))
-        elif isinstance(error, Refused):
-            self._refused(unit, error, unsettled)
-            if on_progress and len(unit.items) == 1:
-                on_progress(1)
-        else:
-            self._failed(unit, error, waiting, state)
+    def _settle_answers(self, answers: list[_Answer], waiting: collections.deque[_Unit], unsettled: dict[int, int],
+                        state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
+        """Settle answers in the order they came; acceptances in a row share one commit (group commit)."""
+        accepted: list[_Answer] = []
+        for answer in answers:
+            unit, error = answer.unit, answer.error
+            with self._stats_lock:
+                self.stats.in_flight -= 1
+                self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
+                                    "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
+            if error is None:
+                self.limit.success(answer.seconds)
+                state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
+                accepted.append(answer)
+                continue
+            self._acknowledge(accepted, unsettled, on_progress)  # before anything else is written
+            accepted = []
+            if isinstance(error, Refused) and error.names_key and not unit.own_key:
+                error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
+                                      "records stay pending until the key is fixed")
+            if isinstance(error, Refused):
+                self._refused(unit, error, unsettled)
+                if on_progress and len(unit.items) == 1:
+                    on_progress(1)
+            else:
+                self._failed(unit, error, waiting, state)
+        self._acknowledge(accepted, unsettled, on_progress)
+
+    def _acknowledge(self, accepted: list[_Answer], unsettled: dict[int, int],
+                     on_progress: Callable[[int], object] | None) -> None:
+        """Mark the records of accepted units SENT, and end the leases they complete, in one commit."""
+        if not accepted:
+            return
+        ids: list[int] = []
+        ended = []
+        for answer in accepted:
+            ids.extend(item.id for item in answer.unit.items)
+            if self._settled(answer.unit, unsettled):
+                ended.append(answer.unit.lease)
+        note = self._note_ok()
+        self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note))
+        self.stats.sent += len(ids)
+        if on_progress:
+            for answer in accepted:
+                on_progress(len(answer.unit.items))
 
     def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int]) -> None:
         ids = [item.id for item in unit.items]
@@ -468,8 +495,7 @@ class Shipper:
                 log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
                 self.stats.in_flight = 0
                 break
-            state = _DrainState(None)
-            self._settle_answer(answer, collections.deque(), unsettled, state, None)
+            self._settle_answers([answer], collections.deque(), unsettled, _DrainState(None), None)
         for lease in list(unsettled):
             self.settle(functools.partial(self.store.end_lease, lease))
         unsettled.clear()
@@ -502,6 +528,11 @@ class Shipper:
         (with back-off, loudly) rather than abandoned. Only SETTLE_GRACE after a shutdown request is it given
         up, and then the records of that lease are the ones that may be sent twice.
         """
+        try:
+            write()  # the common case, without building a retry policy for it
+            return
+        except StoreError as exc:
+            log.warning("cannot record the receiver's answer yet: %s; retrying", exc)
         tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreError),
             wait=tenacity.wait_exponential(multiplier=0.05, max=SETTLE_BACKOFF_MAX),
@@ -581,6 +612,17 @@ class Shipper:
             log.info("pruned %d sent records older than the retention period", pruned)
         if freed:
             log.warning("returned %d records of leases whose shipper died to pending", freed)
+
+
+def _runs_of_answers(answers: list[_Answer]) -> list[list[_Answer]]:
+    """Split answers, in order, into runs of acceptances and single other answers."""
+    runs: list[list[_Answer]] = []
+    for answer in answers:
+        if answer.error is None and runs and runs[-1][-1].error is None:
+            runs[-1].append(answer)
+        else:
+            runs.append([answer])
+    return runs
 
 
 @dataclass
