@@ -67,6 +67,7 @@ class State(IntEnum):
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
 SCHEMA_VERSION = 5
+PAGE_SIZE = 1024  # bytes, for new spools (see _prepare)
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
@@ -309,6 +310,11 @@ class Store:
             raise
 
     def _prepare(self, synchronous: str, *, check: bool) -> None:
+        # A new spool gets 1 KiB pages (an existing one keeps its own: WAL mode cannot change it). A commit
+        # writes each page it touches whole into the WAL, and one record per commit (`spool add`, the relay
+        # under light load) touches two: 4 KiB pages made that 12.8 kB written per record, 1 KiB pages 6.9 kB;
+        # 500-record batches went from 535 to 423 B per record over its life (docs/benchmarks.md).
+        self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         self.conn.execute("PRAGMA journal_mode=WAL")
         if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise _Corrupt("failed SQLite's quick check")
