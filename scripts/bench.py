@@ -254,9 +254,10 @@ class Build:
                                          "--out", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait(self) -> Path:
-        _, err = self.process.communicate()
-        if self.process.returncode != 0:
-            raise RuntimeError(f"scripts/build failed: {err.decode()[-2000:]}")
+        if self.process.returncode is None:
+            _, err = self.process.communicate()
+            if self.process.returncode != 0:
+                raise RuntimeError(f"scripts/build failed: {err.decode()[-2000:]}")
         return self.out
 
 

@@ -363,7 +363,7 @@ class Shipper:
         keyed_only = self.ezkey is None
         try:
             lease = (self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
-                     or self.store.lease(self.config.ship.batch_size, now=self.clock(), keyed_only=keyed_only))
+                     or self._lease_clean(state, keyed_only))
         except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
             state.blocked = f"cannot lease records: {exc}"
             state.last_error = state.blocked
@@ -377,6 +377,26 @@ class Shipper:
         unsettled[lease.id] = len(lease.items)
         waiting.extend(self._units(lease))
         return True
+
+    def _lease_clean(self, state: _DrainState, keyed_only: bool) -> Lease | None:
+        """Lease the next clean batch, searching after the last one this drain leased while that is exact.
+
+        Every clean pending record up to the last one leased was leased then (oldest first), and within a drain
+        this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect, which
+        this query never takes). Only another connection's commit (an append with an older t, a requeue, a
+        replay) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
+        the search starts from the oldest again.
+        """
+        limit, now = self.config.ship.batch_size, self.clock()
+        if state.after is not None and self.store.data_version() == state.after_version:
+            lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after)
+            if lease is not None:
+                state.after = (lease.items[-1].t, lease.items[-1].id)
+                return lease
+        lease = self.store.lease(limit, now=now, keyed_only=keyed_only)
+        state.after = None if lease is None else (lease.items[-1].t, lease.items[-1].id)
+        state.after_version = None if lease is None else lease.version
+        return lease
 
     def _units(self, lease: Lease) -> list[_Unit]:
         if all(item.stat is not None and item.ezkey is None for item in lease.items):  # the common case
@@ -634,6 +654,8 @@ class _DrainState:
     failures: int = 0
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
+    after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
+    after_version: int | None = None  # the spool's data_version when `after` was exact
     delivered: bool = False
 
     last_error: str | None = None

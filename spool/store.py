@@ -115,6 +115,7 @@ class Lease(NamedTuple):
 
     id: int
     items: list[Leased]
+    version: int = 0  # PRAGMA data_version inside the lease's transaction: changes once another connection commits
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -608,13 +609,19 @@ class Store:
 
     # -- the shipper's state machine -------------------------------------------------------------
 
-    def lease(self, limit: int, *, now: float, keyed_only: bool) -> Lease | None:
+    def lease(self, limit: int, *, now: float, keyed_only: bool, after: tuple[int, int] | None = None) -> Lease | None:
         """Lease up to `limit` of the oldest clean pending records no lease names; None when there are none.
 
         Clean: never refused as part of a batch (suspects are leased by `lease_suspects`). `keyed_only` skips
-        EZ records that carry no ezkey (there is no configured key to send them with).
+        EZ records that carry no ezkey (there is no configured key to send them with). `after`, a (t, id) the
+        caller knows no unleased clean record precedes, starts the search there instead of walking past the
+        records in flight (see Shipper._lease_clean for when that is known).
         """
-        return self._lease(f"split IS NULL{self._shippable(now, keyed_only)} ORDER BY t, id LIMIT ?", (limit,), now)
+        params: tuple[int, ...] = (limit,)
+        where = f"split IS NULL{self._shippable(now, keyed_only)}"
+        if after is not None:
+            where, params = f"{where} AND t >= ? AND (t > ? OR id > ?)", (after[0], after[0], after[1], limit)
+        return self._lease(f"{where} ORDER BY t, id LIMIT ?", params, now)
 
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
         """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""
@@ -634,11 +641,12 @@ class Store:
                                 f"AND id NOT IN ({_LEASED}) AND {where}", params).fetchall()
             if not rows:
                 return None
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
             ids = [row[0] for row in rows]
             lease = conn.execute("INSERT INTO leases (leased_at, owner, first_id, last_id) VALUES (?, ?, ?, ?) "
                                  "RETURNING id", (now, self.owner, min(ids), max(ids))).fetchone()[0]
             conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)", (lease, json.dumps(ids)))
-        return Lease(lease, list(map(_leased, rows)))
+        return Lease(lease, list(map(_leased, rows)), version)
 
     def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None, leases: Sequence[int] = (),
             note: dict[str, Any] | None = None) -> int:
