@@ -742,7 +742,7 @@ def suite(quick: bool, folder: Path) -> dict[str, Callable[[], list[Figure]]]:
         "ingest": lambda: bench_ingest(1_000_000, 3),
         "disk": lambda: bench_disk(100_000, 5_000),
         "idle": lambda: bench_idle(125),
-        "relay": lambda: bench_relay(3.0, 3),
+        "relay": lambda: bench_relay(4.0, 5),
     }
 
 

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1065,6 +1064,8 @@ def _code(exc: sqlite3.Error) -> int | None:
 def _free_bytes(path: Path) -> int | None:
     for folder in (path.parent, *path.parents):
         with contextlib.suppress(OSError):
+            import shutil  # here, not at the top: it drags in bz2, lzma and zlib, a tenth of `spool add`'s imports
+
             return shutil.disk_usage(folder).free
     return None
 
