@@ -251,11 +251,10 @@ class Shipper:
     def _send(self, unit: _Unit) -> None:
         started = time.monotonic()
         try:
-            records = [item.record for item in unit.items]
             if unit.ezkey is None:
-                self._client().send_classic(records[0])
+                self._client().send_classic(unit.items[0].record)
             else:
-                self._client().send_ez(unit.ezkey, records)
+                self._client().send_ez(unit.ezkey, unit.items)
             error: Exception | None = None
         except (Refused, TransientError, EndpointError) as exc:
             error = exc
@@ -307,10 +306,18 @@ class Shipper:
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
                 try:
-                    answer = self._answers.get(timeout=patience)
+                    answers = [self._answers.get(timeout=patience)]
                 except queue.Empty:
                     continue
-                self._settle_answer(answer, waiting, unsettled, state, on_progress)
+                while True:  # every answer that is here already: acceptances in a row share one commit
+                    try:
+                        answers.append(self._answers.get_nowait())
+                    except queue.Empty:
+                        break
+                for i, run in enumerate(_runs_of_answers(answers)):
+                    if i:  # the slots freed so far are refilled before the next answer is looked at, as ever
+                        self._dispatch(waiting, unsettled, state)
+                    self._settle_answers(run, waiting, unsettled, state, on_progress)
         finally:
             self._finish(waiting, unsettled)
 
@@ -356,7 +363,7 @@ class Shipper:
         keyed_only = self.ezkey is None
         try:
             lease = (self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
-                     or self.store.lease(self.config.ship.batch_size, now=self.clock(), keyed_only=keyed_only))
+                     or self._lease_clean(state, keyed_only))
         except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
             state.blocked = f"cannot lease records: {exc}"
             state.last_error = state.blocked
@@ -371,44 +378,84 @@ class Shipper:
         waiting.extend(self._units(lease))
         return True
 
+    def _lease_clean(self, state: _DrainState, keyed_only: bool) -> Lease | None:
+        """Lease the next clean batch, searching after the last one this drain leased while that is exact.
+
+        Every clean pending record up to the last one leased was leased then (oldest first), and within a drain
+        this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect, which
+        this query never takes). Only another connection's commit (an append with an older t, a requeue, a
+        replay) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
+        the search starts from the oldest again.
+        """
+        limit, now = self.config.ship.batch_size, self.clock()
+        if state.after is not None and self.store.data_version() == state.after_version:
+            lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after)
+            if lease is not None:
+                state.after = (lease.items[-1].t, lease.items[-1].id)
+                return lease
+        lease = self.store.lease(limit, now=now, keyed_only=keyed_only)
+        state.after = None if lease is None else (lease.items[-1].t, lease.items[-1].id)
+        state.after_version = None if lease is None else lease.version
+        return lease
+
     def _units(self, lease: Lease) -> list[_Unit]:
+        if all(item.stat is not None and item.ezkey is None for item in lease.items):  # the common case
+            return [_Unit(lease.id, lease.items, self.ezkey or "")]
         groups: dict[tuple[str, bool], list[Leased]] = {}
         units = []
         for item in lease.items:
-            if item.record.stat is None:
+            if item.stat is None:
                 units.append(_Unit(lease.id, [item], None))
             else:
-                own = item.record.ezkey is not None
-                groups.setdefault((item.record.ezkey or self.ezkey or "", own), []).append(item)
+                own = item.ezkey is not None
+                groups.setdefault((item.ezkey or self.ezkey or "", own), []).append(item)
         return [_Unit(lease.id, group, key, own) for (key, own), group in groups.items()] + units
 
-    def _settle_answer(self, answer: _Answer, waiting: collections.deque[_Unit], unsettled: dict[int, int],
-                       state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
-        unit, error = answer.unit, answer.error
-        with self._stats_lock:
-            self.stats.in_flight -= 1
-            self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
-                                "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
-        ids = [item.id for item in unit.items]
-        if isinstance(error, Refused) and error.names_key and not unit.own_key:
-            error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
-                                  "records stay pending until the key is fixed")
-        if error is None:
-            self.limit.success(answer.seconds)
-            state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
-            last = self._settled(unit, unsettled)
-            note = self._note_ok()
-            self.settle(lambda: self.store.ack(ids, now=self.clock(), lease=unit.lease if last else None,
-                                               note=note))
-            self.stats.sent += len(ids)
-            if on_progress:
-                on_progress(len(ids))
-        elif isinstance(error, Refused):
-            self._refused(unit, error, unsettled)
-            if on_progress and len(unit.items) == 1:
-                on_progress(1)
-        else:
-            self._failed(unit, error, waiting, state)
+    def _settle_answers(self, answers: list[_Answer], waiting: collections.deque[_Unit], unsettled: dict[int, int],
+                        state: _DrainState, on_progress: Callable[[int], object] | None) -> None:
+        """Settle answers in the order they came; acceptances in a row share one commit (group commit)."""
+        accepted: list[_Answer] = []
+        for answer in answers:
+            unit, error = answer.unit, answer.error
+            with self._stats_lock:
+                self.stats.in_flight -= 1
+                self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
+                                    "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
+            if error is None:
+                self.limit.success(answer.seconds)
+                state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
+                accepted.append(answer)
+                continue
+            self._acknowledge(accepted, unsettled, on_progress)  # before anything else is written
+            accepted = []
+            if isinstance(error, Refused) and error.names_key and not unit.own_key:
+                error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
+                                      "records stay pending until the key is fixed")
+            if isinstance(error, Refused):
+                self._refused(unit, error, unsettled)
+                if on_progress and len(unit.items) == 1:
+                    on_progress(1)
+            else:
+                self._failed(unit, error, waiting, state)
+        self._acknowledge(accepted, unsettled, on_progress)
+
+    def _acknowledge(self, accepted: list[_Answer], unsettled: dict[int, int],
+                     on_progress: Callable[[int], object] | None) -> None:
+        """Mark the records of accepted units SENT, and end the leases they complete, in one commit."""
+        if not accepted:
+            return
+        ids: list[int] = []
+        ended = []
+        for answer in accepted:
+            ids.extend(item.id for item in answer.unit.items)
+            if self._settled(answer.unit, unsettled):
+                ended.append(answer.unit.lease)
+        note = self._note_ok()
+        self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note))
+        self.stats.sent += len(ids)
+        if on_progress:
+            for answer in accepted:
+                on_progress(len(answer.unit.items))
 
     def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int]) -> None:
         ids = [item.id for item in unit.items]
@@ -468,8 +515,7 @@ class Shipper:
                 log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
                 self.stats.in_flight = 0
                 break
-            state = _DrainState(None)
-            self._settle_answer(answer, collections.deque(), unsettled, state, None)
+            self._settle_answers([answer], collections.deque(), unsettled, _DrainState(None), None)
         for lease in list(unsettled):
             self.settle(functools.partial(self.store.end_lease, lease))
         unsettled.clear()
@@ -502,6 +548,11 @@ class Shipper:
         (with back-off, loudly) rather than abandoned. Only SETTLE_GRACE after a shutdown request is it given
         up, and then the records of that lease are the ones that may be sent twice.
         """
+        try:
+            write()  # the common case, without building a retry policy for it
+            return
+        except StoreError as exc:
+            log.warning("cannot record the receiver's answer yet: %s; retrying", exc)
         tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreError),
             wait=tenacity.wait_exponential(multiplier=0.05, max=SETTLE_BACKOFF_MAX),
@@ -583,6 +634,17 @@ class Shipper:
             log.warning("returned %d records of leases whose shipper died to pending", freed)
 
 
+def _runs_of_answers(answers: list[_Answer]) -> list[list[_Answer]]:
+    """Split answers, in order, into runs of acceptances and single other answers."""
+    runs: list[list[_Answer]] = []
+    for answer in answers:
+        if answer.error is None and runs and runs[-1][-1].error is None:
+            runs[-1].append(answer)
+        else:
+            runs.append([answer])
+    return runs
+
+
 @dataclass
 class _DrainState:
     """What one drain knows of the link: the back-off gate, consecutive failures, a reason to give up."""
@@ -592,6 +654,8 @@ class _DrainState:
     failures: int = 0
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
+    after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
+    after_version: int | None = None  # the spool's data_version when `after` was exact
     delivered: bool = False
 
     last_error: str | None = None

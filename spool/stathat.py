@@ -7,15 +7,17 @@ log line or exception message built here can carry one.
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.client
 import json
 import math
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
@@ -33,9 +35,37 @@ USER_AGENT = "stathat-spool"
 MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
 
 
-def ez_item(record: Record) -> dict[str, Any]:
+class EzRecord(Protocol):
+    """What an EZ batch needs of a record: a Record, or a row the shipper leased (store.Leased)."""
+
+    @property
+    def stat(self) -> str | None: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def number(self) -> int | float: ...
+    @property
+    def t(self) -> int: ...
+
+
+def ez_item(record: EzRecord) -> dict[str, Any]:
     """Return one item of an EZ JSON batch's `data` array."""
     return {"stat": record.stat, KIND_NAMES[record.kind]: record.number, "t": record.t}
+
+
+_NUMBER_FIELDS = tuple(f'"{name}":' for name in KIND_NAMES)  # by kind
+_quoted = functools.lru_cache(maxsize=4096)(json.dumps)  # a stat name as a JSON string; names repeat
+
+
+def ez_body(ezkey: str, records: Sequence[EzRecord]) -> bytes:
+    """Return an EZ JSON batch, byte for byte what json.dumps(..., separators=(",", ":")) makes of it.
+
+    Written item by item: building a dict per record for json.dumps cost twice as much, and a drain writes
+    500 of them per request. Numbers are ints or finite floats (validated), whose repr is their JSON.
+    """
+    fields = _NUMBER_FIELDS
+    data = ",".join([f'{{"stat":{_quoted(r.stat)},{fields[r.kind]}{r.number!r},"t":{r.t}}}' for r in records])
+    return f'{{"ezkey":{json.dumps(ezkey)},"data":[{data}]}}'.encode()
 
 
 def classic_form(record: Record) -> tuple[str, dict[str, Any]]:
@@ -122,9 +152,11 @@ def _snippet(body: str) -> str:
 # requests' timeout bounds each socket operation, not the request: an answer trickling in a byte a second
 # never trips it. So each request runs under a _Deadline, and our connections (installed by _DeadlineAdapter)
 # hand themselves to the deadline of the thread that uses them: urllib3 calls connect() and request() on the
-# thread making the request. When time is up, a timer thread shuts the socket down and the blocked read ends
-# at once. This uses only public, long-stable parts of urllib3 (PoolManager.pool_classes_by_scheme,
-# ConnectionCls, HTTPConnection.connect/request), present alike in urllib3 1.26 and 2.x.
+# thread making the request. When time is up, the client's watchdog thread shuts the socket down and the
+# blocked read ends at once. One watchdog thread serves all of a client's requests (starting a timer thread
+# per request cost a fast drain more than the rest of its requests' work); it ends when idle a moment. This
+# uses only public, long-stable parts of urllib3 (PoolManager.pool_classes_by_scheme, ConnectionCls,
+# HTTPConnection.connect/request), present alike in urllib3 1.26 and 2.x.
 
 _watching = threading.local()  # .deadline: the _Deadline of the request this thread is making, if any
 
@@ -132,20 +164,20 @@ _watching = threading.local()  # .deadline: the _Deadline of the request this th
 class _Deadline:
     """Shut down the socket of the request this thread makes once `seconds` have passed."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, watchdog: _Watchdog):
         self.expired = False
+        self.at = time.monotonic() + seconds
         self._connection: Any = None
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
+        self._watchdog = watchdog
 
     def __enter__(self) -> _Deadline:
         _watching.deadline = self
-        self._timer.start()
+        self._watchdog.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        self._watchdog.forget(self)
         _watching.deadline = None
 
     def watch(self, connection: Any) -> None:
@@ -155,11 +187,65 @@ class _Deadline:
             if self.expired:
                 _shut(connection)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
             self.expired = True
             if self._connection is not None:
                 _shut(self._connection)
+
+
+class _Watchdog:
+    """One thread that expires the deadline of the request a client is making (one at a time), if it passes."""
+
+    LINGER = 0.5  # seconds the thread waits for the next request before it ends
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._current: _Deadline | None = None
+        self._thread: threading.Thread | None = None
+        self._sleeping_until = float("inf")  # the thread is woken only for a deadline earlier than this
+        self._closed = False
+
+    def watch(self, deadline: _Deadline) -> None:
+        with self._wake:
+            self._current = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spool-deadline", daemon=True)
+                self._thread.start()
+            elif deadline.at < self._sleeping_until:
+                self._wake.notify()
+
+    def forget(self, deadline: _Deadline) -> None:
+        with self._wake:
+            if self._current is deadline:
+                self._current = None  # no wake-up: the thread finds it gone when it looks (or lingers out)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            idle_since: float | None = None
+            while not self._closed:
+                now = time.monotonic()
+                current = self._current
+                if current is None:
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= self.LINGER:
+                        break
+                    self._sleeping_until = idle_since + self.LINGER
+                elif now >= current.at:
+                    self._current = None
+                    current.expire()
+                    continue
+                else:
+                    idle_since = None
+                    self._sleeping_until = current.at
+                self._wake.wait(self._sleeping_until - now)
+            self._thread = None
+            self._sleeping_until = float("inf")
 
 
 def _shut(connection: Any) -> None:
@@ -235,16 +321,25 @@ class StatHatClient:
         self.session.mount("http://", _DeadlineAdapter())
         self.session.mount("https://", _DeadlineAdapter())
         self.session.verify = verify
+        # The environment (proxies, no_proxy, a CA bundle, ~/.netrc) is read once, here: requests would read it
+        # again on every request, walking os.environ and the netrc file each time.
+        self.session.trust_env = False
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.endpoint))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if verify is True and bundle:
+            self.session.verify = bundle
+        self.session.auth = requests.utils.get_netrc_auth(self.endpoint)
+        self._watchdog = _Watchdog()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers["Accept-Encoding"] = "identity"  # a tiny answer; nothing to inflate
 
     def close(self) -> None:
         self.session.close()
+        self._watchdog.close()
 
-    def send_ez(self, ezkey: str, records: Sequence[Record]) -> int | None:
+    def send_ez(self, ezkey: str, records: Sequence[EzRecord]) -> int | None:
         """POST one EZ JSON batch; return what `classify_response` returns."""
-        body = json.dumps({"ezkey": ezkey, "data": [ez_item(r) for r in records]}, separators=(",", ":"))
-        return self._post("/ez", sent=len(records), data=body.encode(),
+        return self._post("/ez", sent=len(records), data=ez_body(ezkey, records),
                           headers={"Content-Type": "application/json"})
 
     def send_classic(self, record: Record) -> int | None:
@@ -266,7 +361,7 @@ class StatHatClient:
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> tuple[requests.Response, str]:
-        deadline = _Deadline(self.timeout)
+        deadline = _Deadline(self.timeout, self._watchdog)
         try:
             with deadline:
                 response = self.session.request(method, self.endpoint + path, timeout=self.timeout,

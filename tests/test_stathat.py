@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spool.errors import ConfigError, EndpointError, Refused, TransientError
-from spool.records import make_record
-from spool.stathat import StatHatClient, check_endpoint, classify_response, retry_after_seconds
+from spool.records import Record, make_record
+from spool.stathat import StatHatClient, check_endpoint, classify_response, ez_body, ez_item, retry_after_seconds
 
 from .helpers import T0
 
@@ -105,3 +109,13 @@ def test_connection_errors_are_transient_and_never_carry_the_key():
         client.close()
     assert "secret-key-value" not in str(caught.value)
     assert "cannot reach http://127.0.0.1:9" in str(caught.value)
+
+
+@given(st.lists(st.builds(
+    Record, stat=st.text(min_size=1, max_size=40).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
+    key=st.none(), ukey=st.none(), ezkey=st.none(), kind=st.sampled_from([0, 1]),
+    number=st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False),
+    t=st.integers(min_value=1_000_000_000, max_value=4_102_444_800)), max_size=20), st.text(min_size=1, max_size=20))
+def test_an_ez_batch_is_byte_for_byte_what_json_dumps_makes_of_its_items(records, ezkey):
+    expected = json.dumps({"ezkey": ezkey, "data": [ez_item(r) for r in records]}, separators=(",", ":"))
+    assert ez_body(ezkey, records) == expected.encode()

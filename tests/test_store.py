@@ -135,12 +135,13 @@ def test_the_ack_that_settles_a_batch_can_end_its_lease_in_the_same_commit(db):
 
 
 def test_leasing_rewrites_no_record(db):
-    """A lease is a row of its own: the records it names are untouched until they are settled."""
+    """A lease is a row of its own and a small row per record held: the records are untouched until settled."""
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(5)])
         before = store.conn.total_changes
         store.lease(5, now=T0, keyed_only=False)
-        assert store.conn.total_changes - before == 1
+        assert store.conn.total_changes - before == 1 + 5  # the lease, and each record's row in `leased`
+        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 5
 
 
 def test_leases_of_a_dead_owner_return_to_pending_and_a_live_owners_never_do(db):

@@ -142,10 +142,12 @@ class StoreModel(RuleBasedStateMachine):
         assert {i: names[s] for i, s in stored.items()} == self.state
 
     @invariant()
-    def no_record_is_named_by_two_live_leases(self):
-        rows = self.store.conn.execute("SELECT value FROM leases, json_each(leases.ids)").fetchall()
-        named = [row[0] for row in rows if self.state.get(row[0]) == "pending"]
-        assert len(named) == len(set(named))
+    def every_record_in_flight_is_held_by_exactly_one_live_lease_the_model_knows(self):
+        rows = self.store.conn.execute("SELECT leased.id, leases.id FROM leased LEFT JOIN leases "
+                                       "ON leased.lease = leases.id").fetchall()
+        assert all(lease is not None for _, lease in rows), "a record is held by a lease that ended"
+        held = {record_id: lease for record_id, lease in rows if self.state.get(record_id) == "pending"}
+        assert held == {i: lease for lease, ids in self.leases.items() for i in ids if self.state.get(i) == "pending"}
 
 
 StoreModel.TestCase.settings = settings(max_examples=200 if os.environ.get("SPOOL_LONG") else 40,
