@@ -80,6 +80,20 @@ def test_thousands_of_mixed_records_arrive_exactly_once_through_bursts_resets_st
     assert max(receiver.batches) <= 250
 
 
+def test_a_drain_leaves_no_lease_behind_through_failures_resets_and_a_poison_record(db, receiver):
+    """Every lease a drain takes is ended by the commit that settles it: lease rows left behind would hold
+    nothing yet be walked by every later lease (300 rows after 30,000 records when an ack forgot its lease)."""
+    records = mixed_records(1200) + [make_record(stat="poison", count=1, t=T0)]
+    receiver.refuse_stat("poison")
+    receiver.fail_next(2)
+    receiver.reset_after_accept_next(1)
+    shipper, result, counts = ship_all(db, receiver, records, timeout=0.3, batch_size=100)
+    assert result.done and counts["dead"] == 1 and counts["sent"] == 1200
+    with Store(db) as store:
+        assert store.conn.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 0
+
+
 def test_every_record_arrives_with_its_original_t(db, receiver):
     records = [make_record(stat="late", count=1, t=T0 - 86400 * 30), make_record(stat="now", value=2, t=T0)]
     ship_all(db, receiver, records)
