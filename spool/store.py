@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import sqlite3
 import time
@@ -75,6 +76,7 @@ SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
 
 _COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
 _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_NAMES = tuple(_COLUMNS.split(", "))
 # A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
 # boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
 # transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
@@ -426,7 +428,7 @@ class Store:
         extra = next(rows, None) if len(first) == chunk else None
         if extra is None:
             with self._bounded() as conn:
-                conn.executemany(_INSERT, first)
+                _insert(conn, first)
                 held = conn.execute(_HOLD).rowcount
                 if file is not None:
                     self._mark_file(conn, file._replace(records=len(first)))
@@ -1035,6 +1037,30 @@ def _create_private_file(path: Path) -> None:
             fsync_dir(folder)
     except OSError as exc:
         raise StoreError(f"cannot create spool {path}: {exc.strerror}") from None
+
+
+def _insert(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
+    """Insert Record-shaped rows, binding only the text columns (stat, key, ukey, ezkey) some row fills.
+
+    sqlite3 binds a None through its adapter lookup (a tuple built, a dict and two attributes looked up, per
+    parameter): the three NULL key columns of an EZ record cost about as much as the rest of its insert. A text
+    column that is NULL in every row is left out of the statement (it defaults to NULL) instead of bound.
+    """
+    n = len(rows)
+    if operator.countOf(map(len, rows), 7) != n:  # a malformed row: executemany says what is wrong with it
+        conn.executemany(_INSERT, rows)
+        return
+    kept = (*(i for i in range(4) if operator.countOf(map(operator.itemgetter(i), rows), None) != n), 4, 5, 6)
+    if len(kept) == 7:
+        conn.executemany(_INSERT, rows)
+    else:
+        conn.executemany(_insert_statement(kept), map(operator.itemgetter(*kept), rows))
+
+
+@functools.cache
+def _insert_statement(kept: tuple[int, ...]) -> str:
+    return (f"INSERT INTO records ({', '.join(_NAMES[i] for i in kept)}) "
+            f"VALUES ({', '.join('?' * len(kept))})")
 
 
 def _runs(ids: Iterable[int]) -> list[list[int]]:

@@ -270,3 +270,32 @@ def test_the_api_appends_classic_records_and_single_record_dicts(db):
         assert [r for _, _, r in sp.store.records()] == [
             make_record(key="K", ukey="U", count=3, t=T0), make_record(key="K", ukey="U", value=0.5, t=T0 + 1),
             make_record(stat="d", value=2, t=T0 + 2, ezkey="me@example.com")]
+
+
+@pytest.mark.parametrize("chunk", [100, 2])  # one transaction, and staged
+def test_an_append_of_mixed_shapes_stores_every_field_and_null_exactly_as_given(db, chunk):
+    # Text columns that are NULL in a whole chunk are left out of the insert rather than bound: a chunk where
+    # some rows fill a column and others do not must still store each row's own value, NULL included.
+    rows = [ez("a", 1), make_record(key="k", ukey="u", value=2.5, t=T0), ez("b", 3, ezkey="own"),
+            make_record(stat="c", value=-1.5, t=T0 + 1), ("d", None, None, None, 0, 2**62, T0 + 2)]
+    with Store(db) as store:
+        assert store.append(rows, chunk=chunk) == 5
+        got = store.conn.execute("SELECT stat, key, ukey, ezkey, kind, number, typeof(number), t FROM records "
+                                 "ORDER BY id").fetchall()
+    assert got == [("a", None, None, None, 0, 1, "integer", T0), (None, "k", "u", None, 1, 2.5, "real", T0),
+                   ("b", None, None, "own", 0, 3, "integer", T0), ("c", None, None, None, 1, -1.5, "real", T0 + 1),
+                   ("d", None, None, None, 0, 2**62, "integer", T0 + 2)]
+
+
+def test_an_append_of_ez_records_alone_stores_their_key_columns_as_null(db):
+    with Store(db) as store:
+        store.append([ez("a"), ez("b")] * 3)
+        assert store.conn.execute("SELECT count(*) FROM records WHERE key IS NULL AND ukey IS NULL "
+                                  "AND ezkey IS NULL AND stat IS NOT NULL").fetchone()[0] == 6
+
+
+def test_an_append_of_a_malformed_row_is_refused_whole(db):
+    with Store(db) as store:
+        with pytest.raises(StoreError):
+            store.append([ez("a"), ("b", None, None, None, 0, 1)])
+        assert store.counts()["pending"] == 0
