@@ -251,11 +251,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 def fast_row(obj: object, ezkey: str | None, t_floor: int) -> tuple[Any, ...] | None:
     """Return the store row for a record object of the common shape that is plainly valid, else None.
 
-    The hot path of batched appends and ingestion: exactly {"stat", "count" or "value", "t"} with a plain
-    name, a finite number and whole seconds is accepted with C-speed checks alone. None means "not decided
-    here": call parse_record, which accepts or refuses with a reason. `ezkey` is the key shared by the
-    records, already checked once by the caller (check_key; record_rows and formats.to_records do it).
-    Given that, never accepts what parse_record refuses.
+    The hot path of ingestion: exactly {"stat", "count" or "value", "t"} with a plain name, a finite number and
+    whole seconds is accepted with C-speed checks alone. None means "not decided here": call parse_record,
+    which accepts or refuses with a reason. `ezkey` is the key shared by the records, already checked once by
+    the caller (check_key; record_rows and formats.to_records do it). Given that, never accepts what
+    parse_record refuses. `fast_rows` is the same rule over a list.
     """
     try:
         stat, t = obj["stat"], obj["t"]  # type: ignore[index]
@@ -265,9 +265,9 @@ def fast_row(obj: object, ezkey: str | None, t_floor: int) -> tuple[Any, ...] | 
         return None
     number = obj.get("count")  # with three keys, stat, t and a non-None count/value fix the shape exactly
     if number is None:
-        number, kind = obj.get("value"), VALUE
+        number, kind = obj.get("value"), 1
     else:
-        kind = COUNT
+        kind = 0  # Kind.COUNT as a plain int: sqlite3 binds an int subclass through its slow adapter lookup
     if (type(stat) is str and type(t) is int and t_floor <= t <= T_MAX and 0 < len(stat) <= MAX_NAME
             and "~" not in stat and stat.isprintable() and not stat.isspace()
             and ((type(number) is int and -INT64_MAX <= number <= INT64_MAX)
@@ -276,12 +276,31 @@ def fast_row(obj: object, ezkey: str | None, t_floor: int) -> tuple[Any, ...] | 
     return None
 
 
+def fast_rows(objs: list[Any], ezkey: str | None, t_floor: int) -> list[tuple[Any, ...] | None]:
+    """fast_row of each object, as one list comprehension: no Python call per record (half its cost).
+
+    The hot path of batched appends. The conditions are fast_row's, in the same order of concern: the shape
+    (a dict of exactly three keys, stat and t among them, count or else value not None), then t, the number and
+    the name.
+    """
+    return [(stat, None, None, ezkey, kind, number, t)
+            if (type(obj) is dict and len(obj) == 3 and type(stat := obj.get("stat")) is str
+                and type(t := obj.get("t")) is int and t_floor <= t <= T_MAX
+                and (((number := obj.get("count")) is not None and not (kind := 0))
+                     or ((number := obj.get("value")) is not None and (kind := 1)))
+                and ((type(number) is int and -INT64_MAX <= number <= INT64_MAX)
+                     or (type(number) is float and math.isfinite(number)))
+                and 0 < len(stat) <= MAX_NAME and "~" not in stat and stat.isprintable() and not stat.isspace())
+            else None
+            for obj in objs]
+
+
 def record_rows(objs: Iterable[object], *, clock_now: int | None = None, ezkey: str | None = None,
                 t_floor: int = T_FLOOR, chunk: int = 4096) -> Iterator[tuple[Any, ...]]:
     """Validate record objects into store rows (Record-shaped tuples), streaming; raises on the first invalid.
 
-    Works a chunk at a time with map() and chain(), so the common case costs one fast_row call per record
-    and no generator step; memory is bounded by the chunk, not the input. A bad `ezkey` raises at once.
+    Works a chunk at a time (fast_rows, then chain()), so the common case costs no Python call and no
+    generator step per record; memory is bounded by the chunk, not the input. A bad `ezkey` raises at once.
     """
     if ezkey is not None:
         check_key(ezkey, "ezkey")
@@ -292,7 +311,7 @@ def _row_chunks(objs: Iterator[object], clock_now: int | None, ezkey: str | None
                 size: int) -> Iterator[list[Any]]:
     offset = 0
     while batch := list(itertools.islice(objs, size)):
-        rows = list(map(fast_row, batch, itertools.repeat(ezkey), itertools.repeat(t_floor)))
+        rows = fast_rows(batch, ezkey, t_floor)
         if None in rows:  # some need the full validator, which accepts them or says why not
             for index, (obj, row) in enumerate(zip(batch, rows, strict=True)):
                 if row is None:
