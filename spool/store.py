@@ -5,9 +5,13 @@ The storage contract, stated once:
 * A record is in exactly one state: PENDING, INFLIGHT (pending and named by a live lease), SENT or DEAD.
 * `append` returns only after its transaction committed; with synchronous=FULL (the default) that
   survives power loss, with NORMAL it survives a crash of the process but maybe not of the machine.
-* A large append is written in chunks as STAGED records (invisible to shippers and counts) and made
-  PENDING by one statement in the final transaction, so it is still all or nothing while no transaction
-  holds the write lock for long. Staged records of a process that died are discarded (`sweep_stages`).
+* A large append is staged: written in chunks, each committed as the records it will be (PENDING, or HELD)
+  with their ids named in the spans of its open stage (`stage_spans`). Every reader of records leaves the ids
+  of open stages out (leases, counts, status, export, the bounds, age drops, compaction, re-stamping), so
+  none of it is visible. Its last transaction deletes the stage's spans (with the file mark and the bounds):
+  the whole append appears at once, without rewriting a record. All or nothing, and no transaction holds the
+  write lock for long (a chunk, or that publish). Staged records of a process that died are discarded
+  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden.
 * `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
   immediate transaction (the write lock is held from its start, so no other shipper can lease between the
   query and the insert): two shippers can never lease the same record. A lease is one small row naming its
@@ -61,12 +65,12 @@ class State(IntEnum):
     SENT = 2
     DEAD = 3
     HELD = 4  # stamped while the clock was wrong: waits for its real t
-    STAGED = 5  # part of a large append not yet committed whole
+    STAGED = 5  # version 5 only: part of a large append not yet whole (version 6 hides those by their ids)
 
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PAGE_SIZE = 1024  # bytes, for new spools (see _prepare)
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
@@ -221,7 +225,24 @@ def _v5(conn: sqlite3.Connection) -> None:
                  "last_id = (SELECT max(id) FROM leased WHERE lease = leases.id)")
 
 
-_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5}  # version reached -> step
+def _v6(conn: sqlite3.Connection) -> None:
+    """Version 6: an unfinished large append is hidden by the ids it spans, not by a state its records must leave.
+
+    Version 5 committed a large append's chunks as STAGED records and made them PENDING in its last
+    transaction: one UPDATE rewrote every record and moved every index entry, about doubling the append's work
+    (and holding the write lock for that whole statement). Now the chunks are committed as the records they
+    will be, and `stage_spans` names the ranges of ids each open stage holds; every reader of records leaves
+    those out, and the last transaction deletes the stage's spans: no record is rewritten.
+
+    The index of STAGED records goes (it cost every insert). A version-5 append still running when this runs
+    finishes as it began (its UPDATE finds its records without the index, more slowly); one whose process
+    died is swept by `sweep_stages` as before (one scan, as it has no spans).
+    """
+    conn.execute("CREATE TABLE stage_spans (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, stage INTEGER NOT NULL)")
+    conn.execute("DROP INDEX IF EXISTS staged")
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6}  # version -> step
 
 
 class FileMark(NamedTuple):
@@ -416,9 +437,9 @@ class Store:
         call is committed.
 
         Up to `chunk` records go in one transaction. A larger append is staged: written `chunk` records per
-        transaction as STAGED, then made PENDING by one statement in the transaction that also commits the
-        file mark and enforces the bounds. No transaction holds the write lock for long, so a shipper's
-        acknowledgement is never kept waiting by a big import.
+        transaction, hidden by the spans of ids of its open stage, then published by deleting those spans in
+        the transaction that also commits the file mark and enforces the bounds. No transaction holds the
+        write lock for long, so a shipper's acknowledgement is never kept waiting by a big import.
         """
         with self._synced() if file is not None else contextlib.nullcontext():
             return self._append(iter(records), file, chunk)
@@ -454,22 +475,15 @@ class Store:
         with self._write() as conn:
             stage = conn.execute("INSERT INTO stages (owner, started_at) VALUES (?, ?) RETURNING id",
                                  (self.owner, time.time())).fetchone()[0]
-        insert = (f"INSERT INTO records ({_COLUMNS}, state, stage, held_boot, held_mono) VALUES "
-                  f"(?, ?, ?, ?, ?, ?, ?, {State.STAGED}, {int(stage)}, NULL, NULL)")
-        hold = (f"UPDATE records SET held_boot = boot_id(), held_mono = boot_clock() "
-                f"WHERE state = {State.STAGED} AND stage = {int(stage)} AND t = 0 AND held_boot IS NULL")
-        taken = 0
+        taken = held = 0
         try:
             while part := list(itertools.islice(rows, chunk)):
                 with self._write() as conn:
-                    conn.executemany(insert, part)
-                    conn.execute(hold)
+                    held += self._stage_chunk(conn, stage, part)
                 taken += len(part)
             with self._bounded() as conn:
-                held = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.STAGED} AND stage = ? "
-                                    "AND t = 0", (stage,)).fetchone()[0]
-                conn.execute(f"UPDATE records SET state = CASE WHEN t = 0 THEN {State.HELD} ELSE {State.PENDING} END, "
-                             f"stage = NULL WHERE state = {State.STAGED} AND stage = ?", (stage,))
+                # Publishing the whole append is deleting its spans: no record is rewritten.
+                conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                 if file is not None:
                     self._mark_file(conn, file._replace(records=taken))
@@ -480,14 +494,40 @@ class Store:
             raise
         return taken
 
+    @staticmethod
+    def _stage_chunk(conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:
+        """Insert one chunk of an open stage and name its ids in the stage's spans, in one transaction (so no
+        reader ever sees them outside a span); hold those stamped while the clock was wrong. Returns how many."""
+        lo = (conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0) + 1
+        _insert(conn, part)
+        hi = lo + len(part) - 1
+        if conn.execute("SELECT last_insert_rowid()").fetchone()[0] != hi:  # ids past max(id) are consecutive
+            raise StoreError("spool: a staged chunk did not get consecutive record ids")
+        if not conn.execute("UPDATE stage_spans SET hi = ? WHERE stage = ? AND hi = ?", (hi, stage, lo - 1)).rowcount:
+            conn.execute("INSERT INTO stage_spans (lo, hi, stage) VALUES (?, ?, ?)", (lo, hi, stage))
+        return conn.execute(f"{_HOLD} AND id BETWEEN ? AND ?", (lo, hi)).rowcount
+
     def _discard_stage(self, stage: int) -> None:
+        """Delete an unfinished append's records, at most SWEEP_CHUNK per transaction, each shrinking its span
+        with them (what is left stays hidden), then the stage itself."""
+        first = True
         while True:
             with self._write() as conn:
-                gone = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE "
-                                    f"state = {State.STAGED} AND stage = ? LIMIT {SWEEP_CHUNK})", (stage,)).rowcount
-                if gone < SWEEP_CHUNK:
+                span = conn.execute("SELECT lo, hi FROM stage_spans WHERE stage = ? ORDER BY lo LIMIT 1",
+                                    (stage,)).fetchone()
+                if span is None:
+                    if first:  # staged by version 5 (as STAGED records), or nothing committed yet: one scan
+                        conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
+                lo, hi = span
+                end = min(hi, lo + SWEEP_CHUNK - 1)
+                conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?", (lo, end))
+                if end == hi:
+                    conn.execute("DELETE FROM stage_spans WHERE lo = ?", (lo,))
+                else:
+                    conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (end + 1, lo))
+            first = False
 
     def sweep_stages(self) -> int:
         """Discard the staged records of appends whose process died before finishing; return how many stages."""
@@ -496,6 +536,12 @@ class Store:
         for stage in dead:
             self._discard_stage(stage)
         return len(dead)
+
+    def _hidden(self, conn: sqlite3.Connection | None = None) -> str:
+        """Return the condition leaving out the records of open stages (" AND NOT (id BETWEEN lo AND hi)" per
+        span; "" when no append is open). Read it in the transaction of the statement it goes into."""
+        spans = (conn or self.conn).execute("SELECT lo, hi FROM stage_spans").fetchall()
+        return "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
 
     @contextlib.contextmanager
     def _bounded(self) -> Iterator[sqlite3.Connection]:
@@ -522,7 +568,8 @@ class Store:
             return
         reject = limits.when_full == "reject_new"
         if limits.max_pending is not None:
-            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}").fetchone()[0]
+            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
+                                   f"{self._hidden(conn)}").fetchone()[0]
             excess = pending - limits.max_pending
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
@@ -549,7 +596,7 @@ class Store:
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
         dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "
-                               f"AND id NOT IN ({_LEASED}) ORDER BY t, id LIMIT ?)", (n,)).rowcount
+                               f"AND id NOT IN ({_LEASED}){self._hidden(conn)} ORDER BY t, id LIMIT ?)", (n,)).rowcount
         if dropped:
             self._add_count(conn, "dropped_oldest", dropped)
             self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
@@ -568,7 +615,7 @@ class Store:
             return 0
         with self._write() as conn:
             dropped = conn.execute(f"DELETE FROM records WHERE state = {State.PENDING} AND t < ? "
-                                   f"AND id NOT IN ({_LEASED})",
+                                   f"AND id NOT IN ({_LEASED}){self._hidden(conn)}",
                                    (now - self.max_age,)).rowcount
             if dropped:
                 self._add_count(conn, "dropped_age", dropped)
@@ -658,7 +705,7 @@ class Store:
 
     def _lease(self, where: str, params: tuple[Any, ...], now: float) -> Lease | None:
         with self._write(wait=False) as conn:
-            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE state = {State.PENDING} "
+            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE state = {State.PENDING}{self._hidden(conn)} "
                                 f"AND id NOT IN ({_LEASED}) AND {where}", params).fetchall()
             if not rows:
                 return None
@@ -819,8 +866,8 @@ class Store:
         """Return how many records are in each state."""
         counts = dict.fromkeys(COUNTED, 0)
         with self._read():  # one snapshot for both reads, so the numbers agree
-            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {State.STAGED} "
-                                              "GROUP BY state"):
+            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {State.STAGED}"
+                                              f"{self._hidden()} GROUP BY state"):
                 counts[State(state).name.lower()] = n
             counts["pending"], counts["inflight"] = self.backlog()
         return counts
@@ -828,18 +875,22 @@ class Store:
     def backlog(self) -> tuple[int, int]:
         """Return (pending, in flight) from the pending index alone: cheap enough to ask every minute."""
         with self._read():
-            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}").fetchone()[0]
+            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
+                                        f"{self._hidden()}").fetchone()[0]
             inflight = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
                                          f"AND id IN ({_LEASED})").fetchone()[0]
         return waiting - inflight, inflight
 
     def oldest_pending_t(self) -> int | None:
-        return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {State.PENDING}").fetchone()[0]
+        with self._read():
+            return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {State.PENDING}"
+                                     f"{self._hidden()}").fetchone()[0]
 
     def keyless_pending(self) -> int:
         """Return how many pending EZ records carry no ezkey of their own."""
-        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
-                                 "AND stat IS NOT NULL AND ezkey IS NULL").fetchone()[0]
+        with self._read():
+            return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
+                                     f"AND stat IS NOT NULL AND ezkey IS NULL{self._hidden()}").fetchone()[0]
 
     def size_bytes(self) -> int:
         """Return the spool's size on disk: the database file and its write-ahead log."""
@@ -855,10 +906,12 @@ class Store:
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
         sql = f"SELECT id, state, {_COLUMNS} FROM records"
-        cursor = (self.conn.execute(f"{sql} WHERE state = ? ORDER BY id", (state,)) if state is not None
-                  else self.conn.execute(f"{sql} WHERE state != {State.STAGED} ORDER BY id"))
-        for row in cursor:
-            yield row[0], row[1], Record(*row[2:])
+        with self._read():
+            hidden = self._hidden()
+            cursor = (self.conn.execute(f"{sql} WHERE state = ?{hidden} ORDER BY id", (state,)) if state is not None
+                      else self.conn.execute(f"{sql} WHERE state != {State.STAGED}{hidden} ORDER BY id"))
+            for row in cursor:
+                yield row[0], row[1], Record(*row[2:])
 
     # -- clock sanity ------------------------------------------------------------------------------
 
@@ -874,21 +927,22 @@ class Store:
         placed = "CAST(:wall - (:mono - held_mono) AS INTEGER)"
         params = {"wall": wall, "mono": mono, "boot": boot, "floor": floor, "slack": wall + RESTAMP_SLACK}
         with self._write() as conn:
+            hidden = self._hidden(conn)  # held records of an unfinished append wait for it
             restamped = conn.execute(
                 f"UPDATE records SET t = {placed}, state = {State.PENDING}, held_boot = NULL, held_mono = NULL "
-                f"WHERE state = {State.HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack",
+                f"WHERE state = {State.HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack{hidden}",
                 params).rowcount
             refused = conn.execute(
                 f"UPDATE records SET state = {State.DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
                 f"', which is in the future or before the floor (' || :floor || '): the monotonic clock is not "
                 f"to be trusted; its time is unknown', held_boot = NULL "
-                f"WHERE state = {State.HELD} AND held_boot = :boot",
+                f"WHERE state = {State.HELD} AND held_boot = :boot{hidden}",
                 params).rowcount
             lost = conn.execute(
                 f"UPDATE records SET state = {State.DEAD}, done_at = :wall, "
                 f"reason = 'stamped while the clock was wrong, "
                 f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {State.HELD} "
-                f"AND held_boot IS NOT :boot", params).rowcount
+                f"AND held_boot IS NOT :boot{hidden}", params).rowcount
             if restamped:
                 self._add_count(conn, "restamped", restamped)
             if refused:
@@ -912,7 +966,7 @@ class Store:
                     f"SELECT stat, key, ukey, ezkey, bucket, json_group_array(json_array(id, number)), "
                     f"json_array(stat, key, ukey, ezkey, bucket) AS tag FROM (SELECT id, stat, key, ukey, ezkey, "
                     f"number, (t / ?) * ? AS bucket FROM records WHERE state = {State.PENDING} "
-                    f"AND kind = {Kind.COUNT} AND t > 0 "
+                    f"AND kind = {Kind.COUNT} AND t > 0{self._hidden(conn)} "
                     f"AND id NOT IN ({_LEASED}) ORDER BY id) GROUP BY stat, key, ukey, ezkey, bucket "
                     f"HAVING count(*) > 1 AND tag > ? ORDER BY tag LIMIT ?",
                     (bucket, bucket, after, groups)).fetchall()
@@ -955,14 +1009,17 @@ class Store:
     def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
                        stat_glob: str | None = None) -> int:
         where, params = self._selection(state, since, until, stat_glob)
-        return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}", params).fetchone()[0]
+        with self._read():
+            return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}{self._hidden()}",
+                                     params).fetchone()[0]
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
         """Yield (id, record) of the selected records in append order, streaming (one read snapshot)."""
         where, params = self._selection(state, since, until, stat_glob)
         with self._read():
-            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where} ORDER BY id", params):
+            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden()} "
+                                         "ORDER BY id", params):
                 yield row[0], Record(*row[1:])
 
     def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
@@ -978,7 +1035,7 @@ class Store:
         moved, after = 0, 0
         while True:
             with self._write() as conn:
-                rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where} AND id > ? "
+                rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden(conn)} AND id > ? "
                                     f"AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
                                     [*params, after, chunk]).fetchall()
                 if not rows:

@@ -1,0 +1,262 @@
+"""Large appends: staged in chunks, hidden by the ids they span until their last transaction publishes them whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import spool.store
+from spool import Spool
+from spool.errors import InvalidRecord, SpoolFull
+from spool.records import make_record, record_rows
+from spool.ship import Shipper
+from spool.store import SCHEMA_VERSION, State, Store
+
+from .helpers import T0, make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rows(n: int, *, stat: str = "big", t: int = T0, start: int = 0) -> list[tuple[Any, ...]]:
+    return [(f"{stat}{i}", None, None, None, 0, 1, t + i) for i in range(start, start + n)]
+
+
+def spans(store: Store) -> int:
+    return store.conn.execute("SELECT count(*) FROM stage_spans").fetchone()[0]
+
+
+def everything_a_reader_sees(db: Path) -> dict[str, Any]:
+    """What every reader of records reports, from another connection (another process would see the same)."""
+    with Store(db) as other:
+        seen = {
+            "counts": {k: v for k, v in other.counts().items() if v},
+            "backlog": other.backlog(),
+            "oldest": other.oldest_pending_t(),
+            "keyless": other.keyless_pending(),
+            "records": sorted(r.stat for _, _, r in other.records()),
+            "pending records": sorted(r.stat for _, _, r in other.records(State.PENDING)),
+            "held records": sorted(r.stat for _, _, r in other.records(State.HELD)),
+            "selected": other.count_selected("all"),
+            "export": sorted(r.stat for _, r in other.export("pending")),
+        }
+        lease = other.lease(10_000, now=T0, keyed_only=False)
+        seen["leased"] = sorted(item.stat for item in lease.items) if lease else []
+        if lease:
+            other.end_lease(lease.id)
+    return seen
+
+
+def test_no_reader_sees_any_part_of_a_large_append_until_it_is_whole(db):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"old{i}", "count": 1, "t": T0 + 10_000 + i} for i in range(3))
+        sp.store.append([make_record(stat="undated old", count=1, clock_now=0)])
+    before = everything_a_reader_sees(db)
+    assert before["counts"] == {"pending": 3, "held": 1} and len(before["leased"]) == 3
+    seen = []
+
+    def watched() -> Iterator[Any]:
+        for i, row in enumerate([*rows(5), make_record(stat="undated", count=1, clock_now=0), *rows(44, start=5)]):
+            if i in (10, 30, 49):  # after 1, 3 and 4 chunks are committed
+                seen.append(everything_a_reader_sees(db))
+            yield row
+
+    with Store(db) as store:
+        assert store.append(watched(), chunk=10) == 50
+        assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+    assert seen == [before] * 3  # older records than what was visible (t), and held ones too: none of it
+    after = everything_a_reader_sees(db)
+    assert after["counts"] == {"pending": 52, "held": 2}
+    assert len(after["leased"]) == 52 and after["oldest"] == T0
+
+
+def test_the_last_transaction_publishes_without_rewriting_a_record(db):
+    with Store(db) as store:
+        store.append(rows(100), chunk=10)
+        # Each chunk's rows are written once, in their final state: the table has no STAGED record and the
+        # (merged) span of the ids is gone with the stage.
+        assert store.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.STAGED}").fetchone()[0] == 0
+        assert store.conn.execute("SELECT min(id), max(id), count(*) FROM records").fetchone() == (1, 100, 100)
+        assert store.conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'staged'").fetchone()[0] == 0
+
+
+def test_a_shipper_draining_beside_a_large_append_ships_none_of_it_until_it_is_whole(db, receiver):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + 100_000 + i} for i in range(30))
+    config = make_config(db, receiver, batch_size=7)
+    shipped_midway = []
+
+    def watched() -> Iterator[Any]:
+        for i, row in enumerate(rows(95)):
+            if i and i % 20 == 0:  # chunks of the append are committed: a whole drain runs now
+                with Store(db) as store, Shipper(store, config) as shipper:
+                    shipper.drain(max_time=30)
+                shipped_midway.append(len(receiver.accepted))
+            yield row
+
+    with Store(db) as store:
+        assert store.append(watched(), chunk=10) == 95
+    assert shipped_midway == [30, 30, 30, 30]
+    assert all(a["stat"].startswith("live") for a in receiver.accepted)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=30).done
+        assert store.counts()["sent"] == 125
+    assert len(receiver.accepted) == 125
+
+
+def test_a_failed_validation_midway_leaves_nothing_and_no_span(db):
+    objs = [{"stat": f"s{i}", "count": 1, "t": T0} for i in range(35)] + [{"stat": "", "count": 1, "t": T0}]
+    with Store(db) as store:
+        with pytest.raises(InvalidRecord):
+            store.append(record_rows(objs), chunk=10)
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0
+        assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+
+
+def test_bounds_enforced_beside_an_open_stage_never_touch_its_records(db):
+    """drop_oldest, compaction, age drops and re-stamping work on published records only: an open stage's are not
+    theirs, though they are the oldest, mergeable, expired and held records in the spool."""
+    from spool.clock import boot_clock, boot_id
+
+    staged = [("staged", None, None, None, 0, 1, T0 - 5_000 + i) for i in range(30)]
+    staged[3] = make_record(stat="undated", count=1, clock_now=0)
+    outcomes = {}
+
+    def watched() -> Iterator[Any]:
+        for i, row in enumerate(staged):
+            if i == 25:
+                with Spool(db, max_pending=4, max_age=60) as other:
+                    other.add_many({"stat": "x", "count": 1, "t": T0 + k} for k in range(6))  # drops 3 oldest
+                    outcomes["compacted"] = other.store.compact_counts(bucket=3600)  # the 4 x left: 1
+                    outcomes["expired"] = other.store.drop_expired(now=T0 + 1_000_000)  # that one
+                    outcomes["restamped"] = other.store.restamp_held(wall=T0, mono=boot_clock(), boot=boot_id(),
+                                                                     floor=T0 - 10)
+                    outcomes["lost"] = other.store.restamp_held(wall=T0, mono=0, boot="another boot", floor=T0)
+                    moved: list[Any] = []
+                    outcomes["moved"] = other.store.move_out("all", moved.extend)  # export --remove
+                    outcomes["counters"] = other.store.counters()
+            yield row
+
+    with Store(db) as store:
+        store.append([make_record(stat="x", count=1, t=T0 - 1)])
+        assert store.append(watched(), chunk=10) == 30
+        left = sorted((r.stat, state) for _, state, r in store.records())
+    assert outcomes["compacted"] == 3 and outcomes["expired"] == 1 and outcomes["restamped"] == (0, 0)
+    assert outcomes["lost"] == (0, 0) and outcomes["moved"] == 0 and outcomes["counters"]["dropped_oldest"] == 3
+    assert left == sorted([("staged", State.PENDING)] * 29 + [("undated", State.HELD)])
+
+
+def test_a_full_spool_refuses_a_large_append_whole_and_discards_what_was_staged(db):
+    with Spool(db, max_pending=40, when_full="reject_new") as sp:
+        sp.add_many({"stat": "x", "count": 1, "t": T0} for _ in range(5))
+        with pytest.raises(SpoolFull, match="5 records pending, the limit is 40; 50 new records refused"):
+            sp.store.append(rows(50), chunk=10)
+        assert sp.store.counts()["pending"] == 5
+        assert sp.store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5 and spans(sp.store) == 0
+
+
+_KILLED_APPEND = textwrap.dedent("""
+    import os, sys, time
+    from spool.store import Store
+    T0, db = int(sys.argv[2]), sys.argv[1]
+
+    def rows():
+        for i in range(100):
+            if i == 65:  # six chunks committed: say so and wait to be killed
+                print("staged", flush=True)
+                time.sleep(60)
+            yield (f"big{i}", None, None, None, 0, 1, T0 + i)
+
+    with Store(db) as store:
+        store.append(rows(), chunk=10)
+""")
+
+
+def test_a_large_append_killed_midway_leaves_nothing_visible_or_shipped_and_is_swept(db, receiver, monkeypatch):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + 1_000 + i} for i in range(5))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_APPEND, str(db), str(T0)], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "staged\n"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.communicate(timeout=30)
+    with Store(db) as store:
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 65  # 60 staged, on disk
+        assert everything_a_reader_sees(db)["counts"] == {"pending": 5}
+        with Shipper(store, make_config(db, receiver, batch_size=4)) as shipper:  # the shipper sweeps first
+            monkeypatch.setattr(spool.store, "SWEEP_CHUNK", 7)  # discarded in small transactions
+            assert shipper.drain(max_time=30).done
+        assert sorted(a["stat"] for a in receiver.accepted) == [f"live{i}" for i in range(5)]
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5
+        assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+        assert store.integrity_ok()
+
+
+def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch):
+    with Store(db) as store:
+        store.append(rows(3, stat="live"))
+        store.conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (99, 'x', 0)")
+        store.conn.execute("BEGIN IMMEDIATE")
+        store._stage_chunk(store.conn, 99, rows(25))
+        store.conn.execute("COMMIT")
+        monkeypatch.setattr(spool.store, "SWEEP_CHUNK", 10)
+        left = []
+        real_write = store._write
+
+        def watching_write(**kw: Any) -> Any:  # after each discarding transaction, look from another connection
+            left.append(everything_a_reader_sees(db)["counts"])
+            return real_write(**kw)
+
+        monkeypatch.setattr(store, "_write", watching_write)
+        store._discard_stage(99)
+        monkeypatch.undo()
+        assert left == [{"pending": 3}] * 4
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 and spans(store) == 0
+
+
+def test_a_version_5_spool_keeps_its_records_and_sweeps_a_dead_append_staged_the_old_way(db):
+    died = subprocess.run([sys.executable, "-c", "from spool.clock import process_identity as p; print(p())"],
+                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with Store(db) as store:
+        store.append(rows(3, stat="kept"))
+        conn = store.conn
+        conn.execute("DROP TABLE stage_spans")  # back to version 5's layout
+        conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
+        conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0)", (died.stdout.strip(),))
+        conn.executemany(f"INSERT INTO records (stat, kind, number, t, state, stage) VALUES (?, 0, 1, ?, "
+                         f"{State.STAGED}, 7)", [(f"dead{i}", T0) for i in range(12)])
+        conn.execute("PRAGMA user_version = 5")
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.counts()["pending"] == 3 and spans(store) == 0
+        assert store.sweep_stages() == 1
+        assert sorted(r.stat for _, _, r in store.records()) == ["kept0", "kept1", "kept2"]
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+
+
+def test_status_of_a_spool_with_an_open_stage_counts_only_what_is_published(db):
+    seen = []
+
+    def watched() -> Iterator[Any]:
+        for i, row in enumerate(rows(25)):
+            if i == 21:
+                with Spool(db) as other:
+                    status = other.status()
+                    seen.append((status["pending"], status["held"], status["oldest_pending_t"]))
+            yield row
+
+    with Store(db) as store:
+        store.append(rows(2, stat="live", t=T0 + 5))
+        store.append(watched(), chunk=10)
+    assert seen == [(2, 0, T0 + 5)]
