@@ -407,7 +407,8 @@ class Store:
 
         Without `wait`, the commit does not wait for the disk even under synchronous=FULL (NORMAL's guarantee:
         it survives a crash of the process, and a power cut may take it with the other commits since the last
-        sync, never an earlier one). Only for writes whose loss a power cut may cause harmlessly (a lease).
+        sync, never an earlier one). Only for writes whose loss a power cut may cause harmlessly (a lease, a
+        chunk of an append not yet published).
         """
         relaxed = self._full and not wait
         with _translated(self.path, self.busy_timeout):
@@ -478,7 +479,10 @@ class Store:
         taken = held = 0
         try:
             while part := list(itertools.islice(rows, chunk)):
-                with self._write() as conn:
+                # A chunk's commit need not wait for the disk: the WAL is one file appended in order, so the last
+                # transaction's sync makes every chunk durable with it; a power cut before that loses a stage
+                # that was never published (swept as its owner's), never a record of an append that returned.
+                with self._write(wait=False) as conn:
                     held += self._stage_chunk(conn, stage, part)
                 taken += len(part)
             with self._bounded() as conn:
