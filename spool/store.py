@@ -234,12 +234,23 @@ def _v6(conn: sqlite3.Connection) -> None:
     will be, and `stage_spans` names the ranges of ids each open stage holds; every reader of records leaves
     those out, and the last transaction deletes the stage's spans: no record is rewritten.
 
-    The index of STAGED records goes (it cost every insert). A version-5 append still running when this runs
-    finishes as it began (its UPDATE finds its records without the index, more slowly); one whose process
-    died is swept by `sweep_stages` as before (one scan, as it has no spans).
+    The index of STAGED records goes (it cost every insert); the version-5 appends whose process died are
+    discarded first, by it. One still running finishes as it began (its UPDATE finds its records without the
+    index, more slowly); should it die, `sweep_stages` discards it by one scan: `meta` keeps the last stage id
+    version 5 gave (ids are never reused), so only those stages are looked for as STAGED records.
     """
-    conn.execute("CREATE TABLE stage_spans (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, stage INTEGER NOT NULL)")
+    for stage, owner in conn.execute("SELECT id, owner FROM stages").fetchall():
+        if not is_alive(owner):
+            conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
+            conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+    last = conn.execute("SELECT max(id) FROM stages").fetchone()[0]
+    if last is not None:
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (_V5_STAGES, json.dumps(last)))
     conn.execute("DROP INDEX IF EXISTS staged")
+    conn.execute("CREATE TABLE stage_spans (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, stage INTEGER NOT NULL)")
+
+
+_V5_STAGES = "version_5_stages_up_to"  # meta: stage ids up to this one staged their records as STAGED
 
 
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6}  # version -> step
@@ -514,13 +525,13 @@ class Store:
     def _discard_stage(self, stage: int) -> None:
         """Delete an unfinished append's records, at most SWEEP_CHUNK per transaction, each shrinking its span
         with them (what is left stays hidden), then the stage itself."""
-        first = True
         while True:
             with self._write() as conn:
                 span = conn.execute("SELECT lo, hi FROM stage_spans WHERE stage = ? ORDER BY lo LIMIT 1",
                                     (stage,)).fetchone()
                 if span is None:
-                    if first:  # staged by version 5 (as STAGED records), or nothing committed yet: one scan
+                    legacy = conn.execute("SELECT value FROM meta WHERE name = ?", (_V5_STAGES,)).fetchone()
+                    if legacy is not None and stage <= json.loads(legacy[0]):  # staged by version 5: one scan
                         conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
@@ -531,7 +542,6 @@ class Store:
                     conn.execute("DELETE FROM stage_spans WHERE lo = ?", (lo,))
                 else:
                     conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (end + 1, lo))
-            first = False
 
     def sweep_stages(self) -> int:
         """Discard the staged records of appends whose process died before finishing; return how many stages."""
@@ -909,13 +919,13 @@ class Store:
 
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
-        sql = f"SELECT id, state, {_COLUMNS} FROM records"
-        with self._read():
-            hidden = self._hidden()
-            cursor = (self.conn.execute(f"{sql} WHERE state = ?{hidden} ORDER BY id", (state,)) if state is not None
-                      else self.conn.execute(f"{sql} WHERE state != {State.STAGED}{hidden} ORDER BY id"))
-            for row in cursor:
-                yield row[0], row[1], Record(*row[2:])
+        # One statement (one snapshot, however slowly it is consumed) leaves out the records of open stages.
+        sql = (f"SELECT id, state, {_COLUMNS} FROM records WHERE NOT EXISTS (SELECT 1 FROM stage_spans "
+               "WHERE records.id BETWEEN lo AND hi)")
+        cursor = (self.conn.execute(f"{sql} AND state = ? ORDER BY id", (state,)) if state is not None
+                  else self.conn.execute(f"{sql} AND state != {State.STAGED} ORDER BY id"))
+        for row in cursor:
+            yield row[0], row[1], Record(*row[2:])
 
     # -- clock sanity ------------------------------------------------------------------------------
 

@@ -225,24 +225,34 @@ def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch)
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 and spans(store) == 0
 
 
-def test_a_version_5_spool_keeps_its_records_and_sweeps_a_dead_append_staged_the_old_way(db):
+def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old_way_once_their_owner_died(db):
+    from spool.clock import process_identity
+
     died = subprocess.run([sys.executable, "-c", "from spool.clock import process_identity as p; print(p())"],
                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    dead = died.stdout.strip()
     with Store(db) as store:
         store.append(rows(3, stat="kept"))
         conn = store.conn
         conn.execute("DROP TABLE stage_spans")  # back to version 5's layout
         conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
-        conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0)", (died.stdout.strip(),))
+        # A version-5 append whose process died, and one still running (this process) as version 6 opens it.
+        conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0), (8, ?, 0)",
+                     (dead, process_identity()))
         conn.executemany(f"INSERT INTO records (stat, kind, number, t, state, stage) VALUES (?, 0, 1, ?, "
-                         f"{State.STAGED}, 7)", [(f"dead{i}", T0) for i in range(12)])
+                         f"{State.STAGED}, ?)", [(f"s{stage} {i}", T0, stage) for stage in (7, 8) for i in range(12)])
         conn.execute("PRAGMA user_version = 5")
     with Store(db) as store:
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert store.counts()["pending"] == 3 and spans(store) == 0
-        assert store.sweep_stages() == 1
-        assert sorted(r.stat for _, _, r in store.records()) == ["kept0", "kept1", "kept2"]
-        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 15  # the dead one's are gone
+        assert store.conn.execute("SELECT id FROM stages").fetchall() == [(8,)]
+        assert store.counts() == {"pending": 3, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
+        assert store.sweep_stages() == 0  # its owner is alive: it may still publish them
+        store.conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now it died too
+        store.append(rows(25, stat="new"), chunk=10)  # a stage of version 6 first sweeps it
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 28
+        assert sorted(r.stat for _, _, r in store.records())[:3] == ["kept0", "kept1", "kept2"]
+        assert store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
 
 
 def test_status_of_a_spool_with_an_open_stage_counts_only_what_is_published(db):
