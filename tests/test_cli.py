@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import click
@@ -269,3 +271,25 @@ def test_a_missing_command_shows_the_help_and_one_error_line(db, args):
     assert result.returncode == 2
     assert "Commands:" in result.stdout
     assert_one_line_error(result, 2, "missing command")
+
+
+# What `spool ARGS` runs (the console script, `python -m spool` and the zipapp all call spool.__main__.main), with
+# the state of the garbage collector reported as the process ends.
+GC_AT_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print("enabled", gc.isenabled(), "frozen", gc.get_freeze_count(), file=sys.stderr))
+sys.argv = ["spool", *sys.argv[1:]]
+from spool.__main__ import main
+main()
+"""
+
+
+def test_the_command_runs_with_the_collector_on_and_its_start_up_objects_frozen(db):
+    # The collector is paused only while the CLI is imported: a long-running agent must not be left without it.
+    result = subprocess.run([sys.executable, "-c", GC_AT_EXIT, "add", "gc", "--count", "1", "--t", str(T0)],
+                            capture_output=True, text=True, env=cli_env(db), timeout=60)
+    assert result.returncode == 0, result.stderr
+    enabled, frozen = result.stderr.split()[1::2]
+    assert enabled == "True"
+    assert int(frozen) > 1000  # the modules, classes and command tree made while the CLI was imported
+    assert [r.stat for r in pending(db)] == ["gc"]
