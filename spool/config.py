@@ -18,6 +18,7 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -311,8 +312,34 @@ def setting(default: Any, kind: SettingType, help: str, *, flag: str | None = No
         "packaged": packaged})
 
 
-@dataclass(frozen=True)
-class SpoolSettings:
+class _Settings:
+    """Equality, hash and repr of the settings classes, as @dataclass(frozen=True) would make them.
+
+    Written once here instead of generated per class: dataclass compiles each method it makes from source, and
+    the 21 it made for these three methods were a good part of importing this module, which every `spool`
+    command does. The classes stay frozen dataclasses (their __init__ and the frozen guards are generated).
+    """
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{field.name}={getattr(self, field.name)!r}"
+                          for field in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{self.__class__.__qualname__}({shown})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class SpoolSettings(_Settings):
     """[spool]: the spool file, its durability and bounds."""
 
     path: Path | None = setting(
@@ -341,8 +368,8 @@ class SpoolSettings:
         return self.max_pending is not None or self.max_spool_bytes is not None
 
 
-@dataclass(frozen=True)
-class ShipSettings:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class ShipSettings(_Settings):
     """[ship]: where and how records are delivered."""
 
     endpoint: str = setting(DEFAULT_ENDPOINT, Endpoint(), "StatHat's API root; plain http only to loopback "
@@ -371,8 +398,8 @@ class ShipSettings:
                                    "after this (newer leases are freed only when their owner is proven dead)")
 
 
-@dataclass(frozen=True)
-class LogSettings:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class LogSettings(_Settings):
     """[log]: what spool says, and how."""
 
     level: str = setting("info", Choice("debug", "info", "warning", "error"), "the least severe level logged",
@@ -382,8 +409,8 @@ class LogSettings:
     summary_interval: float = setting(60.0, Duration(), "how often `spool run` logs a one-line summary")
 
 
-@dataclass(frozen=True)
-class RelaySettings:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class RelaySettings(_Settings):
     """[relay]: a local StatHat-compatible endpoint (and StatsD listener)."""
 
     enabled: bool = setting(False, Boolean(), "run the relay in `spool run`")
@@ -403,8 +430,8 @@ class RelaySettings:
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class MetricsSettings(_Settings):
     """[metrics]: /metrics (Prometheus) and /healthz, on a port of their own (the relay's port serves them too)."""
 
     listen: str | None = setting(None, OptionalAddress(9464, "127.0.0.1:9464"), "serve /metrics and /healthz "
@@ -414,8 +441,8 @@ class MetricsSettings:
                                      "nothing was delivered for this long")
 
 
-@dataclass(frozen=True)
-class WatchSettings:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class WatchSettings(_Settings):
     """[[watch]]: one drop directory (repeat the table for more)."""
 
     path: Path = setting(Path(), PathKind(), "the directory; it must exist and be writable by spool",
@@ -433,8 +460,8 @@ SECTIONS: dict[str, type] = {"spool": SpoolSettings, "ship": ShipSettings, "log"
                              "relay": RelaySettings, "metrics": MetricsSettings}
 
 
-@dataclass(frozen=True)
-class Config:
+@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+class Config(_Settings):
     """Everything spool can be told, checked; one section per TOML table. Never holds a secret in its repr."""
 
     spool: SpoolSettings = SpoolSettings()

@@ -199,3 +199,18 @@ def test_replace_takes_section_and_key_or_a_key_no_two_sections_share():
     assert cfg.ship.batch_size == 10 and cfg.relay.listen == "127.0.0.1:1"
     with pytest.raises(ConfigError, match="several sections"):
         config.Config().replace(allow_remote=True)
+
+
+def test_settings_compare_hash_and_show_by_value_and_stay_frozen():
+    # The agent restarts only the parts whose settings changed on SIGHUP: that is this equality.
+    loaded, same = config.load(env={"SPOOL_SHIP_BATCH_SIZE": "200"}), config.load(env={"SPOOL_SHIP_BATCH_SIZE": "200"})
+    assert loaded == same and hash(loaded) == hash(same) and loaded.ship == same.ship
+    assert loaded.ship != config.ShipSettings() and loaded.log == config.LogSettings()
+    assert len({loaded.ship, same.ship, config.ShipSettings()}) == 2
+    assert config.RelaySettings() != config.MetricsSettings() and config.LogSettings() != "LogSettings()"
+    assert repr(config.LogSettings()) == "LogSettings(level='info', format='text', summary_interval=60.0)"
+    entry = config.WatchSettings(path=Path("/drop"), poll=True)
+    assert repr(entry).startswith("WatchSettings(path=PosixPath('/drop'), poll=True, poll_interval=1.0, ")
+    assert dataclasses.replace(entry, poll=False) == config.WatchSettings(path=Path("/drop"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.poll = False  # type: ignore[misc]
