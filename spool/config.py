@@ -21,9 +21,8 @@ import re
 import reprlib
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from spool.errors import ConfigError, redact_url
@@ -313,15 +312,48 @@ def setting(default: Any, kind: SettingType, help: str, *, flag: str | None = No
 
 
 class _Settings:
-    """Equality, hash and repr of the settings classes, as @dataclass(frozen=True) would make them.
+    """What @dataclass(frozen=True) generates for a class, written once for every settings class.
 
-    Written once here instead of generated per class: dataclass compiles each method it makes from source, and
-    the 21 it made for these three methods were a good part of importing this module, which every `spool`
-    command does. The classes stay frozen dataclasses (their __init__ and the frozen guards are generated).
+    dataclass makes each method it generates from source and compiles it, class by class: for the seven
+    settings classes that was 42 compilations, most of the time importing this module took, and every
+    `spool` command imports it (`spool add` is a process per stat). Here the same methods are written once:
+    keyword or positional arguments in field order, defaults, the same errors; equality (same class, field
+    values), hash and repr as dataclass makes them; assigning or deleting a field raises FrozenInstanceError.
+    Type checkers see the classes as the frozen dataclasses they behave as (`settings_class` below).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = self.__dataclass_fields__  # type: ignore[attr-defined]
+        name = f"{self.__class__.__qualname__}.__init__()"
+        if len(args) > len(fields):
+            raise TypeError(f"{name} takes from 1 to {len(fields) + 1} positional arguments but {len(args) + 1} "
+                            "were given")
+        values = dict(zip(fields, args, strict=False))  # fewer arguments than fields: the rest by keyword or default
+        for key, value in kwargs.items():
+            if key not in fields:
+                raise TypeError(f"{name} got an unexpected keyword argument '{key}'")
+            if key in values:
+                raise TypeError(f"{name} got multiple values for argument '{key}'")
+            values[key] = value
+        for key, field in fields.items():
+            if key in values:
+                value = values[key]
+            elif field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                raise TypeError(f"{name} missing 1 required argument: '{key}'")
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))  # type: ignore[arg-type]
+        return tuple(getattr(self, name) for name in self.__dataclass_fields__)  # type: ignore[attr-defined]
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is self.__class__:
@@ -333,12 +365,19 @@ class _Settings:
 
     @reprlib.recursive_repr()
     def __repr__(self) -> str:
-        shown = ", ".join(f"{field.name}={getattr(self, field.name)!r}"
-                          for field in dataclasses.fields(self))  # type: ignore[arg-type]
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)  # type: ignore[attr-defined]
         return f"{self.__class__.__qualname__}({shown})"
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+if TYPE_CHECKING:
+    from dataclasses import dataclass as settings_class  # checked as the frozen dataclasses they behave as
+else:
+    def settings_class(**_: Any) -> Any:
+        """A dataclass whose methods are _Settings' own: dataclass declares the fields and generates nothing."""
+        return dataclasses.dataclass(init=False, repr=False, eq=False)
+
+
+@settings_class(frozen=True)
 class SpoolSettings(_Settings):
     """[spool]: the spool file, its durability and bounds."""
 
@@ -368,7 +407,7 @@ class SpoolSettings(_Settings):
         return self.max_pending is not None or self.max_spool_bytes is not None
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class ShipSettings(_Settings):
     """[ship]: where and how records are delivered."""
 
@@ -398,7 +437,7 @@ class ShipSettings(_Settings):
                                    "after this (newer leases are freed only when their owner is proven dead)")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class LogSettings(_Settings):
     """[log]: what spool says, and how."""
 
@@ -409,7 +448,7 @@ class LogSettings(_Settings):
     summary_interval: float = setting(60.0, Duration(), "how often `spool run` logs a one-line summary")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class RelaySettings(_Settings):
     """[relay]: a local StatHat-compatible endpoint (and StatsD listener)."""
 
@@ -430,7 +469,7 @@ class RelaySettings(_Settings):
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class MetricsSettings(_Settings):
     """[metrics]: /metrics (Prometheus) and /healthz, on a port of their own (the relay's port serves them too)."""
 
@@ -441,7 +480,7 @@ class MetricsSettings(_Settings):
                                      "nothing was delivered for this long")
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class WatchSettings(_Settings):
     """[[watch]]: one drop directory (repeat the table for more)."""
 
@@ -460,7 +499,7 @@ SECTIONS: dict[str, type] = {"spool": SpoolSettings, "ship": ShipSettings, "log"
                              "relay": RelaySettings, "metrics": MetricsSettings}
 
 
-@dataclass(frozen=True, eq=False, repr=False)  # eq and repr: from _Settings
+@settings_class(frozen=True)
 class Config(_Settings):
     """Everything spool can be told, checked; one section per TOML table. Never holds a secret in its repr."""
 

@@ -214,3 +214,20 @@ def test_settings_compare_hash_and_show_by_value_and_stay_frozen():
     assert dataclasses.replace(entry, poll=False) == config.WatchSettings(path=Path("/drop"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry.poll = False  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del entry.poll
+
+
+def test_settings_are_made_as_dataclasses_make_them():
+    assert config.LogSettings("debug", "json") == config.LogSettings(level="debug", format="json")
+    assert config.LogSettings("debug").summary_interval == 60.0  # the declared default
+    assert [f.name for f in dataclasses.fields(config.LogSettings)] == ["level", "format", "summary_interval"]
+    assert config.LogSettings.__match_args__ == ("level", "format", "summary_interval")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'levels'"):
+        config.LogSettings(levels="debug")
+    with pytest.raises(TypeError, match="multiple values for argument 'level'"):
+        config.LogSettings("debug", level="info")
+    with pytest.raises(TypeError, match="takes from 1 to 4 positional arguments but 5 were given"):
+        config.LogSettings("debug", "json", 1.0, "extra")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        dataclasses.replace(config.LogSettings(), colour="red")
