@@ -313,7 +313,7 @@ def test_add_to_an_existing_spool_imports_only_what_appending_needs(db):
     assert run_cli(db, "add", "first", "--count", "1", "--t", str(T0)).returncode == 0  # the schema exists
     modules = imported_by(db, "add", "second", "--count", "1", "--t", str(T0))
     assert {"spool.cli", "spool.api", "spool.store", "sqlite3"} <= modules
-    needless = {"spool.cli_ops", "spool.agent", "spool.ship", "spool.watch", "requests", "urllib3", "tenacity",
-                "watchdog", "sqlite_utils", "prometheus_client", "logging", "json"}
+    needless = {"spool.cli_ops", "spool.results", "spool.agent", "spool.ship", "spool.watch", "requests", "urllib3",
+                "tenacity", "watchdog", "sqlite_utils", "prometheus_client", "logging", "json"}
     assert not modules & needless, modules & needless
     assert [r.stat for r in pending(db)] == ["first", "second"]
