@@ -7,7 +7,11 @@ Names are loaded on first use (PEP 562), so `spool add` pays only for the module
 
 from __future__ import annotations
 
-from typing import Any
+# Not even typing at run time: the `spool` command imports this package before it pauses the garbage collector
+# for the CLI's imports (spool/__main__.py), and typing is a large module the CLI imports anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

@@ -18,19 +18,27 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from spool.config import Config
 from spool.errors import InvalidRecord, SpoolError
 from spool.records import Record, make_record, now, parse_record, record_rows
 from spool.store import Store
 
+if TYPE_CHECKING:
+    from spool.results import DeadLetter, ExportResult, ImportResult, Settled, ShipResult
+
 MAX_REPORTED = 1000  # invalid lines an import reports at most
+_RESULTS = ("ImportResult", "ShipResult", "ExportResult", "DeadLetter", "Settled")  # in spool.results
 
 
-class ImportResult(NamedTuple):
-    taken: int
-    invalid: tuple[InvalidRecord, ...] = ()  # skipped (with skip_invalid), at most MAX_REPORTED of them
+def __getattr__(name: str) -> Any:
+    """The result types, from spool.results (where they are built only when first needed)."""
+    if name in _RESULTS:
+        from spool import results
+
+        return getattr(results, name)
+    raise AttributeError(f"module 'spool.api' has no attribute {name!r}")
 
 
 class InvalidInput(InvalidRecord):
@@ -42,37 +50,6 @@ class InvalidInput(InvalidRecord):
         extra = len(errors) - 1 + more
         suffix = f" (and {extra} more invalid line{'s' if extra != 1 else ''})" if extra else ""
         super().__init__(f"{first.reason}{suffix}; nothing was imported", field=first.field, line=first.line)
-
-
-class ShipResult(NamedTuple):
-    done: bool  # nothing deliverable is left
-    sent: int
-    dead: int
-    pending: int  # left when it stopped
-    keyless: int  # pending records that carry no key while none is configured (they wait)
-    reason: str | None  # why not done
-
-
-class ExportResult(NamedTuple):
-    exported: int
-    held_left: int  # held records left in the spool (their time is not known yet)
-    removed: bool
-
-
-class DeadLetter(NamedTuple):
-    id: int
-    record: Record
-    dead_at: float | None
-    reason: str | None
-    http_status: int | None
-    body: str | None
-
-
-class Settled(NamedTuple):
-    """What a requeue or purge did: how many records, and which ids it was given that are not dead letters."""
-
-    records: int
-    missing: tuple[int, ...] = ()
 
 
 class Spool:
@@ -158,6 +135,7 @@ class Spool:
         """
         from spool.formats import read_json_stream, to_records
         from spool.records import check_key
+        from spool.results import ImportResult
 
         if ezkey is not None:
             check_key(ezkey, "--ezkey")
@@ -209,6 +187,7 @@ class Spool:
         (a 404, TLS against plain http, a host that does not resolve) ends it at once. `[ship]` settings can be
         given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...).
         """
+        from spool.results import ShipResult
         from spool.ship import Shipper
 
         config = self.config.replace(**{f"ship.{name}": value for name, value in ship_settings.items()})
@@ -237,6 +216,7 @@ class Spool:
         import json
 
         from spool.durable import open_private
+        from spool.results import ExportResult
 
         _check_window(since, until)
         if remove and not isinstance(target, str | os.PathLike):
@@ -298,14 +278,20 @@ class Spool:
 
     def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
         """Return records the receiver refused, oldest first, with its reason, HTTP status and body."""
+        from spool.results import DeadLetter
+
         return [DeadLetter(**row) for row in self.store.dead_letters(limit)]
 
     def requeue(self, ids: Sequence[int] | None = None) -> Settled:
         """Return dead records (all when `ids` is None) to pending; name the ids that are not dead letters."""
+        from spool.results import Settled
+
         return Settled(*self.store.requeue_dead(ids))
 
     def purge(self, ids: Sequence[int] | None = None) -> Settled:
         """Delete dead records (all when `ids` is None); name the ids that are not dead letters."""
+        from spool.results import Settled
+
         return Settled(*self.store.purge_dead(ids))
 
     # -- what operators see ------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from spool.errors import ConfigError, redact_url
@@ -311,8 +311,74 @@ def setting(default: Any, kind: SettingType, help: str, *, flag: str | None = No
         "packaged": packaged})
 
 
-@dataclass(frozen=True)
-class SpoolSettings:
+class _Settings:
+    """What @dataclass(frozen=True) generates for a class, written once for every settings class.
+
+    dataclass makes each method it generates from source and compiles it, class by class: for the seven
+    settings classes that was 42 compilations, most of the time importing this module took, and every
+    `spool` command imports it (`spool add` is a process per stat). Here the same methods are written once:
+    keyword or positional arguments in field order, defaults, the same errors; equality (same class, field
+    values), hash and repr as dataclass makes them; assigning or deleting a field raises FrozenInstanceError.
+    Type checkers see the classes as the frozen dataclasses they behave as (`settings_class` below).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = self.__dataclass_fields__  # type: ignore[attr-defined]
+        name = f"{self.__class__.__qualname__}.__init__()"
+        if len(args) > len(fields):
+            raise TypeError(f"{name} takes from 1 to {len(fields) + 1} positional arguments but {len(args) + 1} "
+                            "were given")
+        values = dict(zip(fields, args, strict=False))  # fewer arguments than fields: the rest by keyword or default
+        for key, value in kwargs.items():
+            if key not in fields:
+                raise TypeError(f"{name} got an unexpected keyword argument '{key}'")
+            if key in values:
+                raise TypeError(f"{name} got multiple values for argument '{key}'")
+            values[key] = value
+        for key, field in fields.items():
+            if key in values:
+                value = values[key]
+            elif field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                raise TypeError(f"{name} missing 1 required argument: '{key}'")
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__dataclass_fields__)  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)  # type: ignore[attr-defined]
+        return f"{self.__class__.__qualname__}({shown})"
+
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as settings_class  # checked as the frozen dataclasses they behave as
+else:
+    def settings_class(**_: Any) -> Any:
+        """A dataclass whose methods are _Settings' own: dataclass declares the fields and generates nothing."""
+        return dataclasses.dataclass(init=False, repr=False, eq=False)
+
+
+@settings_class(frozen=True)
+class SpoolSettings(_Settings):
     """[spool]: the spool file, its durability and bounds."""
 
     path: Path | None = setting(
@@ -341,8 +407,8 @@ class SpoolSettings:
         return self.max_pending is not None or self.max_spool_bytes is not None
 
 
-@dataclass(frozen=True)
-class ShipSettings:
+@settings_class(frozen=True)
+class ShipSettings(_Settings):
     """[ship]: where and how records are delivered."""
 
     endpoint: str = setting(DEFAULT_ENDPOINT, Endpoint(), "StatHat's API root; plain http only to loopback "
@@ -371,8 +437,8 @@ class ShipSettings:
                                    "after this (newer leases are freed only when their owner is proven dead)")
 
 
-@dataclass(frozen=True)
-class LogSettings:
+@settings_class(frozen=True)
+class LogSettings(_Settings):
     """[log]: what spool says, and how."""
 
     level: str = setting("info", Choice("debug", "info", "warning", "error"), "the least severe level logged",
@@ -382,8 +448,8 @@ class LogSettings:
     summary_interval: float = setting(60.0, Duration(), "how often `spool run` logs a one-line summary")
 
 
-@dataclass(frozen=True)
-class RelaySettings:
+@settings_class(frozen=True)
+class RelaySettings(_Settings):
     """[relay]: a local StatHat-compatible endpoint (and StatsD listener)."""
 
     enabled: bool = setting(False, Boolean(), "run the relay in `spool run`")
@@ -403,8 +469,8 @@ class RelaySettings:
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
+@settings_class(frozen=True)
+class MetricsSettings(_Settings):
     """[metrics]: /metrics (Prometheus) and /healthz, on a port of their own (the relay's port serves them too)."""
 
     listen: str | None = setting(None, OptionalAddress(9464, "127.0.0.1:9464"), "serve /metrics and /healthz "
@@ -414,8 +480,8 @@ class MetricsSettings:
                                      "nothing was delivered for this long")
 
 
-@dataclass(frozen=True)
-class WatchSettings:
+@settings_class(frozen=True)
+class WatchSettings(_Settings):
     """[[watch]]: one drop directory (repeat the table for more)."""
 
     path: Path = setting(Path(), PathKind(), "the directory; it must exist and be writable by spool",
@@ -433,8 +499,8 @@ SECTIONS: dict[str, type] = {"spool": SpoolSettings, "ship": ShipSettings, "log"
                              "relay": RelaySettings, "metrics": MetricsSettings}
 
 
-@dataclass(frozen=True)
-class Config:
+@settings_class(frozen=True)
+class Config(_Settings):
     """Everything spool can be told, checked; one section per TOML table. Never holds a secret in its repr."""
 
     spool: SpoolSettings = SpoolSettings()

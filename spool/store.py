@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
-import logging
 import math
 import operator
 import os
@@ -53,9 +51,29 @@ from spool.errors import SpoolFull, SpoolMissing, StoreError
 from spool.records import INT64_MAX, Kind, Record
 
 if TYPE_CHECKING:
+    import logging
+
     from spool.config import Config, SpoolSettings
 
-log = logging.getLogger("spool.store")
+
+# json and logging are imported on first use: appending one record (`spool add`, a whole process each time) needs
+# neither, and importing them is several milliseconds of that process's start-up.
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("spool.store")
 
 
 class State(IntEnum):
@@ -304,7 +322,7 @@ class Store:
             if not quarantine:
                 raise StoreError(f"spool {self.path} is not a usable spool database: {corrupt}") from None
             moved = self._quarantine()
-            log.error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
+            _log().error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
                       self.path, corrupt, moved.name)
             self._open(synchronous, check=False)
             self.add_counts(corrupt_quarantined=1)
@@ -621,7 +639,7 @@ class Store:
         now = time.monotonic()
         if now - self._last_warning >= 60:
             self._last_warning = now
-            log.warning(message, *args)
+            _log().warning(message, *args)
 
     def drop_expired(self, *, now: float) -> int:
         """Delete pending records (not in flight) whose t is older than max_age; they would not be shipped."""
@@ -727,7 +745,7 @@ class Store:
             ids = [row[0] for row in rows]
             lease = conn.execute("INSERT INTO leases (leased_at, owner, first_id, last_id) VALUES (?, ?, ?, ?) "
                                  "RETURNING id", (now, self.owner, min(ids), max(ids))).fetchone()[0]
-            conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)", (lease, json.dumps(ids)))
+            conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)", (lease, _dumps(ids)))
         return Lease(lease, list(map(_leased, rows)), version)
 
     def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None, leases: Sequence[int] = (),
@@ -743,7 +761,7 @@ class Store:
             # primary key is walked once, where a list of ids is looked up one by one.
             n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL FROM {_RUNS} "
                              f"WHERE records.id BETWEEN runs.lo AND runs.hi AND state = {State.PENDING}",
-                             (now, json.dumps(_runs(ids)))).rowcount
+                             (now, _dumps(_runs(ids)))).rowcount
             if ended:
                 self._end_leases(conn, ended)
             if note:
@@ -753,7 +771,7 @@ class Store:
     @staticmethod
     def _end_leases(conn: sqlite3.Connection, leases: Sequence[int]) -> None:
         """Drop leases and their rows of `leased`, each by the span of ids it holds."""
-        ended = json.dumps(list(leases))
+        ended = _dumps(list(leases))
         spans = conn.execute(f"SELECT id, first_id, last_id FROM leases WHERE id IN ({_IDS})", (ended,)).fetchall()
         conn.executemany("DELETE FROM leased WHERE id BETWEEN ? AND ? AND lease = ?",
                          [(first, last, lease) for lease, first, last in spans if first is not None])
@@ -770,8 +788,8 @@ class Store:
         with self._write() as conn:
             for half in halves:
                 conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {State.PENDING}",
-                             (min(half), json.dumps(list(half))))
-            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (json.dumps(every),))
+                             (min(half), _dumps(list(half))))
+            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (_dumps(every),))
             conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
                          (lease, lease))
 
@@ -793,7 +811,7 @@ class Store:
                 f"UPDATE records SET state = {State.DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, "
                 f"split = NULL "
                 f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
-                (now, reason, http_status, body[:MAX_BODY], json.dumps(list(ids)))).rowcount
+                (now, reason, http_status, body[:MAX_BODY], _dumps(list(ids)))).rowcount
 
     def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
         """Drop the leases whose owner is proven dead; return how many pending records they named.
@@ -807,7 +825,7 @@ class Store:
             return 0
         with self._write() as conn:
             where = "owner IN (SELECT value FROM json_each(?))"
-            params: list[Any] = [json.dumps(dead)]
+            params: list[Any] = [_dumps(dead)]
             if unowned_before is not None:
                 where += " OR (owner IS NULL AND leased_at < ?)"
                 params.append(unowned_before)
@@ -834,7 +852,7 @@ class Store:
                     f"SELECT id FROM records WHERE id > ? AND state = {State.SENT} AND done_at < ? ORDER BY id LIMIT ?",
                     (after, sent_before, step))]
                 if ids:
-                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
+                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
             total += len(ids)
             if len(ids) < step:
                 return total
@@ -868,7 +886,7 @@ class Store:
         with self._write() as conn:
             if ids is None:
                 return conn.execute(statement).rowcount, ()
-            wanted = json.dumps(sorted(set(ids)))
+            wanted = _dumps(sorted(set(ids)))
             missing = tuple(row[0] for row in conn.execute(
                 f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records WHERE state = {State.DEAD} "
                 f"AND id IN ({_IDS}))", (wanted, wanted)))
@@ -986,8 +1004,8 @@ class Store:
                     (bucket, bucket, after, groups)).fetchall()
                 merged = 0
                 for stat, key, ukey, ezkey, start, members, _ in rows:
-                    for ids, total in _mergeable(json.loads(members)):
-                        conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
+                    for ids, total in _mergeable(_loads(members)):
+                        conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
                         conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
                         merged += len(ids) - 1
                 if merged:
@@ -1056,7 +1074,7 @@ class Store:
                     return moved
                 write([Record(*row[1:]) for row in rows])
                 ids = [row[0] for row in rows]
-                conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (json.dumps(ids),))
+                conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
             moved += len(rows)
             after = ids[-1]
 
@@ -1078,10 +1096,10 @@ class Store:
     @staticmethod
     def _set_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
         conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                         [(name, json.dumps(value)) for name, value in values.items()])
+                         [(name, _dumps(value)) for name, value in values.items()])
 
     def meta(self) -> dict[str, Any]:
-        return {name: json.loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+        return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
 
 
 class _Corrupt(Exception):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import click
@@ -199,7 +201,9 @@ def test_dead_list_requeue_and_purge(db, receiver):
 
 
 def all_commands(group=cli, prefix=()):
-    for name, command in group.commands.items():
+    context = click.Context(group)
+    for name in group.list_commands(context):  # the commands of spool/cli_ops.py are registered on first need
+        command = group.get_command(context, name)
         yield (*prefix, name), command
         if isinstance(command, click.Group):
             yield from all_commands(command, (*prefix, name))
@@ -217,7 +221,9 @@ def test_every_command_has_help_ending_with_an_example(path, command):
 def test_help_runs_as_a_process_and_mentions_every_command(db):
     result = run_cli(db, "--help")
     assert result.returncode == 0
-    for name in cli.commands:
+    names = [path[0] for path, _ in all_commands() if len(path) == 1]
+    assert {"add", "import", "ingest", "run", "ship", "status", "export", "doctor", "dead"} <= set(names)
+    for name in names:
         assert name in result.stdout
 
 
@@ -269,3 +275,45 @@ def test_a_missing_command_shows_the_help_and_one_error_line(db, args):
     assert result.returncode == 2
     assert "Commands:" in result.stdout
     assert_one_line_error(result, 2, "missing command")
+
+
+# What `spool ARGS` runs (the console script, `python -m spool` and the zipapp all call spool.__main__.main), with
+# the state of the garbage collector reported as the process ends.
+GC_AT_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print("enabled", gc.isenabled(), "frozen", gc.get_freeze_count(), file=sys.stderr))
+sys.argv = ["spool", *sys.argv[1:]]
+from spool.__main__ import main
+main()
+"""
+
+
+def test_the_command_runs_with_the_collector_on_and_its_start_up_objects_frozen(db):
+    # The collector is paused only while the CLI is imported: a long-running agent must not be left without it.
+    result = subprocess.run([sys.executable, "-c", GC_AT_EXIT, "add", "gc", "--count", "1", "--t", str(T0)],
+                            capture_output=True, text=True, env=cli_env(db), timeout=60)
+    assert result.returncode == 0, result.stderr
+    enabled, frozen = result.stderr.split()[1::2]
+    assert enabled == "True"
+    assert int(frozen) > 1000  # the modules, classes and command tree made while the CLI was imported
+    assert [r.stat for r in pending(db)] == ["gc"]
+
+
+def imported_by(db, *args):
+    """The modules a `spool ARGS` process imported (from its -X importtime lines)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "spool", *args], capture_output=True,
+                            text=True, env=cli_env(db), timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_add_to_an_existing_spool_imports_only_what_appending_needs(db):
+    # `spool add` is a whole process per stat: shipping, watching, the schema tool, logging, JSON and the
+    # other commands' definitions cost start-up time it has no use for. (The config file is read: tomllib is.)
+    assert run_cli(db, "add", "first", "--count", "1", "--t", str(T0)).returncode == 0  # the schema exists
+    modules = imported_by(db, "add", "second", "--count", "1", "--t", str(T0))
+    assert {"spool.cli", "spool.api", "spool.store", "sqlite3"} <= modules
+    needless = {"spool.cli_ops", "spool.results", "spool.agent", "spool.ship", "spool.watch", "requests", "urllib3",
+                "tenacity", "watchdog", "sqlite_utils", "prometheus_client", "logging", "json"}
+    assert not modules & needless, modules & needless
+    assert [r.stat for r in pending(db)] == ["first", "second"]

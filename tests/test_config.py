@@ -199,3 +199,35 @@ def test_replace_takes_section_and_key_or_a_key_no_two_sections_share():
     assert cfg.ship.batch_size == 10 and cfg.relay.listen == "127.0.0.1:1"
     with pytest.raises(ConfigError, match="several sections"):
         config.Config().replace(allow_remote=True)
+
+
+def test_settings_compare_hash_and_show_by_value_and_stay_frozen():
+    # The agent restarts only the parts whose settings changed on SIGHUP: that is this equality.
+    loaded, same = config.load(env={"SPOOL_SHIP_BATCH_SIZE": "200"}), config.load(env={"SPOOL_SHIP_BATCH_SIZE": "200"})
+    assert loaded == same and hash(loaded) == hash(same) and loaded.ship == same.ship
+    assert loaded.ship != config.ShipSettings() and loaded.log == config.LogSettings()
+    assert len({loaded.ship, same.ship, config.ShipSettings()}) == 2
+    assert config.RelaySettings() != config.MetricsSettings() and config.LogSettings() != "LogSettings()"
+    assert repr(config.LogSettings()) == "LogSettings(level='info', format='text', summary_interval=60.0)"
+    entry = config.WatchSettings(path=Path("/drop"), poll=True)
+    assert repr(entry).startswith("WatchSettings(path=PosixPath('/drop'), poll=True, poll_interval=1.0, ")
+    assert dataclasses.replace(entry, poll=False) == config.WatchSettings(path=Path("/drop"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.poll = False  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del entry.poll
+
+
+def test_settings_are_made_as_dataclasses_make_them():
+    assert config.LogSettings("debug", "json") == config.LogSettings(level="debug", format="json")
+    assert config.LogSettings("debug").summary_interval == 60.0  # the declared default
+    assert [f.name for f in dataclasses.fields(config.LogSettings)] == ["level", "format", "summary_interval"]
+    assert config.LogSettings.__match_args__ == ("level", "format", "summary_interval")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'levels'"):
+        config.LogSettings(levels="debug")
+    with pytest.raises(TypeError, match="multiple values for argument 'level'"):
+        config.LogSettings("debug", level="info")
+    with pytest.raises(TypeError, match="takes from 1 to 4 positional arguments but 5 were given"):
+        config.LogSettings("debug", "json", 1.0, "extra")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        dataclasses.replace(config.LogSettings(), colour="red")

@@ -65,7 +65,7 @@ def test_the_wheel_contains_the_package_and_its_type_marker(tmp_path):
     assert modules <= names
     assert "spool/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "spool = spool.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "spool = spool.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_readme_says_how_to_install_the_packaging_files():

@@ -1,0 +1,358 @@
+"""The commands people and the service manager run: the agent and its parts, status, export, replay, doctor, dead.
+
+They are registered on the `spool` group when it first needs a command it does not have (see SpoolGroup in
+spool/cli.py): the producer commands there (add, import, ingest), which other programs run once per stat or
+file, do not build these commands' options at every start.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spool import config as configuration
+from spool.cli import (
+    Context,
+    SpoolCommandError,
+    SpoolGroup,
+    _n,
+    _progress,
+    cli,
+    common_options,
+    log_options,
+    pass_context,
+    settings_options,
+)
+from spool.errors import printable
+
+
+@cli.command()
+@click.argument("directories", nargs=-1, required=True,
+                type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--poll", is_flag=True, help="Poll instead of inotify (NFS, some FUSE mounts).")
+@click.option("--poll-interval", metavar="SECONDS", default="1", help="With --poll: how often. Default 1.")
+@click.option("--skip-invalid", is_flag=True, help="Take a file's good records; report the bad ones.")
+@click.option("--delete", is_flag=True, help="Delete ingested files instead of moving them to .done/.")
+@common_options
+@log_options
+@pass_context
+def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval: str, skip_invalid: bool,
+          delete: bool) -> None:
+    """Watch directories in the foreground and ingest every file renamed or written into them (no shipping).
+
+    Producers write a temporary name (dotfiles, *.tmp, *.part are ignored) and rename it into place.
+    Runs until SIGINT/SIGTERM; `spool run` does the same for the [[watch]] tables of the config.
+
+    Example: spool watch /var/spool/drop
+    """
+    entries = tuple(configuration.watch_entry(
+        {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
+         "after": "delete" if delete else "move"}, "--", text=True) for d in directories)
+    _run_agent(lambda: obj.config().replace(watch=entries), only=("watch",))
+
+
+@cli.command()
+@settings_options("relay")
+@common_options
+@log_options
+@pass_context
+def relay(obj: Context) -> None:
+    """Run a local StatHat-compatible endpoint that spools every stat it is sent (no shipping).
+
+    Point your StatHat client at http://127.0.0.1:8080 instead of the API; each call is answered as StatHat
+    would, once its records are on disk. Runs until SIGINT/SIGTERM; `spool run` runs it too when
+    [relay] enabled = true.
+
+    Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
+    """
+    _run_agent(obj.config, only=("relay",))
+
+
+def _when_option(text: str | None, name: str) -> int | None:
+    """Read --since/--until: unix seconds or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    from spool.api import parse_when
+
+    return None if text is None else parse_when(text, name)
+
+
+@cli.command()
+@click.option("--since", metavar="WHEN", required=True, help="Records with t at or after (unix or ISO date, UTC).")
+@click.option("--until", metavar="WHEN", help="Records with t at or before (unix or ISO date, UTC).")
+@click.option("--stat", "stat_glob", metavar="GLOB", help="Only stats matching this glob, e.g. 'api *'.")
+@click.option("--dry-run", is_flag=True, help="Say how many would be queued; change nothing.")
+@common_options
+@pass_context
+def replay(obj: Context, since: str, until: str | None, stat_glob: str | None, dry_run: bool) -> None:
+    """Send retained, already-delivered records again (StatHat adds counts again).
+
+    Copies of the sent records still kept (see spool.retention) are queued and shipped, paced, like any
+    backlog. Use it when StatHat lost data or a stat was deleted there.
+
+    Example: spool replay --since 2026-11-20 --until 2026-11-21 --stat 'api *' --dry-run
+    """
+    start, end = _when_option(since, "--since"), _when_option(until, "--until")
+    assert start is not None  # --since is required
+    with obj.spool() as sp:
+        n = sp.replay(since=start, until=end, stat=stat_glob, dry_run=dry_run)
+    verb = "would queue" if dry_run else "queued"
+    click.echo(f"{verb} {_n(n, 'sent record')} to be shipped again; StatHat will count them again "
+               "(counters add up, values are averaged in)", err=True)
+
+
+@cli.command()
+@click.argument("file", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--state", type=click.Choice(["pending", "sent", "dead", "all"]), default="pending",
+              show_default=True, help="Which records ('all': pending, sent and dead).")
+@click.option("--since", metavar="WHEN", help="Records with t at or after (unix or ISO date, UTC).")
+@click.option("--until", metavar="WHEN", help="Records with t at or before (unix or ISO date, UTC).")
+@click.option("--remove", is_flag=True, help="Move the records: each chunk is deleted here once it is synced to "
+                                             "FILE (to move backlog to another machine without sending it twice).")
+@click.option("--append", "append", is_flag=True, help="Append to FILE if it exists (it is refused otherwise).")
+@common_options
+@pass_context
+def export(obj: Context, file: str, state: str, since: str | None, until: str | None, remove: bool,
+           append: bool) -> None:
+    """Write records as JSON lines that `spool import` reads back unchanged (FILE, or - for stdout).
+
+    The file holds keys (records' own ezkey, classic keys) so it can be shipped from elsewhere: it is created
+    readable by its owner only, and an existing file is refused unless --append. Records in flight are not
+    exported; held records (stamped while the clock was wrong) cannot be, until their time is known.
+
+    Example: spool export --state pending --remove /media/usb/backlog.jsonl
+    """
+    if remove and file == "-":
+        raise click.UsageError("--remove needs a FILE: records must be on disk before they leave the spool")
+    start, end = _when_option(since, "--since"), _when_option(until, "--until")
+    with obj.spool() as sp:
+        total = sp.count_selected(state, since=start, until=end)
+        with _progress(total, "exporting") as bar:
+            result = sp.export(sys.stdout if file == "-" else file, state=state, since=start, until=end,
+                               remove=remove, append=append, on_progress=bar.update if bar else None)
+    note = f", {_n(result.held_left, 'held record')} left out (their time is not known yet)" \
+        if result.held_left else ""
+    moved = " and removed them from this spool" if remove else ""
+    click.echo(f"exported {_n(result.exported, 'record')}{moved}{note}", err=True)
+
+
+@cli.command()
+@settings_options("ship")
+@click.option("--once", is_flag=True, help="Deliver what is pending, then exit.")
+@click.option("--max-time", metavar="SECONDS", help="With --once: give up (exit 1) after this long. Default 300.")
+@common_options
+@log_options
+@pass_context
+def ship(obj: Context, once: bool, max_time: str | None) -> None:
+    """Deliver pending records to StatHat; with --once, exit when done (or at once if it cannot work).
+
+    Without --once it ships until SIGINT/SIGTERM (only shipping: `spool run` runs everything configured),
+    then hands back its batches and exits 0.
+
+    Example: SPOOL_EZKEY_FILE=/etc/spool/ezkey spool ship --once --max-time 60
+    """
+    config = obj.config()
+    if not once:
+        if max_time is not None:
+            raise click.UsageError("--max-time applies to --once only; the agent ships until it is stopped")
+        _run_agent(obj.config, only=("ship",))
+    from spool.agent import setup_logging
+
+    setup_logging(config.log.level, config.log.format)
+    limit = configuration.Duration().parse(max_time or "300", "--max-time", True)
+    with obj.spool() as sp, _progress(sp.backlog(), "shipping") as bar:
+        result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None)
+    click.echo(f"shipped {result.sent:,}, dead {result.dead:,}", err=True)
+    if result.keyless:
+        click.echo(f"warning: {_n(result.keyless, 'record')} carry no ezkey and none is configured; they stay "
+                   "pending", err=True)
+    if not result.done:
+        raise SpoolCommandError(f"{_n(result.pending, 'record')} still pending: {result.reason}", 1)
+
+
+@cli.command()
+@settings_options("ship")
+@common_options
+@log_options
+@pass_context
+def run(obj: Context) -> None:
+    """Run the agent: ship, and watch, relay and serve metrics as configured, until SIGTERM/SIGINT.
+
+    SIGHUP reads the configuration again and restarts only what changed (an invalid one is refused and the
+    running one kept). Under systemd (Type=notify) it reports READY, RELOADING, STOPPING and watchdog pings.
+
+    Example: SPOOL_CONFIG=/etc/spool/spool.toml spool run
+    """
+    _run_agent(obj.config)
+
+
+def _run_agent(load: Callable[[], configuration.Config], *, only: tuple[str, ...] | None = None) -> None:
+    """Run the agent in the foreground with its logging, and exit with its status. SIGHUP calls `load` again."""
+    from spool.agent import Agent, setup_logging
+
+    config = load()
+    setup_logging(config.log.level, config.log.format)
+    raise click.exceptions.Exit(Agent(config, only=only, reload=load).run())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common_options
+@pass_context
+def status(obj: Context, as_json: bool) -> None:
+    """Show the backlog, dead letters, the last shipping attempt and anything stuck.
+
+    Example: spool status --json
+    """
+    import json
+
+    with obj.spool() as sp:
+        report = sp.status()
+    click.echo(json.dumps(report, sort_keys=True) if as_json else format_status(report))
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Render a status report for people."""
+    oldest = ""
+    if report["oldest_pending_t"] is not None:
+        oldest = f"   oldest {_when(report['oldest_pending_t'])} ({_age(report['oldest_pending_age'])} ago)"
+    shipper = f"running (pid {report['shipper_pid']})" if report["shipper_pid"] else "not running"
+    lines = [
+        f"spool {report['path']} ({report['size_bytes'] / 1048576:.1f} MiB; {report['path_from']})",
+        f"config       {report['config']}",
+        f"  pending    {report['pending']:,}{oldest}",
+        f"  in flight  {report['inflight']:,}",
+        f"  sent       {report['sent']:,}   (kept for replay until pruned)",
+        f"  dead       {report['dead']:,}",
+        f"  held       {report['held']:,}   (stamped while the clock was wrong)",
+        f"shipper      {shipper}",
+    ]
+    if report["last_attempt_at"] is not None:
+        result = report["last_result"] + (f": {report['last_error']}" if report["last_error"] else "")
+        lines.append(f"last attempt {_when(report['last_attempt_at'])}: {result}")
+    if report["last_success_at"] is not None:
+        lines.append(f"last success {_when(report['last_success_at'])}")
+    if report["counters"]:
+        lines.append("counters     " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["counters"].items())))
+    lines += [f"problem: {problem}" for problem in report["problems"]]
+    return "\n".join(lines)
+
+
+def _when(t: float) -> str:
+    """The one time format of every command's output."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@cli.command()
+@common_options
+@pass_context
+def doctor(obj: Context) -> None:
+    """Check the setup: config, key, endpoint, clock, disk, spool, watched directories, ports.
+
+    Each check prints one line, with a fix when it fails; every check runs even if the config is broken.
+    Exit 1 if any check failed.
+
+    Example: spool --config /etc/spool/spool.toml doctor
+    """
+    from spool.api import check_setup
+
+    verdicts = check_setup(obj.config_file, flags=obj.flags)
+    for verdict in verdicts:
+        mark = "ok  " if verdict.ok else "FAIL"
+        fix = "" if verdict.ok or not verdict.fix else f" -- fix: {verdict.fix}"
+        click.echo(f"{mark} {verdict.name}: {printable(verdict.detail)}{fix}")
+    failed = [v.name for v in verdicts if not v.ok]
+    if failed:
+        raise SpoolCommandError(f"{len(failed)} check{'s' if len(failed) != 1 else ''} failed: {', '.join(failed)}", 1)
+
+
+@cli.group(cls=SpoolGroup)
+def dead() -> None:
+    """Inspect, requeue or purge records the receiver refused.
+
+    Example: spool dead list
+    """
+
+
+@dead.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Show at most N.")
+@common_options
+@pass_context
+def dead_list(obj: Context, as_json: bool, limit: int | None) -> None:
+    """List dead records with the receiver's reason (keys are never shown).
+
+    Example: spool dead list --limit 20
+    """
+    import json
+
+    with obj.spool() as sp:
+        letters = sp.dead_letters(limit)
+    for letter in letters:
+        record = letter.record
+        shown = {"id": letter.id, "stat": record.stat if record.stat is not None else "(classic)",
+                 "kind": ("count", "value")[record.kind], "number": record.number, "t": record.t,
+                 "reason": letter.reason, "http_status": letter.http_status, "dead_at": letter.dead_at}
+        if as_json:
+            click.echo(json.dumps(shown, ensure_ascii=False))
+        else:
+            when = _when(letter.dead_at) if letter.dead_at is not None else "-"
+            click.echo(f"{letter.id}\t{printable(str(shown['stat']))}\t{shown['kind']}={record.number}\t"
+                       f"t={record.t}\t{when}\t{printable(letter.reason or '')}")
+    if not letters and not as_json:
+        click.echo("no dead records", err=True)
+
+
+def _ids_or_all(ids: tuple[int, ...], everything: bool) -> list[int] | None:
+    if everything == bool(ids):
+        raise click.UsageError("give record IDs or --all (not both)")
+    return None if everything else list(ids)
+
+
+def _settled(verb: str, settled: Any) -> None:
+    click.echo(f"{verb} {_n(settled.records, 'record')}", err=True)
+    if settled.missing:
+        listed = ", ".join(map(str, settled.missing[:20])) + (" ..." if len(settled.missing) > 20 else "")
+        raise SpoolCommandError(f"not dead letters (no such id, or not dead): {listed}", 1)
+
+
+@dead.command("requeue")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead record.")
+@common_options
+@pass_context
+def dead_requeue(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
+    """Return dead records to pending so they are sent again.
+
+    Example: spool dead requeue --all
+    """
+    chosen = _ids_or_all(ids, everything)
+    with obj.spool() as sp:
+        settled = sp.requeue(chosen)
+    _settled("requeued", settled)
+
+
+@dead.command("purge")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Delete every dead record.")
+@common_options
+@pass_context
+def dead_purge(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
+    """Delete dead records for good.
+
+    Example: spool dead purge 17 18
+    """
+    chosen = _ids_or_all(ids, everything)
+    with obj.spool() as sp:
+        settled = sp.purge(chosen)
+    _settled("purged", settled)
