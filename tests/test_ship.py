@@ -83,7 +83,7 @@ def test_thousands_of_mixed_records_arrive_exactly_once_through_bursts_resets_st
 def test_a_drain_leaves_no_lease_behind_through_failures_resets_and_a_poison_record(db, receiver):
     """Every lease a drain takes is ended by the commit that settles it: lease rows left behind would hold
     nothing yet be walked by every later lease (300 rows after 30,000 records when an ack forgot its lease)."""
-    records = mixed_records(1200) + [make_record(stat="poison", count=1, t=T0)]
+    records = [*mixed_records(1200), make_record(stat="poison", count=1, t=T0)]
     receiver.refuse_stat("poison")
     receiver.fail_next(2)
     receiver.reset_after_accept_next(1)
