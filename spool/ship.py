@@ -362,8 +362,9 @@ class Shipper:
             return False
         keyed_only = self.ezkey is None
         try:
-            lease = (self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
-                     or self._lease_clean(state, keyed_only))
+            version = self.store.data_version()  # our own commits leave it as it is
+            lease = (self._lease_suspects(state, keyed_only, version)
+                     or self._lease_clean(state, keyed_only, version))
         except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
             state.blocked = f"cannot lease records: {exc}"
             state.last_error = state.blocked
@@ -378,7 +379,20 @@ class Shipper:
         waiting.extend(self._units(lease))
         return True
 
-    def _lease_clean(self, state: _DrainState, keyed_only: bool) -> Lease | None:
+    def _lease_suspects(self, state: _DrainState, keyed_only: bool, version: int) -> Lease | None:
+        """Lease the next suspect group, unless this drain knows there is none to lease.
+
+        It knows when it looked and found none, split nothing since, and no other connection has committed since
+        (the spool's data_version is unchanged): only a split makes suspects, and within a drain this shipper
+        returns no suspect group to pending unleased. Looking takes a write transaction, once per batch.
+        """
+        if state.no_suspects == version:
+            return None
+        lease = self.store.lease_suspects(now=self.clock(), keyed_only=keyed_only)
+        state.no_suspects = version if lease is None else None
+        return lease
+
+    def _lease_clean(self, state: _DrainState, keyed_only: bool, version: int | None = None) -> Lease | None:
         """Lease the next clean batch, searching after the last one this drain leased while that is exact.
 
         Every clean pending record up to the last one leased was leased then (oldest first), and within a drain
@@ -388,7 +402,9 @@ class Shipper:
         the search starts from the oldest again.
         """
         limit, now = self.config.ship.batch_size, self.clock()
-        if state.after is not None and self.store.data_version() == state.after_version:
+        if version is None:
+            version = self.store.data_version()
+        if state.after is not None and version == state.after_version:
             lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after)
             if lease is not None:
                 state.after = (lease.items[-1].t, lease.items[-1].id)
@@ -432,7 +448,7 @@ class Shipper:
                 error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
                                       "records stay pending until the key is fixed")
             if isinstance(error, Refused):
-                self._refused(unit, error, unsettled)
+                self._refused(unit, error, unsettled, state)
                 if on_progress and len(unit.items) == 1:
                     on_progress(1)
             else:
@@ -457,12 +473,13 @@ class Shipper:
             for answer in accepted:
                 on_progress(len(answer.unit.items))
 
-    def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int]) -> None:
+    def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int], state: _DrainState) -> None:
         ids = [item.id for item in unit.items]
         whole = len(ids) == 1 or refusal.names_key or isinstance(refusal, PartlyTaken)
         if not whole:  # somewhere in here is what the receiver refuses: isolate it, in the spool
             middle = len(ids) // 2
             self.settle(lambda: self.store.split(unit.lease, [ids[:middle], ids[middle:]]))
+            state.no_suspects = None  # two groups to lease
             self._settled(unit, unsettled, end=False)
             self.stats.splits += 1
             log.info("receiver refused a batch of %d records (%s); splitting it to find which", len(ids), refusal)
@@ -656,6 +673,7 @@ class _DrainState:
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
     after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
     after_version: int | None = None  # the spool's data_version when `after` was exact
+    no_suspects: int | None = None  # the spool's data_version when no suspect group was left to lease
     delivered: bool = False
 
     last_error: str | None = None

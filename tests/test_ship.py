@@ -285,6 +285,48 @@ def test_an_answer_lost_after_the_receiver_took_the_batch_resends_exactly_that_b
     assert sorted(duplicated) == sorted(f"s{i}" for i in range(10, 20)) and set(duplicated.values()) == {1}
 
 
+def test_a_drain_looks_for_suspect_groups_again_after_a_split_or_another_connections_commit(db):
+    """Looking for suspects takes a write transaction; a drain skips it while it knows there are none (it looked,
+    split nothing since, and no other connection committed). A suspect group another connection's commit left
+    (a dead shipper's lease released), or one its own split made, is leased before clean records all the same."""
+    import collections
+
+    from spool.errors import Refused
+    from spool.ship import _DrainState
+
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(40))
+    with Store(db) as store, Shipper(store, make_config(db, batch_size=5)) as shipper:
+        shipper.ezkey = TEST_EZKEY
+        looked = []
+        lease_suspects = store.lease_suspects
+        store.lease_suspects = lambda **kw: looked.append(1) or lease_suspects(**kw)  # type: ignore[method-assign]
+        state, waiting, unsettled = _DrainState(None), collections.deque(), {}
+
+        def lease():
+            assert shipper._lease_more(waiting, unsettled, state)
+            return waiting.pop()
+
+        def stats(unit):
+            return [item.stat for item in unit.items]
+
+        assert stats(lease()) == [f"s{i}" for i in range(5)]
+        assert stats(lease()) == [f"s{i}" for i in range(5, 10)]
+        assert len(looked) == 1  # none found, and nothing changed since: not looked for again
+        with Store(db) as other:  # another connection leaves a suspect group behind
+            taken = other.lease(2, now=T0, keyed_only=False, after=(T0 + 9, 10))
+            other.split(taken.id, [[item.id for item in taken.items]])
+        assert stats(lease()) == ["s10", "s11"]
+        assert stats(lease()) == [f"s{i}" for i in range(12, 17)]
+        unit = lease()
+        assert stats(unit) == [f"s{i}" for i in range(17, 22)] and len(looked) == 3  # found one, then none
+        shipper._refused(unit, Refused("invalid stat", http_status=200, body=""), unsettled, state)  # split
+        assert stats(lease()) == ["s17", "s18"]
+        assert stats(lease()) == ["s19", "s20", "s21"]
+        assert stats(lease()) == [f"s{i}" for i in range(22, 27)]
+        assert len(looked) == 6
+
+
 def test_a_drain_searches_after_its_last_lease_only_while_no_other_connection_has_committed(db):
     """Leasing skips the records in flight by starting after the last one leased; an append made meanwhile by
     another connection (here with an older t) is not skipped: its commit sends the search back to the oldest."""

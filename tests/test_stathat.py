@@ -119,3 +119,72 @@ def test_connection_errors_are_transient_and_never_carry_the_key():
 def test_an_ez_batch_is_byte_for_byte_what_json_dumps_makes_of_its_items(records, ezkey):
     expected = json.dumps({"ezkey": ezkey, "data": [ez_item(r) for r in records]}, separators=(",", ":"))
     assert ez_body(ezkey, records) == expected.encode()
+
+
+class _Recorder:
+    """A real HTTP server on loopback that keeps each request's line, headers and body, answers StatHat's ok,
+    and sets a cookie in its answers when told to (a load balancer's sticky session)."""
+
+    def __init__(self, cookie: str | None = None):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.requests.append((self.requestline, dict(self.headers), body))
+                answer = json.dumps({"status": 200, "msg": "ok", "multiple": len(json.loads(body)["data"])}).encode()
+                self.send_response(200)
+                if cookie:
+                    self.send_header("Set-Cookie", cookie)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_every_ez_batch_carries_what_the_session_prepares_auth_proxy_and_cookies(tmp_path, monkeypatch):
+    """EZ batches reuse one preparation of their request: each must still carry the session's headers and the
+    credentials from ~/.netrc, go through the environment's proxy, and (once the receiver set one) the cookie."""
+    import base64
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine stathat.invalid login user password secret\n")
+    netrc.chmod(0o600)
+    proxy = _Recorder(cookie="sticky=b1; Path=/")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = StatHatClient("http://stathat.invalid", allow_insecure=True, timeout=5)
+    try:
+        for n in (1, 3, 2):
+            records = [make_record(stat=f"s{i}", count=i + 1, t=T0 + i) for i in range(n)]
+            assert client.send_ez("k", records) == n
+    finally:
+        client.close()
+        proxy.close()
+    assert [line for line, _, _ in proxy.requests] == ["POST http://stathat.invalid/ez HTTP/1.1"] * 3
+    auth = "Basic " + base64.b64encode(b"user:secret").decode()
+    for i, (_, headers, body) in enumerate(proxy.requests):
+        assert body == ez_body("k", [make_record(stat=f"s{j}", count=j + 1, t=T0 + j) for j in range((1, 3, 2)[i])])
+        assert int(headers["Content-Length"]) == len(body)
+        assert (headers["Content-Type"], headers["User-Agent"], headers["Authorization"]) == (
+            "application/json", "stathat-spool", auth)
+        assert headers.get("Cookie") == (None if i == 0 else "sticky=b1")

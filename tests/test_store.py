@@ -134,6 +134,28 @@ def test_the_ack_that_settles_a_batch_can_end_its_lease_in_the_same_commit(db):
         assert store.conn.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("pick", [
+    lambda ids: ids[3:40] + ids[50:90] + [ids[95]],  # runs: acknowledged run by run
+    lambda ids: ids[0::2] + ids[1:20:2],  # mostly scattered ids (and unsorted): looked up one by one
+    lambda ids: [ids[7], ids[7], ids[5], ids[6], ids[6]],  # repeated ids
+    lambda ids: [],
+], ids=["runs", "scattered", "repeats", "none"])
+def test_an_ack_marks_exactly_the_ids_it_names_sent_whatever_their_runs(db, pick):
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(100)])
+        lease = store.lease(100, now=T0, keyed_only=False)
+        ids = [item.id for item in lease.items]
+        store.mark_dead(ids[40:50], reason="r", http_status=200, body="", now=T0)  # settled: an ack leaves it
+        acked = pick(ids)
+        wanted = set(acked) - set(ids[40:50])
+        assert store.ack(acked, now=T0 + 1) == len(wanted)
+        sent = {row[0] for row in store.conn.execute("SELECT id FROM records WHERE state = 2 AND done_at = ?",
+                                                     (T0 + 1,))}
+        assert sent == wanted
+        assert states(store) == {k: v for k, v in {"sent": len(wanted), "dead": 10,
+                                                   "inflight": 90 - len(wanted)}.items() if v}
+
+
 def test_leasing_rewrites_no_record(db):
     """A lease is a row of its own and a small row per record held: the records are untouched until settled."""
     with Store(db) as store:
