@@ -263,7 +263,7 @@ def _v6(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
     last = conn.execute("SELECT max(id) FROM stages").fetchone()[0]
     if last is not None:
-        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (_V5_STAGES, json.dumps(last)))
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (_V5_STAGES, _dumps(last)))
     conn.execute("DROP INDEX IF EXISTS staged")
     conn.execute("CREATE TABLE stage_spans (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, stage INTEGER NOT NULL)")
 
@@ -549,7 +549,7 @@ class Store:
                                     (stage,)).fetchone()
                 if span is None:
                     legacy = conn.execute("SELECT value FROM meta WHERE name = ?", (_V5_STAGES,)).fetchone()
-                    if legacy is not None and stage <= json.loads(legacy[0]):  # staged by version 5: one scan
+                    if legacy is not None and stage <= _loads(legacy[0]):  # staged by version 5: one scan
                         conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
