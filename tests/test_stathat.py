@@ -111,6 +111,25 @@ def test_connection_errors_are_transient_and_never_carry_the_key():
     assert "cannot reach http://127.0.0.1:9" in str(caught.value)
 
 
+def test_tls_against_a_plain_http_port_is_an_endpoint_error_that_says_so(receiver):
+    client = StatHatClient(receiver.url.replace("http://", "https://"), timeout=5)
+    try:
+        with pytest.raises(EndpointError, match="the server speaks plain http there"):
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+
+
+def test_a_host_name_that_does_not_resolve_is_transient_and_named_as_such():
+    client = StatHatClient("https://no-such-host.invalid", timeout=5)
+    try:
+        with pytest.raises(TransientError, match=r"cannot resolve host no-such-host\.invalid") as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+    assert caught.value.unresolvable  # before any delivery, `ship --once` stops at once on it
+
+
 @given(st.lists(st.builds(
     Record, stat=st.text(min_size=1, max_size=40).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
     key=st.none(), ukey=st.none(), ezkey=st.none(), kind=st.sampled_from([0, 1]),
