@@ -120,6 +120,44 @@ def test_tls_against_a_plain_http_port_is_an_endpoint_error_that_says_so(receive
         client.close()
 
 
+def test_a_tls_server_the_client_does_not_trust_is_a_tls_failure_not_a_plain_http_hint(tmp_path):
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:  # one handshake, which the client breaks off: it does not trust this certificate
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                context.wrap_socket(conn, server_side=True).close()
+        except OSError:  # ssl.SSLError is one
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = StatHatClient(f"https://127.0.0.1:{listener.getsockname()[1]}", timeout=5)
+    try:
+        with pytest.raises(EndpointError) as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        server.join(10)
+        listener.close()
+    assert "TLS failure talking to" in str(caught.value) and "plain http" not in str(caught.value)
+
+
 def test_a_host_name_that_does_not_resolve_is_transient_and_named_as_such():
     client = StatHatClient("https://no-such-host.invalid", timeout=5)
     try:
