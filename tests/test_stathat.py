@@ -158,6 +158,38 @@ def test_a_tls_server_the_client_does_not_trust_is_a_tls_failure_not_a_plain_htt
     assert "TLS failure talking to" in str(caught.value) and "plain http" not in str(caught.value)
 
 
+def test_an_https_endpoint_is_reached_through_the_https_proxy_of_the_environment(monkeypatch):
+    import socket
+    import threading
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = socket.create_server(("127.0.0.1", 0))
+    proxy.settimeout(10)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    asked: list[bytes] = []
+
+    def serve() -> None:  # a proxy that reads the request, then hangs up
+        try:
+            conn, _ = proxy.accept()
+            with conn:
+                asked.append(conn.recv(4096))
+        except OSError:
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = StatHatClient("https://127.0.0.1:9", timeout=5)
+    try:
+        with pytest.raises(TransientError):
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        server.join(10)
+        proxy.close()
+    assert asked and asked[0].startswith(b"CONNECT 127.0.0.1:9 ")
+
+
 def test_a_host_name_that_does_not_resolve_is_transient_and_named_as_such():
     client = StatHatClient("https://no-such-host.invalid", timeout=5)
     try:
