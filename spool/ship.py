@@ -126,7 +126,6 @@ class _Unit:
     items: list[Leased]
     ezkey: str | None  # None: a classic record
     own_key: bool = False  # the records carry their own ezkey (a refusal of it is theirs, not the config's)
-    attempts: int = 0
 
 
 @dataclass
@@ -346,7 +345,6 @@ class Shipper:
                 self.sleep(wait)
                 continue
             unit = waiting.popleft()
-            unit.attempts += 1
             if self.config.ship.max_requests_per_second:
                 interval = 1.0 / self.config.ship.max_requests_per_second
                 self._next_request = max(self.monotonic(), self._next_request) + interval

@@ -446,6 +446,15 @@ def test_a_version_1_spool_is_migrated_keeping_its_records(db):
         assert store.lease(5, now=T0, keyed_only=False) is not None
 
 
+def test_compaction_merges_the_run_that_fits_even_when_it_is_only_a_pair(db):
+    # The third counter would overflow the sum of the first two: those two still become one record.
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many([{"stat": "ints", "count": 2**62, "t": T0}, {"stat": "ints", "count": 2**62 - 1, "t": T0},
+                     {"stat": "ints", "count": 1, "t": T0}])
+        assert sp.store.compact_counts(bucket=60) == 1
+        assert sorted(r.number for _, _, r in sp.store.records()) == [1, 2**63 - 1]
+
+
 def test_compaction_never_merges_past_what_validation_accepts_and_housekeeping_goes_on(db, receiver):
     from spool.ship import Shipper
 

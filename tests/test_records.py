@@ -18,6 +18,7 @@ from spool.records import (
     fast_row,
     fast_rows,
     make_record,
+    number_from_text,
     parse_record,
     record_rows,
 )
@@ -57,6 +58,9 @@ T = 1_700_000_000
     ({"stat": "s", "count": 1, "t": float("nan")}, "t", "must be an integer"),
     ({"stat": "s", "count": 1, "ezkey": ""}, "ezkey", "ezkey is empty"),
     ({"stat": "s", "count": 1, "key": "k", "ukey": "u"}, "stat", "not both"),
+    ({"stat": "s", "count": 1, "key": "k"}, "stat", "not both"),
+    ({"stat": "s", "count": 1, "ukey": "u"}, "stat", "not both"),
+    ({"key": " ", "ukey": "u", "count": 1}, "key", "key is empty"),
     ({"key": "k", "count": 1}, "ukey", "ukey is missing"),
     ({"ukey": "u", "count": 1}, "key", "key is missing"),
     ({"key": "k", "ukey": "u", "count": 1, "ezkey": "e"}, "ezkey", "belongs to EZ records"),
@@ -202,6 +206,31 @@ def test_the_fast_path_accepts_only_what_the_full_validator_accepts_and_builds_t
         assert tuple(parse_record(obj, ezkey=ezkey)) == row
     except InvalidRecord as exc:
         raise AssertionError(f"the fast path accepted {obj!r}, which is invalid: {exc}") from None
+
+
+def test_record_rows_gives_the_shared_ezkey_to_the_records_of_the_fast_path():
+    rows = list(record_rows([{"stat": "a", "count": 1, "t": T}, {"stat": "b", "count": 1}], ezkey="shared",
+                            clock_now=T))
+    assert [row[3] for row in rows] == ["shared", "shared"]
+
+
+def test_record_rows_stamps_a_record_without_t_with_the_clock_it_is_given():
+    rows = list(record_rows([{"stat": "a", "count": 1}, {"stat": "b", "value": 2, "ezkey": "own"}], clock_now=T))
+    assert [row[6] for row in rows] == [T, T]
+
+
+@pytest.mark.parametrize("obj", [{"stat": "a", "count": 1, "t": T - 1},
+                                 {"stat": "a", "count": 1, "t": T - 1, "ezkey": "own"}])
+def test_record_rows_refuses_a_t_before_the_configured_floor_on_every_path(obj):
+    with pytest.raises(InvalidRecord, match="configured floor") as caught:
+        list(record_rows([obj], t_floor=T))
+    assert caught.value.field == "t"
+
+
+def test_a_number_that_is_not_one_names_its_field():
+    with pytest.raises(InvalidRecord, match="is not a number") as caught:
+        number_from_text(" 12abc ", "value")
+    assert caught.value.field == "value"
 
 
 def test_record_rows_validates_every_record_of_a_large_stream_including_the_slow_ones():

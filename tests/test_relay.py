@@ -200,6 +200,7 @@ def test_statsd_counters_gauges_and_timers_become_records_and_bad_lines_are_coun
     assert got == {("app.hits", "count", 3), ("app.sampled", "count", 10.0), ("app.load", "value", 0.5),
                    ("app.latency", "value", 12), ("app.size", "value", 7)}
     assert relay.stats.statsd_invalid == 4
+    assert relay.stats.appended["statsd"] == 5  # /metrics: spool_appended_total{source="statsd"}
 
 
 def test_healthz_and_metrics(relay, db):

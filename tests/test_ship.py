@@ -348,3 +348,83 @@ def test_a_drain_searches_after_its_last_lease_only_while_no_other_connection_ha
         assert [[item.stat for item in lease.items] for lease in rest[:2]] == [
             ["s14", "s15", "s16", "s17", "s18"], ["s19"]]
         assert rest[2] is None
+
+
+def test_a_spool_too_busy_to_lease_from_is_waited_out_with_a_short_growing_back_off(db, receiver):
+    import sqlite3
+
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(3)])
+    now, waits = [1000.0], []
+    blocker = sqlite3.connect(db, isolation_level=None)
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        if len(waits) == 2:
+            blocker.execute("ROLLBACK")  # the other writer is done: the next lease goes through
+
+    config = make_config(db, receiver)
+    try:
+        with Store(db, busy_timeout=0.05) as store, \
+                Shipper(store, config, sleep=sleep, monotonic=lambda: now[0]) as shipper:
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the spool: leasing fails with "busy"
+            assert shipper.drain(max_time=3600).done
+    finally:
+        blocker.close()
+    assert waits == pytest.approx([0.05, 0.1])  # neither a hot loop nor a wait of the clock's whole reading
+    assert sorted(a["stat"] for a in receiver.accepted) == ["s0", "s1", "s2"]
+
+
+def test_the_commit_that_settles_the_last_records_of_a_lease_ends_that_lease(db, receiver):
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(20)])
+    config = make_config(db, receiver, batch_size=10, max_in_flight=1)
+    open_leases = []
+    with Store(db) as store, Shipper(store, config) as shipper:
+        def progress(_: int) -> None:
+            open_leases.append(store.conn.execute("SELECT count(*) FROM leases").fetchone()[0])
+
+        assert shipper.drain(max_time=60, on_progress=progress).done
+    assert open_leases == [0, 0]  # not left for the end of the drain
+
+
+def test_a_drain_that_gives_up_names_the_last_error_in_its_result_and_its_snapshot(db, receiver):
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="s", count=1, t=T0)])
+    receiver.fail_next(1000)
+    clock = SleepClock()
+    with Store(db) as store, \
+            Shipper(store, make_config(db, receiver), sleep=clock.sleep, monotonic=clock.monotonic) as shipper:
+        result = shipper.drain(max_time=5)
+        snapshot = shipper.snapshot()
+    assert not result.done and "stopped after 5 s; last error: HTTP 503" in result.reason
+    assert "HTTP 503" in snapshot["last_error"] and snapshot["in_flight"] == 0
+
+
+def test_run_with_no_jitter_configured_drains_at_once_and_reports_no_stop_after_a_clean_drain(db, receiver, caplog):
+    import logging
+
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="s", count=1, t=T0)])
+    waits: list[float] = []
+    with caplog.at_level(logging.INFO, logger="spool"), Store(db) as store, \
+            Shipper(store, make_config(db, receiver), sleep=waits.append) as shipper:
+        thread = threading.Thread(target=shipper.run)
+        thread.start()
+        def arrived(stat: str) -> None:
+            for _ in range(200):
+                if stat in [a["stat"] for a in receiver.accepted]:
+                    return
+                shipper.shutdown.wait(0.05)
+
+        try:
+            arrived("s")
+            with Spool(db) as producer:  # shipped by a second drain: the first one has returned
+                producer.count("later", 1, t=T0)
+            arrived("later")
+        finally:
+            shipper.stop()
+            thread.join(5)
+    assert [a["stat"] for a in receiver.accepted] == ["s", "later"] and waits == []
+    assert "shipping stopped" not in caplog.text and "jitter" not in caplog.text

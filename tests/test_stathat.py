@@ -111,6 +111,95 @@ def test_connection_errors_are_transient_and_never_carry_the_key():
     assert "cannot reach http://127.0.0.1:9" in str(caught.value)
 
 
+def test_tls_against_a_plain_http_port_is_an_endpoint_error_that_says_so(receiver):
+    client = StatHatClient(receiver.url.replace("http://", "https://"), timeout=5)
+    try:
+        with pytest.raises(EndpointError, match="the server speaks plain http there"):
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+
+
+def test_a_tls_server_the_client_does_not_trust_is_a_tls_failure_not_a_plain_http_hint(tmp_path):
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:  # one handshake, which the client breaks off: it does not trust this certificate
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                context.wrap_socket(conn, server_side=True).close()
+        except OSError:  # ssl.SSLError is one
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = StatHatClient(f"https://127.0.0.1:{listener.getsockname()[1]}", timeout=5)
+    try:
+        with pytest.raises(EndpointError) as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        server.join(10)
+        listener.close()
+    assert "TLS failure talking to" in str(caught.value) and "plain http" not in str(caught.value)
+
+
+def test_an_https_endpoint_is_reached_through_the_https_proxy_of_the_environment(monkeypatch):
+    import socket
+    import threading
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = socket.create_server(("127.0.0.1", 0))
+    proxy.settimeout(10)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    asked: list[bytes] = []
+
+    def serve() -> None:  # a proxy that reads the request, then hangs up
+        try:
+            conn, _ = proxy.accept()
+            with conn:
+                asked.append(conn.recv(4096))
+        except OSError:
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = StatHatClient("https://127.0.0.1:9", timeout=5)
+    try:
+        with pytest.raises(TransientError):
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        server.join(10)
+        proxy.close()
+    assert asked and asked[0].startswith(b"CONNECT 127.0.0.1:9 ")
+
+
+def test_a_host_name_that_does_not_resolve_is_transient_and_named_as_such():
+    client = StatHatClient("https://no-such-host.invalid", timeout=5)
+    try:
+        with pytest.raises(TransientError, match=r"cannot resolve host no-such-host\.invalid") as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+    assert caught.value.unresolvable  # before any delivery, `ship --once` stops at once on it
+
+
 @given(st.lists(st.builds(
     Record, stat=st.text(min_size=1, max_size=40).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
     key=st.none(), ukey=st.none(), ezkey=st.none(), kind=st.sampled_from([0, 1]),

@@ -191,7 +191,8 @@ def test_set_members_past_the_cap_are_dropped_and_counted():
     (f"c:4|c|T{T0}".encode(), [("c", 0, 4)]),  # its own time: checked below
     (b"c:1:x|c", []),  # a line is taken whole or not at all
     (b"c:1|c|T17000000000000", []),  # a time in milliseconds is invalid
-    (b"c:1|c|@2", []), (b"c:1|q", []), (b"c:1|c|zz", []), (b":1|c", []), (b"c|c", []), (b"g:nan|g", []),
+    (b"c:1|c|@2", []), (b"c:1|c|@0", []),  # a rate of 0 would divide by zero
+    (b"c:1|q", []), (b"c:1|c|zz", []), (b":1|c", []), (b"c|c", []), (b"g:nan|g", []),
 ])
 def test_statsd_lines(packet, expected):
     reader = StatsdReader(set_window=60)
@@ -199,6 +200,7 @@ def test_statsd_lines(packet, expected):
     assert [(r.stat, int(r.kind), r.number) for r in records] == expected
     assert all(r.t == (T0 if b"|T" in packet else WINDOW_START) for r in records)
     assert reader.counts["invalid"] == (0 if expected else 1)
+    assert reader.counts["tags_dropped"] == 0  # tags appended to the name are not dropped
 
 
 def test_spool_relay_takes_its_statsd_settings_from_the_config_file(db, tmp_path):

@@ -321,3 +321,44 @@ def test_an_append_of_a_malformed_row_is_refused_whole(db):
         with pytest.raises(StoreError):
             store.append([ez("a"), ("b", None, None, None, 0, 1)])
         assert store.counts()["pending"] == 0
+
+
+@pytest.mark.parametrize("chunk", [100, 2])  # one transaction, and staged
+def test_a_file_mark_is_committed_with_the_records_taken_from_it(db, chunk):
+    from spool.store import FileMark
+
+    mark = FileMark(b"/drop/a.jsonl", 1, 2, 300, 5, "tail")
+    with Store(db) as store:
+        assert store.append([ez(str(i)) for i in range(5)], file=mark, chunk=chunk) == 5
+        assert store.file_mark(b"/drop/a.jsonl") == mark._replace(records=5)
+        assert states(store) == {"pending": 5}
+
+
+def test_a_file_mark_follows_its_file_to_a_new_name_replacing_the_mark_there(db):
+    from spool.store import FileMark
+
+    old, new = FileMark(b"/drop/a.jsonl", 1, 2, 300, 5, "a"), FileMark(b"/drop/b.jsonl", 1, 3, 10, 5, "b")
+    with Store(db) as store:
+        store.append([ez("a")], file=old)
+        store.append([ez("b")], file=new)
+        store.move_file_mark(old.path, new.path)
+        assert store.file_marks() == [old._replace(path=new.path, records=1)]
+
+
+def test_the_size_on_disk_is_the_database_file_and_its_write_ahead_log(db):
+    with Store(db) as store:
+        store.append([ez(str(i)) for i in range(100)])
+        wal = db.with_name(db.name + "-wal")
+        assert store.size_bytes() == os.path.getsize(db) + (os.path.getsize(wal) if wal.exists() else 0) > 0
+
+
+def test_moving_records_out_takes_every_chunk_of_the_selection(db):
+    moved: list = []
+    with Store(db) as store:
+        store.append([ez("a", t=T0 + i) for i in range(7)])
+        store.append([ez("b", t=T0 + i) for i in range(7)])
+        assert store.count_selected("pending", since=T0 + 2, stat_glob="a") == 5
+        assert [r.t for _, r in store.export("pending", since=T0 + 2, stat_glob="a")] == list(range(T0 + 2, T0 + 7))
+        assert store.move_out("pending", moved.extend, since=T0 + 2, stat_glob="a", chunk=2) == 5
+        assert [r.t for r in moved] == list(range(T0 + 2, T0 + 7))
+        assert states(store) == {"pending": 9}

@@ -236,3 +236,81 @@ def test_a_file_read_while_the_clock_is_wrong_has_its_undated_records_held(drop_
         assert result.outcome == "ingested"
         assert (store.counts()["pending"], store.counts()["held"]) == (1, 1)
         assert [r.stat for _, _, r in store.records(State.HELD)] == ["undated"]
+
+
+def test_a_file_longer_than_the_shutdown_check_interval_is_ingested_whole(drop_dir, db):
+    from spool.watch import INTERRUPT_EVERY
+
+    stats = [f"s{i}" for i in range(INTERRUPT_EVERY + 1)]
+    with Store(db) as store:
+        result = Ingestor(store).ingest(drop(drop_dir, "big.jsonl", jsonl(*stats)))
+    assert (result.outcome, result.records) == ("ingested", INTERRUPT_EVERY + 1)
+    assert len(stats_in(db)) == INTERRUPT_EVERY + 1
+
+
+def test_a_shutdown_while_a_large_file_is_read_commits_nothing_and_leaves_the_file(drop_dir, db):
+    from spool.watch import INTERRUPT_EVERY, IngestResult
+
+    path = drop(drop_dir, "big.jsonl", jsonl(*[f"s{i}" for i in range(INTERRUPT_EVERY + 1)]))
+    with Store(db) as store:
+        assert Ingestor(store, interrupted=lambda: True).ingest(path) == IngestResult(path, "interrupted")
+    assert stats_in(db) == [] and path.exists()
+
+
+def test_a_file_that_changes_while_it_is_read_is_left_to_settle_and_read_again_whole(drop_dir, db):
+    from spool.watch import INTERRUPT_EVERY
+
+    stats = [f"s{i}" for i in range(INTERRUPT_EVERY + 1)]
+    path = drop(drop_dir, "growing.jsonl", jsonl(*stats))
+
+    def producer_writes_on() -> bool:  # called while the file is being read
+        with open(path, "a") as out:
+            out.write(jsonl("late"))
+        return False
+
+    with Store(db) as store:
+        result = Ingestor(store, interrupted=producer_writes_on).ingest(path)
+        assert (result.path, result.outcome, result.records) == (path, "changing", 0)
+        assert "read again once it settles" in result.describe()
+        assert stats_in(db) == [] and path.exists()
+        assert Ingestor(store).ingest(path).records == INTERRUPT_EVERY + 2
+    assert stats_in(db) == [*stats, "late"]
+
+
+def test_a_json_file_that_grew_after_it_was_taken_is_rejected_not_read_twice(drop_dir, db):
+    path = drop(drop_dir, "batch.json", jsonl("first"))
+    with Store(db) as store:
+        assert Ingestor(store).ingest(path, move=False).records == 1
+        with open(path, "a") as out:
+            out.write(jsonl("second"))
+        result = Ingestor(store).ingest(path)
+    assert result.outcome == "rejected" and "can be appended to" in str(result.errors[0])
+    assert (drop_dir / REJECTED / "batch.json").exists() and not path.exists()
+    assert "can be appended to" in (drop_dir / REJECTED / "batch.json.error.txt").read_text()
+    assert stats_in(db) == ["first"]
+
+
+def test_a_file_gone_before_it_is_read_is_reported_as_vanished_by_its_name(drop_dir, db):
+    from spool.watch import IngestResult
+
+    with Store(db) as store:
+        assert Ingestor(store).ingest(drop_dir / "gone.jsonl") == IngestResult(drop_dir / "gone.jsonl", "vanished")
+
+
+def test_every_rejected_file_gets_its_report_in_a_folder_only_spool_can_read(drop_dir, db):
+    with Store(db) as store:
+        first = Ingestor(store).ingest(drop(drop_dir, "one.jsonl", '{"stat": ""}\n{"stat": "x"}\n'))
+        Ingestor(store).ingest(drop(drop_dir, "two.jsonl", "{nope\n"))
+    assert first.describe() == "rejected one.jsonl: line 1: give count or value (and 1 more)"
+    assert os.stat(drop_dir / REJECTED).st_mode & 0o777 == 0o700  # a bad cell may hold a key
+    for name in ("one.jsonl", "two.jsonl"):
+        report = drop_dir / REJECTED / f"{name}.error.txt"
+        assert report.read_text().startswith("line 1:") and os.stat(report).st_mode & 0o777 == 0o600
+
+
+def test_a_missing_drop_directory_is_refused_naming_it(tmp_path):
+    from spool.errors import ConfigError
+    from spool.watch import check_directory
+
+    with pytest.raises(ConfigError, match="does not exist or is not a directory"):
+        check_directory(tmp_path / "missing")

@@ -292,3 +292,25 @@ def test_the_files_table_keeps_only_files_still_in_the_directory(drop_dir, db):
         wait_for(lambda: len(watcher.results) == 30)
     with Store(db) as store:
         assert store.file_marks() == []
+
+
+def test_a_file_put_back_while_a_newer_one_took_its_name_keeps_its_kind_of_name_and_its_mark(drop_dir, db):
+    path = drop(drop_dir, "log.jsonl", jsonl("first"))
+
+    class Crowded(Ingestor):
+        def _take_away(self, path, key, seen):
+            with open(path, "a") as out:
+                out.write(jsonl("late"))
+            return super()._take_away(path, key, seen)
+
+        def _put_back(self, moved, path, key):
+            drop(drop_dir, "log.jsonl", jsonl("newer"))  # a new file takes the name before this one is back
+            super()._put_back(moved, path, key)
+
+    with Store(db) as store:
+        assert Crowded(store).ingest(path).moved_to is None
+        back = drop_dir / "1-log.jsonl"
+        assert back.exists(), "put back under a name the watcher still reads as JSON lines"
+        assert Ingestor(store).ingest(back).records == 1  # its mark followed it: only what was appended
+        assert Ingestor(store).ingest(path).records == 1
+    assert stats_in(db) == ["first", "late", "newer"]
