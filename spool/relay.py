@@ -267,14 +267,20 @@ class StatsdReader:
         self.last_start = max(self.last_start, start)
 
 
-def keep_signals_for_the_main_thread() -> None:
-    """Block SIGINT and SIGTERM in the calling thread (and the threads it starts).
+def start_without_stop_signals(thread: threading.Thread) -> None:
+    """Start `thread` with SIGINT and SIGTERM blocked in it (and in every thread it starts).
 
     Python runs signal handlers in the main thread only. A process-directed signal that a busy thread of ours
     takes leaves the main thread asleep in its wait, so `spool run` would not stop (seen: one SIGTERM in four,
-    sent just after an HTTP request). Blocked here, the kernel gives the signal to a thread that takes it.
+    sent just after an HTTP request). A thread inherits the mask of the thread that starts it, so the mask is
+    set here, around the start, leaving no instant in which the new thread could take one; the caller's own
+    mask is restored at once.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # -- committing in groups ---------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ class GroupWriter:
         self.last_error: str | None = None
         self._queue: queue.Queue[_Waiting | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="spool-relay-writer", daemon=True)
-        self._thread.start()
+        start_without_stop_signals(self._thread)
 
     def write(self, rows: Sequence[Any]) -> None:
         """Return once `rows` are committed; raise StoreError if they could not be."""
@@ -314,7 +320,6 @@ class GroupWriter:
         self._thread.join(30)
 
     def _run(self) -> None:
-        keep_signals_for_the_main_thread()
         while (first := self._queue.get()) is not None:
             group, size, stopping = [first], len(first.rows), False
             while size < MAX_GROUP:
@@ -469,16 +474,15 @@ class Relay:
 
     def start(self) -> Relay:
         thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)
-        thread.start()
+        start_without_stop_signals(thread)  # and so every connection's thread, started from that one
         self._threads.append(thread)
         if self.udp is not None:
             thread = threading.Thread(target=self._statsd_loop, name="spool-statsd", daemon=True)
-            thread.start()
+            start_without_stop_signals(thread)
             self._threads.append(thread)
         return self
 
     def _serve(self) -> None:
-        keep_signals_for_the_main_thread()  # and so in every connection's thread, started from this one
         self.server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
@@ -495,7 +499,6 @@ class Relay:
 
     def _statsd_loop(self) -> None:
         assert self.udp is not None
-        keep_signals_for_the_main_thread()
         copied: Counter[str] = Counter()
         logged: Counter[str] = Counter()
         last_log = -math.inf
