@@ -359,6 +359,27 @@ def is_candidate(path: Path) -> bool:
     return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
 
 
+# What SQLite and spool put beside a spool file SPOOL: its journals, the shipper's lock, a quarantined copy.
+_SPOOL_COMPANIONS = ("-wal", "-shm", "-journal", ".ship.lock", ".corrupt-")
+
+
+def spool_files(spool: Path, directory: Path) -> tuple[str, ...]:
+    """The names in `directory` that belong to the spool itself (empty if the spool lives elsewhere).
+
+    A drop directory may be the spool's own directory (both under /var/lib/spool, say): the spool file, its
+    journals and lock must never be taken for dropped files, or the live spool would be moved to .rejected/.
+    Both the path as given and the real file behind a symlink count.
+    """
+    here = os.path.realpath(directory)
+    return tuple(path.name for path in {Path(os.path.abspath(spool)), Path(os.path.realpath(spool))}
+                 if os.path.realpath(path.parent) == here)
+
+
+def is_spool_file(name: str, spools: tuple[str, ...]) -> bool:
+    return any(name == spool or (name.startswith(spool) and name[len(spool):].startswith(_SPOOL_COMPANIONS))
+               for spool in spools)
+
+
 class DirectoryWatcher:
     """Watch one directory with watchdog and ingest what lands there, oldest first, on one worker thread.
 
@@ -388,6 +409,7 @@ class DirectoryWatcher:
         self._next_scan = float("inf")
         self._observer: Any = None
         self._overflow_watch = _OverflowWatch(self.overflowed)
+        self._spool_files = spool_files(store.path, self.directory)
 
     def snapshot(self) -> dict[str, Any]:
         """Files by outcome and records taken since start, copied under the lock (for /metrics)."""
@@ -427,7 +449,7 @@ class DirectoryWatcher:
         """Queue every candidate file in the directory, oldest first (files already waiting are not doubled)."""
         self._next_scan = self.monotonic() + self.watch.rescan
         try:
-            present = [p for p in self.directory.iterdir() if is_candidate(p) and not p.is_dir()]
+            present = [p for p in self.directory.iterdir() if self._takes(p) and not p.is_dir()]
         except OSError as exc:
             log.error("cannot list %s: %s", self.directory, exc.strerror)
             return
@@ -451,8 +473,11 @@ class DirectoryWatcher:
 
     def offer(self, path: Path, *, settle: bool) -> None:
         """Queue a path for ingestion (after it has settled, for paths found by scans, polls and creation)."""
-        if path.parent == self.directory and is_candidate(path):
+        if path.parent == self.directory and self._takes(path):
             self._queue.put((str(path), settle))
+
+    def _takes(self, path: Path) -> bool:
+        return is_candidate(path) and not is_spool_file(path.name, self._spool_files)
 
     def stop(self) -> None:
         self.shutdown.set()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from spool.config import WatchSettings
+from spool.records import make_record
 from spool.store import Store
 from spool.watch import DONE, DirectoryWatcher, Ingestor
 
@@ -314,3 +315,31 @@ def test_a_file_put_back_while_a_newer_one_took_its_name_keeps_its_kind_of_name_
         assert Ingestor(store).ingest(back).records == 1  # its mark followed it: only what was appended
         assert Ingestor(store).ingest(path).records == 1
     assert stats_in(db) == ["first", "late", "newer"]
+
+
+@pytest.mark.parametrize("through_symlink", [False, True])
+def test_a_drop_directory_that_holds_the_spool_never_takes_the_spool_for_a_dropped_file(tmp_path, through_symlink):
+    # /var/lib/spool holding both the spool and a [[watch]] path is a natural setup: the spool, its journals,
+    # its lock and a quarantined copy must stay where they are (they went to .rejected/, the spool with them).
+    box = tmp_path / "box"
+    box.mkdir()
+    db = box / "spool.db"
+    if through_symlink:  # the spool named through a link elsewhere, the real file in the watched directory
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "spool.db").symlink_to(db)
+        db = tmp_path / "elsewhere" / "spool.db"
+    with Store(db) as store:
+        store.append_one(make_record(stat="before", count=1, t=T0))
+    (box / "spool.db.corrupt-20260101T000000").write_bytes(b"a quarantined spool")
+    for name in ("spool.db", "spool.db.corrupt-20260101T000000"):
+        os.utime(box / name, (T0, T0))  # settled long ago: the start-up scan would take them at once
+    agent = spawn_cli(db, "watch", str(box))
+    try:
+        wait_for_line(agent, "watching")
+        drop(box, "job.jsonl", jsonl("dropped"))
+        wait_for(lambda: (box / DONE / "job.jsonl").exists())  # after the spool's files: they are older
+    finally:
+        stderr = stop_agent(agent)
+    assert not (box / ".rejected").exists(), stderr
+    assert sorted(stats_in(db)) == ["before", "dropped"]
+    assert (box / "spool.db.corrupt-20260101T000000").exists()
