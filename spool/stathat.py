@@ -205,8 +205,12 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self._sleeping_until = float("inf")  # the thread is woken only for a deadline earlier than this
         self._closed = False
+        self._aborted = False
 
     def watch(self, deadline: _Deadline) -> None:
+        if self._aborted:
+            deadline.expire()
+            return
         with self._wake:
             self._current = deadline
             if self._thread is None:
@@ -224,6 +228,14 @@ class _Watchdog:
         with self._wake:
             self._closed = True
             self._wake.notify()
+
+    def abort(self) -> None:
+        """Cut the request being made now, and every later one, short at once (from any thread)."""
+        with self._wake:
+            self._aborted = True
+            current, self._current = self._current, None
+        if current is not None:
+            current.expire()
 
     def _run(self) -> None:
         with self._wake:
@@ -337,6 +349,11 @@ class StatHatClient:
     def close(self) -> None:
         self.session.close()
         self._watchdog.close()
+
+    def abort(self) -> None:
+        """End the request in flight now (it fails as a transient error; its records stay pending), and refuse
+        to wait on any later one: for a shutdown that must not wait out `timeout`."""
+        self._watchdog.abort()
 
     def send_ez(self, ezkey: str, records: Sequence[EzRecord]) -> int | None:
         """POST one EZ JSON batch; return what `classify_response` returns."""

@@ -184,3 +184,24 @@ def test_sighup_to_a_command_without_the_full_agent_does_not_kill_it(db):
     time.sleep(0.5)
     assert agent.poll() is None
     stop_agent(agent)
+
+
+def test_sigterm_does_not_wait_out_a_long_timeout_for_answers_that_do_not_come(db, receiver, tmp_path):
+    # systemd kills a unit that is not gone after TimeoutStopSec (30 s in ours): with `timeout = "120s"` the
+    # agent waited for the receiver's answers that long. It now waits a few seconds, then cuts them short.
+    from spool.api import Spool
+
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(30))
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 10\ntimeout = "120s"\n')
+    receiver.hold_after_accept_next(3, seconds=120)  # batches taken, no answer for two minutes
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    wait_for(lambda: receiver.holding.is_set(), timeout=30)  # the first batch is in flight (the limit starts at 1)
+    asked = time.monotonic()
+    stderr = stop_agent(agent)
+    assert time.monotonic() - asked < 25, stderr  # STOP_WAIT (5 s) and the hand-back, far from 120 s
+    assert "requests still unanswered 5 s after shutdown was asked: cut short" in stderr, stderr
+    with Spool(db) as sp:  # unanswered is not delivered: every record waits to be sent again
+        status = sp.status()
+    assert (status["pending"], status["inflight"], status["sent"]) == (30, 0, 0)
