@@ -67,6 +67,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchdog.observers.inotify").addFilter(_drop_inotify_stop_race)
+    # urllib3 warns of an odd answer (a malformed header) with its traceback; spool's own line says what
+    # happened to the request. Its warnings show with --log-level debug.
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if level.lower() == "debug" else logging.ERROR)
 
 
 def _drop_inotify_stop_race(record: logging.LogRecord) -> bool:

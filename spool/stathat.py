@@ -393,8 +393,9 @@ class StatHatClient:
         framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
         if 200 <= response.status_code <= 299 and response.status_code != 204 and not framed:
             # An answer cut in its headers reads as a whole 2xx with no body: a refusal could hide there.
-            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no Content-Length: the "
-                                 "answer was cut short, so it is not taken for a delivery")
+            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length spool could read "
+                                 "(no Content-Length, or malformed headers): the answer may be cut short, so it is "
+                                 "not taken for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
 
     def _request(self, method: str, path: str, *, prepared: requests.PreparedRequest | None = None,

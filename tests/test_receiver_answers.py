@@ -139,3 +139,40 @@ def test_doctor_gives_a_trickling_endpoint_its_timeout_not_more(db, receiver, tm
     env = {**cli_env(db, SPOOL_ENDPOINT=receiver.url), "SPOOL_CONFIG": str(config)}
     result = run_cli(db, "doctor", env=env, timeout=30)
     assert "endpoint: " + receiver.url + " not reachable: no complete answer within 1 s" in result.stdout
+
+
+def test_an_answer_with_a_malformed_header_line_is_one_log_line_not_urllib3s_traceback(db):
+    # urllib3 logs a header defect as a warning with its traceback; spool says what happened in its own line.
+    import socket
+    import threading
+
+    answer = (b"HTTP/1.1 200 OK\r\nbroken header line\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 0\r\n\r\n")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    try:
+        result = run_cli(db, "ship", "--once", "--endpoint", f"http://127.0.0.1:{server.getsockname()[1]}",
+                         "--max-time", "2", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
+    finally:
+        done.set()
+        thread.join(10)
+        server.close()
+    assert result.returncode == 1, result.stderr
+    assert "no length spool could read (no Content-Length, or malformed headers)" in result.stderr
+    assert "Traceback" not in result.stderr and "Failed to parse headers" not in result.stderr, result.stderr
