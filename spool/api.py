@@ -345,7 +345,7 @@ class Spool:
         counters = status["counters"]
         for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
                            ("dropped_age", "dropped because their t was older than max_age"),
-                           ("refused_full", "appends refused because the spool was full"),
+                           ("refused_full", "refused because the spool was full"),
                            ("restamp_refused", "held records whose re-stamp was impossible (dead letters)"),
                            ("corrupt_quarantined", "corrupt spool files moved aside")):
             if counters.get(name):

@@ -65,6 +65,10 @@ class SpoolMissing(StoreError):
 class SpoolFull(StoreError):
     """The spool is at a configured bound (when_full = "reject_new"); nothing from the append was committed."""
 
+    def __init__(self, message: str, *, refused: int = 0):
+        super().__init__(message)
+        self.refused = refused  # the records of the append refused
+
 
 class SpoolBusy(StoreError):
     """Another process holds the spool's shipper lock."""

@@ -582,8 +582,8 @@ class Store:
         try:
             with self._write() as conn:
                 yield conn
-        except SpoolFull:
-            self.add_counts(refused_full=1)
+        except SpoolFull as full:
+            self.add_counts(refused_full=full.refused)  # records, as every other counter of drops counts
             raise
 
     def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0) -> None:
@@ -603,7 +603,7 @@ class Store:
             excess = pending - limits.max_pending
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
-                                f"{limits.max_pending}; {incoming} new records refused")
+                                f"{limits.max_pending}; {incoming} new records refused", refused=incoming)
             if excess > 0:
                 self._drop_oldest(conn, excess)
         if limits.max_spool_bytes is not None:
@@ -612,7 +612,7 @@ class Store:
                     continue  # delivered records give way first
                 if reject:
                     raise SpoolFull(f"spool full: {used} bytes in use, the limit is {limits.max_spool_bytes}; "
-                                    f"{incoming} new records refused")
+                                    f"{incoming} new records refused", refused=incoming)
                 if not self._drop_oldest(conn, 1000):
                     break
 
