@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from spool.config import Config
-from spool.errors import InvalidRecord, SpoolError
+from spool.errors import ConfigError, InvalidRecord, SpoolError
 from spool.records import Record, make_record, now, parse_record, record_rows
 from spool.store import Store
 
@@ -326,7 +326,8 @@ class Spool:
         if status["pending"] and self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
             keyless = self.store.keyless_pending()
             if keyless:
-                problems.append(f"{_n(keyless, 'pending record')} carry no ezkey and none is configured "
+                verb = "carries" if keyless == 1 else "carry"
+                problems.append(f"{_n(keyless, 'pending record')} {verb} no ezkey and none is configured "
                                 "(set ship.ezkey_file or SPOOL_EZKEY_FILE)")
         if status["last_result"] == "paused":
             problems.append(f"shipping is paused: {status['last_error']}")
@@ -394,7 +395,7 @@ def parse_when(text: str, name: str = "time") -> int:
 
 def _check_window(since: int | None, until: int | None) -> None:
     if since is not None and until is not None and until < since:
-        raise SpoolError(f"--until ({until}) is before --since ({since}): the window selects nothing")
+        raise ConfigError(f"--until ({until}) is before --since ({since}): the window selects nothing")
 
 
 def _n(count: int, noun: str) -> str:

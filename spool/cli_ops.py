@@ -167,8 +167,8 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
         result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None)
     click.echo(f"shipped {result.sent:,}, dead {result.dead:,}", err=True)
     if result.keyless:
-        click.echo(f"warning: {_n(result.keyless, 'record')} carry no ezkey and none is configured; they stay "
-                   "pending", err=True)
+        click.echo(f"warning: {_n(result.keyless, 'record')} {'carries' if result.keyless == 1 else 'carry'} no ezkey "
+                   f"and none is configured; {'it stays' if result.keyless == 1 else 'they stay'} pending", err=True)
     if not result.done:
         raise SpoolCommandError(f"{_n(result.pending, 'record')} still pending: {result.reason}", 1)
 

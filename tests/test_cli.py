@@ -120,7 +120,7 @@ def test_status_explains_why_records_are_stuck(db):
     result = run_cli(db, "status")
     assert result.returncode == 0
     assert "pending    1" in result.stdout
-    assert "carry no ezkey and none is configured" in result.stdout
+    assert "1 pending record carries no ezkey and none is configured" in result.stdout
     assert "no shipper is running" in result.stdout
 
 
@@ -317,3 +317,13 @@ def test_add_to_an_existing_spool_imports_only_what_appending_needs(db):
                 "tenacity", "watchdog", "sqlite_utils", "prometheus_client", "logging", "json"}
     assert not modules & needless, modules & needless
     assert [r.stat for r in pending(db)] == ["first", "second"]
+
+
+@pytest.mark.parametrize("command", [["export"], ["replay"]])
+def test_a_window_ending_before_it_starts_is_a_usage_error_exit_2(db, command):
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    result = run_cli(db, *command, "--since", str(T0 + 10), "--until", str(T0))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("spool: error: --until") and "is before --since" in result.stderr
+    assert "Traceback" not in result.stderr
