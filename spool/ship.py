@@ -524,13 +524,13 @@ class Shipper:
 
     def _finish(self, waiting: collections.deque[_Unit], unsettled: dict[int, int]) -> None:
         """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
-        cut, stop_at = False, None
+        cut, stop_at = False, float("inf")
         while self.stats.in_flight:
             # Stopping (SIGTERM under systemd's TimeoutStopSec) waits STOP_WAIT for the answers, not `timeout`.
             stopping = self.shutdown.is_set() and not cut
-            if stopping and stop_at is None:
-                stop_at = time.monotonic() + STOP_WAIT
-            wait = max(0.0, stop_at - time.monotonic()) if stopping and stop_at else self.config.ship.timeout + 5
+            if stopping:
+                stop_at = min(stop_at, time.monotonic() + STOP_WAIT)
+            wait = max(0.0, stop_at - time.monotonic()) if stopping else self.config.ship.timeout + 5
             try:
                 answer = self._answers.get(timeout=wait)
             except queue.Empty:

@@ -25,6 +25,17 @@ from spool.watch import DirectoryWatcher
 
 T0 = 1_700_000_000  # a fixed, plausible unix time for records in tests
 TEST_EZKEY = "test-ezkey-0123456789"
+# StatHat's JSON API example, verbatim from its documentation (trailing comma included).
+STATHAT_JSON_EXAMPLE = """{
+    "ezkey": "XXXYYYZZZ",
+    "data": [
+        {"stat": "page view", "count": 2},
+        {"stat": "messages sent~total,female,europe", "count": 1},
+        {"stat": "request time~total,messages", "value": 23.094},
+        {"stat": "ws0: load average", "value": 0.732, "t": 1363118126},
+    ]
+}
+"""
 
 
 def make_config(db: Path, receiver: Receiver | None = None, **changes: Any) -> Config:

@@ -18,18 +18,7 @@ from spool.formats import read_json_stream, to_records
 from spool.records import parse_record, record_rows
 from spool.store import Store
 
-from .helpers import T0, cli_env, run_cli, running_relay, wait_for
-
-STATHAT_EXAMPLE = """{
-    "ezkey": "XXXYYYZZZ",
-    "data": [
-        {"stat": "page view", "count": 2},
-        {"stat": "messages sent~total,female,europe", "count": 1},
-        {"stat": "request time~total,messages", "value": 23.094},
-        {"stat": "ws0: load average", "value": 0.732, "t": 1363118126},
-    ]
-}
-"""
+from .helpers import STATHAT_JSON_EXAMPLE, T0, cli_env, run_cli, running_relay, wait_for
 
 
 def pending(db):
@@ -86,7 +75,7 @@ def test_a_pretty_printed_document_is_still_read_as_one_document(text):
 
 def test_stathats_own_example_with_its_trailing_comma_is_one_precise_error_not_four_lines(db):
     errors = []
-    records = list(to_records(read_json_stream(io.BytesIO(STATHAT_EXAMPLE.encode())), on_invalid=errors.append))
+    records = list(to_records(read_json_stream(io.BytesIO(STATHAT_JSON_EXAMPLE.encode())), on_invalid=errors.append))
     assert records == []
     assert len(errors) == 1
     assert errors[0].reason == "trailing comma before ']' (JSON allows none; the comma is on line 7)"

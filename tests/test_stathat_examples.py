@@ -14,23 +14,14 @@ import requests
 from spool.records import make_record
 from spool.store import Store
 
-from .helpers import run_cli, running_relay
+from .helpers import STATHAT_JSON_EXAMPLE, run_cli, running_relay
 
 # The page's own values, verbatim.
 EZKEY = "john@example.com"  # the account's email works as an ezkey
 CLASSIC = "i2oer9xisFGsHDNVYzJTM2cy9Xj"  # the page uses this one string as both key and ukey
 PAGE_T = 1362772440
 JSON_T = 1363118126
-JSON_VERBATIM = """{
-    "ezkey": "XXXYYYZZZ",
-    "data": [
-        {"stat": "page view", "count": 2},
-        {"stat": "messages sent~total,female,europe", "count": 1},
-        {"stat": "request time~total,messages", "value": 23.094},
-        {"stat": "ws0: load average", "value": 0.732, "t": 1363118126},
-    ]
-}
-"""
+JSON_VERBATIM = STATHAT_JSON_EXAMPLE
 JSON_FIXED = JSON_VERBATIM.replace("1363118126},\n", "1363118126}\n")
 TRAILING_COMMA = "line 8: trailing comma before ']' (JSON allows none; the comma is on line 7)"
 

@@ -164,17 +164,19 @@ def test_a_file_replaced_after_it_was_read_is_put_back_unread_not_moved(drop_dir
     assert len(list((drop_dir / DONE).iterdir())) == (1 if after == "move" else 0)
 
 
+class AppendsWhileMoved(Ingestor):
+    """An ingestor whose file gets a line appended (a producer's open, append, close) just before it is moved."""
+
+    def _take_away(self, path, key, seen):
+        with open(path, "a") as out:
+            out.write(jsonl("late"))
+        return super()._take_away(path, key, seen)
+
+
 def test_a_file_appended_to_while_it_is_moved_is_put_back_and_its_rest_taken(drop_dir, db):
     path = drop(drop_dir, "log.jsonl", jsonl("first"))
-
-    class Appending(Ingestor):
-        def _take_away(self, path, key, seen):
-            with open(path, "a") as out:
-                out.write(jsonl("late"))
-            return super()._take_away(path, key, seen)
-
     with Store(db) as store:
-        assert Appending(store).ingest(path).moved_to is None
+        assert AppendsWhileMoved(store).ingest(path).moved_to is None
         assert Ingestor(store).ingest(path).records == 1
     assert stats_in(db) == ["first", "late"]
 
@@ -298,12 +300,7 @@ def test_the_files_table_keeps_only_files_still_in_the_directory(drop_dir, db):
 def test_a_file_put_back_while_a_newer_one_took_its_name_keeps_its_kind_of_name_and_its_mark(drop_dir, db):
     path = drop(drop_dir, "log.jsonl", jsonl("first"))
 
-    class Crowded(Ingestor):
-        def _take_away(self, path, key, seen):
-            with open(path, "a") as out:
-                out.write(jsonl("late"))
-            return super()._take_away(path, key, seen)
-
+    class Crowded(AppendsWhileMoved):
         def _put_back(self, moved, path, key):
             drop(drop_dir, "log.jsonl", jsonl("newer"))  # a new file takes the name before this one is back
             super()._put_back(moved, path, key)

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from ..helpers import T0, TEST_EZKEY
+from .mount import fsync_dir
 
 RELAY_CLIENTS = 16
 T_SPAN = 1000  # records get t in [T0, T0 + T_SPAN): an export of t <= the middle takes part of the backlog
@@ -100,18 +101,13 @@ rescan = "1s"
 """)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def clean_env() -> dict[str, str]:
+    """This environment without any SPOOL_ setting: spool reads only what a test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
 
 
 def spool_env(layout: Layout) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
-    env.update(SPOOL_CONFIG=str(layout.config), PYTHONUNBUFFERED="1")
-    return env
+    return {**clean_env(), "SPOOL_CONFIG": str(layout.config), "PYTHONUNBUFFERED": "1"}
 
 
 class Processes:

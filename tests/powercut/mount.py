@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable, as a careful producer does. The tests' own copy, kept apart from
+    spool.durable's on purpose: what they set up must not depend on the code they check."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class MountError(RuntimeError):
     """lazyfs could not be mounted; the message says why (its stderr)."""
 

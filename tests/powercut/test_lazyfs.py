@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .mount import LazyMount, is_mounted
+from .mount import LazyMount, fsync_dir, is_mounted
 
 Mount = Callable[[], LazyMount]
 
@@ -27,14 +27,6 @@ def write(path: Path, data: bytes, *, sync: bool) -> None:
         f.flush()
         if sync:
             os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable(path: Path) -> Path:

@@ -53,13 +53,13 @@ from .load import (
     Processes,
     Tally,
     api_child,
-    fsync_dir,
+    clean_env,
     spool_args,
     spool_env,
     wait_until,
     write_config,
 )
-from .mount import LazyMount
+from .mount import LazyMount, fsync_dir
 
 LONG = bool(os.environ.get("SPOOL_LONG"))
 TRIALS, CUTS = (20, 10) if LONG else (2, 10)
@@ -495,10 +495,9 @@ def test_an_export_cut_between_chunks_leaves_every_record_in_its_file_or_in_the_
     assert len(set(moved) & set(left)) <= 10_000
 
 
-@pytest.mark.parametrize("device", ["the same", "another"])
-def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_back(lazyfs, device):
-    """The power goes after a file's records and identity were committed and before it was moved to .done/."""
-    fs = lazyfs()
+def durable_job(fs: LazyMount) -> tuple[Path, Path, Path]:
+    """A drop directory and a spool's directory on the mount, and job.jsonl (3 records) in the drop directory,
+    all durable: (drop directory, spool path, job file)."""
     drop, db = fs.mountpoint / "drop", fs.mountpoint / "state" / "spool.db"
     drop.mkdir()
     db.parent.mkdir()
@@ -509,7 +508,15 @@ def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_b
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(drop)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    return drop, db, job
+
+
+@pytest.mark.parametrize("device", ["the same", "another"])
+def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_back(lazyfs, device):
+    """The power goes after a file's records and identity were committed and before it was moved to .done/."""
+    fs = lazyfs()
+    drop, db, job = durable_job(fs)
+    env = clean_env()
     taken = subprocess.run(spool_args("--db", str(db), "ingest", "--keep", str(job)), env=env,
                            capture_output=True, text=True)  # taken and left in place: the state a cut leaves
     assert taken.returncode == 0, taken.stderr
@@ -535,19 +542,10 @@ def test_a_file_taken_just_before_a_cut_is_not_taken_again_when_the_disk_comes_b
 def test_with_synchronous_normal_a_file_moved_to_done_is_still_in_the_spool_after_a_cut(lazyfs, tmp_path):
     """normal may lose the last appends, but never a file's: the file leaves the directory for good."""
     fs = lazyfs()
-    drop, db = fs.mountpoint / "drop", fs.mountpoint / "state" / "spool.db"
-    drop.mkdir()
-    db.parent.mkdir()
-    fsync_dir(fs.mountpoint)
-    job = drop / "job.jsonl"
-    with open(job, "w") as f:
-        f.write("".join(json.dumps({"stat": f"job {i}", "count": 1, "t": T0}) + "\n" for i in range(3)))
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(drop)
+    drop, db, job = durable_job(fs)
     config = tmp_path / "normal.toml"
     config.write_text('[spool]\nsynchronous = "normal"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
+    env = clean_env()
     # The watcher, running on: its connection stays open (a last close would checkpoint the WAL to disk).
     watcher = subprocess.Popen(spool_args("--config", str(config), "--db", str(db), "watch", str(drop)), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
