@@ -165,16 +165,21 @@ class Spool:
         The file moves to .done/ (or .rejected/) beside it, unless `keep`; a file still being written, or
         appended to while it was moved, is read again until it settles (a few tries).
         """
-        from spool.watch import Ingestor
+        from spool.watch import DirectoryLock, Ingestor
 
         target = Path(path)
         ingestor = Ingestor(self.store, skip_invalid=skip_invalid, t_floor=self.t_floor)
-        for attempt in range(5):
-            result = ingestor.ingest(target, move=not keep)
-            settled = keep or result.moved_to is not None or not target.exists()
-            if result.outcome != "changing" and (settled or result.outcome in ("rejected", "failed")):
-                break
-            time.sleep(0.2 * (attempt + 1))
+        lock = DirectoryLock(target.parent).acquire(
+            busy="is watched by a running spool (spool run or spool watch): it takes the files there itself")
+        try:
+            for attempt in range(5):
+                result = ingestor.ingest(target, move=not keep)
+                settled = keep or result.moved_to is not None or result.unmoved is not None or not target.exists()
+                if result.outcome != "changing" and (settled or result.outcome in ("rejected", "failed")):
+                    break
+                time.sleep(0.2 * (attempt + 1))
+        finally:
+            lock.release()
         return result
 
     # -- shipping ---------------------------------------------------------------------------------------

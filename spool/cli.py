@@ -261,7 +261,7 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
 
     Example: spool ingest /var/spool/drop/batch-0001.jsonl.gz
     """
-    rejected = 0
+    rejected = unmoved = 0
     with obj.spool(create=True) as sp:
         for path in files:
             result = sp.ingest(path, skip_invalid=skip_invalid, keep=keep)
@@ -269,8 +269,13 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
                 raise SpoolCommandError(f"no such file: {path}", 1)
             rejected += result.outcome in ("rejected", "failed")
             click.echo(result.describe(), err=True)
+            if result.unmoved is not None:
+                unmoved += 1
+                click.echo(result.describe_unmoved("when this is run again"), err=True)
     if rejected:
         raise SpoolCommandError(f"{rejected} of {_n(len(files), 'file')} rejected", EXIT_USAGE)
+    if unmoved:
+        raise SpoolCommandError(f"{unmoved} of {_n(len(files), 'file')} could not be moved away", 1)
 
 
 def _progress(length: int, label: str, *, of_bytes: bool = False) -> Any:

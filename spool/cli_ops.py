@@ -50,9 +50,9 @@ def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval
 
     Example: spool watch /var/spool/drop
     """
-    entries = tuple(configuration.watch_entry(
+    entries = configuration.distinct_watches(tuple(configuration.watch_entry(
         {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
-         "after": "delete" if delete else "move"}, "--", text=True) for d in directories)
+         "after": "delete" if delete else "move"}, "--", text=True) for d in directories), "spool watch")
     _run_agent(lambda: obj.config().replace(watch=entries), only=("watch",))
 
 

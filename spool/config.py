@@ -489,6 +489,10 @@ class WatchSettings(_Settings):
     poll: bool = setting(False, Boolean(), "poll instead of inotify (NFS, some FUSE mounts)")
     poll_interval: float = setting(1.0, Duration(), "with poll: how often")
     settle: float = setting(1.0, Duration(), "a file found by a scan or a poll must be unchanged this long")
+    linger: float = setting(5.0, Duration(), "a file moved to .done/ is still read for what is written to it "
+                            "until it has been unchanged this long (a producer that opened it before the move)")
+    partial_wait: float = setting(30.0, Duration(), "a last line without its newline waits for it until the file "
+                                  "has been unchanged this long, then is taken as it is (or rejected)")
     rescan: float = setting(30.0, Duration(), "how often the directory is listed again (events can be lost)")
     after: str = setting("move", Choice("move", "delete"), "ingested files go to DIR/.done/, or are deleted")
     skip_invalid: bool = setting(False, Boolean(), "take a file's good records and report the bad ones")
@@ -615,6 +619,18 @@ def watch_entry(table: Mapping[str, object], where: str, *, text: bool = False) 
     return entry
 
 
+def distinct_watches(entries: tuple[WatchSettings, ...], where: str) -> tuple[WatchSettings, ...]:
+    """Refuse two [[watch]] entries naming one directory (by its real path): both would take every file."""
+    seen: dict[str, Path] = {}
+    for entry in entries:
+        real = os.path.realpath(entry.path)
+        if real in seen:
+            raise ConfigError(f"{where}: [[watch]] paths {seen[real]} and {entry.path} are the same directory "
+                              f"({real}); watch it once")
+        seen[real] = entry.path
+    return entries
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file into {section: {key: value}} and a watch list, each value checked."""
     if sys.version_info >= (3, 11):
@@ -637,7 +653,7 @@ def read_file(path: Path) -> dict[str, Any]:
         if section == "watch":
             if not isinstance(table, list):
                 raise ConfigError(f"{where}: watched directories are [[watch]] tables (note the double brackets)")
-            out["watch"] = tuple(watch_entry(entry, where) for entry in table)
+            out["watch"] = distinct_watches(tuple(watch_entry(entry, where) for entry in table), where)
             continue
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]{_did_you_mean(section, [*SECTIONS, 'watch'])}")

@@ -8,6 +8,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 from spool.config import Config, parse_address
@@ -44,13 +45,25 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
     yield _disk(config)
     yield _integrity(config)
     for watch in config.watch:
-        writable = watch.path.is_dir() and os.access(watch.path, os.R_OK | os.W_OK | os.X_OK)
-        yield Verdict(f"watch {watch.path}", writable, "writable" if writable else "missing or not writable",
-                      f"mkdir -p {watch.path} and give the spool user write access")
+        yield from _watched(watch.path)
     if config.relay.enabled:
         yield _port(config.relay.listen, "relay", 8080)
     if config.metrics.listen:
         yield _port(config.metrics.listen, "metrics", 9464)
+
+
+def _watched(path: Path) -> Iterator[Verdict]:
+    """A drop directory, and the .done/ and .rejected/ folders spool moves its files into."""
+    from spool.watch import DONE, REJECTED, folder_problem
+
+    writable = path.is_dir() and os.access(path, os.R_OK | os.W_OK | os.X_OK)
+    yield Verdict(f"watch {path}", writable, "writable" if writable else "missing or not writable",
+                  f"mkdir -p {path} and give the spool user write access")
+    for name in (DONE, REJECTED):
+        problem = folder_problem(path, name) if writable else None
+        if problem is not None:
+            yield Verdict(f"watch {path / name}", False, problem,
+                          f"remove {path / name} (spool makes it) or make the spool user its owner")
 
 
 def _key(config: Config) -> Verdict:

@@ -10,15 +10,26 @@ deleted), and only if the file at the path is still the one read, unchanged. So:
 * a file replaced under the same name is a new file, read whole; two files with the same bytes are two;
 * a file that grew after it was read (a producer appending) has only its new part taken later;
 * a file found to be another one at the moment of the move (a producer renamed a new file over it) is put
-  back unread, never moved or deleted.
+  back unread, never moved or deleted;
+* a file moved to .done/ stays watched there for `linger` seconds after its last change, its mark kept: what a
+  producer that opened it before the move writes afterwards is taken too (and after a crash, on restart);
+* a last line without its newline is a line still being written: it waits for its newline, or for the file to
+  stay unchanged `partial_wait` seconds, and only then is it judged.
 
-Files with invalid records go to DIR/.rejected/ with NAME.error.txt beside them.
+Files with invalid records go to DIR/.rejected/ with a NAME.error.txt report beside them.
+
+The boundary is hostile: producers own the directory too. spool never follows a link it did not make (the
+files, .done/ and .rejected/ are opened without following links and used through their descriptors), never
+writes through a name a producer could have placed (reports are created new, never truncated), and takes one
+directory with one process at a time (an flock on the directory).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import fcntl
 import hashlib
 import heapq
 import io
@@ -48,15 +59,19 @@ TAIL = 1 << 16  # bytes before the offset whose hash tells an appended file from
 MAX_REPORTED = 1000  # error lines written to NAME.error.txt
 INTERRUPT_EVERY = 10_000  # records between checks for shutdown while ingesting a large file
 RECENT = 1000  # results a long-running watcher keeps (totals are counted, not kept)
+MAX_BACKOFF = 300.0  # seconds between tries at most, for a file that cannot be moved
 
 
 class IngestResult(NamedTuple):
     path: Path
-    outcome: str  # "ingested", "already", "rejected", "failed", "vanished", "interrupted", "changing"
+    # "ingested", "partial" (complete lines taken, the last one still being written), "already", "rejected",
+    # "failed", "vanished", "interrupted", "changing"
+    outcome: str
     records: int = 0
     errors: tuple[InvalidRecord, ...] = ()
     moved_to: Path | None = None
     offset: int = 0  # the byte the records taken start at (an appended file: where the last read ended)
+    unmoved: str | None = None  # why the file could not be moved away (it stays, taken; retried later)
 
     def describe(self) -> str:
         """One log line saying what happened to the file (its name escaped: names can hold anything)."""
@@ -73,7 +88,18 @@ class IngestResult(NamedTuple):
             return f"rejected {name}: {first}{more}"
         if self.outcome == "changing":
             return f"{name} changed while it was read; nothing taken, it is read again once it settles"
+        if self.outcome == "partial":
+            return (f"took {self.records} records from {name}; its last line has no newline yet and waits for it"
+                    if self.records else f"{name}: its only line has no newline yet; waiting for it")
         return f"{name}: {self.outcome}"
+
+    def describe_unmoved(self, retry: str) -> str:
+        """The one loud line for a file spool could not move away: what was taken, why, and what happens next."""
+        name = printable(self.path.name)
+        folder = REJECTED if self.outcome in ("rejected", "failed") else DONE
+        kept = "nothing taken from it" if folder == REJECTED else "its records are taken (never twice)"
+        return (f"cannot move {name} into {folder}/: {self.unmoved}; {kept}, it stays where it is and is "
+                f"retried {retry}")
 
 
 class _RejectFile(Exception):
@@ -86,6 +112,10 @@ class _Interrupted(Exception):
 
 class _Changed(Exception):
     pass
+
+
+class Unmovable(Exception):
+    """A file cannot be moved into .done/ or .rejected/ (the folder is a link, not a folder, not writable)."""
 
 
 class _Slice(io.RawIOBase):
@@ -126,11 +156,17 @@ def _header(fd: int) -> bytes:
 
 
 class Ingestor:
-    """Take files into the spool, one transaction each, and move them away after the commit."""
+    """Take files into the spool, one transaction each, and move them away after the commit.
+
+    `linger` (a watcher's): a moved file keeps its mark under its new name, to be watched there for growth (see
+    DirectoryWatcher); without it (a one-shot ingest) the mark is forgotten and `after = "delete"` deletes at
+    once. `partial_wait`: how long a line format's last line without a newline may stay unchanged before it is
+    judged as it is (0: at once, as a one-shot ingest of a file the operator named does).
+    """
 
     def __init__(self, store: Store, *, skip_invalid: bool = False, after: str = "move",
                  max_bytes: int = 256 << 20, t_floor: int = T_FLOOR, clock: Callable[[], float] = time.time,
-                 interrupted: Callable[[], bool] = lambda: False):
+                 interrupted: Callable[[], bool] = lambda: False, linger: bool = False, partial_wait: float = 0.0):
         self.store = store
         self.skip_invalid = skip_invalid
         self.after = after
@@ -138,50 +174,60 @@ class Ingestor:
         self.t_floor = t_floor
         self.clock = clock
         self.interrupted = interrupted
+        self.linger = linger
+        self.partial_wait = partial_wait
 
     @classmethod
     def for_watch(cls, store: Store, watch: WatchSettings, **kwargs: object) -> Ingestor:
         return cls(store, skip_invalid=watch.skip_invalid, after=watch.after, max_bytes=watch.max_bytes,
-                   **kwargs)  # type: ignore[arg-type]
+                   linger=True, partial_wait=watch.partial_wait, **kwargs)  # type: ignore[arg-type]
 
-    def ingest(self, path: Path, *, move: bool = True) -> IngestResult:
-        """Ingest one file; with `move`, move it to .done/ or .rejected/ (or delete it) afterwards."""
+    def ingest(self, path: Path, *, move: bool = True, kind: str | None = None) -> IngestResult:
+        """Ingest one file; with `move`, move it to .done/ or .rejected/ (or delete it) afterwards.
+
+        `kind`: the name whose extension says the format (a file lingering in .done/ may have a numbered name).
+        """
+        kind = kind or path.name
         try:
             info = path.lstat()
         except FileNotFoundError:
             return IngestResult(path, "vanished")
-        refusal = self._refusal(path, info)
+        refusal = self._refusal(kind, info)
         if refusal is not None:
             return self._reject(path, [InvalidRecord(refusal)], move)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return IngestResult(path, "vanished")
         except OSError as exc:
             return self._reject(path, [InvalidRecord(f"cannot read the file: {exc.strerror}")], move)
         try:
-            return self._ingest_open(path, fd, move)
+            return self._ingest_open(path, fd, move, kind)
         finally:
             os.close(fd)
 
-    def _ingest_open(self, path: Path, fd: int, move: bool) -> IngestResult:
+    def _ingest_open(self, path: Path, fd: int, move: bool, kind: str) -> IngestResult:
         seen = os.fstat(fd)
         if not stat.S_ISREG(seen.st_mode):  # replaced by something else since the lstat
             return self._reject(path, [InvalidRecord("is not a regular file")], move)
         key = os.fsencode(os.path.abspath(path))
         start = self._resume_at(fd, seen, self.store.file_mark(key))
         if start is None:  # this very file was taken before (a crash came before its move, or --keep)
-            return IngestResult(path, "already", moved_to=self._take_away(path, key, seen) if move else None)
-        if start and not path.name.lower().endswith(APPENDABLE):
+            return self._taken(IngestResult(path, "already"), key, seen, move)
+        lines = kind.lower().endswith(APPENDABLE)
+        if start and not lines:
             return self._reject(path, [InvalidRecord(
                 f"changed after its first {start} bytes were taken; only {', '.join(APPENDABLE)} files "
                 "can be appended to (write a new file for new records)")], move)
-        reader = reader_for(path.name)
+        end = self._complete_lines_end(fd, start, seen) if lines else seen.st_size
+        if end <= start:  # only a line still being written: nothing to take yet
+            return IngestResult(path, "partial", offset=start)
+        reader = reader_for(kind)
         assert reader is not None  # _refusal checked the kind
-        prefix = _header(fd) if start and path.name.lower().endswith(".csv") else b""
-        stream = io.BufferedReader(_Slice(fd, start, seen.st_size, prefix), 1 << 16)
+        prefix = _header(fd) if start and kind.lower().endswith(".csv") else b""
+        stream = io.BufferedReader(_Slice(fd, start, end, prefix), 1 << 16)
         errors: list[InvalidRecord] = []
-        mark = FileMark(key, seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns, tail_hash(fd, seen.st_size))
+        mark = FileMark(key, seen.st_dev, seen.st_ino, end, seen.st_mtime_ns, tail_hash(fd, end))
         try:
             records = self._checked(to_records(reader(stream), clock_now=stamp(self.clock()), t_floor=self.t_floor,
                                                on_invalid=errors.append), errors, fd, seen)
@@ -194,8 +240,37 @@ class Ingestor:
             return IngestResult(path, "changing")
         if errors:  # skip_invalid: the good records are in; say which were left out and why
             self._write_report(path, errors, start)
-        moved = self._take_away(path, key, seen) if move else None
-        return IngestResult(path, "ingested", taken, tuple(errors), moved, start)
+        if end < seen.st_size:  # the last line is still coming: the file stays, its mark says where to go on
+            return IngestResult(path, "partial", taken, tuple(errors), offset=start)
+        return self._taken(IngestResult(path, "ingested", taken, tuple(errors), offset=start), key, seen, move)
+
+    def _complete_lines_end(self, fd: int, start: int, seen: os.stat_result) -> int:
+        """Where the complete lines after `start` end: a last line without its newline is still being written.
+
+        It is taken as it is once the file has been unchanged for `partial_wait` seconds (0: at once).
+        """
+        end = seen.st_size
+        if end <= start or os.pread(fd, 1, end - 1) == b"\n":
+            return end
+        if self.clock() - seen.st_mtime >= self.partial_wait:
+            return end
+        position = end
+        while position > start:  # back from the end to the last newline, a block at a time
+            begin = max(start, position - (1 << 16))
+            cut = os.pread(fd, position - begin, begin).rfind(b"\n")
+            if cut >= 0:
+                return begin + cut + 1
+            position = begin
+        return start
+
+    def _taken(self, result: IngestResult, key: bytes, seen: os.stat_result, move: bool) -> IngestResult:
+        """Move a file whose records are committed out of the way; say so in the result, or why not."""
+        if not move:
+            return result
+        try:
+            return result._replace(moved_to=self._take_away(result.path, key, seen))
+        except Unmovable as exc:
+            return result._replace(unmoved=str(exc))
 
     @staticmethod
     def _resume_at(fd: int, seen: os.stat_result, mark: FileMark | None) -> int | None:
@@ -206,16 +281,20 @@ class Ingestor:
             return 0  # never seen, or another file now has this name
         if seen.st_size < mark.offset or tail_hash(fd, mark.offset) != mark.tail:
             return 0  # truncated or rewritten in place: what is there now is new
-        return mark.offset if seen.st_size > mark.offset else None
+        if seen.st_size == mark.offset:
+            # The same size and bytes, but written since (its mtime moved): rewritten in place with the same
+            # bytes, or deleted and made again under a reused inode number. A new file, read whole.
+            return None if seen.st_mtime_ns == mark.mtime_ns else 0
+        return mark.offset
 
-    def _refusal(self, path: Path, info: os.stat_result) -> str | None:
+    def _refusal(self, kind: str, info: os.stat_result) -> str | None:
         if stat.S_ISLNK(info.st_mode):
             return "is a symbolic link; links are not followed"
         if not stat.S_ISREG(info.st_mode):
             return "is not a regular file"
         if info.st_size > self.max_bytes:
             return f"is {info.st_size} bytes, over the limit of {self.max_bytes}"
-        if reader_for(path.name) is None:
+        if reader_for(kind) is None:
             return f"is not a known kind of file (expected one of {', '.join(SUFFIXES)})"
         return None
 
@@ -248,74 +327,191 @@ class Ingestor:
         return result._replace(outcome="failed")
 
     def _reject(self, path: Path, errors: list[InvalidRecord], move: bool, start: int = 0) -> IngestResult:
-        moved = None
-        if move:
-            self._write_report(path, errors, start)
-            moved = _move_into(path, path.parent / REJECTED)
-        return IngestResult(path, "rejected", 0, tuple(errors), moved, start)
+        result = IngestResult(path, "rejected", 0, tuple(errors), offset=start)
+        if not move:
+            return result
+        try:
+            with _Folder(path.parent, REJECTED) as folder:
+                name = folder.move_in(path)
+                if name is None:
+                    return result  # gone already
+                folder.sync(path.parent)  # the file left the watched directory for good: it is not read again
+                folder.report(name, _report_lines(errors, start))
+                return result._replace(moved_to=folder.path / name)
+        except Unmovable as exc:
+            return result._replace(unmoved=str(exc))
 
     def _write_report(self, path: Path, errors: list[InvalidRecord], start: int = 0) -> None:
-        lines = [f"lines counted from byte {start}, where the part taken before ended"] if start else []
-        lines += [str(error) for error in errors[:MAX_REPORTED]]
-        if len(errors) > MAX_REPORTED:
-            lines.append(f"... and {len(errors) - MAX_REPORTED} more")
-        folder = path.parent / REJECTED
-        report = folder / f"{path.name}.error.txt"
+        """The report of the bad lines of a file whose good records were taken (skip_invalid)."""
         try:
-            folder.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a bad cell may hold a key
-            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
-                os.fchmod(out.fileno(), 0o600)
-                out.write("\n".join(lines) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            fsync_dir(folder)
-        except OSError as exc:
-            log.error("cannot write the error report for %s: %s", printable(path.name), exc.strerror)
+            with _Folder(path.parent, REJECTED) as folder:
+                folder.report(path.name, _report_lines(errors, start))
+        except Unmovable as exc:
+            log.error("cannot write the error report for %s: %s", printable(path.name), exc)
 
     def _take_away(self, path: Path, key: bytes, seen: os.stat_result) -> Path | None:
         """Move the file read to .done/ (or delete it), only if what is at the path is still that file, unchanged.
 
         The rename moves whatever the name points to at that instant, so the moved file is checked after the
-        rename; a file that is not the one read, or that grew meanwhile, is put back unread.
+        rename; a file that is not the one read, or that grew meanwhile, is put back unread. Raises Unmovable.
         """
-        folder = path.parent / DONE
-        try:
-            folder.mkdir(mode=0o700, exist_ok=True)
-            target = _free_name(folder, path.name)
-            os.rename(path, target)
-        except FileNotFoundError:
-            return None  # gone already: replaced and removed by its producer
-        except OSError as exc:
-            log.error("cannot move %s into %s: %s", printable(path.name), DONE, exc.strerror)
-            return None
-        moved = os.lstat(target)
-        if ((moved.st_dev, moved.st_ino, moved.st_size, moved.st_mtime_ns)
-                != (seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns)):
-            self._put_back(target, path, key)
-            return None
-        fsync_dir(folder)
-        fsync_dir(path.parent)
-        self.store.forget_files([key])  # only now: a mark never outlives its file's stay in the directory
-        if self.after == "delete":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-            return None
-        return target
+        with _Folder(path.parent, DONE) as folder:
+            name = folder.move_in(path)
+            if name is None:
+                return None  # gone already: replaced and removed by its producer
+            moved = folder.lstat(name)
+            if ((moved.st_dev, moved.st_ino, moved.st_size, moved.st_mtime_ns)
+                    != (seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns)):
+                self._put_back(folder, name, path, key)
+                return None
+            folder.sync(path.parent)
+            target = folder.path / name
+            if self.linger:  # the mark follows the file: what is written to it from now on is taken too
+                self.store.move_file_mark(key, os.fsencode(os.path.abspath(target)))
+                return target
+            self.store.forget_files([key])  # only now: a mark never outlives its file's stay in the directory
+            if self.after == "delete":
+                folder.unlink(name)
+                return None
+            return target
 
-    def _put_back(self, moved: Path, path: Path, key: bytes) -> None:
+    def _put_back(self, folder: _Folder, name: str, path: Path, key: bytes) -> None:
         """Return a file moved by mistake to its name (never over another file), or under a new one beside it."""
         try:
-            os.link(moved, path)
+            os.link(name, path, src_dir_fd=folder.fd, follow_symlinks=False)
         except FileExistsError:  # a newer file took the name meanwhile: give this one a name of its own
             fresh = _free_name(path.parent, path.name, prefix=True)
             # Its mark goes with it (what was taken from it stays taken); the file now at the old name is new.
             self.store.move_file_mark(key, os.fsencode(os.path.abspath(fresh)))
-            os.link(moved, fresh)
+            os.link(name, fresh, src_dir_fd=folder.fd, follow_symlinks=False)
             log.warning("%s was replaced while it was moved; the file read earlier is back as %s",
                         printable(path.name), printable(fresh.name))
-        os.unlink(moved)
+        folder.unlink(name)
         fsync_dir(path.parent)
+
+
+def _report_lines(errors: list[InvalidRecord], start: int) -> list[str]:
+    lines = [f"lines counted from byte {start}, where the part taken before ended"] if start else []
+    lines += [str(error) for error in errors[:MAX_REPORTED]]
+    if len(errors) > MAX_REPORTED:
+        lines.append(f"... and {len(errors) - MAX_REPORTED} more")
+    return lines
+
+
+class _Folder:
+    """DIR/.done/ or DIR/.rejected/, made if missing, opened without following links and used by descriptor.
+
+    A producer can write the drop directory too: it may make these folders itself, or links in their place, or
+    plant links and hard links under the names spool would write. So the folder is opened with O_NOFOLLOW (a
+    link is refused, with its name), every name in it is resolved against that descriptor (a folder swapped for
+    a link after it was opened changes nothing), files are moved in under names no entry has, and reports are
+    created new (O_EXCL), never opened over an existing name.
+    """
+
+    def __init__(self, parent: Path, name: str):
+        self.path = parent / name
+        self.fd = -1
+
+    def __enter__(self) -> _Folder:
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass  # spool's own from before, or the producer's: checked as it is opened
+        except OSError as exc:
+            raise Unmovable(_folder_problem(self.path, exc)) from None
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Unmovable(_folder_problem(self.path, exc)) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def free_name(self, name: str, *, suffix: str = "") -> str:
+        """NAME, then NAME.1, NAME.2 ... (each + `suffix`): the first that no entry in the folder has."""
+        candidate, n = name + suffix, 0
+        while True:
+            try:
+                os.lstat(candidate, dir_fd=self.fd)
+            except FileNotFoundError:
+                return candidate
+            n += 1
+            candidate = f"{name}.{n}{suffix}"
+
+    def move_in(self, path: Path) -> str | None:
+        """Rename `path` into the folder under a free name; return that name (None if the file was gone)."""
+        name = self.free_name(path.name)
+        try:
+            os.rename(path, name, dst_dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise Unmovable(_folder_problem(self.path, exc)) from None
+        return name
+
+    def lstat(self, name: str) -> os.stat_result:
+        return os.lstat(name, dir_fd=self.fd)
+
+    def unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def sync(self, *others: Path) -> None:
+        """Make the folder's entries durable (and those of `others`, the directory a file left)."""
+        os.fsync(self.fd)
+        for other in others:
+            fsync_dir(other)
+
+    def report(self, name: str, lines: list[str]) -> None:
+        """Write NAME.error.txt (or NAME.1.error.txt ... when taken): a new file, only the owner can read it."""
+        for _ in range(100):
+            report = self.free_name(name, suffix=".error.txt")
+            try:
+                # A bad cell may hold a key: 0600. O_EXCL: a name a producer placed (a link) is never written through.
+                fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=self.fd)
+                break
+            except FileExistsError:
+                continue  # planted between the look and the create: choose again
+            except OSError as exc:
+                log.error("cannot write the error report for %s: %s", printable(name), exc.strerror)
+                return
+        else:
+            return
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.fsync(self.fd)
+        except OSError as exc:
+            log.error("cannot write the error report for %s: %s", printable(name), exc.strerror)
+
+
+def _folder_problem(folder: Path, exc: OSError) -> str:
+    """Why a file cannot go into `folder`, in words an operator acts on."""
+    if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and folder.is_symlink()):
+        return f"{folder.name}/ is a symbolic link; spool never follows links in a drop directory (remove it)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{folder.name} is not a directory (remove it; spool makes the folder)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{folder.name}/ is not writable by spool (make the spool user its owner)"
+    return f"{folder.name}/: {exc.strerror}"
+
+
+def folder_problem(directory: Path, name: str) -> str | None:
+    """Why spool could not move files into DIR/NAME (.done, .rejected) as it stands, or None (missing is fine)."""
+    try:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # made on first use
+    except OSError as exc:
+        return _folder_problem(directory / name, exc)
+    os.close(fd)  # a folder, not a link: can spool write in it?
+    if not os.access(directory / name, os.W_OK | os.X_OK):
+        return _folder_problem(directory / name, PermissionError(errno.EACCES, "Permission denied"))
+    return None
 
 
 def _free_name(folder: Path, name: str, *, prefix: bool = False) -> Path:
@@ -327,20 +523,37 @@ def _free_name(folder: Path, name: str, *, prefix: bool = False) -> Path:
     return target
 
 
-def _move_into(path: Path, folder: Path) -> Path | None:
-    """Move a file into `folder` under a name not already taken there."""
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        target = _free_name(folder, path.name)
-        os.rename(path, target)
-        fsync_dir(folder)
-        fsync_dir(path.parent)  # the file left the watched directory for good: it is not read again
-        return target
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.error("cannot move %s into %s: %s", printable(path.name), folder.name, exc.strerror)
-        return None
+class DirectoryLock:
+    """One directory, one taker: an flock on the directory, which the kernel drops when its holder ends.
+
+    Two watchers of one directory (two [[watch]] tables naming it two ways, `spool watch` beside the agent, a
+    `spool ingest` of a file in a watched directory) would each read a file before either moves it: its records
+    would be taken twice. File systems without flock on directories (some network ones) are watched unlocked.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fd: int | None = None
+
+    def acquire(self, *, busy: str) -> DirectoryLock:
+        from spool.errors import SpoolBusy
+
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(f"{self.directory} {busy}") from None
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): two spool processes could take its files", self.directory,
+                        exc.strerror)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def check_directory(directory: Path) -> None:
@@ -406,6 +619,11 @@ class DirectoryWatcher:
         # Files still settling: (when to look again, path, (size, mtime_ns) when last seen), and their paths.
         self._deferred: list[tuple[float, str, tuple[int, int] | None]] = []
         self._waiting: set[str] = set()
+        # Files moved to .done/ still watched for what a producer that opened them before the move writes:
+        # (when to look, path in .done/, the name that says its format).
+        self._lingering: list[tuple[float, str, str]] = []
+        self._backoff: dict[str, float] = {}  # files that could not be moved: the wait before the next try
+        self._lock = DirectoryLock(self.directory)
         self._next_scan = float("inf")
         self._observer: Any = None
         self._overflow_watch = _OverflowWatch(self.overflowed)
@@ -428,6 +646,8 @@ class DirectoryWatcher:
         from watchdog.observers.polling import PollingObserver
 
         self.check_directory()
+        self._lock.acquire(busy="is already watched by another spool process (spool run or spool watch); "
+                                "one directory has one watcher, or its files would be taken twice")
         handler: Any = _Handler(self)  # observers only call dispatch(): no watchdog base class needed
         observer: BaseObserver
         if self.watch.poll:
@@ -457,11 +677,19 @@ class DirectoryWatcher:
             self.offer(path, settle=True)
 
     def forget_gone(self) -> None:
-        """Drop the marks of files of this directory that are no longer there as the file that was read."""
+        """Drop the marks of files of this directory that are no longer there as the file that was read.
+
+        Files in .done/ that still have a mark were moved less than `linger` seconds before spool stopped
+        (or died): they are watched for growth again, from now on.
+        """
         prefix = os.fsencode(os.path.abspath(self.directory)) + b"/"
+        done = prefix + os.fsencode(DONE) + b"/"
         gone = []
         for mark in self.store.file_marks():
-            if mark.path.startswith(prefix) and b"/" not in mark.path[len(prefix):]:
+            if mark.path.startswith(done) and b"/" not in mark.path[len(done):]:
+                name = os.fsdecode(mark.path[len(done):])
+                self._linger(os.fsdecode(mark.path), _kind_of(name))
+            elif mark.path.startswith(prefix) and b"/" not in mark.path[len(prefix):]:
                 try:
                     if os.lstat(mark.path).st_ino == mark.ino:
                         continue
@@ -503,6 +731,7 @@ class DirectoryWatcher:
             self._observer.stop()
             self._observer.join(timeout=10)
             self._observer = None
+        self._lock.release()
 
     def _next(self) -> Path | None:
         """Return the next path to ingest, waiting for events, a settling file, or the next rescan."""
@@ -512,11 +741,16 @@ class DirectoryWatcher:
                 log.warning("events for %s were lost (inotify queue overflow); rescanning it", self.directory)
             self.overflowed.clear()
             self.scan()
+        if self._lingering and self._lingering[0][0] <= now:
+            _, moved, kind = heapq.heappop(self._lingering)
+            self._check_lingering(Path(moved), kind)
+            return None
         if self._deferred and self._deferred[0][0] <= now:
             _, path, seen = heapq.heappop(self._deferred)
             self._waiting.discard(path)
             return self._settled(Path(path), seen)
-        wake = min(self._deferred[0][0] if self._deferred else float("inf"), self._next_scan)
+        wake = min(self._deferred[0][0] if self._deferred else float("inf"), self._next_scan,
+                   self._lingering[0][0] if self._lingering else float("inf"))
         try:
             item = self._queue.get(timeout=max(0.0, min(wake - now, 1.0)))
         except queue.Empty:
@@ -548,15 +782,19 @@ class DirectoryWatcher:
         self._defer(path, now)
         return None
 
-    def _defer(self, path: Path, seen: tuple[int, int] | None, delay: float | None = None) -> None:
+    def _defer(self, path: Path, seen: tuple[int, int] | None, delay: float | None = None, *,
+               exclusive: bool = True) -> None:
+        """Look at a path again later. `exclusive`: until then, events and scans do not bring it sooner."""
         key = str(path)
         if key in self._waiting:
             return
-        self._waiting.add(key)
+        if exclusive:
+            self._waiting.add(key)
         heapq.heappush(self._deferred, (self.monotonic() + (self.watch.settle if delay is None else delay),
                                         key, seen))
 
     def _ingest(self, path: Path) -> None:
+        retry = str(path) in self._backoff
         try:
             result = self.ingestor.ingest(path)
         except (StoreError, OSError) as exc:  # the spool or the disk failed (full, I/O error): keep the file, retry
@@ -567,20 +805,84 @@ class DirectoryWatcher:
             log.exception("failed to ingest %s: %s; moved it to %s/", printable(path.name), exc, REJECTED)
             result = self.ingestor.reject_failed(path, exc)
         if result.outcome == "vanished":
+            self._backoff.pop(str(path), None)
             return
         if result.outcome == "changing":
             self._defer(path, None)
             return
-        if result.outcome in ("ingested", "already") and result.moved_to is None and os.path.lexists(path):
-            self.offer(path, settle=True)  # it grew or was replaced while being moved: look again
-        level = logging.WARNING if result.outcome in ("rejected", "failed") else logging.INFO
-        log.log(level, "%s", result.describe())
+        if result.outcome == "partial":  # look again once the last line could have been judged (or sooner, on close)
+            self._defer(path, None, delay=self._partial_delay(path), exclusive=False)  # its newline may come sooner
+        elif result.unmoved is not None:
+            self._retry_move(result)
+        else:
+            if self._backoff.pop(str(path), None) is not None and result.moved_to is not None:
+                log.info("moved %s into %s/ at last", printable(path.name), result.moved_to.parent.name)
+            if result.moved_to is not None and result.moved_to.parent.name == DONE:
+                self._linger(str(result.moved_to), path.name)
+            elif result.outcome in ("ingested", "already") and result.moved_to is None and os.path.lexists(path):
+                self.offer(path, settle=True)  # it grew or was replaced while being moved: look again
+        if retry and result.unmoved is not None:
+            log.debug("%s", result.describe())  # said loudly at the first try
+        elif result.outcome != "partial" or result.records:
+            level = logging.WARNING if result.outcome in ("rejected", "failed") else logging.INFO
+            log.log(level, "%s", result.describe())
+        self._count(result)
+
+    def _count(self, result: IngestResult) -> None:
         with self._stats_lock:
             self.results.append(result)
             self.outcomes[result.outcome] += 1
             self.ingested_records += result.records
-        if result.outcome == "ingested":
+        if result.records:
             self.on_ingested(result)
+
+    def _partial_delay(self, path: Path) -> float:
+        """Seconds until a file whose last line has no newline has been quiet for `partial_wait`."""
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            return self.watch.settle
+        return max(0.05, min(self.watch.partial_wait - age + 0.05, self.watch.partial_wait))
+
+    def _retry_move(self, result: IngestResult) -> None:
+        """A file spool could not move away: one loud line, then tries at doubling intervals (5 min at most)."""
+        key = str(result.path)
+        delay = self._backoff.get(key)
+        if delay is None:
+            delay = max(1.0, self.watch.settle)
+            log.error("%s", result.describe_unmoved(f"at growing intervals up to {MAX_BACKOFF:.0f} s"))
+        else:
+            delay = min(delay * 2, MAX_BACKOFF)
+            log.debug("%s", result.describe_unmoved(f"in {delay:.0f} s"))
+        self._backoff[key] = delay
+        self._defer(result.path, None, delay=delay)
+
+    def _linger(self, moved: str, kind: str) -> None:
+        heapq.heappush(self._lingering, (self.monotonic() + self.watch.linger, moved, kind))
+
+    def _check_lingering(self, moved: Path, kind: str) -> None:
+        """Take what was written to a file in .done/ since it was moved; stop watching it once it stays quiet."""
+        try:
+            result = self.ingestor.ingest(moved, move=False, kind=kind)
+        except (StoreError, OSError) as exc:
+            log.error("cannot read %s/%s again: %s; will retry", DONE, printable(moved.name), exc)
+            heapq.heappush(self._lingering, (self.monotonic() + 5.0, str(moved), kind))
+            return
+        if result.outcome in ("ingested", "partial", "changing", "interrupted"):
+            if result.records:
+                log.info("took %d records written to %s/%s after it was moved there", result.records, DONE,
+                         printable(moved.name))
+                self._count(result)
+            self._linger(str(moved), kind)  # still being written: watch on
+            return
+        if result.outcome in ("rejected", "failed"):
+            first = result.errors[0] if result.errors else "rejected"
+            log.warning("%s/%s was written to after it was moved there, and what was added is not taken: %s",
+                        DONE, printable(moved.name), first)
+        self.store.forget_files([os.fsencode(os.path.abspath(moved))])
+        if self.watch.after == "delete" and result.outcome == "already":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(moved)
 
 
 class _OverflowWatch(logging.Filter):
@@ -594,6 +896,12 @@ class _OverflowWatch(logging.Filter):
         if "overflow" in record.getMessage().lower():
             self.flag.set()
         return True
+
+
+def _kind_of(name: str) -> str:
+    """The name that says a file's format, from its name in .done/ (NAME.1, NAME.2 ... when NAME was taken)."""
+    base, dot, number = name.rpartition(".")
+    return base if dot and number.isdigit() else name
 
 
 def _mtime(path: Path) -> float:
