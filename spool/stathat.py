@@ -31,6 +31,7 @@ from spool.errors import EndpointError, PartlyTaken, Refused, TransientError, pr
 from spool.records import KIND_NAMES, Kind, Record
 
 TRANSIENT_STATUSES = frozenset({408, 429})
+KEY_REFUSALS = frozenset({"invalid keys", "no ezkey specified"})  # StatHat's refusals of a key, word for word
 USER_AGENT = "stathat-spool"
 MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
 
@@ -95,11 +96,12 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
     204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
-    number as `status` in its JSON body: Refused. A `multiple` smaller than the `sent` items: PartlyTaken
-    (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with Retry-After). Any
-    other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not StatHat's answer
-    (a captive portal's page, a proxy's error, a status that is no number) is transient: counting it as
-    delivered could lose data. Whatever the body holds, nothing else is raised.
+    number as `status` in its JSON body: Refused (naming the key only if its `msg` is one of StatHat's own
+    KEY_REFUSALS, word for word: "invalid stat name: hockey" is not one). A `multiple` smaller than the `sent`
+    items: PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with
+    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not
+    StatHat's answer (a captive portal's page, a proxy's error, a status that is no number) is transient:
+    counting it as delivered could lose data. Whatever the body holds, nothing else is raised.
     """
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
         raise TransientError(f"HTTP {status} {_snippet(body)}".rstrip(),
@@ -116,8 +118,9 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     if code is None:
         raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body)}")
     if code != 200:
-        message = printable(str(answer.get("msg") or f"status {answer.get('status')}"))[:500]
-        raise Refused(message, http_status=status, body=body, names_key="key" in message.lower())
+        msg = answer.get("msg")
+        message = printable(str(msg or f"status {answer.get('status')}"))[:500]
+        raise Refused(message, http_status=status, body=body, names_key=isinstance(msg, str) and msg in KEY_REFUSALS)
     multiple = _as_number(answer.get("multiple"))
     if multiple is None or multiple < 0 or not multiple.is_integer():
         return None  # the status says ok; a count we cannot read tells nothing more

@@ -176,3 +176,34 @@ def test_an_answer_with_a_malformed_header_line_is_one_log_line_not_urllib3s_tra
     assert result.returncode == 1, result.stderr
     assert "no length spool could read (no Content-Length, or malformed headers)" in result.stderr
     assert "Traceback" not in result.stderr and "Failed to parse headers" not in result.stderr, result.stderr
+
+
+# -- a refusal names the key only in StatHat's own words ----------------------------------------------------
+
+
+def test_a_refused_stat_whose_reason_holds_the_letters_key_dies_alone_and_the_rest_ship(db, receiver):
+    receiver.refuse_stat("hockey scores", "invalid stat name: hockey scores")
+    with Spool(db) as sp:
+        for i in range(20):
+            sp.count(f"good {i}", 1, t=T0 + i)
+        sp.count("hockey scores", 3, t=T0 + 5)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "30",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr  # nothing deliverable is left: README's exit 0
+    assert "shipped 20, dead 1" in result.stderr
+    assert "ezkey" not in result.stderr and "paused" not in result.stderr, result.stderr
+    assert len(receiver.accepted) == 20
+    with Spool(db) as sp:
+        [dead] = sp.dead_letters()
+    assert (dead.reason, dead.record.stat) == ("invalid stat name: hockey scores", "hockey scores")
+
+
+def test_a_classic_records_refused_keys_are_its_own_and_pause_nothing(db, receiver):
+    receiver.refuse_key("revoked-stat-key")
+    with Spool(db) as sp:
+        sp.classic_count(key="revoked-stat-key", ukey="user-key-1", t=T0)
+        sp.count("fine", 1, t=T0)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "30",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shipped 1, dead 1" in result.stderr and "configured ezkey" not in result.stderr, result.stderr

@@ -277,3 +277,20 @@ def test_every_ez_batch_carries_what_the_session_prepares_auth_proxy_and_cookies
         assert (headers["Content-Type"], headers["User-Agent"], headers["Authorization"]) == (
             "application/json", "stathat-spool", auth)
         assert headers.get("Cookie") == (None if i == 0 else "sticky=b1")
+
+
+# -- a refusal names the key only in StatHat's own words ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("msg", "names_key"), [
+    ("invalid keys", True),
+    ("no ezkey specified", True),
+    ("invalid stat name: hockey scores", False),  # "hockey" holds "key"
+    ("keyboard cat is not a stat", False),
+    ("invalid keys in stat 'a'", False),
+    ("Invalid Keys", False),
+])
+def test_only_stathats_exact_key_refusals_name_the_key(msg, names_key):
+    with pytest.raises(Refused) as caught:
+        classify_response(200, json.dumps({"status": 500, "msg": msg}))
+    assert caught.value.names_key is names_key
