@@ -126,7 +126,7 @@ class _Unit:
     lease: int
     items: list[Leased]
     ezkey: str | None  # None: a classic record
-    own_key: bool = False  # the records carry their own ezkey (a refusal of it is theirs, not the config's)
+    own_key: bool = False  # the records carry their own key (a refusal of it is theirs, not the config's)
 
 
 @dataclass
@@ -420,7 +420,7 @@ class Shipper:
         units = []
         for item in lease.items:
             if item.stat is None:
-                units.append(_Unit(lease.id, [item], None))
+                units.append(_Unit(lease.id, [item], None, own_key=True))  # its key and ukey are its own
             else:
                 own = item.ezkey is not None
                 groups.setdefault((item.ezkey or self.ezkey or "", own), []).append(item)

@@ -1,7 +1,9 @@
 """Speaking to StatHat: build EZ JSON batches and classic form posts, classify what comes back.
 
-The only module that imports requests (and urllib3 under it). Keys travel in request bodies only, so no URL,
-log line or exception message built here can carry one.
+The only module that imports requests (and urllib3 under it). Keys travel in request bodies only, so no URL
+built here carries one; and whatever an error quotes from an answer (its body, the text of an exception that
+quotes it) is redacted here, of every key the request carried and of every key field, before any caller can log,
+store or show it (see `redact`): a proxy that echoes the request must not put the ezkey in a log line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -31,8 +33,10 @@ from spool.errors import EndpointError, PartlyTaken, Refused, TransientError, pr
 from spool.records import KIND_NAMES, Kind, Record
 
 TRANSIENT_STATUSES = frozenset({408, 429})
+KEY_REFUSALS = frozenset({"invalid keys", "no ezkey specified"})  # StatHat's refusals of a key, word for word
 USER_AGENT = "stathat-spool"
 MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
+MAX_KEYS_REMEMBERED = 64  # keys a client redacts from answers besides the request's own (the ones sent lately)
 
 
 class EzRecord(Protocol):
@@ -91,21 +95,25 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
 
 
 def classify_response(status: int, body: str, retry_after: str | None = None, *,
-                      sent: int | None = None) -> int | None:
+                      sent: int | None = None, keys: Iterable[str] = ()) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
     204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
-    number as `status` in its JSON body: Refused. A `multiple` smaller than the `sent` items: PartlyTaken
-    (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with Retry-After). Any
-    other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not StatHat's answer
-    (a captive portal's page, a proxy's error, a status that is no number) is transient: counting it as
-    delivered could lose data. Whatever the body holds, nothing else is raised.
+    number as `status` in its JSON body: Refused (naming the key only if its `msg` is one of StatHat's own
+    KEY_REFUSALS, word for word: "invalid stat name: hockey" is not one). A `multiple` smaller than the `sent`
+    items: PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with
+    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not
+    StatHat's answer (a captive portal's page, a proxy's error, a status that is no number) is transient:
+    counting it as delivered could lose data. Whatever the body holds, nothing else is raised.
+
+    The answer is read as it came; what the error quotes of it (message, Refused.body) is redacted of `keys`
+    (those the request carried) and of every key field first.
     """
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
-        raise TransientError(f"HTTP {status} {_snippet(body)}".rstrip(),
+        raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
                              retry_after=retry_after_seconds(retry_after))
     if not 200 <= status <= 299:
-        raise EndpointError(f"HTTP {status} from the endpoint {_snippet(body)}; check the endpoint URL".rstrip())
+        raise EndpointError(f"HTTP {status} from the endpoint {_snippet(body, keys)}; check the endpoint URL".rstrip())
     if status == 204 or not body.strip():
         return None
     try:
@@ -114,18 +122,20 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         answer = None
     code = _as_number(answer.get("status")) if isinstance(answer, dict) else None
     if code is None:
-        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body)}")
+        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body, keys)}")
     if code != 200:
-        message = printable(str(answer.get("msg") or f"status {answer.get('status')}"))[:500]
-        raise Refused(message, http_status=status, body=body, names_key="key" in message.lower())
+        msg = answer.get("msg")
+        message = printable(redact(str(msg or f"status {answer.get('status')}"), keys))[:500]
+        raise Refused(message, http_status=status, body=redact(body, keys),
+                      names_key=isinstance(msg, str) and msg in KEY_REFUSALS)
     multiple = _as_number(answer.get("multiple"))
     if multiple is None or multiple < 0 or not multiple.is_integer():
         return None  # the status says ok; a count we cannot read tells nothing more
     taken = int(multiple)
     if sent is not None and taken < sent:
         raise PartlyTaken(f"the receiver took {taken} of {sent} records; which ones is unknown "
-                          f"(answer: {_snippet(body)[1:-1]})", http_status=status, body=body, taken=taken,
-                          sent=sent)
+                          f"(answer: {_snippet(body, keys)[1:-1]})", http_status=status, body=redact(body, keys),
+                          taken=taken, sent=sent)
     return taken
 
 
@@ -142,9 +152,76 @@ def _as_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _snippet(body: str) -> str:
-    text = printable(" ".join(body[:1000].split()))
+def _snippet(body: str, keys: Iterable[str]) -> str:
+    text = printable(" ".join(redact(body, keys)[:1000].split()))  # redacted before it is cut: a cut key shows no part
     return f"({text[:120]})" if text else ""
+
+
+# -- redacting what is quoted from an answer ----------------------------------------------------------------
+
+REDACTED = "***"
+SHOWN = 3  # characters of a key that may show (errors.masked shows as many): a run of more is redacted
+
+_FIELD = r"(?:ezkey|ukey|key)"
+# "ezkey": "...", 'key': '...', \"ukey\":\"...\" (a request quoted inside a JSON string): up to the closing
+# quote, or the end of a text cut short.
+_QUOTED_FIELD = re.compile(r"""(\\*["']""" + _FIELD + r"""\\*["']\s*:\s*\\*["'])[^"']*?(?=\\*["']|\Z)""",
+                           re.IGNORECASE)
+# ezkey=... in a form body or a query string (also URL-encoded as ezkey%3D...), quoted or not.
+_PARAMETER = re.compile(r"""(?<![\w.-])(""" + _FIELD + r"""(?:=|%3D))(\\*["'])?(?(2)[^"']*|[^&\s"'<>]*)""",
+                        re.IGNORECASE)
+
+
+def redact(text: str, keys: Iterable[str] = ()) -> str:
+    """Return `text` fit to quote: each of `keys` and the value of each ezkey, key or ukey field shown as ***.
+
+    A key is found as sent, URL-encoded, JSON- or repr-escaped (any number of times), and cut short: any run
+    of more than SHOWN of its first characters is redacted. Fields are found in JSON, Python reprs, form
+    bodies and query strings, whatever key they hold. Redact before cutting a text short.
+    """
+    for key in sorted(set(keys), key=len, reverse=True):
+        if len(key) > SHOWN:
+            text = _redact_key(text, key)
+    text = _QUOTED_FIELD.sub(lambda m: m.group(1) + REDACTED, text)
+    return _PARAMETER.sub(lambda m: m.group(1) + (m.group(2) or "") + REDACTED, text)
+
+
+def _redact_key(text: str, key: str) -> str:
+    head, chars = _key_patterns(key)
+    out, at = [], 0
+    while (found := head.search(text, at)) is not None:
+        end, i = found.end(), SHOWN + 1
+        while i < len(key) and (more := chars[i].match(text, end)) is not None:
+            end, i = more.end(), i + 1
+        out += [text[at:found.start()], REDACTED]
+        at = end
+    return "".join(out) + text[at:] if out else text
+
+
+@functools.lru_cache(maxsize=64)
+def _key_patterns(key: str) -> tuple[re.Pattern[str], list[re.Pattern[str]]]:
+    """A pattern for a key's first SHOWN + 1 characters, and one for each of its characters, however spelled."""
+    spelled = [_spelled(char) for char in key]
+    return re.compile("".join(spelled[:SHOWN + 1])), [re.compile(pattern) for pattern in spelled]
+
+
+@functools.lru_cache(maxsize=1024)
+def _spelled(char: str) -> str:
+    """A pattern for one character of a key as an answer may spell it: itself (escaped by backslashes or not),
+    percent-encoded (form or URL, "+" for a space), as \\uXXXX (JSON) or \\xXX (a repr of bytes), hex in any case."""
+    utf8 = char.encode()
+    ways = [r"\\*" + re.escape(char), "".join("%" + _hex(byte) for byte in utf8)]
+    if char == " ":
+        ways.append(r"\+")
+    units = char.encode("utf-16-be")
+    ways.append("".join(r"\\+u" + _hex(units[i]) + _hex(units[i + 1]) for i in range(0, len(units), 2)))
+    if not char.isascii():
+        ways.append("".join(r"\\+x" + _hex(byte) for byte in utf8))
+    return "(?:" + "|".join(ways) + ")"
+
+
+def _hex(byte: int) -> str:
+    return "".join(f"[{digit}{digit.upper()}]" if digit.isalpha() else digit for digit in f"{byte:02x}")
 
 
 # -- a deadline for the whole request ------------------------------------------------------------------------
@@ -345,6 +422,9 @@ class StatHatClient:
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers["Accept-Encoding"] = "identity"  # a tiny answer; nothing to inflate
         self._ez_request: requests.PreparedRequest | None = None  # an EZ batch's request but its body (see _ez)
+        # The keys this client sent lately, newest last: redacted from every answer, as an answer may quote an
+        # earlier request (a proxy's cache, a keep-alive mix-up), not only its own.
+        self._keys: dict[str, None] = {}
 
     def close(self) -> None:
         self.session.close()
@@ -358,9 +438,11 @@ class StatHatClient:
     def send_ez(self, ezkey: str, records: Sequence[EzRecord]) -> int | None:
         """POST one EZ JSON batch; return what `classify_response` returns."""
         body = ez_body(ezkey, records)
+        keys = self._sending(ezkey)
         if self.session.cookies:  # the receiver set a cookie: each request is prepared anew to carry it
-            return self._post("/ez", sent=len(records), data=body, headers={"Content-Type": "application/json"})
-        return self._answered(*self._request("POST", "/ez", prepared=self._ez(body)), sent=len(records))
+            return self._post("/ez", keys, sent=len(records), data=body,
+                              headers={"Content-Type": "application/json"})
+        return self._answered(*self._request("POST", "/ez", keys, prepared=self._ez(body)), keys, sent=len(records))
 
     def _ez(self, body: bytes) -> requests.PreparedRequest:
         """The request for an EZ batch: the session's preparation of it (URL, headers, auth), made once, with this
@@ -380,26 +462,38 @@ class StatHatClient:
     def send_classic(self, record: Record) -> int | None:
         """POST one classic counter (/c) or value (/v) as a form."""
         path, form = classic_form(record)
-        return self._post(path, data=form)
+        return self._post(path, self._sending(record.key, record.ukey), data=form)
 
     def ping(self) -> int:
         """GET the endpoint's root within the deadline and return the HTTP status (doctor's reachability check)."""
-        return self._request("GET", "/")[0].status_code
+        return self._request("GET", "/", self._sending())[0].status_code
 
-    def _post(self, path: str, *, sent: int | None = None, **kwargs: Any) -> int | None:
-        return self._answered(*self._request("POST", path, **kwargs), sent=sent)
+    def _sending(self, *keys: str | None) -> tuple[str, ...]:
+        """Remember the keys a request carries; return every key an answer to it must not quote."""
+        for key in keys:
+            if key:
+                self._keys.pop(key, None)  # to the end: the newest
+                self._keys[key] = None
+                if len(self._keys) > MAX_KEYS_REMEMBERED:
+                    del self._keys[next(iter(self._keys))]
+        return tuple(self._keys)
 
-    def _answered(self, response: requests.Response, body: str, *, sent: int | None) -> int | None:
+    def _post(self, path: str, keys: tuple[str, ...], *, sent: int | None = None, **kwargs: Any) -> int | None:
+        return self._answered(*self._request("POST", path, keys, **kwargs), keys, sent=sent)
+
+    def _answered(self, response: requests.Response, body: str, keys: tuple[str, ...], *,
+                  sent: int | None) -> int | None:
         framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
         if 200 <= response.status_code <= 299 and response.status_code != 204 and not framed:
             # An answer cut in its headers reads as a whole 2xx with no body: a refusal could hide there.
             raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length spool could read "
                                  "(no Content-Length, or malformed headers): the answer may be cut short, so it is "
                                  "not taken for a delivery")
-        return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent)
+        return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent,
+                                 keys=keys)
 
-    def _request(self, method: str, path: str, *, prepared: requests.PreparedRequest | None = None,
-                 **kwargs: Any) -> tuple[requests.Response, str]:
+    def _request(self, method: str, path: str, keys: tuple[str, ...], *,
+                 prepared: requests.PreparedRequest | None = None, **kwargs: Any) -> tuple[requests.Response, str]:
         deadline = _Deadline(self.timeout, self._watchdog)
         try:
             with deadline:
@@ -417,13 +511,13 @@ class StatHatClient:
                 if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
                     raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain "
                                         "http there (use http://, or the https port)") from None
-                raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc)}") from None
+                raise EndpointError(f"TLS failure talking to {self.endpoint}: {reason(exc, keys)}") from None
             if _unresolvable(exc):
                 error = TransientError(f"cannot resolve host {urlsplit(self.endpoint).hostname}: check the "
                                        "endpoint's host name and DNS")
                 error.unresolvable = True
                 raise error from None
-            raise TransientError(f"cannot reach {self.endpoint}: {reason(exc)}") from None
+            raise TransientError(f"cannot reach {self.endpoint}: {reason(exc, keys)}") from None
 
 
 def _read_answer(response: requests.Response) -> str:
@@ -458,8 +552,9 @@ def _unresolvable(exc: BaseException) -> bool:
     return False
 
 
-def reason(exc: Exception) -> str:
-    """Return the gist of a requests error ("[Errno 111] Connection refused"), never a whole repr."""
-    text = str(exc)
+def reason(exc: Exception, keys: Iterable[str] = ()) -> str:
+    """Return the gist of a requests error ("[Errno 111] Connection refused"), never a whole repr, redacted: its
+    text may quote the answer (urllib3 quotes a malformed chunk size line) or a URL."""
+    text = redact(str(exc), keys)
     found = re.search(r"\[Errno -?\d+\] [^'\")]+|Connection aborted|Remote end closed connection[^'\")]*", text)
     return found.group(0) if found else text[:200]

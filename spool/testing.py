@@ -28,9 +28,10 @@ OVERLOADED = "Back-end server is at capacity"
 
 @dataclass
 class _Fault:
-    action: str  # "status", "reset", "reset_after_accept", "stall", "hold_after_accept", "trickle"
+    action: str  # "status", "reset", "reset_after_accept", "stall", "hold_after_accept", "trickle", "echo"
     status: int = 503
-    body: str = OVERLOADED
+    body: str = OVERLOADED  # for "echo": the template, {request} and {request_json} replaced
+    cut: int | None = None  # for "echo": bytes of the answer sent at most
     retry_after: str | None = None
     seconds: float = 0.0
     rate: float = 1.0  # bytes a second, for "trickle"
@@ -71,6 +72,15 @@ class Receiver:
     def rate_limit_next(self, n: int, retry_after: str = "1") -> None:
         """Answer the next `n` requests with 429 and a Retry-After header."""
         self.fail_next(n, status=429, body="Too Many Requests", retry_after=retry_after)
+
+    def echo_next(self, n: int, status: int = 502, template: str = "{request}", cut: int | None = None) -> None:
+        """Answer the next `n` requests with the request body they carried, untaken, as a proxy or WAF may.
+
+        `template` places it: `{request}` is the body as it came, `{request_json}` the same as a JSON string
+        (so `'{"status":500,"msg":{request_json}}'` is a StatHat refusal quoting it). `cut`: send at most this
+        many bytes of the answer (a proxy that quotes the start of a request).
+        """
+        self._add(n, _Fault("echo", status=status, body=template, cut=cut))
 
     def reset_next(self, n: int) -> None:
         """Drop the connection of the next `n` requests without reading them or answering."""
@@ -235,6 +245,11 @@ class Receiver:
                 if fault is not None and fault.action == "stall":
                     receiver._stopping.wait(fault.seconds)
                     self._reset()
+                    return
+                if fault is not None and fault.action == "echo":
+                    request = raw.decode("utf-8", "replace")
+                    echoed = fault.body.replace("{request_json}", json.dumps(request)).replace("{request}", request)
+                    self._answer(fault.status, echoed.encode()[:fault.cut], "text/plain")
                     return
                 if fault is not None and fault.action == "status":
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}

@@ -11,7 +11,7 @@ from spool.errors import Refused, TransientError
 from spool.records import make_record
 from spool.stathat import StatHatClient, classify_response
 
-from .helpers import T0, TEST_EZKEY, cli_env, run_cli
+from .helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for_line
 
 NESTED = "[" * 20_000 + "]" * 20_000  # far past Python's recursion limit, yet small
 
@@ -176,3 +176,98 @@ def test_an_answer_with_a_malformed_header_line_is_one_log_line_not_urllib3s_tra
     assert result.returncode == 1, result.stderr
     assert "no length spool could read (no Content-Length, or malformed headers)" in result.stderr
     assert "Traceback" not in result.stderr and "Failed to parse headers" not in result.stderr, result.stderr
+
+
+# -- a refusal names the key only in StatHat's own words ----------------------------------------------------
+
+
+def test_a_refused_stat_whose_reason_holds_the_letters_key_dies_alone_and_the_rest_ship(db, receiver):
+    receiver.refuse_stat("hockey scores", "invalid stat name: hockey scores")
+    with Spool(db) as sp:
+        for i in range(20):
+            sp.count(f"good {i}", 1, t=T0 + i)
+        sp.count("hockey scores", 3, t=T0 + 5)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "30",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr  # nothing deliverable is left: README's exit 0
+    assert "shipped 20, dead 1" in result.stderr
+    assert "ezkey" not in result.stderr and "paused" not in result.stderr, result.stderr
+    assert len(receiver.accepted) == 20
+    with Spool(db) as sp:
+        [dead] = sp.dead_letters()
+    assert (dead.reason, dead.record.stat) == ("invalid stat name: hockey scores", "hockey scores")
+
+
+def test_a_classic_records_refused_keys_are_its_own_and_pause_nothing(db, receiver):
+    receiver.refuse_key("revoked-stat-key")
+    with Spool(db) as sp:
+        sp.classic_count(key="revoked-stat-key", ukey="user-key-1", t=T0)
+        sp.count("fine", 1, t=T0)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "30",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shipped 1, dead 1" in result.stderr and "configured ezkey" not in result.stderr, result.stderr
+
+
+# -- an answer that echoes the request never shows its key --------------------------------------------------
+
+SECRET = "SuperSecretEzkey-7f3a9Q"
+
+
+def leaks(text: str | bytes, key: str = SECRET) -> bool:
+    """Whether any 6 characters in a row of `key` show in `text`."""
+    raw = text if isinstance(text, bytes) else text.encode()
+    return any(key[i:i + 6].encode() in raw for i in range(len(key) - 5))
+
+
+def spool_bytes(db) -> bytes:
+    return b"".join(path.read_bytes() for path in db.parent.glob(db.name + "*"))
+
+
+def test_ship_once_through_a_proxy_echoing_the_request_shows_the_key_nowhere(db, receiver):
+    receiver.echo_next(10_000, status=502)
+    with Spool(db) as sp:  # keyless records: the configured key goes in each request, never in the spool
+        for i in range(3):
+            sp.count(f"s{i}", 1, t=T0 + i)
+    env = cli_env(db, SPOOL_EZKEY=SECRET)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1", "--log-level", "debug",
+                     env=env, timeout=60)
+    assert result.returncode == 1 and 'HTTP 502 ({"ezkey":"***"' in result.stderr, result.stderr
+    status, as_json = run_cli(db, "status", env=env), run_cli(db, "status", "--json", env=env)
+    assert '"ezkey":"***"' in json.loads(as_json.stdout)["last_error"]
+    for text in (result.stdout, result.stderr, status.stdout, status.stderr, as_json.stdout, as_json.stderr):
+        assert not leaks(text), text
+    assert not leaks(spool_bytes(db))
+
+
+def test_a_refusal_quoting_the_request_leaves_a_dead_letter_without_the_key(db, receiver):
+    receiver.echo_next(1, status=200, template='{"status":500,"msg":{request_json},"request":{request}}')
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY=SECRET)
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "30", env=env, timeout=60)
+    assert result.returncode == 0 and "shipped 0, dead 1" in result.stderr, result.stderr
+    listed = run_cli(db, "dead", "list", "--json", env=env)
+    with Spool(db) as sp:
+        [dead] = sp.dead_letters()
+    assert '"ezkey":"***"' in dead.reason and dead.body and '"ezkey":"***"' in dead.body
+    for text in (result.stderr, listed.stdout, listed.stderr, dead.reason, dead.body):
+        assert not leaks(text), text
+    assert not leaks(spool_bytes(db))
+
+
+def test_the_agent_through_a_proxy_echoing_the_request_shows_the_key_nowhere(db, receiver):
+    receiver.echo_next(10_000, status=502)
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY=SECRET)
+    agent = spawn_cli(db, "run", "--endpoint", receiver.url, "--log-level", "debug", env=env)
+    try:
+        lines = wait_for_line(agent, "send failed")
+        status = run_cli(db, "status", "--json", env=env)
+    finally:
+        stderr = stop_agent(agent)
+    assert '"ezkey":"***"' in json.loads(status.stdout)["last_error"]
+    for text in (*lines, stderr, status.stdout, status.stderr):
+        assert not leaks(text), text
+    assert not leaks(spool_bytes(db))

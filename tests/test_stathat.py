@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -10,7 +11,15 @@ from hypothesis import strategies as st
 
 from spool.errors import ConfigError, EndpointError, Refused, TransientError
 from spool.records import Record, make_record
-from spool.stathat import StatHatClient, check_endpoint, classify_response, ez_body, ez_item, retry_after_seconds
+from spool.stathat import (
+    StatHatClient,
+    check_endpoint,
+    classify_response,
+    ez_body,
+    ez_item,
+    redact,
+    retry_after_seconds,
+)
 
 from .helpers import T0
 
@@ -277,3 +286,171 @@ def test_every_ez_batch_carries_what_the_session_prepares_auth_proxy_and_cookies
         assert (headers["Content-Type"], headers["User-Agent"], headers["Authorization"]) == (
             "application/json", "stathat-spool", auth)
         assert headers.get("Cookie") == (None if i == 0 else "sticky=b1")
+
+
+# -- a refusal names the key only in StatHat's own words ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("msg", "names_key"), [
+    ("invalid keys", True),
+    ("no ezkey specified", True),
+    ("invalid stat name: hockey scores", False),  # "hockey" holds "key"
+    ("keyboard cat is not a stat", False),
+    ("invalid keys in stat 'a'", False),
+    ("Invalid Keys", False),
+])
+def test_only_stathats_exact_key_refusals_name_the_key(msg, names_key):
+    with pytest.raises(Refused) as caught:
+        classify_response(200, json.dumps({"status": 500, "msg": msg}))
+    assert caught.value.names_key is names_key
+
+
+# -- nothing quoted from an answer carries a key -------------------------------------------------------------
+
+SECRET = "Zq7-SuperSecret/Xk9+é"  # URL-encoding and JSON-escaping both change it
+UKEY = "Uk3-UserKeyValue&=9"
+
+
+def leaks(text: str, key: str = SECRET) -> bool:
+    """Whether any 4 characters in a row of `key` show in `text` (a key cut short leaks its start)."""
+    return any(key[i:i + 4] in text for i in range(len(key) - 3))
+
+
+def _echoes() -> dict[str, str]:
+    from urllib.parse import urlencode
+
+    ez = ez_body(SECRET, [make_record(stat="s", count=1, t=T0)]).decode()
+    form = urlencode({"key": SECRET, "ukey": UKEY, "count": 1, "t": T0})
+    return {
+        "ez json": ez,
+        "form": form,
+        "query string": f"GET /c?{form} HTTP/1.1",
+        "json inside json": json.dumps({"error": "upstream refused", "request": ez}),
+        "python repr": repr({"ezkey": SECRET, "data": []}),
+        "bytes repr": repr(ez.encode()),
+        "bare key": f"no route for account {SECRET} today",
+        "key past the quote limit": "x" * 110 + " " + SECRET + " and more",
+        "key cut by the receiver": ez[:14],
+        "bare key cut by the receiver": f"no route for account {SECRET[:9]}",
+    }
+
+
+def _answers(body: str) -> list[tuple[int, str, int | None]]:
+    """(HTTP status, answer, items sent) for every kind of answer that quotes the receiver's text."""
+    return [(502, body, None), (404, body, None), (200, body, None),
+            (200, json.dumps({"status": 500, "msg": f"refused: {body}"}), None),
+            (200, json.dumps({"status": 500, "msg": "invalid stat name", "request": body}), None),
+            (200, json.dumps({"status": 200, "msg": "ok", "multiple": 1, "request": body}), 2)]
+
+
+@pytest.mark.parametrize("echo", list(_echoes()))
+def test_no_answer_quotes_a_key_the_request_carried_in_any_spelling(echo):
+    for status, body, sent in _answers(_echoes()[echo]):
+        with pytest.raises((TransientError, EndpointError, Refused)) as caught:
+            classify_response(status, body, sent=sent, keys=(SECRET, UKEY))
+        quoted = [str(caught.value), getattr(caught.value, "body", "")]
+        assert not any(leaks(text) or leaks(text, UKEY) for text in quoted), (status, quoted)
+
+
+def test_key_fields_are_redacted_even_for_keys_the_request_did_not_carry():
+    other = "OtherAccountKey-12345"
+    for body in (json.dumps({"ezkey": other}), f"key={other}&ukey={other}", repr({"ukey": other}),
+                 json.dumps({"request": json.dumps({"key": other})}), '{"ezkey":"' + other[:10]):
+        with pytest.raises(TransientError) as caught:
+            classify_response(502, body)
+        assert not leaks(str(caught.value), other), str(caught.value)
+
+
+def test_a_redacted_answer_still_says_what_came_back():
+    body = ez_body(SECRET, [make_record(stat="s", count=1, t=T0)]).decode()
+    with pytest.raises(TransientError) as caught:
+        classify_response(502, body, keys=(SECRET,))
+    assert str(caught.value) == 'HTTP 502 ({"ezkey":"***","data":[{"stat":"s","count":1,"t":1700000000}]})'
+    with pytest.raises(Refused) as refused:
+        classify_response(200, json.dumps({"status": 500, "msg": f"no stat for {SECRET}"}), keys=(SECRET,))
+    assert str(refused.value) == "no stat for ***"
+    assert not leaks(refused.value.body)
+
+
+def test_a_key_that_spells_part_of_the_answer_does_not_change_how_it_is_classified():
+    # The classification reads the answer as it came; only what is quoted is redacted.
+    with pytest.raises(Refused) as caught:
+        classify_response(200, '{"status":500,"msg":"invalid keys"}', keys=("invalid keys", "status"))
+    assert caught.value.names_key
+    assert classify_response(200, '{"status":200,"msg":"ok","multiple":3}', keys=("status", "multiple")) == 3
+
+
+def test_the_client_redacts_the_keys_of_what_it_sent_from_an_echoing_proxys_answer(receiver):
+    receiver.echo_next(1, status=502)
+    receiver.echo_next(1, status=502, cut=18)  # '{"ezkey":"Zq7-Sup': the proxy quotes the start of the request
+    receiver.echo_next(1, status=502)
+    client = StatHatClient(receiver.url)
+    try:
+        with pytest.raises(TransientError) as ez:
+            client.send_ez(SECRET, [make_record(stat="s", count=1, t=T0)])
+        with pytest.raises(TransientError) as cut:
+            client.send_ez(SECRET, [make_record(stat="s", count=1, t=T0)])
+        with pytest.raises(TransientError) as classic:
+            client.send_classic(make_record(key=SECRET, ukey=UKEY, count=1, t=T0))
+        receiver.fail_next(1, status=502, body=f"the last account seen was {SECRET}")  # an earlier request's key
+        with pytest.raises(TransientError) as earlier:
+            client.send_classic(make_record(key="another-stat-key", ukey=UKEY, count=1, t=T0))
+    finally:
+        client.close()
+    assert str(cut.value) == 'HTTP 502 ({"ezkey":"***)'
+    for caught in (ez, cut, classic, earlier):
+        assert str(caught.value).startswith("HTTP 502 (") and "***" in str(caught.value)
+        assert not leaks(str(caught.value)) and not leaks(str(caught.value), UKEY), str(caught.value)
+
+
+def test_an_exception_quoting_the_answer_is_redacted_too():
+    # A chunked answer whose first "chunk size" is the request: urllib3's error quotes the line it read.
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+
+    def serve() -> None:
+        try:
+            connection, _ = server.accept()
+        except OSError:
+            return
+        with connection:
+            data = b""
+            while b"}]}" not in data:
+                data += connection.recv(65536)
+            body = data.partition(b"\r\n\r\n")[2]
+            connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"\r\n")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = StatHatClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5)
+    try:
+        with pytest.raises(TransientError) as caught:
+            client.send_ez(SECRET, [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        thread.join(10)
+        server.close()
+    assert "InvalidChunkLength" in str(caught.value)  # the exception's own text, quoted
+    assert not leaks(str(caught.value)), str(caught.value)
+
+
+def _spellings(key: str) -> list[str]:
+    from urllib.parse import quote, quote_plus
+
+    escaped = json.dumps(key)[1:-1]
+    lower_hex = re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(key, safe=""))
+    upper_hex = re.sub(r"\\u[0-9a-f]{4}", lambda m: "\\u" + m.group()[2:].upper(), escaped)
+    return [key, quote(key, safe=""), quote_plus(key, safe=""), lower_hex, escaped, json.dumps(escaped)[1:-1],
+            upper_hex, repr(key.encode()), repr(repr(key.encode()))]
+
+
+@given(key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_/+@.=&é😀 ", min_size=4, max_size=40),
+       spelling=st.integers(min_value=0, max_value=8), cut=st.none() | st.integers(min_value=0),
+       before=st.text(alphabet=" <>{}[]:,;!#~\n", max_size=20), after=st.text(alphabet=" <>{}[]:,;!#~", max_size=20))
+def test_a_key_in_any_spelling_whole_or_cut_short_is_redacted(key, spelling, cut, before, after):
+    text = _spellings(key)[spelling]
+    text = text if cut is None else text[:cut]
+    assert not leaks(redact(before + text + after, [key]), key)
