@@ -11,7 +11,8 @@ The storage contract, stated once:
   none of it is visible. Its last transaction deletes the stage's spans (with the file mark and the bounds):
   the whole append appears at once, without rewriting a record. All or nothing, and no transaction holds the
   write lock for long (a chunk, or that publish). Staged records of an owner that died are discarded
-  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden.
+  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden. An
+  append whose stage is no longer whole when it publishes (or before a chunk) fails and publishes nothing.
 * `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
   immediate transaction (the write lock is held from its start, so no other shipper can lease between the
   query and the insert): two shippers can never lease the same record. A lease is one small row naming its
@@ -527,9 +528,11 @@ class Store:
                 # transaction's sync makes every chunk durable with it; a power cut before that loses a stage
                 # that was never published (swept as its owner's), never a record of an append that returned.
                 with self._write(wait=False) as conn:
+                    self._check_stage(conn, stage, taken)  # one discarded under us stops here, not at the end
                     held += self._stage_chunk(conn, stage, part)
                 taken += len(part)
             with self._bounded() as conn:
+                self._check_stage(conn, stage, taken)  # whole, or not at all
                 # Publishing the whole append is deleting its spans: no record is rewritten.
                 conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
@@ -541,6 +544,16 @@ class Store:
                 self._discard_stage(stage)
             raise
         return taken
+
+    def _check_stage(self, conn: sqlite3.Connection, stage: int, taken: int) -> None:
+        """Raise StoreError unless the stage is still open and its spans hold every one of the `taken` records it
+        staged: another process that took its owner for dead may have discarded it, or begun to."""
+        left = conn.execute("SELECT coalesce(sum(hi - lo + 1), 0) FROM stage_spans WHERE stage = ?",
+                            (stage,)).fetchone()[0]
+        if left != taken or conn.execute("SELECT 1 FROM stages WHERE id = ?", (stage,)).fetchone() is None:
+            raise StoreError(f"spool {self.path}: this append's staged records were discarded by another process "
+                             f"that took their owner for dead ({left:,} of {taken:,} left): nothing was appended; "
+                             "try again")
 
     @staticmethod
     def _stage_chunk(conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 import spool.store
 from spool import Spool
-from spool.errors import InvalidRecord, SpoolFull
+from spool.errors import InvalidRecord, SpoolFull, StoreError
 from spool.owners import owners_directory
 from spool.records import make_record, record_rows
 from spool.ship import Shipper
@@ -379,6 +379,73 @@ def test_an_append_under_an_emulator_that_fakes_its_start_time_lands_whole_besid
     assert said == "100\n"
     with Store(db) as store:
         assert store.counts() == {"pending": 100, "inflight": 0, "sent": 5, "dead": 0, "held": 0}
+
+
+def discard_partly(db: Path, n: int) -> None:
+    """Discard the first `n` records of the open stage as one transaction of a sweep does (span shrinking)."""
+    with Store(db) as other:
+        conn = other.conn
+        lo, hi = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo LIMIT 1").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?", (lo, lo + n - 1))
+        conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (lo + n, lo))
+        conn.execute("COMMIT")
+
+
+def discard_whole(db: Path) -> None:
+    with Store(db) as other:
+        [(stage,)] = other.conn.execute("SELECT id FROM stages").fetchall()
+        other._discard_stage(stage)
+
+
+@pytest.mark.parametrize("when", ["between chunks", "before it publishes"])
+@pytest.mark.parametrize("how", ["whole", "partly"])
+def test_an_append_whose_stage_another_process_discarded_fails_and_publishes_nothing(db, when, how):
+    """However the stage was lost (an older release that judged its owner by pid; a hand that removed the owners'
+    locks), the append says so and publishes none of what is left: never a count of records that are not there."""
+    discard = discard_whole if how == "whole" else lambda db: discard_partly(db, 5)
+
+    def watched() -> Iterator[Any]:
+        yield from rows(35)
+        if when == "between chunks":
+            discard(db)
+        yield from rows(30, start=35)
+        if when == "before it publishes":  # after the last row: what follows is the publishing transaction
+            discard(db)
+
+    with Store(db) as store:
+        store.append(rows(3, stat="live"))
+        with pytest.raises(StoreError, match=r"discarded by another process.*nothing was appended"):
+            store.append(watched(), chunk=10)
+        assert sorted(r.stat for _, _, r in store.records()) == ["live0", "live1", "live2"]
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+        assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+
+
+def test_an_import_whose_stage_was_discarded_exits_non_zero_with_one_line_and_never_says_imported(db):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + i} for i in range(5))
+    n = STAGE_CHUNK + 100
+    lines = [f'{{"stat":"i{i}","count":1,"t":{T0}}}\n' for i in range(n)]
+    importer = subprocess.Popen([sys.executable, "-m", "spool", "import", "-"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(db))
+    try:
+        assert importer.stdin is not None
+        importer.stdin.write("".join(lines[:STAGE_CHUNK + 1]))
+        importer.stdin.flush()
+        wait_for(lambda: staged_spans(db) > 0)
+        discard_partly(db, 100)  # as a sweep that took its owner for dead would begin
+        _, stderr = importer.communicate("".join(lines[STAGE_CHUNK + 1:]), timeout=60)
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.communicate()
+    assert importer.returncode == 1
+    assert "imported" not in stderr and "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and "discarded by another process" in stderr, stderr
+    with Store(db) as store:
+        assert store.counts()["pending"] == 5
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5
 
 
 _CLAIMS_AND_DIES = textwrap.dedent("""
