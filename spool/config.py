@@ -433,8 +433,8 @@ class ShipSettings(_Settings):
                                       "a backlog at start-up (a fleet must not arrive together)")
     idle_poll: float = setting(2.0, Duration(), "how often an idle shipper looks for records other processes "
                                "appended")
-    lease_timeout: float = setting(300.0, Duration(), "a lease left by a release that kept no owner is freed "
-                                   "after this (newer leases are freed only when their owner is proven dead)")
+    lease_timeout: float = setting(300.0, Duration(), "a lease left by an earlier release (no owner, or one named "
+                                   "by pid) is freed after this (newer leases only when their owner is proven dead)")
 
 
 @settings_class(frozen=True)

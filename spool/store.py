@@ -10,21 +10,24 @@ The storage contract, stated once:
   of open stages out (leases, counts, status, export, the bounds, age drops, compaction, re-stamping), so
   none of it is visible. Its last transaction deletes the stage's spans (with the file mark and the bounds):
   the whole append appears at once, without rewriting a record. All or nothing, and no transaction holds the
-  write lock for long (a chunk, or that publish). Staged records of a process that died are discarded
-  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden.
+  write lock for long (a chunk, or that publish). Staged records of an owner that died are discarded
+  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden. An
+  append whose stage is no longer whole when it publishes (or before a chunk) fails and publishes nothing.
 * `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
   immediate transaction (the write lock is held from its start, so no other shipper can lease between the
   query and the insert): two shippers can never lease the same record. A lease is one small row naming its
-  owner (boot, pid, process start), and each record it holds is one row of `leased` (record id -> lease):
-  leasing rewrites no record, which keeps writes per record low (SD cards), and "is this record in flight?"
-  is one lookup by id. Lease ids are never reused (AUTOINCREMENT). A lease is committed without waiting for
+  owner (a lock its Store holds: `spool.owners`), and each record it holds is one row of `leased` (record
+  id -> lease): leasing rewrites no record, which keeps writes per record low (SD cards), and "is this record
+  in flight?" is one lookup by id. Lease ids are never reused (AUTOINCREMENT). A lease is committed without waiting for
   the disk: one lost in a power cut only returns its records to pending, as its owner's death would, and
   the next durable commit (an acknowledgement) makes it durable anyway.
 * `ack` marks records SENT (and they leave their lease); it is called only after the receiver acknowledged
   them. `mark_dead` moves records to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops
   the lease: whatever it named that was not settled is simply pending again (transient failure, shutdown).
-* A lease is freed by anyone else only when its owner is proven dead (`release_dead_leases`): another boot,
-  or no process with that pid and start time. A live shipper's lease is never taken from it.
+* A stage or a lease is taken from its owner only when the owner is proven dead (`sweep_stages`,
+  `release_dead_leases`): its lock, which the kernel drops when the owner's process ends, could be taken.
+  No pid is compared: pids name nothing across PID namespaces, containers and emulators. A live owner's
+  stage or lease is never taken from it.
 * A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
   before that offset) is committed with its records; see `FileMark`.
 * SENT records are kept for the retention period (for replay) and then pruned in small transactions.
@@ -45,9 +48,10 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from spool.clock import boot_clock, boot_id, is_alive, process_identity
+from spool.clock import boot_clock, boot_id
 from spool.durable import fsync_dir
 from spool.errors import SpoolFull, SpoolMissing, StoreError
+from spool.owners import PREFIX, Owners, is_legacy, legacy_alive
 from spool.records import INT64_MAX, Kind, Record
 
 if TYPE_CHECKING:
@@ -88,7 +92,7 @@ class State(IntEnum):
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 PAGE_SIZE = 1024  # bytes, for new spools (see _prepare)
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
@@ -256,7 +260,7 @@ def _v6(conn: sqlite3.Connection) -> None:
     version 5 gave (ids are never reused), so only those stages are looked for as STAGED records.
     """
     for stage, owner in conn.execute("SELECT id, owner FROM stages").fetchall():
-        if not is_alive(owner):
+        if not legacy_alive(owner):
             conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
             conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
     last = conn.execute("SELECT max(id) FROM stages").fetchone()[0]
@@ -269,7 +273,17 @@ def _v6(conn: sqlite3.Connection) -> None:
 _V5_STAGES = "version_5_stages_up_to"  # meta: stage ids up to this one staged their records as STAGED
 
 
-_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6}  # version -> step
+def _v7(conn: sqlite3.Connection) -> None:
+    """Version 7: stages and leases are owned by locks ("lock:TOKEN", see spool.owners), not by boot, pid and start.
+
+    Nothing is rewritten: the owners version 6 named stay, judged as spool.owners says. The version is what
+    changes, so that a release judging owners by pid refuses this spool instead of taking a running import's
+    owner for dead (it cannot read a lock's name) and discarding its stage.
+    """
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6,
+               7: _v7}  # version -> step
 
 
 class FileMark(NamedTuple):
@@ -304,7 +318,7 @@ class Store:
         """
         self.path = Path(path)
         self.synchronous = synchronous
-        self.owner = process_identity()
+        self.owners = Owners(self.path)  # the lock this Store's stages and leases belong to, taken when first needed
         self._last_warning = float("-inf")
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
@@ -385,7 +399,10 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        finally:
+            self.owners.release()  # what this Store still owns is a dead owner's now
 
     def __enter__(self) -> Store:
         return self
@@ -500,9 +517,10 @@ class Store:
 
     def _append_staged(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
         self.sweep_stages()
+        owner = self.owners.claim()
         with self._write() as conn:
             stage = conn.execute("INSERT INTO stages (owner, started_at) VALUES (?, ?) RETURNING id",
-                                 (self.owner, time.time())).fetchone()[0]
+                                 (owner, time.time())).fetchone()[0]
         taken = held = 0
         try:
             while part := list(itertools.islice(rows, chunk)):
@@ -510,9 +528,11 @@ class Store:
                 # transaction's sync makes every chunk durable with it; a power cut before that loses a stage
                 # that was never published (swept as its owner's), never a record of an append that returned.
                 with self._write(wait=False) as conn:
+                    self._check_stage(conn, stage, taken)  # one discarded under us stops here, not at the end
                     held += self._stage_chunk(conn, stage, part)
                 taken += len(part)
             with self._bounded() as conn:
+                self._check_stage(conn, stage, taken)  # whole, or not at all
                 # Publishing the whole append is deleting its spans: no record is rewritten.
                 conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
@@ -524,6 +544,16 @@ class Store:
                 self._discard_stage(stage)
             raise
         return taken
+
+    def _check_stage(self, conn: sqlite3.Connection, stage: int, taken: int) -> None:
+        """Raise StoreError unless the stage is still open and its spans hold every one of the `taken` records it
+        staged: another process that took its owner for dead may have discarded it, or begun to."""
+        left = conn.execute("SELECT coalesce(sum(hi - lo + 1), 0) FROM stage_spans WHERE stage = ?",
+                            (stage,)).fetchone()[0]
+        if left != taken or conn.execute("SELECT 1 FROM stages WHERE id = ?", (stage,)).fetchone() is None:
+            raise StoreError(f"spool {self.path}: this append's staged records were discarded by another process "
+                             f"that took their owner for dead ({left:,} of {taken:,} left): nothing was appended; "
+                             "try again")
 
     @staticmethod
     def _stage_chunk(conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:
@@ -560,11 +590,12 @@ class Store:
                     conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (end + 1, lo))
 
     def sweep_stages(self) -> int:
-        """Discard the staged records of appends whose process died before finishing; return how many stages."""
-        dead = [stage for stage, owner in self.conn.execute("SELECT id, owner FROM stages")
-                if not is_alive(owner)]
+        """Discard the staged records of appends whose owner died before finishing; return how many stages."""
+        dead = [stage for stage, owner in self.conn.execute("SELECT id, owner FROM stages").fetchall()
+                if not self.owners.is_alive(owner)]
         for stage in dead:
             self._discard_stage(stage)
+        self.owners.sweep()  # and the lock files of owners that died owning nothing
         return len(dead)
 
     def _hidden(self, conn: sqlite3.Connection | None = None) -> str:
@@ -734,6 +765,7 @@ class Store:
         return where
 
     def _lease(self, where: str, params: tuple[Any, ...], now: float) -> Lease | None:
+        owner = self.owners.claim()
         with self._write(wait=False) as conn:
             rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE state = {State.PENDING}{self._hidden(conn)} "
                                 f"AND id NOT IN ({_LEASED}) AND {where}", params).fetchall()
@@ -742,7 +774,7 @@ class Store:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             ids = [row[0] for row in rows]
             lease = conn.execute("INSERT INTO leases (leased_at, owner, first_id, last_id) VALUES (?, ?, ?, ?) "
-                                 "RETURNING id", (now, self.owner, min(ids), max(ids))).fetchone()[0]
+                                 "RETURNING id", (now, owner, min(ids), max(ids))).fetchone()[0]
             conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)", (lease, _dumps(ids)))
         return Lease(lease, list(map(_leased, rows)), version)
 
@@ -821,18 +853,20 @@ class Store:
     def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
         """Drop the leases whose owner is proven dead; return how many pending records they named.
 
-        A lease written by a release that did not record owners is dropped when it was taken before
-        `unowned_before` (the caller holds the ship lock, or the lease is older than the lease timeout).
+        A lease whose owner cannot be checked (an earlier release recorded none, or named it by pid: see
+        spool.owners) is dropped when it was taken before `unowned_before` (the caller holds the ship lock, or
+        the lease is older than the lease timeout), or once the boot it was taken in is over.
         """
-        owners = self.conn.execute("SELECT DISTINCT owner FROM leases").fetchall()
-        dead = [owner for (owner,) in owners if owner is not None and not is_alive(owner)]
-        if not dead and not (unowned_before is not None and (None,) in owners):
+        owners = [owner for (owner,) in self.conn.execute("SELECT DISTINCT owner FROM leases")]
+        dead = [owner for owner in owners if owner is not None and not self.owners.is_alive(owner)]
+        unchecked = any(owner is None or is_legacy(owner) for owner in owners)
+        if not dead and not (unowned_before is not None and unchecked):
             return 0
         with self._write() as conn:
             where = "owner IN (SELECT value FROM json_each(?))"
             params: list[Any] = [_dumps(dead)]
             if unowned_before is not None:
-                where += " OR (owner IS NULL AND leased_at < ?)"
+                where += f" OR ((owner IS NULL OR owner NOT LIKE '{PREFIX}%') AND leased_at < ?)"
                 params.append(unowned_before)
             named = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} AND id IN "
                                  f"(SELECT leased.id FROM leased JOIN leases ON leased.lease = leases.id "

@@ -573,7 +573,7 @@ def is_candidate(path: Path) -> bool:
 
 
 # What SQLite and spool put beside a spool file SPOOL: its journals, the shipper's lock, a quarantined copy.
-_SPOOL_COMPANIONS = ("-wal", "-shm", "-journal", ".ship.lock", ".corrupt-")
+_SPOOL_COMPANIONS = ("-wal", "-shm", "-journal", ".ship.lock", ".owners", ".corrupt-")
 
 
 def spool_files(spool: Path, directory: Path) -> tuple[str, ...]:

@@ -178,3 +178,22 @@ def running_relay(db: Path, *, spool: dict[str, Any] | None = None, **options: A
         relay.stop()
         relay.writer.store.close()
         metrics.store.close()
+
+
+# -- another PID namespace ---------------------------------------------------------------------------
+
+# A process as a container sharing the spool's volume runs it: its pids and /proc are its own. --kill-child ends
+# it with unshare, so a test that kills what it started leaves nothing behind.
+IN_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
+def pid_namespace_unavailable() -> str | None:
+    """Return why a process cannot be started in a PID namespace of its own here, or None if it can."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run([*IN_PID_NAMESPACE, "true"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"unshare cannot make a PID namespace here (root or user namespaces needed): {probe.stderr.strip()}"
+    return None

@@ -15,12 +15,22 @@ import pytest
 
 import spool.store
 from spool import Spool
-from spool.errors import InvalidRecord, SpoolFull
+from spool.errors import InvalidRecord, SpoolFull, StoreError
+from spool.owners import owners_directory
 from spool.records import make_record, record_rows
 from spool.ship import Shipper
-from spool.store import SCHEMA_VERSION, State, Store
+from spool.store import SCHEMA_VERSION, STAGE_CHUNK, State, Store
 
-from .helpers import T0, make_config
+from .helpers import (
+    IN_PID_NAMESPACE,
+    T0,
+    TEST_EZKEY,
+    cli_env,
+    make_config,
+    pid_namespace_unavailable,
+    run_cli,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,6 +211,7 @@ def test_a_large_append_killed_midway_leaves_nothing_visible_or_shipped_and_is_s
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5
         assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
         assert store.integrity_ok()
+    assert not list(owners_directory(db).iterdir())  # the killed owner's lock file went with its proof of death
 
 
 def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch):
@@ -225,20 +236,19 @@ def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch)
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 and spans(store) == 0
 
 
-def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old_way_once_their_owner_died(db):
-    from spool.clock import process_identity
+def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old_way_once_their_boot_is_over(db):
+    """Version 5 named a stage's owner by boot, pid and process start: a pid cannot tell a process that died from
+    one in another PID namespace, so such a stage is discarded only once its boot is over."""
+    from spool.clock import boot_id
 
-    died = subprocess.run([sys.executable, "-c", "from spool.clock import process_identity as p; print(p())"],
-                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    dead = died.stdout.strip()
+    dead, running = "an-earlier-boot:4242:1234", f"{boot_id()}:4242:1234"
     with Store(db) as store:
         store.append(rows(3, stat="kept"))
         conn = store.conn
         conn.execute("DROP TABLE stage_spans")  # back to version 5's layout
         conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
-        # A version-5 append whose process died, and one still running (this process) as version 6 opens it.
-        conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0), (8, ?, 0)",
-                     (dead, process_identity()))
+        # A version-5 append of an earlier boot, and one of this boot that may still be running.
+        conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0), (8, ?, 0)", (dead, running))
         conn.executemany(f"INSERT INTO records (stat, kind, number, t, state, stage) VALUES (?, 0, 1, ?, "
                          f"{State.STAGED}, ?)", [(f"s{stage} {i}", T0, stage) for stage in (7, 8) for i in range(12)])
         conn.execute("PRAGMA user_version = 5")
@@ -247,12 +257,29 @@ def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 15  # the dead one's are gone
         assert store.conn.execute("SELECT id FROM stages").fetchall() == [(8,)]
         assert store.counts() == {"pending": 3, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
-        assert store.sweep_stages() == 0  # its owner is alive: it may still publish them
-        store.conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now it died too
+        assert store.sweep_stages() == 0  # its owner may be alive (and pid 4242 elsewhere): it may still publish
+        store.conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now its boot is over too
         store.append(rows(25, stat="new"), chunk=10)  # a stage of version 6 first sweeps it
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 28
         assert sorted(r.stat for _, _, r in store.records())[:3] == ["kept0", "kept1", "kept2"]
         assert store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+
+
+def test_a_stage_an_earlier_release_left_is_kept_while_its_boot_lasts(db):
+    """Schema 6 named a stage's owner by boot, pid and process start: kept while that boot lasts, discarded after."""
+    from spool.clock import boot_id
+
+    with Store(db) as store:
+        store.append(rows(3, stat="live"))
+        store.conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (99, ?, 0)", (f"{boot_id()}:1:1",))
+        store.conn.execute("BEGIN IMMEDIATE")
+        store._stage_chunk(store.conn, 99, rows(25))
+        store.conn.execute("COMMIT")
+        assert store.sweep_stages() == 0  # pid 1 is not that process here, but it may be pid 1 elsewhere
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 28
+        store.conn.execute("UPDATE stages SET owner = 'an-earlier-boot:1:1'")
+        assert store.sweep_stages() == 1
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 and spans(store) == 0
 
 
 def test_status_of_a_spool_with_an_open_stage_counts_only_what_is_published(db):
@@ -270,3 +297,177 @@ def test_status_of_a_spool_with_an_open_stage_counts_only_what_is_published(db):
         store.append(rows(2, stat="live", t=T0 + 5))
         store.append(watched(), chunk=10)
     assert seen == [(2, 0, T0 + 5)]
+
+
+# -- who may discard a stage ---------------------------------------------------------------------------------
+
+
+def staged_spans(db: Path) -> int:
+    with Store(db) as store:
+        return spans(store)
+
+
+def test_an_import_in_another_pid_namespace_lands_whole_beside_a_shipper_on_the_host(db, receiver):
+    """A producer in a container sharing the spool's volume: its pid means nothing on the host (it is pid 1 there,
+    and the host's pid 1 is another process), which must not be taken for its death."""
+    if reason := pid_namespace_unavailable():
+        pytest.skip(reason)
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + i} for i in range(5))
+    n = 2 * STAGE_CHUNK + 500
+    lines = [f'{{"stat":"i{i}","count":1,"t":{T0}}}\n' for i in range(n)]
+    env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    importer = subprocess.Popen([*IN_PID_NAMESPACE, sys.executable, "-m", "spool", "import", "-"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    try:
+        assert importer.stdin is not None
+        importer.stdin.write("".join(lines[:STAGE_CHUNK + 1]))  # its first chunk commits; it waits for the rest
+        importer.stdin.flush()
+        wait_for(lambda: staged_spans(db) > 0)
+        shipped = run_cli(db, "ship", "--once", env=env)  # sweeps the stages of dead owners first
+        assert shipped.returncode == 0, shipped.stderr
+        _, stderr = importer.communicate("".join(lines[STAGE_CHUNK + 1:]), timeout=60)
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.communicate()
+    assert importer.returncode == 0, stderr
+    assert f"imported {n:,} records" in stderr
+    with Store(db) as store:
+        assert store.counts() == {"pending": n, "inflight": 0, "sent": 5, "dead": 0, "held": 0}
+
+
+_EMULATED = textwrap.dedent("""
+    import sys
+    import spool.clock
+    # qemu-user answers an emulated process's read of /proc/self/stat with a start time of its own making:
+    # what the process would record about itself is not what the kernel shows everyone else.
+    spool.clock._start_time = lambda pid: "1"
+    from spool.store import Store
+    T0, db = int(sys.argv[2]), sys.argv[1]
+
+    def rows():
+        for i in range(100):
+            if i == 35:  # three chunks committed: say so and wait
+                print("staged", flush=True)
+                sys.stdin.readline()
+            yield (f"big{i}", None, None, None, 0, 1, T0 + i)
+
+    try:
+        with Store(db) as store:
+            print(store.append(rows(), chunk=10), flush=True)
+    except Exception as exc:
+        print(f"failed: {exc}", flush=True)
+""")
+
+
+def test_an_append_under_an_emulator_that_fakes_its_start_time_lands_whole_beside_a_shipper(db, receiver):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + i} for i in range(5))
+    child = subprocess.Popen([sys.executable, "-c", _EMULATED, str(db), str(T0)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "staged\n"
+        env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+        shipped = run_cli(db, "ship", "--once", env=env)
+        assert shipped.returncode == 0, shipped.stderr
+        said, _ = child.communicate("go\n", timeout=60)
+    finally:
+        child.kill()
+        child.communicate()
+    assert said == "100\n"
+    with Store(db) as store:
+        assert store.counts() == {"pending": 100, "inflight": 0, "sent": 5, "dead": 0, "held": 0}
+
+
+def discard_partly(db: Path, n: int) -> None:
+    """Discard the first `n` records of the open stage as one transaction of a sweep does (span shrinking)."""
+    with Store(db) as other:
+        conn = other.conn
+        lo, hi = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo LIMIT 1").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?", (lo, lo + n - 1))
+        conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (lo + n, lo))
+        conn.execute("COMMIT")
+
+
+def discard_whole(db: Path) -> None:
+    with Store(db) as other:
+        [(stage,)] = other.conn.execute("SELECT id FROM stages").fetchall()
+        other._discard_stage(stage)
+
+
+@pytest.mark.parametrize("when", ["between chunks", "before it publishes"])
+@pytest.mark.parametrize("how", ["whole", "partly"])
+def test_an_append_whose_stage_another_process_discarded_fails_and_publishes_nothing(db, when, how):
+    """However the stage was lost (an older release that judged its owner by pid; a hand that removed the owners'
+    locks), the append says so and publishes none of what is left: never a count of records that are not there."""
+    discard = discard_whole if how == "whole" else lambda db: discard_partly(db, 5)
+
+    def watched() -> Iterator[Any]:
+        yield from rows(35)
+        if when == "between chunks":
+            discard(db)
+        yield from rows(30, start=35)
+        if when == "before it publishes":  # after the last row: what follows is the publishing transaction
+            discard(db)
+
+    with Store(db) as store:
+        store.append(rows(3, stat="live"))
+        with pytest.raises(StoreError, match=r"discarded by another process.*nothing was appended"):
+            store.append(watched(), chunk=10)
+        assert sorted(r.stat for _, _, r in store.records()) == ["live0", "live1", "live2"]
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+        assert spans(store) == 0 and store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+
+
+def test_an_import_whose_stage_was_discarded_exits_non_zero_with_one_line_and_never_says_imported(db):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"live{i}", "count": 1, "t": T0 + i} for i in range(5))
+    n = STAGE_CHUNK + 100
+    lines = [f'{{"stat":"i{i}","count":1,"t":{T0}}}\n' for i in range(n)]
+    importer = subprocess.Popen([sys.executable, "-m", "spool", "import", "-"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(db))
+    try:
+        assert importer.stdin is not None
+        importer.stdin.write("".join(lines[:STAGE_CHUNK + 1]))
+        importer.stdin.flush()
+        wait_for(lambda: staged_spans(db) > 0)
+        discard_partly(db, 100)  # as a sweep that took its owner for dead would begin
+        _, stderr = importer.communicate("".join(lines[STAGE_CHUNK + 1:]), timeout=60)
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.communicate()
+    assert importer.returncode == 1
+    assert "imported" not in stderr and "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and "discarded by another process" in stderr, stderr
+    with Store(db) as store:
+        assert store.counts()["pending"] == 5
+        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5
+
+
+_CLAIMS_AND_DIES = textwrap.dedent("""
+    import os, signal, sys
+    from spool.store import Store
+    store = Store(sys.argv[1])
+    store.owners.claim()  # as a staged append or a lease begins
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_lock_files_of_owners_that_died_owning_nothing_are_removed_and_a_live_owners_stays(db):
+    with Spool(db) as sp:
+        sp.add({"stat": "small", "count": 1, "t": T0})
+    assert not owners_directory(db).exists()  # an append that is not staged owns nothing: no lock taken
+    killed = subprocess.run([sys.executable, "-c", _CLAIMS_AND_DIES, str(db)], env={**os.environ,
+                            "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    with Store(db) as live, Store(db) as sweeper:
+        mine = live.owners.claim()
+        assert len(list(owners_directory(db).iterdir())) == 2
+        assert sweeper.sweep_stages() == 0
+        assert [path.name for path in owners_directory(db).iterdir()] == [mine.removeprefix("lock:")]
+        assert sweeper.owners.is_alive(mine)
+    assert not list(owners_directory(db).iterdir())  # closing gave it up

@@ -13,10 +13,11 @@ import pytest
 from spool import Spool
 from spool.errors import InvalidRecord, SpoolBusy, StoreError
 from spool.lock import ShipLock
+from spool.owners import owners_directory
 from spool.records import make_record
 from spool.store import SCHEMA_VERSION, Store
 
-from .helpers import T0
+from .helpers import IN_PID_NAMESPACE, T0, pid_namespace_unavailable
 
 
 def ez(stat: str = "s", n: int | float = 1, t: int = T0, ezkey: str | None = None):
@@ -166,21 +167,63 @@ def test_leasing_rewrites_no_record(db):
         assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 5
 
 
-def test_leases_of_a_dead_owner_return_to_pending_and_a_live_owners_never_do(db):
+_LEASING = """
+import os, signal, sys
+from spool.store import Store
+store = Store(sys.argv[1])
+lease = store.lease(2, now=100.0, keyed_only=False)
+print(len(lease.items), flush=True)
+sys.stdin.readline()  # holds its lease until told to die, then dies as SIGKILL leaves it
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("where", ["here", "in another PID namespace"])
+def test_leases_of_a_live_owner_are_never_freed_and_a_killed_owners_are(db, where):
+    """Liveness is the kernel's: the owner holds a lock the kernel drops when it dies, however it dies. No pid is
+    compared, so an owner whose pid means nothing here (another PID namespace, a container) is not taken for dead."""
+    prefix: tuple[str, ...] = ()
+    if where != "here":
+        if reason := pid_namespace_unavailable():
+            pytest.skip(reason)
+        prefix = IN_PID_NAMESPACE
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(6)])
-        store.lease(2, now=100.0, keyed_only=False)
-        store.lease(2, now=200.0, keyed_only=False)
-        assert store.release_dead_leases(unowned_before=float("inf")) == 0  # ours: alive
-        died = subprocess.run([sys.executable, "-c", "from spool.clock import process_identity as p; print(p())"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        first = store.conn.execute("SELECT min(id) FROM leases").fetchone()[0]
-        store.conn.execute("UPDATE leases SET owner = ? WHERE id = ?", (died, first))  # as if it had leased
-        assert store.release_dead_leases() == 2
-        assert states(store) == {"pending": 4, "inflight": 2}
-        store.conn.execute("UPDATE leases SET owner = NULL")  # as a release that kept no owner left it
+    child = subprocess.Popen([*prefix, sys.executable, "-c", _LEASING, str(db)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "2\n"
+        with Store(db) as store, Store(db) as beside:
+            beside.lease(2, now=200.0, keyed_only=False)  # another owner in this very process
+            assert store.release_dead_leases(unowned_before=float("inf")) == 0  # both alive
+            assert beside.release_dead_leases(unowned_before=float("inf")) == 0
+            assert states(store) == {"pending": 2, "inflight": 4}
+            child.communicate("die\n", timeout=30)  # killed (by itself: unshare waits for it to end)
+            assert store.release_dead_leases() == 2  # the kernel dropped its lock
+            assert states(store) == {"pending": 4, "inflight": 2}
+            beside.close()  # a closed Store owns nothing any more
+            assert store.release_dead_leases() == 2
+            assert states(store) == {"pending": 6}
+    finally:
+        child.kill()
+        child.communicate()
+    assert not list(owners_directory(db).iterdir())  # each dead owner's lock file went with it
+
+
+def test_leases_of_an_earlier_release_are_freed_by_the_shipper_or_after_the_boot_they_were_taken_in(db):
+    """Owners named by boot, pid and process start (schema 6) cannot be checked (the pid may be another PID
+    namespace's): such a lease is freed as one that names no owner (by the holder of the ship lock, or after
+    the lease timeout), or once its boot is over."""
+    from spool.clock import boot_id
+
+    with Store(db) as store:
+        store.append([ez(t=T0 + i) for i in range(6)])
+        for owner in (f"{boot_id()}:{os.getpid()}:1234", "an-earlier-boot:1:1234", None):
+            lease = store.lease(2, now=200.0, keyed_only=False)
+            store.conn.execute("UPDATE leases SET owner = ? WHERE id = ?", (owner, lease.id))
+        assert store.release_dead_leases() == 2  # the earlier boot's
         assert store.release_dead_leases(unowned_before=150.0) == 0  # leased at 200: too recent
-        assert store.release_dead_leases(unowned_before=250.0) == 2
+        assert store.release_dead_leases(unowned_before=250.0) == 4
         assert states(store) == {"pending": 6}
 
 
