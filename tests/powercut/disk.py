@@ -337,6 +337,7 @@ class Disk:
             for index, page in sorted(node.dirty.items()):
                 os.pwrite(fd, page, index * PAGE)
             os.ftruncate(fd, node.size)
+            os.utime(fd, ns=(node.atime_ns, node.mtime_ns))  # fsync makes the inode durable, times included
             if self.fsync_backing:
                 os.fsync(fd)
         node.dirty.clear()
@@ -474,6 +475,7 @@ class Disk:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(node.mode))
         _keep_number(fd, node.number)
         os.write(fd, node.mem)
+        os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
         if self.fsync_backing:
             os.fsync(fd)
         node.mem = None
