@@ -47,8 +47,8 @@ def test_add_without_t_stamps_the_current_time(db):
 
 
 @pytest.mark.parametrize(("args", "text"), [
-    (["add", "s", "--value", "nan"], "value must be a finite number"),
-    (["add", "s", "--value", "abc"], "'--value': 'abc' is not a number"),
+    (["add", "s", "--value", "nan"], "value 'nan' is not a number (StatHat takes finite numbers only)"),
+    (["add", "s", "--value", "abc"], "value 'abc' is not a number"),
     (["add", "s", "--count", "1", "--t", "1700000000000"], "looks like milliseconds"),
     (["add", "s", "--count", "1", "--value", "2"], "not both"),
     (["add", "s"], "give count or value"),
