@@ -382,7 +382,8 @@ def parse_when(text: str, name: str = "time") -> int:
     from spool.errors import ConfigError
     from spool.records import T_LOOKS_LIKE_MS
 
-    if text.strip().lstrip("-").isdigit():
+    digits = text.strip().removeprefix("-")
+    if digits.isascii() and digits.isdigit() and len(digits) < 100:  # isdigit() alone takes "²" and "١٧٠٠"
         seconds = int(text)
         if seconds >= T_LOOKS_LIKE_MS:
             raise ConfigError(f"{name} {seconds} looks like milliseconds; give unix seconds "

@@ -22,6 +22,7 @@ import click
 
 from spool import config as configuration
 from spool.errors import InvalidRecord, SpoolError, printable
+from spool.records import number_from_text
 
 EXIT_USAGE = 2
 
@@ -175,18 +176,17 @@ cli.more_commands = "spool.cli_ops"
 
 
 class Number(click.ParamType):
-    """A number from the command line: an integer stays one ("5"), anything else a float ("0.75")."""
+    """A number from the command line, read as StatHat reads one: "5" stays an integer, "0.75" is a float."""
 
     name = "number"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
         if isinstance(value, int | float):
             return value
-        text = str(value).strip()
-        for parse in (int, float):
-            with contextlib.suppress(ValueError):
-                return parse(text)
-        self.fail(f"'{text[:20]}' is not a number", param, ctx)
+        try:
+            return number_from_text(str(value), param.name if param and param.name else "number")
+        except InvalidRecord as exc:  # one line, as the record's other errors ("count must be a finite number")
+            raise click.UsageError(exc.reason, ctx) from None
 
 
 @cli.command()

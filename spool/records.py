@@ -228,16 +228,44 @@ def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None
 
 
 def number_from_text(text: str, field: str) -> int | float:
-    """Read an int or float from text (form fields, CSV cells, CLI arguments); syntax only, no range checks."""
-    cleaned = text.strip()
+    """Read a number written as StatHat reads one (form fields, CSV cells, CLI arguments, StatsD); no range checks.
+
+    The one number syntax for text on every path: ASCII only, an optional sign, decimal digits with an optional
+    fraction ("5", "-1.5", ".5", "5."), an optional exponent ("1e3"); spaces, tabs and line ends around it are
+    ignored. Python's int() and float() read more (StatHat does not): "1_000", non-ASCII digits (Arabic-Indic,
+    full-width), other whitespace ("\u2003", "\x1c"), "inf" and "nan".
+    """
+    cleaned = text.strip(_NUMBER_SPACE)
+    if cleaned.isascii():
+        if cleaned.isdigit() or re.fullmatch(_INTEGER, cleaned):  # the common case at C speed first
+            try:
+                return int(cleaned)
+            except ValueError:  # more digits than int() converts: far out of range as a count anyway
+                raise InvalidRecord(f"{field} {masked(cleaned)} is out of range", field=field) from None
+        if re.fullmatch(_DECIMAL, cleaned):
+            return float(cleaned)
+    raise InvalidRecord(f"{field} {masked(cleaned)} is not a number{_why_not_a_number(cleaned)}", field=field)
+
+
+# StatHat's number syntax (see number_from_text) in ASCII classes: `\d` and `\s` match more. Compiled on first use.
+_NUMBER_SPACE = " \t\r\n"
+_INTEGER = r"[+-]?[0-9]+"
+_DECIMAL = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+
+
+def _why_not_a_number(text: str) -> str:
+    """Say why text that Python reads as a number (once str.strip()ped) is not one to StatHat; "" for others."""
     try:
-        return int(cleaned)
+        number = float(text.strip())
     except ValueError:
-        pass
-    try:
-        return float(cleaned)
-    except ValueError:
-        raise InvalidRecord(f"{field} {masked(cleaned)} is not a number", field=field) from None
+        return ""
+    if not math.isfinite(number):
+        return " (StatHat takes finite numbers only)"
+    if "_" in text:
+        return " (StatHat reads no '_' between digits)"
+    if any(char.isdigit() and not char.isascii() for char in text):
+        return " (StatHat reads the ASCII digits 0-9 only)"
+    return " (only spaces, tabs and line ends may surround a number)"
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -86,7 +86,7 @@ def form_records(path: str, form: dict[str, str], stamp: int, t_floor: int = T_F
 def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
     """Records from one /ez JSON batch {"ezkey": ..., "data": [...]}, refused as StatHat refuses."""
     try:
-        document = json.loads(body)
+        document = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):
         raise Refusal("invalid json") from None
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
@@ -102,6 +102,11 @@ def json_records(body: bytes, stamp: int, t_floor: int = T_FLOOR) -> list[Any]:
         return list(record_rows(items, clock_now=stamp, ezkey=ezkey, t_floor=t_floor))
     except InvalidRecord as exc:
         raise Refusal(exc.reason) from None
+
+
+def _not_json(constant: str) -> None:
+    """Refuse NaN, Infinity and -Infinity: Python's json module reads them, JSON (and StatHat) does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value", "d": "value"}
@@ -188,13 +193,13 @@ class StatsdReader:
         kind, rate, t, tags = fields[1], 1.0, stamp, None
         for extra in fields[2:]:
             if extra.startswith("@"):
-                rate = float(extra[1:])
+                rate = number_from_text(extra[1:], "sample rate")
                 if not 0 < rate <= 1:
                     raise ValueError("sample rate must be in (0, 1]")
             elif extra.startswith("#"):
                 tags = extra[1:]
             elif extra.startswith("T") and kind != "s":
-                t = check_t(int(extra[1:]), self.t_floor)
+                t = check_t(number_from_text(extra[1:], "t"), self.t_floor)
             elif not extra.startswith("c:"):
                 raise ValueError("unknown field")
         stat, untagged = self._name(self.prefix + name, tags)
@@ -602,10 +607,8 @@ class RelayHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._refuse("chunked bodies are not supported; send Content-Length")
             return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        declared = (self.headers.get("Content-Length") or "0").strip(" \t")  # ASCII digits only: int() reads "+1_0"
+        length = int(declared) if declared.isascii() and declared.isdigit() and len(declared) < 19 else -1
         limit = self.relay.config.max_body
         if not 0 <= length <= limit:
             self.close_connection = True  # the body is not read: the connection cannot be reused

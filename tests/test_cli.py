@@ -47,8 +47,8 @@ def test_add_without_t_stamps_the_current_time(db):
 
 
 @pytest.mark.parametrize(("args", "text"), [
-    (["add", "s", "--value", "nan"], "value must be a finite number"),
-    (["add", "s", "--value", "abc"], "'--value': 'abc' is not a number"),
+    (["add", "s", "--value", "nan"], "value 'nan' is not a number (StatHat takes finite numbers only)"),
+    (["add", "s", "--value", "abc"], "value 'abc' is not a number"),
     (["add", "s", "--count", "1", "--t", "1700000000000"], "looks like milliseconds"),
     (["add", "s", "--count", "1", "--value", "2"], "not both"),
     (["add", "s"], "give count or value"),
@@ -327,3 +327,13 @@ def test_a_window_ending_before_it_starts_is_a_usage_error_exit_2(db, command):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("spool: error: --until") and "is before --since" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("when", ["²", "١٧٠٠٠٠٠٠٠٠", "--5", "1_700_000_000"])
+def test_a_window_bound_that_is_not_ascii_digits_or_an_iso_date_is_a_usage_error_exit_2(db, when):
+    # str.isdigit() says yes to "²" (int() then failed: an internal error) and to Arabic-Indic digits (read as
+    # 1700000000).
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    assert_one_line_error(run_cli(db, "replay", "--dry-run", "--since", when), 2,
+                          "is neither unix seconds nor an ISO date")

@@ -241,3 +241,60 @@ def test_record_rows_validates_every_record_of_a_large_stream_including_the_slow
     assert rows[3] == Record("a~b,c", None, None, None, VALUE, 3, T)
     with pytest.raises(InvalidRecord):
         list(record_rows([*objs, {"stat": "", "count": 1, "t": T}]))
+
+
+# -- the number syntax: what StatHat reads, on every path that takes a number as text ------------------------
+
+@pytest.mark.parametrize(("text", "number"), [
+    ("9", 9), ("0.375", 0.375), ("13.947", 13.947),  # StatHat's own examples
+    ("-1.5", -1.5), ("+3", 3), ("-0", 0), ("007", 7),
+    (".5", 0.5), ("5.", 5.0), ("1e3", 1000.0), ("1E3", 1000.0), ("1e+20", 1e20), ("1.5e-05", 1.5e-05),
+    (" 12 ", 12), ("\t7\t", 7), ("9\r\n", 9),  # ASCII spaces, tabs and line ends around it
+    ("9223372036854775807", 2**63 - 1),  # syntax only: the range is checked with the record
+])
+def test_a_number_stathat_reads_is_read_the_same(text, number):
+    parsed = number_from_text(text, "count")
+    assert parsed == number and type(parsed) is type(number)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("1_000", "'_'"), ("1_0.5", "'_'"), ("1e1_0", "'_'"),  # Python's digit grouping
+    ("١٢٣", "ASCII digits"), ("１２", "ASCII digits"), ("٣.٥", "ASCII digits"), ("1e٣", "ASCII digits"),
+    ("\u20035", "spaces"), ("5\u2003", "spaces"), ("\xa05", "spaces"), ("\x1c5", "spaces"), ("5\x1f", "spaces"),
+    ("\x0b5", "spaces"), ("5\x0c", "spaces"),  # whitespace to Python, not to StatHat
+    ("inf", "finite"), ("-Infinity", "finite"), ("nan", "finite"), ("+NaN", "finite"), (" inf ", "finite"),
+    ("", None), (" ", None), ("abc", None), ("0x10", None), ("0b1", None), ("1j", None), ("1e", None),
+    ("e3", None), (".", None), ("-", None), ("+-1", None), ("1.2.3", None), ("1,5", None), ("1 000", None),
+    ("²", None), ("5\x00", None), ("12abc", None),
+])
+def test_number_syntax_stathat_refuses_is_refused_naming_the_field_and_why(text, why):
+    with pytest.raises(InvalidRecord, match="is not a number") as caught:
+        number_from_text(text, "count")
+    assert caught.value.field == "count" and caught.value.reason.startswith("count ")
+    if why is not None:
+        assert why in caught.value.reason
+
+
+@given(st.text(max_size=12))
+@example("1_000")
+@example("١٢٣")
+@example("\u2003 5")
+def test_no_text_outside_ascii_and_no_digit_grouping_is_ever_a_number(text):
+    try:
+        number = number_from_text(text, "value")
+    except InvalidRecord:
+        return
+    assert text.isascii() and "_" not in text and math.isfinite(number)
+    assert number == float(text)  # a subset of what Python reads, read the same
+
+
+@given(finite)
+def test_every_number_spool_writes_as_text_reads_back_unchanged(number):
+    # Classic records go to StatHat as form fields (str of the number); exports and CSV round-trip too.
+    assert number_from_text(str(number), "value") == number
+    assert number_from_text(repr(number), "value") == number
+
+
+def test_a_number_of_more_digits_than_python_converts_is_refused_not_an_internal_error():
+    with pytest.raises(InvalidRecord, match="count"):
+        make_record(stat="s", count=number_from_text("9" * 5000, "count"))
