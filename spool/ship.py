@@ -54,7 +54,6 @@ PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is 
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
-STOP_WAIT = 5.0  # seconds a shutdown waits for the answers in flight before it cuts their requests short
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 
 
@@ -526,17 +525,18 @@ class Shipper:
         """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
         cut, stop_at = False, float("inf")
         while self.stats.in_flight:
-            # Stopping (SIGTERM under systemd's TimeoutStopSec) waits STOP_WAIT for the answers, not `timeout`.
+            # Stopping (SIGTERM under systemd's TimeoutStopSec) waits ship.stop_wait for the answers, not `timeout`.
             stopping = self.shutdown.is_set() and not cut
             if stopping:
-                stop_at = min(stop_at, time.monotonic() + STOP_WAIT)
+                stop_at = min(stop_at, time.monotonic() + self.config.ship.stop_wait)
             wait = max(0.0, stop_at - time.monotonic()) if stopping else self.config.ship.timeout + 5
             try:
                 answer = self._answers.get(timeout=wait)
             except queue.Empty:
                 if stopping:
                     log.warning("%d requests still unanswered %g s after shutdown was asked: cut short; their "
-                                "records stay pending and are sent again", self.stats.in_flight, STOP_WAIT)
+                                "records stay pending and are sent again", self.stats.in_flight,
+                                self.config.ship.stop_wait)
                     with self._clients_lock:
                         for client in self._clients:
                             client.abort()
