@@ -169,6 +169,7 @@ class Shipper:
     def __init__(self, store: Store, config: Config, *,
                  client_factory: Callable[[], StatHatClient] | None = None,
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
+                 hurry: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.store = store
@@ -178,6 +179,9 @@ class Shipper:
             config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure))
         self.ezkey: str | None = None  # the configured key, read when a drain starts (a key file may be fixed)
         self.shutdown = shutdown or threading.Event()
+        # Set when the process stops, not when only this shipper does (a reload): the answers in flight are then
+        # awaited ship.stop_wait at most. Without it, stopping this shipper is stopping the process.
+        self.hurry = hurry or self.shutdown
         self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
         self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
         self.clock = clock
@@ -511,6 +515,9 @@ class Shipper:
             state.failed = str(error)
         self._note("paused" if paused else "retrying", str(error))
         level = logging.ERROR if paused else logging.WARNING
+        if self.shutdown.is_set():  # an answer awaited while stopping: this shipper sends nothing more
+            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", error)
+            return
         log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
 
     def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
@@ -522,29 +529,42 @@ class Shipper:
         return False
 
     def _finish(self, waiting: collections.deque[_Unit], unsettled: dict[int, int]) -> None:
-        """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
-        cut, stop_at = False, float("inf")
+        """Wait for the requests in flight, settle their answers, and hand back every lease still held.
+
+        Every request ends by itself within ship.timeout, so its answer is awaited: a shipper stopped for a
+        reload must not cut an answer that can still come (the next shipper would send those records again, and
+        StatHat would count them twice). Only when the process stops (`hurry`: SIGTERM under systemd's
+        TimeoutStopSec) are the requests still unanswered ship.stop_wait later cut short.
+        """
+        cut_at: float | None = None
+        cut = False
+        last_answer = time.monotonic()
+        if self.stats.in_flight and self.shutdown.is_set() and not self.hurry.is_set():
+            log.info("awaiting the answers to %d requests in flight (due within %g s) before this shipper stops",
+                     self.stats.in_flight, self.config.ship.timeout)
         while self.stats.in_flight:
-            # Stopping (SIGTERM under systemd's TimeoutStopSec) waits ship.stop_wait for the answers, not `timeout`.
-            stopping = self.shutdown.is_set() and not cut
-            if stopping:
-                stop_at = min(stop_at, time.monotonic() + self.config.ship.stop_wait)
-            wait = max(0.0, stop_at - time.monotonic()) if stopping else self.config.ship.timeout + 5
-            try:
-                answer = self._answers.get(timeout=wait)
-            except queue.Empty:
-                if stopping:
-                    log.warning("%d requests still unanswered %g s after shutdown was asked: cut short; their "
-                                "records stay pending and are sent again", self.stats.in_flight,
-                                self.config.ship.stop_wait)
-                    with self._clients_lock:
-                        for client in self._clients:
-                            client.abort()
-                    cut = True
-                    continue
+            now = time.monotonic()
+            if cut_at is None and self.hurry.is_set():
+                cut_at = now + self.config.ship.stop_wait
+            if not cut and cut_at is not None and now >= cut_at:
+                log.warning("%d requests still unanswered %g s after shutdown was asked: cut short; their "
+                            "records stay pending and are sent again", self.stats.in_flight,
+                            self.config.ship.stop_wait)
+                with self._clients_lock:
+                    for client in self._clients:
+                        client.abort()
+                cut = True
+            if now - last_answer > self.config.ship.timeout + 5:  # past every request's deadline: a bug, or a hang
                 log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
                 self.stats.in_flight = 0
                 break
+            # A short wait: a SIGTERM that comes while a reload waits for answers must still cut them in time.
+            wait = ANSWER_POLL if cut or cut_at is None else min(ANSWER_POLL, max(0.0, cut_at - now))
+            try:
+                answer = self._answers.get(timeout=wait)
+            except queue.Empty:
+                continue
+            last_answer = time.monotonic()
             self._settle_answers([answer], collections.deque(), unsettled, _DrainState(None), None)
         for lease in list(unsettled):
             self.settle(functools.partial(self.store.end_lease, lease))
