@@ -94,6 +94,7 @@ class ShipStats:
 
     sent: int = 0
     dead: int = 0
+    expired: int = 0  # pending records dropped because their t was older than max_age
     requests: int = 0
     retries: int = 0
     splits: int = 0  # refused batches split to find the refused records
@@ -235,7 +236,8 @@ class Shipper:
         """What this shipper has done, for /metrics and the summary: copied under its lock."""
         with self._stats_lock:
             stats = self.stats
-            return {"sent": stats.sent, "dead": stats.dead, "retries": stats.retries, "requests": stats.requests,
+            return {"sent": stats.sent, "dead": stats.dead, "expired": stats.expired, "retries": stats.retries,
+                    "requests": stats.requests,
                     "in_flight": stats.in_flight, "limit": self.limit.value, "outcomes": dict(stats.outcomes),
                     "latency_bounds": LATENCY_BUCKETS, "latency_buckets": list(stats.latency_buckets),
                     "latency_sum": stats.latency_sum,
@@ -289,6 +291,10 @@ class Shipper:
             self.restamp_held()  # every way of shipping (the agent, ship --once from cron) places held records
         except StoreError as exc:
             log.warning("cannot re-stamp held records: %s", exc)
+        try:
+            self.drop_expired()  # and drops, counted, what max_age says will never be shipped (leasing skips it)
+        except StoreError as exc:
+            log.warning("cannot drop records older than max_age: %s", exc)
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
         state = _DrainState(deadline)
@@ -654,6 +660,13 @@ class Shipper:
             log.warning("%d held records cannot be placed in time (held in an earlier boot, or the monotonic "
                         "clock jumped); moved to dead letters with the reason", lost)
 
+    def drop_expired(self) -> None:
+        """Drop pending records whose t is older than max_age, counted (dropped_age) and logged."""
+        expired = self.store.drop_expired(now=self.clock())
+        if expired:
+            self.stats.expired += expired
+            log.warning("dropped %d pending records older than max_age", expired)
+
     def housekeeping(self) -> None:
         """Free dead owners' leases; re-stamp held records; compact, expire; hourly, prune sent records."""
         now = self.monotonic()
@@ -668,9 +681,7 @@ class Shipper:
                 saved = self.store.compact_counts(bucket=int(self.config.spool.compact_counts))
                 if saved:
                     log.info("compacted the backlog: %d count records merged away", saved)
-            expired = self.store.drop_expired(now=self.clock())
-            if expired:
-                log.warning("dropped %d pending records older than max_age", expired)
+            self.drop_expired()
             pruned = 0
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now

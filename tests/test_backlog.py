@@ -17,7 +17,7 @@ from spool.errors import SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .helpers import T0, UNPACED, cli_env, jsonl, run_cli
+from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, jsonl, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -126,6 +126,21 @@ def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_count
         assert sp.store.ack([item.id for item in lease.items], now=T0 + 10_000, lease=lease.id) == 3
         assert sp.store.counts()["sent"] == 3 and sp.store.counters() == {}
 
+
+def test_ship_once_from_cron_drops_and_counts_records_older_than_max_age(db, receiver):
+    # Only the agent's housekeeping dropped them: `ship --once` skipped them, exited 0, and they stayed pending for
+    # ever, uncounted. Every drain drops them now, before it leases. T0 is years ago: no waiting for time to pass.
+    env = cli_env(db, SPOOL_SPOOL_MAX_AGE="1d", SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    lines = jsonl("old 1", "old 2", "old 3") + '{"stat": "fresh", "count": 1}\n'  # fresh: stamped now
+    assert run_cli(db, "import", "-", input=lines.encode(), env=env).returncode == 0
+    shipped = run_cli(db, "ship", "--once", env=env)
+    assert shipped.returncode == 0, shipped.stderr
+    assert [a["stat"] for a in receiver.accepted] == ["fresh"]
+    assert "dropped 3 pending records older than max_age" in shipped.stderr, shipped.stderr
+    assert "shipped 1, dead 0, dropped 3 older than max_age" in shipped.stderr, shipped.stderr
+    status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
+    assert (status["pending"], status["sent"], status["counters"]) == (0, 1, {"dropped_age": 3})
+    assert "3 dropped because their t was older than max_age" in status["problems"]
 
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     with Spool(db) as sp:
