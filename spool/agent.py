@@ -200,7 +200,9 @@ class Agent:
             if name == "ship":
                 from spool.ship import Shipper
 
-                shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event, wake=self.wake)
+                # Its own stop (a reload) awaits the answers in flight; the agent's (SIGTERM) cuts them short.
+                shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event,
+                                  wake=self.wake, hurry=self.shutdown)
                 component.stack.enter_context(shipper)  # takes the shipper lock: a second agent stops here
                 component.snapshot = shipper.snapshot
                 component.start(shipper.run, self._component_failed)
@@ -254,6 +256,8 @@ class Agent:
         self._stop(going)
         for component in going:
             del self.components[component.name]
+        if self.shutdown.is_set():  # stopped while the old parts finished (SIGTERM during a reload): start nothing
+            return
         for name, key in wanted.items():
             if name not in self.components:
                 self.components[name] = self._build(name, key, config)
@@ -333,6 +337,7 @@ class Agent:
         if self.reload is None:
             log.warning("SIGHUP: this command has no configuration to read again; nothing changed")
             return
+        log.info("SIGHUP: reloading the configuration")
         systemd.reloading()
         try:
             config = self.reload()
@@ -347,6 +352,9 @@ class Agent:
         except SpoolError as exc:  # a new part could not start (a port taken, a directory missing)
             log.error("reload: %s; going back to the configuration that ran", exc)
             self._apply(self.config)  # _apply sets self.config only once everything started
+        if self.shutdown.is_set():
+            log.info("stopping before the reload finished")
+            return
         names = sorted({name for name, _ in set(before.items()) ^ set(self.components.items())})
         log.info("reloaded the configuration: %s", f"restarted {', '.join(names)}" if names else "nothing changed")
         systemd.notify("READY=1")

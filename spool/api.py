@@ -188,7 +188,8 @@ class Spool:
                   **ship_settings: Any) -> ShipResult:
         """Deliver what is pending now, then return: done, or why not (after `max_time` seconds at most).
 
-        Held records are re-stamped first (if the clock is sane). A misconfiguration that waiting cannot fix
+        Held records are re-stamped first (if the clock is sane), and records older than max_age dropped (counted
+        as dropped_age, as the agent does). A misconfiguration that waiting cannot fix
         (a 404, TLS against plain http, a host that does not resolve) ends it at once. `[ship]` settings can be
         given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...).
         """
@@ -201,7 +202,7 @@ class Spool:
             stats = shipper.snapshot()
         pending = self.store.counts()["pending"]
         keyless = self.store.keyless_pending() if shipper.ezkey is None else 0
-        return ShipResult(result.done, stats["sent"], stats["dead"], pending, keyless, result.reason)
+        return ShipResult(result.done, stats["sent"], stats["dead"], pending, keyless, result.reason, stats["expired"])
 
     def backlog(self) -> int:
         """Return how many records wait to be shipped (not in flight)."""

@@ -165,7 +165,8 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
     limit = configuration.Duration().parse(max_time or "300", "--max-time", True)
     with obj.spool() as sp, _progress(sp.backlog(), "shipping") as bar:
         result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None)
-    click.echo(f"shipped {result.sent:,}, dead {result.dead:,}", err=True)
+    expired = f", dropped {result.expired:,} older than max_age" if result.expired else ""
+    click.echo(f"shipped {result.sent:,}, dead {result.dead:,}{expired}", err=True)
     if result.keyless:
         click.echo(f"warning: {_n(result.keyless, 'record')} {'carries' if result.keyless == 1 else 'carry'} no ezkey "
                    f"and none is configured; {'it stays' if result.keyless == 1 else 'they stay'} pending", err=True)

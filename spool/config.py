@@ -422,6 +422,9 @@ class ShipSettings(_Settings):
                                    flag="--allow-insecure")
     batch_size: int = setting(500, Integer(1, MAX_BATCH), "records per EZ JSON batch", flag="--batch-size")
     timeout: float = setting(10.0, Duration(), "deadline for a whole request, answer included", flag="--timeout")
+    stop_wait: float = setting(5.0, Duration(), "at SIGTERM/SIGINT, how long the answers to requests in flight are "
+                               "awaited before those requests are cut short (their records stay pending); a reload "
+                               "never cuts them")
     max_in_flight: int = setting(8, Integer(1, 64), "requests under way at once, at most (the shipper adapts "
                                  "below it; 1: one at a time)", flag="--max-in-flight")
     max_requests_per_second: float = setting(20.0, Number(), "pacing of the drain (0: none)",

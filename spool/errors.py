@@ -62,6 +62,11 @@ class SpoolMissing(StoreError):
     """A command that only reads or manages a spool was pointed at a file that does not exist."""
 
 
+class SpoolCorrupt(StoreError):
+    """The spool file is damaged (not a database, or malformed): nothing more is written to it; it must be moved
+    aside for a fresh one (`spool run` does that when it starts)."""
+
+
 class SpoolFull(StoreError):
     """The spool is at a configured bound (when_full = "reject_new"); nothing from the append was committed."""
 

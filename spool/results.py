@@ -26,6 +26,7 @@ class ShipResult(NamedTuple):
     pending: int  # left when it stopped
     keyless: int  # pending records that carry no key while none is configured (they wait)
     reason: str | None  # why not done
+    expired: int = 0  # pending records dropped because their t was older than spool.max_age
 
 
 class ExportResult(NamedTuple):

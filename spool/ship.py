@@ -54,7 +54,6 @@ PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is 
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
-STOP_WAIT = 5.0  # seconds a shutdown waits for the answers in flight before it cuts their requests short
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 
 
@@ -95,6 +94,7 @@ class ShipStats:
 
     sent: int = 0
     dead: int = 0
+    expired: int = 0  # pending records dropped because their t was older than max_age
     requests: int = 0
     retries: int = 0
     splits: int = 0  # refused batches split to find the refused records
@@ -170,6 +170,7 @@ class Shipper:
     def __init__(self, store: Store, config: Config, *,
                  client_factory: Callable[[], StatHatClient] | None = None,
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
+                 hurry: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.store = store
@@ -179,6 +180,9 @@ class Shipper:
             config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure))
         self.ezkey: str | None = None  # the configured key, read when a drain starts (a key file may be fixed)
         self.shutdown = shutdown or threading.Event()
+        # Set when the process stops, not when only this shipper does (a reload): the answers in flight are then
+        # awaited ship.stop_wait at most. Without it, stopping this shipper is stopping the process.
+        self.hurry = hurry or self.shutdown
         self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
         self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
         self.clock = clock
@@ -232,7 +236,8 @@ class Shipper:
         """What this shipper has done, for /metrics and the summary: copied under its lock."""
         with self._stats_lock:
             stats = self.stats
-            return {"sent": stats.sent, "dead": stats.dead, "retries": stats.retries, "requests": stats.requests,
+            return {"sent": stats.sent, "dead": stats.dead, "expired": stats.expired, "retries": stats.retries,
+                    "requests": stats.requests,
                     "in_flight": stats.in_flight, "limit": self.limit.value, "outcomes": dict(stats.outcomes),
                     "latency_bounds": LATENCY_BUCKETS, "latency_buckets": list(stats.latency_buckets),
                     "latency_sum": stats.latency_sum,
@@ -286,6 +291,10 @@ class Shipper:
             self.restamp_held()  # every way of shipping (the agent, ship --once from cron) places held records
         except StoreError as exc:
             log.warning("cannot re-stamp held records: %s", exc)
+        try:
+            self.drop_expired()  # and drops, counted, what max_age says will never be shipped (leasing skips it)
+        except StoreError as exc:
+            log.warning("cannot drop records older than max_age: %s", exc)
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
         state = _DrainState(deadline)
@@ -512,6 +521,9 @@ class Shipper:
             state.failed = str(error)
         self._note("paused" if paused else "retrying", str(error))
         level = logging.ERROR if paused else logging.WARNING
+        if self.shutdown.is_set():  # an answer awaited while stopping: this shipper sends nothing more
+            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", error)
+            return
         log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
 
     def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
@@ -523,28 +535,42 @@ class Shipper:
         return False
 
     def _finish(self, waiting: collections.deque[_Unit], unsettled: dict[int, int]) -> None:
-        """Wait for the requests in flight, settle their answers, and hand back every lease still held."""
-        cut, stop_at = False, float("inf")
+        """Wait for the requests in flight, settle their answers, and hand back every lease still held.
+
+        Every request ends by itself within ship.timeout, so its answer is awaited: a shipper stopped for a
+        reload must not cut an answer that can still come (the next shipper would send those records again, and
+        StatHat would count them twice). Only when the process stops (`hurry`: SIGTERM under systemd's
+        TimeoutStopSec) are the requests still unanswered ship.stop_wait later cut short.
+        """
+        cut_at: float | None = None
+        cut = False
+        last_answer = time.monotonic()
+        if self.stats.in_flight and self.shutdown.is_set() and not self.hurry.is_set():
+            log.info("awaiting the answers to %d requests in flight (due within %g s) before this shipper stops",
+                     self.stats.in_flight, self.config.ship.timeout)
         while self.stats.in_flight:
-            # Stopping (SIGTERM under systemd's TimeoutStopSec) waits STOP_WAIT for the answers, not `timeout`.
-            stopping = self.shutdown.is_set() and not cut
-            if stopping:
-                stop_at = min(stop_at, time.monotonic() + STOP_WAIT)
-            wait = max(0.0, stop_at - time.monotonic()) if stopping else self.config.ship.timeout + 5
-            try:
-                answer = self._answers.get(timeout=wait)
-            except queue.Empty:
-                if stopping:
-                    log.warning("%d requests still unanswered %g s after shutdown was asked: cut short; their "
-                                "records stay pending and are sent again", self.stats.in_flight, STOP_WAIT)
-                    with self._clients_lock:
-                        for client in self._clients:
-                            client.abort()
-                    cut = True
-                    continue
+            now = time.monotonic()
+            if cut_at is None and self.hurry.is_set():
+                cut_at = now + self.config.ship.stop_wait
+            if not cut and cut_at is not None and now >= cut_at:
+                log.warning("%d requests still unanswered %g s after shutdown was asked: cut short; their "
+                            "records stay pending and are sent again", self.stats.in_flight,
+                            self.config.ship.stop_wait)
+                with self._clients_lock:
+                    for client in self._clients:
+                        client.abort()
+                cut = True
+            if now - last_answer > self.config.ship.timeout + 5:  # past every request's deadline: a bug, or a hang
                 log.error("%d requests did not end in time; their records will be sent again", self.stats.in_flight)
                 self.stats.in_flight = 0
                 break
+            # A short wait: a SIGTERM that comes while a reload waits for answers must still cut them in time.
+            wait = ANSWER_POLL if cut or cut_at is None else min(ANSWER_POLL, max(0.0, cut_at - now))
+            try:
+                answer = self._answers.get(timeout=wait)
+            except queue.Empty:
+                continue
+            last_answer = time.monotonic()
             self._settle_answers([answer], collections.deque(), unsettled, _DrainState(None), None)
         for lease in list(unsettled):
             self.settle(functools.partial(self.store.end_lease, lease))
@@ -634,6 +660,13 @@ class Shipper:
             log.warning("%d held records cannot be placed in time (held in an earlier boot, or the monotonic "
                         "clock jumped); moved to dead letters with the reason", lost)
 
+    def drop_expired(self) -> None:
+        """Drop pending records whose t is older than max_age, counted (dropped_age) and logged."""
+        expired = self.store.drop_expired(now=self.clock())
+        if expired:
+            self.stats.expired += expired
+            log.warning("dropped %d pending records older than max_age", expired)
+
     def housekeeping(self) -> None:
         """Free dead owners' leases; re-stamp held records; compact, expire; hourly, prune sent records."""
         now = self.monotonic()
@@ -648,9 +681,7 @@ class Shipper:
                 saved = self.store.compact_counts(bucket=int(self.config.spool.compact_counts))
                 if saved:
                     log.info("compacted the backlog: %d count records merged away", saved)
-            expired = self.store.drop_expired(now=self.clock())
-            if expired:
-                log.warning("dropped %d pending records older than max_age", expired)
+            self.drop_expired()
             pruned = 0
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now

@@ -243,6 +243,7 @@ class _Deadline:
 
     def __init__(self, seconds: float, watchdog: _Watchdog):
         self.expired = False
+        self.aborted = False  # ended by abort() (spool is stopping), not by its time running out
         self.at = time.monotonic() + seconds
         self._connection: Any = None
         self._lock = threading.Lock()
@@ -264,9 +265,10 @@ class _Deadline:
             if self.expired:
                 _shut(connection)
 
-    def expire(self) -> None:
+    def expire(self, *, aborted: bool = False) -> None:
         with self._lock:
             self.expired = True
+            self.aborted = self.aborted or aborted
             if self._connection is not None:
                 _shut(self._connection)
 
@@ -286,7 +288,7 @@ class _Watchdog:
 
     def watch(self, deadline: _Deadline) -> None:
         if self._aborted:
-            deadline.expire()
+            deadline.expire(aborted=True)
             return
         with self._wake:
             self._current = deadline
@@ -312,7 +314,7 @@ class _Watchdog:
             self._aborted = True
             current, self._current = self._current, None
         if current is not None:
-            current.expire()
+            current.expire(aborted=True)
 
     def _run(self) -> None:
         with self._wake:
@@ -505,6 +507,9 @@ class StatHatClient:
                 with response:
                     return response, _read_answer(response)
         except _CUT as exc:
+            if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
+                raise TransientError(f"request to {self.endpoint} cut short before its answer came: spool is "
+                                     "stopping") from None
             if deadline.expired or isinstance(exc, requests.Timeout):
                 raise TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}") from None
             if isinstance(exc, requests.exceptions.SSLError):

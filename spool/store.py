@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from spool.clock import boot_clock, boot_id
 from spool.durable import fsync_dir
-from spool.errors import SpoolFull, SpoolMissing, StoreError
+from spool.errors import SpoolCorrupt, SpoolFull, SpoolMissing, StoreError
 from spool.owners import PREFIX, Owners, is_legacy, legacy_alive
 from spool.records import INT64_MAX, Kind, Record
 
@@ -332,7 +332,7 @@ class Store:
             self._open(synchronous, check=quarantine)
         except _Corrupt as corrupt:
             if not quarantine:
-                raise StoreError(f"spool {self.path} is not a usable spool database: {corrupt}") from None
+                raise _corrupt(self.path, str(corrupt)) from None
             moved = self._quarantine()
             _log().error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
                       self.path, corrupt, moved.name)
@@ -380,12 +380,37 @@ class Store:
         # under light load) touches two: 4 KiB pages made that 12.8 kB written per record, 1 KiB pages 6.9 kB;
         # 500-record batches went from 535 to 423 B per record over its life (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        if check and self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise _Corrupt("failed SQLite's quick check")
+        self.conn.execute("PRAGMA journal_mode=WAL")  # a file that is not a database fails here (SQLITE_NOTADB)
+        # Every page a statement reads is checked more closely, so damage on the path of an append is reported
+        # (SQLITE_CORRUPT) before the append writes beside it, at no cost worth measuring.
+        self.conn.execute("PRAGMA cell_size_check=ON")
+        if check:
+            if self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise _Corrupt("failed SQLite's quick check")
+        else:
+            self._check_bookkeeping()
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._full = synchronous == "full"  # the configured durability (a lease commits without waiting: _write)
         self._migrate()
+
+    def _check_bookkeeping(self) -> None:
+        """Check every table but the records (the schema, counters, leases, stages, file marks): cheap, and the same
+        cost whatever the backlog.
+
+        These small tables are written by every lease, acknowledgement and bound, so they are where a power cut or a
+        failing card most likely leaves damage, and `spool run` moves a spool aside for damage anywhere: a producer
+        must not append (and exit 0) to a file the agent will set aside. The records table, with its tens of millions
+        of rows, is not walked at each open: an append's statements read its pages on their path, and SQLite reports
+        damage there (SQLITE_CORRUPT) before anything is written.
+        """
+        if sqlite3.sqlite_version_info < (3, 33, 0):  # quick_check(TABLE) came with 3.33; before, it checks it all
+            return
+        tables = [row[0] for row in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'records'")]
+        for table in ("sqlite_master", *tables):
+            verdict = self.conn.execute(f'PRAGMA quick_check("{table}")').fetchone()[0]
+            if verdict != "ok":
+                raise _Corrupt(f"its table {table} failed SQLite's quick check")
 
     def _quarantine(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -695,8 +720,9 @@ class Store:
 
     def counters(self) -> dict[str, int]:
         """Return the counters (dropped_oldest, dropped_age, refused_full, corrupt_quarantined, ...)."""
-        return {name[6:]: int(value) for name, value in
-                self.conn.execute("SELECT name, value FROM meta WHERE name LIKE 'count.%'")}
+        with self._read():  # damage is reported as such (SpoolCorrupt), as by every read
+            return {name[6:]: int(value) for name, value in
+                    self.conn.execute("SELECT name, value FROM meta WHERE name LIKE 'count.%'")}
 
     # -- dropped files --------------------------------------------------------------------------------
 
@@ -905,9 +931,10 @@ class Store:
 
     def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Return dead records, oldest first, with the receiver's reason, status and body."""
-        rows = self.conn.execute(
-            f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
-            f"WHERE state = {State.DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+        with self._read():
+            rows = self.conn.execute(
+                f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
+                f"WHERE state = {State.DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
         return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
                  "http_status": row[10], "body": row[11]} for row in rows]
 
@@ -972,7 +999,8 @@ class Store:
         return total
 
     def integrity_ok(self) -> bool:
-        return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with _translated(self.path, self.busy_timeout):
+            return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
@@ -1138,7 +1166,8 @@ class Store:
                          [(name, _dumps(value)) for name, value in values.items()])
 
     def meta(self) -> dict[str, Any]:
-        return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+        with self._read():
+            return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
 
 
 class _Corrupt(Exception):
@@ -1255,7 +1284,16 @@ def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
+        if _code(exc) in (_CORRUPT, _NOTADB):
+            raise _corrupt(path, str(exc)) from None
         raise StoreError(_explain(exc, path, busy_timeout)) from None
+
+
+def _corrupt(path: Path, detail: str) -> SpoolCorrupt:
+    """The error for a damaged spool file: what SQLite found, and what to do (the file is never repaired in place)."""
+    return SpoolCorrupt(f"spool {path} is not a usable spool database ({detail}): (re)start `spool run`, which moves "
+                        f"it aside as {path.name}.corrupt-<time> and starts a fresh spool, or move {path.name} and its "
+                        "-wal and -shm files aside yourself")
 
 
 def _explain(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
@@ -1273,6 +1311,4 @@ def _explain(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
                 "(SQLite creates PATH-wal and PATH-shm beside it)")
     if code == _IOERR:
         return f"disk I/O error on spool {path}: the disk may be failing or have been removed"
-    if code in (_CORRUPT, _NOTADB):
-        return f"spool {path} is not a usable spool database: {exc}"
     return f"spool {path}: {exc}"

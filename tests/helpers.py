@@ -5,8 +5,10 @@ Fixtures live in conftest.py; everything a test imports comes from here (no test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from typing import Any
 from spool.config import Config, RelaySettings, WatchSettings
 from spool.metrics import Metrics
 from spool.relay import Relay
-from spool.store import Store
+from spool.store import PAGE_SIZE, Store
 from spool.testing import Receiver
 from spool.watch import DirectoryWatcher
 
@@ -113,6 +115,19 @@ def stop_agent(agent: subprocess.Popen[str]) -> str:
     assert agent.returncode == 0, stderr
     return stderr
 
+
+
+def damage_spool(db: Path, where: str) -> None:
+    """Overwrite the spool file's header, or the whole first page of the table or index `where`, with garbage."""
+    if where == "header":
+        offset, size = 0, 100
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (where,)).fetchone()[0]
+        offset, size = (root - 1) * PAGE_SIZE, PAGE_SIZE
+    with open(db, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xde\xad\xbe\xef" * (size // 4))
 
 # -- drop directories ---------------------------------------------------------------------------------
 

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spool import Spool
-from spool.errors import SpoolFull, StoreError
+from spool.errors import SpoolCorrupt, SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .helpers import T0, UNPACED, cli_env, jsonl, run_cli
+from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, damage_spool, jsonl, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -127,6 +127,21 @@ def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_count
         assert sp.store.counts()["sent"] == 3 and sp.store.counters() == {}
 
 
+def test_ship_once_from_cron_drops_and_counts_records_older_than_max_age(db, receiver):
+    # Only the agent's housekeeping dropped them: `ship --once` skipped them, exited 0, and they stayed pending for
+    # ever, uncounted. Every drain drops them now, before it leases. T0 is years ago: no waiting for time to pass.
+    env = cli_env(db, SPOOL_SPOOL_MAX_AGE="1d", SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    lines = jsonl("old 1", "old 2", "old 3") + '{"stat": "fresh", "count": 1}\n'  # fresh: stamped now
+    assert run_cli(db, "import", "-", input=lines.encode(), env=env).returncode == 0
+    shipped = run_cli(db, "ship", "--once", env=env)
+    assert shipped.returncode == 0, shipped.stderr
+    assert [a["stat"] for a in receiver.accepted] == ["fresh"]
+    assert "dropped 3 pending records older than max_age" in shipped.stderr, shipped.stderr
+    assert "shipped 1, dead 0, dropped 3 older than max_age" in shipped.stderr, shipped.stderr
+    status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
+    assert (status["pending"], status["sent"], status["counters"]) == (0, 1, {"dropped_age": 3})
+    assert "3 dropped because their t was older than max_age" in status["problems"]
+
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     with Spool(db) as sp:
         sp.add_many(records(10))
@@ -141,6 +156,37 @@ def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     aside = [p.name for p in db.parent.iterdir() if ".corrupt-" in p.name]
     assert aside and aside[0].startswith("spool.db.corrupt-")
 
+
+@pytest.mark.parametrize("where", ["header", "records", "meta", "leased"])
+@pytest.mark.parametrize("command", [["add", "new", "--count", "1"], ["import", "-"], ["ingest", "drop.jsonl"]])
+def test_appending_to_a_damaged_spool_is_refused_naming_the_next_step_and_writes_nothing(db, tmp_path, where,
+                                                                                        command):
+    # `spool add` exited 0 into a spool whose bookkeeping pages were damaged (status said malformed); the next
+    # `spool run` moved the file aside, new record included, so it was never shipped.
+    assert run_cli(db, "import", "-", input=jsonl("a", "b").encode()).returncode == 0
+    damage_spool(db, where)
+    before = db.read_bytes()
+    (tmp_path / "drop.jsonl").write_text(jsonl("new"))
+    result = run_cli(db, *[str(tmp_path / a) if a.endswith(".jsonl") else a for a in command],
+                     input=jsonl("new").encode())
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spool: error: "), result.stderr
+    assert f"spool {db} is not a usable spool database" in lines[0]
+    assert "`spool run`, which moves it aside" in lines[0] and "or move spool.db" in lines[0]  # what to do
+    wal = db.with_name(f"{db.name}-wal")
+    assert db.read_bytes() == before and (not wal.exists() or wal.stat().st_size == 0)  # nothing written
+    assert (tmp_path / "drop.jsonl").exists()  # a drop file stays where it was: it was not taken
+
+
+@pytest.mark.parametrize("where", ["meta", "records"])
+def test_the_python_api_refuses_a_damaged_spool_with_spool_corrupt(db, where):
+    # Damage in the bookkeeping tables is found when the spool opens; in the records, by the append's own statements.
+    with Spool(db) as sp:
+        sp.add_many(records(3))
+    damage_spool(db, where)
+    with pytest.raises(SpoolCorrupt, match="`spool run`, which moves it aside"), Spool(db) as sp:
+        sp.count("new", 1)
 
 def test_a_file_that_is_not_a_database_is_quarantined_too(db):
     db.write_bytes(b"garbage" * 1000)

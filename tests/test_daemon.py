@@ -202,6 +202,60 @@ def test_sigterm_does_not_wait_out_a_long_timeout_for_answers_that_do_not_come(d
     stderr = stop_agent(agent)
     assert time.monotonic() - asked < 25, stderr  # STOP_WAIT (5 s) and the hand-back, far from 120 s
     assert "requests still unanswered 5 s after shutdown was asked: cut short" in stderr, stderr
+    assert "cut short before its answer came: spool is stopping; its records stay pending" in stderr, stderr
+    assert "no complete answer within" not in stderr and "retrying in" not in stderr, stderr  # why it ended, truly
     with Spool(db) as sp:  # unanswered is not delivered: every record waits to be sent again
         status = sp.status()
     assert (status["pending"], status["inflight"], status["sent"]) == (30, 0, 0)
+
+
+def _slow_receiver_config(receiver, *, batch_size, timeout, stop_wait):
+    return UNPACED + (f'endpoint = "{receiver.url}"\nbatch_size = {batch_size}\ntimeout = "{timeout}s"\n'
+                      f'stop_wait = "{stop_wait}s"\n')
+
+
+def test_a_reload_waits_for_the_answers_in_flight_and_sends_no_record_twice(db, receiver, tmp_path):
+    # A SIGHUP that retuned [ship] cut the requests still waiting for answers due well within ship.timeout, and
+    # the new shipper sent their records again: StatHat counted them twice. Only a real stop cuts requests.
+    from spool.api import Spool
+
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(30))
+    config = tmp_path / "spool.toml"
+    config.write_text(_slow_receiver_config(receiver, batch_size=10, timeout=5, stop_wait=0.3))
+    receiver.latency = 2.0  # every answer comes 2 s after its request: past stop_wait, within timeout
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: receiver.in_flight > 0)  # a batch waits for its answer
+        config.write_text(_slow_receiver_config(receiver, batch_size=20, timeout=5, stop_wait=0.3))
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        with Spool(db) as sp:
+            wait_for(lambda: sp.status()["sent"] == 30)
+        wait_for(lambda: receiver.in_flight == 0)  # a request cut short would still be taken by now
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)  # what the reader thread did not take, communicate() did
+    assert Counter(a["stat"] for a in receiver.accepted) == Counter(f"s{i}" for i in range(30))
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert "cut short" not in stderr and "no complete answer" not in stderr, stderr
+
+
+def test_a_sigterm_while_a_reload_awaits_answers_still_cuts_them_after_stop_wait(db, receiver, tmp_path):
+    from spool.api import Spool
+
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + i} for i in range(10))
+    config = tmp_path / "spool.toml"
+    config.write_text(_slow_receiver_config(receiver, batch_size=10, timeout=120, stop_wait=0.3))
+    receiver.hold_after_accept_next(1, seconds=120)  # taken, no answer for two minutes
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    wait_for(lambda: receiver.holding.is_set())
+    config.write_text(_slow_receiver_config(receiver, batch_size=5, timeout=120, stop_wait=0.3))
+    agent.send_signal(signal.SIGHUP)  # the reload waits for that answer (it may come within ship.timeout)...
+    wait_for_line(agent, "awaiting the answers to 1 requests in flight")
+    stderr = stop_agent(agent)  # ...but a stop does not: cut short after stop_wait, exit 0 (within 30 s)
+    assert "cut short" in stderr and "stopping before the reload finished" in stderr, stderr
+    with Spool(db) as sp:
+        status = sp.status()
+    assert (status["pending"], status["inflight"], status["sent"]) == (10, 0, 0)

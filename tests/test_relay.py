@@ -24,6 +24,7 @@ from .helpers import (
     TEST_EZKEY,
     UNPACED,
     cli_env,
+    damage_spool,
     make_config,
     running_relay,
     spawn_cli,
@@ -283,6 +284,17 @@ def test_the_relays_threads_leave_sigterm_and_sigint_to_the_main_thread(db):
         assert all(mask & stop_signals == stop_signals for mask in masks.values() if mask is not None), masks
     assert blocked(threading.get_native_id()) & stop_signals == 0  # the main thread still takes them
 
+
+def test_a_relay_over_a_damaged_spool_answers_503_never_2xx_and_says_what_to_do(db):
+    with Store(db) as store:
+        store.append([make_record(stat="before", count=1, t=T0)])
+    damage_spool(db, "records")  # found by the append's own statements, as SQLite reads the pages on their path
+    with running_relay(db) as relay:
+        single = requests.post(f"{relay.url}/ez", data={"ezkey": "k", "stat": "s", "count": "1"})
+        batch = requests.post(f"{relay.url}/ez", json={"ezkey": "k", "data": [{"stat": "s", "count": 1}]})
+    for answer in (single, batch):
+        assert answer.status_code == 503, answer.text
+        assert "not a usable spool database" in answer.text and "`spool run`, which moves it aside" in answer.text
 
 def test_a_relay_in_front_of_a_full_spool_answers_503_never_204_and_healthz_says_failing(db):
     form = {"ezkey": "k", "count": "1", "t": T0}
