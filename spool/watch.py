@@ -220,7 +220,7 @@ class Ingestor:
                 f"changed after its first {start} bytes were taken; only {', '.join(APPENDABLE)} files "
                 "can be appended to (write a new file for new records)")], move)
         end = self._complete_lines_end(fd, start, seen) if lines else seen.st_size
-        if end <= start:  # only a line still being written: nothing to take yet
+        if end <= start < seen.st_size:  # only a line still being written: nothing to take yet
             return IngestResult(path, "partial", offset=start)
         reader = reader_for(kind)
         assert reader is not None  # _refusal checked the kind
