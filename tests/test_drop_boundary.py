@@ -125,20 +125,29 @@ OPEN_PAUSE_APPEND = """
 """
 
 
-@pytest.mark.parametrize("after", ["move", "delete"])
-def test_an_open_append_close_producer_pausing_before_each_write_loses_no_line(drop_dir, db, after):
-    watcher = spawn_cli(db, "watch", str(drop_dir), *(["--delete"] if after == "delete" else []))
-    wait_for_line(watcher, "watching")
-    lines = 300
+def pausing_producer(drop_dir: Path, lines: int) -> None:
     producer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(OPEN_PAUSE_APPEND),
                                  str(drop_dir / "log.jsonl"), str(lines)])
+    assert producer.wait(120) == 0
+
+
+def test_an_open_append_close_producer_pausing_before_each_write_loses_no_line(drop_dir, db):
+    watcher = spawn_cli(db, "watch", str(drop_dir))
+    wait_for_line(watcher, "watching")
     try:
-        assert producer.wait(120) == 0
-        wait_for(lambda: sum(taken(db).values()) >= lines, timeout=60)
+        pausing_producer(drop_dir, 300)
+        wait_for(lambda: sum(taken(db).values()) >= 300, timeout=60)
         time.sleep(0.5)  # a duplicate, if any, would come now
     finally:
         stop_agent(watcher)
-    assert taken(db) == Counter({f"line {i}": 1 for i in range(lines)})
+    assert taken(db) == Counter({f"line {i}": 1 for i in range(300)})
+
+
+def test_with_after_delete_a_moved_file_is_deleted_only_once_its_linger_ended(drop_dir, db):
+    with Running(drop_dir, db, after="delete", linger=0.5):
+        pausing_producer(drop_dir, 300)
+        wait_for(lambda: sum(taken(db).values()) >= 300 and not any((drop_dir / DONE).iterdir()), timeout=60)
+    assert taken(db) == Counter({f"line {i}": 1 for i in range(300)})
 
 
 def test_bytes_written_to_a_moved_file_before_a_crash_are_taken_after_the_restart(drop_dir, db):
