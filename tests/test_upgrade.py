@@ -42,3 +42,34 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
         reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
         assert reasons["fixture dead"] == "invalid stat name"
         assert "earlier boot" in reasons["fixture held"]
+
+
+def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
+                                                                                                   receiver):
+    """Made by tests/fixtures/make_schema6.py with the spool of commit cb81073 (the second wave's main)."""
+    db = tmp_path / "spool.db"
+    shutil.copy(FIXTURES / "spool-schema6-main-cb81073.db", db)
+    with Spool(db) as sp:
+        assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        before = sp.status()
+        assert before["pending"] + before["inflight"] == 10
+        assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
+        assert before["counters"]["dropped_oldest"] == 4 and before["counters"]["dropped_age"] == 1
+        [dead] = sp.dead_letters()
+        assert dead.reason == "invalid stat name" and dead.record.stat == "six dead"
+        assert sp.store.file_mark(b"/var/spool/drop/job.jsonl").offset == 60
+    config = make_config(db, receiver)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=30).done
+    shipped = receiver.stats()
+    assert sorted(s[0] for s in shipped) == sorted(
+        [f"six pending {i}" for i in range(5)] + ["six own key", "six-classic-key", "six suspect a",
+                                                   "six suspect b", "six from file"])
+    assert ("six own key", "value", 2.5, 1763600010, "six-own-key") in shipped
+    with Spool(db) as sp:
+        after = sp.status()
+        assert (after["pending"], after["inflight"], after["held"]) == (0, 0, 0)
+        assert after["sent"] == 11
+        reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
+        assert reasons["six dead"] == "invalid stat name"
+        assert "earlier boot" in reasons["six held"]
