@@ -61,7 +61,7 @@ def test_the_wheel_contains_the_package_and_its_type_marker(tmp_path):
                    capture_output=True)
     [wheel] = tmp_path.glob("stathat_spool-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {f"spool/{p.name}" for p in (ROOT / "spool").glob("*.py")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "spool").rglob("*.py")}  # subpackages too
     assert modules <= names
     assert "spool/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

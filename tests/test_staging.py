@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import spool.store
+import spool.store.appends
 from spool import Spool
 from spool.errors import InvalidRecord, SpoolFull, StoreError
 from spool.owners import owners_directory
@@ -205,7 +205,7 @@ def test_a_large_append_killed_midway_leaves_nothing_visible_or_shipped_and_is_s
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 65  # 60 staged, on disk
         assert everything_a_reader_sees(db)["counts"] == {"pending": 5}
         with Shipper(store, make_config(db, receiver, batch_size=4)) as shipper:  # the shipper sweeps first
-            monkeypatch.setattr(spool.store, "SWEEP_CHUNK", 7)  # discarded in small transactions
+            monkeypatch.setattr(spool.store.appends, "SWEEP_CHUNK", 7)  # discarded in small transactions
             assert shipper.drain(max_time=30).done
         assert sorted(a["stat"] for a in receiver.accepted) == [f"live{i}" for i in range(5)]
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5
@@ -221,7 +221,7 @@ def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch)
         store.conn.execute("BEGIN IMMEDIATE")
         store._stage_chunk(store.conn, 99, rows(25))
         store.conn.execute("COMMIT")
-        monkeypatch.setattr(spool.store, "SWEEP_CHUNK", 10)
+        monkeypatch.setattr(spool.store.appends, "SWEEP_CHUNK", 10)
         left = []
         real_write = store._write
 

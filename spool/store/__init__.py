@@ -1,0 +1,80 @@
+"""The spool file: schema, and every SQL statement spool runs. The only package that touches sqlite3.
+
+Its rooms, one mixin class each, composed into `Store` below:
+
+* core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
+  condition hiding open stages (`_hidden`), counters and meta, and SQLite's errors translated for operators.
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 7).
+* connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
+* appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
+* files.py: the marks of dropped files (`FileMark`), committed with their records.
+* ledger.py: the shipper's side: leases, acks, suspects (splits), dead marking, releasing dead leases.
+* queries.py: the operator's side: counts and status, dead letters, export/move/replay, compaction,
+  pruning, re-stamping held records.
+
+The storage contract, stated once:
+
+* A record is in exactly one state: PENDING, INFLIGHT (pending and named by a live lease), SENT or DEAD.
+* `append` returns only after its transaction committed; with synchronous=FULL (the default) that
+  survives power loss, with NORMAL it survives a crash of the process but maybe not of the machine.
+* A large append is staged: written in chunks, each committed as the records it will be (PENDING, or HELD)
+  with their ids named in the spans of its open stage (`stage_spans`). Every reader of records leaves the ids
+  of open stages out (leases, counts, status, export, the bounds, age drops, compaction, re-stamping), so
+  none of it is visible. Its last transaction deletes the stage's spans (with the file mark and the bounds):
+  the whole append appears at once, without rewriting a record. All or nothing, and no transaction holds the
+  write lock for long (a chunk, or that publish). Staged records of an owner that died are discarded
+  (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden. An
+  append whose stage is no longer whole when it publishes (or before a chunk) fails and publishes nothing.
+* `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
+  immediate transaction (the write lock is held from its start, so no other shipper can lease between the
+  query and the insert): two shippers can never lease the same record. A lease is one small row naming its
+  owner (a lock its Store holds: `spool.owners`), and each record it holds is one row of `leased` (record
+  id -> lease): leasing rewrites no record, which keeps writes per record low (SD cards), and "is this record
+  in flight?" is one lookup by id. Lease ids are never reused (AUTOINCREMENT). A lease is committed without waiting for
+  the disk: one lost in a power cut only returns its records to pending, as its owner's death would, and
+  the next durable commit (an acknowledgement) makes it durable anyway.
+* `ack` marks records SENT (and they leave their lease); it is called only after the receiver acknowledged
+  them. `mark_dead` moves records to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops
+  the lease: whatever it named that was not settled is simply pending again (transient failure, shutdown).
+* A stage or a lease is taken from its owner only when the owner is proven dead (`sweep_stages`,
+  `release_dead_leases`): its lock, which the kernel drops when the owner's process ends, could be taken.
+  No pid is compared: pids name nothing across PID namespaces, containers and emulators. A live owner's
+  stage or lease is never taken from it.
+* A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
+  before that offset) is committed with its records; see `FileMark`.
+* SENT records are kept for the retention period (for replay) and then pruned in small transactions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spool.store.appends import STAGE_CHUNK, SWEEP_CHUNK, Appends
+from spool.store.connection import PAGE_SIZE, Opening
+from spool.store.core import BUSY_TIMEOUT, State
+from spool.store.files import FileMark, FileMarks
+from spool.store.ledger import ACK_RUN, MAX_BODY, Lease, Leased, Ledger
+from spool.store.queries import COUNTED, RESTAMP_SLACK, Queries
+from spool.store.schema import SCHEMA_VERSION, _create_schema
+
+if TYPE_CHECKING:
+    from spool.config import Config
+
+__all__ = ["ACK_RUN", "BUSY_TIMEOUT", "COUNTED", "MAX_BODY", "PAGE_SIZE", "RESTAMP_SLACK", "SCHEMA_VERSION",
+           "STAGE_CHUNK", "SWEEP_CHUNK", "FileMark", "Lease", "Leased", "State", "Store", "_create_schema"]
+
+
+class Store(Opening, Appends, FileMarks, Ledger, Queries):
+    """An open spool file. One connection; use one Store per thread."""
+
+    @classmethod
+    def for_config(cls, config: Config, *, quarantine: bool = False, create: bool = True) -> Store:
+        """Open the spool a Config names, with its synchronous mode and limits."""
+        return cls(config.db, synchronous=config.spool.synchronous, limits=config.spool, quarantine=quarantine,
+                   create=create)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,268 @@
+"""The producers' side: appending records (staged in chunks when large), stages and their sweep, and the bounds
+(max_pending, max_spool_bytes, max_age) enforced at the end of each appending transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import operator
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from spool.errors import SpoolFull, StoreError
+from spool.records import Record
+from spool.store.core import _COLUMNS, _INSERT, _LEASED, Core, State, _loads, _log, _translated
+from spool.store.files import FileMark
+from spool.store.schema import _V5_STAGES
+
+STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
+SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
+
+_NAMES = tuple(_COLUMNS.split(", "))
+# A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
+# boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
+# transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
+_HOLD = (f"UPDATE records SET state = {State.HELD}, held_boot = boot_id(), held_mono = boot_clock() "
+         f"WHERE state = {State.PENDING} AND t = 0")
+
+
+class Appends(Core):
+    """Committing records: all or nothing, however many."""
+
+    def append(self, records: Iterable[Sequence[Any]], *, file: FileMark | None = None,
+               chunk: int = STAGE_CHUNK) -> int:
+        """Commit `records` (Records, or tuples of the same shape; consumed lazily), all or nothing.
+
+        Returns how many were committed. With `file`, that file's mark is committed with them (replacing
+        any earlier mark for its path). If iterating raises (a record failed validation), nothing from this
+        call is committed.
+
+        Up to `chunk` records go in one transaction. A larger append is staged: written `chunk` records per
+        transaction, hidden by the spans of ids of its open stage, then published by deleting those spans in
+        the transaction that also commits the file mark and enforces the bounds. No transaction holds the
+        write lock for long, so a shipper's acknowledgement is never kept waiting by a big import.
+        """
+        with self._synced() if file is not None else contextlib.nullcontext():
+            return self._append(iter(records), file, chunk)
+
+    def _append(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
+        first = list(itertools.islice(rows, chunk))
+        extra = next(rows, None) if len(first) == chunk else None
+        if extra is None:
+            with self._bounded() as conn:
+                _insert(conn, first)
+                held = conn.execute(_HOLD).rowcount
+                if file is not None:
+                    self._mark_file(conn, file._replace(records=len(first)))
+                self._enforce(conn, len(first), held=held)
+            return len(first)
+        return self._append_staged(itertools.chain(first, [extra], rows), file, chunk)
+
+    @contextlib.contextmanager
+    def _synced(self) -> Iterator[None]:
+        """Commit with synchronous=FULL whatever the spool's mode: a dropped file's records must be on disk
+        before the file leaves its directory for good (with "normal" a power cut could lose both)."""
+        if self.synchronous == "full":
+            yield
+            return
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+
+    def _append_staged(self, rows: Iterator[Sequence[Any]], file: FileMark | None, chunk: int) -> int:
+        self.sweep_stages()
+        owner = self.owners.claim()
+        with self._write() as conn:
+            stage = conn.execute("INSERT INTO stages (owner, started_at) VALUES (?, ?) RETURNING id",
+                                 (owner, time.time())).fetchone()[0]
+        taken = held = 0
+        try:
+            while part := list(itertools.islice(rows, chunk)):
+                # A chunk's commit need not wait for the disk: the WAL is one file appended in order, so the last
+                # transaction's sync makes every chunk durable with it; a power cut before that loses a stage
+                # that was never published (swept as its owner's), never a record of an append that returned.
+                with self._write(wait=False) as conn:
+                    self._check_stage(conn, stage, taken)  # one discarded under us stops here, not at the end
+                    held += self._stage_chunk(conn, stage, part)
+                taken += len(part)
+            with self._bounded() as conn:
+                self._check_stage(conn, stage, taken)  # whole, or not at all
+                # Publishing the whole append is deleting its spans: no record is rewritten.
+                conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
+                conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+                if file is not None:
+                    self._mark_file(conn, file._replace(records=taken))
+                self._enforce(conn, taken, held=held)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                self._discard_stage(stage)
+            raise
+        return taken
+
+    def _check_stage(self, conn: sqlite3.Connection, stage: int, taken: int) -> None:
+        """Raise StoreError unless the stage is still open and its spans hold every one of the `taken` records it
+        staged: another process that took its owner for dead may have discarded it, or begun to."""
+        left = conn.execute("SELECT coalesce(sum(hi - lo + 1), 0) FROM stage_spans WHERE stage = ?",
+                            (stage,)).fetchone()[0]
+        if left != taken or conn.execute("SELECT 1 FROM stages WHERE id = ?", (stage,)).fetchone() is None:
+            raise StoreError(f"spool {self.path}: this append's staged records were discarded by another process "
+                             f"that took their owner for dead ({left:,} of {taken:,} left): nothing was appended; "
+                             "try again")
+
+    @staticmethod
+    def _stage_chunk(conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:
+        """Insert one chunk of an open stage and name its ids in the stage's spans, in one transaction (so no
+        reader ever sees them outside a span); hold those stamped while the clock was wrong. Returns how many."""
+        lo = (conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0) + 1
+        _insert(conn, part)
+        hi = lo + len(part) - 1
+        if conn.execute("SELECT last_insert_rowid()").fetchone()[0] != hi:  # ids past max(id) are consecutive
+            raise StoreError("spool: a staged chunk did not get consecutive record ids")
+        if not conn.execute("UPDATE stage_spans SET hi = ? WHERE stage = ? AND hi = ?", (hi, stage, lo - 1)).rowcount:
+            conn.execute("INSERT INTO stage_spans (lo, hi, stage) VALUES (?, ?, ?)", (lo, hi, stage))
+        return conn.execute(f"{_HOLD} AND id BETWEEN ? AND ?", (lo, hi)).rowcount
+
+    def _discard_stage(self, stage: int) -> None:
+        """Delete an unfinished append's records, at most SWEEP_CHUNK per transaction, each shrinking its span
+        with them (what is left stays hidden), then the stage itself."""
+        while True:
+            with self._write() as conn:
+                span = conn.execute("SELECT lo, hi FROM stage_spans WHERE stage = ? ORDER BY lo LIMIT 1",
+                                    (stage,)).fetchone()
+                if span is None:
+                    legacy = conn.execute("SELECT value FROM meta WHERE name = ?", (_V5_STAGES,)).fetchone()
+                    if legacy is not None and stage <= _loads(legacy[0]):  # staged by version 5: one scan
+                        conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
+                    conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+                    return
+                lo, hi = span
+                end = min(hi, lo + SWEEP_CHUNK - 1)
+                conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?", (lo, end))
+                if end == hi:
+                    conn.execute("DELETE FROM stage_spans WHERE lo = ?", (lo,))
+                else:
+                    conn.execute("UPDATE stage_spans SET lo = ? WHERE lo = ?", (end + 1, lo))
+
+    def sweep_stages(self) -> int:
+        """Discard the staged records of appends whose owner died before finishing; return how many stages."""
+        dead = [stage for stage, owner in self.conn.execute("SELECT id, owner FROM stages").fetchall()
+                if not self.owners.is_alive(owner)]
+        for stage in dead:
+            self._discard_stage(stage)
+        self.owners.sweep()  # and the lock files of owners that died owning nothing
+        return len(dead)
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[sqlite3.Connection]:
+        """An appending transaction; the block ends by calling `_enforce` with what it added.
+
+        A SpoolFull from it rolls back the whole transaction and is counted.
+        """
+        try:
+            with self._write() as conn:
+                yield conn
+        except SpoolFull as full:
+            self.add_counts(refused_full=full.refused)  # records, as every other counter of drops counts
+            raise
+
+    def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0) -> None:
+        """Bring the spool back within its limits at the end of an appending transaction.
+
+        drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
+        bound is in bytes), counted in the same commit. reject_new: SpoolFull, so nothing is committed.
+        `incoming` records were added, `held` of them held (not pending).
+        """
+        limits = self.limits
+        if limits is None:
+            return
+        reject = limits.when_full == "reject_new"
+        if limits.max_pending is not None:
+            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
+                                   f"{self._hidden(conn)}").fetchone()[0]
+            excess = pending - limits.max_pending
+            if excess > 0 and reject:
+                raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
+                                f"{limits.max_pending}; {incoming} new records refused", refused=incoming)
+            if excess > 0:
+                self._drop_oldest(conn, excess)
+        if limits.max_spool_bytes is not None:
+            while (used := self._used_bytes(conn)) > limits.max_spool_bytes:
+                if self._prune_some(conn):
+                    continue  # delivered records give way first
+                if reject:
+                    raise SpoolFull(f"spool full: {used} bytes in use, the limit is {limits.max_spool_bytes}; "
+                                    f"{incoming} new records refused", refused=incoming)
+                if not self._drop_oldest(conn, 1000):
+                    break
+
+    def _used_bytes(self, conn: sqlite3.Connection) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def _prune_some(self, conn: sqlite3.Connection) -> int:
+        return conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.SENT} "
+                            "ORDER BY id LIMIT 1000)").rowcount
+
+    def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
+        dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "
+                               f"AND id NOT IN ({_LEASED}){self._hidden(conn)} ORDER BY t, id LIMIT ?)", (n,)).rowcount
+        if dropped:
+            self._add_count(conn, "dropped_oldest", dropped)
+            self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
+        return dropped
+
+    def _warn_rate_limited(self, message: str, *args: object) -> None:
+        """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
+        now = time.monotonic()
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            _log().warning(message, *args)
+
+    def drop_expired(self, *, now: float) -> int:
+        """Delete pending records (not in flight) whose t is older than max_age; they would not be shipped."""
+        if self.max_age is None:
+            return 0
+        with self._write() as conn:
+            dropped = conn.execute(f"DELETE FROM records WHERE state = {State.PENDING} AND t < ? "
+                                   f"AND id NOT IN ({_LEASED}){self._hidden(conn)}",
+                                   (now - self.max_age,)).rowcount
+            if dropped:
+                self._add_count(conn, "dropped_age", dropped)
+        return dropped
+
+    def append_one(self, record: Record) -> None:
+        """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
+        if self.limits is not None or record[6] == 0:  # bounds, or a held record: a transaction of its own
+            self.append([record])
+            return
+        with _translated(self.path, self.busy_timeout):
+            self.conn.execute(_INSERT, record)
+
+
+def _insert(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
+    """Insert Record-shaped rows, binding only the text columns (stat, key, ukey, ezkey) some row fills.
+
+    sqlite3 binds a None through its adapter lookup (a tuple built, a dict and two attributes looked up, per
+    parameter): the three NULL key columns of an EZ record cost about as much as the rest of its insert. A text
+    column that is NULL in every row is left out of the statement (it defaults to NULL) instead of bound.
+    """
+    n = len(rows)
+    if operator.countOf(map(len, rows), 7) != n:  # a malformed row: executemany says what is wrong with it
+        conn.executemany(_INSERT, rows)
+        return
+    kept = (*(i for i in range(4) if operator.countOf(map(operator.itemgetter(i), rows), None) != n), 4, 5, 6)
+    if len(kept) == 7:
+        conn.executemany(_INSERT, rows)
+    else:
+        conn.executemany(_insert_statement(kept), map(operator.itemgetter(*kept), rows))
+
+
+@functools.cache
+def _insert_statement(kept: tuple[int, ...]) -> str:
+    return (f"INSERT INTO records ({', '.join(_NAMES[i] for i in kept)}) "
+            f"VALUES ({', '.join('?' * len(kept))})")

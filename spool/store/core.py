@@ -1,0 +1,223 @@
+"""What every room of the store shares: record states, the SQL vocabulary, transactions, the condition that hides
+open stages, counters and meta, and SQLite's errors translated into messages an operator can act on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spool.errors import SpoolCorrupt, StoreError
+
+if TYPE_CHECKING:
+    import logging
+
+    from spool.config import SpoolSettings
+    from spool.owners import Owners
+    from spool.store.files import FileMark
+
+
+# json and logging are imported on first use: appending one record (`spool add`, a whole process each time) needs
+# neither, and importing them is several milliseconds of that process's start-up.
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("spool.store")
+
+
+class State(IntEnum):
+    """A record's stored state. "In flight" is PENDING named by a lease, never stored. (1 was never used.)"""
+
+    PENDING = 0
+    SENT = 2
+    DEAD = 3
+    HELD = 4  # stamped while the clock was wrong: waits for its real t
+    STAGED = 5  # version 5 only: part of a large append not yet whole (version 6 hides those by their ids)
+
+
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
+
+_COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
+_INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
+_LEASED = "SELECT id FROM leased"  # every record some live lease holds
+
+
+class Core:
+    """The state every room of `Store` works on (set when it is opened: see connection.Opening), and the helpers
+    they all use."""
+
+    path: Path
+    synchronous: str
+    busy_timeout: float
+    owners: Owners
+    limits: SpoolSettings | None
+    max_age: float | None
+    conn: sqlite3.Connection
+    _full: bool
+    _last_warning: float
+
+    if TYPE_CHECKING:  # provided by other rooms (appends, files); declared so each room type-checks on its own
+        def _bounded(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+
+        def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0) -> None: ...
+
+        def _mark_file(self, conn: sqlite3.Connection, mark: FileMark) -> None: ...
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        """Run several reads on one snapshot, so counts taken together agree with each other."""
+        if self.conn.in_transaction:  # already inside one: that snapshot serves
+            yield
+            return
+        with _translated(self.path, self.busy_timeout):
+            self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """Run the block in one immediate transaction, translating SQLite's errors into StoreError.
+
+        Without `wait`, the commit does not wait for the disk even under synchronous=FULL (NORMAL's guarantee:
+        it survives a crash of the process, and a power cut may take it with the other commits since the last
+        sync, never an earlier one). Only for writes whose loss a power cut may cause harmlessly (a lease, a
+        chunk of an append not yet published).
+        """
+        relaxed = self._full and not wait
+        with _translated(self.path, self.busy_timeout):
+            if relaxed:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if relaxed:  # every other write, appends included, waits for the disk as configured
+                    self.conn.execute("PRAGMA synchronous=FULL")
+
+    def _hidden(self, conn: sqlite3.Connection | None = None) -> str:
+        """Return the condition leaving out the records of open stages (" AND NOT (id BETWEEN lo AND hi)" per
+        span; "" when no append is open). Read it in the transaction of the statement it goes into."""
+        spans = (conn or self.conn).execute("SELECT lo, hi FROM stage_spans").fetchall()
+        return "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
+
+    def add_counts(self, **counts: int) -> None:
+        """Add to named counters (drops, refusals, ...) in their own transaction."""
+        with self._write() as conn:
+            for name, n in counts.items():
+                self._add_count(conn, name, n)
+
+    @staticmethod
+    def _add_count(conn: sqlite3.Connection, name: str, n: int) -> None:
+        conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                     "SET value = CAST(value AS INTEGER) + excluded.value", (f"count.{name}", n))
+
+    def counters(self) -> dict[str, int]:
+        """Return the counters (dropped_oldest, dropped_age, refused_full, corrupt_quarantined, ...)."""
+        with self._read():  # damage is reported as such (SpoolCorrupt), as by every read
+            return {name[6:]: int(value) for name, value in
+                    self.conn.execute("SELECT name, value FROM meta WHERE name LIKE 'count.%'")}
+
+    # -- small persistent facts (last shipping attempt, ...) ----------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        with self._write() as conn:
+            self._set_meta(conn, values)
+
+    @staticmethod
+    def _set_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                         [(name, _dumps(value)) for name, value in values.items()])
+
+    def meta(self) -> dict[str, Any]:
+        with self._read():
+            return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+class _Corrupt(Exception):
+    pass
+
+
+# SQLite's primary result codes that need their own message (sqlite3.h).
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
+_CODES_BY_TEXT = (("database or disk is full", _FULL), ("locked", _BUSY), ("readonly", _READONLY),
+                  ("unable to open", _CANTOPEN), ("disk I/O error", _IOERR), ("not a database", _NOTADB),
+                  ("malformed", _CORRUPT))
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """Return SQLite's primary result code of an error (Python 3.11+ carries it; 3.10: read from the text)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    text = str(exc)
+    return next((code for words, code in _CODES_BY_TEXT if words in text), None)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path.parent, *path.parents):
+        with contextlib.suppress(OSError):
+            import shutil  # here, not at the top: it drags in bz2, lzma and zlib, a tenth of `spool add`'s imports
+
+            return shutil.disk_usage(folder).free
+    return None
+
+
+@contextlib.contextmanager
+def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
+    """Turn SQLite's exceptions into StoreError with a message an operator can act on, by result code."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if _code(exc) in (_CORRUPT, _NOTADB):
+            raise _corrupt(path, str(exc)) from None
+        raise StoreError(_explain(exc, path, busy_timeout)) from None
+
+
+def _corrupt(path: Path, detail: str) -> SpoolCorrupt:
+    """The error for a damaged spool file: what SQLite found, and what to do (the file is never repaired in place)."""
+    return SpoolCorrupt(f"spool {path} is not a usable spool database ({detail}): (re)start `spool run`, which moves "
+                        f"it aside as {path.name}.corrupt-<time> and starts a fresh spool, or move {path.name} and its "
+                        "-wal and -shm files aside yourself")
+
+
+def _explain(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
+    code = _code(exc)
+    user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    if code == _FULL or (code == _IOERR and _free_bytes(path) == 0):
+        return f"spool full: {path}: the disk has no space left; free some (appends and shipping resume by themselves)"
+    if code in (_BUSY, _LOCKED):
+        return f"spool {path} stayed locked by another process for {busy_timeout:g} s; try again"
+    if code == _READONLY:
+        return (f"cannot write spool {path}: it or its directory is read-only for {user} "
+                "(check the owner and mode, or a read-only mount)")
+    if code in (_CANTOPEN, _PERM):
+        return (f"cannot open spool {path}: its directory must exist and be writable by {user} "
+                "(SQLite creates PATH-wal and PATH-shm beside it)")
+    if code == _IOERR:
+        return f"disk I/O error on spool {path}: the disk may be failing or have been removed"
+    return f"spool {path}: {exc}"

@@ -1,0 +1,283 @@
+"""The operator's side: counts and status pieces, dead letters (list, requeue, purge), export, moving backlog out,
+replay, compaction, pruning sent records, and re-stamping held records once the clock is sane."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from spool.errors import StoreError
+from spool.records import INT64_MAX, Kind, Record
+from spool.store.core import _COLUMNS, _IDS, _INSERT, _LEASED, Core, State, _dumps, _loads, _translated
+
+COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
+RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
+
+
+class Queries(Core):
+    """What operators ask of a spool and do to its backlog."""
+
+    def prune_sent(self, *, sent_before: float, step: int = 1000) -> int:
+        """Delete SENT records older than the retention cut-off, `step` rows per transaction.
+
+        Walks the table once by id, so a run costs one pass however many steps it takes.
+        """
+        total, after = 0, 0
+        while True:
+            with self._write() as conn:
+                ids = [row[0] for row in conn.execute(
+                    f"SELECT id FROM records WHERE id > ? AND state = {State.SENT} AND done_at < ? ORDER BY id LIMIT ?",
+                    (after, sent_before, step))]
+                if ids:
+                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
+            total += len(ids)
+            if len(ids) < step:
+                return total
+            after = ids[-1]
+
+    # -- dead letters ------------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Return dead records, oldest first, with the receiver's reason, status and body."""
+        with self._read():
+            rows = self.conn.execute(
+                f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
+                f"WHERE state = {State.DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+        return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
+                 "http_status": row[10], "body": row[11]} for row in rows]
+
+    def requeue_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
+        """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead)."""
+        clear = (f"UPDATE records SET state = {State.PENDING}, done_at = NULL, reason = NULL, "
+                 f"http_status = NULL, body = NULL WHERE state = {State.DEAD}")
+        return self._dead_by_ids(clear, ids)
+
+    def purge_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
+        """Delete dead records (all when `ids` is None); return (how many, ids that are not dead)."""
+        return self._dead_by_ids(f"DELETE FROM records WHERE state = {State.DEAD}", ids)
+
+    def _dead_by_ids(self, statement: str, ids: Sequence[int] | None) -> tuple[int, tuple[int, ...]]:
+        with self._write() as conn:
+            if ids is None:
+                return conn.execute(statement).rowcount, ()
+            wanted = _dumps(sorted(set(ids)))
+            missing = tuple(row[0] for row in conn.execute(
+                f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records WHERE state = {State.DEAD} "
+                f"AND id IN ({_IDS}))", (wanted, wanted)))
+            return conn.execute(f"{statement} AND id IN ({_IDS})", (wanted,)).rowcount, missing
+
+    # -- what operators see -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Return how many records are in each state."""
+        counts = dict.fromkeys(COUNTED, 0)
+        with self._read():  # one snapshot for both reads, so the numbers agree
+            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {State.STAGED}"
+                                              f"{self._hidden()} GROUP BY state"):
+                counts[State(state).name.lower()] = n
+            counts["pending"], counts["inflight"] = self.backlog()
+        return counts
+
+    def backlog(self) -> tuple[int, int]:
+        """Return (pending, in flight) from the pending index alone: cheap enough to ask every minute."""
+        with self._read():
+            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
+                                        f"{self._hidden()}").fetchone()[0]
+            inflight = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
+                                         f"AND id IN ({_LEASED})").fetchone()[0]
+        return waiting - inflight, inflight
+
+    def oldest_pending_t(self) -> int | None:
+        with self._read():
+            return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {State.PENDING}"
+                                     f"{self._hidden()}").fetchone()[0]
+
+    def keyless_pending(self) -> int:
+        """Return how many pending EZ records carry no ezkey of their own."""
+        with self._read():
+            return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
+                                     f"AND stat IS NOT NULL AND ezkey IS NULL{self._hidden()}").fetchone()[0]
+
+    def size_bytes(self) -> int:
+        """Return the spool's size on disk: the database file and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def integrity_ok(self) -> bool:
+        with _translated(self.path, self.busy_timeout):
+            return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
+        """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
+        # One statement (one snapshot, however slowly it is consumed) leaves out the records of open stages.
+        sql = (f"SELECT id, state, {_COLUMNS} FROM records WHERE NOT EXISTS (SELECT 1 FROM stage_spans "
+               "WHERE records.id BETWEEN lo AND hi)")
+        cursor = (self.conn.execute(f"{sql} AND state = ? ORDER BY id", (state,)) if state is not None
+                  else self.conn.execute(f"{sql} AND state != {State.STAGED} ORDER BY id"))
+        for row in cursor:
+            yield row[0], row[1], Record(*row[2:])
+
+    # -- clock sanity ------------------------------------------------------------------------------
+
+    def restamp_held(self, *, wall: float, mono: float, boot: str, floor: int) -> tuple[int, int]:
+        """Give held records their real t, now that the clock (`wall`) is sane; return (restamped, dead).
+
+        A record held in this boot gets t = wall - (mono - its monotonic time), if that lands between `floor`
+        and now: a monotonic clock that jumped would place it in the future or before the floor, and such a
+        record is not shipped with a wrong time; it becomes DEAD with the reason (counted as
+        restamp_refused). One held in an earlier boot cannot be placed in time: DEAD with the reason too.
+        Dead letters can be inspected, requeued or purged.
+        """
+        placed = "CAST(:wall - (:mono - held_mono) AS INTEGER)"
+        params = {"wall": wall, "mono": mono, "boot": boot, "floor": floor, "slack": wall + RESTAMP_SLACK}
+        with self._write() as conn:
+            hidden = self._hidden(conn)  # held records of an unfinished append wait for it
+            restamped = conn.execute(
+                f"UPDATE records SET t = {placed}, state = {State.PENDING}, held_boot = NULL, held_mono = NULL "
+                f"WHERE state = {State.HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack{hidden}",
+                params).rowcount
+            refused = conn.execute(
+                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
+                f"', which is in the future or before the floor (' || :floor || '): the monotonic clock is not "
+                f"to be trusted; its time is unknown', held_boot = NULL "
+                f"WHERE state = {State.HELD} AND held_boot = :boot{hidden}",
+                params).rowcount
+            lost = conn.execute(
+                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, "
+                f"reason = 'stamped while the clock was wrong, "
+                f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {State.HELD} "
+                f"AND held_boot IS NOT :boot{hidden}", params).rowcount
+            if restamped:
+                self._add_count(conn, "restamped", restamped)
+            if refused:
+                self._add_count(conn, "restamp_refused", refused)
+            return restamped, refused + lost
+
+    # -- compaction --------------------------------------------------------------------------------
+
+    def compact_counts(self, *, bucket: int, groups: int = 500) -> int:
+        """Merge pending counters (not in flight) of the same key and stat within one `bucket` of seconds.
+
+        Each group becomes one record holding the sum, at the bucket's start. Exact for counters at that
+        resolution; values are never merged. Works `groups` groups per transaction; returns records saved.
+        """
+        saved, after = 0, ""
+        while True:
+            with self._write() as conn:
+                # The sums are taken here, not with SQL's sum(), which raises on integer overflow; a group
+                # whose sum would leave what validation accepts is merged only as far as it fits.
+                rows = conn.execute(
+                    f"SELECT stat, key, ukey, ezkey, bucket, json_group_array(json_array(id, number)), "
+                    f"json_array(stat, key, ukey, ezkey, bucket) AS tag FROM (SELECT id, stat, key, ukey, ezkey, "
+                    f"number, (t / ?) * ? AS bucket FROM records WHERE state = {State.PENDING} "
+                    f"AND kind = {Kind.COUNT} AND t > 0{self._hidden(conn)} "
+                    f"AND id NOT IN ({_LEASED}) ORDER BY id) GROUP BY stat, key, ukey, ezkey, bucket "
+                    f"HAVING count(*) > 1 AND tag > ? ORDER BY tag LIMIT ?",
+                    (bucket, bucket, after, groups)).fetchall()
+                merged = 0
+                for stat, key, ukey, ezkey, start, members, _ in rows:
+                    for ids, total in _mergeable(_loads(members)):
+                        conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
+                        conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
+                        merged += len(ids) - 1
+                if merged:
+                    self._add_count(conn, "compacted", merged)
+            saved += merged
+            if len(rows) < groups:
+                return saved
+            after = rows[-1][6]
+
+    # -- moving backlog ----------------------------------------------------------------------------
+
+    # "all" leaves out HELD records: their time is not known yet, so no file can carry them (import refuses t=0).
+    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {State.PENDING}", "sent": f"state = {State.SENT}",
+                                              "dead": f"state = {State.DEAD}",
+                                              "all": f"state IN ({State.PENDING}, {State.SENT}, {State.DEAD})"}
+
+    def _selection(self, state: str, since: int | None, until: int | None,
+                   stat_glob: str | None = None) -> tuple[str, list[Any]]:
+        if state not in self._SELECTIONS:
+            raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
+        where, params = [self._SELECTIONS[state]], list[Any]()
+        if since is not None:
+            where.append("t >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("t <= ?")
+            params.append(until)
+        if stat_glob is not None:
+            where.append("stat GLOB ?")
+            params.append(stat_glob)
+        return " AND ".join(where), params
+
+    def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
+                       stat_glob: str | None = None) -> int:
+        where, params = self._selection(state, since, until, stat_glob)
+        with self._read():
+            return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}{self._hidden()}",
+                                     params).fetchone()[0]
+
+    def export(self, state: str, *, since: int | None = None, until: int | None = None,
+               stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot)."""
+        where, params = self._selection(state, since, until, stat_glob)
+        with self._read():
+            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden()} "
+                                         "ORDER BY id", params):
+                yield row[0], Record(*row[1:])
+
+    def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
+                 until: int | None = None, stat_glob: str | None = None, chunk: int = 10_000) -> int:
+        """Hand the selected records to `write` a chunk at a time and delete each chunk once `write` returned.
+
+        Each chunk is selected, written (the callback must make it durable: flush and fsync) and deleted in
+        one transaction, so a record leaves the spool only after it is in the file, and no shipper can lease
+        it meanwhile. Records in flight are skipped (they are being sent). A crash can leave at most the last
+        chunk both in the file and in the spool; never in neither. Returns how many records moved.
+        """
+        where, params = self._selection(state, since, until, stat_glob)
+        moved, after = 0, 0
+        while True:
+            with self._write() as conn:
+                rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden(conn)} AND id > ? "
+                                    f"AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
+                                    [*params, after, chunk]).fetchall()
+                if not rows:
+                    return moved
+                write([Record(*row[1:]) for row in rows])
+                ids = [row[0] for row in rows]
+                conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
+            moved += len(rows)
+            after = ids[-1]
+
+    def replay(self, *, since: int | None, until: int | None, stat_glob: str | None = None) -> int:
+        """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
+        where, params = self._selection("sent", since, until, stat_glob)
+        with self._bounded() as conn:
+            queued = conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
+                                  "ORDER BY id", params).rowcount
+            self._enforce(conn, queued)
+            return queued
+
+
+def _mergeable(members: list[list[Any]]) -> Iterator[tuple[list[int], int | float]]:
+    """Split one compaction group's (id, number) pairs into runs whose sum validation would still accept."""
+    ids: list[int] = []
+    total: int | float = 0
+    for record_id, number in members:
+        candidate = total + number
+        fits = abs(candidate) <= INT64_MAX if isinstance(candidate, int) else math.isfinite(candidate)
+        if ids and not fits:
+            if len(ids) > 1:
+                yield ids, total
+            ids, total = [], 0
+        ids.append(record_id)
+        total = total + number
+    if len(ids) > 1:
+        yield ids, total

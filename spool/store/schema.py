@@ -1,0 +1,180 @@
+"""The schema: its version, the tables, and the migration chain that brings any older spool to SCHEMA_VERSION."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from spool.errors import StoreError
+from spool.owners import legacy_alive
+from spool.store.core import Core, State, _dumps
+
+SCHEMA_VERSION = 7
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create the version-1 schema with sqlite-utils (imported here only: the append path never needs it)."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    db.create_table(
+        "records",
+        {
+            "id": int,
+            "state": int,  # PENDING, SENT, DEAD (in flight = pending and named by a lease)
+            "stat": str,  # EZ stat name; NULL for classic records
+            "key": str,  # classic stat key
+            "ukey": str,  # classic user key
+            "ezkey": str,  # the record's own EZ key; NULL means the configured one
+            "kind": int,  # 0 count, 1 value
+            "number": "ANY",  # keeps ints as ints and floats as floats
+            "t": int,  # unix seconds
+            "done_at": float,  # when it became SENT or DEAD
+            "reason": str,  # DEAD: the receiver's message
+            "http_status": int,  # DEAD: the HTTP status of the refusal
+            "body": str,  # DEAD: the response body, truncated
+        },
+        pk="id",
+        not_null={"state", "kind", "number", "t"},
+        defaults={"state": int(State.PENDING)},
+        if_not_exists=True,
+    )
+    # Only pending records are indexed (by t, then id): that serves leasing oldest-first and the backlog's
+    # count and age, while acks and prunes touch no index pages at all (a third fewer bytes written per
+    # record; see scripts/bench.py). Everything else walks the primary key.
+    conn.execute(f"CREATE INDEX IF NOT EXISTS pending_t ON records (t) WHERE state = {State.PENDING}")
+    db.create_table("meta", {"name": str, "value": str}, pk="name", if_not_exists=True)
+
+
+def _add_files_and_leases(conn: sqlite3.Connection) -> None:
+    """Version 2: the identity of every ingested file (taken exactly once), and leases as rows of their own."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    db.create_table("files", {"digest": str, "name": str, "records": int, "at": float}, pk="digest",
+                    if_not_exists=True)
+    db.create_table("leases", {"id": int, "ids": str, "leased_at": float}, pk="id",
+                    not_null={"ids", "leased_at"}, if_not_exists=True)
+
+
+def _add_held(conn: sqlite3.Connection) -> None:
+    """Version 3: records stamped while the clock was wrong keep their boot and its monotonic clock."""
+    import sqlite_utils
+
+    records = sqlite_utils.Database(conn, execute_plugins=False).table("records")
+    records.add_column("held_boot", str)
+    records.add_column("held_mono", float)
+
+
+def _v4(conn: sqlite3.Connection) -> None:
+    """Version 4: files by identity, leases with owners and never-reused ids, staged appends, suspects.
+
+    * files: 0.1.0 knew files by a digest of their content, which dropped a second file with the same bytes.
+      Those rows cannot be mapped to an identity; they only mattered for a file committed but not yet moved
+      when 0.1.0 stopped, which is gone from its directory by now in all but that crash. They are dropped.
+    * leases: ids under AUTOINCREMENT are never reused; `owner` names the process that holds the lease.
+    * records.stage: the append a STAGED record belongs to (see `stages`). records.split: the suspect group
+      of a record the receiver refused as part of a batch (the shipper isolates such records).
+    * partial indexes of staged, suspect and held records: each holds only those, so it costs nothing when
+      there are none.
+    """
+    conn.execute("DROP TABLE IF EXISTS files")
+    conn.execute("CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, "
+                 "offset INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, tail TEXT NOT NULL, "
+                 "records INTEGER NOT NULL, at REAL NOT NULL)")
+    conn.execute("CREATE TABLE leases_v4 (id INTEGER PRIMARY KEY AUTOINCREMENT, ids TEXT NOT NULL, "
+                 "leased_at REAL NOT NULL, owner TEXT)")
+    conn.execute("INSERT INTO leases_v4 (id, ids, leased_at) SELECT id, ids, leased_at FROM leases")
+    conn.execute("DROP TABLE leases")
+    conn.execute("ALTER TABLE leases_v4 RENAME TO leases")
+    conn.execute("CREATE TABLE stages (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, "
+                 "started_at REAL NOT NULL)")
+    conn.execute("ALTER TABLE records ADD COLUMN stage INTEGER")
+    conn.execute("ALTER TABLE records ADD COLUMN split INTEGER")
+    conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
+    conn.execute(f"CREATE INDEX suspects ON records (split) WHERE state = {State.PENDING} AND split IS NOT NULL")
+    # Every drain looks for held records to re-stamp: an index holding only those keeps that look free.
+    conn.execute(f"CREATE INDEX held ON records (held_boot) WHERE state = {State.HELD}")
+
+
+def _v5(conn: sqlite3.Connection) -> None:
+    """Version 5: the records a lease holds are rows of `leased` (record id -> lease), not a JSON list in the lease.
+
+    Leasing asks of every candidate whether some lease holds it: with lists, each lease parsed every live
+    lease's list (its cost grew with the records in flight); a row per record is one lookup by id.
+    """
+    conn.execute("CREATE TABLE leased (id INTEGER PRIMARY KEY, lease INTEGER NOT NULL)")
+    conn.execute("INSERT OR IGNORE INTO leased (id, lease) SELECT value, leases.id FROM leases, "
+                 "json_each(leases.ids) ORDER BY leases.id")
+    conn.execute("ALTER TABLE leases DROP COLUMN ids")
+    # The span of record ids a lease holds: ending it deletes its rows of `leased` by a range, not a scan.
+    conn.execute("ALTER TABLE leases ADD COLUMN first_id INTEGER")
+    conn.execute("ALTER TABLE leases ADD COLUMN last_id INTEGER")
+    conn.execute("UPDATE leases SET first_id = (SELECT min(id) FROM leased WHERE lease = leases.id), "
+                 "last_id = (SELECT max(id) FROM leased WHERE lease = leases.id)")
+
+
+def _v6(conn: sqlite3.Connection) -> None:
+    """Version 6: an unfinished large append is hidden by the ids it spans, not by a state its records must leave.
+
+    Version 5 committed a large append's chunks as STAGED records and made them PENDING in its last
+    transaction: one UPDATE rewrote every record and moved every index entry, about doubling the append's work
+    (and holding the write lock for that whole statement). Now the chunks are committed as the records they
+    will be, and `stage_spans` names the ranges of ids each open stage holds; every reader of records leaves
+    those out, and the last transaction deletes the stage's spans: no record is rewritten.
+
+    The index of STAGED records goes (it cost every insert); the version-5 appends whose process died are
+    discarded first, by it. One still running finishes as it began (its UPDATE finds its records without the
+    index, more slowly); should it die, `sweep_stages` discards it by one scan: `meta` keeps the last stage id
+    version 5 gave (ids are never reused), so only those stages are looked for as STAGED records.
+    """
+    for stage, owner in conn.execute("SELECT id, owner FROM stages").fetchall():
+        if not legacy_alive(owner):
+            conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
+            conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+    last = conn.execute("SELECT max(id) FROM stages").fetchone()[0]
+    if last is not None:
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (_V5_STAGES, _dumps(last)))
+    conn.execute("DROP INDEX IF EXISTS staged")
+    conn.execute("CREATE TABLE stage_spans (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, stage INTEGER NOT NULL)")
+
+
+_V5_STAGES = "version_5_stages_up_to"  # meta: stage ids up to this one staged their records as STAGED
+
+
+def _v7(conn: sqlite3.Connection) -> None:
+    """Version 7: stages and leases are owned by locks ("lock:TOKEN", see spool.owners), not by boot, pid and start.
+
+    Nothing is rewritten: the owners version 6 named stay, judged as spool.owners says. The version is what
+    changes, so that a release judging owners by pid refuses this spool instead of taking a running import's
+    owner for dead (it cannot read a lock's name) and discarding its stage.
+    """
+
+
+_MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6,
+               7: _v7}  # version -> step
+
+
+class Schema(Core):
+    """Bringing an open spool's schema to this release's version, once, whoever opens it first."""
+
+    def _migrate(self) -> None:
+        if self._schema_version() == SCHEMA_VERSION:
+            return
+        self.conn.execute("BEGIN IMMEDIATE")  # re-read inside the lock: another process may have migrated
+        try:
+            version = self._schema_version()
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](self.conn)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def _schema_version(self) -> int:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"spool {self.path} has schema version {version}, newer than this spool "
+                             f"understands ({SCHEMA_VERSION}); upgrade spool")
+        return version
