@@ -25,6 +25,7 @@ log = logging.getLogger("spool")
 
 STOP_GRACE = 5.0  # seconds beyond the HTTP timeout that components get to finish at shutdown
 COMPONENTS = ("ship", "watch", "relay", "metrics")
+_START_ORDER = {"ship": 1, "metrics": 2}  # after the producers' doors (0): see Agent._apply
 
 
 class _JsonLines(logging.Formatter):
@@ -145,9 +146,16 @@ class Agent:
         self.monotonic = monotonic
         self.components: dict[str, Component] = {}
         self._failed: list[str] = []
-        # The first open moves a corrupt spool aside rather than crash-looping on it; it serves the summary.
+        self._stuck: list[str] = []
+        self._final = False  # the components are being stopped for good (not for a reload)
+        # The first open moves a corrupt spool aside rather than crash-looping on it; it serves the summary. It
+        # reads a few pages whatever the backlog; the whole file is checked later, if at all (spool.checkup).
         self._store = Store.for_config(config, quarantine=True)
         self._metrics: Any = None
+        from spool.checkup import Checkup
+
+        self._idle = threading.Event()  # set by the shipper when it first has nothing to move
+        self.checkup = Checkup(config, idle=self._idle)
 
     # -- what runs ------------------------------------------------------------------------------------
 
@@ -202,8 +210,12 @@ class Agent:
 
                 # Its own stop (a reload) awaits the answers in flight; the agent's (SIGTERM) cuts them short.
                 shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event,
-                                  wake=self.wake, hurry=self.shutdown)
+                                  wake=self.wake, hurry=self.shutdown, idle=self._idle)
                 component.stack.enter_context(shipper)  # takes the shipper lock: a second agent stops here
+                # With the lock held: the clean-stop mark is taken now, and set again (before the lock is
+                # released: callbacks run last in, first out) only if this agent stops cleanly.
+                self.checkup.begin(shipper.store)
+                component.stack.callback(self._shipper_stopped, shipper.store)
                 component.snapshot = shipper.snapshot
                 component.start(shipper.run, self._component_failed)
                 log.info("shipping %s to %s", config.db, shipper.endpoint)
@@ -243,6 +255,17 @@ class Agent:
             raise
         return component
 
+    def _shipper_stopped(self, store: Store) -> None:
+        """Record a clean stop, if this is one: the agent stops for good, nothing failed, nothing is stuck."""
+        from spool.errors import StoreError
+
+        if not self._final:
+            return  # a reload replaces the shipper; the agent goes on
+        try:
+            self.checkup.end(store, clean=not self._failed and not self._stuck)
+        except StoreError as exc:  # the next start then checks the spool: harmless
+            log.warning("cannot record the clean stop: %s", exc)
+
     def _component_failed(self, name: str, exc: BaseException) -> None:
         log.error("%s failed: %s", name, exc, exc_info=exc)
         self._failed.append(name)
@@ -258,7 +281,9 @@ class Agent:
             del self.components[component.name]
         if self.shutdown.is_set():  # stopped while the old parts finished (SIGTERM during a reload): start nothing
             return
-        for name, key in wanted.items():
+        # Producers' doors (relay, watchers) open first, as soon as the spool is open; the shipper starts after
+        # them (its lock, the dead owners' stages and leases it sweeps, the clean-stop mark), then the metrics.
+        for name, key in sorted(wanted.items(), key=lambda item: _START_ORDER.get(item[0], 0)):
             if name not in self.components:
                 self.components[name] = self._build(name, key, config)
         self.config = config
@@ -273,7 +298,12 @@ class Agent:
                 component.watcher.stop()
         self.wake.set()
         deadline = self.monotonic() + self.config.ship.timeout + STOP_GRACE
-        return [c.name for c in components if not c.join(deadline, self.monotonic)]
+        self._stuck = []
+        # The shipper is joined last: stopping it records whether the agent stopped cleanly, others included.
+        for component in sorted(components, key=lambda c: c.name == "ship"):
+            if not component.join(deadline, self.monotonic):
+                self._stuck.append(component.name)
+        return list(self._stuck)
 
     # -- running ----------------------------------------------------------------------------------------
 
@@ -317,6 +347,8 @@ class Agent:
                 self._signalled.clear()
             systemd.notify("STOPPING=1")
             log.info("shutting down")
+            self.checkup.stop(STOP_GRACE)  # a check cut short is owed again at the next start
+            self._final = True
             stuck = self._stop(list(self.components.values()))
             self.components.clear()
             if stuck:
@@ -324,6 +356,7 @@ class Agent:
             else:
                 self.log_summary()
         finally:
+            self.checkup.stop(STOP_GRACE)
             if not stuck:
                 if self._metrics is not None:
                     self._metrics.store.close()

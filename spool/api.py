@@ -323,6 +323,7 @@ class Spool:
             "last_error": meta.get("last_error"),
             "last_success_at": meta.get("last_success_at"),
             "counters": self.store.counters(),
+            "integrity": self.store.integrity() or None,  # the last full check (spool.checkup), None if never
         }
         status["problems"] = self._problems(status)
         return status
@@ -349,6 +350,11 @@ class Spool:
         if status["held"]:
             problems.append(f"{_n(status['held'], 'record')} stamped while the system clock was wrong: held until "
                             "their real time is known (start NTP)")
+        integrity = status["integrity"] or {}
+        if integrity.get("state") == "damaged":
+            problems.append(f"the full integrity check found damage: {integrity.get('detail')}; the next start of "
+                            "`spool run` moves the file aside and starts a fresh spool (export what can be read "
+                            "first)")
         counters = status["counters"]
         for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
                            ("dropped_age", "dropped because their t was older than max_age"),
@@ -361,8 +367,11 @@ class Spool:
 
 
 def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = None,
-                clock: Callable[[], float] = time.time) -> list[Any]:
-    """Check the whole setup (`spool doctor`): one Verdict per part, every check run even if the config is broken."""
+                clock: Callable[[], float] = time.time, deep: bool = False) -> list[Any]:
+    """Check the whole setup (`spool doctor`): one Verdict per part, every check run even if the config is broken.
+
+    `deep`: also run SQLite's full integrity check of the spool (it reads the whole file) and record its verdict.
+    """
     from spool import config as configuration
     from spool.doctor import checks
 
@@ -373,7 +382,7 @@ def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = No
         path = Path(db).expanduser() if db else configuration.default_db_path()
         return Config().replace(**{"spool.path": path})
 
-    return list(checks(lambda: configuration.load(config_file, **flags), fallback=fallback, clock=clock))
+    return list(checks(lambda: configuration.load(config_file, **flags), fallback=fallback, clock=clock, deep=deep))
 
 
 def parse_when(text: str, name: str = "time") -> int:

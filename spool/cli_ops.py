@@ -236,10 +236,26 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"last attempt {_when(report['last_attempt_at'])}: {result}")
     if report["last_success_at"] is not None:
         lines.append(f"last success {_when(report['last_success_at'])}")
+    integrity = report.get("integrity")
+    if integrity:
+        lines.append(f"integrity    {_integrity(integrity)}")
     if report["counters"]:
         lines.append("counters     " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["counters"].items())))
     lines += [f"problem: {problem}" for problem in report["problems"]]
     return "\n".join(lines)
+
+
+def _integrity(verdict: dict[str, Any]) -> str:
+    """The last full integrity check, in a few words."""
+    at = _when(verdict.get("at", 0))
+    state = verdict.get("state")
+    if state == "sound":
+        return f"sound (full check {at}, {verdict.get('seconds', 0):g} s)"
+    if state == "damaged":
+        return f"DAMAGED (full check {at}): {verdict.get('detail')}"
+    if state == "checking":
+        return f"checking the whole file in the background (since {at})"
+    return f"a full check is owed (the last agent did not stop cleanly; noted {at}): `spool run` runs it when idle"
 
 
 def _when(t: float) -> str:
@@ -255,19 +271,23 @@ def _age(seconds: float) -> str:
 
 
 @cli.command()
+@click.option("--deep", is_flag=True, help="Also run SQLite's full integrity check of the spool: it reads the whole "
+              "file (minutes for a large backlog on an SD card). Damage it finds is recorded: the next start of "
+              "`spool run` moves the file aside.")
 @common_options
 @pass_context
-def doctor(obj: Context) -> None:
+def doctor(obj: Context, deep: bool) -> None:
     """Check the setup: config, key, endpoint, clock, disk, spool, watched directories, ports.
 
     Each check prints one line, with a fix when it fails; every check runs even if the config is broken.
-    Exit 1 if any check failed.
+    The spool is checked as opening it checks it (a few pages, whatever the backlog), with the verdict of
+    the last full check; --deep runs the full check now. Exit 1 if any check failed.
 
-    Example: spool --config /etc/spool/spool.toml doctor
+    Example: spool --config /etc/spool/spool.toml doctor --deep
     """
     from spool.api import check_setup
 
-    verdicts = check_setup(obj.config_file, flags=obj.flags)
+    verdicts = check_setup(obj.config_file, flags=obj.flags, deep=deep)
     for verdict in verdicts:
         mark = "ok  " if verdict.ok else "FAIL"
         fix = "" if verdict.ok or not verdict.fix else f" -- fix: {verdict.fix}"

@@ -401,6 +401,9 @@ class SpoolSettings(_Settings):
                              "at a bound: drop the oldest pending records, or refuse new appends")
     compact_counts: float = setting(0.0, Duration(), "merge waiting counts of one stat and key within buckets of "
                                     "this size (0: off)", example=60.0)
+    integrity_pause: float = setting(0.0, Duration(), "after an unclean stop, `spool run` checks the whole file in "
+                                     "the background once shipping is idle; it pauses this long before each step "
+                                     "of that check (a million SQLite operations), to leave the disk to producers")
 
     @property
     def bounded(self) -> bool:

@@ -9,7 +9,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from spool.config import Config, parse_address
 from spool.errors import ConfigError, redact_url
@@ -26,11 +26,13 @@ class Verdict(NamedTuple):
 
 
 def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock: Callable[[], float] = time.time,
-           probe: Callable[[str, float], str] | None = None) -> Iterator[Verdict]:
+           probe: Callable[[str, float], str] | None = None, deep: bool = False) -> Iterator[Verdict]:
     """Yield a verdict for each part of the setup, in the order an operator would look.
 
     A configuration that does not load is the first failed verdict; every other check still runs, on
-    `fallback` (the defaults, with the spool path given on the command line or in the environment).
+    `fallback` (the defaults, with the spool path given on the command line or in the environment). The spool
+    is checked as opening it checks it (a few pages, whatever the backlog), and the verdict of the last full
+    check is reported; `deep` runs the full check now (it reads the whole file) and records its verdict.
     """
     try:
         config = load()
@@ -43,7 +45,7 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
     yield _endpoint(config, probe or _probe)
     yield _clock(clock())
     yield _disk(config)
-    yield _integrity(config)
+    yield _integrity(config, deep, clock)
     for watch in config.watch:
         yield from _watched(watch.path)
     if config.relay.enabled:
@@ -115,7 +117,7 @@ def _disk(config: Config) -> Verdict:
                    "free some space, or set spool.max_spool_bytes so spool bounds itself")
 
 
-def _integrity(config: Config) -> Verdict:
+def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdict:
     from spool.errors import StoreError
     from spool.store import Store
 
@@ -123,18 +125,36 @@ def _integrity(config: Config) -> Verdict:
         return Verdict("spool", True, f"{config.db} does not exist yet; it is created on first use")
     mode = stat.S_IMODE(config.db.stat().st_mode)
     try:
-        with Store.for_config(config, create=False) as store:
-            sound = store.integrity_ok()
-            counts = store.counts()
+        with Store.for_config(config, create=False) as store:  # opening checks the bookkeeping tables
+            verdict = _deep_check(store, clock) if deep else store.integrity()
     except StoreError as exc:
         return Verdict("spool", False, str(exc), "`spool run` moves a corrupt spool aside and starts a fresh one")
-    if not sound:
-        return Verdict("spool", False, "integrity check failed",
-                       "`spool export --state all` what can be read, then let `spool run` start a fresh spool")
+    state, at = verdict.get("state"), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(verdict.get("at", 0)))
+    if state == "damaged":
+        return Verdict("spool", False, f"the full integrity check ({at}) found damage: {verdict.get('detail')}",
+                       f"`spool export --state pending FILE` saves what can still be read; then restart `spool "
+                       f"run`: it moves {config.db.name} aside and starts a fresh spool")
     if mode & 0o077:
         return Verdict("spool", False, f"{config.db} is readable by others (mode {mode:o}); it holds keys",
                        f"chmod 600 {config.db}")
-    return Verdict("spool", True, f"sound; {counts['pending']} pending, {counts['dead']} dead")
+    full = {"sound": f"full check sound ({at}, {verdict.get('seconds', 0):g} s)",
+            "checking": f"full check running in the agent (since {at})",
+            "owed": "full check owed (the last agent did not stop cleanly): `spool run` runs it when idle"}.get(
+        state or "", "no full check recorded (`spool doctor --deep` runs one)")
+    return Verdict("spool", True, f"bookkeeping sound; {full}")
+
+
+def _deep_check(store: Any, clock: Callable[[], float]) -> dict[str, Any]:
+    """Run the full check now and record its verdict (as the agent's background check does), if the spool lets us."""
+    from spool.checkup import full_check
+    from spool.errors import StoreError
+
+    verdict = full_check(store, clock=clock) or {}
+    try:
+        store.record_integrity(**verdict)
+    except StoreError:  # a read-only spool: the verdict is still told
+        pass
+    return verdict
 
 
 def _port(listen: str, section: str, default_port: int) -> Verdict:

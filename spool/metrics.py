@@ -62,13 +62,18 @@ class Metrics:
         with self._lock:
             pending, inflight = self.store.backlog()
             oldest = self.store.oldest_pending_t()
-            last = self.store.meta().get("last_success_at")
+            meta = self.store.meta()
+        last = meta.get("last_success_at")
         now = self.clock()
         writable = os.access(self.store.path.parent, os.W_OK) and os.access(self.store.path, os.W_OK)
         problems = [] if writable else ["the spool is not writable"]
         quiet = now - max(last or 0.0, self.started_at)
         if pending + inflight and quiet >= self.unhealthy_after:
             problems.append(f"{pending + inflight} records waiting and nothing delivered for {quiet:.0f} s")
+        integrity = meta.get("integrity") or {}
+        if integrity.get("state") == "damaged":  # found by the background check (spool.checkup) or doctor --deep
+            problems.append(f"the spool is damaged ({integrity.get('detail')}); the next start of `spool run` moves "
+                            "it aside")
         return {"writable": writable, "pending": pending, "inflight": inflight, "last_success_at": last,
                 "oldest_pending_age": None if oldest is None else max(0, int(now) - oldest), "problems": problems}
 

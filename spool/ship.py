@@ -170,7 +170,7 @@ class Shipper:
     def __init__(self, store: Store, config: Config, *,
                  client_factory: Callable[[], StatHatClient] | None = None,
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
-                 hurry: threading.Event | None = None,
+                 hurry: threading.Event | None = None, idle: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.store = store
@@ -184,6 +184,9 @@ class Shipper:
         # awaited ship.stop_wait at most. Without it, stopping this shipper is stopping the process.
         self.hurry = hurry or self.shutdown
         self.wake = wake or threading.Event()  # set by in-process producers (and on shutdown)
+        # Set when this shipper first has nothing to move (its drain ended, or it waits out a failing link): the
+        # agent's background integrity check waits for it (spool.checkup).
+        self.idle = idle or threading.Event()
         self.sleep = sleep or self.shutdown.wait  # back-off waits end early on shutdown
         self.clock = clock
         self.monotonic = monotonic
@@ -352,6 +355,8 @@ class Shipper:
                     wait = min(wait, state.deadline - now)
                 if pace > state.gate:  # pacing, not back-off, holds us back
                     self.stats.paced += wait
+                else:  # a failing link is waited out: nothing moves meanwhile
+                    self.idle.set()
                 self.sleep(wait)
                 continue
             unit = waiting.popleft()
@@ -632,6 +637,7 @@ class Shipper:
         while not self.shutdown.is_set():
             self.housekeeping()
             result = self.drain()
+            self.idle.set()
             if not result.done and not self.shutdown.is_set():
                 log.error("shipping stopped: %s", result.reason)
             while not self.shutdown.is_set():

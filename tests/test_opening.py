@@ -14,7 +14,7 @@ import pytest
 
 from spool.store import Store
 
-from .helpers import TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for, wait_for_line
+from .helpers import TEST_EZKEY, cli_env, damage_spool, jsonl, run_cli, spawn_cli, stop_agent, wait_for, wait_for_line
 
 
 def _open_and_add(db, go, i, results):
@@ -85,6 +85,24 @@ def test_a_second_shipper_through_a_symlink_is_refused_and_nothing_is_sent_twice
     finally:
         stop_agent(agent)
     assert sorted(a["stat"] for a in receiver.accepted) == sorted(["s"] + [f"t{i}" for i in range(50)])
+
+
+@pytest.mark.parametrize("where", ["header", "meta", "records", "pending_t"])
+def test_spool_run_moves_aside_at_start_a_spool_damaged_where_opening_looks(db, receiver, where):
+    # Opening no longer reads the whole file (the full check runs in the background, after shipping starts), but
+    # what SQLite cannot open, the bookkeeping tables, and the root and edges of the records and their indexes
+    # (every append, lease and ack walks them) are still looked at, and damage there is set aside at start.
+    assert run_cli(db, "import", "-", input=jsonl("a", "b").encode()).returncode == 0
+    damage_spool(db, where)
+    env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
+    agent = spawn_cli(db, "run", env=env)
+    try:
+        wait_for_line(agent, "was corrupt")
+        assert run_cli(db, "add", "fresh", "--count", "1", env=env).returncode == 0
+        wait_for(lambda: [a["stat"] for a in receiver.accepted] == ["fresh"])
+    finally:
+        stop_agent(agent)
+    assert [p.name for p in db.parent.glob("spool.db.corrupt-*")] != []
 
 
 @pytest.fixture

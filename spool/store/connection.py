@@ -1,5 +1,6 @@
 """Opening a spool file: creating it private, the pragmas, the bookkeeping check, quarantining a corrupt spool;
-and closing it."""
+and closing it. Also what the agent keeps about the file's soundness: its clean-stop mark, and the verdict of
+the last full integrity check (see spool.checkup)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spool.clock import boot_clock, boot_id
 from spool.durable import fsync_dir
@@ -23,6 +25,7 @@ from spool.store.core import (
     _code,
     _Corrupt,
     _corrupt,
+    _loads,
     _log,
     _translated,
 )
@@ -32,6 +35,10 @@ if TYPE_CHECKING:
     from spool.config import SpoolSettings
 
 PAGE_SIZE = 1024  # bytes, for new spools (see _prepare)
+_INTERRUPT = 9  # SQLITE_INTERRUPT: a full check stopped by its `step`
+CHECK_STEP_OPS = 1000  # SQLite operations between two calls of a full check's `step` (a few hundred records)
+CLEAN_STOP = "clean_stop"  # meta: when the agent last stopped cleanly (absent while one runs, or after a crash)
+INTEGRITY = "integrity"  # meta: the last full check: {"state": owed|checking|sound|damaged, "at": ..., ...}
 
 
 class Opening(Schema):
@@ -65,6 +72,12 @@ class Opening(Schema):
         except _Corrupt as corrupt:
             if not quarantine:
                 raise _corrupt(self.path, str(corrupt)) from None
+            from spool.lock import ShipLock
+
+            shipper = ShipLock(self.path).holder()
+            if shipper is not None:  # never moved from under a running agent: it is set aside when that one stops
+                raise _corrupt(self.path, f"{corrupt}; not moved aside while a shipper (pid {shipper}) runs on it"
+                               ) from None
             moved = self._quarantine()
             _log().error("spool %s was corrupt (%s); moved it to %s and started a fresh spool",
                       self.path, corrupt, moved.name)
@@ -110,14 +123,18 @@ class Opening(Schema):
         # Every page a statement reads is checked more closely, so damage on the path of an append is reported
         # (SQLITE_CORRUPT) before the append writes beside it, at no cost worth measuring.
         self.conn.execute("PRAGMA cell_size_check=ON")
-        if check:
-            if self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise _Corrupt("failed SQLite's quick check")
-        else:
-            self._check_bookkeeping()
+        self._check_bookkeeping()
+        if check:  # the agent's open: also the paths every append, lease and ack walks (never the whole file)
+            self._check_paths()
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._full = synchronous == "full"  # the configured durability (a lease commits without waiting: _write)
         self._migrate()
+        if check:
+            verdict = self.integrity()
+            if verdict.get("state") == "damaged":  # found by a full check since; set aside now, at a start
+                raise _Corrupt(f"a full integrity check found damage on "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(verdict.get('at', 0)))}: "
+                               f"{verdict.get('detail')}")
 
     def _check_bookkeeping(self) -> None:
         """Check every table but the records (the schema, counters, leases, stages, file marks): cheap, and the same
@@ -137,6 +154,90 @@ class Opening(Schema):
             verdict = self.conn.execute(f'PRAGMA quick_check("{table}")').fetchone()[0]
             if verdict != "ok":
                 raise _Corrupt(f"its table {table} failed SQLite's quick check")
+
+    def _check_paths(self) -> None:
+        """Read the first and the last entry of the records table and of each of its indexes.
+
+        That is the root and the two edges of each b-tree, a few pages whatever the backlog: appends go to the
+        end of the table, leases start at the oldest pending entry, and a damaged root stops everything. Damage
+        elsewhere among the records is left to the full check, which the agent runs in the background.
+        """
+        probes = ["SELECT id FROM records ORDER BY id LIMIT 1", "SELECT id FROM records ORDER BY id DESC LIMIT 1"]
+        for name, sql in self.conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql NOT NULL"):
+            first = self.conn.execute(f'PRAGMA index_info("{name}")').fetchone()
+            if first is None or first[2] is None:  # an index on an expression: no column to order by
+                continue
+            where = sql.upper().rfind(" WHERE ")
+            partial = f" WHERE {sql[where + 7:]}" if where >= 0 else ""
+            probes += [f'SELECT 1 FROM records INDEXED BY "{name}"{partial} ORDER BY "{first[2]}"{way} LIMIT 1'
+                       for way in ("", " DESC")]
+        for probe in probes:
+            try:
+                self.conn.execute(probe).fetchall()
+            except sqlite3.OperationalError as exc:
+                if _code(exc) in (_CORRUPT, _NOTADB):
+                    raise
+                _log().debug("path check skipped (%s): %s", exc, probe)  # an index the planner cannot walk so
+
+    # -- the agent's marks: a clean stop, and the last full check ---------------------------------------------
+
+    def full_check(self, step: Callable[[], bool] | None = None) -> list[str] | None:
+        """Run SQLite's full integrity check on this connection; return what it found ([] when sound).
+
+        It reads every page of the file, one read transaction, and stops at the first finding: a damaged file
+        is damaged, and the first place says where. `step` is called every CHECK_STEP_OPS of SQLite's operations
+        of it (SQLite 3.43 and later also while it walks the pages; earlier, while it checks rows and indexes);
+        returning True stops the check, and None is returned. Damage SQLite reports as an error instead of a
+        finding (a row it cannot read) is returned as the finding.
+        """
+        if step is not None:
+            self.conn.set_progress_handler(step, CHECK_STEP_OPS)
+        try:
+            # One finding at most: with more, the check goes on past the first into rows it may fail to read, and
+            # Python's sqlite3 (before 3.12) loses a row already found when the next step fails.
+            [(verdict,)] = self.conn.execute("PRAGMA integrity_check(1)").fetchall()
+            return [] if verdict == "ok" else ["; ".join(line for line in verdict.splitlines()
+                                                         if not line.startswith("*** in database"))]
+        except sqlite3.DatabaseError as exc:
+            if _code(exc) in (_CORRUPT, _NOTADB):
+                return [str(exc)]
+            if _code(exc) == _INTERRUPT or "interrupted" in str(exc):
+                return None
+            with _translated(self.path, self.busy_timeout):
+                raise
+        finally:
+            if step is not None:
+                self.conn.set_progress_handler(None, 0)
+
+    def take_clean_stop(self) -> float | None:
+        """Remove the clean-stop mark and return when it was set (None: the last agent did not stop cleanly).
+
+        Called by the agent holding the ship lock as it starts. The removal waits for the disk whatever
+        spool.synchronous says: a mark that came back after a power cut would hide that cut from the next start.
+        """
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._write() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE name = ?", (CLEAN_STOP,)).fetchone()
+                conn.execute("DELETE FROM meta WHERE name = ?", (CLEAN_STOP,))
+        finally:
+            self.conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        return None if row is None else float(_loads(row[0]))
+
+    def mark_clean_stop(self, at: float) -> None:
+        """Record that the agent holding the ship lock stopped cleanly, with nothing left to check."""
+        self.set_meta(**{CLEAN_STOP: at})
+
+    def integrity(self) -> dict[str, Any]:
+        """Return the verdict of the last full check ({} when none was ever run or owed)."""
+        with self._read():
+            row = self.conn.execute("SELECT value FROM meta WHERE name = ?", (INTEGRITY,)).fetchone()
+        return {} if row is None else dict(_loads(row[0]))
+
+    def record_integrity(self, state: str, at: float, **details: Any) -> None:
+        """Record the full check's state: owed, checking, sound or damaged (the next agent start sets it aside)."""
+        self.set_meta(**{INTEGRITY: {"state": state, "at": at, **details}})
 
     def _quarantine(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -201,8 +201,9 @@ def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
 def _corrupt(path: Path, detail: str) -> SpoolCorrupt:
     """The error for a damaged spool file: what SQLite found, and what to do (the file is never repaired in place)."""
     return SpoolCorrupt(f"spool {path} is not a usable spool database ({detail}): (re)start `spool run`, which moves "
-                        f"it aside as {path.name}.corrupt-<time> and starts a fresh spool, or move {path.name} and its "
-                        "-wal and -shm files aside yourself")
+                        f"it aside as {path.name}.corrupt-<time> and starts a fresh spool (damage deep among the "
+                        f"records: once `spool doctor --deep` found it), or move {path.name} and its -wal and -shm "
+                        "files aside yourself")
 
 
 def _explain(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
