@@ -165,9 +165,13 @@ class Spool:
         The file moves to .done/ (or .rejected/) beside it, unless `keep`; a file still being written, or
         appended to while it was moved, is read again until it settles (a few tries).
         """
-        from spool.watch import DirectoryLock, Ingestor
+        from spool.errors import IngestRefused
+        from spool.watch import DONE, REJECTED, DirectoryLock, Ingestor
 
         target = Path(path)
+        if target.parent.name in (DONE, REJECTED):
+            raise IngestRefused(f"{target} is in a {target.parent.name}/ folder, where spool put it after taking "
+                                "(or refusing) it; to take it again on purpose, copy it under a new name")
         ingestor = Ingestor(self.store, skip_invalid=skip_invalid, t_floor=self.t_floor)
         lock = DirectoryLock(target.parent).acquire(
             busy="is watched by a running spool (spool run or spool watch): it takes the files there itself")

@@ -627,13 +627,18 @@ def watch_entry(table: Mapping[str, object], where: str, *, text: bool = False) 
 
 def distinct_watches(entries: tuple[WatchSettings, ...], where: str) -> tuple[WatchSettings, ...]:
     """Refuse two [[watch]] entries naming one directory (by its real path): both would take every file."""
-    seen: dict[str, Path] = {}
+    seen: dict[object, Path] = {}
     for entry in entries:
         real = os.path.realpath(entry.path)
-        if real in seen:
-            raise ConfigError(f"{where}: [[watch]] paths {seen[real]} and {entry.path} are the same directory "
+        try:
+            info = os.stat(entry.path)
+            same: object = (info.st_dev, info.st_ino)  # a bind mount is the same directory under another path
+        except OSError:
+            same = real
+        if same in seen:
+            raise ConfigError(f"{where}: [[watch]] paths {seen[same]} and {entry.path} are the same directory "
                               f"({real}); watch it once")
-        seen[real] = entry.path
+        seen[same] = entry.path
     return entries
 
 

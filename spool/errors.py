@@ -54,6 +54,12 @@ class InvalidRecord(SpoolError):
         return InvalidRecord(self.reason, field=self.field, line=line, fatal=self.fatal)
 
 
+class IngestRefused(SpoolError):
+    """A file that must not be ingested as it is (e.g. one spool already took and moved to .done/)."""
+
+    exit_status = 2
+
+
 class StoreError(SpoolError):
     """The spool file could not be opened, read or written."""
 

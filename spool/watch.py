@@ -211,7 +211,10 @@ class Ingestor:
         if not stat.S_ISREG(seen.st_mode):  # replaced by something else since the lstat
             return self._reject(path, [InvalidRecord("is not a regular file")], move)
         key = os.fsencode(os.path.abspath(path))
-        start = self._resume_at(fd, seen, self.store.file_mark(key))
+        mark = self.store.file_mark(key)
+        if mark is None:
+            mark = self._renamed(key, fd, seen)
+        start = self._resume_at(fd, seen, mark)
         if start is None:  # this very file was taken before (a crash came before its move, or --keep)
             return self._taken(IngestResult(path, "already"), key, seen, move)
         lines = kind.lower().endswith(APPENDABLE)
@@ -243,6 +246,28 @@ class Ingestor:
         if end < seen.st_size:  # the last line is still coming: the file stays, its mark says where to go on
             return IngestResult(path, "partial", taken, tuple(errors), offset=start)
         return self._taken(IngestResult(path, "ingested", taken, tuple(errors), offset=start), key, seen, move)
+
+    def _renamed(self, key: bytes, fd: int, seen: os.stat_result) -> FileMark | None:
+        """The mark of this very file taken under another name in the same folder (renamed, or a hard link).
+
+        Only a file unchanged since it was read counts (same inode, size, mtime and bytes): a new file on a
+        reused inode number is never taken for the old one. Its mark moves to this name (or is copied, when the
+        old name still holds the file).
+        """
+        folder = key[:key.rindex(b"/") + 1]
+        for mark in self.store.file_marks_of_inode(seen.st_ino, folder):
+            if ((mark.offset, mark.mtime_ns) == (seen.st_size, seen.st_mtime_ns)
+                    and tail_hash(fd, mark.offset) == mark.tail):
+                try:
+                    still = os.lstat(mark.path).st_ino == seen.st_ino
+                except OSError:
+                    still = False
+                if still:
+                    self.store.copy_file_mark(mark.path, key)
+                else:
+                    self.store.move_file_mark(mark.path, key)
+                return mark._replace(path=key)
+        return None
 
     def _complete_lines_end(self, fd: int, start: int, seen: os.stat_result) -> int:
         """Where the complete lines after `start` end: a last line without its newline is still being written.
@@ -356,18 +381,33 @@ class Ingestor:
         rename; a file that is not the one read, or that grew meanwhile, is put back unread. Raises Unmovable.
         """
         with _Folder(path.parent, DONE) as folder:
-            name = folder.move_in(path)
-            if name is None:
+            name = folder.free_name(path.name)
+            target = folder.path / name
+            target_key = os.fsencode(os.path.abspath(target))
+            if self.linger:
+                # The mark goes ahead of the file: a crash just after the rename leaves the moved file known, so
+                # what a producer writes to it afterwards is taken on restart.
+                self.store.copy_file_mark(key, target_key)
+            try:
+                moved_name = folder.move_in(path, name)
+            except Unmovable:
+                if self.linger:
+                    self.store.forget_files([target_key])
+                raise
+            if moved_name is None:
+                if self.linger:
+                    self.store.forget_files([target_key])
                 return None  # gone already: replaced and removed by its producer
             moved = folder.lstat(name)
             if ((moved.st_dev, moved.st_ino, moved.st_size, moved.st_mtime_ns)
                     != (seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns)):
+                if self.linger:
+                    self.store.forget_files([target_key])
                 self._put_back(folder, name, path, key)
                 return None
             folder.sync(path.parent)
-            target = folder.path / name
             if self.linger:  # the mark follows the file: what is written to it from now on is taken too
-                self.store.move_file_mark(key, os.fsencode(os.path.abspath(target)))
+                self.store.forget_files([key])
                 return target
             self.store.forget_files([key])  # only now: a mark never outlives its file's stay in the directory
             if self.after == "delete":
@@ -429,19 +469,23 @@ class _Folder:
         os.close(self.fd)
 
     def free_name(self, name: str, *, suffix: str = "") -> str:
-        """NAME, then NAME.1, NAME.2 ... (each + `suffix`): the first that no entry in the folder has."""
-        candidate, n = name + suffix, 0
+        """NAME, then NAME.1, NAME.2 ... (each + `suffix`): the first that no entry in the folder has.
+
+        A name too long for the file system with its number or suffix is shortened in its middle (its start and
+        its extensions kept), so a file whose name is near the limit can still be moved and reported.
+        """
+        candidate, n = _fit(name, suffix), 0
         while True:
             try:
                 os.lstat(candidate, dir_fd=self.fd)
             except FileNotFoundError:
                 return candidate
             n += 1
-            candidate = f"{name}.{n}{suffix}"
+            candidate = _fit(name, f".{n}{suffix}")
 
-    def move_in(self, path: Path) -> str | None:
-        """Rename `path` into the folder under a free name; return that name (None if the file was gone)."""
-        name = self.free_name(path.name)
+    def move_in(self, path: Path, name: str | None = None) -> str | None:
+        """Rename `path` into the folder under `name` (or a free name); return it (None if the file was gone)."""
+        name = name or self.free_name(path.name)
         try:
             os.rename(path, name, dst_dir_fd=self.fd)
         except FileNotFoundError:
@@ -489,6 +533,21 @@ class _Folder:
             log.error("cannot write the error report for %s: %s", printable(name), exc.strerror)
 
 
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+
+
+def _fit(name: str, suffix: str) -> str:
+    """NAME + SUFFIX, with NAME shortened in its middle if the whole would be longer than a name may be."""
+    whole = os.fsencode(name + suffix)
+    if len(whole) <= NAME_MAX:
+        return name + suffix
+    raw, extra = os.fsencode(name), len(os.fsencode(suffix))
+    ends = raw[-24:] if b"." in raw[-24:] else b""
+    ends = ends[ends.index(b"."):] if ends else b""  # its extensions, which say its format
+    keep = NAME_MAX - extra - len(ends) - 1
+    return os.fsdecode(raw[:keep] + b"~" + ends) + suffix
+
+
 def _folder_problem(folder: Path, exc: OSError) -> str:
     """Why a file cannot go into `folder`, in words an operator acts on."""
     if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and folder.is_symlink()):
@@ -534,6 +593,7 @@ class DirectoryLock:
     def __init__(self, directory: Path):
         self.directory = directory
         self.fd: int | None = None
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the directory locked
 
     def acquire(self, *, busy: str) -> DirectoryLock:
         from spool.errors import SpoolBusy
@@ -548,6 +608,7 @@ class DirectoryLock:
             log.warning("cannot lock %s (%s): two spool processes could take its files", self.directory,
                         exc.strerror)
         self.fd = fd
+        self.identity = _identity(os.fstat(fd))
         return self
 
     def release(self) -> None:
@@ -624,6 +685,7 @@ class DirectoryWatcher:
         self._lingering: list[tuple[float, str, str]] = []
         self._backoff: dict[str, float] = {}  # files that could not be moved: the wait before the next try
         self._lock = DirectoryLock(self.directory)
+        self._astray = False  # the path names another directory than the one locked
         self._next_scan = float("inf")
         self._observer: Any = None
         self._overflow_watch = _OverflowWatch(self.overflowed)
@@ -668,6 +730,8 @@ class DirectoryWatcher:
     def scan(self) -> None:
         """Queue every candidate file in the directory, oldest first (files already waiting are not doubled)."""
         self._next_scan = self.monotonic() + self.watch.rescan
+        if not self._still_ours():
+            return
         try:
             present = [p for p in self.directory.iterdir() if self._takes(p) and not p.is_dir()]
         except OSError as exc:
@@ -793,13 +857,33 @@ class DirectoryWatcher:
         heapq.heappush(self._deferred, (self.monotonic() + (self.watch.settle if delay is None else delay),
                                         key, seen))
 
+    def _still_ours(self) -> bool:
+        """Whether the directory's path still names the directory locked at start (not replaced, not re-linked)."""
+        if self._lock.identity is None:
+            return True  # not started (nothing locked): nothing to compare with
+        try:
+            ours = self._lock.identity == _identity(os.stat(self.directory))
+        except OSError:
+            ours = False
+        if not ours and not self._astray:
+            log.error("%s no longer names the directory spool locked when it started (it was replaced, moved or "
+                      "re-linked); no file is taken from it until spool is restarted", self.directory)
+        self._astray = not ours
+        return ours
+
     def _ingest(self, path: Path) -> None:
-        retry = str(path) in self._backoff
+        if not self._still_ours():
+            return
+        key = str(path)
+        retry = key in self._backoff
         try:
             result = self.ingestor.ingest(path)
         except (StoreError, OSError) as exc:  # the spool or the disk failed (full, I/O error): keep the file, retry
-            log.error("cannot ingest %s: %s; will retry", printable(path.name), exc)
-            self._defer(path, None, delay=5.0)
+            delay = min(self._backoff.get(key, 2.5) * 2, MAX_BACKOFF)
+            log.log(logging.DEBUG if retry else logging.ERROR, "cannot ingest %s: %s; retried at growing "
+                    "intervals up to %.0f s", printable(path.name), exc, MAX_BACKOFF)
+            self._backoff[key] = delay
+            self._defer(path, None, delay=delay)
             return
         except Exception as exc:  # a bug must not stop the watcher, nor crash-loop the agent on one file
             log.exception("failed to ingest %s: %s; moved it to %s/", printable(path.name), exc, REJECTED)
@@ -862,7 +946,12 @@ class DirectoryWatcher:
 
     def _check_lingering(self, moved: Path, kind: str) -> None:
         """Take what was written to a file in .done/ since it was moved; stop watching it once it stays quiet."""
+        key = os.fsencode(os.path.abspath(moved))
         try:
+            mark = self.store.file_mark(key)
+            if mark is None or os.lstat(moved).st_ino != mark.ino:  # not the file moved there: not ours to read
+                self.store.forget_files([key])
+                return
             result = self.ingestor.ingest(moved, move=False, kind=kind)
         except (StoreError, OSError) as exc:
             log.error("cannot read %s/%s again: %s; will retry", DONE, printable(moved.name), exc)
@@ -896,6 +985,10 @@ class _OverflowWatch(logging.Filter):
         if "overflow" in record.getMessage().lower():
             self.flag.set()
         return True
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
 
 def _kind_of(name: str) -> str:

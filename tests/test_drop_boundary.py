@@ -357,3 +357,93 @@ def test_a_one_shot_ingest_judges_a_last_line_without_newline_at_once(drop_dir, 
     result = run_cli(db, "ingest", str(path))
     assert result.returncode == 0, result.stderr
     assert stats_in(db) == ["b"]
+
+
+# -- the second outside attack ------------------------------------------------------------------------------------
+
+
+class DiesAfterTheRename(Exception):
+    pass
+
+
+def test_a_watcher_killed_right_after_the_move_still_takes_what_is_written_to_the_moved_file(drop_dir, db,
+                                                                                             monkeypatch):
+    import spool.watch
+
+    path = drop(drop_dir, "log.jsonl", jsonl("first"))
+
+    def dies(self, *others):
+        raise DiesAfterTheRename  # the process ends here: renamed, nothing after the rename committed
+
+    monkeypatch.setattr(spool.watch._Folder, "sync", dies)
+    with Store(db) as store, pytest.raises(DiesAfterTheRename):
+        Ingestor(store, linger=True).ingest(path)
+    monkeypatch.undo()
+    moved = drop_dir / DONE / "log.jsonl"
+    with open(moved, "a") as late:  # a producer that opened the file before the move writes now
+        late.write(jsonl("second"))
+    with Running(drop_dir, db, linger=0.2):
+        wait_for(lambda: stats_in(db) == ["first", "second"], timeout=20)
+    assert stats_in(db) == ["first", "second"]
+
+
+def test_a_watcher_whose_directory_was_replaced_takes_nothing_from_the_new_one(tmp_path, db):
+    first_dir = tmp_path / "d"
+    first_dir.mkdir()
+    other = tmp_path / "other.db"
+    with Running(first_dir, db, rescan=0.1):
+        first_dir.rename(tmp_path / "d.old")
+        first_dir.mkdir()
+        with Running(first_dir, other, rescan=0.1):  # the new directory has its own watcher
+            for i in range(5):
+                drop(first_dir, f"f{i}.jsonl", jsonl(f"s{i}"))
+            wait_for(lambda: len(stats_in(other)) == 5, timeout=20)
+            time.sleep(0.5)  # several rescans of the first watcher
+    assert stats_in(db) == []
+    assert sorted(stats_in(other)) == [f"s{i}" for i in range(5)]
+
+
+def test_a_stuck_file_renamed_in_the_directory_is_not_taken_again(drop_dir, db):
+    (drop_dir / DONE).write_text("not a folder\n")
+    with Running(drop_dir, db) as watcher:
+        drop(drop_dir, "app.jsonl", jsonl("a", "b"))
+        wait_for(lambda: stats_in(db) == ["a", "b"], timeout=20)
+        os.rename(drop_dir / "app.jsonl", drop_dir / "app.1.jsonl")  # rename rotation
+        wait_for(lambda: any(r.path.name == "app.1.jsonl" for r in watcher.results), timeout=20)
+    assert stats_in(db) == ["a", "b"]
+
+
+def test_two_names_of_one_file_are_one_file(drop_dir, db):
+    (drop_dir / ".a.part").write_text(jsonl("a"))
+    os.link(drop_dir / ".a.part", drop_dir / ".b.part")
+    os.rename(drop_dir / ".a.part", drop_dir / "a.jsonl")
+    with Store(db) as store:
+        assert Ingestor(store).ingest(drop_dir / "a.jsonl", move=False).records == 1
+        os.rename(drop_dir / ".b.part", drop_dir / "b.jsonl")
+        assert Ingestor(store).ingest(drop_dir / "b.jsonl").outcome == "already"
+    assert stats_in(db) == ["a"]
+
+
+def test_a_file_in_done_is_not_ingested_again_by_hand(drop_dir, db):
+    drop(drop_dir, "f.jsonl", jsonl("a"))
+    assert run_cli(db, "ingest", str(drop_dir / "f.jsonl")).returncode == 0
+    again = run_cli(db, "ingest", str(drop_dir / DONE / "f.jsonl"))
+    assert again.returncode == 2 and "Traceback" not in again.stderr and ".done/" in again.stderr
+    assert stats_in(db) == ["a"]
+
+
+def test_names_at_the_length_limit_are_moved_and_reported(drop_dir, db):
+    long = "x" * (255 - len(".jsonl")) + ".jsonl"
+    (drop_dir / long).write_text(jsonl("a"))
+    assert run_cli(db, "ingest", str(drop_dir / long)).returncode == 0
+    (drop_dir / long).write_text(jsonl("b"))  # the name again: .done/ needs another, longer name for it
+    second = run_cli(db, "ingest", str(drop_dir / long))
+    assert second.returncode == 0, second.stderr
+    assert sorted(stats_in(db)) == ["a", "b"]
+    assert len(list((drop_dir / DONE).iterdir())) == 2 and not (drop_dir / long).exists()
+    bad = "y" * 248 + ".jsonl"
+    (drop_dir / bad).write_text("not json\n")
+    rejected = run_cli(db, "ingest", str(drop_dir / bad), str(drop(drop_dir, "ok.jsonl", jsonl("c"))))
+    assert rejected.returncode == 2 and "Traceback" not in rejected.stderr
+    assert any(p.name.endswith(".error.txt") for p in (drop_dir / REJECTED).iterdir())
+    assert sorted(stats_in(db)) == ["a", "b", "c"]

@@ -51,6 +51,20 @@ class FileMarks(Core):
         with self._write() as conn:
             return sum(conn.execute("DELETE FROM files WHERE path = ?", (path,)).rowcount for path in paths)
 
+    def copy_file_mark(self, old: bytes, new: bytes) -> None:
+        """Give the file at `old` a second mark under `new` (the name it is about to be moved to)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM files WHERE path = ?", (new,))
+            conn.execute("INSERT INTO files (path, dev, ino, offset, mtime_ns, tail, records, at) "
+                         "SELECT ?, dev, ino, offset, mtime_ns, tail, records, at FROM files WHERE path = ?",
+                         (new, old))
+
+    def file_marks_of_inode(self, ino: int, folder: bytes) -> list[FileMark]:
+        """The marks of files directly in `folder` (ending in /) that had inode number `ino` when read."""
+        rows = self.conn.execute("SELECT path, dev, ino, offset, mtime_ns, tail, records FROM files "
+                                 "WHERE ino = ? AND substr(path, 1, ?) = ?", (ino, len(folder), folder))
+        return [FileMark(*row) for row in rows if b"/" not in row[0][len(folder):]]
+
     def move_file_mark(self, old: bytes, new: bytes) -> None:
         """Let a file's mark follow it to a new name."""
         with self._write() as conn:
