@@ -495,6 +495,7 @@ class Shipper:
             state.no_suspects = None  # two groups to lease
             self._settled(unit, unsettled, end=False)
             self.stats.splits += 1
+            self._note("refused", str(refusal))
             log.info("receiver refused a batch of %d records (%s); splitting it to find which", len(ids), refusal)
             return
         last = self._settled(unit, unsettled)
@@ -503,6 +504,7 @@ class Shipper:
         if last:
             self.settle(lambda: self.store.end_lease(unit.lease))
         self.stats.dead += len(ids)
+        self._note("refused", str(refusal))
         log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal)
 
     def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
