@@ -10,7 +10,8 @@ record. What comes back settles the unit:
 * refused, several records: the unit is split in two *suspect groups*, marked in the spool, and each is sent
   on its own later. Clean records keep flowing in full batches meanwhile;
 * transient (network, 5xx, 429, timeout): the same unit is sent again, on the same lease, after a back-off
-  shared by the whole link; nothing settled is redone.
+  shared by the whole link; nothing settled is redone. Before every (re)send, records that passed max_age
+  meanwhile are taken out (dropped, counted);
 
 So progress is guaranteed: every refusal either settles a record or replaces a group by two smaller ones,
 and no schedule of transient failures undoes what was settled. Every record ends SENT or DEAD (with a
@@ -360,6 +361,8 @@ class Shipper:
                 self.sleep(wait)
                 continue
             unit = waiting.popleft()
+            if not self._unexpired(unit, unsettled):
+                continue
             if self.config.ship.max_requests_per_second:
                 interval = 1.0 / self.config.ship.max_requests_per_second
                 self._next_request = max(self.monotonic(), self._next_request) + interval
@@ -532,6 +535,22 @@ class Shipper:
             log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", error)
             return
         log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
+
+    def _unexpired(self, unit: _Unit, unsettled: dict[int, int]) -> bool:
+        """Take out of a unit, dropped and counted, the records that passed max_age; False if none is left."""
+        max_age = self.config.spool.max_age
+        if max_age is None:
+            return True
+        cutoff = self.clock() - max_age
+        old = [item for item in unit.items if item.t < cutoff]
+        if not old:
+            return True
+        unit.items = [item for item in unit.items if item.t >= cutoff]
+        last = self._settled(_Unit(unit.lease, old, unit.ezkey), unsettled)
+        self.settle(lambda: self.store.expire([item.id for item in old], lease=unit.lease, end=last))
+        self.stats.expired += len(old)
+        log.warning("dropped %d records that passed max_age while waiting to be sent", len(old))
+        return bool(unit.items)
 
     def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
         """Count a unit's records as settled in its lease; return whether that was the lease's last."""
