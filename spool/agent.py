@@ -169,8 +169,8 @@ class Agent:
             *(["metrics"] if config.metrics.listen else [])}
         spool = (config.db, config.spool)
         wanted: dict[str, object] = {}
-        if "ship" in only:
-            wanted["ship"] = (spool, config.ship)
+        if "ship" in only:  # the key file's content is part of it (a digest: compared, never shown)
+            wanted["ship"] = (spool, config.ship, config.ezkey_identity())
         if "watch" in only:
             from spool.watch import check_directory
 

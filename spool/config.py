@@ -439,7 +439,8 @@ class ShipSettings(_Settings):
     endpoint: str = setting(DEFAULT_ENDPOINT, Endpoint(), "StatHat's API root; plain http only to loopback "
                             "unless allow_insecure", flag="--endpoint", env=("SPOOL_ENDPOINT",))
     ezkey_file: Path | None = setting(None, PathKind(), "a file holding the EZ key for records that carry none "
-                                      "(chmod 600), on one line; read when shipping starts", env=("SPOOL_EZKEY_FILE",),
+                                      "(chmod 600), on one line; read when shipping starts and at a reload, and "
+                                      "looked at every 5 s while its key cannot be used", env=("SPOOL_EZKEY_FILE",),
                                       packaged="/etc/spool/ezkey")
     ezkey: str | None = setting(None, Key(), "the EZ key inline (prefer ezkey_file: argv and config files leak)",
                                 flag="--ezkey", env=("SPOOL_EZKEY",), secret=True, example="...")
@@ -581,6 +582,16 @@ class Config(_Settings):
         if self.ship.ezkey_file is not None:
             return read_key_file(self.ship.ezkey_file, warn=warn)
         return None
+
+    def ezkey_identity(self) -> str | None:
+        """What a reload compares of the configured key: a digest of it (never the key), or why it cannot be read."""
+        import hashlib
+
+        try:
+            key = self.ezkey(warn=False)
+        except ConfigError as exc:
+            return f"unusable: {exc}"
+        return None if key is None else hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _section_of(key: str) -> str:
