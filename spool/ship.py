@@ -144,6 +144,16 @@ class _KeyPause:
     probe_at: float = float("inf")  # monotonic: the refused key is tried again then (an account may take it again)
 
 
+@dataclass(frozen=True)
+class Handover:
+    """What a shipper replaced by a reload hands to the next: start-up is over, the link's back-off, a key pause."""
+
+    endpoint: str
+    not_before: float  # monotonic: no request before this (a back-off, a Retry-After, the start-up jitter)
+    failures: int  # consecutive failures of the link: the back-off goes on growing from there
+    pause: _KeyPause | None  # the configured key was unusable: held while the key read is the one refused
+
+
 @dataclass
 class _Answer:
     unit: _Unit
@@ -187,7 +197,7 @@ class Shipper:
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
                  hurry: threading.Event | None = None, idle: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, handover: Handover | None = None):
         self.store = store
         self.config = config
         self.endpoint = check_endpoint(config.ship.endpoint, allow_insecure=config.ship.allow_insecure)
@@ -216,6 +226,13 @@ class Shipper:
                                                                  max=config.ship.backoff_max),
                                          cap=config.ship.retry_after_max)
         self._next_request = float("-inf")
+        # The link's back-off, kept across drains and handed to the shipper that replaces this one at a reload.
+        self._resumed = handover is not None  # a reload: start-up (and its jitter) is over
+        same_link = handover is not None and handover.endpoint == self.endpoint
+        self._not_before = handover.not_before if handover is not None and same_link else float("-inf")
+        self._failures = handover.failures if handover is not None and same_link else 0
+        if handover is not None and same_link:
+            self._pause = handover.pause
         self._stopped: str | None = None  # why the last drain stopped, as logged
         self._lock = ShipLock(store.path)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -253,6 +270,10 @@ class Shipper:
     def stop(self) -> None:
         self.shutdown.set()
         self.wake.set()
+
+    def handover(self) -> Handover:
+        """What the shipper replacing this one (a reload) must know: the link's back-off (see Handover)."""
+        return Handover(self.endpoint, self._not_before, self._failures, self._pause)
 
     def snapshot(self) -> dict[str, Any]:
         """What this shipper has done, for /metrics and the summary: copied under its lock."""
@@ -314,7 +335,7 @@ class Shipper:
             log.warning("cannot drop records older than max_age: %s", exc)
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
-        state = _DrainState(deadline)
+        state = _DrainState(deadline, gate=max(0.0, self._not_before), failures=self._failures)
         try:
             while True:
                 if self.shutdown.is_set():
@@ -479,6 +500,7 @@ class Shipper:
             if error is None:
                 self.limit.success(answer.seconds)
                 state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
+                self._not_before, self._failures = float("-inf"), 0
                 if self._pause is not None and not unit.own_key and unit.ezkey == self._pause.key:
                     self._resume("the receiver took the configured ezkey again; shipping resumed")
                 accepted.append(answer)
@@ -552,6 +574,8 @@ class Shipper:
             retry_state.attempt_number = state.failures
             retry_state.set_exception((type(error), error, None))
             state.gate = now + self._backoff(retry_state)
+        if not paused:  # the link's back-off outlives this drain, and this shipper (see Handover)
+            self._not_before, self._failures = state.gate, state.failures
         wait = state.gate - now
         state.last_error = str(error)
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
@@ -735,10 +759,17 @@ class Shipper:
     def run(self) -> None:
         """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
         seen = self.store.data_version()
-        jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
-        if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
-            log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
-            self.sleep(jitter)
+        if self._resumed:  # a reload: the jitter was waited when the agent started; the link's back-off holds
+            wait = self._not_before - self.monotonic()
+            if wait > 0:
+                log.info("the link is backing off: the first request waits %.1f s (a reload keeps the back-off)",
+                         wait)
+        else:
+            jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
+            if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
+                log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
+                self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
+                self.sleep(jitter)
         while not self.shutdown.is_set():
             self.housekeeping()
             result = self.drain()

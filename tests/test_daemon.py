@@ -361,3 +361,49 @@ def test_a_refused_configured_key_holds_only_its_records_and_leaves_them_pending
     finally:
         stderr = "".join(log.lines) + stop_agent(agent)
     assert REVOKED not in stderr and REVOKED not in str(status)
+
+
+# -- a reload keeps the link's back-off and does not wait the start-up jitter again ---------------------------
+
+
+def test_a_reload_keeps_the_receivers_retry_after(db, receiver, tmp_path):
+    # A new shipper started with a clean slate: every SIGHUP sent a request at once into a receiver that had
+    # asked for 30 s of quiet.
+    _keyless(db)
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 10\n')
+    receiver.fail_next(1000, retry_after="30")
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: log.has("retrying in"))
+        config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 5\n')
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        wait_for(lambda: log.has("backing off"))  # the new shipper waits out what the old one was told
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert receiver.requests == 1, stderr
+
+
+def test_a_reload_does_not_wait_the_start_up_jitter_again(db, receiver, tmp_path):
+    _keyless(db)
+    config = tmp_path / "spool.toml"
+    ship = (f'[ship]\nmax_requests_per_second = 0\nreconnect_jitter = "0.5s"\nbackoff_max = "1s"\n'
+            f'endpoint = "{receiver.url}"\n')
+    config.write_text(ship + "batch_size = 10\n")
+    receiver.fail_next(1000)  # the backlog stays
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: log.has("(jitter)") and log.has("send failed"))
+        config.write_text(ship + "batch_size = 5\n")
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        sent = receiver.requests
+        wait_for(lambda: receiver.requests > sent)  # the new shipper sends
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert stderr.count("(jitter)") == 1, stderr
