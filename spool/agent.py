@@ -94,6 +94,7 @@ class Component:
         self.snapshot: Callable[[], dict[str, Any]] | None = None  # what it has done, for /metrics
         self.watcher: Any = None  # the DirectoryWatcher of a watch component
         self.relay: Any = None  # the Relay of the relay component
+        self.shipper: Any = None  # the Shipper of the ship component
 
     def open_store(self, config: Config) -> Store:
         return self.stack.enter_context(Store.for_config(config))
@@ -152,6 +153,7 @@ class Agent:
         # reads a few pages whatever the backlog; the whole file is checked later, if at all (spool.checkup).
         self._store = Store.for_config(config, quarantine=True)
         self._metrics: Any = None
+        self._handover: Any = None  # what the last shipper replaced by a reload left to the next (ship.Handover)
         from spool.checkup import Checkup
 
         self._idle = threading.Event()  # set by the shipper when it first has nothing to move
@@ -169,8 +171,8 @@ class Agent:
             *(["metrics"] if config.metrics.listen else [])}
         spool = (config.db, config.spool)
         wanted: dict[str, object] = {}
-        if "ship" in only:
-            wanted["ship"] = (spool, config.ship)
+        if "ship" in only:  # the key file's content is part of it (a digest: compared, never shown)
+            wanted["ship"] = (spool, config.ship, config.ezkey_identity())
         if "watch" in only:
             from spool.watch import check_directory
 
@@ -210,7 +212,8 @@ class Agent:
 
                 # Its own stop (a reload) awaits the answers in flight; the agent's (SIGTERM) cuts them short.
                 shipper = Shipper(component.open_store(config), config, shutdown=component.stop_event,
-                                  wake=self.wake, hurry=self.shutdown, idle=self._idle)
+                                  wake=self.wake, hurry=self.shutdown, idle=self._idle, handover=self._handover)
+                component.shipper = shipper
                 component.stack.enter_context(shipper)  # takes the shipper lock: a second agent stops here
                 # With the lock held: the clean-stop mark is taken now, and set again (before the lock is
                 # released: callbacks run last in, first out) only if this agent stops cleanly.
@@ -279,6 +282,8 @@ class Agent:
         self._stop(going)
         for component in going:
             del self.components[component.name]
+            if component.shipper is not None:  # the next shipper keeps its back-off and skips the start-up jitter
+                self._handover = component.shipper.handover()
         if self.shutdown.is_set():  # stopped while the old parts finished (SIGTERM during a reload): start nothing
             return
         # Producers' doors (relay, watchers) open first, as soon as the spool is open; the shipper starts after

@@ -205,7 +205,8 @@ class Spool:
             result = shipper.drain(max_time=max_time, fail_fast=True, on_progress=on_progress)
             stats = shipper.snapshot()
         pending = self.store.counts()["pending"]
-        keyless = self.store.keyless_pending() if shipper.ezkey is None else 0
+        unkeyed = config.ship.ezkey is None and config.ship.ezkey_file is None  # a key configured but unusable: reason
+        keyless = self.store.keyless_pending() if unkeyed else 0
         return ShipResult(result.done, stats["sent"], stats["dead"], pending, keyless, result.reason, stats["expired"])
 
     def backlog(self) -> int:

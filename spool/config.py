@@ -135,6 +135,28 @@ class AnyText(SettingType):
         return value
 
 
+class Key(SettingType):
+    """A key, as every key is checked (spool.records.check_key); the error says what is wrong, never the key."""
+
+    describe = "a key"
+
+    def parse(self, value: object, name: str, text: bool) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")  # not shown: it may still be the key
+        return check_key_text(value, name)
+
+
+def check_key_text(key: str, where: str) -> str:
+    """Return `key` if it obeys the rule every key obeys, else raise ConfigError naming `where`."""
+    from spool.errors import InvalidRecord
+    from spool.records import check_key
+
+    try:
+        return check_key(key, where)
+    except InvalidRecord as exc:
+        raise ConfigError(exc.reason) from None
+
+
 class PathKind(Text):
     describe = "a path"
 
@@ -417,9 +439,10 @@ class ShipSettings(_Settings):
     endpoint: str = setting(DEFAULT_ENDPOINT, Endpoint(), "StatHat's API root; plain http only to loopback "
                             "unless allow_insecure", flag="--endpoint", env=("SPOOL_ENDPOINT",))
     ezkey_file: Path | None = setting(None, PathKind(), "a file holding the EZ key for records that carry none "
-                                      "(chmod 600); read when shipping starts", env=("SPOOL_EZKEY_FILE",),
+                                      "(chmod 600), on one line; read when shipping starts and at a reload, and "
+                                      "looked at every 5 s while its key cannot be used", env=("SPOOL_EZKEY_FILE",),
                                       packaged="/etc/spool/ezkey")
-    ezkey: str | None = setting(None, Text(), "the EZ key inline (prefer ezkey_file: argv and config files leak)",
+    ezkey: str | None = setting(None, Key(), "the EZ key inline (prefer ezkey_file: argv and config files leak)",
                                 flag="--ezkey", env=("SPOOL_EZKEY",), secret=True, example="...")
     allow_insecure: bool = setting(False, Boolean(), "allow a plain http:// endpoint on a remote host",
                                    flag="--allow-insecure")
@@ -552,13 +575,23 @@ class Config(_Settings):
             top[section] = dataclasses.replace(getattr(self, section), **values)
         return dataclasses.replace(self, **top)
 
-    def ezkey(self) -> str | None:
+    def ezkey(self, *, warn: bool = True) -> str | None:
         """The configured EZ key: inline, or read from ezkey_file now (ConfigError if that cannot be read)."""
         if self.ship.ezkey is not None:
             return self.ship.ezkey
         if self.ship.ezkey_file is not None:
-            return read_key_file(self.ship.ezkey_file)
+            return read_key_file(self.ship.ezkey_file, warn=warn)
         return None
+
+    def ezkey_identity(self) -> str | None:
+        """What a reload compares of the configured key: a digest of it (never the key), or why it cannot be read."""
+        import hashlib
+
+        try:
+            key = self.ezkey(warn=False)
+        except ConfigError as exc:
+            return f"unusable: {exc}"
+        return None if key is None else hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _section_of(key: str) -> str:
@@ -578,24 +611,40 @@ def env_names(section: str, field: dataclasses.Field[Any]) -> tuple[str, ...]:
     return (f"SPOOL_{section.upper()}_{field.name.upper()}", *field.metadata["env"])
 
 
-def read_key_file(path: Path) -> str:
-    """Read a key from a file readable only by the service user (warn if others can read it)."""
+MAX_KEY_FILE = 4096  # bytes read of a key file at most: a key is 255 characters
+
+
+def read_key_file(path: Path, *, warn: bool = True) -> str:
+    """Read a key from a file readable only by the service user (warn if others can read it).
+
+    The file holds the key on one line: one line end after it is taken off (files end with one), and the rest
+    must be a key as every key is (spool.records.check_key). Errors say what is wrong, never the key.
+    """
     import stat
 
     try:
         mode = path.stat().st_mode
-        key = path.read_text(encoding="utf-8").strip()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_KEY_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read ship.ezkey_file {path}: {exc.strerror}; shipping needs the key") from None
+    try:
+        key = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"ship.ezkey_file {path} is not text") from None
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(f"ship.ezkey_file {path} is not UTF-8 text; put the EZ key in it") from None
+    if warn and mode & (stat.S_IROTH | stat.S_IWOTH):
         import logging
 
         logging.getLogger("spool").warning("ezkey_file %s is readable by every user; chmod 600 it", path)
-    if not key:
+    if len(raw) > MAX_KEY_FILE:
+        raise ConfigError(f"ship.ezkey_file {path} is larger than {MAX_KEY_FILE} bytes; put the EZ key alone in it")
+    key = key[:-2] if key.endswith("\r\n") else key[:-1] if key.endswith("\n") else key
+    if not key.strip():
         raise ConfigError(f"ship.ezkey_file {path} is empty; put the EZ key in it")
-    return key
+    if "\n" in key:
+        raise ConfigError(f"ship.ezkey_file {path} holds {key.count(chr(10)) + 1} lines; put the EZ key alone on "
+                          "one line")
+    return check_key_text(key, f"the key in ship.ezkey_file {path}")
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:

@@ -159,7 +159,8 @@ def check_key(key: object, field: str) -> str:
     """Return `key` if it is a usable key string; the message never repeats the key itself.
 
     The one rule for keys (ezkey, email, key, ukey) on every path: a record's own, a StatHat body's, a
-    default given to an import or a batch. Callers check a key shared by many records once, before use.
+    default given to an import or a batch, the configured key. Callers check a key shared by many records once,
+    before use.
     """
     if not isinstance(key, str):
         raise InvalidRecord(f"{field} must be a string, not {_type_name(key)}", field=field)
@@ -171,6 +172,12 @@ def check_key(key: object, field: str) -> str:
         raise InvalidRecord(f"{field} {_SURROGATE_REASON}", field=field)
     if re.search(_CONTROL, key):
         raise InvalidRecord(f"{field} has control characters; it is not a valid key", field=field)
+    if not key.isascii():  # invisible in every terminal and editor: a key saved with a BOM looks right and is not
+        import unicodedata
+
+        if any(unicodedata.category(c) == "Cf" for c in key):
+            raise InvalidRecord(f"{field} has an invisible format character (a byte-order mark, a zero-width "
+                                "space); it is not a valid key", field=field)
     return key
 
 

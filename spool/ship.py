@@ -10,7 +10,11 @@ record. What comes back settles the unit:
 * refused, several records: the unit is split in two *suspect groups*, marked in the spool, and each is sent
   on its own later. Clean records keep flowing in full batches meanwhile;
 * transient (network, 5xx, 429, timeout): the same unit is sent again, on the same lease, after a back-off
-  shared by the whole link; nothing settled is redone.
+  shared by the whole link; nothing settled is redone. Before every (re)send, records that passed max_age
+  meanwhile are taken out (dropped, counted);
+* the configured key refused (or unreadable): the records sent with it are given back, pending, and wait
+  until it is fixed (its file is looked at every KEY_RECHECK seconds); records with their own key and
+  classic records go on.
 
 So progress is guaranteed: every refusal either settles a record or replaces a group by two smaller ones,
 and no schedule of transient failures undoes what was settled. Every record ends SENT or DEAD (with a
@@ -28,6 +32,7 @@ import collections
 import concurrent.futures
 import functools
 import logging
+import os
 import queue
 import random
 import threading
@@ -55,6 +60,7 @@ SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a bu
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
+KEY_RECHECK = 5.0  # seconds between looks at the key file while the configured key cannot be used
 
 
 class wait_retry_after(wait_base):
@@ -130,6 +136,25 @@ class _Unit:
 
 
 @dataclass
+class _KeyPause:
+    """Why the records sent with the configured key wait, and when a refused key is tried again."""
+
+    reason: str
+    key: str | None  # the key the receiver refused; None: the key could not be read
+    probe_at: float = float("inf")  # monotonic: the refused key is tried again then (an account may take it again)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What a shipper replaced by a reload hands to the next: start-up is over, the link's back-off, a key pause."""
+
+    endpoint: str
+    not_before: float  # monotonic: no request before this (a back-off, a Retry-After, the start-up jitter)
+    failures: int  # consecutive failures of the link: the back-off goes on growing from there
+    pause: _KeyPause | None  # the configured key was unusable: held while the key read is the one refused
+
+
+@dataclass
 class _Answer:
     unit: _Unit
     error: Exception | None  # None: accepted
@@ -172,13 +197,16 @@ class Shipper:
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
                  hurry: threading.Event | None = None, idle: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, handover: Handover | None = None):
         self.store = store
         self.config = config
         self.endpoint = check_endpoint(config.ship.endpoint, allow_insecure=config.ship.allow_insecure)
         self.client_factory = client_factory or (lambda: StatHatClient(
             config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure))
         self.ezkey: str | None = None  # the configured key, read when a drain starts (a key file may be fixed)
+        self._pause: _KeyPause | None = None  # the configured key cannot be used: its records wait (see _read_key)
+        self._key_seen: tuple[int, ...] | None = None  # the key file's identity when it was last read
+        self._next_key_look = float("-inf")
         self.shutdown = shutdown or threading.Event()
         # Set when the process stops, not when only this shipper does (a reload): the answers in flight are then
         # awaited ship.stop_wait at most. Without it, stopping this shipper is stopping the process.
@@ -198,6 +226,14 @@ class Shipper:
                                                                  max=config.ship.backoff_max),
                                          cap=config.ship.retry_after_max)
         self._next_request = float("-inf")
+        # The link's back-off, kept across drains and handed to the shipper that replaces this one at a reload.
+        self._resumed = handover is not None  # a reload: start-up (and its jitter) is over
+        same_link = handover is not None and handover.endpoint == self.endpoint
+        self._not_before = handover.not_before if handover is not None and same_link else float("-inf")
+        self._failures = handover.failures if handover is not None and same_link else 0
+        if handover is not None and same_link:
+            self._pause = handover.pause
+        self._stopped: str | None = None  # why the last drain stopped, as logged
         self._lock = ShipLock(store.path)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -234,6 +270,10 @@ class Shipper:
     def stop(self) -> None:
         self.shutdown.set()
         self.wake.set()
+
+    def handover(self) -> Handover:
+        """What the shipper replacing this one (a reload) must know: the link's back-off (see Handover)."""
+        return Handover(self.endpoint, self._not_before, self._failures, self._pause)
 
     def snapshot(self) -> dict[str, Any]:
         """What this shipper has done, for /metrics and the summary: copied under its lock."""
@@ -284,12 +324,7 @@ class Shipper:
         if self._pool is None:
             raise RuntimeError("use the Shipper as a context manager: `with Shipper(...) as shipper:`")
         deadline = None if max_time is None else self.monotonic() + max_time
-        try:
-            self.ezkey = self.config.ezkey()
-        except ConfigError as exc:  # producers go on; shipping waits for the key, loudly
-            self._note("paused", str(exc))
-            log.error("shipping paused: %s", exc)
-            return DrainResult(False, str(exc))
+        self._read_key()  # unusable, it holds back only the records sent with it
         try:
             self.restamp_held()  # every way of shipping (the agent, ship --once from cron) places held records
         except StoreError as exc:
@@ -300,13 +335,13 @@ class Shipper:
             log.warning("cannot drop records older than max_age: %s", exc)
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
-        state = _DrainState(deadline)
+        state = _DrainState(deadline, gate=max(0.0, self._not_before), failures=self._failures)
         try:
             while True:
                 if self.shutdown.is_set():
                     return state.stopped("shutting down")
                 if deadline is not None and self.monotonic() >= deadline:
-                    return state.stopped(f"stopped after {max_time:g} s")
+                    return state.stopped(f"stopped after {max_time:g} s", self._pause)
                 if state.failed is not None and fail_fast:
                     return state.stopped(state.failed)
                 patience = self._dispatch(waiting, unsettled, state)
@@ -314,6 +349,9 @@ class Shipper:
                     self.sleep(max(0.0, state.gate - self.monotonic()))  # then lease again
                     continue
                 if self.stats.in_flight == 0 and not waiting:
+                    if state.failed is None and self._pause is not None:
+                        self._note("paused", self._pause.reason)  # after the acks of records with their own key
+                        return DrainResult(False, self._pause.reason)
                     return DrainResult(True) if state.failed is None else DrainResult(False, state.failed)
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
@@ -360,6 +398,11 @@ class Shipper:
                 self.sleep(wait)
                 continue
             unit = waiting.popleft()
+            if unit.ezkey is not None and not unit.own_key and self._key_held():
+                self._give_back(unit, unsettled)  # the configured key is refused: its records wait, unleased
+                continue
+            if not self._unexpired(unit, unsettled):
+                continue
             if self.config.ship.max_requests_per_second:
                 interval = 1.0 / self.config.ship.max_requests_per_second
                 self._next_request = max(self.monotonic(), self._next_request) + interval
@@ -373,7 +416,11 @@ class Shipper:
         """Lease the next suspect group, or else the next clean batch, as units; False when there is none."""
         if state.failed is not None:  # paused: probe with what is already leased, lease nothing new
             return False
-        keyed_only = self.ezkey is None
+        if self._pause is not None and self._key_file_changed():
+            self._read_key()
+        keyed_only = self.ezkey is None or self._key_held()
+        if keyed_only != state.keyed_only:  # what the last search knew was of records leased under the other rule
+            state.keyed_only, state.after, state.no_suspects = keyed_only, None, None
         try:
             version = self.store.data_version()  # our own commits leave it as it is
             lease = (self._lease_suspects(state, keyed_only, version)
@@ -453,13 +500,18 @@ class Shipper:
             if error is None:
                 self.limit.success(answer.seconds)
                 state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
+                self._not_before, self._failures = float("-inf"), 0
+                if self._pause is not None and not unit.own_key and unit.ezkey == self._pause.key:
+                    self._resume("the receiver took the configured ezkey again; shipping resumed")
                 accepted.append(answer)
                 continue
             self._acknowledge(accepted, unsettled, on_progress)  # before anything else is written
             accepted = []
             if isinstance(error, Refused) and error.names_key and not unit.own_key:
-                error = EndpointError(f"the receiver refused the configured ezkey ({error}); "
-                                      "records stay pending until the key is fixed")
+                self._pause_key(f"the receiver refused the configured ezkey ({error}); records that need it stay "
+                                "pending until the key is fixed", unit.ezkey)
+                self._give_back(unit, unsettled)
+                continue
             if isinstance(error, Refused):
                 self._refused(unit, error, unsettled, state)
                 if on_progress and len(unit.items) == 1:
@@ -495,6 +547,7 @@ class Shipper:
             state.no_suspects = None  # two groups to lease
             self._settled(unit, unsettled, end=False)
             self.stats.splits += 1
+            self._note("refused", str(refusal))
             log.info("receiver refused a batch of %d records (%s); splitting it to find which", len(ids), refusal)
             return
         last = self._settled(unit, unsettled)
@@ -503,6 +556,7 @@ class Shipper:
         if last:
             self.settle(lambda: self.store.end_lease(unit.lease))
         self.stats.dead += len(ids)
+        self._note("refused", str(refusal))
         log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal)
 
     def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
@@ -520,6 +574,8 @@ class Shipper:
             retry_state.attempt_number = state.failures
             retry_state.set_exception((type(error), error, None))
             state.gate = now + self._backoff(retry_state)
+        if not paused:  # the link's back-off outlives this drain, and this shipper (see Handover)
+            self._not_before, self._failures = state.gate, state.failures
         wait = state.gate - now
         state.last_error = str(error)
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
@@ -530,6 +586,79 @@ class Shipper:
             log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", error)
             return
         log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
+
+    def _give_back(self, unit: _Unit, unsettled: dict[int, int]) -> None:
+        """Return a unit's records to pending unsent (the rest of its lease goes on)."""
+        ids = [item.id for item in unit.items]
+        last = self._settled(unit, unsettled)
+        self.settle(lambda: self.store.release(unit.lease, ids, end=last))
+
+    def _unexpired(self, unit: _Unit, unsettled: dict[int, int]) -> bool:
+        """Take out of a unit, dropped and counted, the records that passed max_age; False if none is left."""
+        max_age = self.config.spool.max_age
+        if max_age is None:
+            return True
+        cutoff = self.clock() - max_age
+        old = [item for item in unit.items if item.t < cutoff]
+        if not old:
+            return True
+        unit.items = [item for item in unit.items if item.t >= cutoff]
+        last = self._settled(_Unit(unit.lease, old, unit.ezkey), unsettled)
+        self.settle(lambda: self.store.expire([item.id for item in old], lease=unit.lease, end=last))
+        self.stats.expired += len(old)
+        log.warning("dropped %d records that passed max_age while waiting to be sent", len(old))
+        return bool(unit.items)
+
+    # -- the configured key ---------------------------------------------------------------------------
+
+    def _read_key(self) -> None:
+        """Read the configured key now (a key file may have been fixed): pause or resume the records needing it."""
+        self._key_seen = self._key_file_identity()
+        try:
+            key = self.config.ezkey()
+        except ConfigError as exc:  # producers go on, and so do records with their own key; loudly
+            self.ezkey = None
+            self._pause_key(str(exc), None)
+            return
+        self.ezkey = key
+        if self._pause is not None and self._pause.key != key:
+            self._resume("the ezkey was changed; shipping resumed")
+
+    def _pause_key(self, reason: str, key: str | None) -> None:
+        """Hold back the records sent with the configured key (said once, noted for `spool status`)."""
+        said = self._pause is not None and self._pause.reason == reason
+        probe = max(self.config.ship.backoff_max, KEY_RECHECK)
+        self._pause = _KeyPause(reason, key, float("inf") if key is None else self.monotonic() + probe)
+        self._note("paused", reason)
+        if not said:
+            log.error("shipping paused: %s", reason)
+
+    def _resume(self, why: str) -> None:
+        self._pause = None
+        self._stopped = None
+        log.info("%s", why)
+
+    def _key_held(self) -> bool:
+        """Whether the records sent with the configured key must wait now (not even a probe is due)."""
+        pause = self._pause
+        return pause is not None and (pause.key is None or self.monotonic() < pause.probe_at)
+
+    def _key_file_identity(self) -> tuple[int, ...] | None:
+        if self.config.ship.ezkey is not None or self.config.ship.ezkey_file is None:
+            return None
+        try:
+            st = os.stat(self.config.ship.ezkey_file)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid, st.st_gid)
+
+    def _key_file_changed(self) -> bool:
+        """Look at the key file (every KEY_RECHECK seconds at most): whether it changed since it was read."""
+        now = self.monotonic()
+        if self.config.ship.ezkey is not None or self.config.ship.ezkey_file is None or now < self._next_key_look:
+            return False
+        self._next_key_look = now + KEY_RECHECK
+        return self._key_file_identity() != self._key_seen
 
     def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
         """Count a unit's records as settled in its lease; return whether that was the lease's last."""
@@ -630,19 +759,32 @@ class Shipper:
     def run(self) -> None:
         """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
         seen = self.store.data_version()
-        jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
-        if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
-            log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
-            self.sleep(jitter)
+        if self._resumed:  # a reload: the jitter was waited when the agent started; the link's back-off holds
+            wait = self._not_before - self.monotonic()
+            if wait > 0:
+                log.info("the link is backing off: the first request waits %.1f s (a reload keeps the back-off)",
+                         wait)
+        else:
+            jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
+            if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
+                log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
+                self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
+                self.sleep(jitter)
         while not self.shutdown.is_set():
             self.housekeeping()
             result = self.drain()
             self.idle.set()
-            if not result.done and not self.shutdown.is_set():
-                log.error("shipping stopped: %s", result.reason)
+            stopped = None if result.done or self.shutdown.is_set() else result.reason
+            if stopped and stopped != self._stopped and not (self._pause and stopped == self._pause.reason):
+                log.error("shipping stopped: %s", stopped)  # once: a pause is said when it begins
+            self._stopped = stopped
             while not self.shutdown.is_set():
-                self.wake.wait(self.config.ship.idle_poll)
+                self.wake.wait(min(self.config.ship.idle_poll, KEY_RECHECK) if self._pause else
+                               self.config.ship.idle_poll)
                 self.wake.clear()
+                pause = self._pause
+                if pause is not None and (self._key_file_changed() or self.monotonic() >= pause.probe_at):
+                    break  # the key file changed, or the refused key may be tried again
                 version = self.store.data_version()
                 if version != seen:
                     seen = version
@@ -725,11 +867,14 @@ class _DrainState:
     after_version: int | None = None  # the spool's data_version when `after` was exact
     no_suspects: int | None = None  # the spool's data_version when no suspect group was left to lease
     delivered: bool = False
+    keyed_only: bool | None = None  # the rule of the last lease: records sent with the configured key left out
 
     last_error: str | None = None
 
-    def stopped(self, why: str) -> DrainResult:
+    def stopped(self, why: str, pause: _KeyPause | None = None) -> DrainResult:
         if self.failed:
             return DrainResult(False, self.failed)
+        if pause is not None:
+            return DrainResult(False, pause.reason)
         return DrainResult(False, f"{why}; last error: {self.last_error}" if self.last_error else why)
 

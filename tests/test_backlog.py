@@ -519,3 +519,29 @@ def test_compaction_never_merges_past_what_validation_accepts_and_housekeeping_g
     with Store.for_config(config) as store, Shipper(store, config, clock=lambda: T0 + 7200.0) as shipper:
         shipper.housekeeping()  # compaction runs, then max_age drops the (now too old) records: it got there
         assert store.counts()["pending"] == 0 and store.counters()["dropped_age"] == 5
+
+
+def test_a_batch_retried_past_max_age_sends_only_its_records_still_young_enough(db, receiver):
+    # A record leased while young was sent on every retry, however old it became: delivered at 7.6 s with a
+    # max_age of 4 s, counted sent. Every (re)send takes out what passed max_age meanwhile, counted as dropped.
+    from spool.ship import Shipper
+
+    from .helpers import make_config
+
+    now = [float(T0)]
+
+    def sleep(seconds):  # the shipper's clock and its monotonic clock move only when it waits
+        now[0] += seconds
+
+    with Spool(db) as sp:
+        sp.add_many([{"stat": "aging", "count": 1, "t": T0 - 1}, {"stat": "young", "count": 1, "t": T0 + 5}])
+    receiver.fail_next(2, retry_after="3")
+    config = make_config(db, receiver, max_age=4)
+    with Store.for_config(config) as store, Shipper(store, config, sleep=sleep, clock=lambda: now[0],
+                                                    monotonic=lambda: now[0]) as shipper:
+        result = shipper.drain(max_time=3600)
+        assert result.done and shipper.stats.expired == 1
+        assert store.counts()["pending"] == store.counts()["inflight"] == 0
+        assert store.counters() == {"dropped_age": 1}
+    assert [a["stat"] for a in receiver.accepted] == ["young"]
+    assert receiver.requests == 3

@@ -231,3 +231,60 @@ def test_settings_are_made_as_dataclasses_make_them():
         config.LogSettings("debug", "json", 1.0, "extra")
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         dataclasses.replace(config.LogSettings(), colour="red")
+
+
+# -- the configured key obeys the rule every key obeys (spool add --ezkey's) -----------------------------------
+
+BAD_KEYS = {"a control character": "Secret\x01Key", "a newline": "Secret\nKey", "NUL": "Secret\x00Key",
+            "TAB": "Secret\tKey", "DEL": "Secret\x7fKey", "U+0085": "Secret\x85Key", "a BOM": "\ufeffSecretKey",
+            "a lone surrogate": "Secret\ud800Key", "280 characters": "SecretKey" * 31 + "x"}
+
+
+def _toml_string(text):
+    return '"' + "".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in text) + '"'
+
+
+@pytest.mark.parametrize("key", BAD_KEYS.values(), ids=BAD_KEYS.keys())
+def test_a_configured_key_that_is_no_key_is_refused_naming_where_never_showing_it(tmp_path, key):
+    where = {"SPOOL_EZKEY": lambda: config.load(env={"SPOOL_EZKEY": key}),
+             "--ezkey": lambda: config.load(env={}, ezkey=key),
+             "[ship] ezkey": lambda: config.load(write(tmp_path, f"[ship]\nezkey = {_toml_string(key)}\n"), env={})}
+    for name, load in where.items():
+        with pytest.raises(ConfigError) as refused:
+            load()
+        message = str(refused.value)
+        assert "Secret" not in message and "\n" not in message, (name, message)
+        # TOML has no way to write a lone surrogate: tomllib refuses the escape itself
+        assert name.split()[-1] in message or "not valid TOML" in message, (name, message)
+    key_file = tmp_path / "ezkey"
+    key_file.write_bytes(key.encode("utf-8", "surrogatepass") + b"\n")
+    key_file.chmod(0o600)
+    with pytest.raises(ConfigError) as refused:
+        config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey()
+    assert "Secret" not in str(refused.value) and str(key_file) in str(refused.value), str(refused.value)
+
+
+def test_a_key_file_may_end_with_one_line_end_and_holds_one_line(tmp_path):
+    key_file = tmp_path / "ezkey"
+    for text, key in (("Secret-Key\n", "Secret-Key"), ("Secret-Key\r\n", "Secret-Key"), ("Secret-Key", "Secret-Key")):
+        key_file.write_text(text)
+        assert config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey() == key
+    for text in ("Secret-Key\nOther-Key\n", "Secret-Key\n\n"):
+        key_file.write_text(text)
+        with pytest.raises(ConfigError, match="one line") as refused:
+            config.load(env={"SPOOL_EZKEY_FILE": str(key_file)}).ezkey()
+        assert "Secret" not in str(refused.value)
+
+
+def test_ship_and_run_refuse_a_configured_key_with_a_tab_in_one_line_and_send_nothing(db, receiver):
+    from spool import Spool
+
+    with Spool(db) as sp:
+        sp.count("s", 1, t=1_700_000_000)
+    env = cli_env(db, SPOOL_EZKEY="Secret\tKey", SPOOL_ENDPOINT=receiver.url)
+    for args in (("ship", "--once"), ("run",)):
+        result = run_cli(db, *args, env=env, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "spool: error: SPOOL_EZKEY has control characters; it is not a valid key"], result.stderr
+    assert receiver.requests == 0

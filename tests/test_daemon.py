@@ -259,3 +259,151 @@ def test_a_sigterm_while_a_reload_awaits_answers_still_cuts_them_after_stop_wait
     with Spool(db) as sp:
         status = sp.status()
     assert (status["pending"], status["inflight"], status["sent"]) == (10, 0, 0)
+
+
+# -- the configured key: fixed while the agent runs, with or without a reload ------------------------------
+
+REVOKED = "revoked-key-0123456"
+
+
+def _keyless(db, n=3):
+    from spool.api import Spool
+
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"k{i}", "count": 1, "t": T0 + i} for i in range(n))
+
+
+def _key_agent(db, receiver, key_file):
+    env = cli_env(db, SPOOL_EZKEY_FILE=str(key_file), SPOOL_ENDPOINT=receiver.url)
+    agent = spawn_cli(db, "run", env=env)
+    return agent, Lines(agent)
+
+
+def _write_key(path, key, *, rename=False):
+    target = path.with_name(".ezkey.new") if rename else path
+    target.write_text(key + "\n")  # in place: the same inode, truncated and rewritten
+    target.chmod(0o600)
+    if rename:
+        target.rename(path)
+
+
+def test_a_key_file_fixed_in_place_resumes_shipping_without_a_reload(db, receiver, tmp_path):
+    # Paused on a refused key, the agent went on sending the old key for ever: it never looked at the file again.
+    key_file = tmp_path / "ezkey"
+    _write_key(key_file, REVOKED)
+    receiver.refuse_key(REVOKED)
+    _keyless(db)
+    agent, log = _key_agent(db, receiver, key_file)
+    try:
+        wait_for(lambda: log.has("refused the configured ezkey"))
+        _write_key(key_file, TEST_EZKEY)
+        wait_for(lambda: len(receiver.accepted) == 3)
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert {a["ezkey"] for a in receiver.accepted} == {TEST_EZKEY}
+    assert stderr.count("the ezkey was changed; shipping resumed") == 1, stderr
+    assert REVOKED not in stderr and TEST_EZKEY not in stderr
+
+
+def test_a_key_file_replaced_then_a_reload_restarts_shipping_with_the_new_key(db, receiver, tmp_path):
+    # The reload compared the settings only (the file's path): "nothing changed", and the old key stayed.
+    key_file = tmp_path / "ezkey"
+    _write_key(key_file, REVOKED)
+    receiver.refuse_key(REVOKED)
+    _keyless(db)
+    agent, log = _key_agent(db, receiver, key_file)
+    try:
+        wait_for(lambda: log.has("refused the configured ezkey"))
+        _write_key(key_file, TEST_EZKEY, rename=True)
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        wait_for(lambda: len(receiver.accepted) == 3)
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert REVOKED not in stderr and TEST_EZKEY not in stderr
+
+
+def test_a_key_file_created_after_start_starts_shipping(db, receiver, tmp_path):
+    key_file = tmp_path / "ezkey"
+    _keyless(db)
+    agent, log = _key_agent(db, receiver, key_file)
+    try:
+        wait_for(lambda: log.has("cannot read ship.ezkey_file"))
+        _write_key(key_file, TEST_EZKEY, rename=True)
+        wait_for(lambda: len(receiver.accepted) == 3)
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert stderr.count("the ezkey was changed; shipping resumed") == 1, stderr
+
+
+def test_a_refused_configured_key_holds_only_its_records_and_leaves_them_pending_not_in_flight(db, receiver, tmp_path):
+    from spool.api import Spool
+
+    receiver.refuse_key(REVOKED)
+    _keyless(db)
+    with Spool(db) as sp:
+        sp.count("own", 1, t=T0, ezkey="own-account-key")
+        sp.classic_count(key="stat-key", ukey="user-key", t=T0)
+    env = cli_env(db, SPOOL_EZKEY=REVOKED, SPOOL_ENDPOINT=receiver.url)
+    agent = spawn_cli(db, "run", env=env)
+    log = Lines(agent)
+    try:
+        wait_for(lambda: sorted(a.get("stat") or a["key"] for a in receiver.accepted) == ["own", "stat-key"])
+        with Spool(db) as sp:
+            def paused():  # the records the key holds are pending, as the pause says; none stays leased
+                status.update(sp.status())
+                return ((status["pending"], status["inflight"]) == (3, 0)
+                        and any("refused the configured ezkey" in problem for problem in status["problems"]))
+
+            status: dict = {}
+            wait_for(paused)
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert REVOKED not in stderr and REVOKED not in str(status)
+
+
+# -- a reload keeps the link's back-off and does not wait the start-up jitter again ---------------------------
+
+
+def test_a_reload_keeps_the_receivers_retry_after(db, receiver, tmp_path):
+    # A new shipper started with a clean slate: every SIGHUP sent a request at once into a receiver that had
+    # asked for 30 s of quiet.
+    _keyless(db)
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 10\n')
+    receiver.fail_next(1000, retry_after="30")
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: log.has("retrying in"))
+        config.write_text(UNPACED + f'endpoint = "{receiver.url}"\nbatch_size = 5\n')
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        wait_for(lambda: log.has("backing off"))  # the new shipper waits out what the old one was told
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert receiver.requests == 1, stderr
+
+
+def test_a_reload_does_not_wait_the_start_up_jitter_again(db, receiver, tmp_path):
+    _keyless(db)
+    config = tmp_path / "spool.toml"
+    ship = (f'[ship]\nmax_requests_per_second = 0\nreconnect_jitter = "0.5s"\nbackoff_max = "1s"\n'
+            f'endpoint = "{receiver.url}"\n')
+    config.write_text(ship + "batch_size = 10\n")
+    receiver.fail_next(1000)  # the backlog stays
+    agent = spawn_cli(db, "--config", str(config), "run", env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    log = Lines(agent)
+    try:
+        wait_for(lambda: log.has("(jitter)") and log.has("send failed"))
+        config.write_text(ship + "batch_size = 5\n")
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.has("reloaded the configuration"))
+        sent = receiver.requests
+        wait_for(lambda: receiver.requests > sent)  # the new shipper sends
+    finally:
+        stderr = "".join(log.lines) + stop_agent(agent)
+    assert "reloaded the configuration: restarted ship" in stderr, stderr
+    assert stderr.count("(jitter)") == 1, stderr

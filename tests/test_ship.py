@@ -428,3 +428,46 @@ def test_run_with_no_jitter_configured_drains_at_once_and_reports_no_stop_after_
             thread.join(5)
     assert [a["stat"] for a in receiver.accepted] == ["s", "later"] and waits == []
     assert "shipping stopped" not in caplog.text and "jitter" not in caplog.text
+
+
+# -- a refused configured key holds back only the records sent with it ----------------------------------------
+
+
+def test_ship_once_with_a_refused_configured_key_still_ships_records_with_their_own_key_and_classic_ones(db, receiver):
+    # One refusal of the configured key paused everything: one request, exit 1, the other records all pending.
+    import json
+
+    from .helpers import cli_env, run_cli
+
+    receiver.refuse_key("revoked-key-0123")
+    with Spool(db) as sp:
+        for i in range(3):
+            sp.count(f"keyless {i}", 1, t=T0 + i)
+        sp.count("own", 1, t=T0, ezkey="own-account-key")
+        sp.classic_count(key="stat-key", ukey="user-key", t=T0)
+    env = cli_env(db, SPOOL_EZKEY="revoked-key-0123", SPOOL_ENDPOINT=receiver.url)
+    result = run_cli(db, "ship", "--once", "--max-time", "30", env=env)
+    assert result.returncode == 1 and "refused the configured ezkey" in result.stderr, result.stderr
+    assert "shipped 2, dead 0" in result.stderr, result.stderr
+    assert sorted(a.get("stat") or a["key"] for a in receiver.accepted) == ["own", "stat-key"]
+    status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
+    assert (status["pending"], status["inflight"], status["sent"], status["dead"]) == (3, 0, 2, 0)
+    assert status["last_result"] == "paused" and "revoked-key-0123" not in json.dumps(status)
+
+
+def test_status_after_ship_once_with_only_refusals_shows_the_attempt_redacted(db, receiver):
+    # last_attempt_at, last_result and last_error stayed null when every answer was a refusal.
+    import json
+
+    from .helpers import cli_env, run_cli
+
+    receiver.echo_next(1, status=200, template='{"status":500,"msg":{request_json}}')
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY="SuperSecretEzkey-7f3a9Q", SPOOL_ENDPOINT=receiver.url)
+    result = run_cli(db, "ship", "--once", "--max-time", "30", env=env)
+    assert result.returncode == 0 and "shipped 0, dead 1" in result.stderr, result.stderr
+    status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
+    assert status["last_attempt_at"] is not None and status["last_result"] == "refused", status
+    assert '"ezkey":"***"' in status["last_error"] and "SuperSecret" not in json.dumps(status), status
+    assert status["last_success_at"] is None

@@ -36,6 +36,8 @@ The storage contract, stated once:
 * `ack` marks records SENT (and they leave their lease); it is called only after the receiver acknowledged
   them. `mark_dead` moves records to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops
   the lease: whatever it named that was not settled is simply pending again (transient failure, shutdown).
+  `release` gives some of a lease's records back unsent (the shipper holds them back: their configured key
+  was refused), and `expire` deletes some that passed max_age while leased (counted `dropped_age`).
 * A stage or a lease is taken from its owner only when the owner is proven dead (`sweep_stages`,
   `release_dead_leases`): its lock, which the kernel drops when the owner's process ends, could be taken.
   No pid is compared: pids name nothing across PID namespaces, containers and emulators. A live owner's

@@ -143,6 +143,31 @@ class Ledger(Core):
             conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
                          (lease, lease))
 
+    def release(self, lease: int, ids: Sequence[int], *, end: bool = False) -> None:
+        """Give leased records back unsent: pending and unleased at once, while the rest of their lease goes on.
+
+        With `end`, the lease ends in the same commit (these were the last of it the shipper held).
+        """
+        with self._write(wait=False) as conn:  # a lease given back is a lease: a power cut may undo it harmlessly
+            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS}) AND lease = ?", (_dumps(list(ids)), lease))
+            if end:
+                self._end_leases(conn, [lease])
+
+    def expire(self, ids: Sequence[int], *, lease: int, end: bool = False) -> int:
+        """Delete leased records found older than max_age before a (re)send, counted as dropped_age.
+
+        They leave their lease; with `end`, the lease ends in the same commit. Returns how many were dropped.
+        """
+        with self._write() as conn:
+            dropped = conn.execute(f"DELETE FROM records WHERE id IN ({_IDS}) AND state = {State.PENDING}",
+                                   (_dumps(list(ids)),)).rowcount
+            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS}) AND lease = ?", (_dumps(list(ids)), lease))
+            if dropped:
+                self._add_count(conn, "dropped_age", dropped)
+            if end:
+                self._end_leases(conn, [lease])
+            return dropped
+
     def suspects(self) -> int:
         """Return how many pending records are suspect (refused as part of a batch, not yet isolated)."""
         return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
