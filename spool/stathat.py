@@ -259,7 +259,8 @@ class _Deadline:
         _watching.deadline = None
 
     def watch(self, connection: Any) -> None:
-        """Take the connection the request now uses (shut at once if time is already up)."""
+        """Take the connection the request now uses, or the socket its answer is read from (shut at once if
+        time is already up)."""
         with self._lock:
             self._connection = connection
             if self.expired:
@@ -340,7 +341,7 @@ class _Watchdog:
 
 
 def _shut(connection: Any) -> None:
-    sock = getattr(connection, "sock", None)
+    sock = getattr(connection, "sock", connection)  # a connection's socket, or an answer's
     sock = getattr(sock, "socket", sock)  # urllib3's SSLTransport (TLS through a TLS proxy) wraps a socket
     if isinstance(sock, socket.socket):
         try:
@@ -355,8 +356,81 @@ def _hand_over(connection: Any) -> None:
         deadline.watch(connection)
 
 
+# -- what http.client does not say of an answer ------------------------------------------------------------
+#
+# An answer with no Content-Length that is not chunked ends where the connection closes (RFC 9112 section 6.3).
+# http.client reads it so, but it reads an answer cut in its headers the same way: the headers read up to the
+# cut, then no body, a whole 2xx to all appearances (and a refusal may be what was cut). So our connections
+# make their responses from _Answer, which notes whether the header block ended in its blank line. urllib3
+# itself relies on response_class and on _read_status (its proxy tunnel reads the CONNECT answer with them).
+
+
+class _LastLine:
+    """A response's file, noting the last line read from it (the header block's last, once begin() returned)."""
+
+    def __init__(self, fp: Any):
+        self.fp = fp
+        self.last: bytes | None = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = self.fp.readline(limit)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fp, name)
+
+
+class _Answer(http.client.HTTPResponse):
+    """http.client's response, which also tells whether its body's end is known, and whether its headers are whole."""
+
+    framed = False  # the end of the body is known before it is read: a Content-Length, chunked, or no body (204)
+    headers_whole = False  # the header block ended in its blank line, and every line in it is a header
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+        super().__init__(sock, *args, **kwargs)
+        # An answer that ends with its connection (no length, or "Connection: close") is handed this socket,
+        # and the connection lets go of it (its sock is None): the deadline must reach it here.
+        _hand_over(sock)
+
+    def begin(self) -> None:
+        if self.headers is not None:  # read already (http.client's own guard)
+            return
+        watched = _LastLine(self.fp)
+        self.fp = watched
+        try:
+            super().begin()
+        finally:
+            if self.fp is watched:
+                self.fp = watched.fp
+        self.framed = self.chunked or self.length is not None
+        try:
+            urllib3.util.response.assert_header_parsing(self.msg)
+            parsed = True
+        except (urllib3.exceptions.HeaderParsingError, TypeError):
+            parsed = False
+        self.headers_whole = watched.last in (b"\r\n", b"\n") and parsed
+
+
+def _answer_of(response: requests.Response) -> _Answer | None:
+    """The _Answer http.client read for a response (requests reads the same attribute), or None: through a SOCKS
+    proxy, whose connections are urllib3's own, what _Answer notes is unknown."""
+    answer = getattr(response.raw, "_original_response", None)
+    return answer if isinstance(answer, _Answer) else None
+
+
+def _framed(response: requests.Response) -> bool:
+    """Whether the end of an answer's body was known before it was read (not where the connection closed)."""
+    answer = _answer_of(response)
+    if answer is None:
+        return "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
+    return answer.framed
+
+
 class _Watched:
-    """Mixed into urllib3's connections: hand the connection to the current request's deadline."""
+    """Mixed into urllib3's connections: hand the connection to the current request's deadline; make responses
+    that tell whether an answer is whole (_Answer)."""
+
+    response_class: type[http.client.HTTPResponse] = _Answer
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -485,12 +559,13 @@ class StatHatClient:
 
     def _answered(self, response: requests.Response, body: str, keys: tuple[str, ...], *,
                   sent: int | None) -> int | None:
-        framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
-        if 200 <= response.status_code <= 299 and response.status_code != 204 and not framed:
-            # An answer cut in its headers reads as a whole 2xx with no body: a refusal could hide there.
-            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length spool could read "
-                                 "(no Content-Length, or malformed headers): the answer may be cut short, so it is "
-                                 "not taken for a delivery")
+        answer = _answer_of(response)
+        if 200 <= response.status_code <= 299 and not _framed(response) and not (answer and answer.headers_whole):
+            # Its body ended where the connection closed (cleanly: _request saw to that), but an answer cut in its
+            # headers reads as a whole one with no body: a refusal could hide there.
+            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length, and headers "
+                                 "cut short or malformed: where the answer ends is unknown, so it is not taken "
+                                 "for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent,
                                  keys=keys)
 
@@ -505,13 +580,10 @@ class StatHatClient:
                     response = self.session.request(method, self.endpoint + path, timeout=self.timeout,
                                                     allow_redirects=False, stream=True, **kwargs)
                 with response:
-                    return response, _read_answer(response)
+                    body = _read_answer(response)
         except _CUT as exc:
-            if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
-                raise TransientError(f"request to {self.endpoint} cut short before its answer came: spool is "
-                                     "stopping") from None
             if deadline.expired or isinstance(exc, requests.Timeout):
-                raise TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}") from None
+                raise self._cut_short(deadline) from None
             if isinstance(exc, requests.exceptions.SSLError):
                 if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
                     raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain "
@@ -523,6 +595,14 @@ class StatHatClient:
                 error.unresolvable = True
                 raise error from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc, keys)}") from None
+        if deadline.expired and not _framed(response):
+            raise self._cut_short(deadline)  # the body "ended" where the deadline shut the socket, not the receiver
+        return response, body
+
+    def _cut_short(self, deadline: _Deadline) -> TransientError:
+        if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
+            return TransientError(f"request to {self.endpoint} cut short before its answer came: spool is stopping")
+        return TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}")
 
 
 def _read_answer(response: requests.Response) -> str:
