@@ -503,6 +503,14 @@ class StatHatClient:
         self._keys: dict[str, None] = {}
 
     def close(self) -> None:
+        """Hang up every connection now: urllib3 2 leaves a cleared pool's to the garbage collector, and an error
+        still kept refers to its answer, whose pool holds them."""
+        for adapter in self.session.adapters.values():  # ours, both: _DeadlineAdapter
+            for manager in (getattr(adapter, "poolmanager", None), *getattr(adapter, "proxy_manager", {}).values()):
+                # keys(): urllib3's pool container refuses to be iterated
+                for pool in [manager.pools.get(key) for key in manager.pools.keys()] if manager else ():  # noqa: SIM118
+                    if pool is not None:
+                        pool.close()
         self.session.close()
         self._watchdog.close()
 

@@ -454,3 +454,44 @@ def test_a_key_in_any_spelling_whole_or_cut_short_is_redacted(key, spelling, cut
     text = _spellings(key)[spelling]
     text = text if cut is None else text[:cut]
     assert not leaks(redact(before + text + after, [key]), key)
+
+
+def test_close_hangs_up_every_connection_at_once_though_an_error_still_refers_to_its_answer():
+    # urllib3 2 leaves a closed pool's connections to the garbage collector, and an error kept (a log record,
+    # a test's `caught`) keeps the answer, its pool and its socket alive: close() must not wait for that.
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+    hung_up = threading.Event()
+
+    def serve() -> None:
+        try:
+            connection, _ = server.accept()
+        except OSError:
+            return
+        with connection:
+            data = b""
+            while b"}]}" not in data:
+                data += connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            connection.settimeout(10)
+            try:
+                if connection.recv(1) == b"":  # the client hung up, as close() must
+                    hung_up.set()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = StatHatClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5)
+    try:
+        with pytest.raises(EndpointError) as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        hung_up.wait(10)
+        thread.join(10)
+        server.close()
+    assert hung_up.is_set(), caught.value
