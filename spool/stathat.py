@@ -95,14 +95,15 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
 
 
 def classify_response(status: int, body: str, retry_after: str | None = None, *,
-                      sent: int | None = None, keys: Iterable[str] = ()) -> int | None:
+                      sent: int | None = None, keys: Iterable[str] = (), location: str | None = None) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
     204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
     number as `status` in its JSON body: Refused (naming the key only if its `msg` is one of StatHat's own
     KEY_REFUSALS, word for word: "invalid stat name: hockey" is not one). A `multiple` smaller than the `sent`
     items: PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with
-    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not
+    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on (a redirect names its
+    `location`: spool follows none, as a redirect could take the key elsewhere). A 2xx body that is not
     StatHat's answer (a captive portal's page, a proxy's error, a status that is no number) is transient:
     counting it as delivered could lose data. Whatever the body holds, nothing else is raised.
 
@@ -112,8 +113,14 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
         raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
                              retry_after=retry_after_seconds(retry_after))
+    if 300 <= status <= 399 and location is not None:
+        target = printable(redact(location, keys))
+        target = target if len(target) <= 200 else target[:200] + "…"
+        raise EndpointError(f"HTTP {status} from the endpoint, a redirect to {target}: spool follows no redirect "
+                            "(it could take the key elsewhere); set the endpoint to where the API answers")
     if not 200 <= status <= 299:
-        raise EndpointError(f"HTTP {status} from the endpoint {_snippet(body, keys)}; check the endpoint URL".rstrip())
+        raise EndpointError(" ".join(["HTTP", str(status), "from the endpoint", _snippet(body, keys)]).rstrip()
+                            + "; check the endpoint URL")
     if status == 204 or not body.strip():
         return None
     try:
@@ -475,6 +482,15 @@ class _DeadlineAdapter(HTTPAdapter):
 _CUT = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
+class _Session(requests.Session):
+    """requests' session, for which no answer is a redirect: spool follows none (it could take the key elsewhere),
+    and requests would still read the answer and prepare the request it redirects to, even when told not to
+    follow it (for Response.next), which failed on an EZ batch's request (prepared by _ez, without cookies)."""
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        return None
+
+
 class StatHatClient:
     """One connection-reusing session to a StatHat endpoint; each request has `timeout` seconds in all."""
 
@@ -482,7 +498,7 @@ class StatHatClient:
                  allow_insecure: bool = False, verify: bool | str = True):
         self.endpoint = check_endpoint(endpoint, allow_insecure=allow_insecure)
         self.timeout = timeout
-        self.session = requests.Session()
+        self.session = _Session()
         self.session.mount("http://", _DeadlineAdapter())
         self.session.mount("https://", _DeadlineAdapter())
         self.session.verify = verify
@@ -575,7 +591,7 @@ class StatHatClient:
                                  "cut short or malformed: where the answer ends is unknown, so it is not taken "
                                  "for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent,
-                                 keys=keys)
+                                 keys=keys, location=response.headers.get("Location"))
 
     def _request(self, method: str, path: str, keys: tuple[str, ...], *,
                  prepared: requests.PreparedRequest | None = None, **kwargs: Any) -> tuple[requests.Response, str]:
