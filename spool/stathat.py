@@ -110,6 +110,9 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     The answer is read as it came; what the error quotes of it (message, Refused.body) is redacted of `keys`
     (those the request carried) and of every key field first.
     """
+    if status < 200:  # an interim answer, where the answer should be (101, or a 1xx through a SOCKS proxy)
+        raise TransientError(f"HTTP {status} with no final answer after it: whether the request was taken is "
+                             "unknown, so it is sent again")
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
         raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
                              retry_after=retry_after_seconds(retry_after))
@@ -370,6 +373,7 @@ def _hand_over(connection: Any) -> None:
 # cut, then no body, a whole 2xx to all appearances (and a refusal may be what was cut). So our connections
 # make their responses from _Answer, which notes whether the header block ended in its blank line. urllib3
 # itself relies on response_class and on _read_status (its proxy tunnel reads the CONNECT answer with them).
+# _Answer also reads past interim answers (1xx) to the final one, as RFC 9110 section 15.2 asks of a client.
 
 
 class _LastLine:
@@ -416,6 +420,17 @@ class _Answer(http.client.HTTPResponse):
         except (urllib3.exceptions.HeaderParsingError, TypeError):
             parsed = False
         self.headers_whole = watched.last in (b"\r\n", b"\n") and parsed
+        if self.status < 200:  # 101 Switching Protocols: what follows on this connection is no HTTP of ours
+            self.will_close = True
+
+    def _read_status(self) -> tuple[str, int, str]:
+        """Read the final answer's status line, past interim answers (1xx but 101: 102 Processing, 103 Early
+        Hints) and their headers: http.client skips only 100 Continue, and took a 103 for the answer."""
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # not in the stubs
+            if status == 101 or not 100 <= status <= 199:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # read and dropped, with http.client's bounds on lines
 
 
 def _answer_of(response: requests.Response) -> _Answer | None:

@@ -476,3 +476,51 @@ def test_an_answer_that_ends_with_its_connection_still_ends_at_the_deadline_when
     trickling = Scripted(answering(head, body), trickle=0.3)  # 9 s of body, each byte within the 1 s timeout
     with trickling as server, pytest.raises(TransientError, match="no complete answer within 1 s"):
         send(server, 3, timeout=1)
+
+
+# -- interim 1xx answers before the final one ---------------------------------------------------------------
+
+
+def final(request: bytes) -> bytes:
+    """StatHat's acceptance, framed by its Content-Length."""
+    body = ok(request)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+INTERIM = {
+    "102": b"HTTP/1.1 102 Processing\r\n\r\n",
+    "103": b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    "100 then 103": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+    "103 twice, then 102": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"
+                           b"HTTP/1.1 102 Processing\r\n\r\n",
+    "199": b"HTTP/1.1 199 Unassigned\r\nX-Note: interim\r\n\r\n",
+}
+
+
+def interim_then_final(interim: bytes) -> Callable[[bytes], bytes]:
+    return lambda request: interim + final(request)
+
+
+@pytest.mark.parametrize("interim", list(INTERIM))
+def test_interim_answers_are_skipped_and_the_final_answer_taken(interim):
+    with Scripted(interim_then_final(INTERIM[interim])) as server:
+        assert send(server, 3) == 3
+    assert len(server.bodies) == 1
+
+
+def test_ship_once_takes_the_200_after_a_103_and_sends_each_record_once(db):
+    backlog(db, 3)
+    with Scripted(interim_then_final(INTERIM["103"])) as server:
+        result = run_cli(db, "ship", "--once", "--endpoint", server.url, "--max-time", "10",
+                         env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shipped 3, dead 0" in result.stderr
+    assert server.stats() == ["s0", "s1", "s2"]
+
+
+def test_a_101_is_no_answer_to_the_request_so_its_outcome_is_unknown_and_transient():
+    switch = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    with Scripted(switch) as server, pytest.raises(TransientError, match=r"^HTTP 101 .*unknown"):
+        send(server, 3)
+    with pytest.raises(TransientError, match=r"^HTTP 103 .*unknown"):  # however a 1xx reaches classification
+        classify_response(103, "")
