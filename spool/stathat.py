@@ -29,8 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT, check_endpoint
-from spool.errors import EndpointError, PartlyTaken, Refused, TransientError, printable
-from spool.records import KIND_NAMES, Kind, Record
+from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable
+from spool.records import KIND_NAMES, Kind, Record, number_from_text
 
 TRANSIENT_STATUSES = frozenset({408, 429})
 KEY_REFUSALS = frozenset({"invalid keys", "no ezkey specified"})  # StatHat's refusals of a key, word for word
@@ -98,14 +98,17 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
                       sent: int | None = None, keys: Iterable[str] = (), location: str | None = None) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
-    204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
-    number as `status` in its JSON body: Refused (naming the key only if its `msg` is one of StatHat's own
-    KEY_REFUSALS, word for word: "invalid stat name: hockey" is not one). A `multiple` smaller than the `sent`
-    items: PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with
-    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on (a redirect names its
-    `location`: spool follows none, as a redirect could take the key elsewhere). A 2xx body that is not
-    StatHat's answer (a captive portal's page, a proxy's error, a status that is no number) is transient:
-    counting it as delivered could lose data. Whatever the body holds, nothing else is raised.
+    A count (`status`, `multiple`) is a whole number: a JSON number (200, 200.0) or text in spool's one number
+    syntax (ASCII, as StatHat writes numbers: "200", " 200"; no full-width digits). 204, or 2xx with an empty
+    body or a `status` of 200: accepted. HTTP 200 with another count as `status` in its JSON body: Refused
+    (naming the key only if its `msg` is one of StatHat's own KEY_REFUSALS, word for word: "invalid stat name:
+    hockey" is not one). `multiple` absent: taken, count unsaid; at least the `sent` items: taken; fewer:
+    PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx, 1xx (no final answer):
+    TransientError (with Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on
+    (a redirect names its `location`: spool follows none, as it could take the key elsewhere). A 2xx body not
+    StatHat's answer (a captive portal's page, a proxy's error, a `status` or a `multiple` that is no count)
+    is transient: counting it as delivered could lose data, as a refusal it could drop what was taken.
+    Whatever the body holds, nothing else is raised.
 
     The answer is read as it came; what the error quotes of it (message, Refused.body) is redacted of `keys`
     (those the request carried) and of every key field first.
@@ -130,7 +133,7 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         answer = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         answer = None
-    code = _as_number(answer.get("status")) if isinstance(answer, dict) else None
+    code = _count(answer.get("status")) if isinstance(answer, dict) else None
     if code is None:
         raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body, keys)}")
     if code != 200:
@@ -138,10 +141,12 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         message = printable(redact(str(msg or f"status {answer.get('status')}"), keys))[:500]
         raise Refused(message, http_status=status, body=redact(body, keys),
                       names_key=isinstance(msg, str) and msg in KEY_REFUSALS)
-    multiple = _as_number(answer.get("multiple"))
-    if multiple is None or multiple < 0 or not multiple.is_integer():
-        return None  # the status says ok; a count we cannot read tells nothing more
-    taken = int(multiple)
+    if "multiple" not in answer:
+        return None
+    taken = _count(answer["multiple"])
+    if taken is None or taken < 0:
+        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer (its multiple is no count): "
+                             f"{_snippet(body, keys)}")
     if sent is not None and taken < sent:
         raise PartlyTaken(f"the receiver took {taken} of {sent} records; which ones is unknown "
                           f"(answer: {_snippet(body, keys)[1:-1]})", http_status=status, body=redact(body, keys),
@@ -149,17 +154,16 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     return taken
 
 
-def _as_number(value: object) -> float | None:
-    """Return a JSON status or count as a finite number (200, 200.0, "200 "), or None if it is none."""
+def _count(value: object) -> int | None:
+    """Return a JSON status or count as the whole number it is (200, 200.0, "200", " 200"), or None if it is none."""
     if isinstance(value, str):
         try:
-            value = float(value.strip())
-        except ValueError:
+            value = number_from_text(value, "count")
+        except InvalidRecord:
             return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value) if abs(value) < 1e300 else math.inf  # ints beyond float range are no count either
-    return number if math.isfinite(number) else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _snippet(body: str, keys: Iterable[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import socket
 import struct
 import threading
@@ -131,10 +132,58 @@ def test_a_refusal_with_an_odd_message_is_still_a_refusal_with_a_printable_reaso
     assert str(caught.value) and str(caught.value).isprintable()
 
 
-@pytest.mark.parametrize("multiple", ["many", True, -3, 2.5, None, [1], {"n": 1}, 1e999])
-def test_a_multiple_that_is_not_a_count_is_unsaid(multiple):
-    body = json.dumps({"status": 200, "msg": "ok", "multiple": multiple}, allow_nan=True)
-    assert classify_response(200, body, sent=5) is None
+# The rule, on a batch of 2 records. A count (`status`, `multiple`) is a whole number: a JSON number (2, 2.0) or
+# a string in spool's one number syntax (ASCII, spaces around allowed: "2", " 2"). `status` 200 is an
+# acceptance, another count a refusal; `multiple` absent says nothing more, a count of at least the records sent
+# is all taken, a smaller one is partly taken (dead: which were taken is unknown). Anything else is not
+# StatHat's answer: transient, neither delivered nor dead.
+ANSWER_RULE = [
+    ({"status": 200}, 2, None), ({"status": "200"}, 2, None), ({"status": " 200"}, 2, None),
+    ({"status": 200.0}, 2, None), ({"status": 200, "multiple": 2}, 2, 2), ({"status": 200, "multiple": "2"}, 2, 2),
+    ({"status": 200, "multiple": 2.0}, 2, 2), ({"status": 200, "multiple": 5}, 2, 5),
+    ({"status": 200, "multiple": 0}, 2, PartlyTaken), ({"status": 200, "multiple": 1}, 2, PartlyTaken),
+    ({"status": 200, "multiple": "1"}, 2, PartlyTaken),
+    ({"status": 500, "msg": "invalid stat"}, 2, Refused), ({"status": "500"}, 2, Refused),
+    ({"status": 500, "multiple": "junk"}, 2, Refused),  # the status decides first
+    *(({"status": 200, "multiple": junk}, 2, TransientError) for junk in [
+        -1, 1.5, True, False, None, math.nan, math.inf, "many", "-1", "1.5", "２", "٢", "1_0", [2], {"n": 2}]),
+    *(({"status": junk}, 2, TransientError) for junk in [
+        "２００", "٢٠٠", "200.5", 200.5, "2_00", "0x c8", True, None, math.nan, "ok", [200], {"code": 200}]),
+    ({"multiple": 2}, 2, TransientError), ({}, 2, TransientError),
+]
+
+
+@pytest.mark.parametrize(("answer", "sent", "outcome"), ANSWER_RULE, ids=lambda v: json.dumps(v, allow_nan=True)
+                         if isinstance(v, dict) else None)
+def test_the_answer_rule_one_outcome_for_each_answer(answer, sent, outcome):
+    body = json.dumps(answer, allow_nan=True, ensure_ascii=False)
+    if isinstance(outcome, type):
+        with pytest.raises(outcome) as caught:
+            classify_response(200, body, sent=sent)
+        assert type(caught.value) is outcome  # a PartlyTaken is a Refused: the exact class counts here
+        if outcome is TransientError:
+            assert "not StatHat's answer" in str(caught.value)
+    else:
+        assert classify_response(200, body, sent=sent) == outcome
+
+
+def test_ship_once_never_takes_a_multiple_that_is_no_count_for_a_delivery(db, receiver):
+    with Spool(db) as sp:
+        sp.count("a", 1, t=T0)
+        sp.count("b", 1, t=T0)
+    receiver.fail_next(100_000, status=200, body='{"status":200,"msg":"ok","multiple":-1}')
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "shipped 0, dead 0" in result.stderr and "2 records still pending" in result.stderr, result.stderr
+    assert "not StatHat's answer" in result.stderr
+
+
+def test_a_status_in_full_width_digits_is_not_stathats_answer():
+    body = '{"status":"２００","msg":"ok","multiple":3}'.encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with Scripted(answering(head, body)) as server, pytest.raises(TransientError, match="not StatHat's answer"):
+        send(server, 3)
 
 
 def test_doctor_gives_a_trickling_endpoint_its_timeout_not_more(db, receiver, tmp_path):
