@@ -190,12 +190,16 @@ def redact(text: str, keys: Iterable[str] = ()) -> str:
     """Return `text` fit to quote: each of `keys` and the value of each ezkey, key or ukey field shown as ***.
 
     A key is found as sent, URL-encoded, JSON- or repr-escaped (any number of times), and cut short: any run
-    of more than SHOWN of its first characters is redacted. Fields are found in JSON, Python reprs, form
-    bodies and query strings, whatever key they hold. Redact before cutting a text short.
+    of more than SHOWN of its first characters is redacted. A key of SHOWN characters or fewer is redacted
+    where it stands as a whole token, not inside a word ("xq7" in "no account xq7", not in "xq7abc"): so short
+    a string is found in too many words. Fields are found in JSON, Python reprs, form bodies and query
+    strings, whatever key they hold. Redact before cutting a text short.
     """
     for key in sorted(set(keys), key=len, reverse=True):
         if len(key) > SHOWN:
             text = _redact_key(text, key)
+        elif key:
+            text = _short_key_pattern(key).sub(REDACTED, text)
     text = _QUOTED_FIELD.sub(lambda m: m.group(1) + REDACTED, text)
     return _PARAMETER.sub(lambda m: m.group(1) + (m.group(2) or "") + REDACTED, text)
 
@@ -210,6 +214,18 @@ def _redact_key(text: str, key: str) -> str:
         out += [text[at:found.start()], REDACTED]
         at = end
     return "".join(out) + text[at:] if out else text
+
+
+# Where a whole token begins and ends: no word character next to it, unless one ending an escape (%20, \u0020,
+# \x20, \n).
+_ALONE_BEFORE = r"(?:(?<!\w)|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\x[0-9A-Fa-f]{2})|(?<=\\[nrtbf]))"
+_ALONE_AFTER = r"(?!\w)"
+
+
+@functools.lru_cache(maxsize=64)
+def _short_key_pattern(key: str) -> re.Pattern[str]:
+    """A pattern for a short key, however spelled, standing as a whole token."""
+    return re.compile(_ALONE_BEFORE + "".join(_spelled(char) for char in key) + _ALONE_AFTER)
 
 
 @functools.lru_cache(maxsize=64)

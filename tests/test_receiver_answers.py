@@ -327,6 +327,18 @@ def test_the_agent_through_a_proxy_echoing_the_request_shows_the_key_nowhere(db,
     assert not leaks(spool_bytes(db))
 
 
+def test_ship_once_never_shows_a_short_key_the_receiver_quotes(db, receiver):
+    receiver.fail_next(10_000, status=502, body="no route for account xq7 (ezkey=xq7), try later")
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY="xq7")
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1", env=env, timeout=60)
+    status = run_cli(db, "status", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "HTTP 502 (no route for account *** (ezkey=***" in result.stderr, result.stderr
+    assert "xq7" not in result.stderr + result.stdout + status.stdout + status.stderr  # last_error, stored
+
+
 # -- answers http.server cannot give: a raw receiver --------------------------------------------------------
 
 

@@ -571,3 +571,43 @@ def test_close_hangs_up_every_connection_at_once_though_an_error_still_refers_to
         thread.join(10)
         server.close()
     assert hung_up.is_set(), caught.value
+
+
+# -- a key of 1 to 3 characters: redacted where it stands as a whole token ----------------------------------
+
+SHORT_KEYS = ["q", "x7", "xq7", "é", "a b", "k&"]
+
+
+@pytest.mark.parametrize("key", SHORT_KEYS)
+def test_a_short_key_standing_as_a_token_is_redacted_in_any_spelling(key):
+    for spelling in _spellings(key)[:7]:  # as sent, URL- or form-encoded, JSON-escaped once or twice
+        for before, after in [("no account ", " here"), ("", ""), ("(", ")"), ('{"msg":"', '"}'), ("id:", ";"),
+                              ("account%20", "%20here"), ("line\\n", "\\t"), ("x\\u0020", "\\u0021")]:
+            assert redact(before + spelling + after, [key]) == before + "***" + after, (spelling, before)
+
+
+@pytest.mark.parametrize(("key", "text"), [
+    ("xq7", "xq7abc and axq7 and xq7_1 and _xq7 and xq7é"),
+    ("q", "quite quick: a faq, qq, q1"),
+    ("x7", "0x7f and x77"),
+])
+def test_a_short_key_inside_a_word_is_left_as_it_is(key, text):
+    assert redact(text, [key]) == text
+
+
+@pytest.mark.parametrize("key", SHORT_KEYS)
+def test_a_short_key_in_a_key_field_or_parameter_is_always_redacted(key):
+    from urllib.parse import urlencode
+
+    assert redact(json.dumps({"ezkey": key}), [key]) == '{"ezkey": "***"}'
+    assert redact(urlencode({"key": key, "ukey": key, "count": 1}), [key]) == "key=***&ukey=***&count=1"
+    assert redact(json.dumps({"ezkey": key}), []) == '{"ezkey": "***"}'  # whether or not it was sent
+
+
+def test_a_short_key_quoted_bare_by_the_receiver_never_shows():
+    with pytest.raises(TransientError) as caught:
+        classify_response(502, "no route for account xq7, try again", keys=("xq7",))
+    assert str(caught.value) == "HTTP 502 (no route for account ***, try again)"
+    with pytest.raises(Refused) as refused:
+        classify_response(200, '{"status":500,"msg":"xq7 is unknown"}', keys=("xq7",))
+    assert str(refused.value) == "*** is unknown" and "xq7" not in refused.value.body
