@@ -654,6 +654,12 @@ class StatHatClient:
                 error.unresolvable = True
                 raise error from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc, keys)}") from None
+        answer = _answer_of(response)
+        if answer is not None and answer.length:  # bytes its Content-Length promised never came (urllib3 1.26
+            # does not check): a body cut by the receiver's close, or by the deadline
+            raise self._cut_short(deadline) if deadline.expired else TransientError(
+                f"HTTP {response.status_code} from {self.endpoint} cut short: the connection closed before the "
+                "length its answer announced")
         if deadline.expired and not _framed(response):
             raise self._cut_short(deadline)  # the body "ended" where the deadline shut the socket, not the receiver
         return response, body
