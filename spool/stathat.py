@@ -463,8 +463,9 @@ def _answer_of(response: requests.Response) -> _Answer | None:
 def _framed(response: requests.Response) -> bool:
     """Whether the end of an answer's body was known before it was read (not where the connection closed)."""
     answer = _answer_of(response)
-    if answer is None:
-        return "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
+    if answer is None:  # as http.client frames an answer: no body (204, 304), a Content-Length, or chunked
+        return (response.status_code in (204, 304) or "Content-Length" in response.headers
+                or "chunked" in response.headers.get("Transfer-Encoding", ""))
     return answer.framed
 
 
