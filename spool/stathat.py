@@ -29,8 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT, check_endpoint
-from spool.errors import EndpointError, PartlyTaken, Refused, TransientError, printable
-from spool.records import KIND_NAMES, Kind, Record
+from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable
+from spool.records import KIND_NAMES, Kind, Record, number_from_text
 
 TRANSIENT_STATUSES = frozenset({408, 429})
 KEY_REFUSALS = frozenset({"invalid keys", "no ezkey specified"})  # StatHat's refusals of a key, word for word
@@ -95,32 +95,45 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
 
 
 def classify_response(status: int, body: str, retry_after: str | None = None, *,
-                      sent: int | None = None, keys: Iterable[str] = ()) -> int | None:
+                      sent: int | None = None, keys: Iterable[str] = (), location: str | None = None) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
-    204, or 2xx with an empty body or `{"status": 200}` (or "200", 200.0): accepted. HTTP 200 with another
-    number as `status` in its JSON body: Refused (naming the key only if its `msg` is one of StatHat's own
-    KEY_REFUSALS, word for word: "invalid stat name: hockey" is not one). A `multiple` smaller than the `sent`
-    items: PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx: TransientError (with
-    Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on. A 2xx body that is not
-    StatHat's answer (a captive portal's page, a proxy's error, a status that is no number) is transient:
-    counting it as delivered could lose data. Whatever the body holds, nothing else is raised.
+    A count (`status`, `multiple`) is a whole number: a JSON number (200, 200.0) or text in spool's one number
+    syntax (ASCII, as StatHat writes numbers: "200", " 200"; no full-width digits). 204, or 2xx with an empty
+    body or a `status` of 200: accepted. HTTP 200 with another count as `status` in its JSON body: Refused
+    (naming the key only if its `msg` is one of StatHat's own KEY_REFUSALS, word for word: "invalid stat name:
+    hockey" is not one). `multiple` absent: taken, count unsaid; at least the `sent` items: taken; fewer:
+    PartlyTaken (a Refused): which items were taken is unknown. 408, 429, 5xx, 1xx (no final answer):
+    TransientError (with Retry-After). Any other HTTP status: EndpointError, a misconfiguration to pause on
+    (a redirect names its `location`: spool follows none, as it could take the key elsewhere). A 2xx body not
+    StatHat's answer (a captive portal's page, a proxy's error, a `status` or a `multiple` that is no count)
+    is transient: counting it as delivered could lose data, as a refusal it could drop what was taken.
+    Whatever the body holds, nothing else is raised.
 
     The answer is read as it came; what the error quotes of it (message, Refused.body) is redacted of `keys`
     (those the request carried) and of every key field first.
     """
+    if status < 200:  # an interim answer, where the answer should be (101, or a 1xx through a SOCKS proxy)
+        raise TransientError(f"HTTP {status} with no final answer after it: whether the request was taken is "
+                             "unknown, so it is sent again")
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
         raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
                              retry_after=retry_after_seconds(retry_after))
+    if 300 <= status <= 399 and location is not None:
+        target = printable(redact(location, keys))
+        target = target if len(target) <= 200 else target[:200] + "…"
+        raise EndpointError(f"HTTP {status} from the endpoint, a redirect to {target}: spool follows no redirect "
+                            "(it could take the key elsewhere); set the endpoint to where the API answers")
     if not 200 <= status <= 299:
-        raise EndpointError(f"HTTP {status} from the endpoint {_snippet(body, keys)}; check the endpoint URL".rstrip())
+        raise EndpointError(" ".join(["HTTP", str(status), "from the endpoint", _snippet(body, keys)]).rstrip()
+                            + "; check the endpoint URL")
     if status == 204 or not body.strip():
         return None
     try:
         answer = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         answer = None
-    code = _as_number(answer.get("status")) if isinstance(answer, dict) else None
+    code = _count(answer.get("status")) if isinstance(answer, dict) else None
     if code is None:
         raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body, keys)}")
     if code != 200:
@@ -128,10 +141,12 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         message = printable(redact(str(msg or f"status {answer.get('status')}"), keys))[:500]
         raise Refused(message, http_status=status, body=redact(body, keys),
                       names_key=isinstance(msg, str) and msg in KEY_REFUSALS)
-    multiple = _as_number(answer.get("multiple"))
-    if multiple is None or multiple < 0 or not multiple.is_integer():
-        return None  # the status says ok; a count we cannot read tells nothing more
-    taken = int(multiple)
+    if "multiple" not in answer:
+        return None
+    taken = _count(answer["multiple"])
+    if taken is None or taken < 0:
+        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer (its multiple is no count): "
+                             f"{_snippet(body, keys)}")
     if sent is not None and taken < sent:
         raise PartlyTaken(f"the receiver took {taken} of {sent} records; which ones is unknown "
                           f"(answer: {_snippet(body, keys)[1:-1]})", http_status=status, body=redact(body, keys),
@@ -139,17 +154,16 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     return taken
 
 
-def _as_number(value: object) -> float | None:
-    """Return a JSON status or count as a finite number (200, 200.0, "200 "), or None if it is none."""
+def _count(value: object) -> int | None:
+    """Return a JSON status or count as the whole number it is (200, 200.0, "200", " 200"), or None if it is none."""
     if isinstance(value, str):
         try:
-            value = float(value.strip())
-        except ValueError:
+            value = number_from_text(value, "count")
+        except InvalidRecord:
             return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value) if abs(value) < 1e300 else math.inf  # ints beyond float range are no count either
-    return number if math.isfinite(number) else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _snippet(body: str, keys: Iterable[str]) -> str:
@@ -176,12 +190,16 @@ def redact(text: str, keys: Iterable[str] = ()) -> str:
     """Return `text` fit to quote: each of `keys` and the value of each ezkey, key or ukey field shown as ***.
 
     A key is found as sent, URL-encoded, JSON- or repr-escaped (any number of times), and cut short: any run
-    of more than SHOWN of its first characters is redacted. Fields are found in JSON, Python reprs, form
-    bodies and query strings, whatever key they hold. Redact before cutting a text short.
+    of more than SHOWN of its first characters is redacted. A key of SHOWN characters or fewer is redacted
+    where it stands as a whole token, not inside a word ("xq7" in "no account xq7", not in "xq7abc"): so short
+    a string is found in too many words. Fields are found in JSON, Python reprs, form bodies and query
+    strings, whatever key they hold. Redact before cutting a text short.
     """
     for key in sorted(set(keys), key=len, reverse=True):
         if len(key) > SHOWN:
             text = _redact_key(text, key)
+        elif key:
+            text = _short_key_pattern(key).sub(REDACTED, text)
     text = _QUOTED_FIELD.sub(lambda m: m.group(1) + REDACTED, text)
     return _PARAMETER.sub(lambda m: m.group(1) + (m.group(2) or "") + REDACTED, text)
 
@@ -196,6 +214,18 @@ def _redact_key(text: str, key: str) -> str:
         out += [text[at:found.start()], REDACTED]
         at = end
     return "".join(out) + text[at:] if out else text
+
+
+# Where a whole token begins and ends: no word character next to it, unless one ending an escape (%20, \u0020,
+# \x20, \n).
+_ALONE_BEFORE = r"(?:(?<!\w)|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})|(?<=\\x[0-9A-Fa-f]{2})|(?<=\\[nrtbf]))"
+_ALONE_AFTER = r"(?!\w)"
+
+
+@functools.lru_cache(maxsize=64)
+def _short_key_pattern(key: str) -> re.Pattern[str]:
+    """A pattern for a short key, however spelled, standing as a whole token."""
+    return re.compile(_ALONE_BEFORE + "".join(_spelled(char) for char in key) + _ALONE_AFTER)
 
 
 @functools.lru_cache(maxsize=64)
@@ -259,7 +289,8 @@ class _Deadline:
         _watching.deadline = None
 
     def watch(self, connection: Any) -> None:
-        """Take the connection the request now uses (shut at once if time is already up)."""
+        """Take the connection the request now uses, or the socket its answer is read from (shut at once if
+        time is already up)."""
         with self._lock:
             self._connection = connection
             if self.expired:
@@ -340,7 +371,7 @@ class _Watchdog:
 
 
 def _shut(connection: Any) -> None:
-    sock = getattr(connection, "sock", None)
+    sock = getattr(connection, "sock", connection)  # a connection's socket, or an answer's
     sock = getattr(sock, "socket", sock)  # urllib3's SSLTransport (TLS through a TLS proxy) wraps a socket
     if isinstance(sock, socket.socket):
         try:
@@ -355,8 +386,94 @@ def _hand_over(connection: Any) -> None:
         deadline.watch(connection)
 
 
+# -- what http.client does not say of an answer ------------------------------------------------------------
+#
+# An answer with no Content-Length that is not chunked ends where the connection closes (RFC 9112 section 6.3).
+# http.client reads it so, but it reads an answer cut in its headers the same way: the headers read up to the
+# cut, then no body, a whole 2xx to all appearances (and a refusal may be what was cut). So our connections
+# make their responses from _Answer, which notes whether the header block ended in its blank line. urllib3
+# itself relies on response_class and on _read_status (its proxy tunnel reads the CONNECT answer with them).
+# _Answer also reads past interim answers (1xx) to the final one, as RFC 9110 section 15.2 asks of a client.
+
+
+class _LastLine:
+    """A response's file, noting the last line read from it (the header block's last, once begin() returned)."""
+
+    def __init__(self, fp: Any):
+        self.fp = fp
+        self.last: bytes | None = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = self.fp.readline(limit)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fp, name)
+
+
+class _Answer(http.client.HTTPResponse):
+    """http.client's response, which also tells whether its body's end is known, and whether its headers are whole."""
+
+    framed = False  # the end of the body is known before it is read: a Content-Length, chunked, or no body (204)
+    headers_whole = False  # the header block ended in its blank line, and every line in it is a header
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+        super().__init__(sock, *args, **kwargs)
+        # An answer that ends with its connection (no length, or "Connection: close") is handed this socket,
+        # and the connection lets go of it (its sock is None): the deadline must reach it here.
+        _hand_over(sock)
+
+    def begin(self) -> None:
+        if self.headers is not None:  # read already (http.client's own guard)
+            return
+        watched = _LastLine(self.fp)
+        self.fp = watched
+        try:
+            super().begin()
+        finally:
+            if self.fp is watched:
+                self.fp = watched.fp
+        self.framed = self.chunked or self.length is not None
+        try:
+            urllib3.util.response.assert_header_parsing(self.msg)
+            parsed = True
+        except (urllib3.exceptions.HeaderParsingError, TypeError):
+            parsed = False
+        self.headers_whole = watched.last in (b"\r\n", b"\n") and parsed
+        if self.status < 200:  # 101 Switching Protocols: what follows on this connection is no HTTP of ours
+            self.will_close = True
+
+    def _read_status(self) -> tuple[str, int, str]:
+        """Read the final answer's status line, past interim answers (1xx but 101: 102 Processing, 103 Early
+        Hints) and their headers: http.client skips only 100 Continue, and took a 103 for the answer."""
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # not in the stubs
+            if status == 101 or not 100 <= status <= 199:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # read and dropped, with http.client's bounds on lines
+
+
+def _answer_of(response: requests.Response) -> _Answer | None:
+    """The _Answer http.client read for a response (requests reads the same attribute), or None: through a SOCKS
+    proxy, whose connections are urllib3's own, what _Answer notes is unknown."""
+    answer = getattr(response.raw, "_original_response", None)
+    return answer if isinstance(answer, _Answer) else None
+
+
+def _framed(response: requests.Response) -> bool:
+    """Whether the end of an answer's body was known before it was read (not where the connection closed)."""
+    answer = _answer_of(response)
+    if answer is None:  # as http.client frames an answer: no body (204, 304), a Content-Length, or chunked
+        return (response.status_code in (204, 304) or "Content-Length" in response.headers
+                or "chunked" in response.headers.get("Transfer-Encoding", ""))
+    return answer.framed
+
+
 class _Watched:
-    """Mixed into urllib3's connections: hand the connection to the current request's deadline."""
+    """Mixed into urllib3's connections: hand the connection to the current request's deadline; make responses
+    that tell whether an answer is whole (_Answer)."""
+
+    response_class: type[http.client.HTTPResponse] = _Answer
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -401,6 +518,15 @@ class _DeadlineAdapter(HTTPAdapter):
 _CUT = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
+class _Session(requests.Session):
+    """requests' session, for which no answer is a redirect: spool follows none (it could take the key elsewhere),
+    and requests would still read the answer and prepare the request it redirects to, even when told not to
+    follow it (for Response.next), which failed on an EZ batch's request (prepared by _ez, without cookies)."""
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        return None
+
+
 class StatHatClient:
     """One connection-reusing session to a StatHat endpoint; each request has `timeout` seconds in all."""
 
@@ -408,7 +534,7 @@ class StatHatClient:
                  allow_insecure: bool = False, verify: bool | str = True):
         self.endpoint = check_endpoint(endpoint, allow_insecure=allow_insecure)
         self.timeout = timeout
-        self.session = requests.Session()
+        self.session = _Session()
         self.session.mount("http://", _DeadlineAdapter())
         self.session.mount("https://", _DeadlineAdapter())
         self.session.verify = verify
@@ -429,6 +555,14 @@ class StatHatClient:
         self._keys: dict[str, None] = {}
 
     def close(self) -> None:
+        """Hang up every connection now: urllib3 2 leaves a cleared pool's to the garbage collector, and an error
+        still kept refers to its answer, whose pool holds them."""
+        for adapter in self.session.adapters.values():  # ours, both: _DeadlineAdapter
+            for manager in (getattr(adapter, "poolmanager", None), *getattr(adapter, "proxy_manager", {}).values()):
+                # keys(): urllib3's pool container refuses to be iterated
+                for pool in [manager.pools.get(key) for key in manager.pools.keys()] if manager else ():  # noqa: SIM118
+                    if pool is not None:
+                        pool.close()
         self.session.close()
         self._watchdog.close()
 
@@ -485,14 +619,15 @@ class StatHatClient:
 
     def _answered(self, response: requests.Response, body: str, keys: tuple[str, ...], *,
                   sent: int | None) -> int | None:
-        framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "")
-        if 200 <= response.status_code <= 299 and response.status_code != 204 and not framed:
-            # An answer cut in its headers reads as a whole 2xx with no body: a refusal could hide there.
-            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length spool could read "
-                                 "(no Content-Length, or malformed headers): the answer may be cut short, so it is "
-                                 "not taken for a delivery")
+        answer = _answer_of(response)
+        if 200 <= response.status_code <= 299 and not _framed(response) and not (answer and answer.headers_whole):
+            # Its body ended where the connection closed (cleanly: _request saw to that), but an answer cut in its
+            # headers reads as a whole one with no body: a refusal could hide there.
+            raise TransientError(f"HTTP {response.status_code} from {self.endpoint} with no length, and headers "
+                                 "cut short or malformed: where the answer ends is unknown, so it is not taken "
+                                 "for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent,
-                                 keys=keys)
+                                 keys=keys, location=response.headers.get("Location"))
 
     def _request(self, method: str, path: str, keys: tuple[str, ...], *,
                  prepared: requests.PreparedRequest | None = None, **kwargs: Any) -> tuple[requests.Response, str]:
@@ -505,13 +640,10 @@ class StatHatClient:
                     response = self.session.request(method, self.endpoint + path, timeout=self.timeout,
                                                     allow_redirects=False, stream=True, **kwargs)
                 with response:
-                    return response, _read_answer(response)
+                    body = _read_answer(response)
         except _CUT as exc:
-            if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
-                raise TransientError(f"request to {self.endpoint} cut short before its answer came: spool is "
-                                     "stopping") from None
             if deadline.expired or isinstance(exc, requests.Timeout):
-                raise TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}") from None
+                raise self._cut_short(deadline) from None
             if isinstance(exc, requests.exceptions.SSLError):
                 if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
                     raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain "
@@ -523,6 +655,20 @@ class StatHatClient:
                 error.unresolvable = True
                 raise error from None
             raise TransientError(f"cannot reach {self.endpoint}: {reason(exc, keys)}") from None
+        answer = _answer_of(response)
+        if answer is not None and answer.length:  # bytes its Content-Length promised never came (urllib3 1.26
+            # does not check): a body cut by the receiver's close, or by the deadline
+            raise self._cut_short(deadline) if deadline.expired else TransientError(
+                f"HTTP {response.status_code} from {self.endpoint} cut short: the connection closed before the "
+                "length its answer announced")
+        if deadline.expired and not _framed(response):
+            raise self._cut_short(deadline)  # the body "ended" where the deadline shut the socket, not the receiver
+        return response, body
+
+    def _cut_short(self, deadline: _Deadline) -> TransientError:
+        if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
+            return TransientError(f"request to {self.endpoint} cut short before its answer came: spool is stopping")
+        return TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}")
 
 
 def _read_answer(response: requests.Response) -> str:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import math
+import socket
+import struct
+import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -11,7 +17,7 @@ from spool.errors import Refused, TransientError
 from spool.records import make_record
 from spool.stathat import StatHatClient, classify_response
 
-from .helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for_line
+from .helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, stop_agent, wait_for, wait_for_line
 
 NESTED = "[" * 20_000 + "]" * 20_000  # far past Python's recursion limit, yet small
 
@@ -126,10 +132,58 @@ def test_a_refusal_with_an_odd_message_is_still_a_refusal_with_a_printable_reaso
     assert str(caught.value) and str(caught.value).isprintable()
 
 
-@pytest.mark.parametrize("multiple", ["many", True, -3, 2.5, None, [1], {"n": 1}, 1e999])
-def test_a_multiple_that_is_not_a_count_is_unsaid(multiple):
-    body = json.dumps({"status": 200, "msg": "ok", "multiple": multiple}, allow_nan=True)
-    assert classify_response(200, body, sent=5) is None
+# The rule, on a batch of 2 records. A count (`status`, `multiple`) is a whole number: a JSON number (2, 2.0) or
+# a string in spool's one number syntax (ASCII, spaces around allowed: "2", " 2"). `status` 200 is an
+# acceptance, another count a refusal; `multiple` absent says nothing more, a count of at least the records sent
+# is all taken, a smaller one is partly taken (dead: which were taken is unknown). Anything else is not
+# StatHat's answer: transient, neither delivered nor dead.
+ANSWER_RULE = [
+    ({"status": 200}, 2, None), ({"status": "200"}, 2, None), ({"status": " 200"}, 2, None),
+    ({"status": 200.0}, 2, None), ({"status": 200, "multiple": 2}, 2, 2), ({"status": 200, "multiple": "2"}, 2, 2),
+    ({"status": 200, "multiple": 2.0}, 2, 2), ({"status": 200, "multiple": 5}, 2, 5),
+    ({"status": 200, "multiple": 0}, 2, PartlyTaken), ({"status": 200, "multiple": 1}, 2, PartlyTaken),
+    ({"status": 200, "multiple": "1"}, 2, PartlyTaken),
+    ({"status": 500, "msg": "invalid stat"}, 2, Refused), ({"status": "500"}, 2, Refused),
+    ({"status": 500, "multiple": "junk"}, 2, Refused),  # the status decides first
+    *(({"status": 200, "multiple": junk}, 2, TransientError) for junk in [
+        -1, 1.5, True, False, None, math.nan, math.inf, "many", "-1", "1.5", "２", "٢", "1_0", [2], {"n": 2}]),
+    *(({"status": junk}, 2, TransientError) for junk in [
+        "２００", "٢٠٠", "200.5", 200.5, "2_00", "0x c8", True, None, math.nan, "ok", [200], {"code": 200}]),
+    ({"multiple": 2}, 2, TransientError), ({}, 2, TransientError),
+]
+
+
+@pytest.mark.parametrize(("answer", "sent", "outcome"), ANSWER_RULE, ids=lambda v: json.dumps(v, allow_nan=True)
+                         if isinstance(v, dict) else None)
+def test_the_answer_rule_one_outcome_for_each_answer(answer, sent, outcome):
+    body = json.dumps(answer, allow_nan=True, ensure_ascii=False)
+    if isinstance(outcome, type):
+        with pytest.raises(outcome) as caught:
+            classify_response(200, body, sent=sent)
+        assert type(caught.value) is outcome  # a PartlyTaken is a Refused: the exact class counts here
+        if outcome is TransientError:
+            assert "not StatHat's answer" in str(caught.value)
+    else:
+        assert classify_response(200, body, sent=sent) == outcome
+
+
+def test_ship_once_never_takes_a_multiple_that_is_no_count_for_a_delivery(db, receiver):
+    with Spool(db) as sp:
+        sp.count("a", 1, t=T0)
+        sp.count("b", 1, t=T0)
+    receiver.fail_next(100_000, status=200, body='{"status":200,"msg":"ok","multiple":-1}')
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1",
+                     env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "shipped 0, dead 0" in result.stderr and "2 records still pending" in result.stderr, result.stderr
+    assert "not StatHat's answer" in result.stderr
+
+
+def test_a_status_in_full_width_digits_is_not_stathats_answer():
+    body = '{"status":"２００","msg":"ok","multiple":3}'.encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with Scripted(answering(head, body)) as server, pytest.raises(TransientError, match="not StatHat's answer"):
+        send(server, 3)
 
 
 def test_doctor_gives_a_trickling_endpoint_its_timeout_not_more(db, receiver, tmp_path):
@@ -174,7 +228,7 @@ def test_an_answer_with_a_malformed_header_line_is_one_log_line_not_urllib3s_tra
         thread.join(10)
         server.close()
     assert result.returncode == 1, result.stderr
-    assert "no length spool could read (no Content-Length, or malformed headers)" in result.stderr
+    assert "with no length, and headers cut short or malformed" in result.stderr
     assert "Traceback" not in result.stderr and "Failed to parse headers" not in result.stderr, result.stderr
 
 
@@ -271,3 +325,271 @@ def test_the_agent_through_a_proxy_echoing_the_request_shows_the_key_nowhere(db,
     for text in (*lines, stderr, status.stdout, status.stderr):
         assert not leaks(text), text
     assert not leaks(spool_bytes(db))
+
+
+def test_ship_once_never_shows_a_short_key_the_receiver_quotes(db, receiver):
+    receiver.fail_next(10_000, status=502, body="no route for account xq7 (ezkey=xq7), try later")
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    env = cli_env(db, SPOOL_EZKEY="xq7")
+    result = run_cli(db, "ship", "--once", "--endpoint", receiver.url, "--max-time", "1", env=env, timeout=60)
+    status = run_cli(db, "status", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "HTTP 502 (no route for account *** (ezkey=***" in result.stderr, result.stderr
+    assert "xq7" not in result.stderr + result.stdout + status.stdout + status.stderr  # last_error, stored
+
+
+# -- answers http.server cannot give: a raw receiver --------------------------------------------------------
+
+
+class Scripted:
+    """A receiver on 127.0.0.1 written on raw sockets, for answers http.server cannot give. Each request is read
+    whole (its body kept in `bodies`), answered with the bytes `answer(body)` returns, and its connection then
+    ended as `end` says: "close" (a clean close, FIN), "reset" (a TCP reset) or "hold" (kept open, unanswered
+    further, until the client hangs up). With `trickle`, the answer's body goes a byte every `trickle` seconds
+    (its headers at once). Connections are served one after another."""
+
+    def __init__(self, answer: Callable[[bytes], bytes], end: str = "close", trickle: float = 0.0):
+        self.bodies: list[bytes] = []
+        self._answer, self._end, self._trickle = answer, end, trickle
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scripted-receiver")
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> Scripted:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+        self._listener.close()
+
+    def stats(self) -> list[str]:
+        """The stat of every item of every request received, in order (a record sent twice shows twice)."""
+        return [item["stat"] for body in self.bodies for item in json.loads(body)["data"]]
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(0.05)
+                try:
+                    self._exchange(connection)
+                except OSError:
+                    pass  # the client hung up: what a client may do
+
+    def _receive(self, connection: socket.socket, data: bytes, done: Callable[[bytes], bool]) -> bytes:
+        while not done(data) and not self._stopping.is_set():
+            try:
+                more = connection.recv(65536)
+            except TimeoutError:
+                continue
+            if not more:
+                raise ConnectionError("the client hung up")
+            data += more
+        return data
+
+    def _exchange(self, connection: socket.socket) -> None:
+        data = self._receive(connection, b"", lambda d: b"\r\n\r\n" in d)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        body = self._receive(connection, body, lambda d: len(d) >= length)
+        self.bodies.append(body)
+        answer = self._answer(body)
+        if self._trickle:
+            head, blank, answer = answer.partition(b"\r\n\r\n")
+            connection.sendall(head + blank)
+            for i in range(len(answer)):
+                if self._stopping.wait(self._trickle):
+                    return
+                connection.sendall(answer[i:i + 1])
+        else:
+            connection.sendall(answer)
+        if self._end == "reset":
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif self._end == "hold":
+            try:
+                self._receive(connection, b"", lambda d: False)
+            except ConnectionError:
+                pass
+
+
+def ok(body: bytes) -> bytes:
+    """StatHat's acceptance of an EZ batch, for the request body it answers."""
+    return json.dumps({"status": 200, "msg": "ok", "multiple": len(json.loads(body)["data"])}).encode()
+
+
+def answering(head: bytes, body: Callable[[bytes], bytes] | bytes = b"") -> Callable[[bytes], bytes]:
+    """An answer made of `head` (the status line and headers, blank line included) and `body`."""
+    return lambda request: head + (body(request) if callable(body) else body)
+
+
+def backlog(db, n: int = 3) -> None:
+    with Spool(db) as sp:
+        for i in range(n):
+            sp.count(f"s{i}", 1, t=T0 + i)
+
+
+# -- an answer whose body ends where the connection closes (RFC 9112 section 6.3) ---------------------------
+
+UNFRAMED = {  # whole answers, each delimited by the connection's close: no Content-Length, not chunked
+    "HTTP/1.0, JSON": answering(b"HTTP/1.0 200 OK\r\nServer: BaseHTTP/0.6\r\nContent-Type: application/json\r\n\r\n",
+                                ok),
+    "HTTP/1.1 Connection: close, JSON": answering(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n", ok),
+    "HTTP/1.0, empty": answering(b"HTTP/1.0 200 OK\r\nServer: BaseHTTP/0.6\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("answer", list(UNFRAMED))
+def test_ship_once_takes_a_whole_answer_that_ends_where_the_connection_closed(db, answer):
+    backlog(db, 3)
+    with Scripted(UNFRAMED[answer]) as server:
+        result = run_cli(db, "ship", "--once", "--endpoint", server.url, "--max-time", "10",
+                         env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shipped 3, dead 0" in result.stderr
+    assert server.stats() == ["s0", "s1", "s2"]  # each record sent once
+
+
+def test_the_agent_takes_the_answer_of_a_plain_http_server_that_sends_no_length(db):
+    """http.server as most people write it: HTTP/1.0, a JSON body, no Content-Length; the body ends at the close."""
+    stats: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):  # protocol_version: HTTP/1.0, the default
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            request = self.rfile.read(int(self.headers["Content-Length"]))
+            stats.extend(item["stat"] for item in json.loads(request)["data"])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(ok(request))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    backlog(db, 3)
+    agent = spawn_cli(db, "run", "--endpoint", f"http://127.0.0.1:{server.server_address[1]}",
+                      env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY))
+    try:
+        def all_sent() -> bool:
+            with Spool(db) as sp:
+                return sp.status()["sent"] == 3
+
+        wait_for(all_sent)
+    finally:
+        stderr = stop_agent(agent)
+        server.shutdown()
+        serving.join(10)
+        server.server_close()
+    assert sorted(stats) == ["s0", "s1", "s2"], stderr  # each once: not re-sent for want of a length
+    assert "send failed" not in stderr, stderr
+
+
+@pytest.mark.parametrize(("answer", "end"), [
+    # an answer cut in its headers reads to http.client as a whole one with no body: a refusal may hide there
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"), "close", id="cut after a header"),
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\nContent-Ty"), "close", id="cut in a header"),
+    pytest.param(answering(b"HTTP/1.1 200 OK\r\nContent-Length: "), "close", id="cut in its Content-Length"),
+    pytest.param(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chun"), "close", id="cut in chunked"),
+    # a body cut short by a clean close is no JSON
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\n\r\n", b'{"status":500,"msg":"invalid st'), "close",
+                 id="body cut, closed"),
+    # a whole body, but the connection was reset, not closed: no proof the answer ended there
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\n\r\n", ok), "reset", id="JSON, reset"),
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\n\r\n"), "reset", id="empty, reset"),
+    # headers, then nothing until the deadline cuts the request: a body cut by the timeout, not the receiver
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"), "hold",
+                 id="empty, held"),
+    pytest.param(answering(b"HTTP/1.0 200 OK\r\n\r\n", b'{"status":200,"msg":"ok","multiple":3}'), "hold",
+                 id="JSON, held"),
+])
+def test_an_unframed_answer_not_proved_whole_is_never_taken_for_a_delivery(answer, end):
+    with Scripted(answer, end=end) as server, pytest.raises(TransientError) as caught:
+        send(server, 3, timeout=1)
+    assert len(server.bodies) == 1, caught.value
+
+
+@pytest.mark.parametrize("body", [b"", b'{"status":500,"msg":"in'])
+def test_a_body_closed_before_its_content_length_is_never_taken(body):
+    # urllib3 1.26 does not check a Content-Length: a body cut right after the headers read as an empty 200.
+    cut = answering(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n", body)
+    with Scripted(cut) as server, pytest.raises(TransientError):
+        send(server, 3)
+
+
+def test_a_whole_unframed_refusal_is_a_refusal():
+    refusal = answering(b"HTTP/1.0 200 OK\r\n\r\n", b'{"status":500,"msg":"invalid stat name"}')
+    with Scripted(refusal) as server, pytest.raises(Refused, match="invalid stat name"):
+        send(server, 3)
+
+
+@pytest.mark.parametrize("head", [
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n", id="no length"),
+    pytest.param(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 30\r\n\r\n",
+                 id="Connection: close"),
+])
+def test_an_answer_that_ends_with_its_connection_still_ends_at_the_deadline_when_it_trickles(head):
+    # http.client gives the socket to such an answer and lets go of it: the deadline must still reach it.
+    body = b'{"status":200,"msg":"ok","multiple":3}'[:30]
+    trickling = Scripted(answering(head, body), trickle=0.3)  # 9 s of body, each byte within the 1 s timeout
+    with trickling as server, pytest.raises(TransientError, match="no complete answer within 1 s"):
+        send(server, 3, timeout=1)
+
+
+# -- interim 1xx answers before the final one ---------------------------------------------------------------
+
+
+def final(request: bytes) -> bytes:
+    """StatHat's acceptance, framed by its Content-Length."""
+    body = ok(request)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+INTERIM = {
+    "102": b"HTTP/1.1 102 Processing\r\n\r\n",
+    "103": b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    "100 then 103": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+    "103 twice, then 102": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"
+                           b"HTTP/1.1 102 Processing\r\n\r\n",
+    "199": b"HTTP/1.1 199 Unassigned\r\nX-Note: interim\r\n\r\n",
+}
+
+
+def interim_then_final(interim: bytes) -> Callable[[bytes], bytes]:
+    return lambda request: interim + final(request)
+
+
+@pytest.mark.parametrize("interim", list(INTERIM))
+def test_interim_answers_are_skipped_and_the_final_answer_taken(interim):
+    with Scripted(interim_then_final(INTERIM[interim])) as server:
+        assert send(server, 3) == 3
+    assert len(server.bodies) == 1
+
+
+def test_ship_once_takes_the_200_after_a_103_and_sends_each_record_once(db):
+    backlog(db, 3)
+    with Scripted(interim_then_final(INTERIM["103"])) as server:
+        result = run_cli(db, "ship", "--once", "--endpoint", server.url, "--max-time", "10",
+                         env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "shipped 3, dead 0" in result.stderr
+    assert server.stats() == ["s0", "s1", "s2"]
+
+
+def test_a_101_is_no_answer_to_the_request_so_its_outcome_is_unknown_and_transient():
+    switch = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    with Scripted(switch) as server, pytest.raises(TransientError, match=r"^HTTP 101 .*unknown"):
+        send(server, 3)
+    with pytest.raises(TransientError, match=r"^HTTP 103 .*unknown"):  # however a 1xx reaches classification
+        classify_response(103, "")

@@ -454,3 +454,160 @@ def test_a_key_in_any_spelling_whole_or_cut_short_is_redacted(key, spelling, cut
     text = _spellings(key)[spelling]
     text = text if cut is None else text[:cut]
     assert not leaks(redact(before + text + after, [key]), key)
+
+
+# -- a redirect is never followed: a misconfiguration, on every path -----------------------------------------
+
+
+class _Redirector:
+    """A real HTTP server on loopback answering every request with `status` and a Location to `target`."""
+
+    def __init__(self, status: int, target: str):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(status)
+                self.send_header("Location", target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.start()
+
+    def __enter__(self) -> _Redirector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self._thread.join(10)
+        self.server.server_close()
+
+
+REDIRECTS = [301, 302, 303, 307, 308]
+
+
+@pytest.mark.parametrize("path", ["ez", "classic"])
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_redirect_is_never_followed_and_is_a_misconfigured_endpoint(receiver, status, path):
+    with _Redirector(status, receiver.url) as redirector:
+        client = StatHatClient(redirector.url, timeout=5)
+        try:
+            with pytest.raises(EndpointError) as caught:
+                if path == "ez":
+                    client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+                else:
+                    client.send_classic(make_record(key="key-1", ukey="ukey-1", count=1, t=T0))
+        finally:
+            client.close()
+    assert str(caught.value).startswith(f"HTTP {status} from the endpoint, a redirect to {receiver.url}/")
+    assert "spool follows no redirect" in str(caught.value)
+    assert receiver.requests == 0  # the key went nowhere else
+
+
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_ship_once_ends_at_once_on_a_redirect_with_one_line_saying_what_to_fix(db, receiver, status):
+    from spool import Spool
+
+    from .helpers import TEST_EZKEY, cli_env, run_cli
+
+    with Spool(db) as sp:
+        sp.count("s", 1, t=T0)
+    with _Redirector(status, receiver.url) as redirector:
+        result = run_cli(db, "ship", "--once", "--endpoint", redirector.url, "--max-time", "10",
+                         env=cli_env(db, SPOOL_EZKEY=TEST_EZKEY), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert f"HTTP {status} from the endpoint, a redirect to {receiver.url}/ez" in last, last
+    assert "1 record still pending" in last and receiver.requests == 0
+
+
+def test_close_hangs_up_every_connection_at_once_though_an_error_still_refers_to_its_answer():
+    # urllib3 2 leaves a closed pool's connections to the garbage collector, and an error kept (a log record,
+    # a test's `caught`) keeps the answer, its pool and its socket alive: close() must not wait for that.
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+    hung_up = threading.Event()
+
+    def serve() -> None:
+        try:
+            connection, _ = server.accept()
+        except OSError:
+            return
+        with connection:
+            data = b""
+            while b"}]}" not in data:
+                data += connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            connection.settimeout(10)
+            try:
+                if connection.recv(1) == b"":  # the client hung up, as close() must
+                    hung_up.set()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = StatHatClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5)
+    try:
+        with pytest.raises(EndpointError) as caught:
+            client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
+    finally:
+        client.close()
+        hung_up.wait(10)
+        thread.join(10)
+        server.close()
+    assert hung_up.is_set(), caught.value
+
+
+# -- a key of 1 to 3 characters: redacted where it stands as a whole token ----------------------------------
+
+SHORT_KEYS = ["q", "x7", "xq7", "é", "a b", "k&"]
+
+
+@pytest.mark.parametrize("key", SHORT_KEYS)
+def test_a_short_key_standing_as_a_token_is_redacted_in_any_spelling(key):
+    for spelling in _spellings(key)[:7]:  # as sent, URL- or form-encoded, JSON-escaped once or twice
+        for before, after in [("no account ", " here"), ("", ""), ("(", ")"), ('{"msg":"', '"}'), ("id:", ";"),
+                              ("account%20", "%20here"), ("line\\n", "\\t"), ("x\\u0020", "\\u0021")]:
+            assert redact(before + spelling + after, [key]) == before + "***" + after, (spelling, before)
+
+
+@pytest.mark.parametrize(("key", "text"), [
+    ("xq7", "xq7abc and axq7 and xq7_1 and _xq7 and xq7é"),
+    ("q", "quite quick: a faq, qq, q1"),
+    ("x7", "0x7f and x77"),
+])
+def test_a_short_key_inside_a_word_is_left_as_it_is(key, text):
+    assert redact(text, [key]) == text
+
+
+@pytest.mark.parametrize("key", SHORT_KEYS)
+def test_a_short_key_in_a_key_field_or_parameter_is_always_redacted(key):
+    from urllib.parse import urlencode
+
+    assert redact(json.dumps({"ezkey": key}), [key]) == '{"ezkey": "***"}'
+    assert redact(urlencode({"key": key, "ukey": key, "count": 1}), [key]) == "key=***&ukey=***&count=1"
+    assert redact(json.dumps({"ezkey": key}), []) == '{"ezkey": "***"}'  # whether or not it was sent
+
+
+def test_a_short_key_quoted_bare_by_the_receiver_never_shows():
+    with pytest.raises(TransientError) as caught:
+        classify_response(502, "no route for account xq7, try again", keys=("xq7",))
+    assert str(caught.value) == "HTTP 502 (no route for account ***, try again)"
+    with pytest.raises(Refused) as refused:
+        classify_response(200, '{"status":500,"msg":"xq7 is unknown"}', keys=("xq7",))
+    assert str(refused.value) == "*** is unknown" and "xq7" not in refused.value.body
