@@ -543,9 +543,9 @@ class Shipper:
         whole = len(ids) == 1 or refusal.names_key or isinstance(refusal, PartlyTaken)
         if not whole:  # somewhere in here is what the receiver refuses: isolate it, in the spool
             middle = len(ids) // 2
-            self.settle(lambda: self.store.split(unit.lease, [ids[:middle], ids[middle:]]))
+            last = self._settled(unit, unsettled)
+            self.settle(lambda: self.store.split(unit.lease, [ids[:middle], ids[middle:]], end=last))
             state.no_suspects = None  # two groups to lease
-            self._settled(unit, unsettled, end=False)
             self.stats.splits += 1
             self._note("refused", str(refusal))
             log.info("receiver refused a batch of %d records (%s); splitting it to find which", len(ids), refusal)

@@ -471,3 +471,18 @@ def test_status_after_ship_once_with_only_refusals_shows_the_attempt_redacted(db
     assert status["last_attempt_at"] is not None and status["last_result"] == "refused", status
     assert '"ezkey":"***"' in status["last_error"] and "SuperSecret" not in json.dumps(status), status
     assert status["last_success_at"] is None
+
+
+def test_a_lease_split_after_its_other_part_was_acknowledged_leaves_no_lease_behind(db, receiver):
+    """One lease, two requests (a group with its own key beside the configured key's batch); the batch holding a
+    refused record is split after the other group was acknowledged: nothing of the lease may stay behind."""
+
+    receiver.refuse_stat("bad")
+    with Store(db) as store:
+        store.append([make_record(stat="own", count=1, t=T0, ezkey="own-key"),
+                      *[make_record(stat=name, count=1, t=T0 + 1) for name in ("a", "bad", "b", "c")]])
+    with Store(db) as store, Shipper(store, make_config(db, receiver)) as shipper:
+        assert shipper.drain(max_time=30).done
+        assert store.lease_count() == 0
+        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 0
+    assert sorted(s[0] for s in receiver.stats()) == ["a", "b", "c", "own"]

@@ -127,7 +127,7 @@ class Ledger(Core):
                          [(first, last, lease) for lease, first, last in spans if first is not None])
         conn.execute(f"DELETE FROM leases WHERE id IN ({_IDS})", (ended,))
 
-    def split(self, lease: int, halves: Sequence[Sequence[int]]) -> None:
+    def split(self, lease: int, halves: Sequence[Sequence[int]], *, end: bool = False) -> None:
         """Mark records the receiver refused together as suspect groups (one per half) and give them back.
 
         Each group is named by its smallest id. The records leave the lease in the same commit, so they can
@@ -140,8 +140,11 @@ class Ledger(Core):
                 conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                              (min(half), _dumps(list(half))))
             conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (_dumps(every),))
-            conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
-                         (lease, lease))
+            if end:  # the last of the lease the shipper held: whatever else it named was settled before
+                self._end_leases(conn, [lease])
+            else:
+                conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
+                             (lease, lease))
 
     def release(self, lease: int, ids: Sequence[int], *, end: bool = False) -> None:
         """Give leased records back unsent: pending and unleased at once, while the rest of their lease goes on.
