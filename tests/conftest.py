@@ -38,3 +38,11 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "spool.db"
+
+
+@pytest.fixture
+def drop_dir(tmp_path: Path) -> Path:
+    """An empty drop directory."""
+    path = tmp_path / "drop"
+    path.mkdir()
+    return path

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,6 +144,12 @@ def drop(directory: Path, name: str, content: str | bytes) -> Path:
     final = directory / name
     os.rename(temp, final)
     return final
+
+
+def taken(db: Path) -> Counter[str]:
+    """Each stat in the spool with how many times it is there."""
+    with Store(db) as store:
+        return Counter(record.stat for _, _, record in store.records())
 
 
 def stats_in(db: Path) -> list[str]:

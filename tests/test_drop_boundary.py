@@ -32,21 +32,10 @@ from .helpers import (
     spawn_cli,
     stats_in,
     stop_agent,
+    taken,
     wait_for,
     wait_for_line,
 )
-
-
-def taken(db: Path) -> Counter[str]:
-    with Store(db) as store:
-        return Counter(record.stat for _, _, record in store.records())
-
-
-@pytest.fixture
-def drop_dir(tmp_path):
-    path = tmp_path / "drop"
-    path.mkdir()
-    return path
 
 
 def seeded(db: Path, n: int = 50) -> None:

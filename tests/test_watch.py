@@ -15,13 +15,6 @@ from spool.watch import DONE, REJECTED, Ingestor
 from .helpers import T0, Running, drop, jsonl, outcomes, stats_in, wait_for
 
 
-@pytest.fixture
-def drop_dir(tmp_path):
-    path = tmp_path / "drop"
-    path.mkdir()
-    return path
-
-
 def test_a_file_renamed_into_place_is_ingested_and_moved_to_done(drop_dir, db):
     with Running(drop_dir, db) as watcher:
         drop(drop_dir, "a.jsonl", jsonl("a1", "a2"))

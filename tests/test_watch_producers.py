@@ -22,23 +22,11 @@ from spool.records import make_record
 from spool.store import Store
 from spool.watch import DONE, DirectoryWatcher, Ingestor
 
-from .helpers import T0, Running, drop, jsonl, outcomes, spawn_cli, stats_in, stop_agent, wait_for, wait_for_line
+from .helpers import T0, Running, drop, jsonl, outcomes, spawn_cli, stats_in, stop_agent, taken, wait_for, wait_for_line
 
 
 def produce(script: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args])
-
-
-def taken(db: Path) -> Counter[str]:
-    with Store(db) as store:
-        return Counter(record.stat for _, _, record in store.records())
-
-
-@pytest.fixture
-def drop_dir(tmp_path):
-    path = tmp_path / "drop"
-    path.mkdir()
-    return path
 
 
 REUSING_PRODUCER = """
