@@ -4,7 +4,7 @@ Its rooms, one mixin class each, composed into `Store` below:
 
 * core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
   condition hiding open stages (`_hidden`), counters and meta, and SQLite's errors translated for operators.
-* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 7).
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 8).
 * connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
@@ -42,7 +42,8 @@ The storage contract, stated once:
   stage or lease is never taken from it.
 * A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
   before that offset) is committed with its records; see `FileMark`.
-* SENT records are kept for the retention period (for replay) and then pruned in small transactions.
+* An ack also writes when it settled its records, a row of `settled` per run of ids: SENT records are kept
+  for the retention period (for replay) and then pruned by those rows, oldest first, in small transactions.
 """
 
 from __future__ import annotations

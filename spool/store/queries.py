@@ -6,12 +6,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _COLUMNS, _IDS, _INSERT, _LEASED, Core, State, _dumps, _loads, _translated
+
+PRUNE_STEP = 1000  # sent records deleted per transaction
+
+Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
@@ -20,23 +25,24 @@ RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularit
 class Queries(Core):
     """What operators ask of a spool and do to its backlog."""
 
-    def prune_sent(self, *, sent_before: float, step: int = 1000) -> int:
-        """Delete SENT records older than the retention cut-off, `step` rows per transaction.
+    def prune_sent(self, *, sent_before: float, step: int = PRUNE_STEP, between: Between | None = None) -> int:
+        """Delete SENT records settled before `sent_before`, oldest settled first, about `step` per transaction.
 
-        Walks the table once by id, so a run costs one pass however many steps it takes.
+        The runs of ids acknowledgements settled are rows of `settled`, by when: each step takes the oldest of
+        them (at least one, then up to `step` ids in all) and deletes the sent records in their ranges, so with
+        nothing old enough a run reads one row, whatever the backlog. A record is deleted only if its own
+        done_at is before the cut-off too (a range may outlive its records: export --remove, the byte bound).
+        `between` is called after each committed step; when it returns False the run stops there (the next one
+        goes on). Returns how many records were deleted.
         """
-        total, after = 0, 0
+        total = 0
         while True:
-            with self._write() as conn:
-                ids = [row[0] for row in conn.execute(
-                    f"SELECT id FROM records WHERE id > ? AND state = {State.SENT} AND done_at < ? ORDER BY id LIMIT ?",
-                    (after, sent_before, step))]
-                if ids:
-                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
-            total += len(ids)
-            if len(ids) < step:
+            # A step lost in a power cut only leaves records to prune again: its commit need not wait for the disk.
+            with self._write(wait=False) as conn:
+                n, more = prune_runs(conn, step, sent_before)
+            total += n
+            if not more or (between is not None and not between()):
                 return total
-            after = ids[-1]
 
     # -- dead letters ------------------------------------------------------------------------------
 
@@ -264,6 +270,25 @@ class Queries(Core):
                                   "ORDER BY id", params).rowcount
             self._enforce(conn, queued)
             return queued
+
+
+def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tuple[int, bool]:
+    """Delete the sent records of the oldest settled runs (settled before `before`, if given), up to `step`
+    ids of ranges (at least one run); return (records deleted, whether older runs are left)."""
+    cut = "" if before is None else "WHERE done_at < ? "
+    rows = conn.execute(f"SELECT done_at, lo, hi FROM settled {cut}ORDER BY done_at, lo LIMIT ?",
+                        (step,) if before is None else (before, step)).fetchall()
+    taken, span = 0, 0
+    for _, lo, hi in rows:
+        if taken and span + hi - lo + 1 > step:
+            break
+        taken, span = taken + 1, span + hi - lo + 1
+    runs = rows[:taken]
+    deleted = conn.executemany(
+        f"DELETE FROM records WHERE id BETWEEN ? AND ? AND state = {State.SENT} AND done_at < ?",
+        [(lo, hi, before if before is not None else math.inf) for _, lo, hi in runs]).rowcount
+    conn.executemany("DELETE FROM settled WHERE done_at = ? AND lo = ?", [(done, lo) for done, lo, _ in runs])
+    return max(deleted, 0), taken < len(rows) or len(rows) == step
 
 
 def _mergeable(members: list[list[Any]]) -> Iterator[tuple[list[int], int | float]]:
