@@ -173,6 +173,22 @@ def test_dead_letters_are_listed_oldest_first_from_their_index(db):
         assert [d["id"] for d in store.dead_letters(2)] == ids[5:7]
 
 
+def test_exporting_a_window_of_pending_records_reads_the_window_not_the_backlog(tmp_path):
+    def cost(path: Path, pending: int) -> tuple[int, list[int], list[int]]:
+        with spool_of(path, pending) as store:
+            # Late records inside the window, appended after the backlog: the export still lists by id.
+            store.append([("late", None, None, None, 0, 1, T0 + 5)] * 3)
+            with vm_steps(store.conn) as steps:
+                exported = [i for i, _ in store.export("pending", until=T0 + 19)]  # `export --until T`
+            expected = [i for i, _, r in store.records(State.PENDING) if r.t <= T0 + 19]
+            return steps[0], exported, expected
+
+    small, exported, expected = cost(tmp_path / "small.db", SMALL)
+    large, _, _ = cost(tmp_path / "large.db", LARGE)
+    assert exported == expected and len(exported) == 103  # 20 seconds of 5 records, and the 3 late ones
+    assert large <= small * 1.5, (small, large)
+
+
 # -- compaction ----------------------------------------------------------------------------------------
 
 
@@ -191,6 +207,30 @@ def compaction_transactions(path: Path, pending: int, rows: int) -> Transactions
 def wal_size(db: Path) -> int:
     wal = Path(f"{db}-wal")
     return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_wal_a_long_export_let_grow_is_emptied_when_it_ends(db):
+    # A 60 s export during a drain grew the WAL to 372 MiB, and it stayed that size.
+    with spool_of(db, 1_000) as reader, Store(db) as writer:
+        exported = reader.export("pending")
+        next(exported)  # the export's snapshot is held from here
+        for lo in range(0, 30_000, 1_000):
+            writer.append(counts(1_000, start=1_000 + lo))
+        grown = wal_size(db)
+        assert grown > 1 << 20
+        assert sum(1 for _ in exported) == 999
+        assert wal_size(db) == 0, (grown, wal_size(db))
+        assert reader.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 16 << 20
+
+
+def drained_and_pruned(store: Store, n: int) -> int:
+    """Append n records, ship and prune them all; return the file's size then."""
+    for lo in range(0, n, 10_000):
+        store.append(counts(min(10_000, n - lo), start=lo))
+    settle_all(store, now=1000.0)
+    assert store.prune_sent(sent_before=2000.0) == n
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return store.path.stat().st_size
 
 
 # -- upgrades -----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from spool.config import SpoolSettings
 
 PAGE_SIZE = 1024  # bytes, for new spools (see _prepare)
+WAL_LIMIT = 16 << 20  # bytes the write-ahead log is cut back to when it restarts (journal_size_limit)
 
 
 class Opening(Schema):
@@ -107,6 +108,8 @@ class Opening(Schema):
         # 500-record batches went from 535 to 423 B per record over its life (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         self.conn.execute("PRAGMA journal_mode=WAL")  # a file that is not a database fails here (SQLITE_NOTADB)
+        # Once a long reader (an export) has let the WAL grow, the next restart of the log cuts it back to this.
+        self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         # Every page a statement reads is checked more closely, so damage on the path of an append is reported
         # (SQLITE_CORRUPT) before the append writes beside it, at no cost worth measuring.
         self.conn.execute("PRAGMA cell_size_check=ON")

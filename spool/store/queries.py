@@ -15,6 +15,8 @@ from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _COLUMNS, _IDS, _INSERT, _LEASED, Core, State, _dumps, _loads, _translated
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
+SORTED_EXPORT_MAX = 200_000  # pending records in a window of t an export finds by the index and sorts
+WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the WAL to itself
 
 Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
 
@@ -117,7 +119,9 @@ class Queries(Core):
 
     def integrity_ok(self) -> bool:
         with _translated(self.path, self.busy_timeout):
-            return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            sound = self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        self._after_long_read()  # it read the whole file, holding one snapshot
+        return sound
 
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
@@ -231,12 +235,45 @@ class Queries(Core):
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
-        """Yield (id, record) of the selected records in append order, streaming (one read snapshot)."""
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
+
+        Pending records within a window of t are found by the pending_t index when there are few of them
+        (SORTED_EXPORT_MAX), and sorted: a walk of the whole table would cost the backlog, not the selection.
+        Once the snapshot is let go, the WAL it held back is checkpointed (`_after_long_read`).
+        """
         where, params = self._selection(state, since, until, stat_glob)
-        with self._read():
-            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden()} "
-                                         "ORDER BY id", params):
-                yield row[0], Record(*row[1:])
+        try:
+            with self._read():
+                hidden = self._hidden()
+                source = "records"
+                if state == "pending" and (since is not None or until is not None) and self.conn.execute(
+                        f"SELECT count(*) FROM (SELECT 1 FROM records WHERE {where}{hidden} LIMIT ?)",
+                        [*params, SORTED_EXPORT_MAX + 1]).fetchone()[0] <= SORTED_EXPORT_MAX:
+                    source = "records INDEXED BY pending_t"
+                for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM {source} WHERE {where}{hidden} "
+                                             "ORDER BY id", params):
+                    yield row[0], Record(*row[1:])
+        finally:
+            self._after_long_read()
+
+    def _after_long_read(self) -> None:
+        """Checkpoint the WAL a long reader held back, and cut it back, without keeping any writer waiting long.
+
+        While a snapshot is held, nothing appended after it can be checkpointed, so the WAL grows with every
+        commit (a drain writes hundreds of bytes per record). PASSIVE copies what it can and waits for no one;
+        TRUNCATE then empties the file if it can have the WAL to itself within WAL_RESET_WAIT, and otherwise
+        leaves it to the next restart of the log, which cuts it back to journal_size_limit.
+        """
+        if self.conn.in_transaction:
+            return
+        # Only a courtesy to the disk: whatever stops it (a full disk, a busy spool) leaves it to the next restart.
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.conn.execute(f"PRAGMA busy_timeout = {int(WAL_RESET_WAIT * 1000)}")
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
                  until: int | None = None, stat_glob: str | None = None, chunk: int = 10_000) -> int:
