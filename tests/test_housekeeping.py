@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spool.records import Record
 from spool.store import State, Store
-from tests.helpers import T0
+from tests.helpers import T0, run_cli
 
 SMALL, LARGE = 2_000, 20_000
 MINUTE = T0 // 60 * 60  # the start of a one-minute bucket
@@ -199,6 +200,96 @@ def compaction_transactions(path: Path, pending: int, rows: int) -> Transactions
             assert store.compact_counts(bucket=60, rows=rows) > 0
         assert bucket_sums(store, 60) == before
         return transactions
+
+
+def test_each_compaction_transaction_reads_a_step_of_records_whatever_the_backlog(tmp_path):
+    # One transaction grouped the whole backlog (6.4 s holding the write lock at 20M records), and a pass took
+    # a transaction per few hundred groups (> 600 s at 5M): now a transaction reads at most `rows` index
+    # entries, and a pass is one walk of the index.
+    small = compaction_transactions(tmp_path / "small.db", 3_000, rows=200)
+    large = compaction_transactions(tmp_path / "large.db", 30_000, rows=200)
+    assert max(large.steps) <= max(small.steps) * 1.3, (max(small.steps), max(large.steps))
+    assert len(large.steps) <= 30_000 // 200 + 1
+    assert max(large.changes) <= 2 * 200 + 5  # deletes and the rewrites of the sums, and its cursor
+
+
+def test_a_bucket_larger_than_a_step_still_becomes_one_record_per_stat(db):
+    with Store(db) as store:
+        store.append([(f"s{i % 3}", None, None, None, 0, i, MINUTE + i % 60) for i in range(600)])  # one minute
+        store.append([("v", None, None, None, 1, 2.5, MINUTE + 1)] * 4)  # values are never merged
+        assert store.compact_counts(bucket=60, rows=50) == 600 - 3
+        left = sorted((r.stat, r.number, r.t) for _, _, r in store.records())
+        assert left == [(f"s{k}", sum(range(k, 600, 3)), MINUTE) for k in range(3)] + [("v", 2.5, MINUTE + 1)] * 4
+        assert store.counters()["compacted"] == 597
+
+
+def test_an_interrupted_compaction_resumes_where_it_stopped(tmp_path):
+    whole, resumed = tmp_path / "whole.db", tmp_path / "resumed.db"
+    with spool_of(whole, 6_000) as store, Transactions(store.conn) as uninterrupted:
+        store.compact_counts(bucket=60, rows=500)
+    with spool_of(resumed, 6_000) as store:
+        asked: list[int] = []
+        store.compact_counts(bucket=60, rows=500, between=lambda: len(asked) < 3 and not asked.append(1))
+    with Store(resumed) as store, Transactions(store.conn) as rest:
+        store.compact_counts(bucket=60, rows=500)  # another process, later: it goes on from the kept cursor
+    assert len(rest.steps) == len(uninterrupted.steps) - 4
+    with Store(whole) as a, Store(resumed) as b:
+        assert [r for _, _, r in a.records()] == [r for _, _, r in b.records()]
+
+
+def test_a_sum_leased_between_two_steps_is_left_to_the_shipper_and_sums_stay_exact(db):
+    with Store(db) as store:
+        store.append([("s", None, None, None, 0, 1, MINUTE + i // 10) for i in range(400)])  # one bucket
+        before = bucket_sums(store, 60)
+        store.compact_counts(bucket=60, rows=100, between=lambda: False)  # one step: its sum is in the oldest record
+        lease = store.lease(1, now=T0, keyed_only=False)
+        assert lease is not None and lease.items[0].number == 100
+        store.compact_counts(bucket=60, rows=100)
+        assert [r.number for _, _, r in store.records(State.PENDING)] == [100, 300]  # a new sum; the leased kept
+        assert bucket_sums(store, 60) == before
+        store.end_lease(lease.id)
+
+
+def test_a_finished_pass_merges_what_arrives_after_it_without_reading_the_backlog_again(db):
+    with spool_of(db, 12_000) as store:
+        store.compact_counts(bucket=60)
+        newest = max(r.t for _, _, r in store.records())
+        store.append([("s1", None, None, None, 0, 7, newest)] * 10)  # the newest bucket goes on
+        with vm_steps(store.conn) as steps:
+            assert store.compact_counts(bucket=60) == 10
+        assert steps[0] < 50, steps[0]  # the newest bucket only, not 12,000 records
+        sums = [r.number for _, _, r in store.records() if r.stat == "s1" and r.t == newest // 60 * 60]
+        assert len(sums) == 1 and sums[0] > 70
+
+
+def test_records_arriving_behind_a_finished_pass_are_merged_by_the_next_whole_pass(db):
+    with spool_of(db, 1_000) as store:
+        store.compact_counts(bucket=60)
+        before = len(list(store.records()))
+        store.append([("s1", None, None, None, 0, 1, MINUTE + 1)] * 10)  # an old time: behind the pass
+        store.compact_counts(bucket=60)
+        assert len(list(store.records())) == before + 10  # not yet: a whole pass costs the backlog
+        store.append(counts(1_000, start=1_000))  # as many new ids as the pass read: a whole pass is due
+        store.compact_counts(bucket=60)
+        oldest = [r for _, _, r in store.records() if r.stat == "s1" and r.t == MINUTE]
+        assert len(oldest) == 1
+
+
+def test_spool_add_completes_while_compaction_of_a_big_spool_is_under_way(db):
+    added: list[Any] = []
+
+    def between() -> bool:
+        if not added:  # mid-pass: a producer's append (a process of its own) goes through
+            added.append(run_cli(db, "add", "during", "--count", "5", "--t", str(T0 + 1), timeout=30))
+        return True
+
+    with spool_of(db, 30_000) as store:
+        before = bucket_sums(store, 60)
+        assert store.compact_counts(bucket=60, rows=1000, between=between) > 0
+        assert added[0].returncode == 0, added[0].stderr
+        assert [r for _, _, r in store.records() if r.stat == "during"] == [Record("during", None, None, None, 0, 5,
+                                                                                   T0 + 1)]
+        assert bucket_sums(store, 60) == {**before, ("during", 0, MINUTE, 0, None): 5}
 
 
 # -- the WAL and the file ------------------------------------------------------------------------------------
