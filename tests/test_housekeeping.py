@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spool.records import Record
+from spool.ship import Shipper
 from spool.store import State, Store
-from tests.helpers import T0, run_cli
+from tests.helpers import T0, make_config, run_cli, wait_for
 
 SMALL, LARGE = 2_000, 20_000
 MINUTE = T0 // 60 * 60  # the start of a one-minute bucket
@@ -290,6 +294,46 @@ def test_spool_add_completes_while_compaction_of_a_big_spool_is_under_way(db):
         assert [r for _, _, r in store.records() if r.stat == "during"] == [Record("during", None, None, None, 0, 5,
                                                                                    T0 + 1)]
         assert bucket_sums(store, 60) == {**before, ("during", 0, MINUTE, 0, None): 5}
+
+
+def test_the_first_batch_ships_while_compaction_is_paused_between_transactions(db, receiver):
+    # The shipper compacted the whole backlog before its first drain (the first batch at 1M records came after
+    # 141 s instead of 1 s): compaction now runs beside the drain, in housekeeping's own thread and connection.
+    with spool_of(db, 5_000):
+        pass
+    paused, release = threading.Event(), threading.Event()
+
+    def between() -> None:
+        paused.set()
+        assert release.wait(30)
+
+    config = make_config(db, receiver, compact_counts=60)
+    with Store.for_config(config) as store, Shipper(store, config, between_housekeeping=between) as shipper:
+        thread = threading.Thread(target=shipper.run)
+        thread.start()
+        try:
+            assert paused.wait(30)
+            wait_for(lambda: len(receiver.accepted) >= 500, 30)  # while compaction is still paused
+            assert not release.is_set()
+        finally:
+            release.set()
+            shipper.stop()
+            thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_housekeeping_leaves_the_write_lock_free_between_its_transactions_as_long_as_it_held_it():
+    # A `spool add` waited 23 s behind compaction: taking the lock again at once, a long job can starve a
+    # producer polling in SQLite's busy handler. Between two steps it now waits as long as the step took.
+    from spool.ship import HOUSEKEEPING_GAP, Gap
+
+    now, waits = [100.0], []
+    gap = Gap(waits.append, monotonic=lambda: now[0])
+    now[0] += 0.2  # a slow step
+    gap()
+    now[0] += 0.001  # a quick one
+    gap()
+    assert waits == [pytest.approx(0.2), HOUSEKEEPING_GAP] and HOUSEKEEPING_GAP >= 0.025
 
 
 # -- the WAL and the file ------------------------------------------------------------------------------------
