@@ -176,7 +176,7 @@ class Shipper:
                  monotonic: Callable[[], float] = time.monotonic,
                  between_housekeeping: Callable[[], object] | None = None):
         """`between_housekeeping` is called between the transactions of housekeeping's long jobs (compaction,
-        pruning); by default it leaves the write lock free a while (`Gap`). Tests pause them
+        pruning, giving space back); by default it leaves the write lock free a while (`Gap`). Tests pause them
         there instead."""
         self.store = store
         self.config = config
@@ -701,8 +701,8 @@ class Shipper:
             log.warning("dropped %d pending records older than max_age", expired)
 
     def housekeeping(self, store: Store | None = None, done: threading.Event | None = None) -> None:
-        """Free dead owners' leases; re-stamp held records; compact; expire; hourly, prune sent records. On
-        `store` (the shipper's own by default); the long jobs stop between two transactions once
+        """Free dead owners' leases; re-stamp held records; compact; expire; hourly, prune sent records; give
+        space back. On `store` (the shipper's own by default); the long jobs stop between two transactions once
         `done` (or shutdown) is set, and resume at the next call."""
         store = store or self.store
         now = self.monotonic()
@@ -733,6 +733,7 @@ class Shipper:
                 pruned = store.prune_sent(sent_before=self.clock() - self.config.spool.retention, between=between)
                 if pruned:
                     log.info("pruned %d sent records older than the retention period", pruned)
+            store.release_space(between=between)
         except StoreError as exc:
             log.warning("housekeeping failed: %s", exc)
 

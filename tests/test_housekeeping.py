@@ -8,6 +8,7 @@ What a statement reads is measured by SQLite itself: a progress handler counts t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -366,6 +367,60 @@ def drained_and_pruned(store: Store, n: int) -> int:
     assert store.prune_sent(sent_before=2000.0) == n
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return store.path.stat().st_size
+
+
+def test_a_new_spool_gives_back_the_space_a_drained_backlog_left_in_bounded_steps(db):
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL, for every new spool
+        drained = drained_and_pruned(store, 20_000)
+        assert drained > 900 << 10
+        pages: list[int] = [store.conn.execute("PRAGMA page_count").fetchone()[0]]
+
+        def between() -> bool:
+            pages.append(store.conn.execute("PRAGMA page_count").fetchone()[0])
+            return True
+
+        released = store.release_space(step=128, keep=128 << 10, between=between)
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # Each transaction a step: 128 free pages, and the pointer-map page (one per ~200 pages) they may leave.
+        assert max(a - b for a, b in itertools.pairwise(pages)) <= 129
+        assert len(pages) > 5 and 0 < released <= pages[0] - pages[-1]
+        assert store.path.stat().st_size <= 256 << 10, store.path.stat().st_size
+        assert store.release_space(keep=128 << 10) == 0  # what is left is the reserve new records take
+        store.append(counts(100))
+        assert store.counts()["pending"] == 100
+
+
+def test_an_existing_spool_keeps_its_mode_and_reuses_its_free_pages(db):
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # made before new spools were INCREMENTAL
+        conn.execute("PRAGMA page_size = 1024")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE early (x)")
+    with Store(db) as store:
+        assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # switching would rewrite the file
+        drained = drained_and_pruned(store, 20_000)
+        assert store.release_space() == 0
+        drained_and_pruned(store, 20_000)  # the next backlog takes the pages the last one freed
+        assert store.path.stat().st_size <= drained * 1.05
+
+
+def test_housekeeping_prunes_and_gives_the_space_back(db, receiver):
+    now = [1_000_000.0]
+    config = make_config(db, receiver, retention=3600)
+    long_name = "a stat with a long name, as some are: " + "x" * 80
+    with Store.for_config(config) as store:
+        for lo in range(0, 60_000, 10_000):
+            store.append([(long_name, None, None, None, 0, 1, T0 + i) for i in range(lo, lo + 10_000)])
+        settle_all(store, now=now[0])  # shipped (as the drain settles them)
+    with Store.for_config(config) as store, Shipper(store, config, clock=lambda: now[0],
+                                                    between_housekeeping=lambda: None) as shipper:
+        full = store.path.stat().st_size
+        assert full > 8 << 20
+        now[0] += 3601
+        shipper.housekeeping()
+        assert store.counts()["sent"] == 0
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert store.path.stat().st_size < full / 2
 
 
 # -- upgrades -----------------------------------------------------------------------------------------------

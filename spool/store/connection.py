@@ -107,6 +107,12 @@ class Opening(Schema):
         # under light load) touches two: 4 KiB pages made that 12.8 kB written per record, 1 KiB pages 6.9 kB;
         # 500-record batches went from 535 to 423 B per record over its life (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        # A new spool can give pages back to the file system once a backlog has drained (`release_space`, a
+        # bounded step per housekeeping tick); an existing one keeps its mode and reuses its free pages
+        # (switching needs a VACUUM, a rewrite of the whole file: see docs/design.md, "Space"). Asked of an
+        # existing file the pragma is a write transaction, so it is asked of a new one only.
+        if self.conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.conn.execute("PRAGMA journal_mode=WAL")  # a file that is not a database fails here (SQLITE_NOTADB)
         # Once a long reader (an export) has let the WAL grow, the next restart of the log cuts it back to this.
         self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")

@@ -16,8 +16,11 @@ from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _COLUMNS, _IDS, _LEASED, Core, State, _dumps, _loads, _translated
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
+RELEASE_STEP = 256  # free pages given back to the file system per transaction (tens of ms)
+RELEASE_KEEP = 4 << 20  # bytes of free pages always kept for new records (more: a quarter of the pages in use)
 SORTED_EXPORT_MAX = 200_000  # pending records in a window of t an export finds by the index and sorts
 WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the WAL to itself
+_INCREMENTAL = 2  # PRAGMA auto_vacuum
 COMPACT_STEP = 1000  # pending records' index entries a compaction transaction reads at most
 _COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
 
@@ -48,6 +51,35 @@ class Queries(Core):
             total += n
             if not more or (between is not None and not between()):
                 return total
+
+    def release_space(self, *, step: int = RELEASE_STEP, keep: int = RELEASE_KEEP,
+                      between: Between | None = None) -> int:
+        """Give free pages beyond a reserve back to the file system, `step` pages per transaction; return how many.
+
+        Only a spool made with auto_vacuum=INCREMENTAL (every spool since schema 8 was created so) can: others
+        reuse their free pages for new records instead. The reserve (a quarter of the pages in use, at least
+        `keep` bytes) is what hourly pruning frees and appends take again, so a spool in its steady state
+        moves no page; what a drained backlog and its pruning left is given back over a few housekeeping ticks.
+        """
+        released = 0
+        while self._to_release(self.conn, keep) > 0:  # looked at first without the write lock: mostly, nothing
+            with self._write(wait=False) as conn:  # lost in a power cut: the pages are simply still free
+                n = min(step, self._to_release(conn, keep))
+                for _ in range(n):  # sqlite3 steps a statement without columns once: one page per execute
+                    conn.execute("PRAGMA incremental_vacuum(1)")
+            released += max(n, 0)
+            if between is not None and not between():
+                break
+        return released
+
+    @staticmethod
+    def _to_release(conn: sqlite3.Connection, keep: int) -> int:
+        """Return how many free pages are beyond the reserve (0 unless the spool is auto_vacuum=INCREMENTAL)."""
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            return 0
+        pages, free, size = (conn.execute(f"PRAGMA {name}").fetchone()[0]
+                             for name in ("page_count", "freelist_count", "page_size"))
+        return free - max((pages - free) // 4, keep // size)
 
     # -- dead letters ------------------------------------------------------------------------------
 
