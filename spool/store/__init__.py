@@ -9,8 +9,9 @@ Its rooms, one mixin class each, composed into `Store` below:
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
 * ledger.py: the shipper's side: leases, acks, suspects (splits), dead marking, releasing dead leases.
-* queries.py: the operator's side: counts and status, dead letters, export/move/replay, compaction,
-  pruning, re-stamping held records.
+* queries.py: the operator's side: counts and status, dead letters, export/move/replay, re-stamping held
+  records; and housekeeping's long jobs, each a series of small transactions: pruning, compaction, giving
+  free pages back.
 
 The storage contract, stated once:
 
@@ -44,6 +45,9 @@ The storage contract, stated once:
   before that offset) is committed with its records; see `FileMark`.
 * An ack also writes when it settled its records, a row of `settled` per run of ids: SENT records are kept
   for the retention period (for replay) and then pruned by those rows, oldest first, in small transactions.
+* No job holds the write lock for long: compaction and pruning read and change at most about a thousand
+  records per transaction, and giving free pages back moves at most RELEASE_STEP pages; each resumes where it
+  stopped (compaction's cursor is kept in meta).
 """
 
 from __future__ import annotations
