@@ -656,7 +656,7 @@ class Shipper:
             while not self.shutdown.is_set():
                 self.wake.wait(self.config.ship.idle_poll)
                 self.wake.clear()
-                version = self.store.data_version()  # housekeeping's commits (a re-stamp, a requeue) are seen too
+                version = self.store.data_version()  # housekeeping's commits (a re-stamp) are seen too
                 if version != seen:
                     seen = version
                     break

@@ -248,7 +248,10 @@ class Queries(Core):
         """Where the pass stands (kept in meta), its sums checked: a new pass when none is kept for this bucket size,
         or when a parked one has seen as many new ids as it read."""
         kept = conn.execute("SELECT value FROM meta WHERE name = ?", (_COMPACTION,)).fetchone()
-        cursor = _Cursor(**_loads(kept[0])) if kept is not None else None
+        try:
+            cursor = _Cursor(**_loads(kept[0])) if kept is not None else None
+        except (TypeError, ValueError):  # not one this release wrote: a new pass
+            cursor = None
         if cursor is None or cursor.bucket != bucket:
             return _Cursor(bucket)
         if cursor.parked_at is not None:
