@@ -55,7 +55,8 @@ log = logging.getLogger("spool.ship")
 
 META_THROTTLE = 1.0  # seconds between writes of an unchanged failure note
 HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for dead owners' leases, held records, expired records
-PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune walks the table)
+PRUNE_INTERVAL = 3600.0  # seconds between prunes of sent records (retention is days; a prune reads what it deletes)
+HOUSEKEEPING_GAP = 0.025  # seconds at least the write lock is left free between two housekeeping transactions
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
@@ -197,7 +198,11 @@ class Shipper:
                  shutdown: threading.Event | None = None, wake: threading.Event | None = None,
                  hurry: threading.Event | None = None, idle: threading.Event | None = None,
                  sleep: Callable[[float], object] | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic, handover: Handover | None = None):
+                 monotonic: Callable[[], float] = time.monotonic, handover: Handover | None = None,
+                 between_housekeeping: Callable[[], object] | None = None):
+        """`between_housekeeping` is called between the transactions of housekeeping's long jobs (compaction,
+        pruning, giving space back); by default it leaves the write lock free a while (`Gap`). Tests pause them
+        there instead."""
         self.store = store
         self.config = config
         self.endpoint = check_endpoint(config.ship.endpoint, allow_insecure=config.ship.allow_insecure)
@@ -243,6 +248,7 @@ class Shipper:
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
         self._last_housekeeping = float("-inf")
         self._last_prune = float("-inf")
+        self._between_housekeeping = between_housekeeping
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -757,7 +763,21 @@ class Shipper:
     # -- running --------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown."""
+        """Drain, then wait for new records (woken by producers or by commits seen in the spool), until shutdown.
+
+        Housekeeping runs meanwhile in a thread of its own, on its own connection (`keep_house`): a drain can last
+        as long as the backlog (or an outage), and compaction as long as its pass, so neither waits for the other.
+        """
+        done = threading.Event()
+        keeper = threading.Thread(target=self.keep_house, args=(done,), name="spool-housekeeping", daemon=True)
+        keeper.start()
+        try:
+            self._ship_until_shutdown()
+        finally:
+            done.set()
+            keeper.join()
+
+    def _ship_until_shutdown(self) -> None:
         seen = self.store.data_version()
         if self._resumed:  # a reload: the jitter was waited when the agent started; the link's back-off holds
             wait = self._not_before - self.monotonic()
@@ -771,7 +791,6 @@ class Shipper:
                 self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
                 self.sleep(jitter)
         while not self.shutdown.is_set():
-            self.housekeeping()
             result = self.drain()
             self.idle.set()
             stopped = None if result.done or self.shutdown.is_set() else result.reason
@@ -785,14 +804,27 @@ class Shipper:
                 pause = self._pause
                 if pause is not None and (self._key_file_changed() or self.monotonic() >= pause.probe_at):
                     break  # the key file changed, or the refused key may be tried again
-                version = self.store.data_version()
+                version = self.store.data_version()  # housekeeping's commits (a re-stamp) are seen too
                 if version != seen:
                     seen = version
                     break
-                if self.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL:
-                    break
 
-    def restamp_held(self) -> None:
+    def keep_house(self, done: threading.Event) -> None:
+        """Run `housekeeping` every HOUSEKEEPING_INTERVAL on a spool connection of its own, until `done` is set."""
+        try:
+            store = Store(self.store.path, synchronous=self.config.spool.synchronous, limits=self.config.spool)
+        except StoreError as exc:
+            log.error("housekeeping cannot open the spool: %s; sent records are not pruned meanwhile", exc)
+            return
+        with store:
+            while not done.is_set():
+                try:
+                    self.housekeeping(store, done)
+                except Exception:  # a bug here must not end housekeeping for the life of the agent
+                    log.exception("housekeeping failed")
+                done.wait(HOUSEKEEPING_INTERVAL)
+
+    def restamp_held(self, store: Store | None = None) -> None:
         """Give held records their time if the clock is sane now (see Store.restamp_held)."""
         from spool.clock import boot_clock, boot_id
         from spool.records import CLOCK_SANE_AFTER
@@ -800,7 +832,7 @@ class Shipper:
         wall = self.clock()
         if wall < CLOCK_SANE_AFTER:
             return
-        restamped, lost = self.store.restamp_held(wall=wall, mono=boot_clock(), boot=boot_id(),
+        restamped, lost = (store or self.store).restamp_held(wall=wall, mono=boot_clock(), boot=boot_id(),
                                                   floor=self.config.spool.t_floor)
         if restamped:
             log.info("the clock is sane: re-stamped %d records held while it was not", restamped)
@@ -808,39 +840,71 @@ class Shipper:
             log.warning("%d held records cannot be placed in time (held in an earlier boot, or the monotonic "
                         "clock jumped); moved to dead letters with the reason", lost)
 
-    def drop_expired(self) -> None:
+    def drop_expired(self, store: Store | None = None) -> None:
         """Drop pending records whose t is older than max_age, counted (dropped_age) and logged."""
-        expired = self.store.drop_expired(now=self.clock())
+        expired = (store or self.store).drop_expired(now=self.clock())
         if expired:
-            self.stats.expired += expired
+            with self._stats_lock:  # housekeeping's thread and the drain's both drop
+                self.stats.expired += expired
             log.warning("dropped %d pending records older than max_age", expired)
 
-    def housekeeping(self) -> None:
-        """Free dead owners' leases; re-stamp held records; compact, expire; hourly, prune sent records."""
+    def housekeeping(self, store: Store | None = None, done: threading.Event | None = None) -> None:
+        """Free dead owners' leases; re-stamp held records; compact; expire; hourly, prune sent records; give
+        space back. On `store` (the shipper's own by default); the long jobs stop between two transactions once
+        `done` (or shutdown) is set, and resume at the next call."""
+        store = store or self.store
         now = self.monotonic()
         if now - self._last_housekeeping < HOUSEKEEPING_INTERVAL:
             return
         self._last_housekeeping = now
+
+        stop = done or self.shutdown
+        pause = self._between_housekeeping or Gap(stop.wait)
+
+        def between() -> bool:
+            pause()
+            return not (self.shutdown.is_set() or stop.is_set())
+
         try:
-            freed = self.store.release_dead_leases(unowned_before=self.clock() - self.config.ship.lease_timeout)
-            self.store.sweep_stages()
-            self.restamp_held()
+            freed = store.release_dead_leases(unowned_before=self.clock() - self.config.ship.lease_timeout)
+            if freed:
+                log.warning("returned %d records of leases whose shipper died to pending", freed)
+            store.sweep_stages()
+            self.restamp_held(store)
             if self.config.spool.compact_counts:
-                saved = self.store.compact_counts(bucket=int(self.config.spool.compact_counts))
+                saved = store.compact_counts(bucket=int(self.config.spool.compact_counts), between=between)
                 if saved:
                     log.info("compacted the backlog: %d count records merged away", saved)
-            self.drop_expired()
-            pruned = 0
+            self.drop_expired(store)
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now
-                pruned = self.store.prune_sent(sent_before=self.clock() - self.config.spool.retention)
+                pruned = store.prune_sent(sent_before=self.clock() - self.config.spool.retention, between=between)
+                if pruned:
+                    log.info("pruned %d sent records older than the retention period", pruned)
+            store.release_space(between=between)
         except StoreError as exc:
             log.warning("housekeeping failed: %s", exc)
-            return
-        if pruned:
-            log.info("pruned %d sent records older than the retention period", pruned)
-        if freed:
-            log.warning("returned %d records of leases whose shipper died to pending", freed)
+
+
+class Gap:
+    """Between two transactions of a long job, leave the write lock free as long as the last one held it, and
+    HOUSEKEEPING_GAP at least.
+
+    A producer waiting for the lock is in SQLite's busy handler, which polls 1, 2, 5, ... 25 ms apart at first,
+    then 50 and 100 ms: were the job to take the lock again at once, a waiter could miss every free moment (a
+    `spool add` waited 23 s behind compaction). With free moments as long as the held ones (25 ms at least),
+    it gets its turn after about one transaction, and the job still has half the time.
+    """
+
+    def __init__(self, wait: Callable[[float], object] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.wait = wait
+        self.monotonic = monotonic
+        self.since = monotonic()
+
+    def __call__(self) -> None:
+        self.wait(max(HOUSEKEEPING_GAP, self.monotonic() - self.since))
+        self.since = self.monotonic()
 
 
 def _runs_of_answers(answers: list[_Answer]) -> list[list[_Answer]]:

@@ -401,7 +401,7 @@ def test_compaction_merges_counts_per_stat_key_and_bucket_exactly_and_leaves_the
         leased = sorted(i.id for i in lease.items)
         before = bucket_sums(sp.store, 60)
         total_before = sum(sp.store.counts().values())
-        saved = sp.store.compact_counts(bucket=60, groups=7)
+        saved = sp.store.compact_counts(bucket=60, rows=7)
         after = bucket_sums(sp.store, 60)
         assert after == before  # every (stat, key, bucket) sum unchanged; values untouched
         assert saved == total_before - sum(sp.store.counts().values()) > 0
@@ -422,7 +422,7 @@ def test_compaction_preserves_every_bucket_sum(tmp_path_factory, items, bucket):
         sp.append_records([make_record(stat=s, ezkey=k, t=T0 + dt, **({"count": n} if is_count else {"value": n}))
                            for s, k, is_count, n, dt in items])
         before = bucket_sums(sp.store, bucket)
-        sp.store.compact_counts(bucket=bucket, groups=3)
+        sp.store.compact_counts(bucket=bucket, rows=3)
         assert bucket_sums(sp.store, bucket) == before
 
 

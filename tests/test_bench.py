@@ -25,3 +25,17 @@ def test_the_benchmark_runs_in_quick_mode_and_reports_every_figure_beside_its_ba
         assert row["ours"] > 0 or "CPU" in row["figure"], row
         assert row["target"] is None or row["target"].split()[0] in (">=", "<=")
         assert row["conditions"], row  # every figure says what it was measured against
+
+
+def test_the_housekeeping_benchmark_runs_on_a_small_spool(tmp_path):
+    import os
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_housekeeping.py"), "3000",
+                             "--only", "prune,dead,export,compact,space", "--cap", "60"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SPOOL_BENCH_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    for expected in ["prune_sent, nothing old enough", "`spool dead list`", "`spool export",
+                     "longest write transaction", "the whole pass", "`spool add` during compaction",
+                     "after release_space"]:
+        assert expected in result.stdout, result.stdout

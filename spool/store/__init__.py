@@ -4,13 +4,14 @@ Its rooms, one mixin class each, composed into `Store` below:
 
 * core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
   condition hiding open stages (`_hidden`), counters and meta, and SQLite's errors translated for operators.
-* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 7).
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 8).
 * connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
 * ledger.py: the shipper's side: leases, acks, suspects (splits), dead marking, releasing dead leases.
-* queries.py: the operator's side: counts and status, dead letters, export/move/replay, compaction,
-  pruning, re-stamping held records.
+* queries.py: the operator's side: counts and status, dead letters, export/move/replay, re-stamping held
+  records; and housekeeping's long jobs, each a series of small transactions: pruning, compaction, giving
+  free pages back.
 
 The storage contract, stated once:
 
@@ -44,7 +45,11 @@ The storage contract, stated once:
   stage or lease is never taken from it.
 * A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
   before that offset) is committed with its records; see `FileMark`.
-* SENT records are kept for the retention period (for replay) and then pruned in small transactions.
+* An ack also writes when it settled its records, a row of `settled` per run of ids: SENT records are kept
+  for the retention period (for replay) and then pruned by those rows, oldest first, in small transactions.
+* No job holds the write lock for long: compaction and pruning read and change at most about a thousand
+  records per transaction, and giving free pages back moves at most RELEASE_STEP pages; each resumes where it
+  stopped (compaction's cursor is kept in meta).
 """
 
 from __future__ import annotations

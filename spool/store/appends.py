@@ -16,6 +16,7 @@ from spool.errors import SpoolFull, StoreError
 from spool.records import Record
 from spool.store.core import _COLUMNS, _INSERT, _LEASED, Core, State, _loads, _log, _translated
 from spool.store.files import FileMark
+from spool.store.queries import prune_runs
 from spool.store.schema import _V5_STAGES
 
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
@@ -205,8 +206,11 @@ class Appends(Core):
         return pages * conn.execute("PRAGMA page_size").fetchone()[0]
 
     def _prune_some(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.SENT} "
-                            "ORDER BY id LIMIT 1000)").rowcount
+        # The oldest settled first, by their runs (`settled`): with no sent records left, one row is read.
+        while True:
+            deleted, more = prune_runs(conn, 1000, None)
+            if deleted or not more:
+                return deleted
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
         dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "

@@ -39,6 +39,7 @@ _INTERRUPT = 9  # SQLITE_INTERRUPT: a full check stopped by its `step`
 CHECK_STEP_OPS = 1000  # SQLite operations between two calls of a full check's `step` (a few hundred records)
 CLEAN_STOP = "clean_stop"  # meta: when the agent last stopped cleanly (absent while one runs, or after a crash)
 INTEGRITY = "integrity"  # meta: the last full check: {"state": owed|checking|sound|damaged, "at": ..., ...}
+WAL_LIMIT = 16 << 20  # bytes the write-ahead log is cut back to when it restarts (journal_size_limit)
 
 
 class Opening(Schema):
@@ -119,7 +120,15 @@ class Opening(Schema):
         # under light load) touches two: 4 KiB pages made that 12.8 kB written per record, 1 KiB pages 6.9 kB;
         # 500-record batches went from 535 to 423 B per record over its life (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        # A new spool can give pages back to the file system once a backlog has drained (`release_space`, a
+        # bounded step per housekeeping tick); an existing one keeps its mode and reuses its free pages
+        # (switching needs a VACUUM, a rewrite of the whole file: see docs/design.md, "Space"). Asked of an
+        # existing file the pragma is a write transaction, so it is asked of a new one only.
+        if self.conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.conn.execute("PRAGMA journal_mode=WAL")  # a file that is not a database fails here (SQLITE_NOTADB)
+        # Once a long reader (an export) has let the WAL grow, the next restart of the log cuts it back to this.
+        self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         # Every page a statement reads is checked more closely, so damage on the path of an append is reported
         # (SQLITE_CORRUPT) before the append writes beside it, at no cost worth measuring.
         self.conn.execute("PRAGMA cell_size_check=ON")

@@ -112,6 +112,9 @@ class Ledger(Core):
                 n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL "
                                  f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                                  (now, _dumps(list(ids)))).rowcount
+            if n:  # when they were settled, a row per run: pruning finds them by it (schema 8, `settled`)
+                conn.executemany("INSERT OR IGNORE INTO settled (done_at, lo, hi) VALUES (?, ?, ?)",
+                                 [(now, lo, hi) for lo, hi in runs])
             if ended:
                 self._end_leases(conn, ended)
             if note:

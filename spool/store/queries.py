@@ -4,14 +4,27 @@ replay, compaction, pruning sent records, and re-stamping held records once the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
-from spool.store.core import _COLUMNS, _IDS, _INSERT, _LEASED, Core, State, _dumps, _loads, _translated
+from spool.store.core import _COLUMNS, _IDS, _LEASED, Core, State, _dumps, _loads, _translated
+
+PRUNE_STEP = 1000  # sent records deleted per transaction
+RELEASE_STEP = 256  # free pages given back to the file system per transaction (tens of ms)
+RELEASE_KEEP = 4 << 20  # bytes of free pages always kept for new records (more: a quarter of the pages in use)
+SORTED_EXPORT_MAX = 200_000  # pending records in a window of t an export finds by the index and sorts
+WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the WAL to itself
+_INCREMENTAL = 2  # PRAGMA auto_vacuum
+COMPACT_STEP = 1000  # pending records' index entries a compaction transaction reads at most
+_COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
+
+Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
@@ -20,23 +33,53 @@ RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularit
 class Queries(Core):
     """What operators ask of a spool and do to its backlog."""
 
-    def prune_sent(self, *, sent_before: float, step: int = 1000) -> int:
-        """Delete SENT records older than the retention cut-off, `step` rows per transaction.
+    def prune_sent(self, *, sent_before: float, step: int = PRUNE_STEP, between: Between | None = None) -> int:
+        """Delete SENT records settled before `sent_before`, oldest settled first, about `step` per transaction.
 
-        Walks the table once by id, so a run costs one pass however many steps it takes.
+        The runs of ids acknowledgements settled are rows of `settled`, by when: each step takes the oldest of
+        them (at least one, then up to `step` ids in all) and deletes the sent records in their ranges, so with
+        nothing old enough a run reads one row, whatever the backlog. A record is deleted only if its own
+        done_at is before the cut-off too (a range may outlive its records: export --remove, the byte bound).
+        `between` is called after each committed step; when it returns False the run stops there (the next one
+        goes on). Returns how many records were deleted.
         """
-        total, after = 0, 0
+        total = 0
         while True:
-            with self._write() as conn:
-                ids = [row[0] for row in conn.execute(
-                    f"SELECT id FROM records WHERE id > ? AND state = {State.SENT} AND done_at < ? ORDER BY id LIMIT ?",
-                    (after, sent_before, step))]
-                if ids:
-                    conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
-            total += len(ids)
-            if len(ids) < step:
+            # A step lost in a power cut only leaves records to prune again: its commit need not wait for the disk.
+            with self._write(wait=False) as conn:
+                n, more = prune_runs(conn, step, sent_before)
+            total += n
+            if not more or (between is not None and not between()):
                 return total
-            after = ids[-1]
+
+    def release_space(self, *, step: int = RELEASE_STEP, keep: int = RELEASE_KEEP,
+                      between: Between | None = None) -> int:
+        """Give free pages beyond a reserve back to the file system, `step` pages per transaction; return how many.
+
+        Only a spool made with auto_vacuum=INCREMENTAL (every spool since schema 8 was created so) can: others
+        reuse their free pages for new records instead. The reserve (a quarter of the pages in use, at least
+        `keep` bytes) is what hourly pruning frees and appends take again, so a spool in its steady state
+        moves no page; what a drained backlog and its pruning left is given back over a few housekeeping ticks.
+        """
+        released = 0
+        while self._to_release(self.conn, keep) > 0:  # looked at first without the write lock: mostly, nothing
+            with self._write(wait=False) as conn:  # lost in a power cut: the pages are simply still free
+                n = min(step, self._to_release(conn, keep))
+                for _ in range(n):  # sqlite3 steps a statement without columns once: one page per execute
+                    conn.execute("PRAGMA incremental_vacuum(1)")
+            released += max(n, 0)
+            if between is not None and not between():
+                break
+        return released
+
+    @staticmethod
+    def _to_release(conn: sqlite3.Connection, keep: int) -> int:
+        """Return how many free pages are beyond the reserve (0 unless the spool is auto_vacuum=INCREMENTAL)."""
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            return 0
+        pages, free, size = (conn.execute(f"PRAGMA {name}").fetchone()[0]
+                             for name in ("page_count", "freelist_count", "page_size"))
+        return free - max((pages - free) // 4, keep // size)
 
     # -- dead letters ------------------------------------------------------------------------------
 
@@ -111,7 +154,9 @@ class Queries(Core):
 
     def integrity_ok(self) -> bool:
         with _translated(self.path, self.busy_timeout):
-            return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            sound = self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        self._after_long_read()  # it read the whole file, holding one snapshot
+        return sound
 
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
@@ -161,37 +206,105 @@ class Queries(Core):
 
     # -- compaction --------------------------------------------------------------------------------
 
-    def compact_counts(self, *, bucket: int, groups: int = 500) -> int:
+    def compact_counts(self, *, bucket: int, rows: int = COMPACT_STEP, between: Between | None = None) -> int:
         """Merge pending counters (not in flight) of the same key and stat within one `bucket` of seconds.
 
-        Each group becomes one record holding the sum, at the bucket's start. Exact for counters at that
-        resolution; values are never merged. Works `groups` groups per transaction; returns records saved.
+        Each group becomes one record holding the sum, at the bucket's start: the first of them, rewritten; the
+        others are deleted. Exact for counters at that resolution; values are never merged; a sum that would
+        leave what validation accepts starts a new record. Returns how many records this call merged away.
+
+        A pass walks the pending records oldest first (the pending_t index, by t then id) from where the last
+        transaction stopped, reading at most `rows` index entries per transaction: no transaction holds the write
+        lock longer than that, whatever the backlog, and the whole pass is one walk of the index. Where it stands
+        is kept in meta with the records that hold the sums of the bucket it is in (so a bucket larger than a
+        step still becomes one record per group), and `between`, called after each committed transaction, stops
+        the pass when it returns False: the next call resumes it.
+
+        A pass that reached the newest records parks at the start of the newest bucket: later calls merge what
+        arrives there and after it without reading the backlog again. Records that arrive behind it (an import
+        of older times) wait for the next whole pass, which starts once as many record ids have been given out
+        since it parked as the pass read: all told, the walks cost a few times the records appended.
         """
-        saved, after = 0, ""
+        merged = 0
         while True:
-            with self._write() as conn:
-                # The sums are taken here, not with SQL's sum(), which raises on integer overflow; a group
-                # whose sum would leave what validation accepts is merged only as far as it fits.
-                rows = conn.execute(
-                    f"SELECT stat, key, ukey, ezkey, bucket, json_group_array(json_array(id, number)), "
-                    f"json_array(stat, key, ukey, ezkey, bucket) AS tag FROM (SELECT id, stat, key, ukey, ezkey, "
-                    f"number, (t / ?) * ? AS bucket FROM records WHERE state = {State.PENDING} "
-                    f"AND kind = {Kind.COUNT} AND t > 0{self._hidden(conn)} "
-                    f"AND id NOT IN ({_LEASED}) ORDER BY id) GROUP BY stat, key, ukey, ezkey, bucket "
-                    f"HAVING count(*) > 1 AND tag > ? ORDER BY tag LIMIT ?",
-                    (bucket, bucket, after, groups)).fetchall()
-                merged = 0
-                for stat, key, ukey, ezkey, start, members, _ in rows:
-                    for ids, total in _mergeable(_loads(members)):
-                        conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
-                        conn.execute(_INSERT, (stat, key, ukey, ezkey, 0, total, start))
-                        merged += len(ids) - 1
-                if merged:
-                    self._add_count(conn, "compacted", merged)
-            saved += merged
-            if len(rows) < groups:
-                return saved
-            after = rows[-1][6]
+            with self._write(wait=False) as conn:  # lost in a power cut: those records are merely not merged yet
+                kept = cursor = self._compaction_cursor(conn, bucket, rows)
+                entries = _after(conn, cursor.t, cursor.id, rows)
+                end = len(entries) < rows
+                cursor, gone = self._merge(conn, cursor, entries, rows)
+                if gone:
+                    self._add_count(conn, "compacted", gone)
+                if end:  # parked at the start of the newest bucket: what arrives in it is merged into its sums
+                    cursor = cursor._replace(t=cursor.t // bucket * bucket, id=0)
+                if end and cursor.parked_at is None:
+                    cursor = cursor._replace(parked_at=conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0)
+                if cursor != kept:  # a parked pass that found nothing new writes nothing (an idle box, every tick)
+                    self._set_meta(conn, {_COMPACTION: cursor._asdict()})
+            merged += gone
+            if end or (between is not None and not between()):
+                return merged
+
+    def _compaction_cursor(self, conn: sqlite3.Connection, bucket: int, rows: int) -> _Cursor:
+        """Where the pass stands (kept in meta), its sums checked: a new pass when none is kept for this bucket size,
+        or when a parked one has seen as many new ids as it read."""
+        kept = conn.execute("SELECT value FROM meta WHERE name = ?", (_COMPACTION,)).fetchone()
+        try:
+            cursor = _Cursor(**_loads(kept[0])) if kept is not None else None
+        except (TypeError, ValueError):  # not one this release wrote: a new pass
+            cursor = None
+        if cursor is None or cursor.bucket != bucket:
+            return _Cursor(bucket)
+        if cursor.parked_at is not None:
+            newest = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+            if newest - cursor.parked_at >= max(cursor.read, rows):
+                return _Cursor(bucket)
+        if cursor.sums:
+            # A record holding a sum may have been leased, shipped or dropped since: it no longer holds it.
+            held = {record_id: number for record_id, number in conn.execute(
+                f"SELECT id, number FROM records WHERE id IN ({_IDS}) AND state = {State.PENDING} "
+                f"AND id NOT IN ({_LEASED})", (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
+            cursor = cursor._replace(sums=[[group, record_id, total] for group, record_id, total in cursor.sums
+                                           if held.get(record_id, _GONE) == total])
+        return cursor
+
+    def _merge(self, conn: sqlite3.Connection, cursor: _Cursor, entries: list[tuple[Any, ...]],
+               rows: int) -> tuple[_Cursor, int]:
+        """Fold a step's entries (rows of `_after`) into the sums of their buckets; return where the pass stands
+        after them, and how many records were merged away."""
+        if not entries:
+            return cursor, 0
+        spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # an open stage's records are not there yet
+        bucket, current = cursor.bucket, cursor.t // cursor.bucket
+        sums = {group: [record_id, total, False] for group, record_id, total in cursor.sums}
+        gone: list[int] = []
+        changed: list[tuple[Any, ...]] = []
+        for record_id, stat, key, ukey, ezkey, kind, number, t, leased in entries:
+            if t // bucket != current:  # a new bucket: the sums of the last one are final
+                changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
+                sums, current = {}, t // bucket
+            if kind != Kind.COUNT or leased or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
+                continue
+            group = _dumps([stat, key, ukey, ezkey])
+            into = sums.get(group)
+            if into is not None and into[0] == record_id:  # the record holding the sum, read again (parked)
+                continue
+            total = into[1] + number if into is not None else number
+            if into is None or not _fits(total):
+                if into is not None and into[2]:  # full: it keeps what it holds
+                    changed.append((into[1], current * bucket, into[0]))
+                sums[group] = [record_id, number, False]  # this record holds the group's sum from here on
+                continue
+            into[1], into[2] = total, True
+            gone.append(record_id)
+        changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
+        if gone:
+            conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(gone),))
+            conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
+        last = entries[-1]
+        read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
+        # A bucket's sums are carried into the next step (it may go on there), as many as a step reads at most.
+        carried = [[group, held, total] for group, (held, total, _) in itertools.islice(sums.items(), rows)]
+        return cursor._replace(t=last[7], id=last[0], read=read, sums=carried), len(gone)
 
     # -- moving backlog ----------------------------------------------------------------------------
 
@@ -225,12 +338,45 @@ class Queries(Core):
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
-        """Yield (id, record) of the selected records in append order, streaming (one read snapshot)."""
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
+
+        Pending records within a window of t are found by the pending_t index when there are few of them
+        (SORTED_EXPORT_MAX), and sorted: a walk of the whole table would cost the backlog, not the selection.
+        Once the snapshot is let go, the WAL it held back is checkpointed (`_after_long_read`).
+        """
         where, params = self._selection(state, since, until, stat_glob)
-        with self._read():
-            for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden()} "
-                                         "ORDER BY id", params):
-                yield row[0], Record(*row[1:])
+        try:
+            with self._read():
+                hidden = self._hidden()
+                source = "records"
+                if state == "pending" and (since is not None or until is not None) and self.conn.execute(
+                        f"SELECT count(*) FROM (SELECT 1 FROM records WHERE {where}{hidden} LIMIT ?)",
+                        [*params, SORTED_EXPORT_MAX + 1]).fetchone()[0] <= SORTED_EXPORT_MAX:
+                    source = "records INDEXED BY pending_t"
+                for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM {source} WHERE {where}{hidden} "
+                                             "ORDER BY id", params):
+                    yield row[0], Record(*row[1:])
+        finally:
+            self._after_long_read()
+
+    def _after_long_read(self) -> None:
+        """Checkpoint the WAL a long reader held back, and cut it back, without keeping any writer waiting long.
+
+        While a snapshot is held, nothing appended after it can be checkpointed, so the WAL grows with every
+        commit (a drain writes hundreds of bytes per record). PASSIVE copies what it can and waits for no one;
+        TRUNCATE then empties the file if it can have the WAL to itself within WAL_RESET_WAIT, and otherwise
+        leaves it to the next restart of the log, which cuts it back to journal_size_limit.
+        """
+        if self.conn.in_transaction:
+            return
+        # Only a courtesy to the disk: whatever stops it (a full disk, a busy spool) leaves it to the next restart.
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.conn.execute(f"PRAGMA busy_timeout = {int(WAL_RESET_WAIT * 1000)}")
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
                  until: int | None = None, stat_glob: str | None = None, chunk: int = 10_000) -> int:
@@ -266,18 +412,52 @@ class Queries(Core):
             return queued
 
 
-def _mergeable(members: list[list[Any]]) -> Iterator[tuple[list[int], int | float]]:
-    """Split one compaction group's (id, number) pairs into runs whose sum validation would still accept."""
-    ids: list[int] = []
-    total: int | float = 0
-    for record_id, number in members:
-        candidate = total + number
-        fits = abs(candidate) <= INT64_MAX if isinstance(candidate, int) else math.isfinite(candidate)
-        if ids and not fits:
-            if len(ids) > 1:
-                yield ids, total
-            ids, total = [], 0
-        ids.append(record_id)
-        total = total + number
-    if len(ids) > 1:
-        yield ids, total
+def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tuple[int, bool]:
+    """Delete the sent records of the oldest settled runs (settled before `before`, if given), up to `step`
+    ids of ranges (at least one run); return (records deleted, whether older runs are left)."""
+    cut = "" if before is None else "WHERE done_at < ? "
+    rows = conn.execute(f"SELECT done_at, lo, hi FROM settled {cut}ORDER BY done_at, lo LIMIT ?",
+                        (step,) if before is None else (before, step)).fetchall()
+    taken, span = 0, 0
+    for _, lo, hi in rows:
+        if taken and span + hi - lo + 1 > step:
+            break
+        taken, span = taken + 1, span + hi - lo + 1
+    runs = rows[:taken]
+    deleted = conn.executemany(
+        f"DELETE FROM records WHERE id BETWEEN ? AND ? AND state = {State.SENT} AND done_at < ?",
+        [(lo, hi, before if before is not None else math.inf) for _, lo, hi in runs]).rowcount
+    conn.executemany("DELETE FROM settled WHERE done_at = ? AND lo = ?", [(done, lo) for done, lo, _ in runs])
+    return max(deleted, 0), taken < len(rows) or len(rows) == step
+
+
+class _Cursor(NamedTuple):
+    """Where a compaction pass stands: past (t, id) in the pending_t index, having read `read` entries; parked
+    (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, id, total] of each
+    record holding a sum in the bucket it is in."""
+
+    bucket: int
+    t: int = 0
+    id: int = 0
+    read: int = 0
+    parked_at: int | None = None
+    sums: list[list[Any]] = []  # noqa: RUF012 - a NamedTuple's default, never mutated
+
+
+_GONE = object()
+
+
+def _after(conn: sqlite3.Connection, t: int, after_id: int, n: int) -> list[tuple[Any, ...]]:
+    """Return up to n pending records after (t, id) in the pending_t index, oldest first, each with whether a lease
+    holds it. Two seeks: (t, id) > (?, ?) as one condition would walk every entry of that t before the cursor."""
+    query = (f"SELECT id, stat, key, ukey, ezkey, kind, number, t, id IN ({_LEASED}) FROM records "
+             f"WHERE state = {State.PENDING} AND ")
+    rows = conn.execute(f"{query}t = ? AND id > ? ORDER BY id LIMIT ?", (t, after_id, n)).fetchall()
+    if len(rows) < n:
+        rows += conn.execute(f"{query}t > ? ORDER BY t, id LIMIT ?", (t, n - len(rows))).fetchall()
+    return rows
+
+
+def _fits(total: int | float) -> bool:
+    """Whether a sum is still a number validation accepts (a 64-bit integer, a finite float)."""
+    return abs(total) <= INT64_MAX if isinstance(total, int) else math.isfinite(total)

@@ -8,7 +8,7 @@ from spool.errors import StoreError
 from spool.owners import legacy_alive
 from spool.store.core import Core, State, _dumps
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -150,8 +150,28 @@ def _v7(conn: sqlite3.Connection) -> None:
     """
 
 
+def _settlements(conn: sqlite3.Connection) -> None:
+    """Version 8: when records were settled is kept per acknowledged run of ids, and dead letters have an index, so
+    housekeeping never walks the table for them.
+
+    * settled (done_at, lo, hi): one row per run of consecutive ids an acknowledgement made SENT (a batch is
+      mostly one run). Pruning takes the oldest rows first and deletes the sent records of their ranges, a
+      step at a time; with nothing old enough it reads one row. A partial index of sent records by done_at
+      did the same at an index entry per record: 86 more bytes written per shipped record (a fifth more),
+      where a row per batch costs about 2. Sent records from before are entered by done_at, in runs of at
+      most 1,000 ids.
+    * dead (DEAD records, in id order): listing, requeueing and purging dead letters cost what there is of
+      them; with none, nothing.
+    """
+    conn.execute("CREATE TABLE IF NOT EXISTS settled (done_at REAL NOT NULL, lo INTEGER NOT NULL, "
+                 "hi INTEGER NOT NULL, PRIMARY KEY (done_at, lo)) WITHOUT ROWID")
+    conn.execute(f"INSERT OR IGNORE INTO settled (done_at, lo, hi) SELECT done_at, min(id), max(id) FROM records "
+                 f"WHERE state = {State.SENT} AND done_at IS NOT NULL GROUP BY done_at, id / 1000")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS dead ON records (state) WHERE state = {State.DEAD}")
+
+
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6,
-               7: _v7}  # version -> step
+               7: _v7, 8: _settlements}  # version -> step
 
 
 class Schema(Core):
