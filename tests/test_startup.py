@@ -14,7 +14,7 @@ import threading
 import requests
 
 from spool.api import Spool
-from spool.store import PAGE_SIZE
+from spool.store import PAGE_SIZE, State
 
 from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, drop, jsonl, run_cli, spawn_cli, wait_for
 
@@ -120,7 +120,7 @@ def test_after_a_clean_stop_nothing_is_checked_and_after_a_kill_the_next_start_s
     backlog(db, 100, start=100)
     with Agent(db, config) as second:
         second.line("the last stop was clean")
-        wait_for(lambda: len(receiver.accepted) == 200)
+        wait_for(lambda: len(receiver.accepted) == 200 and shipped(db) == 200)  # answered, and marked sent
         assert second.stop(signal.SIGKILL) == -signal.SIGKILL
     assert not second.has("integrity check:")  # no check was started
     assert integrity(db) == checked  # the verdict of the first run's check stands
@@ -133,6 +133,12 @@ def test_after_a_clean_stop_nothing_is_checked_and_after_a_kill_the_next_start_s
         third.line("integrity check: the spool is sound")
         assert third.stop() == 0, third.lines
     assert integrity(db)["at"] > checked["at"]
+
+
+def shipped(db) -> int:
+    """Records marked sent (a kill after the receiver's answer but before that mark resends the batch)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT count(*) FROM records WHERE state = ?", (State.SENT,)).fetchone()[0]
 
 
 def leaf_in_the_middle_of_the_records(db):
