@@ -316,6 +316,7 @@ class Spool:
         meta = self.store.meta()
         status: dict[str, Any] = {
             **counts,
+            "staged": self.store.tally()["staged"],  # records of appends not yet whole: not pending until they are
             "oldest_pending_t": oldest,
             "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest),
             "size_bytes": self.store.size_bytes(),
@@ -372,10 +373,11 @@ class Spool:
 
 
 def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = None,
-                clock: Callable[[], float] = time.time, deep: bool = False) -> list[Any]:
+                clock: Callable[[], float] = time.time, deep: bool = False, recount: bool = False) -> list[Any]:
     """Check the whole setup (`spool doctor`): one Verdict per part, every check run even if the config is broken.
 
-    `deep`: also run SQLite's full integrity check of the spool (it reads the whole file) and record its verdict.
+    `deep`: also run SQLite's full integrity check of the spool (it reads the whole file) and record its verdict,
+    and count every record to compare with the kept counts; `recount` then sets those that differ.
     """
     from spool import config as configuration
     from spool.doctor import checks
@@ -387,7 +389,8 @@ def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = No
         path = Path(db).expanduser() if db else configuration.default_db_path()
         return Config().replace(**{"spool.path": path})
 
-    return list(checks(lambda: configuration.load(config_file, **flags), fallback=fallback, clock=clock, deep=deep))
+    return list(checks(lambda: configuration.load(config_file, **flags), fallback=fallback, clock=clock, deep=deep,
+                       recount=recount))
 
 
 def parse_when(text: str, name: str = "time") -> int:

@@ -229,6 +229,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"  sent       {report['sent']:,}   (kept for replay until pruned)",
         f"  dead       {report['dead']:,}",
         f"  held       {report['held']:,}   (stamped while the clock was wrong)",
+        *([f"  staged     {report['staged']:,}   (an import under way: pending once it is whole)"]
+          if report["staged"] else []),
         f"shipper      {shipper}",
     ]
     if report["last_attempt_at"] is not None:
@@ -273,10 +275,11 @@ def _age(seconds: float) -> str:
 @cli.command()
 @click.option("--deep", is_flag=True, help="Also run SQLite's full integrity check of the spool: it reads the whole "
               "file (minutes for a large backlog on an SD card). Damage it finds is recorded: the next start of "
-              "`spool run` moves the file aside.")
+              "`spool run` moves the file aside. And count every record, to compare with the kept counts.")
+@click.option("--recount", is_flag=True, help="With --deep: set kept counts that differ to the real ones.")
 @common_options
 @pass_context
-def doctor(obj: Context, deep: bool) -> None:
+def doctor(obj: Context, deep: bool, recount: bool) -> None:
     """Check the setup: config, key, endpoint, clock, disk, spool, watched directories, ports.
 
     Each check prints one line, with a fix when it fails; every check runs even if the config is broken.
@@ -287,7 +290,9 @@ def doctor(obj: Context, deep: bool) -> None:
     """
     from spool.api import check_setup
 
-    verdicts = check_setup(obj.config_file, flags=obj.flags, deep=deep)
+    if recount and not deep:
+        raise click.UsageError("--recount needs --deep (it sets the counts --deep finds wrong)")
+    verdicts = check_setup(obj.config_file, flags=obj.flags, deep=deep, recount=recount)
     for verdict in verdicts:
         mark = "ok  " if verdict.ok else "FAIL"
         fix = "" if verdict.ok or not verdict.fix else f" -- fix: {verdict.fix}"

@@ -26,13 +26,15 @@ class Verdict(NamedTuple):
 
 
 def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock: Callable[[], float] = time.time,
-           probe: Callable[[str, float], str] | None = None, deep: bool = False) -> Iterator[Verdict]:
+           probe: Callable[[str, float], str] | None = None, deep: bool = False,
+           recount: bool = False) -> Iterator[Verdict]:
     """Yield a verdict for each part of the setup, in the order an operator would look.
 
     A configuration that does not load is the first failed verdict; every other check still runs, on
     `fallback` (the defaults, with the spool path given on the command line or in the environment). The spool
     is checked as opening it checks it (a few pages, whatever the backlog), and the verdict of the last full
-    check is reported; `deep` runs the full check now (it reads the whole file) and records its verdict.
+    check is reported; `deep` runs the full check now (it reads the whole file) and records its verdict, and
+    counts the records to compare with the kept counts (`recount`: those that differ are set).
     """
     try:
         config = load()
@@ -46,6 +48,8 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
     yield _clock(clock())
     yield _disk(config)
     yield _integrity(config, deep, clock)
+    if deep:
+        yield _counts(config, recount=recount)
     for watch in config.watch:
         yield from _watched(watch.path)
     if config.relay.enabled:
@@ -155,6 +159,28 @@ def _deep_check(store: Any, clock: Callable[[], float]) -> dict[str, Any]:
     except StoreError:  # a read-only spool: the verdict is still told
         pass
     return verdict
+
+
+def _counts(config: Config, *, recount: bool) -> Verdict:
+    """The kept counts (what status, the bounds and /metrics read) against a real count of the records."""
+    from spool.errors import StoreError
+    from spool.store import Store
+
+    if not config.db.exists():
+        return Verdict("counts", True, "no spool yet")
+    try:
+        with Store.for_config(config, create=False) as store:
+            kept, real = store.recount() if recount else store.count_records()
+    except StoreError as exc:
+        return Verdict("counts", False, str(exc), "see the spool check above")
+    differ = "; ".join(f"{name} {kept[name]:,} kept, {real[name]:,} counted"
+                       for name in kept if kept[name] != real[name])
+    if not differ:
+        return Verdict("counts", True, "kept counts match the records ("
+                       + ", ".join(f"{n:,} {name}" for name, n in real.items()) + ")")
+    if recount:
+        return Verdict("counts", True, f"set to the records' counts: {differ}")
+    return Verdict("counts", False, f"kept counts differ from the records: {differ}", "spool doctor --deep --recount")
 
 
 def _port(listen: str, section: str, default_port: int) -> Verdict:

@@ -20,8 +20,6 @@ from spool.config import MetricsSettings, check_bind
 from spool.errors import ConfigError
 from spool.store import Store
 
-COUNTS_TTL = 30.0  # seconds a full count by state is reused (it walks the table; backlog figures do not)
-
 Snapshot = Callable[[], dict[str, Any]]
 MaybeSnapshot = Callable[[], "dict[str, Any] | None"]  # None: that component is not running now
 
@@ -42,7 +40,6 @@ class Metrics:
         self.clock = clock
         self.started_at = clock()
         self._lock = threading.Lock()  # one connection, several HTTP threads
-        self._counts: tuple[float, dict[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -82,14 +79,6 @@ class Metrics:
         status = "failing" if not report["writable"] else "degraded" if report["problems"] else "ok"
         return (200 if status == "ok" else 503), {**report, "status": status}
 
-    def _state_counts(self) -> dict[str, int]:
-        stamp = time.monotonic()
-        if self._counts is None or stamp - self._counts[0] > COUNTS_TTL:
-            self._counts = (stamp, self.store.counts())
-        counts = dict(self._counts[1])
-        counts["pending"], counts["inflight"] = self.store.backlog()  # always fresh: cheap
-        return counts
-
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
             CounterMetricFamily,
@@ -101,7 +90,7 @@ class Metrics:
         from spool import __version__
 
         with self._lock:
-            counts = self._state_counts()
+            counts = self.store.counts()  # kept counts: fresh at every scrape
             oldest = self.store.oldest_pending_t()
             meta = self.store.meta()
             counters = self.store.counters()

@@ -130,6 +130,36 @@ def damage_spool(db: Path, where: str) -> None:
         f.seek(offset)
         f.write(b"\xde\xad\xbe\xef" * (size // 4))
 
+# -- kept counts -----------------------------------------------------------------------------------------
+
+KEPT = ("pending", "held", "sent", "dead", "staged")  # the columns of the spool's tally
+
+
+def kept_and_real_counts(db: Path | Store) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the spool's kept counts (its tally) and a real count of its records, read in one snapshot.
+
+    The real count is written here, not asked of the store: records named by an open stage's spans (or in
+    version 5's STAGED state) are staged, every other one counts in its state (in flight is pending).
+    """
+    path = db.path if isinstance(db, Store) else db
+    names = {0: "pending", 2: "sent", 3: "dead", 4: "held", 5: "staged"}
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        kept = dict(zip(KEPT, conn.execute(f"SELECT {', '.join(KEPT)} FROM tally").fetchone(), strict=True))
+        real = dict.fromkeys(KEPT, 0)
+        for state, n in conn.execute("SELECT CASE WHEN EXISTS (SELECT 1 FROM stage_spans WHERE records.id "
+                                     "BETWEEN lo AND hi) THEN 5 ELSE state END AS s, count(*) FROM records GROUP BY s"):
+            real[names[state]] += n
+        conn.execute("COMMIT")
+    return kept, real
+
+
+def assert_counts_true(db: Path | Store) -> None:
+    """Assert that the spool's kept counts equal a real count of its records (no path forgot its tally)."""
+    kept, real = kept_and_real_counts(db)
+    assert kept == real, f"kept counts {kept} differ from the records {real}"
+
+
 # -- drop directories ---------------------------------------------------------------------------------
 
 

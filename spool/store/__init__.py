@@ -3,8 +3,9 @@
 Its rooms, one mixin class each, composed into `Store` below:
 
 * core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
-  condition hiding open stages (`_hidden`), counters and meta, and SQLite's errors translated for operators.
-* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 8).
+  condition hiding open stages (`_hidden`), the kept counts (`_tally`), counters and meta, and SQLite's errors
+  translated for operators.
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 9).
 * connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
@@ -50,6 +51,11 @@ The storage contract, stated once:
 * No job holds the write lock for long: compaction and pruning read and change at most about a thousand
   records per transaction, and giving free pages back moves at most RELEASE_STEP pages; each resumes where it
   stopped (compaction's cursor is kept in meta).
+* Counts are kept, not counted: `tally` (one row: pending, held, sent, dead, staged) is changed in the
+  transaction of every statement that adds, removes or moves records, by the rows that statement changed (its
+  rowcount). Pending includes records in flight; staged are the records of open stages, pending (or held) only
+  once published. Status, the bounds, /healthz and /metrics read the tally and count only the records the live
+  leases name (in flight); `doctor --deep` compares the tally with a real count.
 """
 
 from __future__ import annotations

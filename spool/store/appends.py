@@ -14,7 +14,7 @@ from typing import Any
 
 from spool.errors import SpoolFull, StoreError
 from spool.records import Record
-from spool.store.core import _COLUMNS, _INSERT, _LEASED, Core, State, _loads, _log, _translated
+from spool.store.core import _COLUMNS, _INSERT, _LEASED, Core, State, _loads, _log
 from spool.store.files import FileMark
 from spool.store.queries import prune_runs
 from spool.store.schema import _V5_STAGES
@@ -26,6 +26,7 @@ _NAMES = tuple(_COLUMNS.split(", "))
 # A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
 # boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
 # transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
+_ONE_MORE = "UPDATE tally SET pending = pending + 1"
 _HOLD = (f"UPDATE records SET state = {State.HELD}, held_boot = boot_id(), held_mono = boot_clock() "
          f"WHERE state = {State.PENDING} AND t = 0")
 
@@ -56,6 +57,7 @@ class Appends(Core):
             with self._bounded() as conn:
                 _insert(conn, first)
                 held = conn.execute(_HOLD).rowcount
+                self._tally(conn, pending=len(first) - held, held=held)
                 if file is not None:
                     self._mark_file(conn, file._replace(records=len(first)))
                 self._enforce(conn, len(first), held=held)
@@ -96,6 +98,7 @@ class Appends(Core):
                 # Publishing the whole append is deleting its spans: no record is rewritten.
                 conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+                self._tally(conn, staged=-taken, pending=taken - held, held=held)  # _check_stage: all `taken` are there
                 if file is not None:
                     self._mark_file(conn, file._replace(records=taken))
                 self._enforce(conn, taken, held=held)
@@ -115,10 +118,10 @@ class Appends(Core):
                              f"that took their owner for dead ({left:,} of {taken:,} left): nothing was appended; "
                              "try again")
 
-    @staticmethod
-    def _stage_chunk(conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:
+    def _stage_chunk(self, conn: sqlite3.Connection, stage: int, part: list[Sequence[Any]]) -> int:
         """Insert one chunk of an open stage and name its ids in the stage's spans, in one transaction (so no
-        reader ever sees them outside a span); hold those stamped while the clock was wrong. Returns how many."""
+        reader ever sees them outside a span), counted as staged; hold those stamped while the clock was wrong.
+        Returns how many are held."""
         lo = (conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0) + 1
         _insert(conn, part)
         hi = lo + len(part) - 1
@@ -126,6 +129,7 @@ class Appends(Core):
             raise StoreError("spool: a staged chunk did not get consecutive record ids")
         if not conn.execute("UPDATE stage_spans SET hi = ? WHERE stage = ? AND hi = ?", (hi, stage, lo - 1)).rowcount:
             conn.execute("INSERT INTO stage_spans (lo, hi, stage) VALUES (?, ?, ?)", (lo, hi, stage))
+        self._tally(conn, staged=len(part))
         return conn.execute(f"{_HOLD} AND id BETWEEN ? AND ?", (lo, hi)).rowcount
 
     def _discard_stage(self, stage: int) -> None:
@@ -138,12 +142,14 @@ class Appends(Core):
                 if span is None:
                     legacy = conn.execute("SELECT value FROM meta WHERE name = ?", (_V5_STAGES,)).fetchone()
                     if legacy is not None and stage <= _loads(legacy[0]):  # staged by version 5: one scan
-                        conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
+                        self._tally(conn, staged=-conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} "
+                                                               "AND stage = ?", (stage,)).rowcount)
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
                 lo, hi = span
                 end = min(hi, lo + SWEEP_CHUNK - 1)
-                conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?", (lo, end))
+                self._tally(conn, staged=-conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?",
+                                                       (lo, end)).rowcount)
                 if end == hi:
                     conn.execute("DELETE FROM stage_spans WHERE lo = ?", (lo,))
                 else:
@@ -183,8 +189,7 @@ class Appends(Core):
             return
         reject = limits.when_full == "reject_new"
         if limits.max_pending is not None:
-            pending = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
-                                   f"{self._hidden(conn)}").fetchone()[0]
+            pending = self._kept(conn, "pending")  # in flight included, as the bound has always counted
             excess = pending - limits.max_pending
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
@@ -216,6 +221,7 @@ class Appends(Core):
         dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "
                                f"AND id NOT IN ({_LEASED}){self._hidden(conn)} ORDER BY t, id LIMIT ?)", (n,)).rowcount
         if dropped:
+            self._tally(conn, pending=-dropped)
             self._add_count(conn, "dropped_oldest", dropped)
             self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
         return dropped
@@ -236,16 +242,18 @@ class Appends(Core):
                                    f"AND id NOT IN ({_LEASED}){self._hidden(conn)}",
                                    (now - self.max_age,)).rowcount
             if dropped:
+                self._tally(conn, pending=-dropped)
                 self._add_count(conn, "dropped_age", dropped)
         return dropped
 
     def append_one(self, record: Record) -> None:
-        """Commit one record: a lone INSERT in autocommit mode is its own transaction (one statement, not three)."""
-        if self.limits is not None or record[6] == 0:  # bounds, or a held record: a transaction of its own
+        """Commit one record: its INSERT and the pending count's +1, the least a transaction can be."""
+        if self.limits is not None or record[6] == 0:  # bounds, or a held record: the whole append
             self.append([record])
             return
-        with _translated(self.path, self.busy_timeout):
-            self.conn.execute(_INSERT, record)
+        with self._write() as conn:
+            conn.execute(_INSERT, record)
+            conn.execute(_ONE_MORE)
 
 
 def _insert(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:

@@ -4,6 +4,7 @@ open stages, counters and meta, and SQLite's errors translated into messages an 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ _COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
 _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
 _LEASED = "SELECT id FROM leased"  # every record some live lease holds
+TALLIED = ("pending", "held", "sent", "dead", "staged")  # the kept counts: the columns of `tally` (schema 8)
 
 
 class Core:
@@ -125,6 +127,26 @@ class Core:
         spans = (conn or self.conn).execute("SELECT lo, hi FROM stage_spans").fetchall()
         return "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
 
+    @staticmethod
+    def _tally(conn: sqlite3.Connection, **changes: int) -> None:
+        """Add to the kept counts of records per state (pending=-n, sent=n, ...), in the caller's transaction: the
+        one whose statements changed those records, by the rows they changed. A change of 0 writes nothing."""
+        changed = {name: n for name, n in changes.items() if n}
+        if changed:
+            conn.execute(_tally_statement(tuple(changed)), tuple(changed.values()))
+
+    @staticmethod
+    def _kept(conn: sqlite3.Connection, name: str) -> int:
+        """Return one kept count, as the caller's transaction sees it."""
+        return conn.execute(f"SELECT {name} FROM tally").fetchone()[0]
+
+    def tally(self) -> dict[str, int]:
+        """Return the kept counts of records per state (pending includes those in flight; staged: records of
+        appends not yet published), read at once: no record is read."""
+        with self._read():
+            return dict(zip(TALLIED, self.conn.execute(f"SELECT {', '.join(TALLIED)} FROM tally").fetchone(),
+                            strict=True))
+
     def add_counts(self, **counts: int) -> None:
         """Add to named counters (drops, refusals, ...) in their own transaction."""
         with self._write() as conn:
@@ -156,6 +178,11 @@ class Core:
     def meta(self) -> dict[str, Any]:
         with self._read():
             return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+@functools.cache
+def _tally_statement(names: tuple[str, ...]) -> str:
+    return f"UPDATE tally SET {', '.join(f'{name} = {name} + ?' for name in names)}"
 
 
 class _Corrupt(Exception):

@@ -112,6 +112,7 @@ class Ledger(Core):
                 n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL "
                                  f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                                  (now, _dumps(list(ids)))).rowcount
+            self._tally(conn, pending=-n, sent=n)
             if n:  # when they were settled, a row per run: pruning finds them by it (schema 8, `settled`)
                 conn.executemany("INSERT OR IGNORE INTO settled (done_at, lo, hi) VALUES (?, ?, ?)",
                                  [(now, lo, hi) for lo, hi in runs])
@@ -188,11 +189,13 @@ class Ledger(Core):
                   now: float) -> int:
         """Move records to DEAD, keeping the receiver's reason, status and body."""
         with self._write() as conn:
-            return conn.execute(
+            n = conn.execute(
                 f"UPDATE records SET state = {State.DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, "
                 f"split = NULL "
                 f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
                 (now, reason, http_status, body[:MAX_BODY], _dumps(list(ids)))).rowcount
+            self._tally(conn, pending=-n, dead=n)
+            return n
 
     def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
         """Drop the leases whose owner is proven dead; return how many pending records they named.

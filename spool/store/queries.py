@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _COLUMNS, _IDS, _LEASED, Core, State, _dumps, _loads, _translated
+from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
 RELEASE_STEP = 256  # free pages given back to the file system per transaction (tens of ms)
@@ -96,42 +97,69 @@ class Queries(Core):
         """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead)."""
         clear = (f"UPDATE records SET state = {State.PENDING}, done_at = NULL, reason = NULL, "
                  f"http_status = NULL, body = NULL WHERE state = {State.DEAD}")
-        return self._dead_by_ids(clear, ids)
+        return self._dead_by_ids(clear, ids, requeued=True)
 
     def purge_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
         """Delete dead records (all when `ids` is None); return (how many, ids that are not dead)."""
         return self._dead_by_ids(f"DELETE FROM records WHERE state = {State.DEAD}", ids)
 
-    def _dead_by_ids(self, statement: str, ids: Sequence[int] | None) -> tuple[int, tuple[int, ...]]:
+    def _dead_by_ids(self, statement: str, ids: Sequence[int] | None, *,
+                     requeued: bool = False) -> tuple[int, tuple[int, ...]]:
         with self._write() as conn:
+            missing: tuple[int, ...] = ()
             if ids is None:
-                return conn.execute(statement).rowcount, ()
-            wanted = _dumps(sorted(set(ids)))
-            missing = tuple(row[0] for row in conn.execute(
-                f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records WHERE state = {State.DEAD} "
-                f"AND id IN ({_IDS}))", (wanted, wanted)))
-            return conn.execute(f"{statement} AND id IN ({_IDS})", (wanted,)).rowcount, missing
+                n = conn.execute(statement).rowcount
+            else:
+                wanted = _dumps(sorted(set(ids)))
+                missing = tuple(row[0] for row in conn.execute(
+                    f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records "
+                    f"WHERE state = {State.DEAD} AND id IN ({_IDS}))", (wanted, wanted)))
+                n = conn.execute(f"{statement} AND id IN ({_IDS})", (wanted,)).rowcount
+            self._tally(conn, dead=-n, pending=n if requeued else 0)
+            return n, missing
 
     # -- what operators see -------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Return how many records are in each state."""
-        counts = dict.fromkeys(COUNTED, 0)
+        """Return how many records are in each state (published ones: staged records are not there).
+
+        Kept counts, and the records the live leases name (a few batches): nothing else is read.
+        """
         with self._read():  # one snapshot for both reads, so the numbers agree
-            for state, n in self.conn.execute(f"SELECT state, count(*) FROM records WHERE state != {State.STAGED}"
-                                              f"{self._hidden()} GROUP BY state"):
-                counts[State(state).name.lower()] = n
-            counts["pending"], counts["inflight"] = self.backlog()
-        return counts
+            kept = self.tally()
+            pending, inflight = self.backlog()
+        return {"pending": pending, "inflight": inflight, "sent": kept["sent"], "dead": kept["dead"],
+                "held": kept["held"]}
 
     def backlog(self) -> tuple[int, int]:
-        """Return (pending, in flight) from the pending index alone: cheap enough to ask every minute."""
+        """Return (pending, in flight): the kept count of pending records, and those of them a lease names."""
         with self._read():
-            waiting = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING}"
-                                        f"{self._hidden()}").fetchone()[0]
-            inflight = self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
-                                         f"AND id IN ({_LEASED})").fetchone()[0]
+            waiting = self._kept(self.conn, "pending")
+            # Leases name few records (max_in_flight batches, and a dead owner's until a shipper frees them): each
+            # is looked up by id, never the other way round (the pending records are the backlog).
+            inflight = self.conn.execute(f"SELECT count(*) FROM leased CROSS JOIN records ON records.id = leased.id "
+                                         f"WHERE records.state = {State.PENDING}").fetchone()[0]
         return waiting - inflight, inflight
+
+    def count_records(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Return the kept counts and a real count of the records, in one snapshot: `doctor --deep` compares them.
+
+        The real count reads every record (seconds on a spool of millions).
+        """
+        with self._read():
+            counted = self.tally(), _count_records(self.conn)
+        self._after_long_read()  # it read every record, holding one snapshot
+        return counted
+
+    def recount(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Set the kept counts to a real count of the records (in one transaction); return (what they were, what
+        they are now). Only needed if something changed records without keeping the counts (a release before
+        version 8 still running beside this one)."""
+        with self._write() as conn:
+            kept, real = self.tally(), _count_records(conn)
+            _set_tally(conn, real)
+        self._after_long_read()
+        return kept, real
 
     def oldest_pending_t(self) -> int | None:
         with self._read():
@@ -198,6 +226,7 @@ class Queries(Core):
                 f"reason = 'stamped while the clock was wrong, "
                 f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {State.HELD} "
                 f"AND held_boot IS NOT :boot{hidden}", params).rowcount
+            self._tally(conn, held=-(restamped + refused + lost), pending=restamped, dead=refused + lost)
             if restamped:
                 self._add_count(conn, "restamped", restamped)
             if refused:
@@ -298,7 +327,8 @@ class Queries(Core):
             gone.append(record_id)
         changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
         if gone:
-            conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(gone),))
+            self._tally(conn, pending=-conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})",
+                                                    (_dumps(gone),)).rowcount)
             conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
         last = entries[-1]
         read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
@@ -391,14 +421,16 @@ class Queries(Core):
         moved, after = 0, 0
         while True:
             with self._write() as conn:
-                rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE {where}{self._hidden(conn)} AND id > ? "
-                                    f"AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
+                rows = conn.execute(f"SELECT id, {_COLUMNS}, state FROM records WHERE {where}{self._hidden(conn)} "
+                                    f"AND id > ? AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
                                     [*params, after, chunk]).fetchall()
                 if not rows:
                     return moved
-                write([Record(*row[1:]) for row in rows])
+                write([Record(*row[1:8]) for row in rows])
                 ids = [row[0] for row in rows]
                 conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
+                states = [row[8] for row in rows]  # every one deleted: selected in this transaction
+                self._tally(conn, **{_TALLY_STATES[State(state)]: -states.count(state) for state in set(states)})
             moved += len(rows)
             after = ids[-1]
 
@@ -408,6 +440,7 @@ class Queries(Core):
         with self._bounded() as conn:
             queued = conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
                                   "ORDER BY id", params).rowcount
+            self._tally(conn, pending=queued)
             self._enforce(conn, queued)
             return queued
 
@@ -424,11 +457,12 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
             break
         taken, span = taken + 1, span + hi - lo + 1
     runs = rows[:taken]
-    deleted = conn.executemany(
+    deleted = max(conn.executemany(
         f"DELETE FROM records WHERE id BETWEEN ? AND ? AND state = {State.SENT} AND done_at < ?",
-        [(lo, hi, before if before is not None else math.inf) for _, lo, hi in runs]).rowcount
+        [(lo, hi, before if before is not None else math.inf) for _, lo, hi in runs]).rowcount, 0)
+    Core._tally(conn, sent=-deleted)
     conn.executemany("DELETE FROM settled WHERE done_at = ? AND lo = ?", [(done, lo) for done, lo, _ in runs])
-    return max(deleted, 0), taken < len(rows) or len(rows) == step
+    return deleted, taken < len(rows) or len(rows) == step
 
 
 class _Cursor(NamedTuple):

@@ -6,9 +6,9 @@ import sqlite3
 
 from spool.errors import StoreError
 from spool.owners import legacy_alive
-from spool.store.core import Core, State, _dumps
+from spool.store.core import TALLIED, Core, State, _dumps
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -170,8 +170,50 @@ def _settlements(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE INDEX IF NOT EXISTS dead ON records (state) WHERE state = {State.DEAD}")
 
 
+def _kept_counts(conn: sqlite3.Connection) -> None:
+    """Version 9: counts kept, not counted: `tally`, one row of how many records each state holds.
+
+    Every statement that adds, removes or moves records changes the tally in its own transaction, by the rows it
+    changed (its rowcount: no trigger, which would cost every record of a drain a statement); status, the bounds,
+    /healthz and /metrics read it instead of counting the backlog. Here it is counted once, from the records, in
+    the migrating transaction.
+    """
+    conn.execute("CREATE TABLE IF NOT EXISTS tally (pending INTEGER NOT NULL, held INTEGER NOT NULL, "
+                 "sent INTEGER NOT NULL, dead INTEGER NOT NULL, staged INTEGER NOT NULL)")
+    _set_tally(conn, _count_records(conn))
+
+
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6,
-               7: _v7, 8: _settlements}  # version -> step
+               7: _v7, 8: _settlements, 9: _kept_counts}  # version -> step
+
+_TALLY_STATES = {State.PENDING: "pending", State.HELD: "held", State.SENT: "sent", State.DEAD: "dead",
+                 State.STAGED: "staged"}
+
+
+def _count_records(conn: sqlite3.Connection) -> dict[str, int]:
+    """Count the records of each state, reading every one (the tally says the same at once).
+
+    In flight is pending. Staged: records an open stage's spans name (whatever their state), and version 5's
+    STAGED records.
+    """
+    spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+    outside = "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
+    # One pass, summing as it goes (GROUP BY state would sort every record first).
+    sums = ", ".join(f"coalesce(sum(state = {int(state)}), 0)" for state in _TALLY_STATES)
+    counts = dict.fromkeys(TALLIED, 0)
+    for state, n in zip(_TALLY_STATES, conn.execute(f"SELECT {sums} FROM records WHERE 1{outside}").fetchone(),
+                        strict=True):
+        counts[_TALLY_STATES[state]] += n
+    for lo, hi in spans:
+        counts["staged"] += conn.execute("SELECT count(*) FROM records WHERE id BETWEEN ? AND ?",
+                                         (lo, hi)).fetchone()[0]
+    return counts
+
+
+def _set_tally(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
+    conn.execute("DELETE FROM tally")
+    conn.execute(f"INSERT INTO tally ({', '.join(TALLIED)}) VALUES ({', '.join('?' * len(TALLIED))})",
+                 [counts[name] for name in TALLIED])
 
 
 class Schema(Core):
