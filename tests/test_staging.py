@@ -25,6 +25,7 @@ from .helpers import (
     IN_PID_NAMESPACE,
     T0,
     TEST_EZKEY,
+    assert_counts_true,
     cli_env,
     make_config,
     pid_namespace_unavailable,
@@ -44,7 +45,9 @@ def spans(store: Store) -> int:
 
 
 def everything_a_reader_sees(db: Path) -> dict[str, Any]:
-    """What every reader of records reports, from another connection (another process would see the same)."""
+    """What every reader of records reports, from another connection (another process would see the same); and
+    the kept counts must be true (staged records count as staged)."""
+    assert_counts_true(db)
     with Store(db) as other:
         seen = {
             "counts": {k: v for k, v in other.counts().items() if v},
@@ -257,12 +260,15 @@ def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 15  # the dead one's are gone
         assert store.conn.execute("SELECT id FROM stages").fetchall() == [(8,)]
         assert store.counts() == {"pending": 3, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
+        assert store.tally()["staged"] == 12  # the one that may still be running
+        assert_counts_true(db)
         assert store.sweep_stages() == 0  # its owner may be alive (and pid 4242 elsewhere): it may still publish
         store.conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now its boot is over too
         store.append(rows(25, stat="new"), chunk=10)  # a stage of version 6 first sweeps it
         assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 28
         assert sorted(r.stat for _, _, r in store.records())[:3] == ["kept0", "kept1", "kept2"]
         assert store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+    assert_counts_true(db)
 
 
 def test_a_stage_an_earlier_release_left_is_kept_while_its_boot_lasts(db):

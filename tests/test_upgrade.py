@@ -8,7 +8,7 @@ from pathlib import Path
 from spool.api import Spool
 from spool.ship import Shipper
 from spool.store import SCHEMA_VERSION, Store
-from tests.helpers import TEST_EZKEY, make_config
+from tests.helpers import TEST_EZKEY, assert_counts_true, make_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -24,6 +24,7 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
         assert before["counters"]["dropped_oldest"] == 2
         [dead] = sp.dead_letters()
         assert dead.reason == "invalid stat name" and dead.record.stat == "fixture dead"
+    assert_counts_true(db)  # counted once, from the records, as it migrated
     config = make_config(db, receiver)
     with Store(db) as store, Shipper(store, config) as shipper:
         assert shipper.drain(max_time=30).done
@@ -42,6 +43,7 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
         reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
         assert reasons["fixture dead"] == "invalid stat name"
         assert "earlier boot" in reasons["fixture held"]
+    assert_counts_true(db)
 
 
 def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
@@ -58,6 +60,7 @@ def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_ke
         [dead] = sp.dead_letters()
         assert dead.reason == "invalid stat name" and dead.record.stat == "six dead"
         assert sp.store.file_mark(b"/var/spool/drop/job.jsonl").offset == 60
+    assert_counts_true(db)  # counted once, from the records, as it migrated
     config = make_config(db, receiver)
     with Store(db) as store, Shipper(store, config) as shipper:
         assert shipper.drain(max_time=30).done
@@ -73,3 +76,4 @@ def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_ke
         reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
         assert reasons["six dead"] == "invalid stat name"
         assert "earlier boot" in reasons["six held"]
+    assert_counts_true(db)

@@ -15,7 +15,7 @@ the agent drains, and:
 * every file in `.done/` was taken in, and none is left waiting in the drop directory;
 * the receiver got a record again only across a cut, and no cut made spool send more again than the stated
   bound, max_in_flight x batch_size records (README, "Delivery guarantees");
-* SQLite's integrity check passes after every cut.
+* SQLite's integrity check passes after every cut, and the kept counts equal a real count of the records.
 
 The other tests here cut the power at chosen moments: synchronous = "normal", an export between two chunks,
 a quarantined spool, a file taken but not yet moved, a spool in a directory spool made. `SPOOL_LONG=1` runs
@@ -45,7 +45,7 @@ import pytest
 from spool import Spool
 from spool.store import State, Store
 
-from ..helpers import T0
+from ..helpers import T0, assert_counts_true
 from .load import (
     Agent,
     Layout,
@@ -76,10 +76,15 @@ def prepare(layout: Layout) -> None:
 
 
 def integrity_ok(db: Path) -> bool:
+    """Return whether SQLite's integrity check passes; assert that the kept counts are true (a cut loses a
+    transaction whole, its change to the counts with it)."""
     if not db.exists():  # the power went before the first process created it
         return True
     with Store(db) as store:
-        return store.integrity_ok()
+        sound = store.integrity_ok()
+    if sound:
+        assert_counts_true(db)
+    return sound
 
 
 def power_back(lazyfs: Callable[[], LazyMount], device: int) -> LazyMount:
@@ -157,6 +162,7 @@ def check(layout: Layout, tally: Tally, accepted: list[dict[str, Any]], marks: l
         assert store.integrity_ok()
         counts = store.counts()
         rows = [(state, record.stat) for _, state, record in store.records()]
+    assert_counts_true(layout.db)
     assert counts["pending"] == counts["inflight"] == counts["held"] == counts["dead"] == 0, counts
     in_spool = Counter(stat for _, stat in rows)
     sent = {stat for state, stat in rows if state == State.SENT}
@@ -342,6 +348,7 @@ def test_synchronous_normal_loses_only_the_last_commits_at_a_cut_and_never_corru
         with Store(db, synchronous="normal") as store:
             assert store.integrity_ok(), f"integrity check failed after cut {cut}"
             stats = {record.stat for _, _, record in store.records()}
+        assert_counts_true(db)
         assert kept <= stats, f"cut {cut} lost records that had survived an earlier cut"
         mine = [stat for stat in returned if stat in stats]
         survived = len(mine)
@@ -401,7 +408,9 @@ def test_a_cut_during_large_appends_keeps_each_one_that_returned_whole_and_no_pa
             hidden = store.conn.execute("SELECT count(*) FROM stage_spans").fetchone()[0]
             cut_a_stage += hidden > 0
             visible = Counter(record.stat.rsplit(" ", 1)[0] for _, _, record in store.records())
+            assert_counts_true(db)  # what a cut left of an unpublished append counts as staged
             store.sweep_stages()
+            assert_counts_true(db)
             assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == visible.total()
             assert store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
         assert set(visible.values()) <= {45}, f"cut {cut} left part of an append visible"
@@ -453,6 +462,7 @@ def test_a_corrupt_spool_moved_aside_and_the_fresh_one_both_survive_a_cut(lazyfs
     with Store(layout.db) as store:
         assert [record.stat for _, _, record in store.records()] == ["after"]
         assert store.counters()["corrupt_quarantined"] == 1
+    assert_counts_true(layout.db)
 
 
 def test_an_export_cut_between_chunks_leaves_every_record_in_its_file_or_in_the_spool(lazyfs, tmp_path):
@@ -487,6 +497,7 @@ def test_an_export_cut_between_chunks_leaves_every_record_in_its_file_or_in_the_
     with Store(layout.db) as store:
         assert store.integrity_ok()
         left = Counter(record.stat for _, _, record in store.records())
+    assert_counts_true(layout.db)
     lines = target.read_text().splitlines() if target.exists() else []  # created before the first chunk
     moved = Counter(json.loads(line)["stat"] for line in lines)
     assert set(moved) | set(left) == set(stats), f"{n - len(set(moved) | set(left))} records are in neither"

@@ -8,7 +8,7 @@ from collections import Counter
 
 from spool.store import Store
 
-from ..helpers import T0, TEST_EZKEY, UNPACED, cli_env, spawn_cli
+from ..helpers import T0, TEST_EZKEY, UNPACED, assert_counts_true, cli_env, spawn_cli
 
 PRODUCER = """
 import sys
@@ -40,6 +40,7 @@ def test_eight_producers_a_shipper_and_a_watcher_on_one_spool_lose_nothing_and_n
             _, stderr = producer.communicate(timeout=120)
             assert producer.returncode == 0, stderr
             assert "locked" not in stderr
+        assert_counts_true(db)  # one snapshot, while the agent ships and ingests beside it
         per_worker = n + (n // 10) * 4  # every 10th step adds a batch of 5 instead of 1
         expected = workers * per_worker + from_file
         deadline_polls = 1200
@@ -55,3 +56,4 @@ def test_eight_producers_a_shipper_and_a_watcher_on_one_spool_lose_nothing_and_n
         {**{f"w{w}": per_worker for w in range(workers)}, "file": from_file})
     with Store(db) as store:
         assert store.counts()["sent"] == expected
+    assert_counts_true(db)

@@ -14,7 +14,7 @@ from spool import Spool
 from spool.config import Config
 from spool.store import Store
 
-from ..helpers import T0, TEST_EZKEY, cli_env, run_cli, spawn_cli, wait_for_line
+from ..helpers import T0, TEST_EZKEY, assert_counts_true, cli_env, run_cli, spawn_cli, wait_for_line
 
 
 def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicating_at_most_that_batch(
@@ -41,6 +41,7 @@ def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicatin
         shipper.communicate()
     with Store(db) as store:
         assert store.counts()["inflight"] == batch  # the dead shipper's lease is still there
+    assert_counts_true(db)
     result = run_cli(db, "ship", "--once", "--batch-size", str(batch), env=env)
     assert result.returncode == 0, result.stderr
     received = Counter((a["stat"], a["number"], a["t"]) for a in receiver.accepted)
@@ -49,6 +50,7 @@ def test_a_shipper_killed_mid_batch_and_restarted_delivers_everything_duplicatin
     with Store(db) as store:
         assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0, "held": 0}
         assert store.integrity_ok()
+    assert_counts_true(db)
 
 
 TRIALS = 30 if os.environ.get("SPOOL_LONG") else 3
@@ -65,6 +67,8 @@ def test_a_watcher_killed_mid_file_and_restarted_ingests_every_record_exactly_on
     time.sleep(random.Random(trial).uniform(0.2, 2.0))  # somewhere in start-up, the ingest, or after it
     watcher.send_signal(signal.SIGKILL)
     watcher.communicate(timeout=30)
+    if db.exists():
+        assert_counts_true(db)  # killed mid-file: its stage, if any, counts as staged
     restarted = spawn_cli(db, "watch", str(drop))
     wait_for_line(restarted, "watching")  # signal handlers are installed by now
     try:
@@ -79,6 +83,7 @@ def test_a_watcher_killed_mid_file_and_restarted_ingests_every_record_exactly_on
     with Store(db) as store:
         stats = Counter(record.stat for _, _, record in store.records())
         assert store.integrity_ok()
+    assert_counts_true(db)
     assert len(stats) == n and set(stats.values()) == {1}
 
 
@@ -94,11 +99,13 @@ def test_an_import_killed_at_a_random_instant_commits_all_or_nothing(tmp_path, t
     with Store(db) as store:
         first = store.counts()["pending"]
         assert store.integrity_ok()
+    assert_counts_true(db)  # what the killed import staged counts as staged, never as pending
     assert first in (0, n), f"a killed import left {first} of {n} records"
     if first == 0:
         assert run_cli(db, "import", str(source)).returncode == 0
     with Store(db) as store:
         stats = Counter(record.stat for _, _, record in store.records())
+    assert_counts_true(db)
     assert len(stats) == n and set(stats.values()) == {1}
 
 
@@ -113,6 +120,7 @@ def test_a_shipper_killed_at_a_random_instant_duplicates_at_most_the_batches_in_
     time.sleep(random.Random(200 + trial).uniform(0.3, 2.0))
     shipper.send_signal(signal.SIGKILL)
     shipper.communicate(timeout=30)
+    assert_counts_true(db)
     result = run_cli(db, "ship", "--once", "--batch-size", str(batch), env=env)
     assert result.returncode == 0, result.stderr
     got = Counter(int(a["stat"][1:]) for a in receiver.accepted)
@@ -127,3 +135,4 @@ def test_a_shipper_killed_at_a_random_instant_duplicates_at_most_the_batches_in_
     with Store(db) as store:
         assert store.counts() == {"pending": 0, "inflight": 0, "sent": n, "dead": 0, "held": 0}
         assert store.integrity_ok()
+    assert_counts_true(db)

@@ -32,7 +32,7 @@ from spool import Spool
 from spool.store import Store
 from spool.testing import Receiver
 
-from ..helpers import T0, TEST_EZKEY, cli_env, run_cli
+from ..helpers import T0, TEST_EZKEY, assert_counts_true, cli_env, run_cli
 from .faultproxy import FaultProxy, Schedule
 
 LONG = bool(os.environ.get("SPOOL_LONG"))
@@ -201,6 +201,7 @@ def test_a_bad_day_on_the_link_loses_nothing_kills_only_the_poison_and_duplicate
             for at in kills:  # SIGKILL at seeded moments of the day, back after a seeded pause
                 time.sleep(max(0.0, started + at - time.monotonic()))
                 agent.kill()
+                assert_counts_true(db)  # one snapshot: true even while the producers go on appending
                 time.sleep(rng.uniform(0.0, 0.5))
                 agent.start()
             producers.join()
@@ -226,6 +227,7 @@ def test_a_bad_day_on_the_link_loses_nothing_kills_only_the_poison_and_duplicate
         kept = Counter((r.stat, r.number, r.t) for _, _, r in store.records())
         counts = store.counts()
         assert store.integrity_ok()
+    assert_counts_true(db)
     assert kept == expected + poison
     assert counts == {"pending": 0, "inflight": 0, "sent": sum(expected.values()), "dead": len(POISON), "held": 0}
 

@@ -14,6 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from spool.records import make_record
 from spool.store import Store
 
+from ..helpers import assert_counts_true
+
 DEAD_OWNER = "another-boot:1:1"  # a process identity from a boot that is over: proven dead
 
 T0 = 1_700_000_000
@@ -38,11 +40,12 @@ class StoreModel(RuleBasedStateMachine):
     def leased(self) -> set[int]:
         return set().union(*self.leases.values()) if self.leases else set()
 
-    @rule(n=st.integers(min_value=1, max_value=20), keyed=st.booleans())
-    def append(self, n, keyed):
+    @rule(n=st.integers(min_value=1, max_value=20), keyed=st.booleans(), chunk=st.sampled_from([4, 20_000]))
+    def append(self, n, keyed, chunk):
+        """Append n records; with chunks of 4, staged (in chunks, then published) when n > 4."""
         before = {row[0] for row in self.store.conn.execute("SELECT id FROM records")}
         self.store.append([make_record(stat=f"s{i}", count=1, t=T0 + i, ezkey="k" if keyed else None)
-                           for i in range(n)])
+                           for i in range(n)], chunk=chunk)
         for (record_id,) in self.store.conn.execute("SELECT id FROM records"):
             if record_id not in before:
                 self.state[record_id] = "pending"
@@ -123,6 +126,24 @@ class StoreModel(RuleBasedStateMachine):
             del self.state[i]
 
     @rule()
+    def replay(self):
+        """Queue pending copies of every retained sent record (new records, new ids)."""
+        before = {row[0] for row in self.store.conn.execute("SELECT id FROM records")}
+        sent = sum(1 for s in self.state.values() if s == "sent")
+        assert self.store.replay(since=T0, until=None) == sent
+        for (record_id,) in self.store.conn.execute("SELECT id FROM records"):
+            if record_id not in before:
+                self.state[record_id] = "pending"
+
+    @rule()
+    def export_remove_pending(self):
+        """Move every pending record not in flight out of the spool (`export --remove`)."""
+        moved = [i for i, s in self.state.items() if s == "pending" and i not in self.leased()]
+        assert self.store.move_out("pending", lambda records: None, chunk=3) == len(moved)
+        for i in moved:
+            del self.state[i]
+
+    @rule()
     def close_and_reopen(self):
         self.store.close()
         self.store = Store(self.folder / "spool.db", synchronous="normal")
@@ -134,6 +155,10 @@ class StoreModel(RuleBasedStateMachine):
         for i, s in self.state.items():
             want["inflight" if s == "pending" and i in leased else s] += 1
         assert self.store.counts() == want
+
+    @invariant()
+    def the_kept_counts_equal_a_real_count_of_the_records(self):
+        assert_counts_true(self.folder / "spool.db")
 
     @invariant()
     def every_record_is_in_exactly_the_state_the_model_says(self):
