@@ -311,12 +311,11 @@ class Spool:
         """Return counts per state, the backlog's age, size on disk, the last shipping attempt, and problems."""
         from spool.lock import ShipLock
 
-        counts = self.store.counts()
+        counts = self.store.counts(staged=True)  # staged: records of appends not yet whole, pending once they are
         oldest = self.store.oldest_pending_t()
         meta = self.store.meta()
         status: dict[str, Any] = {
             **counts,
-            "staged": self.store.tally()["staged"],  # records of appends not yet whole: not pending until they are
             "oldest_pending_t": oldest,
             "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest),
             "size_bytes": self.store.size_bytes(),

@@ -120,16 +120,18 @@ class Queries(Core):
 
     # -- what operators see -------------------------------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """Return how many records are in each state (published ones: staged records are not there).
+    def counts(self, *, staged: bool = False) -> dict[str, int]:
+        """Return how many records are in each state (published ones; with `staged`, also how many records
+        appends not yet whole hold).
 
         Kept counts, and the records the live leases name (a few batches): nothing else is read.
         """
         with self._read():  # one snapshot for both reads, so the numbers agree
             kept = self.tally()
             pending, inflight = self.backlog()
-        return {"pending": pending, "inflight": inflight, "sent": kept["sent"], "dead": kept["dead"],
-                "held": kept["held"]}
+        counts = {"pending": pending, "inflight": inflight, "sent": kept["sent"], "dead": kept["dead"],
+                  "held": kept["held"]}
+        return {**counts, "staged": kept["staged"]} if staged else counts
 
     def backlog(self) -> tuple[int, int]:
         """Return (pending, in flight): the kept count of pending records, and those of them a lease names."""
