@@ -82,6 +82,12 @@ def test_every_way_a_record_comes_goes_or_changes_state_keeps_the_kept_counts_tr
         assert store.release_dead_leases() == 5
         assert store.counts() == {"pending": 61, "inflight": 0, "sent": 10, "dead": 3, "held": 3}
         assert_counts_true(db)
+        third = store.lease(3, now=T0, keyed_only=False)  # found too old before a (re)send: dropped
+        assert third is not None
+        assert store.expire([item.id for item in third.items[:2]], lease=third.id) == 2
+        store.end_lease(third.id)
+        assert store.counts()["pending"] == 59
+        assert_counts_true(db)
 
         # Dead letters: requeued and purged, by id and all.
         dead = ids(store, "state = 3")

@@ -170,6 +170,7 @@ class Ledger(Core):
                                    (_dumps(list(ids)),)).rowcount
             conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS}) AND lease = ?", (_dumps(list(ids)), lease))
             if dropped:
+                self._tally(conn, pending=-dropped)
                 self._add_count(conn, "dropped_age", dropped)
             if end:
                 self._end_leases(conn, [lease])
