@@ -20,7 +20,7 @@ import pytest
 from spool.records import Record
 from spool.ship import Shipper
 from spool.store import State, Store
-from tests.helpers import T0, make_config, run_cli, wait_for
+from tests.helpers import T0, assert_counts_true, make_config, run_cli, wait_for
 
 SMALL, LARGE = 2_000, 20_000
 MINUTE = T0 // 60 * 60  # the start of a one-minute bucket
@@ -131,7 +131,7 @@ def test_pruning_takes_the_oldest_settled_first_a_step_per_transaction_and_stops
             # Stopped after the first step (as at shutdown): the next run goes on from there.
             assert store.prune_sent(sent_before=1003.0, step=1000, between=lambda: False) == 1000
             assert store.prune_sent(sent_before=1003.0, step=1000) == 500
-        assert transactions.changes == [1000 + 2, 500 + 1]  # the records, and the rows of their runs
+        assert transactions.changes == [1000 + 2 + 1, 500 + 1 + 1]  # the records, the rows of their runs, the tally
         left = sorted(i for i, state, _ in store.records() if state == State.SENT)
         assert left == sorted(item.id for lease in leases[:2] for item in lease.items)  # settled at 1003, 1004
 
@@ -226,6 +226,7 @@ def test_a_bucket_larger_than_a_step_still_becomes_one_record_per_stat(db):
         left = sorted((r.stat, r.number, r.t) for _, _, r in store.records())
         assert left == [(f"s{k}", sum(range(k, 600, 3)), MINUTE) for k in range(3)] + [("v", 2.5, MINUTE + 1)] * 4
         assert store.counters()["compacted"] == 597
+    assert_counts_true(db)
 
 
 def test_an_interrupted_compaction_resumes_where_it_stopped(tmp_path):
@@ -240,6 +241,8 @@ def test_an_interrupted_compaction_resumes_where_it_stopped(tmp_path):
     assert len(rest.steps) == len(uninterrupted.steps) - 4
     with Store(whole) as a, Store(resumed) as b:
         assert [r for _, _, r in a.records()] == [r for _, _, r in b.records()]
+    assert_counts_true(whole)
+    assert_counts_true(resumed)
 
 
 def test_a_sum_leased_between_two_steps_is_left_to_the_shipper_and_sums_stay_exact(db):
@@ -253,6 +256,7 @@ def test_a_sum_leased_between_two_steps_is_left_to_the_shipper_and_sums_stay_exa
         assert [r.number for _, _, r in store.records(State.PENDING)] == [100, 300]  # a new sum; the leased kept
         assert bucket_sums(store, 60) == before
         store.end_lease(lease.id)
+    assert_counts_true(db)
 
 
 def test_a_finished_pass_merges_what_arrives_after_it_without_reading_the_backlog_again(db):
@@ -278,6 +282,7 @@ def test_records_arriving_behind_a_finished_pass_are_merged_by_the_next_whole_pa
         store.compact_counts(bucket=60)
         oldest = [r for _, _, r in store.records() if r.stat == "s1" and r.t == MINUTE]
         assert len(oldest) == 1
+    assert_counts_true(db)
 
 
 def test_spool_add_completes_while_compaction_of_a_big_spool_is_under_way(db):
