@@ -58,7 +58,7 @@ _COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
 _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
 _LEASED = "SELECT id FROM leased"  # every record some live lease holds
-TALLIED = ("pending", "held", "sent", "dead", "staged")  # the kept counts: the columns of `tally` (schema 8)
+TALLIED = ("pending", "held", "sent", "dead", "staged")  # the kept counts: the columns of `tally` (schema 9)
 
 
 class Core:
