@@ -287,15 +287,25 @@ def _write_key(path, key, *, rename=False):
         target.rename(path)
 
 
-def test_a_key_file_fixed_in_place_resumes_shipping_without_a_reload(db, receiver, tmp_path):
-    # Paused on a refused key, the agent went on sending the old key for ever: it never looked at the file again.
-    key_file = tmp_path / "ezkey"
+def _paused_on_a_refused_key(db, receiver, key_file):
+    """An agent whose key file holds a key the receiver refuses, paused on it; (agent, log)."""
     _write_key(key_file, REVOKED)
     receiver.refuse_key(REVOKED)
     _keyless(db)
     agent, log = _key_agent(db, receiver, key_file)
     try:
         wait_for(lambda: log.has("refused the configured ezkey"))
+    except BaseException:
+        stop_agent(agent)
+        raise
+    return agent, log
+
+
+def test_a_key_file_fixed_in_place_resumes_shipping_without_a_reload(db, receiver, tmp_path):
+    # Paused on a refused key, the agent went on sending the old key for ever: it never looked at the file again.
+    key_file = tmp_path / "ezkey"
+    agent, log = _paused_on_a_refused_key(db, receiver, key_file)
+    try:
         _write_key(key_file, TEST_EZKEY)
         wait_for(lambda: len(receiver.accepted) == 3)
     finally:
@@ -308,12 +318,8 @@ def test_a_key_file_fixed_in_place_resumes_shipping_without_a_reload(db, receive
 def test_a_key_file_replaced_then_a_reload_restarts_shipping_with_the_new_key(db, receiver, tmp_path):
     # The reload compared the settings only (the file's path): "nothing changed", and the old key stayed.
     key_file = tmp_path / "ezkey"
-    _write_key(key_file, REVOKED)
-    receiver.refuse_key(REVOKED)
-    _keyless(db)
-    agent, log = _key_agent(db, receiver, key_file)
+    agent, log = _paused_on_a_refused_key(db, receiver, key_file)
     try:
-        wait_for(lambda: log.has("refused the configured ezkey"))
         _write_key(key_file, TEST_EZKEY, rename=True)
         agent.send_signal(signal.SIGHUP)
         wait_for(lambda: log.has("reloaded the configuration"))
