@@ -403,8 +403,11 @@ def test_the_client_redacts_the_keys_of_what_it_sent_from_an_echoing_proxys_answ
         assert not leaks(str(caught.value)) and not leaks(str(caught.value), UKEY), str(caught.value)
 
 
-def test_an_exception_quoting_the_answer_is_redacted_too():
-    # A chunked answer whose first "chunk size" is the request: urllib3's error quotes the line it read.
+def _one_batch_server(respond):
+    """A raw server on 127.0.0.1 that reads one EZ batch and lets `respond(connection, request)` answer it.
+
+    Returns (url, stop): stop() joins the server's thread and closes it.
+    """
     import socket
     import threading
 
@@ -420,19 +423,32 @@ def test_an_exception_quoting_the_answer_is_redacted_too():
             data = b""
             while b"}]}" not in data:
                 data += connection.recv(65536)
-            body = data.partition(b"\r\n\r\n")[2]
-            connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"\r\n")
+            respond(connection, data)
 
     thread = threading.Thread(target=serve)
     thread.start()
-    client = StatHatClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5)
+
+    def stop() -> None:
+        thread.join(10)
+        server.close()
+
+    return f"http://127.0.0.1:{server.getsockname()[1]}", stop
+
+
+def test_an_exception_quoting_the_answer_is_redacted_too():
+    # A chunked answer whose first "chunk size" is the request: urllib3's error quotes the line it read.
+    def respond(connection, request):
+        body = request.partition(b"\r\n\r\n")[2]
+        connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"\r\n")
+
+    url, stop = _one_batch_server(respond)
+    client = StatHatClient(url, timeout=5)
     try:
         with pytest.raises(TransientError) as caught:
             client.send_ez(SECRET, [make_record(stat="s", count=1, t=T0)])
     finally:
         client.close()
-        thread.join(10)
-        server.close()
+        stop()
     assert "InvalidChunkLength" in str(caught.value)  # the exception's own text, quoted
     assert not leaks(str(caught.value)), str(caught.value)
 
@@ -535,41 +551,28 @@ def test_ship_once_ends_at_once_on_a_redirect_with_one_line_saying_what_to_fix(d
 def test_close_hangs_up_every_connection_at_once_though_an_error_still_refers_to_its_answer():
     # urllib3 2 leaves a closed pool's connections to the garbage collector, and an error kept (a log record,
     # a test's `caught`) keeps the answer, its pool and its socket alive: close() must not wait for that.
-    import socket
     import threading
 
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(10)
     hung_up = threading.Event()
 
-    def serve() -> None:
+    def respond(connection, request):
+        connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        connection.settimeout(10)
         try:
-            connection, _ = server.accept()
+            if connection.recv(1) == b"":  # the client hung up, as close() must
+                hung_up.set()
         except OSError:
-            return
-        with connection:
-            data = b""
-            while b"}]}" not in data:
-                data += connection.recv(65536)
-            connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            connection.settimeout(10)
-            try:
-                if connection.recv(1) == b"":  # the client hung up, as close() must
-                    hung_up.set()
-            except OSError:
-                pass
+            pass
 
-    thread = threading.Thread(target=serve)
-    thread.start()
-    client = StatHatClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5)
+    url, stop = _one_batch_server(respond)
+    client = StatHatClient(url, timeout=5)
     try:
         with pytest.raises(EndpointError) as caught:
             client.send_ez("key-1", [make_record(stat="s", count=1, t=T0)])
     finally:
         client.close()
         hung_up.wait(10)
-        thread.join(10)
-        server.close()
+        stop()
     assert hung_up.is_set(), caught.value
 
 
