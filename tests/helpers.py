@@ -138,8 +138,9 @@ KEPT = ("pending", "held", "sent", "dead", "staged")  # the columns of the spool
 def kept_and_real_counts(db: Path | Store) -> tuple[dict[str, int], dict[str, int]]:
     """Return the spool's kept counts (its tally) and a real count of its records, read in one snapshot.
 
-    The real count is written here, not asked of the store: records named by an open stage's spans (or in
-    version 5's STAGED state) are staged, every other one counts in its state (in flight is pending).
+    The real count is written here, not asked of the store: records named by an open stage's spans are staged;
+    dead and held records are stored so; a live record is pending if it waits in the queue, a suspect group or a
+    lease's run of ids (in flight is pending), and sent otherwise.
     """
     path = db.path if isinstance(db, Store) else db
     names = {0: "pending", 2: "sent", 3: "dead", 4: "held", 5: "staged"}
@@ -147,8 +148,11 @@ def kept_and_real_counts(db: Path | Store) -> tuple[dict[str, int], dict[str, in
         conn.execute("BEGIN")
         kept = dict(zip(KEPT, conn.execute(f"SELECT {', '.join(KEPT)} FROM tally").fetchone(), strict=True))
         real = dict.fromkeys(KEPT, 0)
-        for state, n in conn.execute("SELECT CASE WHEN EXISTS (SELECT 1 FROM stage_spans WHERE records.id "
-                                     "BETWEEN lo AND hi) THEN 5 ELSE state END AS s, count(*) FROM records GROUP BY s"):
+        for state, n in conn.execute(
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM stage_spans WHERE records.id BETWEEN lo AND hi) THEN 5 "
+                "WHEN state != 0 THEN state WHEN EXISTS (SELECT 1 FROM queue q WHERE q.t = records.t AND "
+                "q.id = records.id) OR id IN (SELECT id FROM suspects) OR EXISTS (SELECT 1 FROM lease_runs "
+                "WHERE records.id BETWEEN lo AND hi) THEN 0 ELSE 2 END AS s, count(*) FROM records GROUP BY s"):
             real[names[state]] += n
         conn.execute("COMMIT")
     return kept, real

@@ -157,7 +157,7 @@ def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     assert aside and aside[0].startswith("spool.db.corrupt-")
 
 
-@pytest.mark.parametrize("where", ["header", "records", "meta", "leased"])
+@pytest.mark.parametrize("where", ["header", "records", "meta", "lease_runs"])
 @pytest.mark.parametrize("command", [["add", "new", "--count", "1"], ["import", "-"], ["ingest", "drop.jsonl"]])
 def test_appending_to_a_damaged_spool_is_refused_naming_the_next_step_and_writes_nothing(db, tmp_path, where,
                                                                                         command):

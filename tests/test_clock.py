@@ -59,7 +59,7 @@ def test_a_restamp_that_would_land_in_the_future_is_a_dead_letter_with_the_reaso
 def test_a_restamp_that_would_land_before_the_floor_is_a_dead_letter(db, receiver):
     add_in_2000(db, "too early")
     with Store(db) as store:  # as if the boot clock had run far ahead between the add and now
-        store.conn.execute("UPDATE records SET held_mono = held_mono - 2e9 WHERE state = 4")
+        store.conn.execute("UPDATE held SET mono = mono - 2e9")
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
     assert run_cli(db, "ship", "--once", env=env).returncode == 0
     assert receiver.accepted == []

@@ -17,7 +17,7 @@ from spool.config import Config, SpoolSettings
 from spool.errors import SpoolFull
 from spool.metrics import Metrics
 from spool.records import HELD_T, make_record
-from spool.store import SCHEMA_VERSION, Store
+from spool.store import State, Store
 
 from .helpers import T0, assert_counts_true, cli_env, kept_and_real_counts, make_config, run_cli
 
@@ -36,8 +36,9 @@ def held(stat: str) -> tuple[Any, ...]:
     return (stat, None, None, None, 0, 1, HELD_T)  # stamped while the clock was wrong
 
 
-def ids(store: Store, where: str) -> list[int]:
-    return [row[0] for row in store.conn.execute(f"SELECT id FROM records WHERE {where} ORDER BY id")]
+def ids(store: Store, state: State) -> list[int]:
+    """The ids of the records in a state (pending: in flight included), in append order."""
+    return [record_id for record_id, _, _ in store.records(state)]
 
 
 # -- every path keeps the tally -------------------------------------------------------------------------------
@@ -90,20 +91,21 @@ def test_every_way_a_record_comes_goes_or_changes_state_keeps_the_kept_counts_tr
         assert_counts_true(db)
 
         # Dead letters: requeued and purged, by id and all.
-        dead = ids(store, "state = 3")
+        dead = ids(store, State.DEAD)
         assert store.requeue_dead([dead[0], 123_456]) == (1, (123_456,))
         assert_counts_true(db)
         assert store.purge_dead([dead[1]]) == (1, ())
         assert_counts_true(db)
-        store.mark_dead(ids(store, "state = 0")[:4], reason="refused", http_status=200, body="{}", now=T0 + 12)
+        store.mark_dead(ids(store, State.PENDING)[:4], reason="refused", http_status=200, body="{}", now=T0 + 12)
         assert store.requeue_dead() == (5, ())
         assert_counts_true(db)
-        store.mark_dead(ids(store, "state = 0")[:2], reason="refused", http_status=200, body="{}", now=T0 + 12)
+        store.mark_dead(ids(store, State.PENDING)[:2], reason="refused", http_status=200, body="{}", now=T0 + 12)
         assert store.purge_dead() == (2, ())
         assert_counts_true(db)
 
         # Held records re-stamped (this boot), or dead (a wrong monotonic time, an earlier boot).
-        store.conn.execute("UPDATE records SET held_boot = 'an-earlier-boot' WHERE stat = 'big early 2'")
+        store.conn.execute("UPDATE held SET boot = 'an-earlier-boot' WHERE id = (SELECT id FROM record_view "
+                           "WHERE stat = 'big early 2')")
         assert store.restamp_held(wall=T0 + 100.0, mono=boot_clock() + 10, boot=boot_id(), floor=T0) == (2, 1)
         assert_counts_true(db)
 
@@ -120,8 +122,8 @@ def test_every_way_a_record_comes_goes_or_changes_state_keeps_the_kept_counts_tr
         moved: list[Any] = []
         assert store.move_out("sent", moved.extend, chunk=1) == 2
         assert_counts_true(db)
-        store.mark_dead(ids(store, "state = 0")[:3], reason="refused", http_status=200, body="{}", now=T0 + 20)
-        store.ack(ids(store, "state = 0")[:3], now=T0 + 20)
+        store.mark_dead(ids(store, State.PENDING)[:3], reason="refused", http_status=200, body="{}", now=T0 + 20)
+        store.ack(ids(store, State.PENDING)[:3], now=T0 + 20)
         assert store.move_out("all", moved.extend, since=T0, until=T0 + 20, chunk=7) > 0
         assert_counts_true(db)
         assert store.tally()["pending"] > 0
@@ -197,18 +199,16 @@ def test_an_import_in_progress_is_counted_as_staged_never_as_pending_until_it_pu
     assert_counts_true(db)
 
 
-def test_upgrading_counts_each_state_once_including_an_import_that_is_still_open(db):
-    """The migration to the kept counts runs while another process's import has committed chunks: those count as
-    staged, and its publishing moves them to pending in the tally the migration made."""
+def test_a_recount_counts_each_state_once_including_an_import_that_is_still_open(db):
+    """A real count (what the migration to the kept counts and `doctor --deep --recount` set the tally to) taken
+    while another process's import has committed chunks: those count as staged, and its publishing moves them to
+    pending in the tally the recount made."""
     found: list[dict[str, int]] = []
 
-    def upgrade() -> None:
-        with closing(sqlite3.connect(db, isolation_level=None)) as conn:  # back to version 8's layout
-            conn.execute("DROP TABLE tally")
-            conn.execute("PRAGMA user_version = 8")
+    def recount() -> None:
         with Store(db) as store:
-            assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-            found.append(store.tally())
+            store.conn.execute("UPDATE tally SET pending = 0, sent = 0, staged = 0")  # wrong, as a bug would leave it
+            found.append(store.recount()[1])
         assert_counts_true(db)
 
     with Store(db) as store:
@@ -217,7 +217,7 @@ def test_upgrading_counts_each_state_once_including_an_import_that_is_still_open
         assert lease is not None
         store.ack([lease.items[0].id], now=T0)
         store.mark_dead([lease.items[1].id], reason="refused", http_status=200, body="{}", now=T0)
-        store.append(pausing(rows(25, stat="big"), at=21, then=upgrade), chunk=10)
+        store.append(pausing(rows(25, stat="big"), at=21, then=recount), chunk=10)
     assert found == [{"pending": 4, "held": 1, "sent": 1, "dead": 1, "staged": 20}]
     with Store(db) as store:
         assert store.tally() == {"pending": 29, "held": 1, "sent": 1, "dead": 1, "staged": 0}

@@ -91,7 +91,7 @@ def test_a_drain_leaves_no_lease_behind_through_failures_resets_and_a_poison_rec
     assert result.done and counts["dead"] == 1 and counts["sent"] == 1200
     with Store(db) as store:
         assert store.conn.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
-        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 0
+        assert store.conn.execute("SELECT count(*) FROM lease_runs").fetchone()[0] == 0
 
 
 def test_every_record_arrives_with_its_original_t(db, receiver):
@@ -484,5 +484,5 @@ def test_a_lease_split_after_its_other_part_was_acknowledged_leaves_no_lease_beh
     with Store(db) as store, Shipper(store, make_config(db, receiver)) as shipper:
         assert shipper.drain(max_time=30).done
         assert store.lease_count() == 0
-        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 0
+        assert store.conn.execute("SELECT count(*) FROM lease_runs").fetchone()[0] == 0
     assert sorted(s[0] for s in receiver.stats()) == ["a", "b", "c", "own"]

@@ -241,33 +241,39 @@ def test_discarding_a_stage_in_pieces_keeps_what_is_left_hidden(db, monkeypatch)
 
 def test_a_version_5_spool_keeps_its_records_and_discards_appends_staged_the_old_way_once_their_boot_is_over(db):
     """Version 5 named a stage's owner by boot, pid and process start: a pid cannot tell a process that died from
-    one in another PID namespace, so such a stage is discarded only once its boot is over."""
+    one in another PID namespace, so such a stage is discarded only once its boot is over. Until then the spool is
+    not upgraded (version 10 copies every record into its new layout): it says so, and nothing is lost."""
+    import sqlite3
+    from contextlib import closing
+
     from spool.clock import boot_id
+    from spool.errors import StoreError
+    from spool.store.schema import _MIGRATIONS
 
     dead, running = "an-earlier-boot:4242:1234", f"{boot_id()}:4242:1234"
-    with Store(db) as store:
-        store.append(rows(3, stat="kept"))
-        conn = store.conn
-        conn.execute("DROP TABLE stage_spans")  # back to version 5's layout
-        conn.execute(f"CREATE INDEX staged ON records (stage, t) WHERE state = {State.STAGED}")
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:  # version 5's layout, as it wrote it
+        for version in range(1, 6):
+            _MIGRATIONS[version](conn)
+        conn.executemany("INSERT INTO records (stat, kind, number, t) VALUES (?, 0, 1, ?)",
+                         [(f"kept{i}", T0 + i) for i in range(3)])
         # A version-5 append of an earlier boot, and one of this boot that may still be running.
         conn.execute("INSERT INTO stages (id, owner, started_at) VALUES (7, ?, 0), (8, ?, 0)", (dead, running))
         conn.executemany(f"INSERT INTO records (stat, kind, number, t, state, stage) VALUES (?, 0, 1, ?, "
                          f"{State.STAGED}, ?)", [(f"s{stage} {i}", T0, stage) for stage in (7, 8) for i in range(12)])
         conn.execute("PRAGMA user_version = 5")
+    with pytest.raises(StoreError, match="still running"):
+        Store(db)
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5  # untouched: the migration is one transaction
+        assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 27
+        conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now its boot is over too
     with Store(db) as store:
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 15  # the dead one's are gone
-        assert store.conn.execute("SELECT id FROM stages").fetchall() == [(8,)]
+        assert sorted(r.stat for _, _, r in store.records()) == ["kept0", "kept1", "kept2"]
         assert store.counts() == {"pending": 3, "inflight": 0, "sent": 0, "dead": 0, "held": 0}
-        assert store.tally()["staged"] == 12  # the one that may still be running
-        assert_counts_true(db)
-        assert store.sweep_stages() == 0  # its owner may be alive (and pid 4242 elsewhere): it may still publish
-        store.conn.execute("UPDATE stages SET owner = ? WHERE id = 8", (dead,))  # now its boot is over too
-        store.append(rows(25, stat="new"), chunk=10)  # a stage of version 6 first sweeps it
-        assert store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 28
-        assert sorted(r.stat for _, _, r in store.records())[:3] == ["kept0", "kept1", "kept2"]
         assert store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+        store.append(rows(25, stat="new"), chunk=10)
+        assert store.counts()["pending"] == 28
     assert_counts_true(db)
 
 

@@ -15,7 +15,7 @@ from spool.errors import InvalidRecord, SpoolBusy, StoreError
 from spool.lock import ShipLock
 from spool.owners import owners_directory
 from spool.records import make_record
-from spool.store import SCHEMA_VERSION, Store
+from spool.store import SCHEMA_VERSION, State, Store
 
 from .helpers import IN_PID_NAMESPACE, T0, pid_namespace_unavailable
 
@@ -150,21 +150,31 @@ def test_an_ack_marks_exactly_the_ids_it_names_sent_whatever_their_runs(db, pick
         acked = pick(ids)
         wanted = set(acked) - set(ids[40:50])
         assert store.ack(acked, now=T0 + 1) == len(wanted)
-        sent = {row[0] for row in store.conn.execute("SELECT id FROM records WHERE state = 2 AND done_at = ?",
-                                                     (T0 + 1,))}
+        sent = {record_id for record_id, _, _ in store.records(State.SENT)}
         assert sent == wanted
+        settled = {i for lo, hi in store.conn.execute("SELECT lo, hi FROM settled WHERE done_at = ?", (T0 + 1,))
+                   for i in range(lo, hi + 1)}
+        assert settled == wanted  # when, kept per run of ids
         assert states(store) == {k: v for k, v in {"sent": len(wanted), "dead": 10,
                                                    "inflight": 90 - len(wanted)}.items() if v}
 
 
-def test_leasing_rewrites_no_record(db):
-    """A lease is a row of its own and a small row per record held: the records are untouched until settled."""
+@pytest.mark.parametrize("n", [5, 300])
+def test_shipping_rewrites_no_record_and_an_ack_writes_the_same_whatever_the_batch(db, n):
+    """A lease is a row and its run of ids, and takes its records' entries out of the queue; an acknowledgement
+    ends the lease and writes one row of `settled` per run: the records themselves are never written."""
     with Store(db) as store:
-        store.append([ez(t=T0 + i) for i in range(5)])
+        store.append([ez(t=T0 + i) for i in range(n)])
+        records = store.conn.execute("SELECT * FROM records ORDER BY id").fetchall()
         before = store.conn.total_changes
-        store.lease(5, now=T0, keyed_only=False)
-        assert store.conn.total_changes - before == 1 + 5  # the lease, and each record's row in `leased`
-        assert store.conn.execute("SELECT count(*) FROM leased").fetchone()[0] == 5
+        lease = store.lease(n, now=T0, keyed_only=False)
+        assert lease is not None
+        assert store.conn.total_changes - before == 1 + 1 + n  # the lease, its run, each record's queue entry
+        before = store.conn.total_changes
+        store.ack([item.id for item in lease.items], now=T0, lease=lease.id)
+        assert store.conn.total_changes - before == 1 + 1 + 1 + 1  # settled, the run, the lease, the tally
+        assert store.conn.execute("SELECT * FROM records ORDER BY id").fetchall() == records
+        assert states(store) == {"sent": n}
 
 
 _LEASING = """
@@ -345,7 +355,7 @@ def test_an_append_of_mixed_shapes_stores_every_field_and_null_exactly_as_given(
             make_record(stat="c", value=-1.5, t=T0 + 1), ("d", None, None, None, 0, 2**62, T0 + 2)]
     with Store(db) as store:
         assert store.append(rows, chunk=chunk) == 5
-        got = store.conn.execute("SELECT stat, key, ukey, ezkey, kind, number, typeof(number), t FROM records "
+        got = store.conn.execute("SELECT stat, key, ukey, ezkey, kind, number, typeof(number), t FROM record_view "
                                  "ORDER BY id").fetchall()
     assert got == [("a", None, None, None, 0, 1, "integer", T0), (None, "k", "u", None, 1, 2.5, "real", T0),
                    ("b", None, None, "own", 0, 3, "integer", T0), ("c", None, None, None, 1, -1.5, "real", T0 + 1),
@@ -355,7 +365,7 @@ def test_an_append_of_mixed_shapes_stores_every_field_and_null_exactly_as_given(
 def test_an_append_of_ez_records_alone_stores_their_key_columns_as_null(db):
     with Store(db) as store:
         store.append([ez("a"), ez("b")] * 3)
-        assert store.conn.execute("SELECT count(*) FROM records WHERE key IS NULL AND ukey IS NULL "
+        assert store.conn.execute("SELECT count(*) FROM record_view WHERE key IS NULL AND ukey IS NULL "
                                   "AND ezkey IS NULL AND stat IS NOT NULL").fetchone()[0] == 6
 
 

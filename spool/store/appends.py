@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import itertools
 import operator
 import sqlite3
@@ -14,21 +14,19 @@ from typing import Any
 
 from spool.errors import SpoolFull, StoreError
 from spool.records import Record
-from spool.store.core import _COLUMNS, _INSERT, _LEASED, Core, State, _loads, _log
+from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log
 from spool.store.files import FileMark
-from spool.store.queries import prune_runs
-from spool.store.schema import _V5_STAGES
+from spool.store.queries import _delete_queued, prune_runs
 
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
 SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
 
-_NAMES = tuple(_COLUMNS.split(", "))
-# A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T). It is made HELD, with the
-# boot it was stamped in and that boot's monotonic clock, by one statement at the end of the appending
-# transaction: an index seek that finds nothing in the common case, so the insert itself stays plain.
+SERIES_CACHE = 100_000  # series a Store remembers (stat, key, ukey, ezkey, kind -> id); more: it starts afresh
 _ONE_MORE = "UPDATE tally SET pending = pending + 1"
-_HOLD = (f"UPDATE records SET state = {State.HELD}, held_boot = boot_id(), held_mono = boot_clock() "
-         f"WHERE state = {State.PENDING} AND t = 0")
+_SERIES_OF = "SELECT id FROM series WHERE stat IS ? AND key IS ? AND ukey IS ? AND ezkey IS ? AND kind = ?"
+_NEW_SERIES = "INSERT INTO series (stat, key, ukey, ezkey, kind) VALUES (?, ?, ?, ?, ?) RETURNING id"
+_SHAPE = operator.itemgetter(0, 1, 2, 3, 4)
+_NUMBER, _T = operator.itemgetter(5), operator.itemgetter(6)
 
 
 class Appends(Core):
@@ -55,8 +53,7 @@ class Appends(Core):
         extra = next(rows, None) if len(first) == chunk else None
         if extra is None:
             with self._bounded() as conn:
-                _insert(conn, first)
-                held = conn.execute(_HOLD).rowcount
+                held = self._insert(conn, first)
                 self._tally(conn, pending=len(first) - held, held=held)
                 if file is not None:
                     self._mark_file(conn, file._replace(records=len(first)))
@@ -122,15 +119,11 @@ class Appends(Core):
         """Insert one chunk of an open stage and name its ids in the stage's spans, in one transaction (so no
         reader ever sees them outside a span), counted as staged; hold those stamped while the clock was wrong.
         Returns how many are held."""
-        lo = (conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0) + 1
-        _insert(conn, part)
-        hi = lo + len(part) - 1
-        if conn.execute("SELECT last_insert_rowid()").fetchone()[0] != hi:  # ids past max(id) are consecutive
-            raise StoreError("spool: a staged chunk did not get consecutive record ids")
+        lo, hi = self._insert_records(conn, part)
         if not conn.execute("UPDATE stage_spans SET hi = ? WHERE stage = ? AND hi = ?", (hi, stage, lo - 1)).rowcount:
             conn.execute("INSERT INTO stage_spans (lo, hi, stage) VALUES (?, ?, ?)", (lo, hi, stage))
         self._tally(conn, staged=len(part))
-        return conn.execute(f"{_HOLD} AND id BETWEEN ? AND ?", (lo, hi)).rowcount
+        return self._queue_new(conn, lo, hi)
 
     def _discard_stage(self, stage: int) -> None:
         """Delete an unfinished append's records, at most SWEEP_CHUNK per transaction, each shrinking its span
@@ -140,16 +133,14 @@ class Appends(Core):
                 span = conn.execute("SELECT lo, hi FROM stage_spans WHERE stage = ? ORDER BY lo LIMIT 1",
                                     (stage,)).fetchone()
                 if span is None:
-                    legacy = conn.execute("SELECT value FROM meta WHERE name = ?", (_V5_STAGES,)).fetchone()
-                    if legacy is not None and stage <= _loads(legacy[0]):  # staged by version 5: one scan
-                        self._tally(conn, staged=-conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} "
-                                                               "AND stage = ?", (stage,)).rowcount)
                     conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                     return
                 lo, hi = span
                 end = min(hi, lo + SWEEP_CHUNK - 1)
-                self._tally(conn, staged=-conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ?",
-                                                       (lo, end)).rowcount)
+                conn.execute("DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id BETWEEN ? AND ?)",
+                             (lo, end))
+                conn.execute("DELETE FROM held WHERE id BETWEEN ? AND ?", (lo, end))
+                self._tally(conn, staged=-_delete_records(conn, "id BETWEEN ? AND ?", (lo, end)))
                 if end == hi:
                     conn.execute("DELETE FROM stage_spans WHERE lo = ?", (lo,))
                 else:
@@ -218,13 +209,83 @@ class Appends(Core):
                 return deleted
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
-        dropped = conn.execute(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE state = {State.PENDING} "
-                               f"AND id NOT IN ({_LEASED}){self._hidden(conn)} ORDER BY t, id LIMIT ?)", (n,)).rowcount
+        oldest = conn.execute(f"SELECT t, id FROM queue WHERE 1{self._hidden(conn)} ORDER BY t, id LIMIT ?",
+                              (n,)).fetchall()
+        dropped = _delete_queued(conn, oldest)
         if dropped:
             self._tally(conn, pending=-dropped)
             self._add_count(conn, "dropped_oldest", dropped)
             self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
         return dropped
+
+    def _insert(self, conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> int:
+        """Insert Record-shaped rows and queue them; return how many of them are held (see `_queue_new`)."""
+        if not rows:
+            return 0
+        return self._queue_new(conn, *self._insert_records(conn, rows))
+
+    def _insert_records(self, conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> tuple[int, int]:
+        """Insert Record-shaped rows as (series, number, t); return the (first, last) ids they were given.
+
+        Ids are given one past the highest ever given (AUTOINCREMENT), one after the other inside the write
+        lock, so the rows of one statement have consecutive ids.
+        """
+        if operator.countOf(map(len, rows), 7) != len(rows):
+            raise StoreError("spool: a record to append does not have the 7 fields of a Record")
+        self._recall_series(conn)
+        series = self._series
+        shapes = list(map(_SHAPE, rows))
+        for shape in set(shapes).difference(series):
+            self._series_id(conn, shape)
+        ids = list(map(series.__getitem__, shapes))
+        conn.executemany("INSERT INTO records (series, number, t) VALUES (?, ?, ?)",
+                         zip(ids, map(_NUMBER, rows), map(_T, rows), strict=True))
+        conn.executemany("UPDATE series SET refs = refs + ? WHERE id = ?",
+                         [(n, s) for s, n in collections.Counter(ids).items()])
+        hi = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return hi - len(rows) + 1, hi
+
+    def _recall_series(self, conn: sqlite3.Connection) -> None:
+        """Forget the series this Store remembers if any was forgotten in the spool since (by `_delete_records`)."""
+        row = conn.execute(f"SELECT value FROM meta WHERE name = '{SERIES_EPOCH}'").fetchone()
+        epoch = None if row is None else row[0]
+        if epoch != self._series_epoch:
+            self._series.clear()
+            self._series_epoch = epoch
+
+    def _series_id(self, conn: sqlite3.Connection, shape: tuple[Any, ...]) -> int:
+        """Return the id of a series (stat, key, ukey, ezkey, kind), adding it if the spool has none yet. Inside
+        the write lock: no other process can add the same one meanwhile."""
+        known = self._series.get(shape)
+        if known is not None:
+            return known
+        if len(self._series) >= SERIES_CACHE:
+            self._series.clear()
+        row = conn.execute(_SERIES_OF, shape).fetchone()
+        if row is None:
+            row = conn.execute(_NEW_SERIES, shape).fetchone()
+            self._fresh_series.append(shape)
+        self._series[shape] = row[0]
+        return row[0]
+
+    @staticmethod
+    def _queue_new(conn: sqlite3.Connection, lo: int, hi: int) -> int:
+        """Queue the records just inserted with ids lo..hi; hold those stamped while the clock was wrong.
+
+        A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T): it becomes HELD, with the
+        boot it was stamped in and that boot's monotonic clock, instead of queued. Finding none is one seek of
+        the queue, so the common case stays two plain statements. Returns how many were held.
+        """
+        conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?", (lo, hi))
+        held = [record_id for (record_id,) in
+                conn.execute("SELECT id FROM queue WHERE t = 0 AND id BETWEEN ? AND ?", (lo, hi))]
+        if held:
+            listed = _dumps(held)
+            conn.execute(f"DELETE FROM queue WHERE t = 0 AND id IN ({_IDS})", (listed,))
+            conn.execute(f"UPDATE records SET state = {State.HELD} WHERE id IN ({_IDS})", (listed,))
+            conn.execute("INSERT INTO held (id, boot, mono) SELECT value, boot_id(), boot_clock() FROM json_each(?)",
+                         (listed,))
+        return len(held)
 
     def _warn_rate_limited(self, message: str, *args: object) -> None:
         """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
@@ -238,9 +299,9 @@ class Appends(Core):
         if self.max_age is None:
             return 0
         with self._write() as conn:
-            dropped = conn.execute(f"DELETE FROM records WHERE state = {State.PENDING} AND t < ? "
-                                   f"AND id NOT IN ({_LEASED}){self._hidden(conn)}",
-                                   (now - self.max_age,)).rowcount
+            old = conn.execute(f"SELECT t, id FROM queue WHERE t < ?{self._hidden(conn)}",
+                               (now - self.max_age,)).fetchall()
+            dropped = _delete_queued(conn, old)
             if dropped:
                 self._tally(conn, pending=-dropped)
                 self._add_count(conn, "dropped_age", dropped)
@@ -252,29 +313,10 @@ class Appends(Core):
             self.append([record])
             return
         with self._write() as conn:
-            conn.execute(_INSERT, record)
+            self._recall_series(conn)
+            series = self._series_id(conn, record[:5])
+            record_id = conn.execute("INSERT INTO records (series, number, t) VALUES (?, ?, ?) RETURNING id",
+                                     (series, record[5], record[6])).fetchone()[0]
+            conn.execute("UPDATE series SET refs = refs + 1 WHERE id = ?", (series,))
+            conn.execute("INSERT INTO queue (t, id) VALUES (?, ?)", (record[6], record_id))
             conn.execute(_ONE_MORE)
-
-
-def _insert(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
-    """Insert Record-shaped rows, binding only the text columns (stat, key, ukey, ezkey) some row fills.
-
-    sqlite3 binds a None through its adapter lookup (a tuple built, a dict and two attributes looked up, per
-    parameter): the three NULL key columns of an EZ record cost about as much as the rest of its insert. A text
-    column that is NULL in every row is left out of the statement (it defaults to NULL) instead of bound.
-    """
-    n = len(rows)
-    if operator.countOf(map(len, rows), 7) != n:  # a malformed row: executemany says what is wrong with it
-        conn.executemany(_INSERT, rows)
-        return
-    kept = (*(i for i in range(4) if operator.countOf(map(operator.itemgetter(i), rows), None) != n), 4, 5, 6)
-    if len(kept) == 7:
-        conn.executemany(_INSERT, rows)
-    else:
-        conn.executemany(_insert_statement(kept), map(operator.itemgetter(*kept), rows))
-
-
-@functools.cache
-def _insert_statement(kept: tuple[int, ...]) -> str:
-    return (f"INSERT INTO records ({', '.join(_NAMES[i] for i in kept)}) "
-            f"VALUES ({', '.join('?' * len(kept))})")

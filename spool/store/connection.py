@@ -86,6 +86,7 @@ class Opening(Schema):
             self.add_counts(corrupt_quarantined=1)
 
     def _open(self, synchronous: str, *, check: bool) -> None:
+        self._series, self._fresh_series, self._series_epoch = {}, [], None  # a file of its own: its own series
         _create_private_file(self.path)
         with _translated(self.path, self.busy_timeout):
             self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -132,6 +133,9 @@ class Opening(Schema):
         # Every page a statement reads is checked more closely, so damage on the path of an append is reported
         # (SQLITE_CORRUPT) before the append writes beside it, at no cost worth measuring.
         self.conn.execute("PRAGMA cell_size_check=ON")
+        # A join of a few runs of ids to the records must walk the primary key by range. Left to itself, SQLite may
+        # build an automatic index over every record for it instead (a full read of the backlog, per statement).
+        self.conn.execute("PRAGMA automatic_index=OFF")
         self._check_bookkeeping()
         if check:  # the agent's open: also the paths every append, lease and ack walks (never the whole file)
             self._check_paths()
@@ -151,14 +155,14 @@ class Opening(Schema):
 
         These small tables are written by every lease, acknowledgement and bound, so they are where a power cut or a
         failing card most likely leaves damage, and `spool run` moves a spool aside for damage anywhere: a producer
-        must not append (and exit 0) to a file the agent will set aside. The records table, with its tens of millions
-        of rows, is not walked at each open: an append's statements read its pages on their path, and SQLite reports
-        damage there (SQLITE_CORRUPT) before anything is written.
+        must not append (and exit 0) to a file the agent will set aside. The records table and the queue, with tens
+        of millions of rows, are not walked at each open: an append's statements read their pages on their path, and
+        SQLite reports damage there (SQLITE_CORRUPT) before anything is written.
         """
         if sqlite3.sqlite_version_info < (3, 33, 0):  # quick_check(TABLE) came with 3.33; before, it checks it all
             return
         tables = [row[0] for row in self.conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'records'")]
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('records', 'queue')")]
         for table in ("sqlite_master", *tables):
             verdict = self.conn.execute(f'PRAGMA quick_check("{table}")').fetchone()[0]
             if verdict != "ok":
@@ -172,6 +176,9 @@ class Opening(Schema):
         elsewhere among the records is left to the full check, which the agent runs in the background.
         """
         probes = ["SELECT id FROM records ORDER BY id LIMIT 1", "SELECT id FROM records ORDER BY id DESC LIMIT 1"]
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'queue'").fetchone() is not None:
+            probes += ["SELECT t, id FROM queue ORDER BY t, id LIMIT 1",
+                       "SELECT t, id FROM queue ORDER BY t DESC, id DESC LIMIT 1"]
         for name, sql in self.conn.execute(
                 "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql NOT NULL"):
             first = self.conn.execute(f'PRAGMA index_info("{name}")').fetchone()

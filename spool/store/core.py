@@ -43,10 +43,12 @@ def _log() -> logging.Logger:
 
 
 class State(IntEnum):
-    """A record's stored state. "In flight" is PENDING named by a lease, never stored. (1 was never used.)"""
+    """A record's stored state. Since version 10, PENDING is "live": pending, in flight or sent, as the ledger
+    says (the queue, leases and suspect groups hold the pending ones; every other live record is sent).
+    (1 was never used.)"""
 
     PENDING = 0
-    SENT = 2
+    SENT = 2  # versions 1 to 9 only: version 10 keeps sent records LIVE, out of the queue, in runs of `settled`
     DEAD = 3
     HELD = 4  # stamped while the clock was wrong: waits for its real t
     STAGED = 5  # version 5 only: part of a large append not yet whole (version 6 hides those by their ids)
@@ -54,11 +56,13 @@ class State(IntEnum):
 
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
 
-_COLUMNS = "stat, key, ukey, ezkey, kind, number, t"
-_INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = "stat, key, ukey, ezkey, kind, number, t"  # a Record's fields, as the view `record_view` names them
+# A record's fields, from `records r` joined to its series `s` (the join is by the series' primary key).
+_FIELDS = "s.stat, s.key, s.ukey, s.ezkey, s.kind, r.number, r.t"
+_SERIES = "CROSS JOIN series s ON s.id = r.series"
 _IDS = "SELECT value FROM json_each(?)"  # a JSON array of ids bound as one parameter
-_LEASED = "SELECT id FROM leased"  # every record some live lease holds
 TALLIED = ("pending", "held", "sent", "dead", "staged")  # the kept counts: the columns of `tally` (schema 9)
+SERIES_EPOCH = "series_epoch"  # meta: changes whenever a series is forgotten (writers' memory of series is stale)
 
 
 class Core:
@@ -74,6 +78,9 @@ class Core:
     conn: sqlite3.Connection
     _full: bool
     _last_warning: float
+    _series: dict[tuple[Any, ...], int]  # (stat, key, ukey, ezkey, kind) -> series id, of committed series
+    _fresh_series: list[tuple[Any, ...]]  # series the open transaction made (forgotten if it rolls back)
+    _series_epoch: Any  # meta's series_epoch when `_series` was last known good
 
     if TYPE_CHECKING:  # provided by other rooms (appends, files); declared so each room type-checks on its own
         def _bounded(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
@@ -116,16 +123,24 @@ class Core:
                 except BaseException:
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
+                    for fresh in self._fresh_series:  # series this transaction made are not there
+                        self._series.pop(fresh, None)
                     raise
+                finally:
+                    self._fresh_series.clear()
             finally:
                 if relaxed:  # every other write, appends included, waits for the disk as configured
                     self.conn.execute("PRAGMA synchronous=FULL")
 
-    def _hidden(self, conn: sqlite3.Connection | None = None) -> str:
+    def _hidden(self, conn: sqlite3.Connection | None = None, column: str = "id") -> str:
         """Return the condition leaving out the records of open stages (" AND NOT (id BETWEEN lo AND hi)" per
-        span; "" when no append is open). Read it in the transaction of the statement it goes into."""
-        spans = (conn or self.conn).execute("SELECT lo, hi FROM stage_spans").fetchall()
-        return "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
+        span, on `column`; "" when no append is open). Read it in the transaction of the statement it goes into."""
+        return _outside((conn or self.conn).execute("SELECT lo, hi FROM stage_spans").fetchall(), column)
+
+    @staticmethod
+    def _in_flight(conn: sqlite3.Connection, column: str = "id") -> str:
+        """Return the condition leaving out the records live leases hold (few runs: max_in_flight batches)."""
+        return _outside(conn.execute("SELECT lo, hi FROM lease_runs").fetchall(), column)
 
     @staticmethod
     def _tally(conn: sqlite3.Connection, **changes: int) -> None:
@@ -178,6 +193,31 @@ class Core:
     def meta(self) -> dict[str, Any]:
         with self._read():
             return {name: _loads(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+
+def _delete_records(conn: sqlite3.Connection, where: str, params: Any = (), *, each: Any = None) -> int:
+    """Delete the records `where` selects (a condition on `records`, with `params`, or once per item of `each`);
+    return how many.
+
+    Each series keeps how many records carry it (`refs`): one none is left of is forgotten, so a spool of ever new
+    stat names does not keep every name it ever saw. Writers remember series by id: forgetting one changes
+    `series_epoch` in meta, and a writer whose memory is older starts afresh (see Appends._series_id).
+    """
+    import collections
+
+    gone: collections.Counter[int] = collections.Counter()
+    for one in ([params] if each is None else each):
+        gone.update(series for (series,) in conn.execute(f"DELETE FROM records WHERE {where} RETURNING series", one))
+    if gone:
+        conn.executemany("UPDATE series SET refs = refs - ? WHERE id = ?", [(n, s) for s, n in gone.items()])
+        if conn.execute(f"DELETE FROM series WHERE refs <= 0 AND id IN ({_IDS})", (_dumps(list(gone)),)).rowcount:
+            conn.execute(f"INSERT INTO meta (name, value) VALUES ('{SERIES_EPOCH}', 1) ON CONFLICT (name) "
+                         "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+    return sum(gone.values())
+
+
+def _outside(spans: list[tuple[int, int]], column: str) -> str:
+    return "".join(f" AND NOT ({column} BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
 
 
 @functools.cache

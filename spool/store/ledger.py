@@ -1,6 +1,11 @@
 """The shipper's side: leases, acknowledgements, suspects (records refused together, split apart), dead marking,
 and releasing the leases of owners that died. The storage contract (in spool/store/__init__.py) says what each
-guarantees."""
+guarantees.
+
+The ledger (schema 10) keeps books per batch, not per record: a lease is one row and the runs of ids it holds;
+leasing takes its records out of the queue, an acknowledgement writes a row of `settled` per run and ends the
+lease. No record is rewritten when it is shipped.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,12 @@ from typing import Any, NamedTuple
 
 from spool.owners import PREFIX, is_legacy
 from spool.records import Record
-from spool.store.core import _COLUMNS, _IDS, _LEASED, Core, State, _dumps
+from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps
 
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
-ACK_RUN = 4  # ids per run of consecutive ids, on average, from which an ack updates run by run
-_KEYED = "(ezkey IS NOT NULL OR key IS NOT NULL)"
+ACK_RUN = 4  # kept for callers that read it: acknowledgements are by runs of ids whatever their shape
+_KEYED = "(s.ezkey IS NOT NULL OR s.key IS NOT NULL)"
 
 
 class Leased(NamedTuple):
@@ -52,83 +57,120 @@ class Ledger(Core):
     """Leasing records to the shipper and settling them: SENT, DEAD, suspect, or pending again."""
 
     def lease(self, limit: int, *, now: float, keyed_only: bool, after: tuple[int, int] | None = None) -> Lease | None:
-        """Lease up to `limit` of the oldest clean pending records no lease names; None when there are none.
+        """Lease up to `limit` of the oldest queued records (oldest t first, then append order); None when none.
 
-        Clean: never refused as part of a batch (suspects are leased by `lease_suspects`). `keyed_only` skips
-        EZ records that carry no ezkey (there is no configured key to send them with). `after`, a (t, id) the
-        caller knows no unleased clean record precedes, starts the search there instead of walking past the
-        records in flight (see Shipper._lease_clean for when that is known).
+        Queued: pending, and neither leased nor suspect (suspects are leased by `lease_suspects`). `keyed_only`
+        skips EZ records that carry no ezkey (there is no configured key to send them with). `after`, a (t, id)
+        the caller knows no queued record it could lease precedes, starts the search there instead of walking
+        past records it skips (see Shipper._lease_clean for when that is known).
         """
         params: tuple[int, ...] = (limit,)
-        where = f"split IS NULL{self._shippable(now, keyed_only)}"
+        where = self._shippable(now, keyed_only, "q.t")
         if after is not None:
-            where, params = f"{where} AND t >= ? AND (t > ? OR id > ?)", (after[0], after[0], after[1], limit)
-        return self._lease(f"{where} ORDER BY t, id LIMIT ?", params, now)
+            where, params = f"{where} AND q.t >= ? AND (q.t > ? OR q.id > ?)", (after[0], after[0], after[1], limit)
+        owner = self.owners.claim()
+        with self._write(wait=False) as conn:  # a lease lost in a power cut only leaves its records queued
+            rows = conn.execute(f"SELECT r.id, {_FIELDS} FROM queue q CROSS JOIN records r ON r.id = q.id {_SERIES} "
+                                f"WHERE 1{where}{self._hidden(conn, 'q.id')} ORDER BY q.t, q.id LIMIT ?",
+                                params).fetchall()
+            if not rows:
+                return None
+            conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(row[7], row[0]) for row in rows])
+            return self._new_lease(conn, rows, owner, now)
 
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
         """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""
-        where = f"split IS NOT NULL{self._shippable(now, keyed_only)}"
-        return self._lease(f"split = (SELECT min(split) FROM records WHERE state = {State.PENDING} AND {where} "
-                           f"AND id NOT IN ({_LEASED})) ORDER BY t, id", (), now)
-
-    def _shippable(self, now: float, keyed_only: bool) -> str:
-        where = f" AND {_KEYED}" if keyed_only else ""
-        if self.max_age is not None:
-            where += f" AND t >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
-        return where
-
-    def _lease(self, where: str, params: tuple[Any, ...], now: float) -> Lease | None:
         owner = self.owners.claim()
         with self._write(wait=False) as conn:
-            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM records WHERE state = {State.PENDING}{self._hidden(conn)} "
-                                f"AND id NOT IN ({_LEASED}) AND {where}", params).fetchall()
+            where = f"{self._shippable(now, keyed_only, 'r.t')}{self._hidden(conn, 'g.id')}"
+            source = f"suspects g CROSS JOIN records r ON r.id = g.id {_SERIES}"
+            rows = conn.execute(f"SELECT r.id, {_FIELDS} FROM {source} WHERE g.grp = (SELECT min(g.grp) FROM {source} "
+                                f"WHERE 1{where}){where} ORDER BY r.t, r.id").fetchall()
             if not rows:
                 return None
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            ids = [row[0] for row in rows]
-            lease = conn.execute("INSERT INTO leases (leased_at, owner, first_id, last_id) VALUES (?, ?, ?, ?) "
-                                 "RETURNING id", (now, owner, min(ids), max(ids))).fetchone()[0]
-            conn.execute("INSERT INTO leased (id, lease) SELECT value, ? FROM json_each(?)", (lease, _dumps(ids)))
+            conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps([row[0] for row in rows]),))
+            return self._new_lease(conn, rows, owner, now)
+
+    def _shippable(self, now: float, keyed_only: bool, t: str) -> str:
+        where = f" AND {_KEYED}" if keyed_only else ""
+        if self.max_age is not None:
+            where += f" AND {t} >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
+        return where
+
+    @staticmethod
+    def _new_lease(conn: sqlite3.Connection, rows: list[Any], owner: str, now: float) -> Lease:
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        lease = conn.execute("INSERT INTO leases (leased_at, owner) VALUES (?, ?) RETURNING id",
+                             (now, owner)).fetchone()[0]
+        conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
+                         [(lo, hi, lease) for lo, hi in _runs(row[0] for row in rows)])
         return Lease(lease, list(map(_leased, rows)), version)
 
     def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None, leases: Sequence[int] = (),
             note: dict[str, Any] | None = None) -> int:
-        """Mark records SENT: the receiver acknowledged them. They leave their lease.
+        """Mark records SENT: the receiver acknowledged them. They leave their lease; no record is rewritten.
 
         With `lease` (or several, `leases`), end those leases in the same commit; with `note`, record those
         facts (the last shipping result) in it too, so keeping status true costs no commit of its own.
+        Returns how many records became SENT (those a lease still held: each is acknowledged once).
         """
         ended = [*leases] if lease is None else [*leases, lease]
         runs = _runs(ids)
         with self._write() as conn:
-            if len(runs) * ACK_RUN <= len(ids):
-                # By runs of consecutive ids (a batch of a backlog appended in time order is one run): a range of
-                # the primary key is walked once, one statement per run. (UPDATE ... FROM a table of runs did the
-                # same walk but copied every row it changed into a temporary table first: a third slower.)
-                n = conn.executemany(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL "
-                                     f"WHERE id BETWEEN ? AND ? AND state = {State.PENDING}",
-                                     [(now, lo, hi) for lo, hi in runs]).rowcount
-            else:  # scattered ids: one statement looking each up beats a statement per short run
-                n = conn.execute(f"UPDATE records SET state = {State.SENT}, done_at = ?, split = NULL "
-                                 f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
-                                 (now, _dumps(list(ids)))).rowcount
+            held = self._take(conn, runs)  # the runs of ids that were pending (a lease held them), and are no more
+            n = sum(hi - lo + 1 for lo, hi in held)  # a run holds live records only: one per id
             self._tally(conn, pending=-n, sent=n)
-            if n:  # when they were settled, a row per run: pruning finds them by it (schema 8, `settled`)
+            if held:  # when they were settled, a row per run: pruning finds them by it
                 conn.executemany("INSERT OR IGNORE INTO settled (done_at, lo, hi) VALUES (?, ?, ?)",
-                                 [(now, lo, hi) for lo, hi in runs])
+                                 [(now, lo, hi) for lo, hi in held])
             if ended:
                 self._end_leases(conn, ended)
             if note:
                 self._set_meta(conn, note)
             return n
 
+    def _take(self, conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Take the pending records among runs of ids out of wherever they wait (a lease's runs; else the queue
+        or a suspect group); return the runs of ids taken. The shipper settles what its leases hold, and only
+        that costs nothing more than the lease's row; records settled from the queue are looked up one by one."""
+        held = self._unlease(conn, runs)
+        rest = [part for run in runs for part in _subtract(run, _intersect([run], held))]
+        if not rest:
+            return held
+        waiting = [record_id for lo, hi in rest for (record_id,) in conn.execute(
+            f"SELECT r.id FROM records r WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} AND (EXISTS "
+            f"(SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id) OR r.id IN (SELECT id FROM suspects))",
+            (lo, hi))]
+        if not waiting:
+            return held
+        listed = _dumps(waiting)
+        conn.execute(f"DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id IN ({_IDS}))", (listed,))
+        conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (listed,))
+        return sorted(held + _runs(waiting))
+
+    @staticmethod
+    def _unlease(conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Take runs of ids out of the live leases' runs; return the parts some lease held, as runs."""
+        if not runs:
+            return []
+        held: list[tuple[int, int]] = []
+        for lo, hi, lease in conn.execute("SELECT lo, hi, lease FROM lease_runs").fetchall():
+            cut = _intersect([(lo, hi)], runs)
+            if not cut:
+                continue
+            held += cut
+            conn.execute("DELETE FROM lease_runs WHERE lo = ?", (lo,))
+            conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
+                             [(a, b, lease) for a, b in _subtract((lo, hi), cut)])
+        return sorted(held)
+
     @staticmethod
     def _end_leases(conn: sqlite3.Connection, leases: Sequence[int]) -> None:
-        """Drop leases and their rows of `leased`, each by the span of ids it holds."""
+        """Drop leases: the live records their runs still hold are queued again."""
         ended = _dumps(list(leases))
-        spans = conn.execute(f"SELECT id, first_id, last_id FROM leases WHERE id IN ({_IDS})", (ended,)).fetchall()
-        conn.executemany("DELETE FROM leased WHERE id BETWEEN ? AND ? AND lease = ?",
-                         [(first, last, lease) for lease, first, last in spans if first is not None])
+        runs = conn.execute(f"SELECT lo, hi FROM lease_runs WHERE lease IN ({_IDS})", (ended,)).fetchall()
+        _queue(conn, runs)
+        conn.execute(f"DELETE FROM lease_runs WHERE lease IN ({_IDS})", (ended,))
         conn.execute(f"DELETE FROM leases WHERE id IN ({_IDS})", (ended,))
 
     def split(self, lease: int, halves: Sequence[Sequence[int]], *, end: bool = False) -> None:
@@ -138,25 +180,25 @@ class Ledger(Core):
         be leased again at once, each group on its own: the bisection goes on where it stopped, whatever
         happens to the shipper in between.
         """
-        every = [i for half in halves for i in half]
         with self._write() as conn:
             for half in halves:
-                conn.execute(f"UPDATE records SET split = ? WHERE id IN ({_IDS}) AND state = {State.PENDING}",
+                taken = self._take(conn, _runs(half))
+                conn.execute(f"INSERT OR REPLACE INTO suspects (id, grp) SELECT r.id, ? FROM records r "
+                             f"WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING}{_within(taken, 'r.id')}",
                              (min(half), _dumps(list(half))))
-            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS})", (_dumps(every),))
             if end:  # the last of the lease the shipper held: whatever else it named was settled before
                 self._end_leases(conn, [lease])
             else:
-                conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM leased WHERE lease = ?)",
-                             (lease, lease))
+                conn.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS "
+                             "(SELECT 1 FROM lease_runs WHERE lease = ?)", (lease, lease))
 
     def release(self, lease: int, ids: Sequence[int], *, end: bool = False) -> None:
-        """Give leased records back unsent: pending and unleased at once, while the rest of their lease goes on.
+        """Give leased records back unsent: queued at once, while the rest of their lease goes on.
 
         With `end`, the lease ends in the same commit (these were the last of it the shipper held).
         """
         with self._write(wait=False) as conn:  # a lease given back is a lease: a power cut may undo it harmlessly
-            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS}) AND lease = ?", (_dumps(list(ids)), lease))
+            _queue(conn, self._take(conn, _runs(ids)))
             if end:
                 self._end_leases(conn, [lease])
 
@@ -166,9 +208,8 @@ class Ledger(Core):
         They leave their lease; with `end`, the lease ends in the same commit. Returns how many were dropped.
         """
         with self._write() as conn:
-            dropped = conn.execute(f"DELETE FROM records WHERE id IN ({_IDS}) AND state = {State.PENDING}",
-                                   (_dumps(list(ids)),)).rowcount
-            conn.execute(f"DELETE FROM leased WHERE id IN ({_IDS}) AND lease = ?", (_dumps(list(ids)), lease))
+            held = self._take(conn, _runs(ids))
+            dropped = _delete_records(conn, f"id BETWEEN ? AND ? AND state = {State.PENDING}", each=held)
             if dropped:
                 self._tally(conn, pending=-dropped)
                 self._add_count(conn, "dropped_age", dropped)
@@ -178,28 +219,29 @@ class Ledger(Core):
 
     def suspects(self) -> int:
         """Return how many pending records are suspect (refused as part of a batch, not yet isolated)."""
-        return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
-                                 "AND split IS NOT NULL").fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM suspects").fetchone()[0]
 
     def end_lease(self, lease: int) -> None:
-        """Drop a lease: the records it named that were not settled are pending again."""
+        """Drop a lease: the records it held that were not settled are pending (queued) again."""
         with self._write() as conn:
             self._end_leases(conn, [lease])
 
     def mark_dead(self, ids: Sequence[int], *, reason: str, http_status: int | None, body: str,
                   now: float) -> int:
-        """Move records to DEAD, keeping the receiver's reason, status and body."""
+        """Move records to DEAD, keeping the receiver's reason, status and body. They leave their lease."""
         with self._write() as conn:
-            n = conn.execute(
-                f"UPDATE records SET state = {State.DEAD}, done_at = ?, reason = ?, http_status = ?, body = ?, "
-                f"split = NULL "
-                f"WHERE id IN ({_IDS}) AND state = {State.PENDING}",
-                (now, reason, http_status, body[:MAX_BODY], _dumps(list(ids)))).rowcount
+            held = self._take(conn, _runs(ids))
+            n = max(0, conn.executemany(f"UPDATE records SET state = {State.DEAD} WHERE id BETWEEN ? AND ? "
+                                        f"AND state = {State.PENDING}", held).rowcount) if held else 0
+            if n:
+                conn.executemany(f"INSERT OR REPLACE INTO dead (id, done_at, reason, http_status, body) SELECT id, ?, "
+                                 f"?, ?, ? FROM records WHERE id BETWEEN ? AND ? AND state = {State.DEAD}",
+                                 [(now, reason, http_status, body[:MAX_BODY], lo, hi) for lo, hi in held])
             self._tally(conn, pending=-n, dead=n)
             return n
 
     def release_dead_leases(self, *, unowned_before: float | None = None) -> int:
-        """Drop the leases whose owner is proven dead; return how many pending records they named.
+        """Drop the leases whose owner is proven dead; return how many pending records they held.
 
         A lease whose owner cannot be checked (an earlier release recorded none, or named it by pid: see
         spool.owners) is dropped when it was taken before `unowned_before` (the caller holds the ship lock, or
@@ -216,11 +258,10 @@ class Ledger(Core):
             if unowned_before is not None:
                 where += f" OR ((owner IS NULL OR owner NOT LIKE '{PREFIX}%') AND leased_at < ?)"
                 params.append(unowned_before)
-            named = conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} AND id IN "
-                                 f"(SELECT leased.id FROM leased JOIN leases ON leased.lease = leases.id "
-                                 f"WHERE {where})", params).fetchone()[0]
-            conn.execute(f"DELETE FROM leased WHERE lease IN (SELECT id FROM leases WHERE {where})", params)
-            conn.execute(f"DELETE FROM leases WHERE {where}", params)
+            ended = [lease for (lease,) in conn.execute(f"SELECT id FROM leases WHERE {where}", params)]
+            runs = conn.execute(f"SELECT lo, hi FROM lease_runs WHERE lease IN ({_IDS})", (_dumps(ended),)).fetchall()
+            named = _count_live(conn, runs)
+            self._end_leases(conn, ended)
             return named
 
     def lease_count(self) -> int:
@@ -230,6 +271,50 @@ class Ledger(Core):
     def data_version(self) -> int:
         """Return a number that changes whenever another connection commits to the spool."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+def _queue(conn: sqlite3.Connection, runs: Iterable[tuple[int, int]]) -> None:
+    """Put the live records of runs of ids (back) into the queue."""
+    conn.executemany(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ? "
+                     f"AND state = {State.PENDING}", list(runs))
+
+
+def _count_live(conn: sqlite3.Connection, runs: Iterable[tuple[int, int]]) -> int:
+    """Count the live records in runs of ids (a lease's runs: what it holds)."""
+    return sum(conn.execute(f"SELECT count(*) FROM records WHERE id BETWEEN ? AND ? AND state = {State.PENDING}",
+                            run).fetchone()[0] for run in runs)
+
+
+def _within(runs: list[tuple[int, int]], column: str) -> str:
+    if not runs:
+        return " AND 0"
+    return " AND (" + " OR ".join(f"{column} BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in runs) + ")"
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs both sorted lists of runs cover."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _subtract(run: tuple[int, int], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What is left of a run once sorted, disjoint runs within it are taken out."""
+    out, lo = [], run[0]
+    for a, b in cuts:
+        if a > lo:
+            out.append((lo, a - 1))
+        lo = b + 1
+    if lo <= run[1]:
+        out.append((lo, run[1]))
+    return out
 
 
 def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:

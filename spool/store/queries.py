@@ -3,6 +3,7 @@ replay, compaction, pruning sent records, and re-stamping held records once the 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -13,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
-from spool.store.core import _COLUMNS, _IDS, _LEASED, Core, State, _dumps, _loads, _translated
+from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
 from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
@@ -26,6 +27,12 @@ COMPACT_STEP = 1000  # pending records' index entries a compaction transaction r
 _COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
 
 Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
+
+# Whether a live record `r` is pending (queued, suspect, or held by a lease); a live record that is not is sent.
+_WAITING = ("(EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id) OR r.id IN (SELECT id FROM suspects) "
+            "OR EXISTS (SELECT 1 FROM lease_runs WHERE r.id BETWEEN lo AND hi))")
+_STATE = (f"CASE WHEN r.state != {State.PENDING} THEN r.state WHEN {_WAITING} THEN {State.PENDING} "
+          f"ELSE {State.SENT} END")  # a record's state as before version 10 stored it
 
 COUNTED = ("pending", "inflight", "sent", "dead", "held")  # what counts() reports (staged records are not there)
 RESTAMP_SLACK = 60  # seconds past now a re-stamped t may land (clock granularity), no more
@@ -88,33 +95,40 @@ class Queries(Core):
         """Return dead records, oldest first, with the receiver's reason, status and body."""
         with self._read():
             rows = self.conn.execute(
-                f"SELECT id, {_COLUMNS}, done_at, reason, http_status, body FROM records "
-                f"WHERE state = {State.DEAD} ORDER BY id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+                f"SELECT r.id, {_FIELDS}, d.done_at, d.reason, d.http_status, d.body FROM dead d CROSS JOIN records r "
+                f"ON r.id = d.id {_SERIES} WHERE r.state = {State.DEAD} ORDER BY d.id LIMIT ?",
+                (-1 if limit is None else limit,)).fetchall()
         return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
                  "http_status": row[10], "body": row[11]} for row in rows]
 
     def requeue_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
         """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead)."""
-        clear = (f"UPDATE records SET state = {State.PENDING}, done_at = NULL, reason = NULL, "
-                 f"http_status = NULL, body = NULL WHERE state = {State.DEAD}")
-        return self._dead_by_ids(clear, ids, requeued=True)
+        return self._dead_by_ids(ids, requeued=True)
 
     def purge_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
         """Delete dead records (all when `ids` is None); return (how many, ids that are not dead)."""
-        return self._dead_by_ids(f"DELETE FROM records WHERE state = {State.DEAD}", ids)
+        return self._dead_by_ids(ids)
 
-    def _dead_by_ids(self, statement: str, ids: Sequence[int] | None, *,
-                     requeued: bool = False) -> tuple[int, tuple[int, ...]]:
+    def _dead_by_ids(self, ids: Sequence[int] | None, *, requeued: bool = False) -> tuple[int, tuple[int, ...]]:
         with self._write() as conn:
             missing: tuple[int, ...] = ()
             if ids is None:
-                n = conn.execute(statement).rowcount
+                chosen = [row[0] for row in conn.execute(f"SELECT d.id FROM dead d CROSS JOIN records r ON r.id = d.id "
+                                                         f"WHERE r.state = {State.DEAD}")]
             else:
-                wanted = _dumps(sorted(set(ids)))
-                missing = tuple(row[0] for row in conn.execute(
-                    f"SELECT value FROM json_each(?) WHERE value NOT IN (SELECT id FROM records "
-                    f"WHERE state = {State.DEAD} AND id IN ({_IDS}))", (wanted, wanted)))
-                n = conn.execute(f"{statement} AND id IN ({_IDS})", (wanted,)).rowcount
+                wanted = sorted(set(ids))
+                found = {row[0] for row in conn.execute(f"SELECT id FROM records WHERE state = {State.DEAD} "
+                                                        f"AND id IN ({_IDS})", (_dumps(wanted),))}
+                missing = tuple(i for i in wanted if i not in found)
+                chosen = sorted(found)
+            listed = _dumps(chosen)
+            conn.execute(f"DELETE FROM dead WHERE id IN ({_IDS})", (listed,))
+            if requeued:  # pending again, in the queue by their own t
+                n = conn.execute(f"UPDATE records SET state = {State.PENDING} WHERE id IN ({_IDS})", (listed,)).rowcount
+                conn.execute(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id IN ({_IDS})",
+                             (listed,))
+            else:
+                n = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, dead=-n, pending=n if requeued else 0)
             return n, missing
 
@@ -139,8 +153,9 @@ class Queries(Core):
             waiting = self._kept(self.conn, "pending")
             # Leases name few records (max_in_flight batches, and a dead owner's until a shipper frees them): each
             # is looked up by id, never the other way round (the pending records are the backlog).
-            inflight = self.conn.execute(f"SELECT count(*) FROM leased CROSS JOIN records ON records.id = leased.id "
-                                         f"WHERE records.state = {State.PENDING}").fetchone()[0]
+            inflight = self.conn.execute(f"SELECT count(*) FROM lease_runs CROSS JOIN records "
+                                         f"ON records.id BETWEEN lo AND hi WHERE records.state = {State.PENDING}"
+                                         ).fetchone()[0]
         return waiting - inflight, inflight
 
     def count_records(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -164,15 +179,22 @@ class Queries(Core):
         return kept, real
 
     def oldest_pending_t(self) -> int | None:
-        with self._read():
-            return self.conn.execute(f"SELECT min(t) FROM records WHERE state = {State.PENDING}"
-                                     f"{self._hidden()}").fetchone()[0]
+        with self._read():  # the queue's first, and those of the few records suspect or in flight
+            hidden, suspect_hidden = self._hidden(), self._hidden(column="g.id")
+            return self.conn.execute(
+                f"SELECT min(t) FROM (SELECT t FROM (SELECT t FROM queue WHERE 1{hidden} ORDER BY t, id LIMIT 1) "
+                f"UNION ALL SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE 1{suspect_hidden} "
+                f"UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r ON r.id BETWEEN lo AND hi "
+                f"WHERE r.state = {State.PENDING})").fetchone()[0]
 
     def keyless_pending(self) -> int:
         """Return how many pending EZ records carry no ezkey of their own."""
         with self._read():
-            return self.conn.execute(f"SELECT count(*) FROM records WHERE state = {State.PENDING} "
-                                     f"AND stat IS NOT NULL AND ezkey IS NULL{self._hidden()}").fetchone()[0]
+            if self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is None:
+                return 0  # every EZ series carries its key: no record can lack one
+            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
+                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
+                                     f"{self._hidden(column='r.id')}").fetchone()[0]
 
     def size_bytes(self) -> int:
         """Return the spool's size on disk: the database file and its write-ahead log."""
@@ -191,10 +213,10 @@ class Queries(Core):
     def records(self, state: int | None = None) -> Iterator[tuple[int, int, Record]]:
         """Yield (id, state, record) for every record (of one stored state), in append order, streaming."""
         # One statement (one snapshot, however slowly it is consumed) leaves out the records of open stages.
-        sql = (f"SELECT id, state, {_COLUMNS} FROM records WHERE NOT EXISTS (SELECT 1 FROM stage_spans "
-               "WHERE records.id BETWEEN lo AND hi)")
-        cursor = (self.conn.execute(f"{sql} AND state = ? ORDER BY id", (state,)) if state is not None
-                  else self.conn.execute(f"{sql} AND state != {State.STAGED} ORDER BY id"))
+        sql = (f"SELECT r.id, {_STATE} AS derived, {_FIELDS} FROM records r {_SERIES} WHERE NOT EXISTS "
+               "(SELECT 1 FROM stage_spans WHERE r.id BETWEEN lo AND hi)")
+        cursor = (self.conn.execute(f"{sql} AND derived = ? ORDER BY r.id", (state,)) if state is not None
+                  else self.conn.execute(f"{sql} ORDER BY r.id"))
         for row in cursor:
             yield row[0], row[1], Record(*row[2:])
 
@@ -209,31 +231,34 @@ class Queries(Core):
         restamp_refused). One held in an earlier boot cannot be placed in time: DEAD with the reason too.
         Dead letters can be inspected, requeued or purged.
         """
-        placed = "CAST(:wall - (:mono - held_mono) AS INTEGER)"
-        params = {"wall": wall, "mono": mono, "boot": boot, "floor": floor, "slack": wall + RESTAMP_SLACK}
         with self._write() as conn:
-            hidden = self._hidden(conn)  # held records of an unfinished append wait for it
-            restamped = conn.execute(
-                f"UPDATE records SET t = {placed}, state = {State.PENDING}, held_boot = NULL, held_mono = NULL "
-                f"WHERE state = {State.HELD} AND held_boot = :boot AND {placed} BETWEEN :floor AND :slack{hidden}",
-                params).rowcount
-            refused = conn.execute(
-                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, reason = 're-stamped to t ' || {placed} || "
-                f"', which is in the future or before the floor (' || :floor || '): the monotonic clock is not "
-                f"to be trusted; its time is unknown', held_boot = NULL "
-                f"WHERE state = {State.HELD} AND held_boot = :boot{hidden}",
-                params).rowcount
-            lost = conn.execute(
-                f"UPDATE records SET state = {State.DEAD}, done_at = :wall, "
-                f"reason = 'stamped while the clock was wrong, "
-                f"in an earlier boot: its time is unknown', held_boot = NULL WHERE state = {State.HELD} "
-                f"AND held_boot IS NOT :boot{hidden}", params).rowcount
-            self._tally(conn, held=-(restamped + refused + lost), pending=restamped, dead=refused + lost)
-            if restamped:
-                self._add_count(conn, "restamped", restamped)
+            hidden = self._hidden(conn, "h.id")  # held records of an unfinished append wait for it
+            held = conn.execute(f"SELECT h.id, h.boot, h.mono FROM held h CROSS JOIN records r ON r.id = h.id "
+                                f"WHERE r.state = {State.HELD}{hidden}").fetchall()
+            placed, refused, lost = [], [], []
+            for record_id, held_boot, held_mono in held:
+                if held_boot != boot or held_mono is None:
+                    lost.append((wall, "stamped while the clock was wrong, in an earlier boot: its time is unknown",
+                                 record_id))
+                    continue
+                t = int(wall - (mono - held_mono))
+                if floor <= t <= wall + RESTAMP_SLACK:
+                    placed.append((t, record_id))
+                else:
+                    refused.append((wall, f"re-stamped to t {t}, which is in the future or before the floor ({floor}): "
+                                          "the monotonic clock is not to be trusted; its time is unknown", record_id))
+            conn.executemany(f"UPDATE records SET t = ?, state = {State.PENDING} WHERE id = ?", placed)
+            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", placed)
+            conn.executemany(f"UPDATE records SET state = {State.DEAD} WHERE id = ?",
+                             [(record_id,) for *_, record_id in refused + lost])
+            conn.executemany("INSERT OR REPLACE INTO dead (done_at, reason, id) VALUES (?, ?, ?)", refused + lost)
+            conn.executemany("DELETE FROM held WHERE id = ?", [(row[0],) for row in held])
+            self._tally(conn, held=-len(held), pending=len(placed), dead=len(refused) + len(lost))
+            if placed:
+                self._add_count(conn, "restamped", len(placed))
             if refused:
-                self._add_count(conn, "restamp_refused", refused)
-            return restamped, refused + lost
+                self._add_count(conn, "restamp_refused", len(refused))
+            return len(placed), len(refused) + len(lost)
 
     # -- compaction --------------------------------------------------------------------------------
 
@@ -268,7 +293,7 @@ class Queries(Core):
                 if end:  # parked at the start of the newest bucket: what arrives in it is merged into its sums
                     cursor = cursor._replace(t=cursor.t // bucket * bucket, id=0)
                 if end and cursor.parked_at is None:
-                    cursor = cursor._replace(parked_at=conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0)
+                    cursor = cursor._replace(parked_at=_newest_id(conn))
                 if cursor != kept:  # a parked pass that found nothing new writes nothing (an idle box, every tick)
                     self._set_meta(conn, {_COMPACTION: cursor._asdict()})
             merged += gone
@@ -286,14 +311,15 @@ class Queries(Core):
         if cursor is None or cursor.bucket != bucket:
             return _Cursor(bucket)
         if cursor.parked_at is not None:
-            newest = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+            newest = _newest_id(conn)
             if newest - cursor.parked_at >= max(cursor.read, rows):
                 return _Cursor(bucket)
         if cursor.sums:
             # A record holding a sum may have been leased, shipped or dropped since: it no longer holds it.
             held = {record_id: number for record_id, number in conn.execute(
-                f"SELECT id, number FROM records WHERE id IN ({_IDS}) AND state = {State.PENDING} "
-                f"AND id NOT IN ({_LEASED})", (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
+                f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING} "
+                f"AND EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id)",
+                (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
             cursor = cursor._replace(sums=[[group, record_id, total] for group, record_id, total in cursor.sums
                                            if held.get(record_id, _GONE) == total])
         return cursor
@@ -309,13 +335,12 @@ class Queries(Core):
         sums = {group: [record_id, total, False] for group, record_id, total in cursor.sums}
         gone: list[int] = []
         changed: list[tuple[Any, ...]] = []
-        for record_id, stat, key, ukey, ezkey, kind, number, t, leased in entries:
+        for record_id, group, kind, number, t in entries:
             if t // bucket != current:  # a new bucket: the sums of the last one are final
                 changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
                 sums, current = {}, t // bucket
-            if kind != Kind.COUNT or leased or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
+            if kind != Kind.COUNT or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
                 continue
-            group = _dumps([stat, key, ukey, ezkey])
             into = sums.get(group)
             if into is not None and into[0] == record_id:  # the record holding the sum, read again (parked)
                 continue
@@ -328,22 +353,29 @@ class Queries(Core):
             into[1], into[2] = total, True
             gone.append(record_id)
         changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
-        if gone:
-            self._tally(conn, pending=-conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})",
-                                                    (_dumps(gone),)).rowcount)
+        if gone or changed:
+            where = {record_id: t for record_id, _, _, _, t in entries}
+            self._tally(conn, pending=-_delete_queued(conn, [(where[record_id], record_id) for record_id in gone]))
+            # A record holding a sum moves to its bucket's start: in the records, and in the queue's order.
+            before = dict(conn.execute(f"SELECT id, t FROM records WHERE id IN ({_IDS})",
+                                       (_dumps([held for _, _, held in changed]),)).fetchall())
             conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
+            moved = [(before[held], held, t) for _, t, held in changed if held in before and before[held] != t]
+            conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(old, held) for old, held, _ in moved])
+            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", [(t, held) for _, held, t in moved])
         last = entries[-1]
         read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
         # A bucket's sums are carried into the next step (it may go on there), as many as a step reads at most.
         carried = [[group, held, total] for group, (held, total, _) in itertools.islice(sums.items(), rows)]
-        return cursor._replace(t=last[7], id=last[0], read=read, sums=carried), len(gone)
+        return cursor._replace(t=last[4], id=last[0], read=read, sums=carried), len(gone)
 
     # -- moving backlog ----------------------------------------------------------------------------
 
     # "all" leaves out HELD records: their time is not known yet, so no file can carry them (import refuses t=0).
-    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"state = {State.PENDING}", "sent": f"state = {State.SENT}",
-                                              "dead": f"state = {State.DEAD}",
-                                              "all": f"state IN ({State.PENDING}, {State.SENT}, {State.DEAD})"}
+    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND {_WAITING}",
+                                              "sent": f"r.state = {State.PENDING} AND NOT {_WAITING}",
+                                              "dead": f"r.state = {State.DEAD}",
+                                              "all": f"r.state IN ({State.PENDING}, {State.DEAD})"}
 
     def _selection(self, state: str, since: int | None, until: int | None,
                    stat_glob: str | None = None) -> tuple[str, list[Any]]:
@@ -351,13 +383,13 @@ class Queries(Core):
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
         where, params = [self._SELECTIONS[state]], list[Any]()
         if since is not None:
-            where.append("t >= ?")
+            where.append("r.t >= ?")
             params.append(since)
         if until is not None:
-            where.append("t <= ?")
+            where.append("r.t <= ?")
             params.append(until)
         if stat_glob is not None:
-            where.append("stat GLOB ?")
+            where.append("s.stat GLOB ?")
             params.append(stat_glob)
         return " AND ".join(where), params
 
@@ -365,28 +397,29 @@ class Queries(Core):
                        stat_glob: str | None = None) -> int:
         where, params = self._selection(state, since, until, stat_glob)
         with self._read():
-            return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}{self._hidden()}",
-                                     params).fetchone()[0]
+            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE {where}"
+                                     f"{self._hidden(column='r.id')}", params).fetchone()[0]
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
         """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
 
-        Pending records within a window of t are found by the pending_t index when there are few of them
-        (SORTED_EXPORT_MAX), and sorted: a walk of the whole table would cost the backlog, not the selection.
-        Once the snapshot is let go, the WAL it held back is checkpointed (`_after_long_read`).
+        Pending records within a window of t are found by the queue's order (and the few suspect or in flight):
+        a walk of the whole table would cost the backlog, not the selection. Once the snapshot is let go, the WAL
+        it held back is checkpointed (`_after_long_read`).
         """
         where, params = self._selection(state, since, until, stat_glob)
         try:
             with self._read():
-                hidden = self._hidden()
-                source = "records"
-                if state == "pending" and (since is not None or until is not None) and self.conn.execute(
-                        f"SELECT count(*) FROM (SELECT 1 FROM records WHERE {where}{hidden} LIMIT ?)",
-                        [*params, SORTED_EXPORT_MAX + 1]).fetchone()[0] <= SORTED_EXPORT_MAX:
-                    source = "records INDEXED BY pending_t"
-                for row in self.conn.execute(f"SELECT id, {_COLUMNS} FROM {source} WHERE {where}{hidden} "
-                                             "ORDER BY id", params):
+                hidden = self._hidden(column="r.id")
+                if state == "pending" and (since is not None or until is not None):
+                    window = " AND ".join(f"t {op} {int(value)}" for op, value in ((">=", since), ("<=", until))
+                                          if value is not None)
+                    where = (f"r.id IN (SELECT id FROM queue WHERE {window} UNION ALL SELECT id FROM suspects "
+                             "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi) "
+                             f"AND {where}")
+                for row in self.conn.execute(f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE {where}{hidden} "
+                                             "ORDER BY r.id", params):
                     yield row[0], Record(*row[1:])
         finally:
             self._after_long_read()
@@ -423,14 +456,19 @@ class Queries(Core):
         moved, after = 0, 0
         while True:
             with self._write() as conn:
-                rows = conn.execute(f"SELECT id, {_COLUMNS}, state FROM records WHERE {where}{self._hidden(conn)} "
-                                    f"AND id > ? AND id NOT IN ({_LEASED}) ORDER BY id LIMIT ?",
-                                    [*params, after, chunk]).fetchall()
+                rows = conn.execute(f"SELECT r.id, {_FIELDS}, {_STATE} FROM records r {_SERIES} WHERE {where}"
+                                    f"{self._hidden(conn, 'r.id')}{self._in_flight(conn, 'r.id')} AND r.id > ? "
+                                    f"ORDER BY r.id LIMIT ?", [*params, after, chunk]).fetchall()
                 if not rows:
                     return moved
                 write([Record(*row[1:8]) for row in rows])
                 ids = [row[0] for row in rows]
-                conn.execute(f"DELETE FROM records WHERE id IN ({_IDS})", (_dumps(ids),))
+                listed = _dumps(ids)
+                conn.execute(f"DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id IN ({_IDS}))",
+                             (listed,))
+                for table in ("suspects", "dead"):
+                    conn.execute(f"DELETE FROM {table} WHERE id IN ({_IDS})", (listed,))
+                _delete_records(conn, f"id IN ({_IDS})", (listed,))
                 states = [row[8] for row in rows]  # every one deleted: selected in this transaction
                 self._tally(conn, **{_TALLY_STATES[State(state)]: -states.count(state) for state in set(states)})
             moved += len(rows)
@@ -440,8 +478,15 @@ class Queries(Core):
         """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
         where, params = self._selection("sent", since, until, stat_glob)
         with self._bounded() as conn:
-            queued = conn.execute(f"INSERT INTO records ({_COLUMNS}) SELECT {_COLUMNS} FROM records WHERE {where} "
-                                  "ORDER BY id", params).rowcount
+            copied = collections.Counter(series for (series,) in conn.execute(
+                f"INSERT INTO records (series, number, t) SELECT r.series, r.number, r.t FROM records r {_SERIES} "
+                f"WHERE {where} ORDER BY r.id RETURNING series", params))
+            conn.executemany("UPDATE series SET refs = refs + ? WHERE id = ?", [(n, s) for s, n in copied.items()])
+            queued = sum(copied.values())
+            if queued > 0:  # one statement: its records have consecutive ids, up to the last given
+                newest = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?",
+                             (newest - queued + 1, newest))
             self._tally(conn, pending=queued)
             self._enforce(conn, queued)
             return queued
@@ -459,9 +504,9 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
             break
         taken, span = taken + 1, span + hi - lo + 1
     runs = rows[:taken]
-    deleted = max(conn.executemany(
-        f"DELETE FROM records WHERE id BETWEEN ? AND ? AND state = {State.SENT} AND done_at < ?",
-        [(lo, hi, before if before is not None else math.inf) for _, lo, hi in runs]).rowcount, 0)
+    # A run holds the records one acknowledgement settled: live ones there are sent (none is ever pending again).
+    deleted = _delete_records(conn, f"id BETWEEN ? AND ? AND state = {State.PENDING}",
+                              each=[(lo, hi) for _, lo, hi in runs])
     Core._tally(conn, sent=-deleted)
     conn.executemany("DELETE FROM settled WHERE done_at = ? AND lo = ?", [(done, lo) for done, lo, _ in runs])
     return deleted, taken < len(rows) or len(rows) == step
@@ -484,14 +529,28 @@ _GONE = object()
 
 
 def _after(conn: sqlite3.Connection, t: int, after_id: int, n: int) -> list[tuple[Any, ...]]:
-    """Return up to n pending records after (t, id) in the pending_t index, oldest first, each with whether a lease
-    holds it. Two seeks: (t, id) > (?, ?) as one condition would walk every entry of that t before the cursor."""
-    query = (f"SELECT id, stat, key, ukey, ezkey, kind, number, t, id IN ({_LEASED}) FROM records "
-             f"WHERE state = {State.PENDING} AND ")
-    rows = conn.execute(f"{query}t = ? AND id > ? ORDER BY id LIMIT ?", (t, after_id, n)).fetchall()
+    """Return up to n queued records after (t, id) in the queue, oldest first: (id, series, kind, number, t).
+    Two seeks: (t, id) > (?, ?) as one condition would walk every entry of that t before the cursor."""
+    query = (f"SELECT q.id, r.series, s.kind, r.number, q.t FROM queue q CROSS JOIN records r ON r.id = q.id "
+             f"{_SERIES} WHERE ")
+    rows = conn.execute(f"{query}q.t = ? AND q.id > ? ORDER BY q.id LIMIT ?", (t, after_id, n)).fetchall()
     if len(rows) < n:
-        rows += conn.execute(f"{query}t > ? ORDER BY t, id LIMIT ?", (t, n - len(rows))).fetchall()
+        rows += conn.execute(f"{query}q.t > ? ORDER BY q.t, q.id LIMIT ?", (t, n - len(rows))).fetchall()
     return rows
+
+
+def _newest_id(conn: sqlite3.Connection) -> int:
+    """The highest record id ever given out (ids are never reused)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+    return 0 if row is None else row[0]
+
+
+def _delete_queued(conn: sqlite3.Connection, queued: list[tuple[int, int]]) -> int:
+    """Delete queued records, given as (t, id): their queue rows and the records; return how many."""
+    if not queued:
+        return 0
+    conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", queued)
+    return _delete_records(conn, f"id IN ({_IDS})", (_dumps([record_id for _, record_id in queued]),))
 
 
 def _fits(total: int | float) -> bool:

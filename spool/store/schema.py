@@ -8,7 +8,7 @@ from spool.errors import StoreError
 from spool.owners import legacy_alive
 from spool.store.core import TALLIED, Core, State, _dumps
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -180,18 +180,105 @@ def _kept_counts(conn: sqlite3.Connection) -> None:
     """
     conn.execute("CREATE TABLE IF NOT EXISTS tally (pending INTEGER NOT NULL, held INTEGER NOT NULL, "
                  "sent INTEGER NOT NULL, dead INTEGER NOT NULL, staged INTEGER NOT NULL)")
+    _set_tally(conn, _count_records_v9(conn))
+
+
+def _ledger(conn: sqlite3.Connection) -> None:
+    """Version 10: the ledger. Records are written once, small, and never rewritten when shipped.
+
+    * series: what a record's stat is (stat, key, ukey, ezkey, kind), interned: records carry its integer.
+    * records (id, state, series, number, t): 20-odd bytes a row. Ids are never reused (AUTOINCREMENT), so a
+      range of ids names the same records for ever. `state` is LIVE (pending, in flight or sent: the ledger
+      says which), DEAD or HELD; shipping never rewrites a record.
+    * queue (t, id): the pending records no lease or suspect group holds, in the order they are shipped
+      (oldest t first). A lease takes its records out of the queue; a lease that ends unsettled puts them back.
+    * leases and lease_runs: a lease is one row, and the records it holds are runs of consecutive ids
+      (a batch of a backlog appended in time order is one run). An acknowledgement ends the lease and writes
+      one row of `settled` per run: what makes a record SENT is being LIVE and in none of queue, leases,
+      suspects.
+    * suspects (id, grp): records refused together, split apart to find which the receiver refuses.
+    * dead (id, done_at, reason, http_status, body), held (id, boot, mono): the few records that need more
+      than the five columns.
+
+    Every record is copied once into the new table (the file briefly holds both); sent records' runs of
+    `settled` are recomputed exactly from their ids. Leases of an earlier release end here: their records are
+    pending again (an earlier release's shipper cannot go on with this schema).
+    """
+    from spool.owners import legacy_alive as _alive
+
+    for stage, owner in conn.execute("SELECT id, owner FROM stages").fetchall():
+        if conn.execute(f"SELECT 1 FROM records WHERE state = {State.STAGED} AND stage = ? LIMIT 1",
+                        (stage,)).fetchone() is None:
+            continue
+        if _alive(owner):
+            raise StoreError("an import by an earlier release of spool is still running on this spool; upgrade "
+                             "once it has finished")
+        conn.execute(f"DELETE FROM records WHERE state = {State.STAGED} AND stage = ?", (stage,))
+        conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
+    conn.execute(f"DELETE FROM records WHERE state = {State.STAGED}")  # none is left but a dead owner's
+    for index in ("pending_t", "suspects", "held", "dead"):  # their names are the new tables'
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("CREATE TABLE series (id INTEGER PRIMARY KEY AUTOINCREMENT, stat TEXT, key TEXT, ukey TEXT, "
+                 "ezkey TEXT, kind INTEGER NOT NULL, refs INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("CREATE INDEX series_of ON series (stat, key)")
+    conn.execute("INSERT INTO series (stat, key, ukey, ezkey, kind, refs) "
+                 "SELECT stat, key, ukey, ezkey, kind, count(*) FROM records GROUP BY stat, key, ukey, ezkey, kind")
+    conn.execute("CREATE TABLE records_v10 (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                 f"state INTEGER NOT NULL DEFAULT {State.PENDING}, series INTEGER NOT NULL, number ANY NOT NULL, "
+                 "t INTEGER NOT NULL)")
+    conn.execute("CREATE TEMP TABLE series_key AS SELECT id, stat, key, ukey, ezkey, kind FROM series")
+    conn.execute("CREATE INDEX temp.series_key_all ON series_key (stat, key, ukey, ezkey, kind)")
+    conn.execute(f"INSERT INTO records_v10 (id, state, series, number, t) "
+                 f"SELECT r.id, CASE r.state WHEN {State.SENT} THEN {State.PENDING} ELSE r.state END, s.id, r.number, "
+                 f"r.t FROM records r JOIN series_key s ON s.stat IS r.stat AND s.key IS r.key AND s.ukey IS r.ukey "
+                 f"AND s.ezkey IS r.ezkey AND s.kind = r.kind ORDER BY r.id")
+    conn.execute("DROP TABLE temp.series_key")
+    conn.execute("CREATE TABLE queue (t INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (t, id)) WITHOUT ROWID")
+    conn.execute(f"INSERT INTO queue (t, id) SELECT t, id FROM records WHERE state = {State.PENDING} "
+                 "AND split IS NULL ORDER BY t, id")
+    conn.execute("CREATE TABLE suspects (id INTEGER PRIMARY KEY, grp INTEGER NOT NULL)")
+    conn.execute("CREATE INDEX suspects_grp ON suspects (grp)")
+    conn.execute(f"INSERT INTO suspects (id, grp) SELECT id, split FROM records WHERE state = {State.PENDING} "
+                 "AND split IS NOT NULL")
+    conn.execute("CREATE TABLE held (id INTEGER PRIMARY KEY, boot TEXT, mono REAL)")
+    conn.execute(f"INSERT INTO held (id, boot, mono) SELECT id, held_boot, held_mono FROM records "
+                 f"WHERE state = {State.HELD}")
+    conn.execute("CREATE TABLE dead (id INTEGER PRIMARY KEY, done_at REAL, reason TEXT, http_status INTEGER, "
+                 "body TEXT)")
+    conn.execute(f"INSERT INTO dead (id, done_at, reason, http_status, body) SELECT id, done_at, reason, "
+                 f"http_status, body FROM records WHERE state = {State.DEAD}")
+    # The runs of sent records, exactly: consecutive ids settled at the same time.
+    conn.execute("DELETE FROM settled")
+    conn.execute(f"INSERT INTO settled (done_at, lo, hi) SELECT done_at, min(id), max(id) FROM (SELECT id, "
+                 f"coalesce(done_at, 0) AS done_at, id - row_number() OVER (PARTITION BY coalesce(done_at, 0) "
+                 f"ORDER BY id) AS run FROM records WHERE state = {State.SENT}) GROUP BY done_at, run")
+    conn.execute("CREATE INDEX settled_lo ON settled (lo)")
+    newest = conn.execute("SELECT max(id) FROM records").fetchone()[0]
+    conn.execute("DROP TABLE records")
+    conn.execute("ALTER TABLE records_v10 RENAME TO records")
+    if newest is not None:
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = 'records'")
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (newest,))
+    conn.execute("DROP TABLE leased")
+    conn.execute("DROP TABLE leases")
+    conn.execute("CREATE TABLE leases (id INTEGER PRIMARY KEY AUTOINCREMENT, leased_at REAL NOT NULL, owner TEXT)")
+    conn.execute("CREATE TABLE lease_runs (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, lease INTEGER NOT NULL)")
+    # The fields of every record by name, for whoever reads the file with sqlite3 (and the tests).
+    conn.execute("CREATE VIEW record_view AS SELECT r.id, r.state, s.stat, s.key, s.ukey, s.ezkey, s.kind, r.number, "
+                 "r.t FROM records r CROSS JOIN series s ON s.id = r.series")
+    conn.execute("DELETE FROM meta WHERE name = 'compaction'")  # a cursor over the old index
     _set_tally(conn, _count_records(conn))
 
 
 _MIGRATIONS = {1: _create_schema, 2: _add_files_and_leases, 3: _add_held, 4: _v4, 5: _v5, 6: _v6,
-               7: _v7, 8: _settlements, 9: _kept_counts}  # version -> step
+               7: _v7, 8: _settlements, 9: _kept_counts, 10: _ledger}  # version -> step
 
 _TALLY_STATES = {State.PENDING: "pending", State.HELD: "held", State.SENT: "sent", State.DEAD: "dead",
                  State.STAGED: "staged"}
 
 
-def _count_records(conn: sqlite3.Connection) -> dict[str, int]:
-    """Count the records of each state, reading every one (the tally says the same at once).
+def _count_records_v9(conn: sqlite3.Connection) -> dict[str, int]:
+    """Count the records of each state as versions 4 to 9 stored them (a state per record).
 
     In flight is pending. Staged: records an open stage's spans name (whatever their state), and version 5's
     STAGED records.
@@ -204,6 +291,34 @@ def _count_records(conn: sqlite3.Connection) -> dict[str, int]:
     for state, n in zip(_TALLY_STATES, conn.execute(f"SELECT {sums} FROM records WHERE 1{outside}").fetchone(),
                         strict=True):
         counts[_TALLY_STATES[state]] += n
+    for lo, hi in spans:
+        counts["staged"] += conn.execute("SELECT count(*) FROM records WHERE id BETWEEN ? AND ?",
+                                         (lo, hi)).fetchone()[0]
+    return counts
+
+
+def _count_records(conn: sqlite3.Connection) -> dict[str, int]:
+    """Count the records of each state, reading every one (the tally says the same at once).
+
+    Staged: the records of open stages' spans. Of the others, held and dead records are stored so; pending ones
+    (in flight included) are those of the queue, the suspect groups and the live leases' runs; every other live
+    record is sent.
+    """
+    spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+    outside = "".join(f" AND NOT (id BETWEEN {int(lo)} AND {int(hi)})" for lo, hi in spans)
+    counts = dict.fromkeys(TALLIED, 0)
+    live, counts["held"], counts["dead"] = conn.execute(
+        f"SELECT coalesce(sum(state = {State.PENDING}), 0), coalesce(sum(state = {State.HELD}), 0), "
+        f"coalesce(sum(state = {State.DEAD}), 0) FROM records WHERE 1{outside}").fetchone()
+    queued = conn.execute(f"SELECT count(*) FROM queue CROSS JOIN records USING (t, id) "
+                          f"WHERE records.state = {State.PENDING}{outside.replace('(id', '(queue.id')}").fetchone()[0]
+    suspect = conn.execute(f"SELECT count(*) FROM suspects CROSS JOIN records USING (id) "
+                           f"WHERE records.state = {State.PENDING}{outside.replace('(id', '(suspects.id')}"
+                           ).fetchone()[0]
+    leased = conn.execute(f"SELECT count(*) FROM lease_runs CROSS JOIN records ON records.id BETWEEN lo AND hi "
+                          f"WHERE records.state = {State.PENDING}{outside.replace('(id', '(records.id')}").fetchone()[0]
+    counts["pending"] = queued + suspect + leased
+    counts["sent"] = live - counts["pending"]
     for lo, hi in spans:
         counts["staged"] += conn.execute("SELECT count(*) FROM records WHERE id BETWEEN ? AND ?",
                                          (lo, hi)).fetchone()[0]

@@ -168,9 +168,11 @@ class StoreModel(RuleBasedStateMachine):
 
     @invariant()
     def every_record_in_flight_is_held_by_exactly_one_live_lease_the_model_knows(self):
-        rows = self.store.conn.execute("SELECT leased.id, leases.id FROM leased LEFT JOIN leases "
-                                       "ON leased.lease = leases.id").fetchall()
-        assert all(lease is not None for _, lease in rows), "a record is held by a lease that ended"
+        runs = self.store.conn.execute("SELECT lo, hi, leases.id FROM lease_runs LEFT JOIN leases "
+                                       "ON lease_runs.lease = leases.id").fetchall()
+        assert all(lease is not None for _, _, lease in runs), "a record is held by a lease that ended"
+        rows = [(record_id, lease) for lo, hi, lease in runs for record_id in range(lo, hi + 1)]
+        assert len({record_id for record_id, _ in rows}) == len(rows), "a record is held by two leases"
         held = {record_id: lease for record_id, lease in rows if self.state.get(record_id) == "pending"}
         assert held == {i: lease for lease, ids in self.leases.items() for i in ids if self.state.get(i) == "pending"}
 
