@@ -77,3 +77,38 @@ def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_ke
         assert reasons["six dead"] == "invalid stat name"
         assert "earlier boot" in reasons["six held"]
     assert_counts_true(db)
+
+
+def test_a_spool_from_schema_9_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
+                                                                                                   receiver):
+    """Made by tests/fixtures/make_schema9.py with the spool of commit 0c2cf2b (schema 9: the last before the ledger)."""
+    db = tmp_path / "spool.db"
+    shutil.copy(FIXTURES / "spool-schema9-main-0c2cf2b.db", db)
+    with Spool(db) as sp:
+        assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        before = sp.status()
+        assert before["pending"] + before["inflight"] == 10
+        assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
+        assert before["counters"]["dropped_oldest"] == 4 and before["counters"]["dropped_age"] == 1
+        [dead] = sp.dead_letters()
+        assert dead.reason == "invalid stat name" and dead.record.stat == "nine dead"
+        assert sp.store.file_mark(b"/var/spool/drop/job.jsonl").offset == 60
+    assert_counts_true(db)  # counted once, from the records, as it migrated
+    with Store(db) as store:  # every record copied into the ledger's layout, its series interned
+        assert store.conn.execute("SELECT count(*) FROM series").fetchone()[0] == 13
+    config = make_config(db, receiver)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=30).done
+    shipped = receiver.stats()
+    assert sorted(s[0] for s in shipped) == sorted(
+        [f"nine pending {i}" for i in range(5)] + ["nine own key", "nine-classic-key", "nine suspect a",
+                                                   "nine suspect b", "nine from file"])
+    assert ("nine own key", "value", 2.5, 1763600010, "nine-own-key") in shipped
+    with Spool(db) as sp:
+        after = sp.status()
+        assert (after["pending"], after["inflight"], after["held"]) == (0, 0, 0)
+        assert after["sent"] == 11
+        reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
+        assert reasons["nine dead"] == "invalid stat name"
+        assert "earlier boot" in reasons["nine held"]
+    assert_counts_true(db)
