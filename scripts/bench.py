@@ -552,7 +552,8 @@ from spool.ship import Shipper
 from spool.store import Store
 def written():
     return int(next(l for l in open("/proc/self/io") if l.startswith("write_bytes")).split()[1])
-db, url, n, single = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "single"
+db, url, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+single = mode == "single"
 with Spool(db):
     pass  # the file and its schema exist before counting: a record's life is measured, not a spool's birth
 before = written()
@@ -563,10 +564,16 @@ with Spool(db) as sp:
     else:
         for start in range(0, n, 500):
             sp.add_many({"stat": f"s{i % 50}", "count": 1, "t": 1700000000 + i} for i in range(start, start + 500))
+if mode == "ship":  # what shipping alone writes: from a backlog already on disk
+    with Store(db) as store:
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    import os; os.sync()
+    before = written()
 config = Config().replace(**{"spool.path": db, "endpoint": url, "ezkey": "k", "max_requests_per_second": 0})
 with Store(db) as store, Shipper(store, config) as shipper:
     assert shipper.drain().done
-    store.prune_sent(sent_before=time.time() + 1)
+    if mode != "ship":
+        store.prune_sent(sent_before=time.time() + 1)
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 import os; os.sync()
 print(written() - before)
@@ -577,18 +584,34 @@ def bench_disk(batched: int, single: int) -> list[Figure]:
     """Bytes written to storage per record over its life (append, ship, prune, checkpoint): appended 500 per
     commit, and one per commit (every `spool add`, Spool.count, a lightly loaded relay)."""
     figures = []
-    for mode, n, target in (("batch", batched, "<= 512"), ("single", single, None)):
+    for mode, n, target in (("batch", batched, "<= 512"), ("single", single, None), ("ship", batched, "<= 40")):
         with scratch() as folder, Receiver() as receiver:
             out = subprocess.run([sys.executable, "-c", DISK_CHILD, str(folder / "s.db"), receiver.url, str(n), mode],
                                  check=True, capture_output=True, text=True, cwd=ROOT).stdout
         per_record = int(out.split()[-1]) / n
-        what = "500 records per commit" if mode == "batch" else "one record per commit"
-        figures.append(Figure(f"disk bytes written per record ({what}; append, ship, prune)", per_record, None, "B",
+        what = {"batch": "500 records per commit; append, ship, prune", "single": "one record per commit; append, "
+                "ship, prune", "ship": "shipping alone, batches of 500: leases, acks, their WAL and checkpoint"}[mode]
+        figures.append(Figure(f"disk bytes written per record ({what})", per_record, None, "B",
                               target, per_record,
                               conditions=f"{n:,} records; /proc/self/io write_bytes of the process, after a final "
                                          "checkpoint and sync; synchronous=FULL; pages of 1 KiB (new spools); ext4; "
                                          "shipped in batches of 500, pacing off"))
     return figures
+
+
+def bench_size(n: int, names: int = 1_000) -> list[Figure]:
+    """Bytes on disk per pending record: n EZ counts of `names` stat names (realistic names), checkpointed."""
+    with scratch() as folder:
+        db = folder / "s.db"
+        with Spool(db, synchronous="normal") as sp:
+            for start in range(0, n, 50_000):
+                sp.add_many({"stat": f"site.web-{i % names:04d}.requests.count", "count": 1, "t": T0 + i}
+                            for i in range(start, min(n, start + 50_000)))
+            sp.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        per_record = db.stat().st_size / n
+    return [Figure(f"bytes on disk per pending EZ record ({names:,} stat names)", per_record, None, "B", "<= 50",
+                   per_record, conditions=f"{n:,} records named like 'site.web-0042.requests.count', the file after a "
+                                          "checkpoint / records; pages of 1 KiB (new spools)")]
 
 
 def free_port() -> int:
@@ -741,6 +764,7 @@ def suite(quick: bool, folder: Path) -> dict[str, Callable[[], list[Figure]]]:
             "memory": lambda: bench_memory(500, 1_000),
             "ingest": lambda: bench_ingest(2_000, 1),
             "disk": lambda: bench_disk(1_000, 50),
+            "size": lambda: bench_size(2_000),
             "idle": lambda: bench_idle(0.3),
             "relay": lambda: bench_relay(0.2, 1, clients=2),
         }
@@ -756,6 +780,7 @@ def suite(quick: bool, folder: Path) -> dict[str, Callable[[], list[Figure]]]:
         "memory": lambda: bench_memory(100_000, 1_000_000),
         "ingest": lambda: bench_ingest(1_000_000, 3),
         "disk": lambda: bench_disk(100_000, 5_000),
+        "size": lambda: bench_size(1_000_000),
         "idle": lambda: bench_idle(125),
         "relay": lambda: bench_relay(4.0, 5),
     }

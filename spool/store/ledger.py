@@ -75,7 +75,7 @@ class Ledger(Core):
                                 params).fetchall()
             if not rows:
                 return None
-            conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(row[7], row[0]) for row in rows])
+            _dequeue(conn, rows)
             return self._new_lease(conn, rows, owner, now)
 
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
@@ -273,6 +273,17 @@ class Ledger(Core):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
 
+def _dequeue(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    """Take leased rows (id first, t last, in queue order) out of the queue: by one range of the queue when they
+    are all of it between the first and the last (the common case: nothing skipped), else one by one."""
+    first, last = (rows[0][-1], rows[0][0]), (rows[-1][-1], rows[-1][0])
+    span = "(t, id) >= (?, ?) AND (t, id) <= (?, ?)"
+    if conn.execute(f"SELECT count(*) FROM queue WHERE {span}", (*first, *last)).fetchone()[0] == len(rows):
+        conn.execute(f"DELETE FROM queue WHERE {span}", (*first, *last))
+    else:
+        conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(row[-1], row[0]) for row in rows])
+
+
 def _queue(conn: sqlite3.Connection, runs: Iterable[tuple[int, int]]) -> None:
     """Put the live records of runs of ids (back) into the queue."""
     conn.executemany(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ? "
@@ -323,6 +334,8 @@ def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
     ordered = sorted(ids)
     if not ordered:
         return runs
+    if ordered[-1] - ordered[0] + 1 == len(ordered):  # one run, without a Python step per id (a whole batch)
+        return [(ordered[0], ordered[-1])]
     first = last = ordered[0]
     for i in ordered:
         if i > last + 1:
