@@ -16,31 +16,32 @@ normal). The package is byte-compiled first, as an installed one is (pip compile
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import resource
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+from _benchlib import (  # scripts/ is on sys.path: this file's folder
+    ROOT,
+    T0,
+    ReceiverProcess,
+    each_second,
+    fill,
+    free_port,
+    scratch,
+    use_project_venv,
+)
+
 BENCH_DEPS = ROOT / ".bench-deps"
-T0 = 1_700_000_000
-
-if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():  # run inside the project's venv
-    subprocess.run([str(ROOT / "scripts" / "bootstrap")], check=True)
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])  # noqa: S606 - re-exec ourselves
-
+use_project_venv(__file__)
 sys.path.insert(0, str(ROOT))
 
 from spool import Spool  # noqa: E402
@@ -95,12 +96,6 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process, all its threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-@contextlib.contextmanager
-def scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="spool-bench-") as folder:
-        yield Path(folder)
 
 
 RAW_SCHEMA = """
@@ -315,58 +310,8 @@ def bench_zipapp_add(build: Build, runs: int) -> list[Figure]:
 
 
 def fill_backlog(path: Path, n: int) -> None:
-    with Spool(path, synchronous="normal") as sp:
-        step = 50_000
-        for start in range(0, n, step):
-            sp.add_many({"stat": f"bench stat {i % 50}", "count": 1, "t": T0 + i}
-                        for i in range(start, min(n, start + step)))
-
-
-# The receiver for the drain figures: spool.testing's Receiver (TCP_NODELAY, so no answer waits on a delayed
-# ACK) in a process of its own, so it does not share a GIL with the shipper. It prints only its URL; "count"
-# on stdin answers (and forgets) how many stats it took.
-RECEIVER_CHILD = """
-import sys
-from spool.testing import Receiver
-with Receiver() as receiver:
-    print(receiver.url, flush=True)
-    for line in sys.stdin:
-        with receiver._lock:
-            taken = len(receiver.accepted)
-            receiver.accepted.clear()
-        print(taken, flush=True)
-"""
-
-
-class ReceiverProcess:
-    """spool.testing.Receiver in a child process."""
-
-    def __enter__(self) -> ReceiverProcess:
-        self.process = subprocess.Popen([sys.executable, "-c", RECEIVER_CHILD], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.process.stdout is not None
-        self.url = self.process.stdout.readline().strip()
-        return self
-
-    def taken(self) -> int:
-        """How many stats it took since the last call."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("count\n")
-        self.process.stdin.flush()
-        return int(self.process.stdout.readline())
-
-    def cpu(self) -> float:
-        """User + system CPU seconds the receiver has used so far (Linux: /proc; elsewhere 0)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(30)
+    """n pending records of 50 stat names, one a second of t (the drain's bare loop posts the same)."""
+    fill(path, n, names=50, t=each_second(1))
 
 
 def bench_drain(n: int, rounds: int) -> list[Figure]:
@@ -589,12 +534,6 @@ def bench_disk(batched: int, single: int) -> list[Figure]:
                                          "checkpoint and sync; synchronous=FULL; pages of 1 KiB (new spools); ext4; "
                                          "shipped in batches of 500, pacing off"))
     return figures
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def bench_idle(seconds: float) -> list[Figure]:
