@@ -5,6 +5,7 @@
     scripts/bench.py --quick    # a small smoke run (the test suite runs this so the benchmark cannot rot)
     scripts/bench.py --json     # one JSON object instead of the table
     scripts/bench.py --only append_batched,drain
+    scripts/bench.py --scale    # how figures grow with the backlog: 0 to 5M pending records (scripts/_scale.py)
 
 Ratios, not absolute times, are the figures: machines differ and are noisy. Each timing is the median of
 several repetitions. Peers (persist-queue, litequeue) are installed into .bench-deps/ on first use, for the
@@ -705,7 +706,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--only", help="comma-separated figure groups to run")
+    parser.add_argument("--scale", action="store_true",
+                        help="the scale table instead: each figure on spools of 0 to 5M pending records (SPOOL_LONG=1: "
+                             "to 50M); with --quick, one run of each (a smoke run)")
+    parser.add_argument("--sizes", help="with --scale: these backlog sizes instead, e.g. 0,100k,1M")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".bench-cache",
+                        help="with --scale: where built spools are kept (default .bench-cache/)")
     args = parser.parse_args()
+    if args.scale:
+        return scale(args, parser)
+    if args.sizes:
+        parser.error("--sizes goes with --scale")
     import compileall
 
     compileall.compile_dir(str(ROOT / "spool"), quiet=1)  # as an installed package is; PYTHONDONTWRITEBYTECODE
@@ -724,6 +735,22 @@ def main() -> int:
     if args.json:
         print(json.dumps({"quick": args.quick, "python": sys.version.split()[0],
                           "sqlite": sqlite3.sqlite_version, "figures": rows}, indent=2))
+    return 0
+
+
+def scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import _scale
+
+    long = os.environ.get("SPOOL_LONG") == "1"
+    try:
+        sizes = _scale.parse_sizes(args.sizes) if args.sizes else _scale.LONG if long else _scale.SHORT
+    except ValueError as exc:
+        parser.error(f"--sizes: {exc}")
+    if args.only:
+        parser.error("--only does not go with --scale")
+    with scratch("spool-scale-") as folder:
+        report = _scale.run(sizes, args.cache, folder, _scale.QUICK if args.quick else _scale.Effort(), long)
+    print(json.dumps(report, indent=2) if args.json else _scale.markdown(report))
     return 0
 
 
