@@ -151,7 +151,8 @@ def cached_spool(cache: Path, n: int) -> tuple[Path, dict[str, Any]]:
     remove_spool(path)
     for file in spool_files(partial):  # closed: the WAL was checkpointed into the file and removed
         os.replace(file, f"{path}{file.name[len(partial.name):]}")
-    Path(f"{partial}-shm").unlink(missing_ok=True)
+    for leftover in cache.glob(f"{partial.name}*"):  # what the spool keeps beside its file (-shm, its owners)
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     info = {"recipe": RECIPE, "n": n, "build_seconds": round(seconds, 1)}
     meta.write_text(json.dumps(info))
     print(f"# built {label(n)} pending records in {seconds:.1f} s", file=sys.stderr, flush=True)

@@ -54,10 +54,10 @@ SCALE_ROWS = {  # every row of the scale table (docs/benchmarks.md), and whether
 def test_the_scale_table_has_a_figure_for_every_row_at_every_size_and_keeps_the_spools_it_built(tmp_path):
     cache = tmp_path / "cache"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--scale", "--quick", "--sizes",
-                             "0,2k", "--cache", str(cache), "--json"], capture_output=True, text=True, timeout=300)
+                             "0,25k", "--cache", str(cache), "--json"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["sizes"] == [0, 2000]
+    assert report["sizes"] == [0, 25_000]
     assert len(report["rows"]) == len(SCALE_ROWS)
     for name, on_empty in SCALE_ROWS.items():
         row = next(row for row in report["rows"] if name in row["operation"])
@@ -66,9 +66,11 @@ def test_the_scale_table_has_a_figure_for_every_row_at_every_size_and_keeps_the_
                 assert value is None, row
             else:
                 assert isinstance(value, (int, float)) and value > 0, row
-    per_record = next(row for row in report["rows"] if "bytes on disk" in row["operation"])["values"]["2000"]
+    per_record = next(row for row in report["rows"] if "bytes on disk" in row["operation"])["values"]["25000"]
     assert 10 < per_record < 1000
-    assert sorted(p.name for p in cache.glob("*.db")) == ["scale-0.db", "scale-2000.db"]
+    assert sorted(p.name for p in cache.iterdir() if "partial" not in p.name and p.suffix == ".db") == [
+        "scale-0.db", "scale-25000.db"]
+    assert not [p for p in cache.iterdir() if "partial" in p.name]  # nothing of a build is left behind
 
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -76,9 +78,9 @@ def test_the_scale_table_has_a_figure_for_every_row_at_every_size_and_keeps_the_
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     table = _scale.markdown(report).splitlines()
-    assert table[0].startswith("| operation | 0 | 2k | growth")
+    assert table[0].startswith("| operation | 0 | 25k | growth")
     for name in SCALE_ROWS:
         line = next(line for line in table if line.startswith("| ") and name in line)
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == 4, line  # the operation, two sizes, the growth
-        assert cells[2][0].isdigit(), line  # a number at 2k
+        assert cells[2][0].isdigit(), line  # a number at 25k
