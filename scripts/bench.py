@@ -5,6 +5,7 @@
     scripts/bench.py --quick    # a small smoke run (the test suite runs this so the benchmark cannot rot)
     scripts/bench.py --json     # one JSON object instead of the table
     scripts/bench.py --only append_batched,drain
+    scripts/bench.py --scale    # how figures grow with the backlog: 0 to 5M pending records (scripts/_scale.py)
 
 Ratios, not absolute times, are the figures: machines differ and are noisy. Each timing is the median of
 several repetitions. Peers (persist-queue, litequeue) are installed into .bench-deps/ on first use, for the
@@ -16,31 +17,32 @@ normal). The package is byte-compiled first, as an installed one is (pip compile
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import resource
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+from _benchlib import (  # scripts/ is on sys.path: this file's folder
+    ROOT,
+    T0,
+    ReceiverProcess,
+    each_second,
+    fill,
+    free_port,
+    scratch,
+    use_project_venv,
+)
+
 BENCH_DEPS = ROOT / ".bench-deps"
-T0 = 1_700_000_000
-
-if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():  # run inside the project's venv
-    subprocess.run([str(ROOT / "scripts" / "bootstrap")], check=True)
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])  # noqa: S606 - re-exec ourselves
-
+use_project_venv(__file__)
 sys.path.insert(0, str(ROOT))
 
 from spool import Spool  # noqa: E402
@@ -95,12 +97,6 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process, all its threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-@contextlib.contextmanager
-def scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="spool-bench-") as folder:
-        yield Path(folder)
 
 
 RAW_SCHEMA = """
@@ -315,58 +311,8 @@ def bench_zipapp_add(build: Build, runs: int) -> list[Figure]:
 
 
 def fill_backlog(path: Path, n: int) -> None:
-    with Spool(path, synchronous="normal") as sp:
-        step = 50_000
-        for start in range(0, n, step):
-            sp.add_many({"stat": f"bench stat {i % 50}", "count": 1, "t": T0 + i}
-                        for i in range(start, min(n, start + step)))
-
-
-# The receiver for the drain figures: spool.testing's Receiver (TCP_NODELAY, so no answer waits on a delayed
-# ACK) in a process of its own, so it does not share a GIL with the shipper. It prints only its URL; "count"
-# on stdin answers (and forgets) how many stats it took.
-RECEIVER_CHILD = """
-import sys
-from spool.testing import Receiver
-with Receiver() as receiver:
-    print(receiver.url, flush=True)
-    for line in sys.stdin:
-        with receiver._lock:
-            taken = len(receiver.accepted)
-            receiver.accepted.clear()
-        print(taken, flush=True)
-"""
-
-
-class ReceiverProcess:
-    """spool.testing.Receiver in a child process."""
-
-    def __enter__(self) -> ReceiverProcess:
-        self.process = subprocess.Popen([sys.executable, "-c", RECEIVER_CHILD], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.process.stdout is not None
-        self.url = self.process.stdout.readline().strip()
-        return self
-
-    def taken(self) -> int:
-        """How many stats it took since the last call."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("count\n")
-        self.process.stdin.flush()
-        return int(self.process.stdout.readline())
-
-    def cpu(self) -> float:
-        """User + system CPU seconds the receiver has used so far (Linux: /proc; elsewhere 0)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(30)
+    """n pending records of 50 stat names, one a second of t (the drain's bare loop posts the same)."""
+    fill(path, n, names=50, t=each_second(1))
 
 
 def bench_drain(n: int, rounds: int) -> list[Figure]:
@@ -614,12 +560,6 @@ def bench_size(n: int, names: int = 1_000) -> list[Figure]:
                                           "checkpoint / records; pages of 1 KiB (new spools)")]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def bench_idle(seconds: float) -> list[Figure]:
     """CPU used by an idle `spool run` in full mode (shipper, one watched directory, the relay) over a period long
     enough to hold its housekeeping and its summary (every 60 s) when `seconds` >= 120."""
@@ -791,7 +731,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--only", help="comma-separated figure groups to run")
+    parser.add_argument("--scale", action="store_true",
+                        help="the scale table instead: each figure on spools of 0 to 5M pending records (SPOOL_LONG=1: "
+                             "to 50M); with --quick, one run of each (a smoke run)")
+    parser.add_argument("--sizes", help="with --scale: these backlog sizes instead, e.g. 0,100k,1M")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".bench-cache",
+                        help="with --scale: where built spools are kept (default .bench-cache/)")
     args = parser.parse_args()
+    if args.scale:
+        return scale(args, parser)
+    if args.sizes:
+        parser.error("--sizes goes with --scale")
     import compileall
 
     compileall.compile_dir(str(ROOT / "spool"), quiet=1)  # as an installed package is; PYTHONDONTWRITEBYTECODE
@@ -810,6 +760,22 @@ def main() -> int:
     if args.json:
         print(json.dumps({"quick": args.quick, "python": sys.version.split()[0],
                           "sqlite": sqlite3.sqlite_version, "figures": rows}, indent=2))
+    return 0
+
+
+def scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import _scale
+
+    long = os.environ.get("SPOOL_LONG") == "1"
+    try:
+        sizes = _scale.parse_sizes(args.sizes) if args.sizes else _scale.LONG if long else _scale.SHORT
+    except ValueError as exc:
+        parser.error(f"--sizes: {exc}")
+    if args.only:
+        parser.error("--only does not go with --scale")
+    with scratch("spool-scale-") as folder:
+        report = _scale.run(sizes, args.cache, folder, _scale.QUICK if args.quick else _scale.Effort(), long)
+    print(json.dumps(report, indent=2) if args.json else _scale.markdown(report))
     return 0
 
 

@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-T0 = 1_700_000_000
+from _benchlib import ROOT, T0, each_second, fill, median_of, run_cli, use_project_venv
+
 NAMES = 1000
 RATE = 100  # records per second of t
 
-if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():  # run inside the project's venv
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])  # noqa: S606 - re-exec ourselves
-
+use_project_venv(__file__, bootstrap=False)
 sys.path.insert(0, str(ROOT))
 
 from spool.store import Store  # noqa: E402
@@ -42,10 +39,6 @@ HEAD = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture
 BENCH_DIR = Path(os.environ.get("SPOOL_BENCH_DIR") or Path(tempfile.gettempdir()) / "spool-hk-bench") / HEAD
 
 
-def record(i: int) -> tuple[Any, ...]:
-    return (f"bench stat {i % NAMES}", None, None, None, 0, 1, T0 + i // RATE)
-
-
 def built(n: int) -> Path:
     """A spool of n pending records (built once, kept for later runs)."""
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -53,10 +46,7 @@ def built(n: int) -> Path:
     if not path.exists():
         started = time.perf_counter()
         partial = path.with_suffix(".partial")
-        with Store(partial, synchronous="normal") as store:
-            for lo in range(0, n, 20_000):
-                store.append([record(i) for i in range(lo, min(n, lo + 20_000))])
-            store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fill(partial, n, names=NAMES, t=each_second(RATE))  # closed: its WAL is checkpointed and removed
         os.rename(partial, path)
         print(f"# built {n:,} records in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return path
@@ -76,26 +66,6 @@ def copy_of(n: int, name: str) -> Any:
             Path(f"{target}{suffix}").unlink(missing_ok=True)
 
 
-def timed(fn: Any, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
-
-
-def cli(db: Path, *args: str, check: bool = True) -> float:
-    """Run `spool ARGS` on db; return how long it took (negative if it failed and `check` is off)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
-    env["SPOOL_DB"] = str(db)
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "spool", *args], env=env, check=check,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    took = time.perf_counter() - started
-    return took if result.returncode == 0 else -took
-
-
 def figure(name: str, value: float, unit: str, note: str = "") -> None:
     print(f"{name:<62} {value:>12,.3f} {unit:<4} {note}", flush=True)
 
@@ -105,26 +75,22 @@ def bench_prune(n: int) -> None:
         lease = store.lease(1000, now=T0, keyed_only=False)
         assert lease is not None
         store.ack([item.id for item in lease.items], now=time.time(), lease=lease.id)  # sent just now: kept
-        figure(f"prune_sent, nothing old enough ({n:,} pending)", timed(lambda: store.prune_sent(sent_before=1.0)),
-               "s")
+        figure(f"prune_sent, nothing old enough ({n:,} pending)",
+               median_of(lambda: store.prune_sent(sent_before=1.0), 3), "s")
 
 
 def bench_dead(n: int) -> None:
     with copy_of(n, "dead") as db:
         figure(f"`spool dead list`, no dead letters ({n:,} pending)",
-               statistics_median([cli(db, "dead", "list") for _ in range(3)]), "s", "(a process)")
+               median_of(lambda: run_cli(db, "dead", "list"), 3), "s", "(a process)")
 
 
 def bench_export(n: int) -> None:
     with copy_of(n, "export") as db:
         until = T0 + 100_000 // RATE - 1
         figure(f"`spool export --state pending --until T -` (100k of {n:,})",
-               statistics_median([cli(db, "export", "--state", "pending", "--until", str(until), "-")
-                                  for _ in range(3)]), "s", "(a process, to /dev/null)")
-
-
-def statistics_median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+               median_of(lambda: run_cli(db, "export", "--state", "pending", "--until", str(until), "-"), 3), "s",
+               "(a process, to /dev/null)")
 
 
 COMPACT_CHILD = """
@@ -160,7 +126,7 @@ def bench_compact(n: int, cap: float) -> None:
     """The longest write transaction of a compaction pass, the whole pass (given up after `cap` s), and the
     longest `spool add` (a process) while it runs."""
     with copy_of(n, "compact") as db:
-        alone = sorted(cli(db, "add", "before compaction", "--count", "1") for _ in range(5))
+        alone = sorted(run_cli(db, "add", "before compaction", "--count", "1") for _ in range(5))
         child = subprocess.Popen([sys.executable, "-c", COMPACT_CHILD, str(db), str(cap)], stdout=subprocess.PIPE,
                                  text=True, cwd=ROOT)
         assert child.stdout is not None
@@ -170,7 +136,7 @@ def bench_compact(n: int, cap: float) -> None:
         os.set_blocking(child.stdout.fileno(), False)
         buffer = ""
         while child.poll() is None and time.perf_counter() - started < cap:
-            adds.append(cli(db, "add", "during compaction", "--count", "1", check=False))
+            adds.append(run_cli(db, "add", "during compaction", "--count", "1", check=False))
             with contextlib.suppress(TypeError):
                 buffer += child.stdout.read() or ""
             time.sleep(0.2)

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -31,34 +30,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-T0 = 1_700_000_000
+from _benchlib import ROOT, drop_cache, each_second, fill, free_port, use_project_venv, warm_cache
 
-if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():  # run inside the project's venv
-    subprocess.run([str(ROOT / "scripts" / "bootstrap")], check=True)
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])  # noqa: S606 - re-exec ourselves
-
+use_project_venv(__file__)
 sys.path.insert(0, str(ROOT))
 
-from spool import Spool  # noqa: E402
 from spool.testing import Receiver  # noqa: E402
 
 TEST_EZKEY = "bench-ezkey"
-
-
-def build(path: Path, n: int) -> None:
-    with Spool(path, synchronous="normal") as sp:
-        step = 50_000
-        for start in range(0, n, step):
-            sp.add_many({"stat": f"bench stat {i % 1000}", "count": 1, "t": T0 + i // 100}
-                        for i in range(start, min(n, start + step)))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def prepare(source: Path, target: Path, *, clean: bool, cold: bool) -> None:
@@ -73,16 +52,7 @@ def prepare(source: Path, target: Path, *, clean: bool, cold: bool) -> None:
                          (json.dumps({"state": "sound", "at": time.time()}),))
             conn.commit()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if cold:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        else:
-            while os.read(fd, 1 << 20):
-                pass
-    finally:
-        os.close(fd)
+    drop_cache(target) if cold else warm_cache(target)
 
 
 def one_start(tree: Path, db: Path, receiver: Receiver, folder: Path) -> tuple[float, float]:
@@ -144,7 +114,7 @@ def main() -> int:
         folder = Path(scratch)
         source = folder / "source.db"
         began = time.monotonic()
-        build(source, args.records)
+        fill(source, args.records, names=1000, t=each_second(100))
         print(f"built {args.records:,} records ({source.stat().st_size / 1048576:.0f} MiB) in "
               f"{time.monotonic() - began:.0f} s", file=sys.stderr)
         db = folder / "spool.db"
