@@ -5,7 +5,7 @@ Its rooms, one mixin class each, composed into `Store` below:
 * core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
   condition hiding open stages (`_hidden`), the kept counts (`_tally`), counters and meta, and SQLite's errors
   translated for operators.
-* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 9).
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 10).
 * connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
@@ -16,7 +16,8 @@ Its rooms, one mixin class each, composed into `Store` below:
 
 The storage contract, stated once:
 
-* A record is in exactly one state: PENDING, INFLIGHT (pending and named by a live lease), SENT or DEAD.
+* A record is in exactly one state: PENDING (queued, or suspect), INFLIGHT (held by a live lease's runs), SENT,
+  DEAD or HELD (stamped while the clock was wrong).
 * `append` returns only after its transaction committed; with synchronous=FULL (the default) that
   survives power loss, with NORMAL it survives a crash of the process but maybe not of the machine.
 * A large append is staged: written in chunks, each committed as the records it will be (PENDING, or HELD)
@@ -27,27 +28,32 @@ The storage contract, stated once:
   write lock for long (a chunk, or that publish). Staged records of an owner that died are discarded
   (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden. An
   append whose stage is no longer whole when it publishes (or before a chunk) fails and publishes nothing.
-* `lease` takes the oldest pending records not already leased (by `t`, then append order) inside one
-  immediate transaction (the write lock is held from its start, so no other shipper can lease between the
-  query and the insert): two shippers can never lease the same record. A lease is one small row naming its
-  owner (a lock its Store holds: `spool.owners`), and each record it holds is one row of `leased` (record
-  id -> lease): leasing rewrites no record, which keeps writes per record low (SD cards), and "is this record
-  in flight?" is one lookup by id. Lease ids are never reused (AUTOINCREMENT). A lease is committed without waiting for
-  the disk: one lost in a power cut only returns its records to pending, as its owner's death would, and
-  the next durable commit (an acknowledgement) makes it durable anyway.
-* `ack` marks records SENT (and they leave their lease); it is called only after the receiver acknowledged
-  them. `mark_dead` moves records to DEAD with the receiver's reason, HTTP status and body. `end_lease` drops
-  the lease: whatever it named that was not settled is simply pending again (transient failure, shutdown).
-  `release` gives some of a lease's records back unsent (the shipper holds them back: their configured key
-  was refused), and `expire` deletes some that passed max_age while leased (counted `dropped_age`).
+* The ledger (schema 10) keeps its books per batch. A record is written once: (id, state, series, number, t),
+  its series (stat, key, ukey, ezkey, kind) interned in `series`. Pending records wait in `queue` (t, id);
+  `lease` takes the oldest of them (by `t`, then append order) out of the queue inside one immediate
+  transaction (the write lock is held from its start, so no other shipper can lease between the query and
+  the delete): two shippers can never lease the same record. A lease is one row naming its owner (a lock its
+  Store holds: `spool.owners`) and the runs of consecutive ids it holds (`lease_runs`; a batch of a backlog
+  appended in time order is one run). Record and lease ids are never reused (AUTOINCREMENT), so a run names
+  the same records for ever. A lease is committed without waiting for the disk: one lost in a power cut
+  leaves its records in the queue, as its owner's death would, and the next durable commit (an
+  acknowledgement) makes it durable anyway.
+* `ack` marks records SENT without writing them: they leave their lease's runs, and one row of `settled`
+  (done_at, lo, hi) per run says when. A live record that is in no queue, lease or suspect group is sent.
+  It is called only after the receiver acknowledged them. `mark_dead` moves records to DEAD with the
+  receiver's reason, HTTP status and body (a row of `dead`). `end_lease` drops the lease: the live records its
+  runs still hold go back to the queue (transient failure, shutdown). `release` gives some of a lease's
+  records back unsent (the shipper holds them back: their configured key was refused), `split` makes them
+  suspect groups (`suspects`), and `expire` deletes some that passed max_age while leased (`dropped_age`).
 * A stage or a lease is taken from its owner only when the owner is proven dead (`sweep_stages`,
   `release_dead_leases`): its lock, which the kernel drops when the owner's process ends, could be taken.
   No pid is compared: pids name nothing across PID namespaces, containers and emulators. A live owner's
   stage or lease is never taken from it.
 * A dropped file's identity (path, device, inode, the offset read up to, mtime, a hash of the bytes just
   before that offset) is committed with its records; see `FileMark`.
-* An ack also writes when it settled its records, a row of `settled` per run of ids: SENT records are kept
-  for the retention period (for replay) and then pruned by those rows, oldest first, in small transactions.
+* SENT records are kept for the retention period (for replay) and then pruned by their rows of `settled`,
+  oldest first, in small transactions. Each series counts its records (`refs`) and is forgotten with its last
+  one; a writer's memory of series ids is dropped when `series_epoch` in meta says one was forgotten.
 * No job holds the write lock for long: compaction and pruning read and change at most about a thousand
   records per transaction, and giving free pages back moves at most RELEASE_STEP pages; each resumes where it
   stopped (compaction's cursor is kept in meta).
