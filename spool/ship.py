@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import functools
 import logging
+import operator
 import os
 import queue
 import random
@@ -52,6 +53,7 @@ from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
 
 log = logging.getLogger("spool.ship")
+_ID, _STAT, _EZKEY = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(4)  # fields of a Leased
 
 META_THROTTLE = 1.0  # seconds between writes of an unchanged failure note
 HOUSEKEEPING_INTERVAL = 60.0  # seconds between looks for dead owners' leases, held records, expired records
@@ -481,7 +483,9 @@ class Shipper:
         return lease
 
     def _units(self, lease: Lease) -> list[_Unit]:
-        if all(item.stat is not None and item.ezkey is None for item in lease.items):  # the common case
+        items = lease.items
+        # The common case, looked at in C: every record an EZ stat without a key of its own.
+        if None not in map(_STAT, items) and operator.countOf(map(_EZKEY, items), None) == len(items):
             return [_Unit(lease.id, lease.items, self.ezkey or "")]
         groups: dict[tuple[str, bool], list[Leased]] = {}
         units = []
@@ -534,7 +538,7 @@ class Shipper:
         ids: list[int] = []
         ended = []
         for answer in accepted:
-            ids.extend(item.id for item in answer.unit.items)
+            ids.extend(map(_ID, answer.unit.items))
             if self._settled(answer.unit, unsettled):
                 ended.append(answer.unit.lease)
         note = self._note_ok()

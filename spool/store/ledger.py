@@ -10,6 +10,7 @@ lease. No record is rewritten when it is shipped.
 from __future__ import annotations
 
 import functools
+import operator
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ MAX_BODY = 2000  # characters of a refusal's response body kept with a dead reco
 
 ACK_RUN = 4  # kept for callers that read it: acknowledgements are by runs of ids whatever their shape
 _KEYED = "(s.ezkey IS NOT NULL OR s.key IS NOT NULL)"
+_ID = operator.itemgetter(0)
 
 
 class Leased(NamedTuple):
@@ -102,8 +104,10 @@ class Ledger(Core):
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         lease = conn.execute("INSERT INTO leases (leased_at, owner) VALUES (?, ?) RETURNING id",
                              (now, owner)).fetchone()[0]
-        conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
-                         [(lo, hi, lease) for lo, hi in _runs(row[0] for row in rows)])
+        ids = list(map(_ID, rows))
+        lo, hi = min(ids), max(ids)
+        runs = [(lo, hi)] if hi - lo + 1 == len(ids) else _runs(ids)  # ids are unique: that is one run
+        conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)", [(a, b, lease) for a, b in runs])
         return Lease(lease, list(map(_leased, rows)), version)
 
     def ack(self, ids: Sequence[int], *, now: float, lease: int | None = None, leases: Sequence[int] = (),
