@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import queue
+import re
 import signal
 import socket
 import threading
@@ -112,13 +113,10 @@ def _not_json(constant: str) -> None:
 STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value", "d": "value"}
 # Why a StatsD line was not taken as it came, for /metrics (spool_statsd_*): "invalid" lines are unreadable;
 # the others are readable lines the listener cannot turn into a true stat (or, tags_dropped, took without tags).
-STATSD_DROPS = ("delta_without_gauge", "set_refused", "set_overflow")
+STATSD_DROPS = ("set_refused", "set_overflow")
 STATSD_REASONS = {
-    "invalid": "lines ignored as invalid",
-    "tags_dropped": "lines taken without their tags (relay.statsd_tags = \"drop\")",
-    "delta_without_gauge": "delta gauges dropped: no gauge of that name known (a restart forgets gauges)",
-    "set_refused": "set lines refused (relay.statsd_sets = 0)",
-    "set_overflow": "set members dropped: too many distinct members at once",
+    "set_refused": "sets are refused (relay.statsd_sets = 0)",
+    "set_overflow": "too many distinct set members at once",
 }
 MAX_GAUGES = 100_000  # gauge names remembered for delta gauges; the least recently set is forgotten first
 MAX_SET_MEMBERS = 1_000_000  # distinct set members held at once (as 64-bit hashes: ~60 MiB at most)
@@ -129,18 +127,23 @@ class StatsdReader:
 
     Counters (`|c`, `|@rate` scales them), timers and distributions (`|ms`, `|d`) and histograms (`|h`) are
     records at once. A gauge (`|g`) is a value; a delta gauge (`+3|g`, `-3|g`) moves the last gauge of that
-    name this reader saw (a restart forgets them: a delta with no known gauge is dropped, counted); several
+    name this reader saw, from 0 if it saw none (as Etsy's statsd does: a restart forgets them); several
     settings of one gauge in one packet record its last value only (as pystatsd sends a negative gauge: `0|g`
     then `-5|g`). A set (`|s`) collects distinct members per window of `set_window` seconds (aligned to the
     clock) and becomes a value stat, the number of members, at the window's start; 0 refuses sets (counted).
     DogStatsD tags (`|#env:prod,canary`) are appended to the name, sorted (`name canary env=prod`), or dropped
     (counted). `|T<unix>` gives a counter, gauge or timer its own time; `|c:<id>` (a container) is ignored;
     several values in one line (`name:1:2:3|d`) are several records.
+
+    Every line not taken is counted and told to `on_drop(reason, detail, stat, line, sender)`: the reason
+    ("invalid" or one of STATSD_DROPS), what is wrong, the metric's name (None if it has none), the line.
     """
 
     def __init__(self, prefix: str = "", *, tags: str = "append", set_window: float = 60.0,
-                 t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS):
+                 t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS,
+                 on_drop: Callable[[str, str, str | None, str, Any], None] | None = None):
         self.prefix = prefix
+        self.on_drop = on_drop
         self.tags = tags
         self.set_window = set_window
         self.t_floor = t_floor
@@ -152,21 +155,36 @@ class StatsdReader:
         self.first_end = math.inf  # when the earliest window of self.sets ends
         self.last_start = -math.inf  # when the latest one starts
         self.counts: Counter[str] = Counter()  # "invalid", "tags_dropped" and STATSD_DROPS
+        self._sender: Any = None  # where the packet being read came from (for on_drop)
 
-    def read(self, packet: bytes, wall: float) -> list[Any]:
-        """Return the records of one packet (newline-separated lines) that arrived at wall-clock time `wall`."""
+    def read(self, packet: bytes, wall: float, sender: Any = None) -> list[Any]:
+        """Return the records of one packet (newline-separated lines) that arrived at wall-clock time `wall`.
+
+        `sender` (the address it came from) is only passed on to `on_drop`.
+        """
         records: list[Any] = []
         gauge_at: dict[tuple[str, int], int] = {}  # a gauge's record in this packet: replaced by later settings
         stamp = stamp_at(wall)
+        self._sender = sender
         for raw in packet.split(b"\n"):
             line = raw.strip()
             if not line:
                 continue
+            text = line.decode("utf-8", "replace")
             try:
                 self._line(line.decode("utf-8"), wall, stamp, records, gauge_at)
-            except (UnicodeDecodeError, KeyError, IndexError, ValueError, InvalidRecord):
-                self.counts["invalid"] += 1
+            except UnicodeDecodeError:
+                self._drop("invalid", "not UTF-8 text", text)
+            except (ValueError, InvalidRecord) as exc:
+                self._drop("invalid", exc.reason if isinstance(exc, InvalidRecord) else str(exc), text)
         return records
+
+    def _drop(self, reason: str, detail: str, line: str) -> None:
+        """Count a line not taken, and tell on_drop which, and why."""
+        self.counts[reason] += 1
+        if self.on_drop is not None:
+            name = line.partition(":")[0].strip() if ":" in line else line.partition("|")[0].strip()
+            self.on_drop(reason, detail, (self.prefix + name) if name else None, line, self._sender)
 
     def flush(self, wall: float, *, everything: bool = False) -> list[Any]:
         """Return a value record for each set whose window has ended by `wall` (or every set, at shutdown)."""
@@ -188,9 +206,13 @@ class StatsdReader:
               gauge_at: dict[tuple[str, int], int]) -> None:
         name, colon, rest = line.partition(":")
         if not colon or not name.strip():
-            raise ValueError("a metric needs a name")  # checked before the prefix could hide it
+            raise ValueError("a metric needs a name and a value (name:value|type)")  # before the prefix hides it
         fields = rest.split("|")
+        if len(fields) < 2:
+            raise ValueError("a metric needs a type (name:value|type)")
         kind, rate, t, tags = fields[1], 1.0, stamp, None
+        if kind != "s" and kind not in STATSD_KINDS:
+            raise ValueError(f"unknown metric type '{printable(kind[:10])}'")
         for extra in fields[2:]:
             if extra.startswith("@"):
                 rate = number_from_text(extra[1:], "sample rate")
@@ -201,10 +223,10 @@ class StatsdReader:
             elif extra.startswith("T") and kind != "s":
                 t = check_t(number_from_text(extra[1:], "t"), self.t_floor)
             elif not extra.startswith("c:"):
-                raise ValueError("unknown field")
+                raise ValueError(f"unknown field '|{printable(extra[:10])}'")
         stat, untagged = self._name(self.prefix + name, tags)
         if kind == "s":
-            self._member(stat, fields[0], wall)
+            self._member(stat, fields[0], wall, line)
         else:
             field = STATSD_KINDS[kind]
             numbers = [(text, number_from_text(text, field)) for text in fields[0].split(":")]
@@ -228,20 +250,14 @@ class StatsdReader:
 
     def _gauge(self, stat: str, t: int, numbers: list[tuple[str, int | float]], records: list[Any],
                gauge_at: dict[tuple[str, int], int]) -> None:
-        """Set a gauge (a delta moves the last one) and record its value: one record per gauge per packet."""
-        gauge, orphans = self.gauges.get(stat), 0
+        """Set a gauge (a delta moves the last one, or 0) and record its value: one record per gauge per packet."""
+        gauge = self.gauges.get(stat)
         for text, number in numbers:
-            if text.lstrip()[:1] in ("+", "-"):
-                if gauge is None:
-                    orphans += 1
-                    continue
-                number = check_number(gauge + number, "value")
+            if text.lstrip()[:1] in ("+", "-"):  # a delta, from 0 if no gauge of that name is known (Etsy's rule)
+                number = check_number((gauge or 0) + number, "value")
             gauge = number
-        if gauge is None:
-            self.counts["delta_without_gauge"] += orphans
-            return
+        assert gauge is not None  # a line has a value at least
         record = make_record(stat=stat, value=gauge, t=t, clock_now=t, t_floor=0)
-        self.counts["delta_without_gauge"] += orphans
         self.gauges[stat] = gauge
         self.gauges.move_to_end(stat)
         if len(self.gauges) > self.max_gauges:
@@ -252,9 +268,9 @@ class StatsdReader:
             gauge_at[stat, t] = len(records)
             records.append(record)
 
-    def _member(self, stat: str, member: str, wall: float) -> None:
+    def _member(self, stat: str, member: str, wall: float, line: str) -> None:
         if self.set_window <= 0:
-            self.counts["set_refused"] += 1
+            self._drop("set_refused", STATSD_REASONS["set_refused"], line)
             return
         start = wall // self.set_window * self.set_window
         members = self.sets.setdefault((start, stat), set())
@@ -262,7 +278,7 @@ class StatsdReader:
         if token in members:
             return
         if self.members >= self.max_set_members:
-            self.counts["set_overflow"] += 1
+            self._drop("set_overflow", f"{STATSD_REASONS['set_overflow']} ({self.max_set_members:,})", line)
             if not members:
                 del self.sets[start, stat]
             return
@@ -270,6 +286,84 @@ class StatsdReader:
         self.members += 1
         self.first_end = min(self.first_end, start + self.set_window)
         self.last_start = max(self.last_start, start)
+
+
+SHOWN_LINE = 80  # characters of a dropped StatsD line (or its name) a log line shows at most
+_STATSD_KEY_FIELD = re.compile(r"(?i)((?:ez|u)?key|email)(\s*[:=]\s*)[^|,#\s&]+")
+
+
+def shown_statsd(text: str) -> str:
+    """A StatsD line or name fit to log, quoted: key-looking fields (`ezkey=...`, a tag `key:...`) as ***, cut
+    short (its length told)."""
+    from spool.stathat import redact  # the one redaction of what is quoted (imported when a drop is logged)
+
+    text = printable(redact(_STATSD_KEY_FIELD.sub(lambda m: m.group(1) + m.group(2) + "***", text)))
+    return f"'{text}'" if len(text) <= SHOWN_LINE else f"'{text[:SHOWN_LINE]}…' ({len(text)} characters)"
+
+
+class DropLog:
+    """Say which StatsD lines were dropped, naming the sender, the stat, the line and why, and stay short.
+
+    A culprit (a sending host, a stat, a reason) is named once a minute: what it sends again within its minute
+    is counted and told in one line when the minute is over. At most `max_lines` lines a minute in all (a
+    flood of distinct names must not flood the log); the rest is counted and told then too.
+    """
+
+    def __init__(self, logger: logging.Logger, *, window: float = 60.0, max_lines: int = 50,
+                 max_culprits: int = 1000, monotonic: Callable[[], float] = time.monotonic):
+        self.log = logger
+        self.window = window
+        self.max_lines = max_lines
+        self.max_culprits = max_culprits
+        self.monotonic = monotonic
+        # (host, reason, stat) -> [when its minute began, lines held back since, the detail last seen]
+        self.culprits: dict[tuple[Any, str, str | None], list[Any]] = {}
+        self.minute_began = -math.inf  # of the whole log's budget
+        self.lines = 0  # logged in this minute
+        self.unsaid = 0  # dropped lines not logged in this minute (past the budget)
+
+    def dropped(self, reason: str, detail: str, stat: str | None, line: str, sender: Any) -> None:
+        """Log one dropped line, unless its culprit was named less than a minute ago (then count it)."""
+        now = self.monotonic()
+        self.tick(now)
+        host = sender[0] if sender else None
+        culprit = self.culprits.get((host, reason, stat))
+        if culprit is not None:
+            culprit[1] += 1
+            culprit[2] = detail
+            return
+        if self.lines >= self.max_lines or len(self.culprits) >= self.max_culprits:
+            self.unsaid += 1
+            return
+        if self.lines == 0:
+            self.minute_began = now
+        self.lines += 1
+        self.culprits[host, reason, stat] = [now, 0, detail]
+        where = f"{sender[0]}:{sender[1]}" if sender else "an unknown sender"
+        named = f"stat {shown_statsd(stat)}" if stat else "no stat name"
+        self.log.warning("StatsD line from %s dropped, %s: %s (line %s)", where, named, detail, shown_statsd(line),
+                         extra={"component": "statsd", "reason": reason, "sender": where,
+                                "stat": shown_statsd(stat) if stat else None})
+
+    def tick(self, now: float | None = None) -> None:
+        """Tell what was held back, for each culprit whose minute is over, and for the whole log's minute."""
+        now = self.monotonic() if now is None else now
+        for key, (began, held, detail) in list(self.culprits.items()):
+            if now - began < self.window:
+                continue
+            del self.culprits[key]
+            if held:
+                host, reason, stat = key
+                named = f"stat {shown_statsd(stat)}" if stat else "no stat name"
+                self.log.warning("StatsD: %s more lines from %s dropped in the last minute, %s: %s", f"{held:,}",
+                                 host or "an unknown sender", named, detail,
+                                 extra={"component": "statsd", "reason": reason, "count": held})
+        if (self.lines or self.unsaid) and now - self.minute_began >= self.window:
+            if self.unsaid:
+                self.log.warning("StatsD: %s more dropped lines not logged in the last minute (at most %d lines a "
+                                 "minute); spool_statsd_* in /metrics counts them all", f"{self.unsaid:,}",
+                                 self.max_lines, extra={"component": "statsd", "count": self.unsaid})
+            self.lines = self.unsaid = 0
 
 
 def start_without_stop_signals(thread: threading.Thread) -> None:
@@ -427,8 +521,9 @@ class Relay:
         except OSError as exc:
             self.writer.stop()
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.drops = DropLog(log)
         self.statsd = StatsdReader(config.statsd_prefix, tags=config.statsd_tags, set_window=config.statsd_sets,
-                                   t_floor=t_floor)
+                                   t_floor=t_floor, on_drop=self.drops.dropped)
         self.udp: socket.socket | None = None
         if config.statsd:
             self.udp = self._bind_statsd(config.statsd)
@@ -505,26 +600,20 @@ class Relay:
     def _statsd_loop(self) -> None:
         assert self.udp is not None
         copied: Counter[str] = Counter()
-        logged: Counter[str] = Counter()
-        last_log = -math.inf
         while True:
             try:
-                packet = self.udp.recv(65535)
+                packet, sender = self.udp.recvfrom(65535)
             except TimeoutError:
-                packet = b""
+                packet, sender = b"", None
             except OSError:
                 return  # closed by stop()
             wall = time.time()
-            records = self.statsd.read(packet, wall) if packet else []
+            records = self.statsd.read(packet, wall, sender) if packet else []
             records += self.statsd.flush(wall)
+            self.drops.tick()
             if self.statsd.counts != copied:
                 copied = self.statsd.counts.copy()
                 self.stats.statsd(copied)
-            if copied != logged and time.monotonic() - last_log >= 60:  # never silent, never a line per packet
-                last_log = time.monotonic()
-                news, logged = copied - logged, copied
-                log.warning("StatsD: %s", "; ".join(f"{n:,} {STATSD_REASONS[reason]}"
-                                                     for reason, n in sorted(news.items())))
             self._write_statsd(records)
 
     def _write_statsd(self, records: list[Any]) -> None:
