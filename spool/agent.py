@@ -244,9 +244,9 @@ class Agent:
                 relay.start()
                 component.snapshot = relay.snapshot
                 component.relay = relay
-                statsd = relay.statsd_address
-                log.info("relay listening on %s%s", relay.url,
-                         f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
+                statsd = " and ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                                      for host, port in relay.statsd_addresses)
+                log.info("relay listening on %s%s", relay.url, f", StatsD on udp {statsd}" if statsd else "")
             elif name == "metrics":
                 from spool.metrics import MetricsServer
 

@@ -68,7 +68,7 @@ def relay(obj: Context) -> None:
     would, once its records are on disk. Runs until SIGINT/SIGTERM; `spool run` runs it too when
     [relay] enabled = true.
 
-    Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
+    Example: spool relay --listen 127.0.0.1:8080 --statsd localhost:8125
     """
     _run_agent(obj.config, only=("relay",))
 

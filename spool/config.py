@@ -157,6 +157,22 @@ def check_key_text(key: str, where: str) -> str:
         raise ConfigError(exc.reason) from None
 
 
+class Globs(SettingType):
+    """A list of shell-style globs (`["debug.*", "*.tmp"]`; in the environment or a flag, comma-separated)."""
+
+    describe = 'a list of globs like ["debug.*", "*.tmp"]'
+
+    def parse(self, value: object, name: str, text: bool) -> tuple[str, ...]:
+        if text and isinstance(value, str):
+            value = [part for part in (piece.strip() for piece in value.split(",")) if part]
+        if not isinstance(value, list | tuple) or not all(isinstance(glob, str) and glob.strip() for glob in value):
+            raise self.refuse(value, name)
+        return tuple(glob.strip() for glob in value)
+
+    def show(self, value: Any) -> str:
+        return "[" + ", ".join(SettingType.show(self, glob) for glob in value) + "]"
+
+
 class PathKind(Text):
     describe = "a path"
 
@@ -485,14 +501,20 @@ class RelaySettings(_Settings):
     listen: str = setting("127.0.0.1:8080", Address(8080), "where the relay listens", flag="--listen")
     allow_remote: bool = setting(False, Boolean(), "allow listening on a non-loopback address",
                                  flag="--allow-remote")
-    statsd: str | None = setting(None, OptionalAddress(8125, "127.0.0.1:8125"), "take StatsD over UDP here "
-                                 "(true: 127.0.0.1:8125)", flag="--statsd", example="127.0.0.1:8125")
+    statsd: str | None = setting(None, OptionalAddress(8125, "localhost:8125"), "take StatsD over UDP here "
+                                 "(true: localhost:8125); `localhost` is both loopbacks, 127.0.0.1 and ::1 (clients "
+                                 "may resolve it to either), or 127.0.0.1 alone where the box has no ::1",
+                                 flag="--statsd", example="localhost:8125")
     statsd_prefix: str = setting("", AnyText(), "put before every StatsD name to make the stat name")
     statsd_buffer: int = setting(1 << 20, Size(), "the UDP socket's receive buffer")
-    statsd_tags: str = setting("append", Choice("append", "drop"), "DogStatsD tags (`#env:prod`): append them to "
-                               "the stat name (`name env=prod`), or drop them (counted)")
+    statsd_tags: str = setting("append", Choice("append", "drop"), "DogStatsD tags (`#env:prod`) and Telegraf's "
+                               "(`name,env=prod`): append them to the stat name (`name env=prod`), or drop them "
+                               "(counted)")
     statsd_sets: float = setting(60.0, Duration(), "StatsD sets (type `s`) become a value stat: the distinct "
                                  "members seen in each window of this length (0: refuse sets, counted)")
+    statsd_drop: tuple[str, ...] = setting(("datadog.dogstatsd.client.*",), Globs(), "StatsD metrics whose name "
+                                           "(as sent: before statsd_prefix and tags) matches one of these globs are "
+                                           "dropped, counted (default: DogStatsD clients' own telemetry)")
     max_body: int = setting(1 << 20, Size(), "requests larger than this are refused")
     request_timeout: float = setting(10.0, Duration(), "a request must arrive whole within this")
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")

@@ -7,11 +7,14 @@ so many clients do not each pay for an fsync.
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import logging
 import math
 import queue
 import re
+import select
 import signal
 import socket
 import threading
@@ -113,7 +116,7 @@ def _not_json(constant: str) -> None:
 STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value", "d": "value"}
 # Why a StatsD line was not taken as it came, for /metrics (spool_statsd_*): "invalid" lines are unreadable;
 # the others are readable lines the listener cannot turn into a true stat (or, tags_dropped, took without tags).
-STATSD_DROPS = ("set_refused", "set_overflow")
+STATSD_DROPS = ("filtered", "set_refused", "set_overflow")  # filtered: by relay.statsd_drop, on purpose (not logged)
 STATSD_REASONS = {
     "set_refused": "sets are refused (relay.statsd_sets = 0)",
     "set_overflow": "too many distinct set members at once",
@@ -131,9 +134,11 @@ class StatsdReader:
     settings of one gauge in one packet record its last value only (as pystatsd sends a negative gauge: `0|g`
     then `-5|g`). A set (`|s`) collects distinct members per window of `set_window` seconds (aligned to the
     clock) and becomes a value stat, the number of members, at the window's start; 0 refuses sets (counted).
-    DogStatsD tags (`|#env:prod,canary`) are appended to the name, sorted (`name canary env=prod`), or dropped
-    (counted). `|T<unix>` gives a counter, gauge or timer its own time; `|c:<id>` (a container) is ignored;
-    several values in one line (`name:1:2:3|d`) are several records.
+    DogStatsD tags (`|#env:prod,canary`) and Telegraf's (`name,env=prod:1|c`) are appended to the name, sorted
+    (`name canary env=prod`), or dropped (counted). A metric whose name (as sent, before the prefix and tags)
+    matches a glob of `drop` is dropped, counted as "filtered". `|T<unix>` gives a counter, gauge or timer its
+    own time; `|c:<id>` (a container) is ignored; several values in one line (`name:1:2:3|d`) are several
+    records.
 
     Every line not taken is counted and told to `on_drop(reason, detail, stat, line, sender)`: the reason
     ("invalid" or one of STATSD_DROPS), what is wrong, the metric's name (None if it has none), the line.
@@ -141,8 +146,9 @@ class StatsdReader:
 
     def __init__(self, prefix: str = "", *, tags: str = "append", set_window: float = 60.0,
                  t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS,
-                 on_drop: Callable[[str, str, str | None, str, Any], None] | None = None):
+                 drop: Sequence[str] = (), on_drop: Callable[[str, str, str | None, str, Any], None] | None = None):
         self.prefix = prefix
+        self.drop = tuple(drop)
         self.on_drop = on_drop
         self.tags = tags
         self.set_window = set_window
@@ -207,6 +213,10 @@ class StatsdReader:
         name, colon, rest = line.partition(":")
         if not colon or not name.strip():
             raise ValueError("a metric needs a name and a value (name:value|type)")  # before the prefix hides it
+        name, folded = _telegraf_tags(name)
+        if self.drop and any(fnmatch.fnmatchcase(name.strip(), glob) for glob in self.drop):
+            self.counts["filtered"] += 1
+            return
         fields = rest.split("|")
         if len(fields) < 2:
             raise ValueError("a metric needs a type (name:value|type)")
@@ -224,7 +234,7 @@ class StatsdReader:
                 t = check_t(number_from_text(extra[1:], "t"), self.t_floor)
             elif not extra.startswith("c:"):
                 raise ValueError(f"unknown field '|{printable(extra[:10])}'")
-        stat, untagged = self._name(self.prefix + name, tags)
+        stat, untagged = self._name(self.prefix + name, tags, folded)
         if kind == "s":
             self._member(stat, fields[0], wall, line)
         else:
@@ -239,14 +249,16 @@ class StatsdReader:
                 self._gauge(stat, t, numbers, records, gauge_at)
         self.counts["tags_dropped"] += untagged  # only for a line taken
 
-    def _name(self, name: str, tags: str | None) -> tuple[str, bool]:
-        """The stat name for a metric name and its DogStatsD tags (by the `tags` setting); True if tags were dropped."""
-        parts = sorted(filter(None, (tag.strip() for tag in (tags or "").split(","))))
+    def _name(self, name: str, tags: str | None, folded: Sequence[str] = ()) -> tuple[str, bool]:
+        """The stat name for a metric name and its tags, DogStatsD's (`a:b,c`) and Telegraf's (`a=b`), by the
+        `tags` setting; True if tags were dropped."""
+        dogs = (tag.strip().replace(":", "=", 1) for tag in (tags or "").split(","))
+        parts = sorted(set(filter(None, (*dogs, *folded))))
         if not parts or self.tags == "drop":
             return check_stat(name), bool(parts)
         if any("~" in part for part in parts):
             raise ValueError("a tag with '~' would make StatHat's multi-stat form")
-        return check_stat(" ".join([name, *(part.replace(":", "=", 1) for part in parts)])), False
+        return check_stat(" ".join([name, *parts])), False
 
     def _gauge(self, stat: str, t: int, numbers: list[tuple[str, int | float]], records: list[Any],
                gauge_at: dict[tuple[str, int], int]) -> None:
@@ -286,6 +298,20 @@ class StatsdReader:
         self.members += 1
         self.first_end = min(self.first_end, start + self.set_window)
         self.last_start = max(self.last_start, start)
+
+
+def _telegraf_tags(name: str) -> tuple[str, list[str]]:
+    """Split Telegraf's tags off a metric name (`requests,env=prod,region=eu`): the name, and its `key=value` tags.
+
+    A name with a comma but not only `key=value` parts after it (`a,b`) is a name, left as it is.
+    """
+    if "," not in name:
+        return name, []
+    base, *parts = name.split(",")
+    tags = [part.strip() for part in parts if part.strip()]
+    if not base.strip() or not tags or not all("=" in tag and not tag.startswith("=") for tag in tags):
+        return name, []
+    return base, tags
 
 
 SHOWN_LINE = 80  # characters of a dropped StatsD line (or its name) a log line shows at most
@@ -523,25 +549,53 @@ class Relay:
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
         self.drops = DropLog(log)
         self.statsd = StatsdReader(config.statsd_prefix, tags=config.statsd_tags, set_window=config.statsd_sets,
-                                   t_floor=t_floor, on_drop=self.drops.dropped)
-        self.udp: socket.socket | None = None
+                                   t_floor=t_floor, drop=config.statsd_drop, on_drop=self.drops.dropped)
+        self.udp: list[socket.socket] = []  # one socket per address (localhost: 127.0.0.1 and ::1)
         if config.statsd:
             self.udp = self._bind_statsd(config.statsd)
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._copied: Counter[str] = Counter()  # the reader's counts as /metrics last got them
 
-    def _bind_statsd(self, address: str) -> socket.socket:
+    def _bind_statsd(self, address: str) -> list[socket.socket]:
+        """Bind StatsD's UDP sockets: `localhost` is both loopbacks (clients resolve it to either), else the one."""
         host, port = parse_address(address, "relay.statsd", 8125)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if host != "localhost":
+                return [self._udp_socket(host, port)]
+            for _ in range(20 if port == 0 else 1):  # port 0: a port free on both loopbacks
+                v4 = self._udp_socket("127.0.0.1", port)
+                try:
+                    return [v4, self._udp_socket("::1", v4.getsockname()[1])]
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and port == 0:
+                        v4.close()
+                        continue
+                    if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                        v4.close()
+                        raise
+                    log.warning("StatsD: this box has no IPv6 loopback (::1: %s); listening on %s:%d only",
+                                exc.strerror, "127.0.0.1", v4.getsockname()[1])
+                    return [v4]
+            raise OSError(errno.EADDRINUSE, "no port free on both 127.0.0.1 and ::1")
+        except OSError as exc:
+            self.server.server_close()
+            self.writer.stop()
+            raise ConfigError(f"cannot listen for StatsD on {address}: {exc.strerror}") from None
+
+    def _udp_socket(self, host: str, port: int) -> socket.socket:
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if ":" in host:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.statsd_buffer)
             udp.bind((host, port))
         except OSError as exc:
             udp.close()
-            self.server.server_close()
-            self.writer.stop()
-            raise ConfigError(f"cannot listen for StatsD on {address}: {exc.strerror}") from None
-        udp.settimeout(0.5)
+            if ":" in host and exc.errno == errno.EADDRINUSE:
+                exc.strerror = f"[{host}]:{port}: {exc.strerror}"
+            raise
+        udp.setblocking(False)
         return udp
 
     @property
@@ -552,7 +606,12 @@ class Relay:
 
     @property
     def statsd_address(self) -> tuple[str, int] | None:
-        return self.udp.getsockname()[:2] if self.udp else None
+        """The first StatsD address (127.0.0.1's, for localhost), or None without StatsD."""
+        return self.udp[0].getsockname()[:2] if self.udp else None
+
+    @property
+    def statsd_addresses(self) -> list[tuple[str, int]]:
+        return [udp.getsockname()[:2] for udp in self.udp]
 
     def snapshot(self) -> dict[str, Any]:
         """What the relay has done, for /metrics: counts copied under the lock, never the live objects."""
@@ -576,7 +635,7 @@ class Relay:
         thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)
         start_without_stop_signals(thread)  # and so every connection's thread, started from that one
         self._threads.append(thread)
-        if self.udp is not None:
+        if self.udp:
             thread = threading.Thread(target=self._statsd_loop, name="spool-statsd", daemon=True)
             start_without_stop_signals(thread)
             self._threads.append(thread)
@@ -588,33 +647,43 @@ class Relay:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        if self.udp is not None:
-            self.udp.close()
+        self._stopping.set()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
-        if self.udp is not None:
+        for udp in self.udp:  # once the loop that reads them ended: a socket closed under select() wakes nothing
+            udp.close()
+        if self.udp:
             self._write_statsd(self.statsd.flush(time.time(), everything=True))  # a set's last, partial window
         self.writer.stop()
 
     def _statsd_loop(self) -> None:
-        assert self.udp is not None
-        copied: Counter[str] = Counter()
-        while True:
+        while not self._stopping.is_set():
             try:
-                packet, sender = self.udp.recvfrom(65535)
-            except TimeoutError:
-                packet, sender = b"", None
+                ready, _, _ = select.select(self.udp, [], [], 0.5)
             except OSError:
-                return  # closed by stop()
-            wall = time.time()
-            records = self.statsd.read(packet, wall, sender) if packet else []
-            records += self.statsd.flush(wall)
-            self.drops.tick()
-            if self.statsd.counts != copied:
-                copied = self.statsd.counts.copy()
-                self.stats.statsd(copied)
-            self._write_statsd(records)
+                return
+            if not ready:
+                self._statsd_packet(b"", None)  # a set's window may have ended meanwhile
+            for udp in ready:
+                for _ in range(64):  # a few packets of each socket in turn
+                    try:
+                        packet, sender = udp.recvfrom(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        return
+                    self._statsd_packet(packet, sender)
+
+    def _statsd_packet(self, packet: bytes, sender: Any) -> None:
+        wall = time.time()
+        records = self.statsd.read(packet, wall, sender) if packet else []
+        records += self.statsd.flush(wall)
+        self.drops.tick()
+        if self.statsd.counts != self._copied:
+            self._copied = self.statsd.counts.copy()
+            self.stats.statsd(self._copied)
+        self._write_statsd(records)
 
     def _write_statsd(self, records: list[Any]) -> None:
         if records:

@@ -145,3 +145,99 @@ def test_a_packet_of_deltas_only_records_the_sum_from_0():
     records = reader.read(b"g:+5|g\ng:-1|g", 1_800_000_000)
     assert [(r.stat, r.number) for r in records] == [("g", 4)]
     assert not +reader.counts  # nothing dropped or invalid
+
+
+# -- localhost: both loopbacks ---------------------------------------------------------------------------
+
+
+def test_localhost_is_heard_on_127_0_0_1_and_on_the_ipv6_loopback(db):
+    with running_relay(db, statsd="localhost:0") as relay:
+        port = relay.statsd_address[1]
+        assert sorted(relay.statsd_addresses) == [("127.0.0.1", port), ("::1", port)]
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as v6, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as v4:
+            v6.sendto(b"node.client:1|c", ("::1", port))  # Node 17+ resolves localhost to ::1
+            v4.sendto(b"python.client:1|c", ("127.0.0.1", port))
+            wait_for(lambda: len(spooled(db)) == 2)
+    assert sorted(spooled(db)) == [("node.client", "count", 1), ("python.client", "count", 1)]
+
+
+def test_statsd_true_means_localhost_on_both_loopbacks():
+    from spool.config import load
+
+    config = load(env={"SPOOL_RELAY_STATSD": "true", "HOME": "/nonexistent"})
+    assert config.relay.statsd == "localhost:8125"
+
+
+def test_without_an_ipv6_loopback_the_listener_goes_on_with_127_0_0_1_and_says_so_once(db, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode:
+        pytest.skip("no network namespace can be made here (unshare -rn)")
+    config = tmp_path / "spool.toml"
+    config.write_text(UNPACED + '[relay]\nlisten = "127.0.0.1:8080"\nstatsd = "localhost:8125"\n')
+    # A network namespace of its own whose loopback has no ::1 (IPv6 disabled on it), as on some boxes.
+    script = ("ip link set lo up && echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 && "
+              f"exec {sys.executable} -m spool --config {config} relay")
+    process = subprocess.Popen(["unshare", "-rn", "sh", "-c", script], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=cli_env(db))
+    try:
+        lines = wait_for_line(process, "relay listening")
+    finally:
+        rest = stop_agent(process)
+    said = [line for line in [*lines, *rest.splitlines()] if "::1" in line]
+    assert len(said) == 1 and "listening on 127.0.0.1:8125 only" in said[0], [*lines, rest]
+    assert "StatsD on udp 127.0.0.1:8125\n" in lines[-1]
+
+
+# -- what is dropped on purpose, and Telegraf's tags -------------------------------------------------------
+
+
+def test_dogstatsd_client_telemetry_is_dropped_by_default_and_counted(db):
+    with running_relay(db, statsd="127.0.0.1:0") as relay, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"datadog.dogstatsd.client.metrics:11|c|#client:py,client_version:0.47.0\n"
+                      b"datadog.dogstatsd.client.bytes_sent:900|c|#client:py", relay.statsd_address)
+        client.sendto(b"app.hits:1|c", relay.statsd_address)
+        wait_for(lambda: len(spooled(db)) == 1)
+        text = requests.get(f"{relay.url}/metrics", timeout=10).text
+    assert spooled(db) == [("app.hits", "count", 1)]
+    assert 'spool_statsd_dropped_total{reason="filtered"} 2.0' in text
+
+
+def test_the_drop_list_is_globs_from_the_config_and_can_be_emptied(db, tmp_path):
+    from spool.config import load
+
+    config = tmp_path / "spool.toml"
+    config.write_text('[relay]\nstatsd_drop = ["debug.*", "*.tmp"]\n')
+    assert load(config, env={}).relay.statsd_drop == ("debug.*", "*.tmp")
+    assert load(env={"SPOOL_RELAY_STATSD_DROP": "a.*, b.*"}).relay.statsd_drop == ("a.*", "b.*")
+    config.write_text("[relay]\nstatsd_drop = []\n")
+    assert load(config, env={}).relay.statsd_drop == ()
+    config.write_text('[relay]\nstatsd_drop = "debug.*"\n')
+    with pytest.raises(Exception, match=r"relay.statsd_drop must be a list of globs"):
+        load(config, env={})
+    reader = StatsdReader(drop=("debug.*",))
+    assert [r.stat for r in reader.read(b"debug.x:1|c\ndatadog.dogstatsd.client.metrics:1|c\nlive:1|c", 0)] == [
+        "datadog.dogstatsd.client.metrics", "live"]
+    assert reader.counts["filtered"] == 1
+
+
+@pytest.mark.parametrize(("line", "stat"), [
+    (b"requests,env=prod,region=eu:1|c", "requests env=prod region=eu"),  # Telegraf's tags in the name
+    (b"requests,region=eu:1|c|#canary,env:prod", "requests canary env=prod region=eu"),  # with DogStatsD's
+    (b"requests,env=prod:1|c|#env:prod", "requests env=prod"),  # one tag given both ways is one tag
+    (b"a,b:1|c", "a,b"),  # a comma without tags is part of the name
+])
+def test_telegraf_tags_are_folded_into_the_name_as_dogstatsd_tags_are(line, stat):
+    reader = StatsdReader()
+    assert [r.stat for r in reader.read(line, 1_800_000_000)] == [stat]
+
+
+def test_telegraf_tags_are_dropped_like_dogstatsd_tags_when_asked():
+    reader = StatsdReader(tags="drop", drop=("debug.*",))
+    records = reader.read(b"requests,env=prod:1|c\ndebug.x,env=prod:1|c", 1_800_000_000)
+    assert [r.stat for r in records] == ["requests"]
+    assert reader.counts["tags_dropped"] == 1 and reader.counts["filtered"] == 1
