@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from spool.config import RelaySettings, check_bind, parse_address
 from spool.errors import ConfigError, InvalidRecord, StoreError, printable
 from spool.formats import stathat_body
+from spool.lock import IDENTITY_HEADER, spool_identity
 from spool.records import (
     T_FLOOR,
     check_key,
@@ -540,6 +541,7 @@ class Relay:
         host, port = check_bind(config.listen, "relay.listen", 8080, config.allow_remote)  # before anything starts
         if config.statsd:
             check_bind(config.statsd, "relay.statsd", 8125, config.allow_remote)
+        self.identity = spool_identity(store.path)  # on every answer: doctor knows this spool's own relay by it
         self.writer = GroupWriter(store, on_commit)
         self._slots = threading.BoundedSemaphore(config.max_connections)
         try:
@@ -826,6 +828,11 @@ class RelayHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
+        if self.relay.identity:
+            self.send_header(IDENTITY_HEADER, self.relay.identity)
+        if self.relay.udp:
+            self.send_header("Spool-StatsD", " ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                                                      for host, port in self.relay.statsd_addresses))
         if status != 204:
             self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
