@@ -78,6 +78,33 @@ def _drop_inotify_stop_race(record: logging.LogRecord) -> bool:
     return "called when the thread is inactive" not in record.getMessage()
 
 
+def _refuse_own_listener(config: Config, only: Collection[str]) -> None:
+    """Refuse an endpoint that is one of this agent's own listeners: what it ships would come back, for ever.
+
+    Known here when the address says it (a loopback name for a loopback listener); a name that resolves to
+    one, or a relay of this spool in another process, is found when it answers (see spool.lock.spool_identity).
+    """
+    from urllib.parse import urlsplit
+
+    from spool.config import parse_address
+    from spool.errors import ConfigError, redact_url
+
+    parts = urlsplit(config.ship.endpoint)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    listeners = [("relay", "relay.listen", config.relay.listen, 8080)] if "relay" in only else []
+    if "metrics" in only and config.metrics.listen:
+        listeners.append(("metrics server", "metrics.listen", config.metrics.listen, 9464))
+    loopback = ("localhost", "127.0.0.1", "::1")
+    for what, name, listen, default_port in listeners:
+        bound, bound_port = parse_address(listen, name, default_port)
+        same_host = (host == bound or bound in ("0.0.0.0", "::", "")  # noqa: S104  # a wildcard listener
+                     or (host in loopback and bound in loopback))
+        if same_host and port == bound_port:
+            raise ConfigError(f"ship.endpoint {redact_url(config.ship.endpoint)} is this agent's own {what} ({name} "
+                              f"= {listen}): what it ships would come back to it, for ever; set ship.endpoint to "
+                              "StatHat's API root, https://api.stathat.com")
+
+
 class Component:
     """One running part of the agent: it owns what it opens (an ExitStack) and stops on its own event.
 
@@ -171,6 +198,8 @@ class Agent:
             *(["metrics"] if config.metrics.listen else [])}
         spool = (config.db, config.spool)
         wanted: dict[str, object] = {}
+        if "ship" in only:
+            _refuse_own_listener(config, only)
         if "ship" in only:  # the key file's content is part of it (a digest: compared, never shown)
             wanted["ship"] = (spool, config.ship, config.ezkey_identity())
         if "watch" in only:

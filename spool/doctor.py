@@ -46,7 +46,8 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
                       "every setting with its default)")
         config = fallback()
     yield _key(config)
-    yield _endpoint(config, probe or (lambda url, timeout: _probe(url, timeout, _configured_key(config))))
+    yield _endpoint(config, probe or (lambda url, timeout: _probe(url, timeout, _configured_key(config),
+                                                                  spool_identity(config.db))))
     yield _clock(clock())
     yield _disk(config)
     yield _integrity(config, deep, clock)
@@ -115,10 +116,11 @@ def _endpoint(config: Config, probe: Callable[[str, float], str]) -> Verdict:
     return Verdict("endpoint", True, f"{shown} answered as StatHat does (an EZ batch with no data: {answer})")
 
 
-def _probe(endpoint: str, timeout: float, key: str | None) -> str:
+def _probe(endpoint: str, timeout: float, key: str | None, identity: str | None) -> str:
     from spool.stathat import StatHatClient
 
-    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True)  # the same deadline as shipping
+    # The same deadline as shipping; as the shipper, it names its spool (a relay of the same spool is a loop).
+    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True, identity=identity)
     try:
         return client.probe(key)
     finally:

@@ -712,6 +712,7 @@ class RelayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "spool-relay"
     server: _Server
+    _loop_said = False  # a loop is logged once per process
 
     @property
     def relay(self) -> Relay:
@@ -753,7 +754,7 @@ class RelayHandler(BaseHTTPRequestHandler):
             self._send(code, json.dumps(body).encode(), "application/json")
         elif parts.path == "/metrics" and self.relay.metrics is not None:
             self._send(200, self.relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-        elif parts.path in ("/ez", "/c", "/v"):
+        elif parts.path in ("/ez", "/c", "/v") and not self._looped():
             self._take_form(parts.path, parts.query)
         else:
             self._send(404, b"404 page not found\n", "text/plain")
@@ -762,6 +763,8 @@ class RelayHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path not in ("/ez", "/c", "/v"):
             self._send(404, b"404 page not found\n", "text/plain")
+            return
+        if self._looped():
             return
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -789,6 +792,19 @@ class RelayHandler(BaseHTTPRequestHandler):
             self._refuse("request body is not UTF-8")
             return
         self._take_form(parts.path, f"{parts.query}&{text}" if parts.query else text)
+
+    def _looped(self) -> bool:
+        """Refuse (508, taking nothing) a request from the shipper of this very spool: a loop. Its answer carries
+        the spool's identity, which that shipper knows for its own (spool.stathat)."""
+        if self.relay.identity is None or self.headers.get(IDENTITY_HEADER) != self.relay.identity:
+            return False
+        if not self._loop_said:
+            log.error("relay: a request from the shipper of this very spool (its ship.endpoint is this relay); "
+                      "refused: records would come back for ever")
+            type(self)._loop_said = True
+        self.close_connection = True
+        self._send(508, b"508 loop detected: this relay's spool is the one that sent the request\n", "text/plain")
+        return True
 
     def _take_form(self, path: str, query: str) -> None:
         try:

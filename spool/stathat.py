@@ -29,7 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT, check_endpoint
-from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable
+from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable, redact_url
+from spool.lock import IDENTITY_HEADER
 from spool.records import KIND_NAMES, Kind, Record, number_from_text
 
 TRANSIENT_STATUSES = frozenset({408, 429})
@@ -556,9 +557,12 @@ class StatHatClient:
     """One connection-reusing session to a StatHat endpoint; each request has `timeout` seconds in all."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 10.0,
-                 allow_insecure: bool = False, verify: bool | str = True):
+                 allow_insecure: bool = False, verify: bool | str = True, identity: str | None = None):
+        """`identity`: the spool this client ships (spool.lock.spool_identity), sent with every request, so a relay
+        of that same spool refuses it, and its answer is known for a loop (EndpointError)."""
         self.endpoint = check_endpoint(endpoint, allow_insecure=allow_insecure)
         self.timeout = timeout
+        self.identity = identity
         self.session = _Session()
         self.session.mount("http://", _DeadlineAdapter())
         self.session.mount("https://", _DeadlineAdapter())
@@ -574,6 +578,8 @@ class StatHatClient:
         self._watchdog = _Watchdog()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers["Accept-Encoding"] = "identity"  # a tiny answer; nothing to inflate
+        if identity:
+            self.session.headers[IDENTITY_HEADER] = identity
         self._ez_request: requests.PreparedRequest | None = None  # an EZ batch's request but its body (see _ez)
         # The keys this client sent lately, newest last: redacted from every answer, as an answer may quote an
         # earlier request (a proxy's cache, a keep-alive mix-up), not only its own.
@@ -661,6 +667,10 @@ class StatHatClient:
 
     def _answered(self, response: requests.Response, body: str, keys: tuple[str, ...], *,
                   sent: int | None) -> int | None:
+        if self.identity and response.headers.get(IDENTITY_HEADER) == self.identity:
+            raise EndpointError(f"ship.endpoint {redact_url(self.endpoint)} is a relay of this very spool: what it "
+                                f"ships would come back to it, for ever; set ship.endpoint to StatHat's API root, "
+                                f"{DEFAULT_ENDPOINT}")
         answer = _answer_of(response)
         if 200 <= response.status_code <= 299 and not _framed(response) and not (answer and answer.headers_whole):
             # Its body ended where the connection closed (cleanly: _request saw to that), but an answer cut in its
