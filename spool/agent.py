@@ -28,15 +28,33 @@ COMPONENTS = ("ship", "watch", "relay", "metrics")
 _START_ORDER = {"ship": 1, "metrics": 2}  # after the producers' doors (0): see Agent._apply
 
 
+_PLAIN_RECORD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
 class _JsonLines(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
+    """One JSON object per line: time, level, logger, component, message, and the event's own fields.
+
+    The component is the part of spool that speaks (ship, relay, statsd, watch, metrics, checkup; agent for
+    the agent itself), from the logger's name unless the line names it; the fields are what a line passed as
+    `extra` (counts, an error's kind, a sender), so a log processor need not parse the message.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                                 "logger": record.name, "component": _component(record.name),
+                                 "message": record.getMessage()}
+        for name, value in vars(record).items():
+            if name not in _PLAIN_RECORD and not name.startswith("_"):
+                entry[name] = value if isinstance(value, str | int | float | bool | None) else str(value)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def _component(logger: str) -> str:
+    if logger == "spool":
+        return "agent"
+    return logger.removeprefix("spool.") if logger.startswith("spool.") else logger
 
 
 class _JournalPriority(logging.Formatter):
@@ -250,7 +268,7 @@ class Agent:
                 component.stack.callback(self._shipper_stopped, shipper.store)
                 component.snapshot = shipper.snapshot
                 component.start(shipper.run, self._component_failed)
-                log.info("shipping %s to %s", config.db, shipper.endpoint)
+                log.info("shipping %s to %s", config.db, shipper.endpoint, extra={"component": "ship"})
             elif name.startswith("watch "):
                 from spool.watch import DirectoryWatcher
 
@@ -262,7 +280,8 @@ class Agent:
                 component.stack.callback(watcher.stop)
                 component.watcher = watcher
                 component.start(watcher.run, self._component_failed)
-                log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "")
+                log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "",
+                         extra={"component": "watch"})
             elif name == "relay":
                 from spool.relay import Relay
 
@@ -275,13 +294,14 @@ class Agent:
                 component.relay = relay
                 statsd = " and ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                                       for host, port in relay.statsd_addresses)
-                log.info("relay listening on %s%s", relay.url, f", StatsD on udp {statsd}" if statsd else "")
+                log.info("relay listening on %s%s", relay.url, f", StatsD on udp {statsd}" if statsd else "",
+                         extra={"component": "relay"})
             elif name == "metrics":
                 from spool.metrics import MetricsServer
 
                 server = MetricsServer(config.metrics, self.metrics).start()
                 component.stack.callback(server.stop)
-                log.info("metrics and health on %s/metrics and /healthz", server.url)
+                log.info("metrics and health on %s/metrics and /healthz", server.url, extra={"component": "metrics"})
         except BaseException:
             component.stack.close()
             raise
@@ -455,4 +475,5 @@ class Agent:
         stats = ship.snapshot()
         log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; last error: %s",
                  f"{pending:,}", age, f"{inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}", files,
-                 stats["last_error"] or "none")
+                 stats["last_error"] or "none", extra={"pending": pending, "inflight": inflight,
+                                                       "shipped": stats["sent"], "dead": stats["dead"]})

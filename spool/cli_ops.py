@@ -390,3 +390,21 @@ def dead_purge(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
     with obj.spool() as sp:
         settled = sp.purge(chosen)
     _settled("purged", settled)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (bash, zsh or fish): commands, options and settings.
+
+    Load it from the shell's start-up file, e.g. `eval "$(spool completion bash)"` in ~/.bashrc, or save it
+    where the shell looks (bash: /etc/bash_completion.d/spool; zsh: a file _spool in $fpath; fish:
+    ~/.config/fish/completions/spool.fish).
+
+    Example: spool completion bash > /etc/bash_completion.d/spool
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # click knows the three shells the choice allows
+    click.echo(completer(cli, {}, "spool", "_SPOOL_COMPLETE").source())

@@ -310,16 +310,40 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
-    """Parse HOST:PORT (or :PORT, or [v6]:PORT) into (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep and text.strip().isdigit():  # a port alone: on loopback
-        host, port = "", text.strip()
+    """Parse HOST:PORT (or :PORT, or [v6]:PORT, or an address alone) into (host, port).
+
+    The host is an IP address, `localhost`, or (with a port) a host name; a word alone ("nonsense") is no
+    address, and is said to be unreadable, not taken for a remote host.
+    """
+    def unreadable() -> ConfigError:
+        return ConfigError(f"{name} must be HOST:PORT like 127.0.0.1:{default_port}, not '{text}'")
+
+    stripped = text.strip()
+    host, sep, port = stripped.rpartition(":")
+    if not sep and stripped.isdigit():  # a port alone: on loopback
+        host, port = "", stripped
     elif not sep or (host.count(":") and not host.startswith("[")):  # a bare v6 address, or no port at all
-        host, port = text, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{name} must be HOST:PORT like 127.0.0.1:{default_port}, not '{text}'")
+        host, port = stripped, str(default_port)
+        if host != "localhost" and not _is_ip(host):
+            raise unreadable()
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]") and ":" in host and _is_ip(host[1:-1])):
+            raise unreadable()
+        host = host[1:-1]
+    host = host or "127.0.0.1"
+    if not (_is_ip(host) or re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", host)):
+        raise unreadable()
+    if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise unreadable()
     return host, int(port)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_bind(address: str, name: str, default_port: int, allow_remote: bool) -> tuple[str, int]:

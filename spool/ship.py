@@ -572,7 +572,8 @@ class Shipper:
             self.settle(lambda: self.store.end_lease(unit.lease))
         self.stats.dead += len(ids)
         self._note("refused", str(refusal))
-        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal)
+        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal,
+                    extra={"error_kind": "refused", "records": len(ids), "http_status": refusal.http_status})
 
     def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
         """A transient failure or a misconfiguration: the same unit goes again, after the link's back-off.
@@ -606,10 +607,15 @@ class Shipper:
             level = logging.DEBUG  # a pause is said when it begins (and when it ends), not at every probe
         if paused:
             self._paused_said = message
+        kind = ("endpoint" if isinstance(error, EndpointError) else
+                "foreign" if getattr(error, "foreign", False) else "transient")
+        fields = {"error_kind": kind, "records": len(unit.items), "paused": paused}
         if self.shutdown.is_set():  # an answer awaited while stopping: this shipper sends nothing more
-            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", message)
+            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", message,
+                    extra=fields)
             return
-        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", message, wait)
+        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", message, wait,
+                extra={**fields, "retry_in": round(wait, 3)})
 
     def _foreign_answer(self, error: TransientError) -> str:
         """Count answers that are certainly not StatHat's, in a row; return what to say of this one: its answer
