@@ -366,7 +366,8 @@ class DropLog:
             self.minute_began = now
         self.lines += 1
         self.culprits[host, reason, stat] = [now, 0, detail]
-        where = f"{sender[0]}:{sender[1]}" if sender else "an unknown sender"
+        where = ((f"[{sender[0]}]:{sender[1]}" if ":" in sender[0] else f"{sender[0]}:{sender[1]}") if sender
+                 else "an unknown sender")
         named = f"stat {shown_statsd(stat)}" if stat else "no stat name"
         self.log.warning("StatsD line from %s dropped, %s: %s (line %s)", where, named, detail, shown_statsd(line),
                          extra={"component": "statsd", "reason": reason, "sender": where,
