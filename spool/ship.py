@@ -621,7 +621,7 @@ class Shipper:
         """Count answers that are certainly not StatHat's, in a row; return what to say of this one: its answer
         quoted the first time, then not, and from the FOREIGN_PAUSE-th one in a row on, why shipping pauses."""
         if not error.foreign:  # no answer at all, or one StatHat could give (a 503): neither breaks the row
-            return str(error)
+            return self._foreign_reason if self._foreign >= FOREIGN_PAUSE else str(error)  # nor ends a pause
         self._foreign += 1
         if self._foreign < FOREIGN_PAUSE:
             quoted, self._foreign_quoted = self._foreign_quoted, True

@@ -103,6 +103,9 @@ class _Switchable(http.server.BaseHTTPRequestHandler):
         with server.lock:  # type: ignore[attr-defined]
             server.requests += 1  # type: ignore[attr-defined]
             foreign = server.foreign  # type: ignore[attr-defined]
+        if foreign == "hang up":  # no answer at all: says nothing of whether this is StatHat
+            self.close_connection = True
+            return
         if foreign:
             status, answer, kind = 501, PAGE, "text/html;charset=utf-8"
         else:
@@ -138,6 +141,8 @@ def test_an_endpoint_that_is_not_stathat_pauses_shipping_once_loudly_and_shows_i
         lines = wait_for_line(agent, "shipping paused")
         paused_at = web_server.requests
         wait_for(lambda: web_server.requests >= paused_at + 3)  # still tried now and then, silently
+        web_server.foreign = "hang up"
+        wait_for(lambda: web_server.requests >= paused_at + 6)  # no answer: the pause goes on, and says nothing
         status = status_of(db, env)
         web_server.foreign = False  # the endpoint answers as StatHat again: shipping resumes by itself
         wait_for(lambda: status_of(db, env)["sent"] == 1)
@@ -146,7 +151,7 @@ def test_an_endpoint_that_is_not_stathat_pauses_shipping_once_loudly_and_shows_i
     log = "".join(lines) + rest
     assert log.count("<!DOCTYPE HTML>") == 1, log  # the answer quoted once, not at every retry
     assert "x" * 100 not in log  # and cut short
-    [paused] = [line for line in log.splitlines() if "shipping paused" in line]
+    [paused] = [line for line in log.splitlines() if "shipping paused" in line or "send failed" in line][2:]
     assert f"{web_server.url} does not answer as StatHat does: 3 answers in a row were not StatHat's" in paused
     assert "HTTP 501" in paused and "ship.endpoint" in paused
     assert status["last_result"] == "paused" and "does not answer as StatHat does" in status["last_error"]
