@@ -28,15 +28,33 @@ COMPONENTS = ("ship", "watch", "relay", "metrics")
 _START_ORDER = {"ship": 1, "metrics": 2}  # after the producers' doors (0): see Agent._apply
 
 
+_PLAIN_RECORD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
 class _JsonLines(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
+    """One JSON object per line: time, level, logger, component, message, and the event's own fields.
+
+    The component is the part of spool that speaks (ship, relay, statsd, watch, metrics, checkup; agent for
+    the agent itself), from the logger's name unless the line names it; the fields are what a line passed as
+    `extra` (counts, an error's kind, a sender), so a log processor need not parse the message.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                                 "logger": record.name, "component": _component(record.name),
+                                 "message": record.getMessage()}
+        for name, value in vars(record).items():
+            if name not in _PLAIN_RECORD and not name.startswith("_"):
+                entry[name] = value if isinstance(value, str | int | float | bool | None) else str(value)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def _component(logger: str) -> str:
+    if logger == "spool":
+        return "agent"
+    return logger.removeprefix("spool.") if logger.startswith("spool.") else logger
 
 
 class _JournalPriority(logging.Formatter):
@@ -76,6 +94,33 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 def _drop_inotify_stop_race(record: logging.LogRecord) -> bool:
     """Drop watchdog's ERROR for an emitter read after stop (by design upstream, harmless at shutdown)."""
     return "called when the thread is inactive" not in record.getMessage()
+
+
+def _refuse_own_listener(config: Config, only: Collection[str]) -> None:
+    """Refuse an endpoint that is one of this agent's own listeners: what it ships would come back, for ever.
+
+    Known here when the address says it (a loopback name for a loopback listener); a name that resolves to
+    one, or a relay of this spool in another process, is found when it answers (see spool.lock.spool_identity).
+    """
+    from urllib.parse import urlsplit
+
+    from spool.config import parse_address
+    from spool.errors import ConfigError, redact_url
+
+    parts = urlsplit(config.ship.endpoint)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    listeners = [("relay", "relay.listen", config.relay.listen, 8080)] if "relay" in only else []
+    if "metrics" in only and config.metrics.listen:
+        listeners.append(("metrics server", "metrics.listen", config.metrics.listen, 9464))
+    loopback = ("localhost", "127.0.0.1", "::1")
+    for what, name, listen, default_port in listeners:
+        bound, bound_port = parse_address(listen, name, default_port)
+        same_host = (host == bound or bound in ("0.0.0.0", "::", "")  # noqa: S104  # a wildcard listener
+                     or (host in loopback and bound in loopback))
+        if same_host and port == bound_port:
+            raise ConfigError(f"ship.endpoint {redact_url(config.ship.endpoint)} is this agent's own {what} ({name} "
+                              f"= {listen}): what it ships would come back to it, for ever; set ship.endpoint to "
+                              "StatHat's API root, https://api.stathat.com")
 
 
 class Component:
@@ -171,6 +216,8 @@ class Agent:
             *(["metrics"] if config.metrics.listen else [])}
         spool = (config.db, config.spool)
         wanted: dict[str, object] = {}
+        if "ship" in only:
+            _refuse_own_listener(config, only)
         if "ship" in only:  # the key file's content is part of it (a digest: compared, never shown)
             wanted["ship"] = (spool, config.ship, config.ezkey_identity())
         if "watch" in only:
@@ -221,7 +268,7 @@ class Agent:
                 component.stack.callback(self._shipper_stopped, shipper.store)
                 component.snapshot = shipper.snapshot
                 component.start(shipper.run, self._component_failed)
-                log.info("shipping %s to %s", config.db, shipper.endpoint)
+                log.info("shipping %s to %s", config.db, shipper.endpoint, extra={"component": "ship"})
             elif name.startswith("watch "):
                 from spool.watch import DirectoryWatcher
 
@@ -233,7 +280,8 @@ class Agent:
                 component.stack.callback(watcher.stop)
                 component.watcher = watcher
                 component.start(watcher.run, self._component_failed)
-                log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "")
+                log.info("watching %s%s", watcher.directory, " (polling)" if entry.poll else "",
+                         extra={"component": "watch"})
             elif name == "relay":
                 from spool.relay import Relay
 
@@ -244,15 +292,16 @@ class Agent:
                 relay.start()
                 component.snapshot = relay.snapshot
                 component.relay = relay
-                statsd = relay.statsd_address
-                log.info("relay listening on %s%s", relay.url,
-                         f", StatsD on udp {statsd[0]}:{statsd[1]}" if statsd else "")
+                statsd = " and ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                                      for host, port in relay.statsd_addresses)
+                log.info("relay listening on %s%s", relay.url, f", StatsD on udp {statsd}" if statsd else "",
+                         extra={"component": "relay"})
             elif name == "metrics":
                 from spool.metrics import MetricsServer
 
                 server = MetricsServer(config.metrics, self.metrics).start()
                 component.stack.callback(server.stop)
-                log.info("metrics and health on %s/metrics and /healthz", server.url)
+                log.info("metrics and health on %s/metrics and /healthz", server.url, extra={"component": "metrics"})
         except BaseException:
             component.stack.close()
             raise
@@ -426,4 +475,5 @@ class Agent:
         stats = ship.snapshot()
         log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; last error: %s",
                  f"{pending:,}", age, f"{inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}", files,
-                 stats["last_error"] or "none")
+                 stats["last_error"] or "none", extra={"pending": pending, "inflight": inflight,
+                                                       "shipped": stats["sent"], "dead": stats["dead"]})

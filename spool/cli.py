@@ -189,11 +189,32 @@ class Number(click.ParamType):
             raise click.UsageError(exc.reason, ctx) from None
 
 
+class When(Number):
+    """A record's time: unix seconds, read as StatHat reads a number, or an ISO date as --since takes one."""
+
+    name = "when"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
+        try:
+            return super().convert(value, param, ctx)
+        except click.UsageError:
+            if not any(mark in str(value) for mark in "-:T") or str(value).strip().startswith("-"):
+                raise  # a number after all, or nothing like a date: the number's own error says why
+        from spool.api import parse_when
+
+        flag = f"--{param.name}" if param is not None and param.name else "time"
+        try:
+            return parse_when(str(value), flag)
+        except SpoolError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+
+
 @cli.command()
 @click.argument("stat", required=False)
 @click.option("--count", metavar="N", type=Number(), help="Add N to a counter.")
 @click.option("--value", metavar="V", type=Number(), help="Record a value V.")
-@click.option("--t", "t", metavar="UNIX", type=Number(), help="Unix time in seconds (default: now).")
+@click.option("--t", "t", metavar="WHEN", type=When(), help="Unix time in seconds, or an ISO date or time (UTC "
+              "unless it names a zone: 2026-12-01T08:00); default: now.")
 @click.option("--ezkey", metavar="KEY", help="EZ account key for this record (prefer the configured key file).")
 @click.option("--key", metavar="KEY", help="Classic API: the stat's private key.")
 @click.option("--ukey", metavar="UKEY", help="Classic API: your user key.")
@@ -205,6 +226,10 @@ def add(obj: Context, stat: str | None, count: float | None, value: float | None
 
     Example: spool add "messages sent~total,female" --count 1 --t 1363118126
     """
+    missing = [*(["STAT (or --key and --ukey)"] if stat is None and key is None and ukey is None else []),
+               *(["--count N or --value V"] if count is None and value is None and key is None else [])]
+    if missing:  # said in the command's words, all of it at once
+        raise click.UsageError(f"missing {' and '.join(missing)}: spool add STAT --count N (or --value V)")
     fields = {"stat": stat, "count": count, "value": value, "t": t, "ezkey": ezkey, "key": key, "ukey": ukey}
     with obj.spool(create=True) as sp:
         try:

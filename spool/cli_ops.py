@@ -68,7 +68,7 @@ def relay(obj: Context) -> None:
     would, once its records are on disk. Runs until SIGINT/SIGTERM; `spool run` runs it too when
     [relay] enabled = true.
 
-    Example: spool relay --listen 127.0.0.1:8080 --statsd 127.0.0.1:8125
+    Example: spool relay --listen 127.0.0.1:8080 --statsd localhost:8125
     """
     _run_agent(obj.config, only=("relay",))
 
@@ -277,14 +277,17 @@ def _age(seconds: float) -> str:
               "file (minutes for a large backlog on an SD card). Damage it finds is recorded: the next start of "
               "`spool run` moves the file aside. And count every record, to compare with the kept counts.")
 @click.option("--recount", is_flag=True, help="With --deep: set kept counts that differ to the real ones.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: {\"ok\": ..., \"checks\": [{\"name\", "
+              "\"ok\", \"detail\", \"fix\"}, ...]}.")
 @common_options
 @pass_context
-def doctor(obj: Context, deep: bool, recount: bool) -> None:
+def doctor(obj: Context, deep: bool, recount: bool, as_json: bool) -> None:
     """Check the setup: config, key, endpoint, clock, disk, spool, watched directories, ports.
 
     Each check prints one line, with a fix when it fails; every check runs even if the config is broken.
     The spool is checked as opening it checks it (a few pages, whatever the backlog), with the verdict of
-    the last full check; --deep runs the full check now. Exit 1 if any check failed.
+    the last full check; --deep runs the full check now. Exit 1 if any check failed. --json: the same, as
+    one JSON document.
 
     Example: spool --config /etc/spool/spool.toml doctor --deep
     """
@@ -293,11 +296,16 @@ def doctor(obj: Context, deep: bool, recount: bool) -> None:
     if recount and not deep:
         raise click.UsageError("--recount needs --deep (it sets the counts --deep finds wrong)")
     verdicts = check_setup(obj.config_file, flags=obj.flags, deep=deep, recount=recount)
-    for verdict in verdicts:
+    failed = [v.name for v in verdicts if not v.ok]
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"ok": not failed, "checks": [verdict._asdict() for verdict in verdicts]},
+                              indent=1, ensure_ascii=False))
+    for verdict in verdicts if not as_json else ():
         mark = "ok  " if verdict.ok else "FAIL"
         fix = "" if verdict.ok or not verdict.fix else f" -- fix: {verdict.fix}"
         click.echo(f"{mark} {verdict.name}: {printable(verdict.detail)}{fix}")
-    failed = [v.name for v in verdicts if not v.ok]
     if failed:
         raise SpoolCommandError(f"{len(failed)} check{'s' if len(failed) != 1 else ''} failed: {', '.join(failed)}", 1)
 
@@ -382,3 +390,21 @@ def dead_purge(obj: Context, ids: tuple[int, ...], everything: bool) -> None:
     with obj.spool() as sp:
         settled = sp.purge(chosen)
     _settled("purged", settled)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (bash, zsh or fish): commands, options and settings.
+
+    Load it from the shell's start-up file, e.g. `eval "$(spool completion bash)"` in ~/.bashrc, or save it
+    where the shell looks (bash: /etc/bash_completion.d/spool; zsh: a file _spool in $fpath; fish:
+    ~/.config/fish/completions/spool.fish).
+
+    Example: spool completion bash > /etc/bash_completion.d/spool
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # click knows the three shells the choice allows
+    click.echo(completer(cli, {}, "spool", "_SPOOL_COMPLETE").source())

@@ -157,6 +157,22 @@ def check_key_text(key: str, where: str) -> str:
         raise ConfigError(exc.reason) from None
 
 
+class Globs(SettingType):
+    """A list of shell-style globs (`["debug.*", "*.tmp"]`; in the environment or a flag, comma-separated)."""
+
+    describe = 'a list of globs like ["debug.*", "*.tmp"]'
+
+    def parse(self, value: object, name: str, text: bool) -> tuple[str, ...]:
+        if text and isinstance(value, str):
+            value = [part for part in (piece.strip() for piece in value.split(",")) if part]
+        if not isinstance(value, list | tuple) or not all(isinstance(glob, str) and glob.strip() for glob in value):
+            raise self.refuse(value, name)
+        return tuple(glob.strip() for glob in value)
+
+    def show(self, value: Any) -> str:
+        return "[" + ", ".join(SettingType.show(self, glob) for glob in value) + "]"
+
+
 class PathKind(Text):
     describe = "a path"
 
@@ -294,16 +310,40 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_address(text: str, name: str, default_port: int) -> tuple[str, int]:
-    """Parse HOST:PORT (or :PORT, or [v6]:PORT) into (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep and text.strip().isdigit():  # a port alone: on loopback
-        host, port = "", text.strip()
+    """Parse HOST:PORT (or :PORT, or [v6]:PORT, or an address alone) into (host, port).
+
+    The host is an IP address, `localhost`, or (with a port) a host name; a word alone ("nonsense") is no
+    address, and is said to be unreadable, not taken for a remote host.
+    """
+    def unreadable() -> ConfigError:
+        return ConfigError(f"{name} must be HOST:PORT like 127.0.0.1:{default_port}, not '{text}'")
+
+    stripped = text.strip()
+    host, sep, port = stripped.rpartition(":")
+    if not sep and stripped.isdigit():  # a port alone: on loopback
+        host, port = "", stripped
     elif not sep or (host.count(":") and not host.startswith("[")):  # a bare v6 address, or no port at all
-        host, port = text, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{name} must be HOST:PORT like 127.0.0.1:{default_port}, not '{text}'")
+        host, port = stripped, str(default_port)
+        if host != "localhost" and not _is_ip(host):
+            raise unreadable()
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]") and ":" in host and _is_ip(host[1:-1])):
+            raise unreadable()
+        host = host[1:-1]
+    host = host or "127.0.0.1"
+    if not (_is_ip(host) or re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", host)):
+        raise unreadable()
+    if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise unreadable()
     return host, int(port)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_bind(address: str, name: str, default_port: int, allow_remote: bool) -> tuple[str, int]:
@@ -485,14 +525,20 @@ class RelaySettings(_Settings):
     listen: str = setting("127.0.0.1:8080", Address(8080), "where the relay listens", flag="--listen")
     allow_remote: bool = setting(False, Boolean(), "allow listening on a non-loopback address",
                                  flag="--allow-remote")
-    statsd: str | None = setting(None, OptionalAddress(8125, "127.0.0.1:8125"), "take StatsD over UDP here "
-                                 "(true: 127.0.0.1:8125)", flag="--statsd", example="127.0.0.1:8125")
+    statsd: str | None = setting(None, OptionalAddress(8125, "localhost:8125"), "take StatsD over UDP here "
+                                 "(true: localhost:8125); `localhost` is both loopbacks, 127.0.0.1 and ::1 (clients "
+                                 "may resolve it to either), or 127.0.0.1 alone where the box has no ::1",
+                                 flag="--statsd", example="localhost:8125")
     statsd_prefix: str = setting("", AnyText(), "put before every StatsD name to make the stat name")
     statsd_buffer: int = setting(1 << 20, Size(), "the UDP socket's receive buffer")
-    statsd_tags: str = setting("append", Choice("append", "drop"), "DogStatsD tags (`#env:prod`): append them to "
-                               "the stat name (`name env=prod`), or drop them (counted)")
+    statsd_tags: str = setting("append", Choice("append", "drop"), "DogStatsD tags (`#env:prod`) and Telegraf's "
+                               "(`name,env=prod`): append them to the stat name (`name env=prod`), or drop them "
+                               "(counted)")
     statsd_sets: float = setting(60.0, Duration(), "StatsD sets (type `s`) become a value stat: the distinct "
                                  "members seen in each window of this length (0: refuse sets, counted)")
+    statsd_drop: tuple[str, ...] = setting(("datadog.dogstatsd.client.*",), Globs(), "StatsD metrics whose name "
+                                           "(as sent: before statsd_prefix and tags) matches one of these globs are "
+                                           "dropped, counted (default: DogStatsD clients' own telemetry)")
     max_body: int = setting(1 << 20, Size(), "requests larger than this are refused")
     request_timeout: float = setting(10.0, Duration(), "a request must arrive whole within this")
     max_connections: int = setting(64, Integer(1, 10_000), "connections served at once; more get 503")

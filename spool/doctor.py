@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -11,8 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from spool.config import Config, parse_address
+from spool.config import DEFAULT_ENDPOINT, Config, parse_address
 from spool.errors import ConfigError, redact_url
+from spool.lock import IDENTITY_HEADER, spool_identity
 from spool.records import CLOCK_SANE_AFTER
 
 MIN_FREE_BYTES = 50 << 20
@@ -44,7 +46,8 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
                       "every setting with its default)")
         config = fallback()
     yield _key(config)
-    yield _endpoint(config, probe or _probe)
+    yield _endpoint(config, probe or (lambda url, timeout: _probe(url, timeout, _configured_key(config),
+                                                                  spool_identity(config.db))))
     yield _clock(clock())
     yield _disk(config)
     yield _integrity(config, deep, clock)
@@ -52,10 +55,14 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
         yield _counts(config, recount=recount)
     for watch in config.watch:
         yield from _watched(watch.path)
+    identity = spool_identity(config.db)  # a listener of this spool's agent answers with it
     if config.relay.enabled:
-        yield _port(config.relay.listen, "relay", 8080)
+        relay = _port(config.relay.listen, "relay", 8080, identity, "relay")
+        yield relay.verdict
+        if config.relay.statsd:
+            yield _statsd_port(config.relay.statsd, relay)
     if config.metrics.listen:
-        yield _port(config.metrics.listen, "metrics", 9464)
+        yield _port(config.metrics.listen, "metrics", 9464, identity, "metrics server").verdict
 
 
 def _watched(path: Path) -> Iterator[Verdict]:
@@ -83,22 +90,39 @@ def _key(config: Config) -> Verdict:
     return Verdict("ezkey", True, "configured (not shown)")
 
 
+def _configured_key(config: Config) -> str | None:
+    try:
+        return config.ezkey(warn=False)
+    except ConfigError:  # said by the ezkey check
+        return None
+
+
 def _endpoint(config: Config, probe: Callable[[str, float], str]) -> Verdict:
+    """A real, harmless StatHat request (an EZ batch with no data), whose answer must be StatHat's."""
+    from spool.errors import EndpointError, Refused
+
     shown = redact_url(config.ship.endpoint)  # an endpoint may carry credentials by mistake: never print them
     try:
         answer = probe(config.ship.endpoint, min(config.ship.timeout, 10.0))
+    except EndpointError as exc:
+        return Verdict("endpoint", False, f"{shown} is not StatHat: {exc}", f"set ship.endpoint to StatHat's API "
+                       f"root, {DEFAULT_ENDPOINT} (or the root of a spool relay)")
+    except Refused as exc:
+        return Verdict("endpoint", False, f"{shown} is StatHat, and it refused the configured ezkey: {exc}",
+                       "put the account's EZ key in ship.ezkey_file")
     except Exception as exc:  # any failure to reach it is the verdict
         return Verdict("endpoint", False, f"{shown} not reachable: {exc}",
                        "check the network, DNS, proxy settings and ship.endpoint")
-    return Verdict("endpoint", True, f"{shown} answered {answer}")
+    return Verdict("endpoint", True, f"{shown} answered as StatHat does (an EZ batch with no data: {answer})")
 
 
-def _probe(endpoint: str, timeout: float) -> str:
+def _probe(endpoint: str, timeout: float, key: str | None, identity: str | None) -> str:
     from spool.stathat import StatHatClient
 
-    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True)  # the same deadline as shipping
+    # The same deadline as shipping; as the shipper, it names its spool (a relay of the same spool is a loop).
+    client = StatHatClient(endpoint, timeout=timeout, allow_insecure=True, identity=identity)
     try:
-        return f"HTTP {client.ping()}"
+        return client.probe(key)
     finally:
         client.close()
 
@@ -111,13 +135,18 @@ def _clock(now: float) -> Verdict:
 
 
 def _disk(config: Config) -> Verdict:
-    folder = config.db.parent if config.db.parent.exists() else config.db.parent.parent
+    """Free space where the spool lives, or, on a fresh box, at the nearest folder that exists on its way there."""
+    folder = config.db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
         free = shutil.disk_usage(folder).free
     except OSError as exc:
-        return Verdict("disk", False, f"cannot see {folder}: {exc.strerror}", "create the state directory")
+        return Verdict("disk", False, f"cannot see {folder}: {exc.strerror}", f"make {config.db.parent} readable "
+                       "by this user")
     ok = free >= MIN_FREE_BYTES
-    return Verdict("disk", ok, f"{free >> 20} MiB free where the spool lives",
+    where = "" if folder == config.db.parent else f" (the spool's folder {config.db.parent} is made on first use)"
+    return Verdict("disk", ok, f"{free >> 20} MiB free at {folder}{where}",
                    "free some space, or set spool.max_spool_bytes so spool bounds itself")
 
 
@@ -183,14 +212,70 @@ def _counts(config: Config, *, recount: bool) -> Verdict:
     return Verdict("counts", False, f"kept counts differ from the records: {differ}", "spool doctor --deep --recount")
 
 
-def _port(listen: str, section: str, default_port: int) -> Verdict:
+class _Listener(NamedTuple):
+    verdict: Verdict
+    statsd: tuple[str, ...]  # the StatsD addresses this spool's running relay said it listens on
+
+
+def _port(listen: str, section: str, default_port: int, identity: str | None, what: str) -> _Listener:
+    """A listening address: free, or held by this spool's running agent (it says so on its answers), or not free."""
     host, port = parse_address(listen, f"{section}.listen", default_port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return Verdict(f"{section} port", False, f"{listen} is not free: {exc.strerror}",
-                           "if `spool run` is running, that is it; else stop what uses it (ss -ltnp) "
-                           f"or change {section}.listen")
-    return Verdict(f"{section} port", True, f"{listen} is free")
+            error = exc.strerror
+        else:
+            return _Listener(Verdict(f"{section} port", True, f"{listen} is free"), ())
+    headers = _spool_answer(host, port)
+    holder = headers.get(IDENTITY_HEADER.lower())
+    if holder is not None and holder == identity:
+        return _Listener(Verdict(f"{section} port", True, f"{listen} is this spool's {what}, running"),
+                         tuple(headers.get("spool-statsd", "").split()))
+    if holder is not None:
+        return _Listener(Verdict(f"{section} port", False, f"{listen} is held by the {what} of another spool file",
+                                 f"stop that spool's agent, or change {section}.listen"), ())
+    return _Listener(Verdict(f"{section} port", False, f"{listen} is not free: {error}",
+                             f"stop what uses it (ss -ltnp) or change {section}.listen"), ())
+
+
+def _spool_answer(host: str, port: int) -> dict[str, str]:
+    """The headers of what listens at host:port when asked GET / (lower-case names), or {} if it does not answer."""
+    import http.client
+
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104  # a wildcard listener: asked on loopback
+        host = "127.0.0.1" if host != "::" else "::1"
+    connection = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        response.read(1 << 16)
+        return {name.lower(): value for name, value in response.getheaders()}
+    except (OSError, http.client.HTTPException):
+        return {}
+    finally:
+        connection.close()
+
+
+def _statsd_port(address: str, relay: _Listener) -> Verdict:
+    """StatsD's UDP address(es): free, or this spool's running relay's (it names them on its answers)."""
+    host, port = parse_address(address, "relay.statsd", 8125)
+    hosts = ["127.0.0.1", "::1"] if host == "localhost" else [host]
+    taken = []
+    for each in hosts:
+        with socket.socket(socket.AF_INET6 if ":" in each else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((each, port))
+            except OSError as exc:
+                shown = f"[{each}]:{port}" if ":" in each else f"{each}:{port}"
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "localhost":
+                    continue  # no ::1 on this box: the relay listens on 127.0.0.1 alone
+                taken.append((shown, exc.strerror))
+    if not taken:
+        return Verdict("statsd port", True, f"{address} is free")
+    if all(shown in relay.statsd for shown, _ in taken):
+        return Verdict("statsd port", True, f"{address} is this spool's relay's StatsD listener, running")
+    shown, error = next((shown, error) for shown, error in taken if shown not in relay.statsd)
+    return Verdict("statsd port", False, f"{shown} is not free: {error}",
+                   "stop what uses it (ss -lunp) or change relay.statsd")

@@ -25,8 +25,16 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NamedTuple
 
-from spool.errors import InvalidRecord, masked
-from spool.records import T_FLOOR, Record, check_key, did_you_mean, fast_row, number_from_text, parse_record
+from spool.errors import InvalidRecord
+from spool.records import (
+    T_FLOOR,
+    Record,
+    check_key,
+    fast_row,
+    number_from_text,
+    parse_record,
+    unknown_field,
+)
 
 MAX_LINE = 1 << 20  # bytes in one JSON line
 MAX_DOCUMENT = 256 << 20  # bytes in one whole JSON document
@@ -121,8 +129,7 @@ def stathat_body(body: dict[str, Any]) -> tuple[str | None, list[Any]]:
     extra = body.keys() - {"ezkey", "email", "data"}
     if extra:
         name = sorted(map(str, extra))[0]
-        raise InvalidRecord(f"unknown field {masked(name)} in the StatHat body"
-                            f"{did_you_mean(name, ('ezkey', 'email', 'data'))}")
+        raise InvalidRecord(unknown_field(name, ("ezkey", "email", "data"), "field in the StatHat body"))
     ezkey = body.get("ezkey", body.get("email"))
     if ezkey is not None:
         check_key(ezkey, "ezkey")
@@ -304,7 +311,7 @@ def _csv_items(reader: Any, lines: _CsvLines) -> Iterator[Item]:
     lines.record = 0
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if not header or unknown or len(set(header)) != len(header):
-        problem = (f"unknown column {masked(unknown[0])}{did_you_mean(unknown[0], CSV_COLUMNS)}" if unknown else
+        problem = (unknown_field(unknown[0], CSV_COLUMNS, "column") if unknown else
                    "a column is named twice" if header else "no header row")
         yield Item(1, None, error=InvalidRecord(f"{problem}; the header names columns from "
                                                 f"{', '.join(CSV_COLUMNS)}", line=1, fatal=True))

@@ -12,6 +12,28 @@ from spool.errors import SpoolBusy
 ACQUIRE_PATIENCE = 2.0  # seconds a starting shipper waits out a status reader's brief shared lock
 
 
+IDENTITY_HEADER = "Spool-Identity"  # carries spool_identity(): on the relay's answers, and on the shipper's requests
+
+
+def spool_identity(spool_path: str | os.PathLike[str]) -> str | None:
+    """A name for one spool file on this box in this boot, or None if there is no such file.
+
+    Every path to the file (and a container sharing its volume) gives the same name; another file, or another
+    box, gives another. The relay puts it on its answers and the shipper on its requests, so a listener is
+    known for this spool's own (doctor) and a shipper sending to its own spool's relay is stopped (a loop). A
+    digest: it tells nothing of the path.
+    """
+    import hashlib
+
+    from spool.clock import boot_id
+
+    try:
+        info = os.stat(spool_path)
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot_id()}:{info.st_dev}:{info.st_ino}".encode()).hexdigest()[:16]
+
+
 def lock_path(spool_path: str | os.PathLike[str]) -> Path:
     """Return the lock file of a spool, named after the real file so every path to it shares one lock."""
     return Path(f"{os.path.realpath(spool_path)}.ship.lock")

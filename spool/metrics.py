@@ -18,6 +18,7 @@ from typing import Any
 
 from spool.config import MetricsSettings, check_bind
 from spool.errors import ConfigError
+from spool.lock import IDENTITY_HEADER, spool_identity
 from spool.store import Store
 
 Snapshot = Callable[[], dict[str, Any]]
@@ -174,7 +175,8 @@ class MetricsServer:
     def __init__(self, settings: MetricsSettings, metrics: Metrics):
         assert settings.listen is not None
         host, port = check_bind(settings.listen, "metrics.listen", 9464, settings.allow_remote)
-        handler = type("Handler", (_MetricsHandler,), {"metrics": metrics})
+        handler = type("Handler", (_MetricsHandler,), {"metrics": metrics,
+                                                       "identity": spool_identity(metrics.store.path)})
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
         try:
@@ -204,6 +206,7 @@ class MetricsServer:
 
 class _MetricsHandler(BaseHTTPRequestHandler):
     metrics: Metrics
+    identity: str | None  # the spool's (spool.lock.spool_identity), on every answer: doctor knows its own by it
     protocol_version = "HTTP/1.1"
     timeout = 10
 
@@ -227,5 +230,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if self.identity:
+            self.send_header(IDENTITY_HEADER, self.identity)
         self.end_headers()
         self.wfile.write(body)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from spool.errors import InvalidRecord, masked
+from spool.errors import InvalidRecord, masked, printable
 
 
 class Kind(IntEnum):
@@ -117,6 +117,18 @@ def check_stat(stat: object) -> str:
     return stat
 
 
+def unknown_field(name: str, known: Iterable[str], what: str = "field") -> str:
+    """Say that `name` is no known field: "unknown field 'vaule', did you mean 'value'?".
+
+    A misspelt name (close to a known one) is shown as written, so the typo shows; any other is quoted as input
+    is (errors.masked): what stands where a name should may be a value, a key (a CSV file without its header
+    row, a key written as a JSON name).
+    """
+    hint = did_you_mean(name, known)
+    shown = f"'{printable(name)}'" if hint and len(name) <= 40 else masked(name)
+    return f"unknown {what} {shown}{hint}"
+
+
 def check_number(number: object, field: str) -> int | float:
     """Return `number` if it is a finite int or float StatHat can take, else raise."""
     if type(number) is int:
@@ -221,7 +233,7 @@ def parse_record(obj: object, *, clock_now: int | None = None, ezkey: str | None
     unknown = obj.keys() - _ALL_FIELDS
     if unknown:
         name = sorted(map(str, unknown))[0]
-        raise InvalidRecord(f"unknown field {masked(name)}{did_you_mean(name, _ALL_FIELDS)}", field=name)
+        raise InvalidRecord(unknown_field(name, _ALL_FIELDS), field=name)
     own_key = obj.get("ezkey", obj.get("email"))
     if own_key is None and "stat" in obj:
         own_key = ezkey
@@ -250,7 +262,10 @@ def number_from_text(text: str, field: str) -> int | float:
             except ValueError:  # more digits than int() converts: far out of range as a count anyway
                 raise InvalidRecord(f"{field} {masked(cleaned)} is out of range", field=field) from None
         if re.fullmatch(_DECIMAL, cleaned):
-            return float(cleaned)
+            number = float(cleaned)
+            if math.isinf(number):  # "1e400": a number, too large for a float (not "not inf": none was written)
+                raise InvalidRecord(f"{field} {masked(cleaned)} is out of range", field=field)
+            return number
     raise InvalidRecord(f"{field} {masked(cleaned)} is not a number{_why_not_a_number(cleaned)}", field=field)
 
 

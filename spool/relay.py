@@ -7,10 +7,14 @@ so many clients do not each pay for an fsync.
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import logging
 import math
 import queue
+import re
+import select
 import signal
 import socket
 import threading
@@ -24,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from spool.config import RelaySettings, check_bind, parse_address
 from spool.errors import ConfigError, InvalidRecord, StoreError, printable
 from spool.formats import stathat_body
+from spool.lock import IDENTITY_HEADER, spool_identity
 from spool.records import (
     T_FLOOR,
     check_key,
@@ -112,13 +117,10 @@ def _not_json(constant: str) -> None:
 STATSD_KINDS = {"c": "count", "g": "value", "ms": "value", "h": "value", "d": "value"}
 # Why a StatsD line was not taken as it came, for /metrics (spool_statsd_*): "invalid" lines are unreadable;
 # the others are readable lines the listener cannot turn into a true stat (or, tags_dropped, took without tags).
-STATSD_DROPS = ("delta_without_gauge", "set_refused", "set_overflow")
+STATSD_DROPS = ("filtered", "set_refused", "set_overflow")  # filtered: by relay.statsd_drop, on purpose (not logged)
 STATSD_REASONS = {
-    "invalid": "lines ignored as invalid",
-    "tags_dropped": "lines taken without their tags (relay.statsd_tags = \"drop\")",
-    "delta_without_gauge": "delta gauges dropped: no gauge of that name known (a restart forgets gauges)",
-    "set_refused": "set lines refused (relay.statsd_sets = 0)",
-    "set_overflow": "set members dropped: too many distinct members at once",
+    "set_refused": "sets are refused (relay.statsd_sets = 0)",
+    "set_overflow": "too many distinct set members at once",
 }
 MAX_GAUGES = 100_000  # gauge names remembered for delta gauges; the least recently set is forgotten first
 MAX_SET_MEMBERS = 1_000_000  # distinct set members held at once (as 64-bit hashes: ~60 MiB at most)
@@ -129,18 +131,26 @@ class StatsdReader:
 
     Counters (`|c`, `|@rate` scales them), timers and distributions (`|ms`, `|d`) and histograms (`|h`) are
     records at once. A gauge (`|g`) is a value; a delta gauge (`+3|g`, `-3|g`) moves the last gauge of that
-    name this reader saw (a restart forgets them: a delta with no known gauge is dropped, counted); several
+    name this reader saw, from 0 if it saw none (as Etsy's statsd does: a restart forgets them); several
     settings of one gauge in one packet record its last value only (as pystatsd sends a negative gauge: `0|g`
     then `-5|g`). A set (`|s`) collects distinct members per window of `set_window` seconds (aligned to the
     clock) and becomes a value stat, the number of members, at the window's start; 0 refuses sets (counted).
-    DogStatsD tags (`|#env:prod,canary`) are appended to the name, sorted (`name canary env=prod`), or dropped
-    (counted). `|T<unix>` gives a counter, gauge or timer its own time; `|c:<id>` (a container) is ignored;
-    several values in one line (`name:1:2:3|d`) are several records.
+    DogStatsD tags (`|#env:prod,canary`) and Telegraf's (`name,env=prod:1|c`) are appended to the name, sorted
+    (`name canary env=prod`), or dropped (counted). A metric whose name (as sent, before the prefix and tags)
+    matches a glob of `drop` is dropped, counted as "filtered". `|T<unix>` gives a counter, gauge or timer its
+    own time; `|c:<id>` (a container) is ignored; several values in one line (`name:1:2:3|d`) are several
+    records.
+
+    Every line not taken is counted and told to `on_drop(reason, detail, stat, line, sender)`: the reason
+    ("invalid" or one of STATSD_DROPS), what is wrong, the metric's name (None if it has none), the line.
     """
 
     def __init__(self, prefix: str = "", *, tags: str = "append", set_window: float = 60.0,
-                 t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS):
+                 t_floor: int = T_FLOOR, max_gauges: int = MAX_GAUGES, max_set_members: int = MAX_SET_MEMBERS,
+                 drop: Sequence[str] = (), on_drop: Callable[[str, str, str | None, str, Any], None] | None = None):
         self.prefix = prefix
+        self.drop = tuple(drop)
+        self.on_drop = on_drop
         self.tags = tags
         self.set_window = set_window
         self.t_floor = t_floor
@@ -152,21 +162,36 @@ class StatsdReader:
         self.first_end = math.inf  # when the earliest window of self.sets ends
         self.last_start = -math.inf  # when the latest one starts
         self.counts: Counter[str] = Counter()  # "invalid", "tags_dropped" and STATSD_DROPS
+        self._sender: Any = None  # where the packet being read came from (for on_drop)
 
-    def read(self, packet: bytes, wall: float) -> list[Any]:
-        """Return the records of one packet (newline-separated lines) that arrived at wall-clock time `wall`."""
+    def read(self, packet: bytes, wall: float, sender: Any = None) -> list[Any]:
+        """Return the records of one packet (newline-separated lines) that arrived at wall-clock time `wall`.
+
+        `sender` (the address it came from) is only passed on to `on_drop`.
+        """
         records: list[Any] = []
         gauge_at: dict[tuple[str, int], int] = {}  # a gauge's record in this packet: replaced by later settings
         stamp = stamp_at(wall)
+        self._sender = sender
         for raw in packet.split(b"\n"):
             line = raw.strip()
             if not line:
                 continue
+            text = line.decode("utf-8", "replace")
             try:
                 self._line(line.decode("utf-8"), wall, stamp, records, gauge_at)
-            except (UnicodeDecodeError, KeyError, IndexError, ValueError, InvalidRecord):
-                self.counts["invalid"] += 1
+            except UnicodeDecodeError:
+                self._drop("invalid", "not UTF-8 text", text)
+            except (ValueError, InvalidRecord) as exc:
+                self._drop("invalid", exc.reason if isinstance(exc, InvalidRecord) else str(exc), text)
         return records
+
+    def _drop(self, reason: str, detail: str, line: str) -> None:
+        """Count a line not taken, and tell on_drop which, and why."""
+        self.counts[reason] += 1
+        if self.on_drop is not None:
+            name = line.partition(":")[0].strip() if ":" in line else line.partition("|")[0].strip()
+            self.on_drop(reason, detail, (self.prefix + name) if name else None, line, self._sender)
 
     def flush(self, wall: float, *, everything: bool = False) -> list[Any]:
         """Return a value record for each set whose window has ended by `wall` (or every set, at shutdown)."""
@@ -188,9 +213,17 @@ class StatsdReader:
               gauge_at: dict[tuple[str, int], int]) -> None:
         name, colon, rest = line.partition(":")
         if not colon or not name.strip():
-            raise ValueError("a metric needs a name")  # checked before the prefix could hide it
+            raise ValueError("a metric needs a name and a value (name:value|type)")  # before the prefix hides it
+        name, folded = _telegraf_tags(name)
+        if self.drop and any(fnmatch.fnmatchcase(name.strip(), glob) for glob in self.drop):
+            self.counts["filtered"] += 1
+            return
         fields = rest.split("|")
+        if len(fields) < 2:
+            raise ValueError("a metric needs a type (name:value|type)")
         kind, rate, t, tags = fields[1], 1.0, stamp, None
+        if kind != "s" and kind not in STATSD_KINDS:
+            raise ValueError(f"unknown metric type '{printable(kind[:10])}'")
         for extra in fields[2:]:
             if extra.startswith("@"):
                 rate = number_from_text(extra[1:], "sample rate")
@@ -201,10 +234,10 @@ class StatsdReader:
             elif extra.startswith("T") and kind != "s":
                 t = check_t(number_from_text(extra[1:], "t"), self.t_floor)
             elif not extra.startswith("c:"):
-                raise ValueError("unknown field")
-        stat, untagged = self._name(self.prefix + name, tags)
+                raise ValueError(f"unknown field '|{printable(extra[:10])}'")
+        stat, untagged = self._name(self.prefix + name, tags, folded)
         if kind == "s":
-            self._member(stat, fields[0], wall)
+            self._member(stat, fields[0], wall, line)
         else:
             field = STATSD_KINDS[kind]
             numbers = [(text, number_from_text(text, field)) for text in fields[0].split(":")]
@@ -217,31 +250,27 @@ class StatsdReader:
                 self._gauge(stat, t, numbers, records, gauge_at)
         self.counts["tags_dropped"] += untagged  # only for a line taken
 
-    def _name(self, name: str, tags: str | None) -> tuple[str, bool]:
-        """The stat name for a metric name and its DogStatsD tags (by the `tags` setting); True if tags were dropped."""
-        parts = sorted(filter(None, (tag.strip() for tag in (tags or "").split(","))))
+    def _name(self, name: str, tags: str | None, folded: Sequence[str] = ()) -> tuple[str, bool]:
+        """The stat name for a metric name and its tags, DogStatsD's (`a:b,c`) and Telegraf's (`a=b`), by the
+        `tags` setting; True if tags were dropped."""
+        dogs = (tag.strip().replace(":", "=", 1) for tag in (tags or "").split(","))
+        parts = sorted(set(filter(None, (*dogs, *folded))))
         if not parts or self.tags == "drop":
             return check_stat(name), bool(parts)
         if any("~" in part for part in parts):
             raise ValueError("a tag with '~' would make StatHat's multi-stat form")
-        return check_stat(" ".join([name, *(part.replace(":", "=", 1) for part in parts)])), False
+        return check_stat(" ".join([name, *parts])), False
 
     def _gauge(self, stat: str, t: int, numbers: list[tuple[str, int | float]], records: list[Any],
                gauge_at: dict[tuple[str, int], int]) -> None:
-        """Set a gauge (a delta moves the last one) and record its value: one record per gauge per packet."""
-        gauge, orphans = self.gauges.get(stat), 0
+        """Set a gauge (a delta moves the last one, or 0) and record its value: one record per gauge per packet."""
+        gauge = self.gauges.get(stat)
         for text, number in numbers:
-            if text.lstrip()[:1] in ("+", "-"):
-                if gauge is None:
-                    orphans += 1
-                    continue
-                number = check_number(gauge + number, "value")
+            if text.lstrip()[:1] in ("+", "-"):  # a delta, from 0 if no gauge of that name is known (Etsy's rule)
+                number = check_number((gauge or 0) + number, "value")
             gauge = number
-        if gauge is None:
-            self.counts["delta_without_gauge"] += orphans
-            return
+        assert gauge is not None  # a line has a value at least
         record = make_record(stat=stat, value=gauge, t=t, clock_now=t, t_floor=0)
-        self.counts["delta_without_gauge"] += orphans
         self.gauges[stat] = gauge
         self.gauges.move_to_end(stat)
         if len(self.gauges) > self.max_gauges:
@@ -252,9 +281,9 @@ class StatsdReader:
             gauge_at[stat, t] = len(records)
             records.append(record)
 
-    def _member(self, stat: str, member: str, wall: float) -> None:
+    def _member(self, stat: str, member: str, wall: float, line: str) -> None:
         if self.set_window <= 0:
-            self.counts["set_refused"] += 1
+            self._drop("set_refused", STATSD_REASONS["set_refused"], line)
             return
         start = wall // self.set_window * self.set_window
         members = self.sets.setdefault((start, stat), set())
@@ -262,7 +291,7 @@ class StatsdReader:
         if token in members:
             return
         if self.members >= self.max_set_members:
-            self.counts["set_overflow"] += 1
+            self._drop("set_overflow", f"{STATSD_REASONS['set_overflow']} ({self.max_set_members:,})", line)
             if not members:
                 del self.sets[start, stat]
             return
@@ -270,6 +299,99 @@ class StatsdReader:
         self.members += 1
         self.first_end = min(self.first_end, start + self.set_window)
         self.last_start = max(self.last_start, start)
+
+
+def _telegraf_tags(name: str) -> tuple[str, list[str]]:
+    """Split Telegraf's tags off a metric name (`requests,env=prod,region=eu`): the name, and its `key=value` tags.
+
+    A name with a comma but not only `key=value` parts after it (`a,b`) is a name, left as it is.
+    """
+    if "," not in name:
+        return name, []
+    base, *parts = name.split(",")
+    tags = [part.strip() for part in parts if part.strip()]
+    if not base.strip() or not tags or not all("=" in tag and not tag.startswith("=") for tag in tags):
+        return name, []
+    return base, tags
+
+
+SHOWN_LINE = 80  # characters of a dropped StatsD line (or its name) a log line shows at most
+_STATSD_KEY_FIELD = re.compile(r"(?i)((?:ez|u)?key|email)(\s*[:=]\s*)[^|,#\s&]+")
+
+
+def shown_statsd(text: str) -> str:
+    """A StatsD line or name fit to log, quoted: key-looking fields (`ezkey=...`, a tag `key:...`) as ***, cut
+    short (its length told)."""
+    from spool.stathat import redact  # the one redaction of what is quoted (imported when a drop is logged)
+
+    text = printable(redact(_STATSD_KEY_FIELD.sub(lambda m: m.group(1) + m.group(2) + "***", text)))
+    return f"'{text}'" if len(text) <= SHOWN_LINE else f"'{text[:SHOWN_LINE]}…' ({len(text)} characters)"
+
+
+class DropLog:
+    """Say which StatsD lines were dropped, naming the sender, the stat, the line and why, and stay short.
+
+    A culprit (a sending host, a stat, a reason) is named once a minute: what it sends again within its minute
+    is counted and told in one line when the minute is over. At most `max_lines` lines a minute in all (a
+    flood of distinct names must not flood the log); the rest is counted and told then too.
+    """
+
+    def __init__(self, logger: logging.Logger, *, window: float = 60.0, max_lines: int = 50,
+                 max_culprits: int = 1000, monotonic: Callable[[], float] = time.monotonic):
+        self.log = logger
+        self.window = window
+        self.max_lines = max_lines
+        self.max_culprits = max_culprits
+        self.monotonic = monotonic
+        # (host, reason, stat) -> [when its minute began, lines held back since, the detail last seen]
+        self.culprits: dict[tuple[Any, str, str | None], list[Any]] = {}
+        self.minute_began = -math.inf  # of the whole log's budget
+        self.lines = 0  # logged in this minute
+        self.unsaid = 0  # dropped lines not logged in this minute (past the budget)
+
+    def dropped(self, reason: str, detail: str, stat: str | None, line: str, sender: Any) -> None:
+        """Log one dropped line, unless its culprit was named less than a minute ago (then count it)."""
+        now = self.monotonic()
+        self.tick(now)
+        host = sender[0] if sender else None
+        culprit = self.culprits.get((host, reason, stat))
+        if culprit is not None:
+            culprit[1] += 1
+            culprit[2] = detail
+            return
+        if self.lines >= self.max_lines or len(self.culprits) >= self.max_culprits:
+            self.unsaid += 1
+            return
+        if self.lines == 0:
+            self.minute_began = now
+        self.lines += 1
+        self.culprits[host, reason, stat] = [now, 0, detail]
+        where = ((f"[{sender[0]}]:{sender[1]}" if ":" in sender[0] else f"{sender[0]}:{sender[1]}") if sender
+                 else "an unknown sender")
+        named = f"stat {shown_statsd(stat)}" if stat else "no stat name"
+        self.log.warning("StatsD line from %s dropped, %s: %s (line %s)", where, named, detail, shown_statsd(line),
+                         extra={"component": "statsd", "reason": reason, "sender": where,
+                                "stat": shown_statsd(stat) if stat else None})
+
+    def tick(self, now: float | None = None) -> None:
+        """Tell what was held back, for each culprit whose minute is over, and for the whole log's minute."""
+        now = self.monotonic() if now is None else now
+        for key, (began, held, detail) in list(self.culprits.items()):
+            if now - began < self.window:
+                continue
+            del self.culprits[key]
+            if held:
+                host, reason, stat = key
+                named = f"stat {shown_statsd(stat)}" if stat else "no stat name"
+                self.log.warning("StatsD: %s more lines from %s dropped in the last minute, %s: %s", f"{held:,}",
+                                 host or "an unknown sender", named, detail,
+                                 extra={"component": "statsd", "reason": reason, "count": held})
+        if (self.lines or self.unsaid) and now - self.minute_began >= self.window:
+            if self.unsaid:
+                self.log.warning("StatsD: %s more dropped lines not logged in the last minute (at most %d lines a "
+                                 "minute); spool_statsd_* in /metrics counts them all", f"{self.unsaid:,}",
+                                 self.max_lines, extra={"component": "statsd", "count": self.unsaid})
+            self.lines = self.unsaid = 0
 
 
 def start_without_stop_signals(thread: threading.Thread) -> None:
@@ -420,6 +542,7 @@ class Relay:
         host, port = check_bind(config.listen, "relay.listen", 8080, config.allow_remote)  # before anything starts
         if config.statsd:
             check_bind(config.statsd, "relay.statsd", 8125, config.allow_remote)
+        self.identity = spool_identity(store.path)  # on every answer: doctor knows this spool's own relay by it
         self.writer = GroupWriter(store, on_commit)
         self._slots = threading.BoundedSemaphore(config.max_connections)
         try:
@@ -427,26 +550,55 @@ class Relay:
         except OSError as exc:
             self.writer.stop()
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.drops = DropLog(log)
         self.statsd = StatsdReader(config.statsd_prefix, tags=config.statsd_tags, set_window=config.statsd_sets,
-                                   t_floor=t_floor)
-        self.udp: socket.socket | None = None
+                                   t_floor=t_floor, drop=config.statsd_drop, on_drop=self.drops.dropped)
+        self.udp: list[socket.socket] = []  # one socket per address (localhost: 127.0.0.1 and ::1)
         if config.statsd:
             self.udp = self._bind_statsd(config.statsd)
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._copied: Counter[str] = Counter()  # the reader's counts as /metrics last got them
 
-    def _bind_statsd(self, address: str) -> socket.socket:
+    def _bind_statsd(self, address: str) -> list[socket.socket]:
+        """Bind StatsD's UDP sockets: `localhost` is both loopbacks (clients resolve it to either), else the one."""
         host, port = parse_address(address, "relay.statsd", 8125)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if host != "localhost":
+                return [self._udp_socket(host, port)]
+            for _ in range(20 if port == 0 else 1):  # port 0: a port free on both loopbacks
+                v4 = self._udp_socket("127.0.0.1", port)
+                try:
+                    return [v4, self._udp_socket("::1", v4.getsockname()[1])]
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and port == 0:
+                        v4.close()
+                        continue
+                    if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                        v4.close()
+                        raise
+                    log.warning("StatsD: this box has no IPv6 loopback (::1: %s); listening on %s:%d only",
+                                exc.strerror, "127.0.0.1", v4.getsockname()[1])
+                    return [v4]
+            raise OSError(errno.EADDRINUSE, "no port free on both 127.0.0.1 and ::1")
+        except OSError as exc:
+            self.server.server_close()
+            self.writer.stop()
+            raise ConfigError(f"cannot listen for StatsD on {address}: {exc.strerror}") from None
+
+    def _udp_socket(self, host: str, port: int) -> socket.socket:
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if ":" in host:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.statsd_buffer)
             udp.bind((host, port))
         except OSError as exc:
             udp.close()
-            self.server.server_close()
-            self.writer.stop()
-            raise ConfigError(f"cannot listen for StatsD on {address}: {exc.strerror}") from None
-        udp.settimeout(0.5)
+            if ":" in host and exc.errno == errno.EADDRINUSE:
+                exc.strerror = f"[{host}]:{port}: {exc.strerror}"
+            raise
+        udp.setblocking(False)
         return udp
 
     @property
@@ -457,7 +609,12 @@ class Relay:
 
     @property
     def statsd_address(self) -> tuple[str, int] | None:
-        return self.udp.getsockname()[:2] if self.udp else None
+        """The first StatsD address (127.0.0.1's, for localhost), or None without StatsD."""
+        return self.udp[0].getsockname()[:2] if self.udp else None
+
+    @property
+    def statsd_addresses(self) -> list[tuple[str, int]]:
+        return [udp.getsockname()[:2] for udp in self.udp]
 
     def snapshot(self) -> dict[str, Any]:
         """What the relay has done, for /metrics: counts copied under the lock, never the live objects."""
@@ -481,7 +638,7 @@ class Relay:
         thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)
         start_without_stop_signals(thread)  # and so every connection's thread, started from that one
         self._threads.append(thread)
-        if self.udp is not None:
+        if self.udp:
             thread = threading.Thread(target=self._statsd_loop, name="spool-statsd", daemon=True)
             start_without_stop_signals(thread)
             self._threads.append(thread)
@@ -493,39 +650,43 @@ class Relay:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        if self.udp is not None:
-            self.udp.close()
+        self._stopping.set()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
-        if self.udp is not None:
+        for udp in self.udp:  # once the loop that reads them ended: a socket closed under select() wakes nothing
+            udp.close()
+        if self.udp:
             self._write_statsd(self.statsd.flush(time.time(), everything=True))  # a set's last, partial window
         self.writer.stop()
 
     def _statsd_loop(self) -> None:
-        assert self.udp is not None
-        copied: Counter[str] = Counter()
-        logged: Counter[str] = Counter()
-        last_log = -math.inf
-        while True:
+        while not self._stopping.is_set():
             try:
-                packet = self.udp.recv(65535)
-            except TimeoutError:
-                packet = b""
+                ready, _, _ = select.select(self.udp, [], [], 0.5)
             except OSError:
-                return  # closed by stop()
-            wall = time.time()
-            records = self.statsd.read(packet, wall) if packet else []
-            records += self.statsd.flush(wall)
-            if self.statsd.counts != copied:
-                copied = self.statsd.counts.copy()
-                self.stats.statsd(copied)
-            if copied != logged and time.monotonic() - last_log >= 60:  # never silent, never a line per packet
-                last_log = time.monotonic()
-                news, logged = copied - logged, copied
-                log.warning("StatsD: %s", "; ".join(f"{n:,} {STATSD_REASONS[reason]}"
-                                                     for reason, n in sorted(news.items())))
-            self._write_statsd(records)
+                return
+            if not ready:
+                self._statsd_packet(b"", None)  # a set's window may have ended meanwhile
+            for udp in ready:
+                for _ in range(64):  # a few packets of each socket in turn
+                    try:
+                        packet, sender = udp.recvfrom(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        return
+                    self._statsd_packet(packet, sender)
+
+    def _statsd_packet(self, packet: bytes, sender: Any) -> None:
+        wall = time.time()
+        records = self.statsd.read(packet, wall, sender) if packet else []
+        records += self.statsd.flush(wall)
+        self.drops.tick()
+        if self.statsd.counts != self._copied:
+            self._copied = self.statsd.counts.copy()
+            self.stats.statsd(self._copied)
+        self._write_statsd(records)
 
     def _write_statsd(self, records: list[Any]) -> None:
         if records:
@@ -552,6 +713,7 @@ class RelayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "spool-relay"
     server: _Server
+    _loop_said = False  # a loop is logged once per process
 
     @property
     def relay(self) -> Relay:
@@ -593,7 +755,7 @@ class RelayHandler(BaseHTTPRequestHandler):
             self._send(code, json.dumps(body).encode(), "application/json")
         elif parts.path == "/metrics" and self.relay.metrics is not None:
             self._send(200, self.relay.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-        elif parts.path in ("/ez", "/c", "/v"):
+        elif parts.path in ("/ez", "/c", "/v") and not self._looped():
             self._take_form(parts.path, parts.query)
         else:
             self._send(404, b"404 page not found\n", "text/plain")
@@ -602,6 +764,8 @@ class RelayHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path not in ("/ez", "/c", "/v"):
             self._send(404, b"404 page not found\n", "text/plain")
+            return
+        if self._looped():
             return
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -629,6 +793,19 @@ class RelayHandler(BaseHTTPRequestHandler):
             self._refuse("request body is not UTF-8")
             return
         self._take_form(parts.path, f"{parts.query}&{text}" if parts.query else text)
+
+    def _looped(self) -> bool:
+        """Refuse (508, taking nothing) a request from the shipper of this very spool: a loop. Its answer carries
+        the spool's identity, which that shipper knows for its own (spool.stathat)."""
+        if self.relay.identity is None or self.headers.get(IDENTITY_HEADER) != self.relay.identity:
+            return False
+        if not self._loop_said:
+            log.error("relay: a request from the shipper of this very spool (its ship.endpoint is this relay); "
+                      "refused: records would come back for ever")
+            type(self)._loop_said = True
+        self.close_connection = True
+        self._send(508, b"508 loop detected: this relay's spool is the one that sent the request\n", "text/plain")
+        return True
 
     def _take_form(self, path: str, query: str) -> None:
         try:
@@ -668,6 +845,11 @@ class RelayHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
+        if self.relay.identity:
+            self.send_header(IDENTITY_HEADER, self.relay.identity)
+        if self.relay.udp:
+            self.send_header("Spool-StatsD", " ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                                                      for host, port in self.relay.statsd_addresses))
         if status != 204:
             self.send_header("Content-Length", str(len(body)))
         if self.close_connection:

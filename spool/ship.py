@@ -46,9 +46,9 @@ import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
-from spool.config import Config, check_endpoint
+from spool.config import DEFAULT_ENDPOINT, Config, check_endpoint
 from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, StoreError, TransientError
-from spool.lock import ShipLock
+from spool.lock import ShipLock, spool_identity
 from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
 
@@ -64,6 +64,7 @@ SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was ask
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 KEY_RECHECK = 5.0  # seconds between looks at the key file while the configured key cannot be used
+FOREIGN_PAUSE = 3  # answers in a row certainly not StatHat's (a web page, a 501) that pause shipping
 
 
 class wait_retry_after(wait_base):
@@ -208,8 +209,10 @@ class Shipper:
         self.store = store
         self.config = config
         self.endpoint = check_endpoint(config.ship.endpoint, allow_insecure=config.ship.allow_insecure)
+        identity = spool_identity(store.path)  # a relay of this same spool refuses us, and we know its answer
         self.client_factory = client_factory or (lambda: StatHatClient(
-            config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure))
+            config.ship.endpoint, timeout=config.ship.timeout, allow_insecure=config.ship.allow_insecure,
+            identity=identity))
         self.ezkey: str | None = None  # the configured key, read when a drain starts (a key file may be fixed)
         self._pause: _KeyPause | None = None  # the configured key cannot be used: its records wait (see _read_key)
         self._key_seen: tuple[int, ...] | None = None  # the key file's identity when it was last read
@@ -251,6 +254,10 @@ class Shipper:
         self._last_housekeeping = float("-inf")
         self._last_prune = float("-inf")
         self._between_housekeeping = between_housekeeping
+        self._foreign = 0  # answers in a row that were certainly not StatHat's (see _foreign_answer)
+        self._foreign_quoted = False  # the first of them was quoted in the log
+        self._foreign_reason = ""  # why shipping paused for them
+        self._paused_said: str | None = None  # the pause last logged (said once, not at every probe)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -507,6 +514,8 @@ class Shipper:
                 self.stats.in_flight -= 1
                 self.stats.answered("ok" if error is None else "refused" if isinstance(error, Refused) else
                                     "endpoint" if isinstance(error, EndpointError) else "transient", answer.seconds)
+            if not isinstance(error, TransientError | EndpointError):  # accepted or refused: StatHat's answer
+                self._stathat_again()
             if error is None:
                 self.limit.success(answer.seconds)
                 state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
@@ -567,14 +576,20 @@ class Shipper:
             self.settle(lambda: self.store.end_lease(unit.lease))
         self.stats.dead += len(ids)
         self._note("refused", str(refusal))
-        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal)
+        log.warning("receiver refused %d record(s): %s; moved to dead letters", len(ids), refusal,
+                    extra={"error_kind": "refused", "records": len(ids), "http_status": refusal.http_status})
 
     def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
-        """A transient failure or a misconfiguration: the same unit goes again, after the link's back-off."""
+        """A transient failure or a misconfiguration: the same unit goes again, after the link's back-off.
+
+        A misconfiguration pauses shipping (what is leased is still tried, after the back-off), and so do
+        FOREIGN_PAUSE answers in a row that are certainly not StatHat's (a web page, a 501): said once, loudly,
+        with the answer quoted once, not at every retry."""
         waiting.appendleft(unit)
         self.limit.trouble()
         self.stats.retries += 1
-        paused = isinstance(error, EndpointError)
+        message = self._foreign_answer(error) if isinstance(error, TransientError) else str(error)
+        paused = isinstance(error, EndpointError) or self._foreign >= FOREIGN_PAUSE
         now = self.monotonic()
         # One burst of failures met by every request in flight is one event: it backs off one step, not one
         # step per request. A failure that comes while the link is already backing off only waits with it.
@@ -587,15 +602,46 @@ class Shipper:
         if not paused:  # the link's back-off outlives this drain, and this shipper (see Handover)
             self._not_before, self._failures = state.gate, state.failures
         wait = state.gate - now
-        state.last_error = str(error)
+        state.last_error = message
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
-            state.failed = str(error)
-        self._note("paused" if paused else "retrying", str(error))
+            state.failed = message
+        self._note("paused" if paused else "retrying", message)
         level = logging.ERROR if paused else logging.WARNING
+        if paused and message == self._paused_said:
+            level = logging.DEBUG  # a pause is said when it begins (and when it ends), not at every probe
+        if paused:
+            self._paused_said = message
+        kind = ("endpoint" if isinstance(error, EndpointError) else
+                "foreign" if getattr(error, "foreign", False) else "transient")
+        fields = {"error_kind": kind, "records": len(unit.items), "paused": paused}
         if self.shutdown.is_set():  # an answer awaited while stopping: this shipper sends nothing more
-            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", error)
+            log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", message,
+                    extra=fields)
             return
-        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", error, wait)
+        log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", message, wait,
+                extra={**fields, "retry_in": round(wait, 3)})
+
+    def _foreign_answer(self, error: TransientError) -> str:
+        """Count answers that are certainly not StatHat's, in a row; return what to say of this one: its answer
+        quoted the first time, then not, and from the FOREIGN_PAUSE-th one in a row on, why shipping pauses."""
+        if not error.foreign:  # no answer at all, or one StatHat could give (a 503): neither breaks the row
+            return self._foreign_reason if self._foreign >= FOREIGN_PAUSE else str(error)  # nor ends a pause
+        self._foreign += 1
+        if self._foreign < FOREIGN_PAUSE:
+            quoted, self._foreign_quoted = self._foreign_quoted, True
+            return error.brief if quoted else str(error)
+        if self._foreign == FOREIGN_PAUSE:
+            self._foreign_reason = (
+                f"{self.endpoint} does not answer as StatHat does: {FOREIGN_PAUSE} answers in a row were not "
+                f"StatHat's (the last: {error.brief}); is ship.endpoint StatHat's API root ({DEFAULT_ENDPOINT})? "
+                f"Records stay pending; it is tried again every {self.config.ship.backoff_max:g} s at most")
+        return self._foreign_reason
+
+    def _stathat_again(self) -> None:
+        """An answer as StatHat answers: the count of foreign answers starts again (and a pause for them ends)."""
+        if self._foreign >= FOREIGN_PAUSE:
+            log.info("the endpoint answers as StatHat again; shipping resumed")
+        self._foreign, self._foreign_quoted, self._paused_said = 0, False, None
 
     def _give_back(self, unit: _Unit, unsettled: dict[int, int]) -> None:
         """Return a unit's records to pending unsent (the rest of its lease goes on)."""

@@ -29,7 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
 from spool.config import DEFAULT_ENDPOINT, check_endpoint
-from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable
+from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable, redact_url
+from spool.lock import IDENTITY_HEADER
 from spool.records import KIND_NAMES, Kind, Record, number_from_text
 
 TRANSIENT_STATUSES = frozenset({408, 429})
@@ -95,7 +96,8 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
 
 
 def classify_response(status: int, body: str, retry_after: str | None = None, *,
-                      sent: int | None = None, keys: Iterable[str] = (), location: str | None = None) -> int | None:
+                      sent: int | None = None, keys: Iterable[str] = (), location: str | None = None,
+                      content_type: str | None = None) -> int | None:
     """Return the number of items the receiver said it took (None if unsaid) or raise what went wrong.
 
     A count (`status`, `multiple`) is a whole number: a JSON number (200, 200.0) or text in spool's one number
@@ -108,7 +110,8 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     (a redirect names its `location`: spool follows none, as it could take the key elsewhere). A 2xx body not
     StatHat's answer (a captive portal's page, a proxy's error, a `status` or a `multiple` that is no count)
     is transient: counting it as delivered could lose data, as a refusal it could drop what was taken.
-    Whatever the body holds, nothing else is raised.
+    Whatever the body holds, nothing else is raised. A transient answer that is certainly not StatHat's (see
+    `foreign_answer`; a 2xx body not StatHat's) is marked `foreign`, and its `brief` message quotes no body.
 
     The answer is read as it came; what the error quotes of it (message, Refused.body) is redacted of `keys`
     (those the request carried) and of every key field first.
@@ -117,6 +120,10 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         raise TransientError(f"HTTP {status} with no final answer after it: whether the request was taken is "
                              "unknown, so it is sent again")
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
+        if foreign_answer(status, body, content_type):
+            raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(), foreign=True,
+                                 brief=f"HTTP {status}, not StatHat's answer",
+                                 retry_after=retry_after_seconds(retry_after))
         raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
                              retry_after=retry_after_seconds(retry_after))
     if 300 <= status <= 399 and location is not None:
@@ -135,7 +142,8 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         answer = None
     code = _count(answer.get("status")) if isinstance(answer, dict) else None
     if code is None:
-        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body, keys)}")
+        raise TransientError(f"HTTP {status} with a body that is not StatHat's answer: {_snippet(body, keys)}",
+                             foreign=True, brief=f"HTTP {status} with a body that is not StatHat's answer")
     if code != 200:
         msg = answer.get("msg")
         message = printable(redact(str(msg or f"status {answer.get('status')}"), keys))[:500]
@@ -154,6 +162,18 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
     return taken
 
 
+def foreign_answer(status: int, body: str, content_type: str | None = None) -> bool:
+    """Whether a failing answer is certainly not StatHat's: a web page (HTML), or "501 Not Implemented" / "505 HTTP
+    Version Not Supported" (StatHat implements its API). StatHat fails with a few words of text ("Back-end server
+    is at capacity") or nothing; a proxy between spool and StatHat may fail with a page too, so one such answer
+    means nothing: the shipper pauses only after several in a row."""
+    if status in (501, 505):
+        return True
+    if (content_type or "").split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+        return True
+    return body.lstrip()[:15].lower().startswith(("<!doctype", "<html", "<?xml", "<head", "<body"))
+
+
 def _count(value: object) -> int | None:
     """Return a JSON status or count as the whole number it is (200, 200.0, "200", " 200"), or None if it is none."""
     if isinstance(value, str):
@@ -164,6 +184,12 @@ def _count(value: object) -> int | None:
     if isinstance(value, float):
         return int(value) if math.isfinite(value) and value.is_integer() else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _quoted_answer(body: str, keys: Iterable[str]) -> str:
+    """An answer's body quoted once, for a person: redacted, on one line, cut to 80 characters (its length told)."""
+    text = printable(" ".join(redact(body, keys)[:1000].split()))
+    return f"'{text}'" if len(text) <= 80 else f"'{text[:80]}…' ({len(body)} characters)"
 
 
 def _snippet(body: str, keys: Iterable[str]) -> str:
@@ -531,9 +557,12 @@ class StatHatClient:
     """One connection-reusing session to a StatHat endpoint; each request has `timeout` seconds in all."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 10.0,
-                 allow_insecure: bool = False, verify: bool | str = True):
+                 allow_insecure: bool = False, verify: bool | str = True, identity: str | None = None):
+        """`identity`: the spool this client ships (spool.lock.spool_identity), sent with every request, so a relay
+        of that same spool refuses it, and its answer is known for a loop (EndpointError)."""
         self.endpoint = check_endpoint(endpoint, allow_insecure=allow_insecure)
         self.timeout = timeout
+        self.identity = identity
         self.session = _Session()
         self.session.mount("http://", _DeadlineAdapter())
         self.session.mount("https://", _DeadlineAdapter())
@@ -549,6 +578,8 @@ class StatHatClient:
         self._watchdog = _Watchdog()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers["Accept-Encoding"] = "identity"  # a tiny answer; nothing to inflate
+        if identity:
+            self.session.headers[IDENTITY_HEADER] = identity
         self._ez_request: requests.PreparedRequest | None = None  # an EZ batch's request but its body (see _ez)
         # The keys this client sent lately, newest last: redacted from every answer, as an answer may quote an
         # earlier request (a proxy's cache, a keep-alive mix-up), not only its own.
@@ -600,9 +631,26 @@ class StatHatClient:
         path, form = classic_form(record)
         return self._post(path, self._sending(record.key, record.ukey), data=form)
 
-    def ping(self) -> int:
-        """GET the endpoint's root within the deadline and return the HTTP status (doctor's reachability check)."""
-        return self._request("GET", "/", self._sending())[0].status_code
+    def probe(self, ezkey: str | None) -> str:
+        """Send an EZ JSON batch with no data (nothing is counted) and say how the endpoint answered, if it is as
+        StatHat answers (doctor's check of the endpoint). Raises EndpointError for an answer that is not StatHat's,
+        Refused for StatHat's refusal of the key (names_key), TransientError when it cannot be reached now."""
+        keys = self._sending(ezkey)
+        body = json.dumps({"ezkey": ezkey or "", "data": []}).encode()
+        response, text = self._request("POST", "/ez", keys, data=body, headers={"Content-Type": "application/json"})
+        status = response.status_code
+        try:
+            self._answered(response, text, keys, sent=None)
+        except Refused as refusal:
+            if refusal.names_key and ezkey:
+                raise
+            return f"HTTP {status}, StatHat's refusal: {refusal}"  # e.g. "no ezkey specified": no key configured
+        except TransientError as exc:
+            if exc.foreign:
+                raise EndpointError(f"it answered an EZ batch with HTTP {status}, not StatHat's answer "
+                                    f"({_quoted_answer(text, keys)})") from None
+            raise
+        return f"HTTP {status}" + (", status 200" if text.strip() else "")
 
     def _sending(self, *keys: str | None) -> tuple[str, ...]:
         """Remember the keys a request carries; return every key an answer to it must not quote."""
@@ -619,6 +667,10 @@ class StatHatClient:
 
     def _answered(self, response: requests.Response, body: str, keys: tuple[str, ...], *,
                   sent: int | None) -> int | None:
+        if self.identity and response.headers.get(IDENTITY_HEADER) == self.identity:
+            raise EndpointError(f"ship.endpoint {redact_url(self.endpoint)} is a relay of this very spool: what it "
+                                f"ships would come back to it, for ever; set ship.endpoint to StatHat's API root, "
+                                f"{DEFAULT_ENDPOINT}")
         answer = _answer_of(response)
         if 200 <= response.status_code <= 299 and not _framed(response) and not (answer and answer.headers_whole):
             # Its body ended where the connection closed (cleanly: _request saw to that), but an answer cut in its
@@ -627,7 +679,8 @@ class StatHatClient:
                                  "cut short or malformed: where the answer ends is unknown, so it is not taken "
                                  "for a delivery")
         return classify_response(response.status_code, body, response.headers.get("Retry-After"), sent=sent,
-                                 keys=keys, location=response.headers.get("Location"))
+                                 keys=keys, location=response.headers.get("Location"),
+                                 content_type=response.headers.get("Content-Type"))
 
     def _request(self, method: str, path: str, keys: tuple[str, ...], *,
                  prepared: requests.PreparedRequest | None = None, **kwargs: Any) -> tuple[requests.Response, str]:

@@ -248,6 +248,22 @@ def test_the_deb_holds_the_zipapp_the_unit_and_the_config(built, tmp_path):
     assert binary.read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
 
 
+def test_the_deb_holds_the_man_page_made_from_the_commands(built, tmp_path):
+    import gzip
+
+    subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)
+    packed = tmp_path / "usr/share/man/man1/spool.1.gz"
+    assert packed.stat().st_mode & 0o777 == 0o644
+    page = gzip.decompress(packed.read_bytes()).decode()
+    assert page.startswith(f'.TH SPOOL 1 "" "spool {VERSION}" "User Commands"')
+    for command in ("add", "run", "doctor", "dead purge", "completion"):
+        assert f'.SS "spool {command} ' in page
+    if shutil.which("man") is not None:
+        shown = subprocess.run(["man", "-l", str(packed)], capture_output=True, text=True,
+                               env={**os.environ, "MANPAGER": "cat", "COLUMNS": "100"})
+        assert shown.returncode == 0 and "spool doctor [OPTIONS]" in shown.stdout, shown.stderr
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verifies_the_debs_unit(built, tmp_path):
     subprocess.run(["dpkg-deb", "-x", str(deb(built)), str(tmp_path)], check=True)

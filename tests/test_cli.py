@@ -51,11 +51,11 @@ def test_add_without_t_stamps_the_current_time(db):
     (["add", "s", "--value", "abc"], "value 'abc' is not a number"),
     (["add", "s", "--count", "1", "--t", "1700000000000"], "looks like milliseconds"),
     (["add", "s", "--count", "1", "--value", "2"], "not both"),
-    (["add", "s"], "give count or value"),
+    (["add", "s"], "missing --count N or --value V"),
     (["add", "", "--count", "1"], "stat is empty"),
     (["add", "a~b,,c", "--count", "1"], "empty name"),
     (["add", "--key", "K", "--count", "1"], "ukey is missing"),
-    (["add", "s", "--count", "1e999"], "finite"),
+    (["add", "s", "--count", "1e999"], "out of range"),
     (["nonsense"], "No such command"),
     (["dead", "requeue"], "give record IDs or --all"),
 ])

@@ -65,7 +65,7 @@ T = 1_700_000_000
     ({"ukey": "u", "count": 1}, "key", "key is missing"),
     ({"key": "k", "ukey": "u", "count": 1, "ezkey": "e"}, "ezkey", "belongs to EZ records"),
     ({"count": 1}, "stat", "give stat (EZ API) or key and ukey"),
-    ({"stat": "s", "count": 1, "vaule": 2}, "vaule", "unknown field 'vau…' (5 characters), did you mean 'value'?"),
+    ({"stat": "s", "count": 1, "vaule": 2}, "vaule", "unknown field 'vaule', did you mean 'value'?"),
 ])
 def test_invalid_records_are_refused_naming_the_field(fields, field, message):
     with pytest.raises(InvalidRecord) as caught:
