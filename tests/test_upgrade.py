@@ -81,7 +81,7 @@ def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_ke
 
 def test_a_spool_from_schema_9_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
                                                                                                    receiver):
-    """Made by tests/fixtures/make_schema9.py with the spool of commit 0c2cf2b (schema 9: the last before the ledger)."""
+    """Made by tests/fixtures/make_schema9.py with the spool of commit 0c2cf2b (the last schema before the ledger)."""
     db = tmp_path / "spool.db"
     shutil.copy(FIXTURES / "spool-schema9-main-0c2cf2b.db", db)
     with Spool(db) as sp:
