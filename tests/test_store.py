@@ -415,3 +415,36 @@ def test_moving_records_out_takes_every_chunk_of_the_selection(db):
         assert store.move_out("pending", moved.extend, since=T0 + 2, stat_glob="a", chunk=2) == 5
         assert [r.t for r in moved] == list(range(T0 + 2, T0 + 7))
         assert states(store) == {"pending": 9}
+
+
+_HOLDING = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # the write lock, held until told
+print("holding", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_writer_waits_for_the_write_lock_as_long_as_busy_timeout_then_says_so_and_takes_it_once_free(db):
+    with Store(db) as store:
+        store.append([ez()])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDING, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "holding\n"
+        with Store(db, busy_timeout=0.3) as store:
+            with pytest.raises(StoreError, match="stayed locked by another process for 0.3 s"):
+                store.append([ez("refused")])
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "released\n"
+            store.append([ez("taken")])
+            assert sorted(r.stat for _, _, r in store.records()) == ["s", "taken"]
+    finally:
+        holder.kill()
+        holder.wait()
