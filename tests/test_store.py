@@ -438,7 +438,7 @@ def test_a_writer_waits_for_the_write_lock_as_long_as_busy_timeout_then_says_so_
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline() == "holding\n"
         with Store(db, busy_timeout=0.3) as store:
-            with pytest.raises(StoreError, match="stayed locked by another process for 0.3 s"):
+            with pytest.raises(StoreError, match=r"stayed locked by another process for 0\.3 s"):
                 store.append([ez("refused")])
             holder.stdin.write("\n")
             holder.stdin.flush()

@@ -20,7 +20,6 @@ from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 PRUNE_STEP = 1000  # sent records deleted per transaction
 RELEASE_STEP = 256  # free pages given back to the file system per transaction (tens of ms)
 RELEASE_KEEP = 4 << 20  # bytes of free pages always kept for new records (more: a quarter of the pages in use)
-SORTED_EXPORT_MAX = 200_000  # pending records in a window of t an export finds by the index and sorts
 WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the WAL to itself
 _INCREMENTAL = 2  # PRAGMA auto_vacuum
 COMPACT_STEP = 1000  # pending records' index entries a compaction transaction reads at most
@@ -382,6 +381,13 @@ class Queries(Core):
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
         where, params = [self._SELECTIONS[state]], list[Any]()
+        if state == "pending" and (since is not None or until is not None):
+            # Pending records within a window of t are found by the queue's order (and the few suspect or in
+            # flight): the cost of the selection, not of the backlog.
+            window = " AND ".join(f"t {op} {int(value)}" for op, value in ((">=", since), ("<=", until))
+                                  if value is not None)
+            where.insert(0, f"r.id IN (SELECT id FROM queue WHERE {window} UNION ALL SELECT id FROM suspects "
+                            "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi)")
         if since is not None:
             where.append("r.t >= ?")
             params.append(since)
@@ -404,20 +410,13 @@ class Queries(Core):
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
         """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
 
-        Pending records within a window of t are found by the queue's order (and the few suspect or in flight):
-        a walk of the whole table would cost the backlog, not the selection. Once the snapshot is let go, the WAL
-        it held back is checkpointed (`_after_long_read`).
+        Pending records within a window of t are found by the queue's order (see `_selection`). Once the snapshot
+        is let go, the WAL it held back is checkpointed (`_after_long_read`).
         """
         where, params = self._selection(state, since, until, stat_glob)
         try:
             with self._read():
                 hidden = self._hidden(column="r.id")
-                if state == "pending" and (since is not None or until is not None):
-                    window = " AND ".join(f"t {op} {int(value)}" for op, value in ((">=", since), ("<=", until))
-                                          if value is not None)
-                    where = (f"r.id IN (SELECT id FROM queue WHERE {window} UNION ALL SELECT id FROM suspects "
-                             "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi) "
-                             f"AND {where}")
                 for row in self.conn.execute(f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE {where}{hidden} "
                                              "ORDER BY r.id", params):
                     yield row[0], Record(*row[1:])
