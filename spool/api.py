@@ -396,6 +396,7 @@ def parse_when(text: str, name: str = "time") -> int:
     """Read a time given as unix seconds or as an ISO 8601 date/time (UTC unless it says otherwise)."""
     import datetime
 
+    from spool.clock import unix_seconds
     from spool.errors import ConfigError
     from spool.records import T_LOOKS_LIKE_MS
 
@@ -411,9 +412,7 @@ def parse_when(text: str, name: str = "time") -> int:
     except ValueError:
         raise ConfigError(f"{name} '{text}' is neither unix seconds nor an ISO date like 2026-11-20T08:00 "
                           "(UTC unless it names a zone)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return int(when.timestamp())
+    return unix_seconds(when)  # arithmetic: a date past 2038 needs no 64-bit time_t
 
 
 def _check_window(since: int | None, until: int | None) -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spool.clock import utc_text
 from spool.config import Config
 from spool.errors import StoreError
 from spool.store import Store
@@ -38,7 +39,7 @@ IDLE_POLL = 0.5  # seconds between looks at the stop request while waiting for t
 
 
 def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(t)
 
 
 def full_check(store: Store, *, step: Callable[[], bool] | None = None, clock: Callable[[], float] = time.time,

@@ -8,7 +8,6 @@ file, do not build these commands' options at every start.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from spool.cli import (
     pass_context,
     settings_options,
 )
+from spool.clock import utc_text
 from spool.errors import printable
 
 
@@ -262,7 +262,7 @@ def _integrity(verdict: dict[str, Any]) -> str:
 
 def _when(t: float) -> str:
     """The one time format of every command's output."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(t)
 
 
 def _age(seconds: float) -> str:

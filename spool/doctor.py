@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from spool.clock import utc_text
 from spool.config import DEFAULT_ENDPOINT, Config, parse_address
 from spool.errors import ConfigError, redact_url
 from spool.lock import IDENTITY_HEADER, spool_identity
@@ -129,9 +130,9 @@ def _probe(endpoint: str, timeout: float, key: str | None, identity: str | None)
 
 def _clock(now: float) -> Verdict:
     if now < CLOCK_SANE_AFTER:
-        return Verdict("clock", False, f"the system clock says {time.strftime('%Y-%m-%d', time.gmtime(now))}, "
+        return Verdict("clock", False, f"the system clock says {utc_text(now, '%Y-%m-%d')}, "
                        "before this spool was released", "enable NTP (timedatectl set-ntp true) or set the clock")
-    return Verdict("clock", True, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)))
+    return Verdict("clock", True, utc_text(now))
 
 
 def _disk(config: Config) -> Verdict:
@@ -162,7 +163,7 @@ def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdic
             verdict = _deep_check(store, clock) if deep else store.integrity()
     except StoreError as exc:
         return Verdict("spool", False, str(exc), "`spool run` moves a corrupt spool aside and starts a fresh one")
-    state, at = verdict.get("state"), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(verdict.get("at", 0)))
+    state, at = verdict.get("state"), utc_text(verdict.get("at", 0))
     if state == "damaged":
         return Verdict("spool", False, f"the full integrity check ({at}) found damage: {verdict.get('detail')}",
                        f"`spool export --state pending FILE` saves what can still be read; then restart `spool "

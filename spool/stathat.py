@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import pool_classes_by_scheme
 
+from spool.clock import unix_seconds
 from spool.config import DEFAULT_ENDPOINT, check_endpoint
 from spool.errors import EndpointError, InvalidRecord, PartlyTaken, Refused, TransientError, printable, redact_url
 from spool.lock import IDENTITY_HEADER
@@ -89,7 +90,7 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     except ValueError:
         pass
     try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
+        when = unix_seconds(email.utils.parsedate_to_datetime(value))  # "-0000" (no zone known) is UTC
     except (TypeError, ValueError, OverflowError, IndexError):  # whatever a malformed date makes it raise
         return None
     return max(0.0, when - (time.time() if now is None else now))

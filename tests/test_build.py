@@ -105,9 +105,90 @@ def test_the_zipapp_is_pure_python_for_3_10_and_up_without_pip(built):
     assert {"__main__.py", "spool", "sqlite_utils", "tenacity", "requests", "watchdog", "click", "prometheus_client",
             "charset_normalizer", "tomli"} <= tops  # tomli: 3.10 has no tomllib
     assert "pip" not in tops and not any(t.startswith("pip-") for t in tops)
-    assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
     assert "spool/cli.pyc" in names and "spool/cli.py" in names  # bytecode where zipimport looks, and sources
     assert (built / "spool.pyz").read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+
+# -- pure Python: spool.pyz and the .deb are "for any architecture" only while nothing in them is native code ----
+
+NATIVE_SUFFIXES = (".so", ".pyd", ".dll", ".dylib", ".a", ".o")
+NATIVE_MAGIC = (b"\x7fELF", b"MZ", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
+                b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe", b"!<arch>\n")  # ELF, PE, Mach-O (fat too), ar
+
+
+def native_code(archive: zipfile.ZipFile) -> list[str]:
+    """The members that are (or are named as) compiled code: by name, and by content whatever the name."""
+    found = []
+    for name in archive.namelist():
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(NATIVE_SUFFIXES) or ".so." in base or archive.read(name).startswith(NATIVE_MAGIC):
+            found.append(name)
+    return found
+
+
+def bytecode_faults(archive: zipfile.ZipFile, magic: bytes) -> list[str]:
+    """What is wrong with the zipapp's bytecode: each .pyc is for `magic`'s Python (others skip it and read the
+    source beside it, which must be there), not checked against a source date, and where zipimport looks."""
+    names = set(archive.namelist())
+    faults = [f"{n}: in __pycache__, where zipimport never looks" for n in names if "__pycache__/" in n]
+    for name in sorted(n for n in names if n.endswith(".pyc")):
+        header = archive.read(name)[:8]
+        if header[:4] != magic:
+            faults.append(f"{name}: bytecode of another Python (magic {header[:4]!r}, not {magic!r})")
+        if int.from_bytes(header[4:8], "little") != 0b01:
+            faults.append(f"{name}: not unchecked-hash bytecode")
+        if name.removesuffix("c") not in names:
+            faults.append(f"{name}: no source beside it, so no other Python can import it")
+    return faults
+
+
+def deb_zipapp(built: Path, folder: Path) -> zipfile.ZipFile:
+    subprocess.run(["dpkg-deb", "-x", str(built / f"stathat-spool_{VERSION}_all.deb"), str(folder)], check=True)
+    return zipfile.ZipFile(folder / "usr" / "bin" / "spool")
+
+
+def test_the_wheel_the_zipapp_and_the_debs_zipapp_carry_no_native_code(built, tmp_path):
+    wheel = zipfile.ZipFile(built / f"stathat_spool-{VERSION}-py3-none-any.whl")
+    for archive in (wheel, zipfile.ZipFile(built / "spool.pyz"), deb_zipapp(built, tmp_path)):
+        assert native_code(archive) == [], archive.filename
+    metadata = wheel.read(f"stathat_spool-{VERSION}.dist-info/WHEEL").decode().splitlines()
+    assert "Root-Is-Purelib: true" in metadata and "Tag: py3-none-any" in metadata
+    assert not [n for n in wheel.namelist() if n.endswith(".pyc")]  # the installer compiles for its own Python
+
+
+def test_the_zipapps_bytecode_is_for_the_building_python_with_every_source_beside_it(built, tmp_path):
+    import importlib.util
+
+    for archive in (zipfile.ZipFile(built / "spool.pyz"), deb_zipapp(built, tmp_path)):
+        assert any(n.endswith(".pyc") for n in archive.namelist())
+        assert bytecode_faults(archive, importlib.util.MAGIC_NUMBER) == [], archive.filename
+
+
+def test_the_guards_find_native_code_whatever_its_name_and_stray_bytecode(tmp_path):
+    """The two guards above can fail: an archive with a compiled module, an ELF under a .py name, bytecode of
+    another Python, bytecode with no source."""
+    import importlib.util
+
+    faulty = tmp_path / "faulty.zip"
+    magic = importlib.util.MAGIC_NUMBER
+    with zipfile.ZipFile(faulty, "w") as archive:
+        archive.writestr("pkg/__init__.py", "")
+        archive.writestr("pkg/_speedups.cpython-311-arm-linux-gnueabihf.so", b"\x7fELF\x01")
+        archive.writestr("pkg/innocent.py", b"\x7fELF\x02\x01")
+        archive.writestr("pkg/libffi.so.8", b"")
+        archive.writestr("pkg/__init__.pyc", b"\x00\x00\r\n" + (1).to_bytes(4, "little"))
+        archive.writestr("pkg/orphan.pyc", magic + (1).to_bytes(4, "little"))
+        archive.writestr("pkg/__pycache__/x.cpython-311.pyc", magic + (0).to_bytes(4, "little"))
+    with zipfile.ZipFile(faulty) as archive:
+        assert native_code(archive) == ["pkg/_speedups.cpython-311-arm-linux-gnueabihf.so", "pkg/innocent.py",
+                                        "pkg/libffi.so.8"]
+        faults = bytecode_faults(archive, magic)
+    assert sorted(faults) == [
+        "pkg/__init__.pyc: bytecode of another Python (magic b'\\x00\\x00\\r\\n', not " + repr(magic) + ")",
+        "pkg/__pycache__/x.cpython-311.pyc: in __pycache__, where zipimport never looks",
+        "pkg/__pycache__/x.cpython-311.pyc: no source beside it, so no other Python can import it",
+        "pkg/__pycache__/x.cpython-311.pyc: not unchecked-hash bytecode",
+        "pkg/orphan.pyc: no source beside it, so no other Python can import it"]
 
 
 CODE_ORIGIN = ("import sys; sys.path.insert(0, sys.argv[1]); import spool.cli; "

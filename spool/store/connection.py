@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spool.clock import boot_clock, boot_id
+from spool.clock import boot_clock, boot_id, utc_text
 from spool.durable import fsync_dir
 from spool.errors import SpoolMissing, StoreError
 from spool.owners import Owners
@@ -146,7 +146,7 @@ class Opening(Schema):
             verdict = self.integrity()
             if verdict.get("state") == "damaged":  # found by a full check since; set aside now, at a start
                 raise _Corrupt(f"a full integrity check found damage on "
-                               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(verdict.get('at', 0)))}: "
+                               f"{utc_text(verdict.get('at', 0))}: "
                                f"{verdict.get('detail')}")
 
     def _check_bookkeeping(self) -> None:
@@ -256,7 +256,7 @@ class Opening(Schema):
         self.set_meta(**{INTEGRITY: {"state": state, "at": at, **details}})
 
     def _quarantine(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        stamp = utc_text(time.time(), "%Y%m%dT%H%M%S")
         moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
