@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from spool.api import Spool
 from spool.ship import Shipper
 from spool.store import SCHEMA_VERSION, Store
@@ -46,11 +48,14 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
     assert_counts_true(db)
 
 
-def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
-                                                                                                   receiver):
-    """Made by tests/fixtures/make_schema6.py with the spool of commit cb81073 (the second wave's main)."""
+@pytest.mark.parametrize(("fixture", "word"), [("spool-schema6-main-cb81073.db", "six"),
+                                               ("spool-schema9-main-0c2cf2b.db", "nine")])
+def test_a_spool_of_an_earlier_schema_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(
+        tmp_path, receiver, fixture, word):
+    """Made by tests/fixtures/make_spool.py with the spool of commit cb81073 (schema 6, the second wave's main) and of
+    commit 0c2cf2b (schema 9, the last before the ledger)."""
     db = tmp_path / "spool.db"
-    shutil.copy(FIXTURES / "spool-schema6-main-cb81073.db", db)
+    shutil.copy(FIXTURES / fixture, db)
     with Spool(db) as sp:
         assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         before = sp.status()
@@ -58,57 +63,24 @@ def test_a_spool_from_schema_6_migrates_frees_a_dead_shippers_lease_ships_and_ke
         assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
         assert before["counters"]["dropped_oldest"] == 4 and before["counters"]["dropped_age"] == 1
         [dead] = sp.dead_letters()
-        assert dead.reason == "invalid stat name" and dead.record.stat == "six dead"
+        assert dead.reason == "invalid stat name" and dead.record.stat == f"{word} dead"
         assert sp.store.file_mark(b"/var/spool/drop/job.jsonl").offset == 60
+        # Every record copied into the ledger's layout, its series interned: 13 stat names and keys.
+        assert sp.store.conn.execute("SELECT count(*) FROM series").fetchone()[0] == 13
     assert_counts_true(db)  # counted once, from the records, as it migrated
     config = make_config(db, receiver)
     with Store(db) as store, Shipper(store, config) as shipper:
         assert shipper.drain(max_time=30).done
     shipped = receiver.stats()
     assert sorted(s[0] for s in shipped) == sorted(
-        [f"six pending {i}" for i in range(5)] + ["six own key", "six-classic-key", "six suspect a",
-                                                   "six suspect b", "six from file"])
-    assert ("six own key", "value", 2.5, 1763600010, "six-own-key") in shipped
+        [f"{word} pending {i}" for i in range(5)] + [f"{word} own key", f"{word}-classic-key", f"{word} suspect a",
+                                                    f"{word} suspect b", f"{word} from file"])
+    assert (f"{word} own key", "value", 2.5, 1763600010, f"{word}-own-key") in shipped
     with Spool(db) as sp:
         after = sp.status()
         assert (after["pending"], after["inflight"], after["held"]) == (0, 0, 0)
         assert after["sent"] == 11
         reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
-        assert reasons["six dead"] == "invalid stat name"
-        assert "earlier boot" in reasons["six held"]
-    assert_counts_true(db)
-
-
-def test_a_spool_from_schema_9_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(tmp_path,
-                                                                                                   receiver):
-    """Made by tests/fixtures/make_schema9.py with the spool of commit 0c2cf2b (the last schema before the ledger)."""
-    db = tmp_path / "spool.db"
-    shutil.copy(FIXTURES / "spool-schema9-main-0c2cf2b.db", db)
-    with Spool(db) as sp:
-        assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        before = sp.status()
-        assert before["pending"] + before["inflight"] == 10
-        assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)
-        assert before["counters"]["dropped_oldest"] == 4 and before["counters"]["dropped_age"] == 1
-        [dead] = sp.dead_letters()
-        assert dead.reason == "invalid stat name" and dead.record.stat == "nine dead"
-        assert sp.store.file_mark(b"/var/spool/drop/job.jsonl").offset == 60
-    assert_counts_true(db)  # counted once, from the records, as it migrated
-    with Store(db) as store:  # every record copied into the ledger's layout, its series interned
-        assert store.conn.execute("SELECT count(*) FROM series").fetchone()[0] == 13
-    config = make_config(db, receiver)
-    with Store(db) as store, Shipper(store, config) as shipper:
-        assert shipper.drain(max_time=30).done
-    shipped = receiver.stats()
-    assert sorted(s[0] for s in shipped) == sorted(
-        [f"nine pending {i}" for i in range(5)] + ["nine own key", "nine-classic-key", "nine suspect a",
-                                                   "nine suspect b", "nine from file"])
-    assert ("nine own key", "value", 2.5, 1763600010, "nine-own-key") in shipped
-    with Spool(db) as sp:
-        after = sp.status()
-        assert (after["pending"], after["inflight"], after["held"]) == (0, 0, 0)
-        assert after["sent"] == 11
-        reasons = {d.record.stat: d.reason for d in sp.dead_letters()}
-        assert reasons["nine dead"] == "invalid stat name"
-        assert "earlier boot" in reasons["nine held"]
+        assert reasons[f"{word} dead"] == "invalid stat name"
+        assert "earlier boot" in reasons[f"{word} held"]
     assert_counts_true(db)
