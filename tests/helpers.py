@@ -253,3 +253,22 @@ def pid_namespace_unavailable() -> str | None:
     if probe.returncode:
         return f"unshare cannot make a PID namespace here (root or user namespaces needed): {probe.stderr.strip()}"
     return None
+
+
+def free_ports(*kinds: int) -> list[int]:
+    """Free loopback ports, one per socket kind asked for (socket.SOCK_STREAM, socket.SOCK_DGRAM)."""
+    import socket
+
+    ports = []
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    return ports
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    import socket
+
+    return free_ports(socket.SOCK_STREAM)[0]

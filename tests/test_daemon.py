@@ -12,13 +12,19 @@ from collections import Counter
 
 import requests
 
-from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, drop, jsonl, spawn_cli, stop_agent, wait_for, wait_for_line
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from .helpers import (
+    T0,
+    TEST_EZKEY,
+    UNPACED,
+    cli_env,
+    drop,
+    free_port,
+    jsonl,
+    spawn_cli,
+    stop_agent,
+    wait_for,
+    wait_for_line,
+)
 
 
 def config_text(receiver, port, *watched, batch_size=100):

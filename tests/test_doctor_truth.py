@@ -15,16 +15,7 @@ import threading
 
 import pytest
 
-from .helpers import TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli, stop_agent, wait_for_line
-
-
-def free_ports(*kinds: int) -> list[int]:
-    ports = []
-    for kind in kinds:
-        with socket.socket(socket.AF_INET, kind) as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    return ports
+from .helpers import TEST_EZKEY, UNPACED, cli_env, free_ports, run_cli, spawn_cli, stop_agent, wait_for_line
 
 
 def lines_of(result, name: str) -> list[str]:

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 
 import pytest
 
-from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, run_cli, spawn_cli, stop_agent, wait_for, wait_for_line
+from .helpers import (
+    T0,
+    TEST_EZKEY,
+    UNPACED,
+    cli_env,
+    free_port,
+    run_cli,
+    spawn_cli,
+    stop_agent,
+    wait_for,
+    wait_for_line,
+)
 
 PAGE = b"<!DOCTYPE HTML>\n<html><head><title>Error response</title></head><body><h1>Error 501</h1>" + b"x" * 500
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def status_of(db, env) -> dict:

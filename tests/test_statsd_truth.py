@@ -16,7 +16,7 @@ import requests
 from spool.relay import DropLog, StatsdReader
 from spool.store import Store
 
-from .helpers import UNPACED, cli_env, running_relay, spawn_cli, stop_agent, wait_for, wait_for_line
+from .helpers import UNPACED, cli_env, free_ports, running_relay, spawn_cli, stop_agent, wait_for, wait_for_line
 
 SECRET = "sekr1t-ezkey-value-0123"
 
@@ -26,15 +26,6 @@ def spooled(db) -> list[tuple]:
         return []
     with Store(db) as store:
         return [(r.stat, ("count", "value")[r.kind], r.number) for _, _, r in store.records()]
-
-
-def free_ports(*kinds: int) -> list[int]:
-    ports = []
-    for kind in kinds:
-        with socket.socket(socket.AF_INET, kind) as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    return ports
 
 
 @pytest.fixture
