@@ -355,6 +355,11 @@ def _ids_or_all(ids: tuple[int, ...], everything: bool) -> list[int] | None:
 
 def _settled(verb: str, settled: Any) -> None:
     click.echo(f"{verb} {_n(settled.records, 'record')}", err=True)
+    if settled.unknown_time:
+        listed = ", ".join(map(str, settled.unknown_time[:20])) + (" ..." if len(settled.unknown_time) > 20 else "")
+        raise SpoolCommandError(f"not requeued: {_n(len(settled.unknown_time), 'dead letter')} with no known time "
+                                f"(stamped while the clock was wrong; a record is never shipped with a wrong t): "
+                                f"{listed}; `spool dead purge` them, or leave them", 1)
     if settled.missing:
         listed = ", ".join(map(str, settled.missing[:20])) + (" ..." if len(settled.missing) > 20 else "")
         raise SpoolCommandError(f"not dead letters (no such id, or not dead): {listed}", 1)

@@ -49,3 +49,4 @@ class Settled(NamedTuple):
 
     records: int
     missing: tuple[int, ...] = ()
+    unknown_time: tuple[int, ...] = ()  # requeue: dead letters stamped while the clock was wrong, kept dead

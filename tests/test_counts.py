@@ -92,12 +92,12 @@ def test_every_way_a_record_comes_goes_or_changes_state_keeps_the_kept_counts_tr
 
         # Dead letters: requeued and purged, by id and all.
         dead = ids(store, State.DEAD)
-        assert store.requeue_dead([dead[0], 123_456]) == (1, (123_456,))
+        assert store.requeue_dead([dead[0], 123_456]) == (1, (123_456,), ())
         assert_counts_true(db)
         assert store.purge_dead([dead[1]]) == (1, ())
         assert_counts_true(db)
         store.mark_dead(ids(store, State.PENDING)[:4], reason="refused", http_status=200, body="{}", now=T0 + 12)
-        assert store.requeue_dead() == (5, ())
+        assert store.requeue_dead() == (5, (), ())
         assert_counts_true(db)
         store.mark_dead(ids(store, State.PENDING)[:2], reason="refused", http_status=200, body="{}", now=T0 + 12)
         assert store.purge_dead() == (2, ())
@@ -150,13 +150,22 @@ def test_the_bounds_keep_the_counts_true_as_they_drop_refuse_and_prune(db):
         lease = store.lease(30, now=T0, keyed_only=False)
         assert lease is not None
         store.ack([item.id for item in lease.items], now=T0, lease=lease.id)
-    with Store(db, limits=limits(max_spool_bytes=1)) as store:  # sent records give way first, then the oldest
-        store.append(rows(10, start=400))
-        assert store.tally()["sent"] == 0 and store.tally()["pending"] == 0
+    with Store(db) as store:
+        used = store._used_bytes(store.conn)
+    with Store(db, limits=limits(max_spool_bytes=used)) as store:  # sent records give way first, then the oldest
+        store.append(rows(20, start=400))
+        assert store.tally()["sent"] == 0
+        assert_counts_true(db)
+    with Store(db, limits=limits(max_spool_bytes=1)) as store:  # nothing older can make room: refused whole
+        before = store.tally()
+        with pytest.raises(SpoolFull, match="nothing older than these 10 records can make room"):
+            store.append(rows(10, start=900))
+        assert store.tally() == before
         assert_counts_true(db)
     with Store(db, limits=limits(max_age=60.0)) as store:
+        older = store.tally()["pending"]  # every one of them older than a minute before T0 + 1030
         store.append(rows(10, t=T0) + rows(5, t=T0 + 1000))
-        assert store.drop_expired(now=T0 + 1030) == 10
+        assert store.drop_expired(now=T0 + 1030) == older + 10
         assert store.tally()["pending"] == 5
         assert_counts_true(db)
 
@@ -334,3 +343,63 @@ def test_the_counts_of_a_new_spool_are_its_zero_records(db):
     with Store(db) as store:
         assert store.tally() == {"pending": 0, "held": 0, "sent": 0, "dead": 0, "staged": 0}
     assert_counts_true(db)
+
+
+# -- the bounds and records held while the clock was wrong ---------------------------------------------------
+
+
+def test_held_records_count_against_max_pending_and_give_way_first(db):
+    """A box without a real-time clock holds what it stamps until the clock is sane: those records wait as much as
+    pending ones do, and their time is unknown, so at the bound they make room before records that can ship."""
+    with Store(db, limits=limits(max_pending=5)) as store:
+        store.append([held(f"h{i}") for i in range(5)])
+        store.append(rows(2, stat="dated"))
+        assert store.tally()["held"] == 3 and store.tally()["pending"] == 2
+        assert store.counters()["dropped_oldest"] == 2
+        assert sorted(r.stat for _, _, r in store.records(State.HELD)) == ["h2", "h3", "h4"]
+        assert_counts_true(db)
+
+
+def test_a_byte_bound_holds_against_held_records(db):
+    with Store(db) as store:
+        base = store._used_bytes(store.conn)
+    bound = base + (64 << 10)
+    with Store(db, limits=limits(max_spool_bytes=bound)) as store:
+        for k in range(20):  # 100 records of unique 100-character names an append: 2,000 in all, far past the bound
+            store.append([held(f"{'h' * 100} {i}") for i in range(k * 100, (k + 1) * 100)])
+            assert store._used_bytes(store.conn) <= bound
+        assert store.counters()["dropped_oldest"] > 0
+        store.append(rows(1, stat="dated"))  # a record that can ship is kept; held ones made room
+        assert [r.stat for _, _, r in store.records(State.PENDING)] == ["dated0"]
+        assert_counts_true(db)
+
+
+def test_an_append_reports_every_record_its_bound_dropped_in_one_line(db, caplog):
+    with Store(db, limits=limits(max_spool_bytes=10**9)) as store:
+        store.append(rows(3000))
+    with Store(db) as store:
+        used = store._used_bytes(store.conn)
+    with Store(db, limits=limits(max_spool_bytes=used)) as store:
+        store.append(rows(1500, stat="new"))  # more than one step (1,000 records) of drops
+        dropped = store.counters()["dropped_oldest"]
+    assert dropped > 1000
+    [line] = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert line == f"spool is at its limit: dropped {dropped} oldest waiting records"
+
+
+def test_a_dead_letter_whose_time_is_unknown_is_never_requeued_nor_exported(db):
+    with Store(db) as store:
+        store.append([held("undated"), *rows(1, stat="refused")])
+        assert store.restamp_held(wall=T0, mono=0.0, boot="another boot", floor=T0) == (0, 1)  # an earlier boot
+        [refused] = [i for i, _, r in store.records(State.PENDING) if r.stat == "refused0"]
+        store.mark_dead([refused], reason="invalid stat name", http_status=200, body="{}", now=T0)
+    env = cli_env(db)
+    requeued = run_cli(db, "dead", "requeue", "--all", env=env)
+    assert requeued.returncode == 1
+    assert "requeued 1 record" in requeued.stderr and "no known time" in requeued.stderr
+    assert "Traceback" not in requeued.stderr
+    exported = run_cli(db, "export", "--state", "all", "-", env=env)
+    assert exported.returncode == 0 and [line for line in exported.stdout.splitlines() if line] == [
+        '{"stat": "refused0", "count": 1, "t": %d}' % T0]
+    with Store(db) as store:
+        assert store.tally()["dead"] == 1 and [r.t for _, _, r in store.records(State.DEAD)] == [0]

@@ -160,7 +160,7 @@ def test_listing_requeueing_and_purging_dead_letters_cost_nothing_when_there_are
     def cost(path: Path, pending: int) -> int:
         with spool_of(path, pending) as store, vm_steps(store.conn) as steps:
             assert store.dead_letters() == []
-            assert store.requeue_dead() == (0, ())
+            assert store.requeue_dead() == (0, (), ())
             assert store.purge_dead() == (0, ())
             return steps[0]
 

@@ -145,9 +145,9 @@ def test_bounds_enforced_beside_an_open_stage_never_touch_its_records(db):
     def watched() -> Iterator[Any]:
         for i, row in enumerate(staged):
             if i == 25:
-                with Spool(db, max_pending=4, max_age=60) as other:
-                    other.add_many({"stat": "x", "count": 1, "t": T0 + k} for k in range(6))  # drops 3 oldest
-                    outcomes["compacted"] = other.store.compact_counts(bucket=3600)  # the 4 x left: 1
+                with Spool(db, max_pending=6, max_age=60) as other:
+                    other.add_many({"stat": "x", "count": 1, "t": T0 + k} for k in range(6))  # drops the oldest
+                    outcomes["compacted"] = other.store.compact_counts(bucket=3600)  # the 6 x left: 1
                     outcomes["expired"] = other.store.drop_expired(now=T0 + 1_000_000)  # that one
                     outcomes["restamped"] = other.store.restamp_held(wall=T0, mono=boot_clock(), boot=boot_id(),
                                                                      floor=T0 - 10)
@@ -161,15 +161,15 @@ def test_bounds_enforced_beside_an_open_stage_never_touch_its_records(db):
         store.append([make_record(stat="x", count=1, t=T0 - 1)])
         assert store.append(watched(), chunk=10) == 30
         left = sorted((r.stat, state) for _, state, r in store.records())
-    assert outcomes["compacted"] == 3 and outcomes["expired"] == 1 and outcomes["restamped"] == (0, 0)
-    assert outcomes["lost"] == (0, 0) and outcomes["moved"] == 0 and outcomes["counters"]["dropped_oldest"] == 3
+    assert outcomes["compacted"] == 5 and outcomes["expired"] == 1 and outcomes["restamped"] == (0, 0)
+    assert outcomes["lost"] == (0, 0) and outcomes["moved"] == 0 and outcomes["counters"]["dropped_oldest"] == 1
     assert left == sorted([("staged", State.PENDING)] * 29 + [("undated", State.HELD)])
 
 
 def test_a_full_spool_refuses_a_large_append_whole_and_discards_what_was_staged(db):
     with Spool(db, max_pending=40, when_full="reject_new") as sp:
         sp.add_many({"stat": "x", "count": 1, "t": T0} for _ in range(5))
-        with pytest.raises(SpoolFull, match="5 records pending, the limit is 40; 50 new records refused"):
+        with pytest.raises(SpoolFull, match="5 records waiting, the limit is 40; 50 new records refused"):
             sp.store.append(rows(50), chunk=10)
         assert sp.store.counts()["pending"] == 5
         assert sp.store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 5 and spans(sp.store) == 0

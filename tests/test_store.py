@@ -253,10 +253,10 @@ def test_dead_records_can_be_requeued_or_purged_by_id_or_all(db):
         leased = lease.items
         store.mark_dead([i.id for i in leased], reason="r", http_status=200, body="", now=T0)
         store.end_lease(lease.id)  # as the shipper does once a batch is settled
-        assert store.requeue_dead([leased[0].id]) == (1, ())
+        assert store.requeue_dead([leased[0].id]) == (1, (), ())
         assert store.purge_dead([leased[1].id, 999]) == (1, (999,))
         assert states(store) == {"pending": 1, "dead": 2}
-        assert store.requeue_dead() == (2, ())
+        assert store.requeue_dead() == (2, (), ())
         assert store.purge_dead() == (0, ())
         assert states(store) == {"pending": 3}
         assert store.dead_letters() == []

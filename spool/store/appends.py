@@ -16,7 +16,7 @@ from spool.errors import SpoolFull, StoreError
 from spool.records import Record
 from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log
 from spool.store.files import FileMark
-from spool.store.queries import _delete_queued, prune_runs
+from spool.store.queries import _delete_queued, _newest_id, prune_runs
 
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
 SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
@@ -53,11 +53,12 @@ class Appends(Core):
         extra = next(rows, None) if len(first) == chunk else None
         if extra is None:
             with self._bounded() as conn:
+                since = _newest_id(conn)
                 held = self._insert(conn, first)
                 self._tally(conn, pending=len(first) - held, held=held)
                 if file is not None:
                     self._mark_file(conn, file._replace(records=len(first)))
-                self._enforce(conn, len(first), held=held)
+                self._enforce(conn, len(first), held=held, since=since)
             return len(first)
         return self._append_staged(itertools.chain(first, [extra], rows), file, chunk)
 
@@ -92,13 +93,14 @@ class Appends(Core):
                 taken += len(part)
             with self._bounded() as conn:
                 self._check_stage(conn, stage, taken)  # whole, or not at all
+                since = conn.execute("SELECT min(lo) - 1 FROM stage_spans WHERE stage = ?", (stage,)).fetchone()[0]
                 # Publishing the whole append is deleting its spans: no record is rewritten.
                 conn.execute("DELETE FROM stage_spans WHERE stage = ?", (stage,))
                 conn.execute("DELETE FROM stages WHERE id = ?", (stage,))
                 self._tally(conn, staged=-taken, pending=taken - held, held=held)  # _check_stage: all `taken` are there
                 if file is not None:
                     self._mark_file(conn, file._replace(records=taken))
-                self._enforce(conn, taken, held=held)
+                self._enforce(conn, taken, held=held, since=since or 0)
         except BaseException:
             with contextlib.suppress(StoreError):
                 self._discard_stage(stage)
@@ -168,25 +170,35 @@ class Appends(Core):
             self.add_counts(refused_full=full.refused)  # records, as every other counter of drops counts
             raise
 
-    def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0) -> None:
+    def _enforce(self, conn: sqlite3.Connection, incoming: int, *, held: int = 0, since: int = 0) -> None:
         """Bring the spool back within its limits at the end of an appending transaction.
 
-        drop_oldest: the oldest pending records not in flight are deleted (sent records go first when the
-        bound is in bytes), counted in the same commit. reject_new: SpoolFull, so nothing is committed.
-        `incoming` records were added, `held` of them held (not pending).
+        `incoming` records were added (ids above `since`), `held` of them held. Records waiting count against
+        max_pending whether pending (in flight included) or held. drop_oldest: sent records give way first when
+        the bound is in bytes, then held records (their time is unknown: a box whose clock is wrong keeps what it
+        can ship), oldest appended first, then the oldest pending records not in flight; all counted in the
+        same commit. Never this append's own records: when nothing older can make room (everything else in
+        flight), the append is refused whole (SpoolFull), as with reject_new, rather than reported taken and
+        dropped.
         """
         limits = self.limits
         if limits is None:
             return
         reject = limits.when_full == "reject_new"
+        dropped = 0
         if limits.max_pending is not None:
-            pending = self._kept(conn, "pending")  # in flight included, as the bound has always counted
-            excess = pending - limits.max_pending
+            waiting = self._kept(conn, "pending") + self._kept(conn, "held")
+            excess = waiting - limits.max_pending
             if excess > 0 and reject:
-                raise SpoolFull(f"spool full: {pending - (incoming - held)} records pending, the limit is "
+                raise SpoolFull(f"spool full: {waiting - incoming} records waiting, the limit is "
                                 f"{limits.max_pending}; {incoming} new records refused", refused=incoming)
             if excess > 0:
-                self._drop_oldest(conn, excess)
+                dropped += self._drop_oldest(conn, excess, since)
+                if dropped < excess:
+                    raise SpoolFull(f"spool full: {waiting - incoming} records waiting, the limit is "
+                                    f"{limits.max_pending}, and only records in flight are older than these "
+                                    f"{incoming}: refused (try again once the shipper settles them)",
+                                    refused=incoming)
         if limits.max_spool_bytes is not None:
             while (used := self._used_bytes(conn)) > limits.max_spool_bytes:
                 if self._prune_some(conn):
@@ -194,8 +206,14 @@ class Appends(Core):
                 if reject:
                     raise SpoolFull(f"spool full: {used} bytes in use, the limit is {limits.max_spool_bytes}; "
                                     f"{incoming} new records refused", refused=incoming)
-                if not self._drop_oldest(conn, 1000):
-                    break
+                step = self._drop_oldest(conn, 1000, since)
+                if not step:
+                    raise SpoolFull(f"spool full: {used} bytes in use, the limit is {limits.max_spool_bytes}, "
+                                    f"and nothing older than these {incoming} records can make room (in flight, "
+                                    "dead letters): refused", refused=incoming)
+                dropped += step
+        if dropped:  # one line for the whole append, with what it dropped in all
+            self._warn_rate_limited("spool is at its limit: dropped %d oldest waiting records", dropped)
 
     def _used_bytes(self, conn: sqlite3.Connection) -> int:
         pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -208,15 +226,26 @@ class Appends(Core):
             if deleted or not more:
                 return deleted
 
-    def _drop_oldest(self, conn: sqlite3.Connection, n: int) -> int:
-        oldest = conn.execute(f"SELECT t, id FROM queue WHERE 1{self._hidden(conn)} ORDER BY t, id LIMIT ?",
-                              (n,)).fetchall()
-        dropped = _delete_queued(conn, oldest)
-        if dropped:
-            self._tally(conn, pending=-dropped)
-            self._add_count(conn, "dropped_oldest", dropped)
-            self._warn_rate_limited("spool is at its limit: dropped %d oldest pending records", dropped)
-        return dropped
+    def _drop_oldest(self, conn: sqlite3.Connection, n: int, since: int) -> int:
+        """Delete up to n of the oldest waiting records appended before id `since` (held ones first, then queued
+        ones by t), counted as dropped_oldest; return how many."""
+        hidden = self._hidden(conn, "h.id")
+        held = [row[0] for row in conn.execute(
+            f"SELECT h.id FROM held h CROSS JOIN records r ON r.id = h.id WHERE r.state = {State.HELD} AND h.id <= ?"
+            f"{hidden} ORDER BY h.id LIMIT ?", (since, n))]
+        gone_held = 0
+        if held:
+            listed = _dumps(held)
+            conn.execute(f"DELETE FROM held WHERE id IN ({_IDS})", (listed,))
+            gone_held = _delete_records(conn, f"id IN ({_IDS})", (listed,))
+            self._tally(conn, held=-gone_held)
+        oldest = conn.execute(f"SELECT t, id FROM queue WHERE id <= ?{self._hidden(conn)} ORDER BY t, id LIMIT ?",
+                              (since, n - len(held))).fetchall() if len(held) < n else []
+        gone = _delete_queued(conn, oldest)
+        self._tally(conn, pending=-gone)
+        if gone + gone_held:
+            self._add_count(conn, "dropped_oldest", gone + gone_held)
+        return gone + gone_held
 
     def _insert(self, conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> int:
         """Insert Record-shaped rows and queue them; return how many of them are held (see `_queue_new`)."""

@@ -100,17 +100,21 @@ class Queries(Core):
         return [{"id": row[0], "record": Record(*row[1:8]), "dead_at": row[8], "reason": row[9],
                  "http_status": row[10], "body": row[11]} for row in rows]
 
-    def requeue_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
-        """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead)."""
+    def requeue_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """Return dead records (all when `ids` is None) to PENDING; return (how many, ids that are not dead, ids of
+        dead letters whose time is unknown). Those were stamped while the clock was wrong and could not be placed
+        in time (t is 0): they stay dead, as a record is never shipped with a wrong t."""
         return self._dead_by_ids(ids, requeued=True)
 
     def purge_dead(self, ids: Sequence[int] | None = None) -> tuple[int, tuple[int, ...]]:
         """Delete dead records (all when `ids` is None); return (how many, ids that are not dead)."""
-        return self._dead_by_ids(ids)
+        return self._dead_by_ids(ids)[:2]
 
-    def _dead_by_ids(self, ids: Sequence[int] | None, *, requeued: bool = False) -> tuple[int, tuple[int, ...]]:
+    def _dead_by_ids(self, ids: Sequence[int] | None, *,
+                     requeued: bool = False) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
         with self._write() as conn:
             missing: tuple[int, ...] = ()
+            unknown: tuple[int, ...] = ()
             if ids is None:
                 chosen = [row[0] for row in conn.execute(f"SELECT d.id FROM dead d CROSS JOIN records r ON r.id = d.id "
                                                          f"WHERE r.state = {State.DEAD}")]
@@ -120,6 +124,10 @@ class Queries(Core):
                                                         f"AND id IN ({_IDS})", (_dumps(wanted),))}
                 missing = tuple(i for i in wanted if i not in found)
                 chosen = sorted(found)
+            if requeued and chosen:
+                unknown = tuple(row[0] for row in conn.execute(
+                    f"SELECT id FROM records WHERE id IN ({_IDS}) AND t <= 0 ORDER BY id", (_dumps(chosen),)))
+                chosen = [i for i in chosen if i not in set(unknown)]
             listed = _dumps(chosen)
             conn.execute(f"DELETE FROM dead WHERE id IN ({_IDS})", (listed,))
             if requeued:  # pending again, in the queue by their own t
@@ -129,7 +137,7 @@ class Queries(Core):
             else:
                 n = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, dead=-n, pending=n if requeued else 0)
-            return n, missing
+            return n, missing, unknown
 
     # -- what operators see -------------------------------------------------------------------------
 
@@ -370,11 +378,13 @@ class Queries(Core):
 
     # -- moving backlog ----------------------------------------------------------------------------
 
-    # "all" leaves out HELD records: their time is not known yet, so no file can carry them (import refuses t=0).
+    # "all" leaves out HELD records, and "dead" and "all" the dead letters they became when they could not be placed
+    # in time: their time is not known, so no file can carry them (import refuses t=0).
     _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND {_WAITING}",
                                               "sent": f"r.state = {State.PENDING} AND NOT {_WAITING}",
-                                              "dead": f"r.state = {State.DEAD}",
-                                              "all": f"r.state IN ({State.PENDING}, {State.DEAD})"}
+                                              "dead": f"r.state = {State.DEAD} AND r.t > 0",
+                                              "all": f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} "
+                                                     "AND r.t > 0))"}
 
     def _selection(self, state: str, since: int | None, until: int | None,
                    stat_glob: str | None = None) -> tuple[str, list[Any]]:
@@ -477,6 +487,7 @@ class Queries(Core):
         """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
         where, params = self._selection("sent", since, until, stat_glob)
         with self._bounded() as conn:
+            since = _newest_id(conn)
             copied = collections.Counter(series for (series,) in conn.execute(
                 f"INSERT INTO records (series, number, t) SELECT r.series, r.number, r.t FROM records r {_SERIES} "
                 f"WHERE {where} ORDER BY r.id RETURNING series", params))
@@ -487,7 +498,7 @@ class Queries(Core):
                 conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?",
                              (newest - queued + 1, newest))
             self._tally(conn, pending=queued)
-            self._enforce(conn, queued)
+            self._enforce(conn, queued, since=since)
             return queued
 
 

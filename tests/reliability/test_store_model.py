@@ -104,7 +104,7 @@ class StoreModel(RuleBasedStateMachine):
     def requeue_dead(self, everything, data):
         dead = sorted(i for i, s in self.state.items() if s == "dead")
         ids = None if everything else data.draw(st.lists(st.sampled_from(dead), unique=True)) if dead else []
-        n, missing = self.store.requeue_dead(ids)
+        n, missing, _ = self.store.requeue_dead(ids)
         chosen = dead if ids is None else ids
         assert (n, missing) == (len(chosen), ())
         for i in chosen:
