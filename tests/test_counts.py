@@ -3,6 +3,7 @@ change the records, so status, the bounds, /healthz and /metrics read as much of
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
@@ -400,6 +401,6 @@ def test_a_dead_letter_whose_time_is_unknown_is_never_requeued_nor_exported(db):
     assert "Traceback" not in requeued.stderr
     exported = run_cli(db, "export", "--state", "all", "-", env=env)
     assert exported.returncode == 0 and [line for line in exported.stdout.splitlines() if line] == [
-        '{"stat": "refused0", "count": 1, "t": %d}' % T0]
+        json.dumps({"stat": "refused0", "count": 1, "t": T0})]
     with Store(db) as store:
         assert store.tally()["dead"] == 1 and [r.t for _, _, r in store.records(State.DEAD)] == [0]
