@@ -95,14 +95,25 @@ class Context:
         self.config_file: str | None = None
         self.flags: dict[str, Any] = {}
 
-    def config(self, **flags: Any) -> configuration.Config:
-        return configuration.load(self.config_file, **{**self.flags, **flags})
+    def config(self, *, uses: tuple[str, ...] | None = None, **flags: Any) -> configuration.Config:
+        """Load the configuration; a mistake in a section outside `uses` is one warning line on stderr each."""
+        config = configuration.load(self.config_file, uses=uses, **{**self.flags, **flags})
+        if config.warnings:
+            current = click.get_current_context(silent=True)
+            command = f"`{current.command_path}`" if current is not None else "this command"
+            for warning in config.warnings:
+                click.echo(f"spool: warning: {printable(warning)} ({command} does not use it; `spool run` and "
+                           "`spool ship` refuse it)", err=True)
+        return config
 
-    def spool(self, *, create: bool = False, **flags: Any) -> Any:
+    def spool(self, *, create: bool = False, uses: tuple[str, ...] | None = None, **flags: Any) -> Any:
         """Open the configured spool; only producers create one (status, dead, export... never do)."""
         from spool.api import Spool
 
-        return Spool.from_config(self.config(**flags), create=create)
+        return Spool.from_config(self.config(uses=uses, **flags), create=create)
+
+
+PRODUCES = ("spool",)  # what producers (add, import, ingest) use of the configuration: the spool, nothing else
 
 
 pass_context = click.make_pass_decorator(Context, ensure=True)
@@ -231,7 +242,7 @@ def add(obj: Context, stat: str | None, count: float | None, value: float | None
     if missing:  # said in the command's words, all of it at once
         raise click.UsageError(f"missing {' and '.join(missing)}: spool add STAT --count N (or --value V)")
     fields = {"stat": stat, "count": count, "value": value, "t": t, "ezkey": ezkey, "key": key, "ukey": ukey}
-    with obj.spool(create=True) as sp:
+    with obj.spool(create=True, uses=PRODUCES) as sp:
         try:
             sp.add({name: v for name, v in fields.items() if v is not None})
         except InvalidRecord as exc:
@@ -256,7 +267,7 @@ def import_(obj: Context, file: str, skip_invalid: bool, ezkey: str | None) -> N
         raise click.UsageError(f"{file} is not JSON: `spool ingest {file}` reads CSV and gzip files "
                                "(as a drop directory does)")
     size = os.stat(file).st_size if file != "-" and os.path.isfile(file) else 0
-    with obj.spool(create=True) as sp, click.open_file(file, "rb") as stream, \
+    with obj.spool(create=True, uses=PRODUCES) as sp, click.open_file(file, "rb") as stream, \
             _progress(size, "importing", of_bytes=True) as bar:
         try:
             result = sp.import_lines(stream, ezkey=ezkey, skip_invalid=skip_invalid,
@@ -287,7 +298,7 @@ def ingest(obj: Context, files: tuple[Path, ...], skip_invalid: bool, keep: bool
     Example: spool ingest /var/spool/drop/batch-0001.jsonl.gz
     """
     rejected = unmoved = 0
-    with obj.spool(create=True) as sp:
+    with obj.spool(create=True, uses=PRODUCES) as sp:
         for path in files:
             result = sp.ingest(path, skip_invalid=skip_invalid, keep=keep)
             if result.outcome == "vanished":

@@ -53,7 +53,9 @@ def watch(obj: Context, directories: tuple[Path, ...], poll: bool, poll_interval
     entries = configuration.distinct_watches(tuple(configuration.watch_entry(
         {"path": str(d), "poll": poll, "poll_interval": poll_interval, "skip_invalid": skip_invalid,
          "after": "delete" if delete else "move"}, "--", text=True) for d in directories), "spool watch")
-    _run_agent(lambda: obj.config().replace(watch=entries), only=("watch",))
+    # Only the spool and logging settings count here: a mistake elsewhere is a warning (its own drop directories
+    # are the ones named on the command line, not the [[watch]] tables).
+    _run_agent(lambda: obj.config(uses=("spool", "log")).replace(watch=entries), only=("watch",))
 
 
 @cli.command()

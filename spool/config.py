@@ -20,7 +20,7 @@ import os
 import re
 import reprlib
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
@@ -591,6 +591,7 @@ class Config(_Settings):
     file: Path | None = None  # the config file read, if any
     source: str = "built-in defaults"  # how that file was chosen, for `spool status` and `doctor`
     db_source: str = "the default location"  # how the spool path was chosen
+    warnings: tuple[str, ...] = ()  # mistakes in sections the loading command does not use (see load's `uses`)
 
     def __repr__(self) -> str:
         def shown(section: object) -> str:
@@ -612,7 +613,7 @@ class Config(_Settings):
         sections: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for name, value in changes.items():
-            if name in ("watch", "file", "source", "db_source", *SECTIONS):
+            if name in ("watch", "file", "source", "db_source", "warnings", *SECTIONS):
                 top[name] = value
                 continue
             section, key = name.split(".", 1) if "." in name else (_section_of(name), name)
@@ -701,22 +702,32 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
 
 
 def _table(section_type: type, table: Mapping[str, object], where: str, label: str, *, text: bool = False,
-           base: Any = None) -> Any:
-    """Check one table of values (TOML, or flags given as text) into a section."""
+           base: Any = None, on_error: Callable[[str, ConfigError], None] | None = None) -> Any:
+    """Check one table of values (TOML, or flags given as text) into a section.
+
+    With `on_error`, a bad key is handed to it (with its error, unprefixed) and left at its default; without,
+    the first one raises.
+    """
     fields = {field.name: field for field in dataclasses.fields(section_type)}
     values: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}' in {label}{_did_you_mean(key, list(fields))}")
-        values[key] = fields[key].metadata["kind"].parse(value, f"{label.strip('[]')}.{key}", text)
+        try:
+            if key not in fields:
+                raise ConfigError(f"unknown key '{key}' in {label}{_did_you_mean(key, list(fields))}")
+            values[key] = fields[key].metadata["kind"].parse(value, f"{label.strip('[]')}.{key}", text)
+        except ConfigError as exc:
+            if on_error is None:
+                raise ConfigError(f"{where}: {exc}" if key not in fields else str(exc)) from None
+            on_error(key, exc)
     return dataclasses.replace(base if base is not None else section_type(), **values)
 
 
-def watch_entry(table: Mapping[str, object], where: str, *, text: bool = False) -> WatchSettings:
+def watch_entry(table: Mapping[str, object], where: str, *, text: bool = False,
+                on_error: Callable[[str, ConfigError], None] | None = None) -> WatchSettings:
     """Check one [[watch]] table (or the equivalent flags) into a WatchSettings."""
     if "path" not in table:
         raise ConfigError(f"{where}: a [[watch]] table needs a path")
-    entry: WatchSettings = _table(WatchSettings, table, where, "[[watch]]", text=text)
+    entry: WatchSettings = _table(WatchSettings, table, where, "[[watch]]", text=text, on_error=on_error)
     return entry
 
 
@@ -737,8 +748,62 @@ def distinct_watches(entries: tuple[WatchSettings, ...], where: str) -> tuple[Wa
     return entries
 
 
+class _Findings:
+    """What is wrong in a configuration, where (the file and line), and what the command loading it does with it.
+
+    A command names the sections it `uses` (None: all of them). A mistake in one it uses is an error; one in a
+    section it does not use (a producer such as `spool add` uses only [spool]) is a warning, and that setting
+    keeps its default: a shipping setting must not stop stats from being spooled.
+    """
+
+    def __init__(self, uses: Collection[str] | None):
+        self.uses = None if uses is None else frozenset(uses)
+        self.warnings: list[str] = []
+        self.path: Path | None = None
+        self.lines: list[str] = []
+        self.from_file: set[tuple[str, str]] = set()  # (section, key) whose value is the file's
+
+    def used(self, section: str) -> bool:
+        return self.uses is None or section in self.uses
+
+    def problem(self, section: str, message: str) -> None:
+        """A mistake in `section`: raise it if the command uses that section, else keep it as a warning."""
+        if self.used(section):
+            raise ConfigError(message)
+        self.warnings.append(message)
+
+    def where(self, section: str | None, key: str | None = None, index: int = 0) -> str:
+        """"config PATH, line N" for a key of a table (the index-th [[section]]), or a table's header."""
+        line = self.line_of(section, key, index)
+        return f"config {self.path}" + (f", line {line}" if line is not None else "")
+
+    def line_of(self, section: str | None, key: str | None = None, index: int = 0) -> int | None:
+        """The line of `key` in [section] (None: the top of the file), or of the table's header; None if unseen."""
+        inside, seen, header = section is None, -1, None
+        for number, line in enumerate(self.lines, 1):
+            table = re.match(r"\s*\[\[?\s*([\w.-]+)\s*\]", line)
+            if table is not None:
+                if inside and section is None:
+                    return None  # the top of the file ends at the first table
+                seen += table.group(1) == section
+                inside = table.group(1) == section and seen == index
+                if inside:
+                    header = number
+                continue
+            name = re.escape(key or "")
+            if inside and key is not None and re.match(rf"""\s*(?:{name}|"{name}"|'{name}')\s*=""", line):
+                return number
+        return header if key is None else None
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file into {section: {key: value}} and a watch list, each value checked."""
+    return _read_file(path, _Findings(None))
+
+
+def _read_file(path: Path, findings: _Findings) -> dict[str, Any]:
+    import difflib
+
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # Ubuntu 22.04's Python 3.10 has no tomllib; tomli is the same parser
@@ -746,26 +811,53 @@ def read_file(path: Path) -> dict[str, Any]:
 
     try:
         with open(path, "rb") as handle:
-            document = tomllib.load(handle)
+            raw = handle.read()
+        document = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not valid TOML: it is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    where = f"config {path}"
+    findings.path, findings.lines = path, raw.decode("utf-8").splitlines()
     out: dict[str, Any] = {}
     for section, table in document.items():
         if section == "watch":
             if not isinstance(table, list):
-                raise ConfigError(f"{where}: watched directories are [[watch]] tables (note the double brackets)")
-            out["watch"] = distinct_watches(tuple(watch_entry(entry, where) for entry in table), where)
+                findings.problem("watch", f"{findings.where('watch')}: watched directories are [[watch]] tables "
+                                          "(note the double brackets)")
+                continue
+            entries = []
+            for index, entry in enumerate(table):
+                def bad(key: str, exc: ConfigError, index: int = index) -> None:
+                    findings.problem("watch", f"{findings.where('watch', key, index)}: {exc}")
+                try:
+                    entries.append(watch_entry(entry, findings.where("watch", None, index), on_error=bad))
+                except ConfigError as exc:
+                    findings.problem("watch", str(exc))
+            try:
+                out["watch"] = distinct_watches(tuple(entries), f"config {path}")
+            except ConfigError as exc:
+                findings.problem("watch", str(exc))
             continue
         if section not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section [{section}]{_did_you_mean(section, [*SECTIONS, 'watch'])}")
+            message = f"{findings.where(section)}: unknown section [{section}]" \
+                      f"{_did_you_mean(section, [*SECTIONS, 'watch'])}"
+            # An unknown section may be a misspelt one: an error if it looks like one the command uses.
+            close = difflib.get_close_matches(section, [*SECTIONS, "watch"], n=1)
+            findings.problem(close[0] if close else section, message)
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: '{section}' must be a [{section}] table")
-        out[section] = _table(SECTIONS[section], table, where, f"[{section}]")
+            findings.problem(section, f"{findings.where(None, section)}: '{section}' must be a [{section}] table")
+            continue
+
+        def bad_key(key: str, exc: ConfigError, section: str = section) -> None:
+            findings.problem(section, f"{findings.where(section, key)}: {exc}")
+
+        out[section] = _table(SECTIONS[section], table, findings.where(section), f"[{section}]", on_error=bad_key)
+        findings.from_file.update((section, key) for key in table)
     return out
 
 
@@ -781,18 +873,21 @@ def find_file(config_file: str | os.PathLike[str] | None, env: Mapping[str, str]
 
 
 def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
-         **flags: Any) -> Config:
+         uses: Collection[str] | None = None, **flags: Any) -> Config:
     """Build the Config: defaults, then the file, then environment variables, then flags (None = not given).
 
     Flags are named "section.key" (or by a key no two sections share) and given as click passes them: text,
-    or True for a flag that is set.
+    or True for a flag that is set. `uses`: the sections the caller uses (None: all); a mistake in any other
+    (in the file or the environment) is a warning in `Config.warnings`, and that setting keeps its default.
+    Every error and warning about the file names it, and the line.
     """
     env = os.environ if env is None else env
+    findings = _Findings(uses)
     path, how = find_file(config_file, env)
     config = Config()
     db_source = "the default location"
     if path is not None:
-        values = read_file(path)
+        values = _read_file(path, findings)
         watch = values.pop("watch", ())
         config = dataclasses.replace(config, **values, watch=watch, file=path, source=f"{path} (from {how})")
         if config.spool.path is not None:
@@ -802,8 +897,13 @@ def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         for field in dataclasses.fields(section):
             for variable in reversed(env_names(name, field)):  # the long name wins over an alias
                 if env.get(variable):
-                    changes.setdefault(name, {})[field.name] = field.metadata["kind"].parse(env[variable], variable,
-                                                                                            True)
+                    try:
+                        value = field.metadata["kind"].parse(env[variable], variable, True)
+                    except ConfigError as exc:
+                        findings.problem(name, str(exc))
+                        continue
+                    changes.setdefault(name, {})[field.name] = value
+                    findings.from_file.discard((name, field.name))
                     if name == "spool" and field.name == "path":
                         db_source = variable
     for flag, value in flags.items():
@@ -813,28 +913,47 @@ def load(config_file: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         declared = {field.name: field for field in dataclasses.fields(SECTIONS[table])}[key]
         changes.setdefault(table, {})[key] = declared.metadata["kind"].parse(
             value, declared.metadata["flag"] or key, True)
+        findings.from_file.discard((table, key))
         if (table, key) == ("spool", "path"):
             db_source = "--db"
     for table, values in changes.items():
         config = dataclasses.replace(config, **{table: dataclasses.replace(getattr(config, table), **values)})
     if config.spool.path is None:
         config = config.replace(**{"spool.path": default_db_path(env)})
-    return _checked(dataclasses.replace(config, db_source=db_source))
+    _checked(config, findings)
+    return dataclasses.replace(config, db_source=db_source, warnings=tuple(findings.warnings))
 
 
-def _checked(config: Config) -> Config:
-    """Checks that involve more than one setting."""
+def _checked(config: Config, findings: _Findings | None = None) -> Config:
+    """Checks that involve more than one setting (each a problem of the section of the setting it names)."""
+    findings = findings or _Findings(None)
     ship, relay = config.ship, config.relay
-    check_endpoint(ship.endpoint, allow_insecure=ship.allow_insecure, name="ship.endpoint")
-    if ship.backoff_initial > ship.backoff_max:
-        raise ConfigError("ship.backoff_initial must not be larger than ship.backoff_max")
-    if ship.timeout <= 0:
-        raise ConfigError("ship.timeout must be more than 0 seconds")
-    check_bind(relay.listen, "relay.listen", 8080, relay.allow_remote)
+
+    def check(section: str, key: str, test: Callable[[], object]) -> None:
+        try:
+            test()
+        except ConfigError as exc:
+            located = (section, key) in findings.from_file
+            findings.problem(section, f"{findings.where(section, key)}: {exc}" if located else str(exc))
+
+    def positive_timeout() -> None:
+        if ship.timeout <= 0:
+            raise ConfigError("ship.timeout must be more than 0 seconds")
+
+    def ordered_backoff() -> None:
+        if ship.backoff_initial > ship.backoff_max:
+            raise ConfigError("ship.backoff_initial must not be larger than ship.backoff_max")
+
+    check("ship", "endpoint", lambda: check_endpoint(ship.endpoint, allow_insecure=ship.allow_insecure,
+                                                     name="ship.endpoint"))
+    check("ship", "backoff_initial", ordered_backoff)
+    check("ship", "timeout", positive_timeout)
+    check("relay", "listen", lambda: check_bind(relay.listen, "relay.listen", 8080, relay.allow_remote))
     if relay.statsd:
-        check_bind(relay.statsd, "relay.statsd", 8125, relay.allow_remote)
+        check("relay", "statsd", lambda: check_bind(relay.statsd or "", "relay.statsd", 8125, relay.allow_remote))
     if config.metrics.listen:
-        check_bind(config.metrics.listen, "metrics.listen", 9464, config.metrics.allow_remote)
+        check("metrics", "listen", lambda: check_bind(config.metrics.listen or "", "metrics.listen", 9464,
+                                                      config.metrics.allow_remote))
     return config
 
 
