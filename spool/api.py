@@ -201,13 +201,17 @@ class Spool:
         from spool.ship import Shipper
 
         config = self.config.replace(**{f"ship.{name}": value for name, value in ship_settings.items()})
+        unplaceable = self.store.counters().get("restamp_refused", 0)
         with Shipper(self.store, config) as shipper:
             result = shipper.drain(max_time=max_time, fail_fast=True, on_progress=on_progress)
             stats = shipper.snapshot()
-        pending = self.store.counts()["pending"]
+        counts = self.store.counts()
+        # Held records whose time could not be placed became dead letters too, as the refused ones did.
+        dead = stats["dead"] + self.store.counters().get("restamp_refused", 0) - unplaceable
         unkeyed = config.ship.ezkey is None and config.ship.ezkey_file is None  # a key configured but unusable: reason
-        keyless = self.store.keyless_pending() if unkeyed else 0
-        return ShipResult(result.done, stats["sent"], stats["dead"], pending, keyless, result.reason, stats["expired"])
+        keyless = self.store.keyless_pending() if unkeyed and counts["pending"] else 0
+        return ShipResult(result.done, stats["sent"], dead, counts["pending"], keyless, result.reason,
+                          stats["expired"], held=counts["held"], operator=result.operator)
 
     def backlog(self) -> int:
         """Return how many records wait to be shipped (not in flight)."""

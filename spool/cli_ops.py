@@ -169,11 +169,30 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
         result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None)
     expired = f", dropped {result.expired:,} older than max_age" if result.expired else ""
     click.echo(f"shipped {result.sent:,}, dead {result.dead:,}{expired}", err=True)
+    if result.outcome != "delivered":
+        raise SpoolCommandError(_undelivered(result), SHIP_EXIT[result.outcome])
+
+
+# `ship --once`'s exit status, by what the records it could not deliver wait for (README: CLI reference).
+SHIP_EXIT = {"delivered": 0, "link": 1, "operator": 2}
+
+
+def _undelivered(result: Any) -> str:
+    """Why records are left (or were refused), in one line: each reason, with what to do."""
+    reasons = []
     if result.keyless:
-        click.echo(f"warning: {_n(result.keyless, 'record')} {'carries' if result.keyless == 1 else 'carry'} no ezkey "
-                   f"and none is configured; {'it stays' if result.keyless == 1 else 'they stay'} pending", err=True)
-    if not result.done:
-        raise SpoolCommandError(f"{_n(result.pending, 'record')} still pending: {result.reason}", 1)
+        reasons.append(f"{_n(result.keyless, 'record')} {'carries' if result.keyless == 1 else 'carry'} no ezkey "
+                       "and none is configured (set ship.ezkey_file or SPOOL_EZKEY_FILE)")
+    if result.held:
+        reasons.append(f"{_n(result.held, 'record')} stamped while the system clock was wrong, held until it is "
+                       "right (start NTP: timedatectl set-ntp true)")
+    if not result.done and result.reason:
+        reasons.append(result.reason if result.operator else f"{result.reason} (the link failed; a later run "
+                       "retries)")
+    if result.dead:
+        reasons.append(f"{_n(result.dead, 'record')} refused by the receiver (see `spool dead list`)")
+    left = f"{_n(result.pending + result.held, 'record')} still pending: " if result.pending + result.held else ""
+    return left + "; ".join(reasons)
 
 
 @cli.command()

@@ -22,11 +22,23 @@ class ImportResult(NamedTuple):
 class ShipResult(NamedTuple):
     done: bool  # nothing deliverable is left
     sent: int
-    dead: int
+    dead: int  # records the receiver refused in this run (dead letters now)
     pending: int  # left when it stopped
     keyless: int  # pending records that carry no key while none is configured (they wait)
     reason: str | None  # why not done
     expired: int = 0  # pending records dropped because their t was older than spool.max_age
+    held: int = 0  # records left held: stamped while the clock was wrong, and it still is
+    operator: bool = False  # it stopped on what only an operator can fix: the configured key, the endpoint
+
+    @property
+    def outcome(self) -> str:
+        """"delivered": nothing this run could deliver is left; "link": records remain because the receiver
+        could not be reached or kept failing (a later run will deliver them); "operator": records remain, or
+        were refused, for a reason only an operator can fix (no key, a key unreadable or refused, the clock, an
+        endpoint that cannot work, records the receiver refused)."""
+        if self.operator or self.keyless or self.held or self.dead:
+            return "operator"
+        return "delivered" if self.done else "link"
 
 
 class ExportResult(NamedTuple):

@@ -127,6 +127,7 @@ class ShipStats:
 class DrainResult:
     done: bool  # nothing deliverable is left
     reason: str | None = None  # why not, when not done
+    operator: bool = False  # what stops it only an operator can fix (the configured key, the endpoint), not waiting
 
 
 @dataclass
@@ -366,8 +367,8 @@ class Shipper:
                 if self.stats.in_flight == 0 and not waiting:
                     if state.failed is None and self._pause is not None:
                         self._note("paused", self._pause.reason)  # after the acks of records with their own key
-                        return DrainResult(False, self._pause.reason)
-                    return DrainResult(True) if state.failed is None else DrainResult(False, state.failed)
+                        return DrainResult(False, self._pause.reason, operator=True)
+                    return DrainResult(True) if state.failed is None else state.stopped(state.failed)
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
                 try:
@@ -605,6 +606,7 @@ class Shipper:
         state.last_error = message
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
             state.failed = message
+            state.misconfigured = paused  # a host that does not resolve may be a link with no DNS yet
         self._note("paused" if paused else "retrying", message)
         level = logging.ERROR if paused else logging.WARNING
         if paused and message == self._paused_said:
@@ -976,6 +978,7 @@ class _DrainState:
     gate: float = 0.0  # no request before this (monotonic)
     failures: int = 0
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
+    misconfigured: bool = False  # `failed` is a misconfiguration (not a host that did not resolve)
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
     after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
     after_version: int | None = None  # the spool's data_version when `after` was exact
@@ -987,8 +990,8 @@ class _DrainState:
 
     def stopped(self, why: str, pause: _KeyPause | None = None) -> DrainResult:
         if self.failed:
-            return DrainResult(False, self.failed)
+            return DrainResult(False, self.failed, operator=self.misconfigured)
         if pause is not None:
-            return DrainResult(False, pause.reason)
+            return DrainResult(False, pause.reason, operator=True)
         return DrainResult(False, f"{why}; last error: {self.last_error}" if self.last_error else why)
 

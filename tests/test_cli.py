@@ -190,7 +190,7 @@ def test_dead_list_requeue_and_purge(db, receiver):
         sp.count("fine", 3, t=T0)
     receiver.refuse_stat("poison", "invalid stat name")
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
-    assert run_cli(db, "ship", "--once", env=env).returncode == 0
+    assert run_cli(db, "ship", "--once", env=env).returncode == 2  # records refused: an operator must look
     listed = [json.loads(line) for line in run_cli(db, "dead", "list", "--json").stdout.splitlines()]
     assert [(d["stat"], d["number"], d["reason"]) for d in listed] == [
         ("poison", 1, "invalid stat name"), ("poison", 2, "invalid stat name")]

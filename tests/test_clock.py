@@ -48,7 +48,8 @@ def test_a_restamp_that_would_land_in_the_future_is_a_dead_letter_with_the_reaso
     add_in_2000(db, "jumped", fake_monotonic=True)  # its CLOCK_BOOTTIME said 946684800 s since boot
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
     result = run_cli(db, "ship", "--once", env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # a dead letter: an operator must look
+    assert "shipped 0, dead 1" in result.stderr
     assert receiver.accepted == []  # never shipped with a t decades away
     [dead] = [json.loads(line) for line in run_cli(db, "dead", "list", "--json").stdout.splitlines()]
     assert dead["stat"] == "jumped" and "in the future or before the floor" in dead["reason"]
@@ -61,7 +62,7 @@ def test_a_restamp_that_would_land_before_the_floor_is_a_dead_letter(db, receive
     with Store(db) as store:  # as if the boot clock had run far ahead between the add and now
         store.conn.execute("UPDATE held SET mono = mono - 2e9")
     env = cli_env(db, SPOOL_EZKEY=TEST_EZKEY, SPOOL_ENDPOINT=receiver.url)
-    assert run_cli(db, "ship", "--once", env=env).returncode == 0
+    assert run_cli(db, "ship", "--once", env=env).returncode == 2  # a dead letter: an operator must look
     assert receiver.accepted == []
     assert "before the floor" in run_cli(db, "dead", "list").stdout
 

@@ -447,7 +447,7 @@ def test_ship_once_with_a_refused_configured_key_still_ships_records_with_their_
         sp.classic_count(key="stat-key", ukey="user-key", t=T0)
     env = cli_env(db, SPOOL_EZKEY="revoked-key-0123", SPOOL_ENDPOINT=receiver.url)
     result = run_cli(db, "ship", "--once", "--max-time", "30", env=env)
-    assert result.returncode == 1 and "refused the configured ezkey" in result.stderr, result.stderr
+    assert result.returncode == 2 and "refused the configured ezkey" in result.stderr, result.stderr
     assert "shipped 2, dead 0" in result.stderr, result.stderr
     assert sorted(a.get("stat") or a["key"] for a in receiver.accepted) == ["own", "stat-key"]
     status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
@@ -466,7 +466,7 @@ def test_status_after_ship_once_with_only_refusals_shows_the_attempt_redacted(db
         sp.count("s", 1, t=T0)
     env = cli_env(db, SPOOL_EZKEY="SuperSecretEzkey-7f3a9Q", SPOOL_ENDPOINT=receiver.url)
     result = run_cli(db, "ship", "--once", "--max-time", "30", env=env)
-    assert result.returncode == 0 and "shipped 0, dead 1" in result.stderr, result.stderr
+    assert result.returncode == 2 and "shipped 0, dead 1" in result.stderr, result.stderr
     status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
     assert status["last_attempt_at"] is not None and status["last_result"] == "refused", status
     assert '"ezkey":"***"' in status["last_error"] and "SuperSecret" not in json.dumps(status), status
