@@ -190,6 +190,7 @@ class Agent:
         self._signalled = threading.Event()  # wakes the main loop for a signal (or a component's failure)
         self.wake = threading.Event()
         self.monotonic = monotonic
+        self.started_at = time.time()  # "nothing delivered for" counts from here at most (spool.health)
         self.components: dict[str, Component] = {}
         self._failed: list[str] = []
         self._stuck: list[str] = []
@@ -248,7 +249,7 @@ class Agent:
             self._metrics = Metrics(
                 Store.for_config(self.config), shipper=lambda: snapshot("ship"), relay=lambda: snapshot("relay"),
                 watchers=lambda: [c.watcher.snapshot() for c in self.components.values() if c.watcher is not None],
-                unhealthy_after=self.config.metrics.unhealthy_after)
+                config=self.config, clock=time.time)
         return self._metrics
 
     def _build(self, name: str, key: object, config: Config) -> Component:
@@ -341,6 +342,8 @@ class Agent:
             if name not in self.components:
                 self.components[name] = self._build(name, key, config)
         self.config = config
+        if self._metrics is not None:  # /healthz judges by the running configuration (a key configured since)
+            self._metrics.config = config
 
     def _stop(self, components: list[Component]) -> list[str]:
         """Stop components (relays first: they answer what they took; then the rest); return the stuck."""
@@ -456,24 +459,32 @@ class Agent:
                         "(set ship.ezkey_file in the config, or SPOOL_EZKEY_FILE)")
 
     def log_summary(self) -> None:
+        """One line: the backlog, what this run did, and the health verdict (spool.health), also systemd's STATUS=."""
+        from spool import systemd
+        from spool.health import assess, read_facts
+
+        relay = self.components.get("relay")
+        commit_error = relay.relay.writer.last_error if relay is not None and relay.relay is not None else None
         try:
-            pending, inflight = self._store.backlog()
-            oldest = self._store.oldest_pending_t()
+            facts = read_facts(self._store, self.config, started_at=self.started_at, commit_error=commit_error)
         except Exception as exc:
             log.warning("cannot read the spool for the summary: %s", exc)
             return
-        age = "" if oldest is None else f" (oldest {max(0, int(time.time()) - oldest)} s)"
+        verdict = assess(facts)
+        health = verdict.summary()
+        age = "" if facts.oldest_pending_age is None else f" (oldest {facts.oldest_pending_age:.0f} s)"
         watchers = [c.watcher for c in self.components.values() if c.watcher is not None]
         files = f"; ingested {sum(w.snapshot()['records'] for w in watchers):,} records from files" if watchers else ""
-        relay = self.components.get("relay")
         if relay is not None and relay.snapshot is not None:
             files += f"; relayed {sum(relay.snapshot()['appended'].values()):,} records"
         ship = self.components.get("ship")
         if ship is None or ship.snapshot is None:
-            log.info("backlog %s pending%s%s", f"{pending:,}", age, files)
-            return
-        stats = ship.snapshot()
-        log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; last error: %s",
-                 f"{pending:,}", age, f"{inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}", files,
-                 stats["last_error"] or "none", extra={"pending": pending, "inflight": inflight,
-                                                       "shipped": stats["sent"], "dead": stats["dead"]})
+            log.info("backlog %s pending%s%s; health: %s", f"{facts.pending:,}", age, files, health,
+                     extra={"pending": facts.pending, "inflight": facts.inflight, "health": verdict.verdict})
+        else:
+            stats = ship.snapshot()
+            log.info("backlog %s pending%s, %s in flight; shipped %s, dead %s this run%s; health: %s",
+                     f"{facts.pending:,}", age, f"{facts.inflight:,}", f"{stats['sent']:,}", f"{stats['dead']:,}",
+                     files, health, extra={"pending": facts.pending, "inflight": facts.inflight,
+                                           "shipped": stats["sent"], "dead": stats["dead"], "health": verdict.verdict})
+        systemd.notify(f"STATUS={health}; {facts.pending:,} pending")

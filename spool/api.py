@@ -312,67 +312,42 @@ class Spool:
     # -- what operators see ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Return counts per state, the backlog's age, size on disk, the last shipping attempt, and problems."""
+        """Return counts per state, the backlog's age, size on disk, the endpoint, the last shipping attempt, and
+        the health verdict (spool.health) with every current problem; past events are `notes`."""
+        from spool.errors import redact_url
+        from spool.health import assess, notes, read_facts
         from spool.lock import ShipLock
 
+        facts = read_facts(self.store, self.config, exact=True)
+        health = assess(facts)
         counts = self.store.counts(staged=True)  # staged: records of appends not yet whole, pending once they are
         oldest = self.store.oldest_pending_t()
         meta = self.store.meta()
-        status: dict[str, Any] = {
+        try:
+            shipper = ShipLock(self.path).holder()
+        except OSError:  # a lock file this user cannot read: a shipper may run, its pid is not ours to know
+            shipper = -1
+        counters = self.store.counters()
+        return {
             **counts,
             "oldest_pending_t": oldest,
-            "oldest_pending_age": None if oldest is None else max(0, int(time.time()) - oldest),
+            "oldest_pending_age": None if oldest is None else max(0, int(facts.now) - oldest),
             "size_bytes": self.store.size_bytes(),
             "path": str(self.path),
             "config": self.config.source,
             "path_from": self.config.db_source,
-            "shipper_pid": ShipLock(self.path).holder(),
+            "endpoint": redact_url(self.config.ship.endpoint),
+            "shipper_pid": shipper,
             "last_attempt_at": meta.get("last_attempt_at"),
             "last_result": meta.get("last_result"),
             "last_error": meta.get("last_error"),
             "last_success_at": meta.get("last_success_at"),
-            "counters": self.store.counters(),
+            "counters": counters,
             "integrity": self.store.integrity() or None,  # the last full check (spool.checkup), None if never
+            "health": health.to_dict(),
+            "problems": health.texts,
+            "notes": notes(counters),
         }
-        status["problems"] = self._problems(status)
-        return status
-
-    def _problems(self, status: Mapping[str, Any]) -> list[str]:
-        problems = []
-        if status["pending"] and self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
-            keyless = self.store.keyless_pending()
-            if keyless:
-                verb = "carries" if keyless == 1 else "carry"
-                problems.append(f"{_n(keyless, 'pending record')} {verb} no ezkey and none is configured "
-                                "(set ship.ezkey_file or SPOOL_EZKEY_FILE)")
-        if status["last_result"] == "paused":
-            problems.append(f"shipping is paused: {status['last_error']}")
-        elif status["last_result"] == "retrying":
-            problems.append(f"the receiver is failing; retrying: {status['last_error']}")
-        if status["inflight"] and status["shipper_pid"] is None:
-            problems.append(f"{_n(status['inflight'], 'record')} leased by a shipper that is no longer running; "
-                            "they return to pending when a shipper starts")
-        if status["pending"] and status["shipper_pid"] is None:
-            problems.append("no shipper is running (start `spool run` or `spool ship`)")
-        if status["dead"]:
-            problems.append(f"{_n(status['dead'], 'record')} refused by the receiver (see `spool dead list`)")
-        if status["held"]:
-            problems.append(f"{_n(status['held'], 'record')} stamped while the system clock was wrong: held until "
-                            "their real time is known (start NTP)")
-        integrity = status["integrity"] or {}
-        if integrity.get("state") == "damaged":
-            problems.append(f"the full integrity check found damage: {integrity.get('detail')}; the next start of "
-                            "`spool run` moves the file aside and starts a fresh spool (export what can be read "
-                            "first)")
-        counters = status["counters"]
-        for name, what in (("dropped_oldest", "dropped (oldest first) because the spool was at its limit"),
-                           ("dropped_age", "dropped because their t was older than max_age"),
-                           ("refused_full", "refused because the spool was full"),
-                           ("restamp_refused", "held records whose re-stamp was impossible (dead letters)"),
-                           ("corrupt_quarantined", "corrupt spool files moved aside")):
-            if counters.get(name):
-                problems.append(f"{counters[name]:,} {what}")
-        return problems
 
 
 def check_setup(config_file: str | None, *, flags: Mapping[str, Any] | None = None,
@@ -422,11 +397,6 @@ def parse_when(text: str, name: str = "time") -> int:
 def _check_window(since: int | None, until: int | None) -> None:
     if since is not None and until is not None and until < since:
         raise ConfigError(f"--until ({until}) is before --since ({since}): the window selects nothing")
-
-
-def _n(count: int, noun: str) -> str:
-    """'1 record', '2,000 records'."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 class _Counting(io.RawIOBase):

@@ -225,15 +225,21 @@ def _run_agent(load: Callable[[], configuration.Config], *, only: tuple[str, ...
 @common_options
 @pass_context
 def status(obj: Context, as_json: bool) -> None:
-    """Show the backlog, dead letters, the last shipping attempt and anything stuck.
+    """Show the backlog, dead letters, the endpoint, the last shipping attempt, and the health verdict.
+
+    Exit 0 when healthy, 1 when degraded (spool copes: a failing link, records waiting long, dead letters), 2 when
+    failing or misconfigured (an operator must act: a key, the endpoint, the spool itself).
 
     Example: spool status --json
     """
     import json
 
+    from spool.health import EXIT_STATUS
+
     with obj.spool() as sp:
         report = sp.status()
     click.echo(json.dumps(report, sort_keys=True) if as_json else format_status(report))
+    raise click.exceptions.Exit(EXIT_STATUS[report["health"]["verdict"]])
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -241,10 +247,15 @@ def format_status(report: dict[str, Any]) -> str:
     oldest = ""
     if report["oldest_pending_t"] is not None:
         oldest = f"   oldest {_when(report['oldest_pending_t'])} ({_age(report['oldest_pending_age'])} ago)"
-    shipper = f"running (pid {report['shipper_pid']})" if report["shipper_pid"] else "not running"
+    pid = report["shipper_pid"]
+    shipper = "not running" if not pid else f"running (pid {pid})" if pid > 0 else "running"
+    health = report["health"]
+    problems = len(health["problems"])
     lines = [
         f"spool {report['path']} ({report['size_bytes'] / 1048576:.1f} MiB; {report['path_from']})",
+        f"health       {health['verdict']}" + (f", {problems} problem{'s' * (problems > 1)} below" if problems else ""),
         f"config       {report['config']}",
+        f"endpoint     {report['endpoint']}",
         f"  pending    {report['pending']:,}{oldest}",
         f"  in flight  {report['inflight']:,}",
         f"  sent       {report['sent']:,}   (kept for replay until pruned)",
@@ -265,6 +276,7 @@ def format_status(report: dict[str, Any]) -> str:
     if report["counters"]:
         lines.append("counters     " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["counters"].items())))
     lines += [f"problem: {problem}" for problem in report["problems"]]
+    lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ served on the relay's port and, with `[metrics] listen`, on a port of their own 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from spool.config import MetricsSettings, check_bind
+from spool.config import Config, MetricsSettings, check_bind
 from spool.errors import ConfigError
 from spool.lock import IDENTITY_HEADER, spool_identity
 from spool.store import Store
@@ -29,15 +28,18 @@ class Metrics:
     """A prometheus_client collector over the spool (its own connection) and the components' snapshots."""
 
     def __init__(self, store: Store, *, shipper: MaybeSnapshot | None = None, relay: MaybeSnapshot | None = None,
-                 watchers: Callable[[], list[dict[str, Any]]] = list, unhealthy_after: float = 900.0,
-                 clock: Callable[[], float] = time.time):
+                 watchers: Callable[[], list[dict[str, Any]]] = list, unhealthy_after: float | None = None,
+                 clock: Callable[[], float] = time.time, config: Config | None = None):
+        """`config`: the agent's (whether a key is configured, unhealthy_after); `unhealthy_after` overrides it."""
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
         self.store = store
+        self.config = config or Config()
+        if unhealthy_after is not None:
+            self.config = self.config.replace(**{"metrics.unhealthy_after": unhealthy_after})
         self.shipper = shipper
         self.relay = relay
         self.watchers = watchers
-        self.unhealthy_after = unhealthy_after
         self.clock = clock
         self.started_at = clock()
         self._lock = threading.Lock()  # one connection, several HTTP threads
@@ -51,34 +53,27 @@ class Metrics:
 
         return generate_latest(self.registry)
 
-    def health(self) -> dict[str, Any]:
-        """A short status for /healthz: the backlog, the last delivery, and every reason it is not healthy.
+    def health(self, commit_error: str | None = None) -> dict[str, Any]:
+        """The /healthz report: the verdict of spool.health (as `spool status` gives it), every current problem,
+        and the backlog. `commit_error`: the relay's last commit failed (failing until one succeeds again).
 
         Degraded (as Fluent Bit's health thresholds do) when records are waiting and nothing was delivered for
         `unhealthy_after` seconds (counted from the agent's start if nothing was delivered since).
         """
-        with self._lock:
-            pending, inflight = self.store.backlog()
-            oldest = self.store.oldest_pending_t()
-            meta = self.store.meta()
-        last = meta.get("last_success_at")
-        now = self.clock()
-        writable = os.access(self.store.path.parent, os.W_OK) and os.access(self.store.path, os.W_OK)
-        problems = [] if writable else ["the spool is not writable"]
-        quiet = now - max(last or 0.0, self.started_at)
-        if pending + inflight and quiet >= self.unhealthy_after:
-            problems.append(f"{pending + inflight} records waiting and nothing delivered for {quiet:.0f} s")
-        integrity = meta.get("integrity") or {}
-        if integrity.get("state") == "damaged":  # found by the background check (spool.checkup) or doctor --deep
-            problems.append(f"the spool is damaged ({integrity.get('detail')}); the next start of `spool run` moves "
-                            "it aside")
-        return {"writable": writable, "pending": pending, "inflight": inflight, "last_success_at": last,
-                "oldest_pending_age": None if oldest is None else max(0, int(now) - oldest), "problems": problems}
+        from spool.health import assess, read_facts
 
-    def health_answer(self) -> tuple[int, dict[str, Any]]:
-        report = self.health()
-        status = "failing" if not report["writable"] else "degraded" if report["problems"] else "ok"
-        return (200 if status == "ok" else 503), {**report, "status": status}
+        with self._lock:
+            facts = read_facts(self.store, self.config, now=self.clock(), started_at=self.started_at,
+                               commit_error=commit_error)
+        verdict = assess(facts)
+        return {"status": verdict.verdict, "problems": verdict.texts, "health": verdict.to_dict(),
+                "writable": facts.writable, "pending": facts.pending, "inflight": facts.inflight,
+                "last_success_at": facts.last_success_at, "oldest_pending_age": facts.oldest_pending_age}
+
+    def health_answer(self, commit_error: str | None = None) -> tuple[int, dict[str, Any]]:
+        """The /healthz answer: 200 when the verdict is ok, else 503 with every reason."""
+        report = self.health(commit_error)
+        return (200 if report["status"] == "ok" else 503), report
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (

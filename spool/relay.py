@@ -527,17 +527,25 @@ class RelayStats:
             self.appended[source] += n
 
 
+def _health_of_commits(commit_error: str | None) -> dict[str, Any]:
+    """/healthz for a relay that knows nothing more than its own commits."""
+    from spool.health import Facts, assess
+
+    verdict = assess(Facts(now=time.time(), commit_error=commit_error))
+    return {"status": verdict.verdict, "problems": verdict.texts, "health": verdict.to_dict()}
+
+
 class Relay:
     """The HTTP endpoint (and optional StatsD listener) in front of one spool."""
 
     def __init__(self, config: RelaySettings, store: Store, *, t_floor: int = T_FLOOR,
                  on_commit: Callable[[int], None] = lambda n: None,
-                 health: Callable[[], dict[str, Any]] | None = None,
+                 health: Callable[[str | None], dict[str, Any]] | None = None,
                  metrics: Callable[[], bytes] | None = None):
         self.config = config
         self.t_floor = t_floor
         self.stats = RelayStats()
-        self.health = health or (lambda: {})
+        self.health = health or _health_of_commits  # the agent's: the whole verdict (Metrics.health)
         self.metrics = metrics
         host, port = check_bind(config.listen, "relay.listen", 8080, config.allow_remote)  # before anything starts
         if config.statsd:
@@ -624,15 +632,11 @@ class Relay:
                     "statsd_tags_dropped": self.stats.statsd_tags_dropped, "busy": self.stats.busy}
 
     def health_answer(self) -> tuple[int, dict[str, Any]]:
-        """The /healthz answer: 200 ok, or 503 with every reason it is failing or degraded."""
-        report = self.health()
-        problems = list(report.get("problems", []))
-        if self.writer.last_error is not None:
-            problems.insert(0, f"the last commit failed: {self.writer.last_error}")
-        failing = self.writer.last_error is not None or not report.get("writable", True)
-        status = "failing" if failing else "degraded" if problems else "ok"
-        return (200 if status == "ok" else 503,
-                {**report, "status": status, "error": self.writer.last_error, "problems": problems})
+        """The /healthz answer: 200 ok, or 503 with every reason it is failing or degraded (spool.health's
+        verdict, with this relay's last commit among the facts)."""
+        error = self.writer.last_error
+        report = {**self.health(error), "error": error}
+        return (200 if report["status"] == "ok" else 503), report
 
     def start(self) -> Relay:
         thread = threading.Thread(target=self._serve, name="spool-relay", daemon=True)

@@ -48,6 +48,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from spool.config import DEFAULT_ENDPOINT, Config, check_endpoint
 from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, StoreError, TransientError
+from spool.health import lasted
 from spool.lock import ShipLock, spool_identity
 from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
@@ -147,6 +148,20 @@ class _KeyPause:
     reason: str
     key: str | None  # the key the receiver refused; None: the key could not be read
     probe_at: float = float("inf")  # monotonic: the refused key is tried again then (an account may take it again)
+
+
+@dataclass
+class _Trouble:
+    """Shipping's current problem, from when it began until shipping recovers: noted in the spool's meta as
+    `problem` (what `spool status`, /healthz and the summary show: spool.health), logged when it ends."""
+
+    kind: str  # "key" (the configured key unusable or refused), "endpoint" (misconfigured), "link" (transient)
+    text: str
+    since: float  # wall clock: when it began (kept across restarts and reloads while it lasts)
+    sent: int  # records this shipper had delivered then (for "N records delivered since")
+
+    def noted(self) -> dict[str, object]:
+        return {"kind": self.kind, "text": self.text, "since": self.since}
 
 
 @dataclass(frozen=True)
@@ -252,6 +267,7 @@ class Shipper:
         self._clients_lock = threading.Lock()
         self._answers: queue.Queue[_Answer] = queue.Queue()
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
+        self._trouble: _Trouble | None = None  # the current problem (taken over from the spool's meta at start)
         self._last_housekeeping = float("-inf")
         self._last_prune = float("-inf")
         self._between_housekeeping = between_housekeeping
@@ -270,6 +286,7 @@ class Shipper:
         freed = self.store.release_dead_leases(unowned_before=float("inf"))
         if freed:
             log.warning("returned %d records leased by a shipper that died to pending", freed)
+        self._trouble = _adopted(self.store)  # what the last shipper left unsolved: until this one solves it
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.ship.max_in_flight, "spool-sender")
         return self
 
@@ -366,9 +383,11 @@ class Shipper:
                     continue
                 if self.stats.in_flight == 0 and not waiting:
                     if state.failed is None and self._pause is not None:
-                        self._note("paused", self._pause.reason)  # after the acks of records with their own key
-                        return DrainResult(False, self._pause.reason, operator=True)
-                    return DrainResult(True) if state.failed is None else state.stopped(state.failed)
+                        return DrainResult(False, self._pause.reason, operator=True)  # noted when it began
+                    if state.failed is None:
+                        self._recovered(write=True)  # nothing deliverable is left: nothing is wrong (a fixed key)
+                        return DrainResult(True)
+                    return state.stopped(state.failed)
                 if self.stats.in_flight == 0:
                     continue  # the dispatch stopped for shutdown or the deadline: seen at the top
                 try:
@@ -552,6 +571,8 @@ class Shipper:
             if self._settled(answer.unit, unsettled):
                 ended.append(answer.unit.lease)
         note = self._note_ok()
+        if self._pause is None:  # while the configured key is held back, only its own answer ends that problem
+            note.update(self._recovered(delivering=len(ids)))
         self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note))
         self.stats.sent += len(ids)
         if on_progress:
@@ -607,7 +628,7 @@ class Shipper:
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
             state.failed = message
             state.misconfigured = paused  # a host that does not resolve may be a link with no DNS yet
-        self._note("paused" if paused else "retrying", message)
+        self._note("paused" if paused else "retrying", message, "endpoint" if paused else "link")
         level = logging.ERROR if paused else logging.WARNING
         if paused and message == self._paused_said:
             level = logging.DEBUG  # a pause is said when it begins (and when it ends), not at every probe
@@ -687,7 +708,7 @@ class Shipper:
         said = self._pause is not None and self._pause.reason == reason
         probe = max(self.config.ship.backoff_max, KEY_RECHECK)
         self._pause = _KeyPause(reason, key, float("inf") if key is None else self.monotonic() + probe)
-        self._note("paused", reason)
+        self._note("paused", reason, "key")
         if not said:
             log.error("shipping paused: %s", reason)
 
@@ -775,19 +796,50 @@ class Shipper:
         """The facts an acknowledgement records with it: the last attempt succeeded, now."""
         now = self.clock()
         self._last_note = ("ok", None, self.monotonic())
+        self.stats.last_error = None  # the last attempt succeeded: no error is current
         return {"last_attempt_at": now, "last_result": "ok", "last_error": None, "last_success_at": now}
 
-    def _note(self, result: str, error: str | None) -> None:
-        """Record a failure for `spool status`: at once when it changes, at most once a second while it repeats."""
+    def _note(self, result: str, error: str | None, trouble: str | None = None) -> None:
+        """Record a failed attempt for `spool status`: at once when it changes, at most once a second while it
+        repeats; and, of kind `trouble`, the problem shipping has now (noted at once when it begins or changes)."""
         self.stats.last_error = error
+        problem = self._troubled(trouble, error or result) if trouble is not None else {}
         last_result, last_error, at = self._last_note
-        if (result, error) == (last_result, last_error) and self.monotonic() - at < META_THROTTLE:
+        if not problem and (result, error) == (last_result, last_error) and self.monotonic() - at < META_THROTTLE:
             return
         self._last_note = (result, error, self.monotonic())
         try:
-            self.store.set_meta(last_attempt_at=self.clock(), last_result=result, last_error=error)
+            self.store.set_meta(last_attempt_at=self.clock(), last_result=result, last_error=error, **problem)
         except StoreError as exc:  # status bookkeeping must never stop delivery
             log.warning("cannot record shipping status: %s", exc)
+
+    def _troubled(self, kind: str, text: str) -> dict[str, object]:
+        """Shipping has a problem: return the note to record if it is a new one (it keeps when the trouble began)."""
+        trouble = self._trouble
+        if trouble is not None and (trouble.kind, trouble.text) == (kind, text):
+            return {}
+        if trouble is not None and trouble.kind != "link" and kind == "link":
+            return {}  # the key or the endpoint waits for an operator: that stays the problem to show
+        self._trouble = _Trouble(kind, text, trouble.since if trouble is not None else self.clock(),
+                                 trouble.sent if trouble is not None else self.stats.sent)
+        return {"problem": self._trouble.noted()}
+
+    def _recovered(self, *, delivering: int = 0, write: bool = False) -> dict[str, object]:
+        """Shipping works again: say so once, with how long the problem lasted; return the note that clears it
+        (or, with `write`, record it now)."""
+        trouble, self._trouble = self._trouble, None
+        if trouble is None:
+            return {}
+        delivered, seconds = self.stats.sent + delivering - trouble.sent, max(0.0, self.clock() - trouble.since)
+        log.info("shipping recovered after %s; %s record%s delivered since", lasted(seconds), f"{delivered:,}",
+                 "" if delivered == 1 else "s", extra={"error_kind": trouble.kind, "lasted": round(seconds, 3),
+                                                      "delivered": delivered})
+        if write:
+            try:
+                self.store.set_meta(problem=None)
+            except StoreError as exc:
+                log.warning("cannot record shipping status: %s", exc)
+        return {"problem": None}
 
     def settle(self, write: Callable[[], object]) -> None:
         """Commit what the receiver answered, retrying until it commits: this is the write never given up.
@@ -936,6 +988,17 @@ class Shipper:
             store.release_space(between=between)
         except StoreError as exc:
             log.warning("housekeeping failed: %s", exc)
+
+
+def _adopted(store: Store) -> _Trouble | None:
+    """The problem a shipper before this one noted and did not see end (this one shows it until it is solved)."""
+    try:
+        noted = store.meta().get("problem")
+    except StoreError:
+        return None
+    if not isinstance(noted, dict) or not isinstance(noted.get("since"), int | float):
+        return None
+    return _Trouble(str(noted.get("kind")), str(noted.get("text")), float(noted["since"]), 0)
 
 
 class Gap:

@@ -32,7 +32,9 @@ def test_drop_oldest_keeps_the_newest_records_and_counts_exactly_what_it_dropped
         kept = [r.stat for _, _, r in sp.store.records()]
         assert len(kept) == 100 and kept[-1] == "single" and "s31" in kept and "s30" not in kept
         assert sp.store.counters() == {"dropped_oldest": 31}
-        assert "31 dropped (oldest first)" in " ".join(sp.status()["problems"])
+        status = sp.status()  # said as something that happened, not as a current problem
+        assert "31 dropped (oldest first)" in " ".join(status["notes"])
+        assert not any("dropped" in problem for problem in status["problems"])
 
 
 def test_reject_new_refuses_the_whole_append_and_counts_its_records(db):
@@ -142,7 +144,7 @@ def test_ship_once_from_cron_drops_and_counts_records_older_than_max_age(db, rec
     assert "shipped 1, dead 0, dropped 3 older than max_age" in shipped.stderr, shipped.stderr
     status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
     assert (status["pending"], status["sent"], status["counters"]) == (0, 1, {"dropped_age": 3})
-    assert "3 dropped because their t was older than max_age" in status["problems"]
+    assert "3 dropped because their t was older than max_age" in status["notes"]
 
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(db):
     with Spool(db) as sp:

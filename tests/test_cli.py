@@ -118,8 +118,8 @@ def test_status_explains_why_records_are_stuck(db):
     with Spool(db) as sp:
         sp.count("s", 1, t=T0)
     result = run_cli(db, "status")
-    assert result.returncode == 0
-    assert "pending    1" in result.stdout
+    assert result.returncode == 2  # failing: records wait for a key only an operator can give
+    assert "pending    1" in result.stdout and "health       failing, 2 problems below" in result.stdout
     assert "1 pending record carries no ezkey and none is configured" in result.stdout
     assert "no shipper is running" in result.stdout
 

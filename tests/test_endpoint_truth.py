@@ -69,7 +69,8 @@ def test_a_loop_through_a_relay_of_the_same_spool_is_detected_at_run_time_and_pa
     finally:
         rest = stop_agent(agent) if agent is not None else ""
         stop_agent(relay)
-    said = [line for line in [*lines, *rest.splitlines()] if "relay of this very spool" in line]
+    said = [line for line in [*lines, *rest.splitlines()] if "relay of this very spool" in line
+            and "health: " not in line]  # the summary names the current problem, as every view of health does
     assert len(said) == 1, said  # one loud line, not one per retry
     assert f"ship.endpoint http://127.0.0.1:{port} is a relay of this very spool" in said[0]
     assert status["pending"] + status["inflight"] == 1 and status["sent"] == 0  # one record stays one record

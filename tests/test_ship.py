@@ -452,7 +452,9 @@ def test_ship_once_with_a_refused_configured_key_still_ships_records_with_their_
     assert sorted(a.get("stat") or a["key"] for a in receiver.accepted) == ["own", "stat-key"]
     status = json.loads(run_cli(db, "status", "--json", env=env).stdout)
     assert (status["pending"], status["inflight"], status["sent"], status["dead"]) == (3, 0, 2, 0)
-    assert status["last_result"] == "paused" and "revoked-key-0123" not in json.dumps(status)
+    assert any(problem.startswith("shipping is paused since") and "refused the configured ezkey" in problem
+               for problem in status["problems"]), status
+    assert status["health"]["verdict"] == "failing" and "revoked-key-0123" not in json.dumps(status)
 
 
 def test_status_after_ship_once_with_only_refusals_shows_the_attempt_redacted(db, receiver):
