@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from spool.config import Config
-from spool.errors import ConfigError, InvalidRecord, SpoolError
+from spool.errors import ConfigError, InvalidRecord, SpoolError, StoreError
 from spool.records import Record, make_record, now, parse_record, record_rows
 from spool.store import Store
 
@@ -68,7 +68,17 @@ class Spool:
             changes["spool.path"] = Path(path)
         self.config = config.replace(**changes) if changes else config
         self.path = self.config.db
-        self.store = Store.for_config(self.config, create=create)
+        try:
+            self.store = Store.for_config(self.config, create=create)
+        except (PermissionError, StoreError) as exc:
+            if not isinstance(exc, PermissionError) and type(exc) is not StoreError:
+                raise  # corrupt, missing, full, busy: said as they are
+            from spool.sharing import cannot_write
+
+            hint = cannot_write(self.path)  # a spool another user owns: say what this user can do instead
+            if hint is None:
+                raise
+            raise StoreError(hint) from None
 
     @classmethod
     def from_config(cls, config: Config, *, create: bool = True) -> Spool:

@@ -444,7 +444,8 @@ class SpoolSettings(_Settings):
     """[spool]: the spool file, its durability and bounds."""
 
     path: Path | None = setting(
-        None, PathKind(), "the spool file (SQLite; created 0600 in a 0700 directory). Default: "
+        None, PathKind(), "the spool file (SQLite; created 0600 in a 0700 directory, or 0660 in a setgid directory "
+        "its group may write: a spool every user of that group may add to). Default: "
         "$XDG_STATE_HOME/spool/spool.db (~/.local/state/spool/spool.db)", flag="--db", env=("SPOOL_DB",),
         packaged="/var/lib/spool/spool.db")
     synchronous: str = setting(

@@ -52,6 +52,7 @@ def checks(load: Callable[[], Config], *, fallback: Callable[[], Config], clock:
     yield _clock(clock())
     yield _disk(config)
     yield _integrity(config, deep, clock)
+    yield _producers(config)
     if deep:
         yield _counts(config, recount=recount)
     for watch in config.watch:
@@ -153,11 +154,16 @@ def _disk(config: Config) -> Verdict:
 
 def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdict:
     from spool.errors import StoreError
+    from spool.sharing import shared
     from spool.store import Store
 
-    if not config.db.exists():
-        return Verdict("spool", True, f"{config.db} does not exist yet; it is created on first use")
-    mode = stat.S_IMODE(config.db.stat().st_mode)
+    try:
+        if not config.db.exists():
+            return Verdict("spool", True, f"{config.db} does not exist yet; it is created on first use")
+        mode = stat.S_IMODE(config.db.stat().st_mode)
+    except PermissionError:  # another user's private spool: the producers check says what this user can do
+        return Verdict("spool", False, f"cannot look at {config.db}: permission denied",
+                       "run doctor as the spool's owner (sudo -u spool spool doctor); see the producers check")
     try:
         with Store.for_config(config, create=False) as store:  # opening checks the bookkeeping tables
             verdict = _deep_check(store, clock) if deep else store.integrity()
@@ -168,14 +174,32 @@ def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdic
         return Verdict("spool", False, f"the full integrity check ({at}) found damage: {verdict.get('detail')}",
                        f"`spool export --state pending FILE` saves what can still be read; then restart `spool "
                        f"run`: it moves {config.db.name} aside and starts a fresh spool")
-    if mode & 0o077:
+    if mode & (0o007 if shared(config.db.parent) else 0o077):  # a shared spool is its group's by design
         return Verdict("spool", False, f"{config.db} is readable by others (mode {mode:o}); it holds keys",
-                       f"chmod 600 {config.db}")
+                       f"chmod {'660' if shared(config.db.parent) else '600'} {config.db}")
     full = {"sound": f"full check sound ({at}, {verdict.get('seconds', 0):g} s)",
             "checking": f"full check running in the agent (since {at})",
             "owed": "full check owed (the last agent did not stop cleanly): `spool run` runs it when idle"}.get(
         state or "", "no full check recorded (`spool doctor --deep` runs one)")
     return Verdict("spool", True, f"bookkeeping sound; {full}")
+
+
+def _producers(config: Config) -> Verdict:
+    """Who may add stats to the spool, and what applies to this user: write it, join its group, or another way."""
+    from spool.sharing import access_problem, group_name, shared, who
+
+    ways = [f"the relay (http://{config.relay.listen}/ez)"] if config.relay.enabled else []
+    ways += [f"a drop directory ({entry.path})" for entry in config.watch]
+    others = " or ".join(ways) if ways else "the relay or a drop directory (neither is configured here)"
+    folder = config.db.parent
+    if shared(folder):
+        scope = f"shared with group {group_name(folder.stat().st_gid)}: its members add stats; others use {others}"
+    else:
+        scope = f"private to its owner: other users add stats through {others}"
+    problem = access_problem(config.db, others)
+    if problem is not None:
+        return Verdict("producers", False, problem[0], problem[1])
+    return Verdict("producers", True, f"{who()} can add stats; the spool is {scope}")
 
 
 def _deep_check(store: Any, clock: Callable[[], float]) -> dict[str, Any]:

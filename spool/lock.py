@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from spool.errors import SpoolBusy
+from spool.sharing import open_new
 
 ACQUIRE_PATIENCE = 2.0  # seconds a starting shipper waits out a status reader's brief shared lock
 
@@ -48,7 +49,7 @@ class ShipLock:
 
     def acquire(self, *, patience: float = ACQUIRE_PATIENCE) -> ShipLock:
         """Take the lock or raise SpoolBusy naming the holder's pid."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_new(self.path, os.O_RDWR)  # readable by the group of a shared spool: `spool status` reads it
         deadline = time.monotonic() + patience
         while True:
             try:

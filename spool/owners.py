@@ -25,6 +25,7 @@ from pathlib import Path
 
 from spool.clock import boot_id
 from spool.errors import StoreError
+from spool.sharing import make_directory, open_new
 
 PREFIX = "lock:"
 _HEX = frozenset("0123456789abcdef")
@@ -71,11 +72,11 @@ class Owners:
         if self.name is not None:
             return self.name
         try:
-            self.directory.mkdir(mode=0o700, exist_ok=True)
+            make_directory(self.directory)  # 0700, or 2770 beside a shared spool (spool.sharing)
             while True:
                 token = os.urandom(8).hex()
                 path = self.directory / token
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = open_new(path, os.O_RDWR | os.O_EXCL)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     # A sweep may have found the file between its creation and the lock, taken it for a dead

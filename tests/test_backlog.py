@@ -352,7 +352,8 @@ def test_doctor_passes_a_sound_setup_and_names_each_check(db, receiver, tmp_path
     result = run_cli(db, "doctor", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     names = [line.split(":")[0] for line in result.stdout.splitlines()]
-    assert names == ["ok   config", "ok   ezkey", "ok   endpoint", "ok   clock", "ok   disk", "ok   spool"]
+    assert names == ["ok   config", "ok   ezkey", "ok   endpoint", "ok   clock", "ok   disk", "ok   spool",
+                     "ok   producers"]
     assert "k\n" not in result.stdout
 
 

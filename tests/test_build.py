@@ -210,8 +210,8 @@ def test_the_zipapp_shows_help_adds_and_reports_status_with_no_home_as_an_unpriv
     result = run_zipapp(pyz, box, "add", "pyz requests", "--count", "2", "--t", str(T0))
     assert result.returncode == 0, messages(result.stderr)
     result = run_zipapp(pyz, box, "status")
-    assert result.returncode == 0, messages(result.stderr)
-    assert "pending    1" in result.stdout
+    assert result.returncode == 2, messages(result.stderr)  # failing: the record has no key, and none is configured
+    assert "pending    1" in result.stdout and "health       failing" in result.stdout
     assert sorted(p.name for p in box.iterdir() if not p.name.startswith("spool.db")) == ["drop", "tmp"]
 
 
@@ -272,8 +272,8 @@ def test_the_zipapp_runs_from_its_sources_on_other_pythons(built, box):
     config.write_text("[spool]\nretention = \"1d\"\n")
     for args in (["add", "old python", "--count", "1"], ["--config", str(config), "status"]):
         result = subprocess.run([python, str(built / "spool.pyz"), *args], capture_output=True, text=True,
-                                env=clean_env(box), cwd="/", timeout=60)
-        assert result.returncode == 0, (python, result.stderr)
+                                env=clean_env(box, SPOOL_EZKEY=TEST_EZKEY), cwd="/", timeout=60)
+        assert result.returncode == 0, (python, result.stderr)  # status: healthy (a fresh record, a key)
     assert "pending    1" in result.stdout
 
 
@@ -365,9 +365,10 @@ def test_the_debs_spool_command_runs_by_its_own_shebang(built, tmp_path, box, re
                  ["ship", "--once", "--endpoint", receiver.url]):
         result = subprocess.run([*prefix, str(binary), *args], capture_output=True, text=True, cwd="/", timeout=60,
                                 env=clean_env(box, SPOOL_EZKEY=TEST_EZKEY))
+        if args == ["status"]:  # degraded (exit 1): a record from T0, years ago, and nothing delivered yet
+            assert result.returncode == 1 and "pending    1" in result.stdout, result.stdout + result.stderr
+            continue
         assert result.returncode == 0, result.stderr
-        if args == ["status"]:
-            assert "pending    1" in result.stdout
     assert receiver.stats() == [("deb stat", "count", 1, T0, TEST_EZKEY)]
 
 
@@ -411,8 +412,8 @@ def test_the_deb_installs_idempotently_and_its_purge_keeps_the_spool(built, tmp_
     users = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines()]
     [spool] = [u for u in users if u[0] == "spool"]
     assert spool[5:] == ["/var/lib/spool", "/usr/sbin/nologin"]
-    state = (root / "var/lib/spool").stat()
-    assert (state.st_uid, oct(state.st_mode & 0o777)) == (int(spool[2]), "0o700")
+    state = (root / "var/lib/spool").stat()  # setgid, the group's: any user in the group spool may produce
+    assert (state.st_uid, state.st_gid, oct(state.st_mode & 0o7777)) == (int(spool[2]), int(spool[3]), "0o2770")
     assert "Conffiles:\n /etc/spool/spool.toml" in dpkg(root, "--status", "stathat-spool").stdout
     assert (root / "usr/bin/spool").exists()
     (root / "var/lib/spool/spool.db").write_text("records not shipped yet")
@@ -432,3 +433,48 @@ def test_the_deb_installs_idempotently_and_its_purge_keeps_the_spool(built, tmp_
     [spool] = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("spool:")]
     assert (root / "var/lib/spool").stat().st_uid == int(spool[2]) != int(old_uid)
     assert (root / "var/lib/spool/spool.db").stat().st_uid == int(spool[2])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dpkg --root sets file owners, and other users are needed: needs root")
+def test_on_the_packaged_box_a_user_in_the_spool_group_produces_and_others_are_told_what_applies(built):
+    folder = Path(tempfile.mkdtemp(prefix="spool-packaged-"))
+    folder.chmod(0o755)  # every user reaches the installed files (pytest's own folders are root's alone)
+    try:
+        root = throwaway_root(folder / "root")
+        root.chmod(0o755)
+        (root / "var/lib/spool").mkdir(parents=True, mode=0o700)  # an earlier install's private spool, kept
+        with open(root / "var/lib/spool/spool.db", "w"):
+            pass
+        os.chmod(root / "var/lib/spool/spool.db", 0o600)
+        dpkg(root, "--install", str(deb(built)))
+        [spool] = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines()
+                   if line.startswith("spool:")]
+        uid, gid = int(spool[2]), int(spool[3])
+        db = root / "var/lib/spool/spool.db"
+        assert (db.stat().st_gid, oct(db.stat().st_mode & 0o777)) == (gid, "0o660")
+        db.unlink()  # a fresh box: the agent's user makes it, under systemd's UMask=0077
+
+        def as_user(user: int, groups: list[int], *args: str) -> subprocess.CompletedProcess[str]:
+            who = ["setpriv", f"--reuid={user}", f"--regid={user if user != uid else gid}",
+                   f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
+            env = {"HOME": "/nonexistent", "SPOOL_DB": str(db), "SPOOL_CONFIG": os.devnull,
+                   "SPOOL_ENDPOINT": "http://127.0.0.1:9"}
+            return subprocess.run([*who, "sh", "-c", 'umask 077; exec "$@"', "sh", str(root / "usr/bin/spool"),
+                                   *args], capture_output=True, text=True, env=env, cwd="/", timeout=60)
+
+        assert as_user(uid, [], "add", "by the agent's user", "--count", "1").returncode == 0
+        assert oct(db.stat().st_mode & 0o777) == "0o660"
+        nobody = pwd.getpwnam("nobody").pw_uid
+        app = as_user(nobody, [gid], "add", "by an app", "--count", "1", "--t", str(T0))
+        assert app.returncode == 0, messages(app.stderr)
+        status = as_user(nobody, [gid], "status")
+        assert "pending    2" in status.stdout, status.stdout + status.stderr
+        other = as_user(nobody, [], "add", "by a stranger", "--count", "1")
+        assert other.returncode == 1
+        [line] = other.stderr.splitlines()  # it was `spool: error: Permission denied: /var/lib/spool/spool.db`
+        assert line.startswith(f"spool: error: cannot write spool {db}: {db.parent} is not writable by nobody"), line
+        assert "add this user to group" in line and "or send stats through the relay or a drop directory" in line
+        doctor = as_user(nobody, [], "doctor")
+        assert f"FAIL producers: {db.parent} is not writable by nobody" in doctor.stdout, doctor.stdout
+    finally:
+        shutil.rmtree(folder)

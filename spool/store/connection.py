@@ -16,6 +16,7 @@ from spool.clock import boot_clock, boot_id, utc_text
 from spool.durable import fsync_dir
 from spool.errors import SpoolMissing, StoreError
 from spool.owners import Owners
+from spool.sharing import open_new
 from spool.store.core import (
     _BUSY,
     _CORRUPT,
@@ -274,7 +275,8 @@ class Opening(Schema):
 
 
 def _create_private_file(path: Path) -> None:
-    """Create the spool file (and its directory) readable by its owner only, if it does not exist yet."""
+    """Create the spool file (and its directory) readable by its owner only (and its group, in a shared directory:
+    spool.sharing), if it does not exist yet."""
     if path.exists():
         return
     blocker = next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
@@ -284,7 +286,7 @@ def _create_private_file(path: Path) -> None:
     made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(open_new(path, os.O_WRONLY))  # 0600, or 0660 in a shared directory (spool.sharing)
         # A new name is durable once its directory is synced: the file's, then each directory made for it,
         # deepest first (SQLite syncs only the spool's own directory, and only when it makes the WAL).
         for folder in (path.parent, *(made_one.parent for made_one in made)):
