@@ -709,8 +709,11 @@ class Shipper:
         probe = max(self.config.ship.backoff_max, KEY_RECHECK)
         self._pause = _KeyPause(reason, key, float("inf") if key is None else self.monotonic() + probe)
         self._note("paused", reason, "key")
-        if not said:
-            log.error("shipping paused: %s", reason)
+        if not said:  # and what happens next: nothing needs a restart once the key is right
+            changes = "when the key file changes" if self.config.ship.ezkey_file is not None else "at a reload"
+            then = (f"the key file is looked at every {KEY_RECHECK:g} s" if key is None else
+                    f"the key is tried again every {probe:g} s, and at once {changes}")
+            log.error("shipping paused: %s (%s: shipping resumes by itself once it is fixed)", reason, then)
 
     def _resume(self, why: str) -> None:
         self._pause = None

@@ -225,7 +225,8 @@ def test_an_empty_key_file_at_start_is_the_agents_problem_everywhere_until_it_is
     env = cli_env(db)
     agent = spawn_cli(db, "--config", str(config), "run", env=env)
     try:
-        wait_for_line(agent, "shipping paused: ship.ezkey_file")
+        paused = wait_for_line(agent, "shipping paused: ship.ezkey_file")[-1]
+        assert "the key file is looked at every 5 s: shipping resumes by itself once it is fixed" in paused, paused
         summary = wait_for_line(agent, "health: failing: shipping is paused since")[-1]
         assert "is empty" in summary, summary
         code, report = status(db, {**env, "SPOOL_CONFIG": str(config)})
