@@ -27,6 +27,13 @@ from spool.records import number_from_text
 EXIT_USAGE = 2
 
 
+def _waits_for_an_operator(exc: Exception) -> bool:
+    """A spool that is damaged, or that this user cannot open or write: no later run mends it by itself."""
+    from spool.errors import SpoolCorrupt, SpoolUnusable
+
+    return isinstance(exc, (SpoolCorrupt, SpoolUnusable))
+
+
 class SpoolCommandError(click.ClickException):
     """A library error shown as one line; its exit status comes from the error's class."""
 
@@ -69,7 +76,10 @@ class SpoolGroup(click.Group):
         except SpoolError as exc:
             if ctx.meta.get("spool.debug"):
                 raise
-            raise SpoolCommandError(str(exc), exc.exit_status) from None
+            status = exc.exit_status
+            if ctx.invoked_subcommand in ("status", "ship") and _waits_for_an_operator(exc):
+                status = 2  # their documented "failing: an operator must act", not "the link failed" (1)
+            raise SpoolCommandError(str(exc), status) from None
         except BrokenPipeError:
             # The reader went away (`spool export - | head`): one line on stderr, the exit status of SIGPIPE.
             with contextlib.suppress(OSError):

@@ -64,6 +64,11 @@ class StoreError(SpoolError):
     """The spool file could not be opened, read or written."""
 
 
+class SpoolUnusable(StoreError):
+    """The spool file cannot be opened or written by this user (permissions, a read-only mount): an operator's
+    to mend, not a transient failure."""
+
+
 class SpoolMissing(StoreError):
     """A command that only reads or manages a spool was pointed at a file that does not exist."""
 

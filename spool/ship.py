@@ -413,6 +413,8 @@ class Shipper:
         """
         assert self._pool is not None
         self.stats.limit = self.limit.value
+        if self._pause is not None and self._key_file_changed():  # looked at while the link backs off too
+            self._read_key()
         while self.stats.in_flight < self.limit.value:
             if self.shutdown.is_set() or (state.deadline is not None and self.monotonic() >= state.deadline):
                 return ANSWER_POLL
@@ -719,6 +721,14 @@ class Shipper:
         self._pause = None
         self._stopped = None
         log.info("%s", why)
+        trouble = self._trouble
+        if trouble is not None and trouble.kind == "key":  # that problem is over: what is left is the link's to say
+            self._trouble = _Trouble("link", "the key is usable again; waiting for the receiver's answer",
+                                     trouble.since, trouble.sent)
+            try:
+                self.store.set_meta(problem=self._trouble.noted())
+            except StoreError as exc:
+                log.warning("cannot record shipping status: %s", exc)
 
     def _key_held(self) -> bool:
         """Whether the records sent with the configured key must wait now (not even a probe is due)."""

@@ -249,6 +249,33 @@ def test_an_empty_key_file_at_start_is_the_agents_problem_everywhere_until_it_is
     assert TEST_EZKEY not in stderr
 
 
+def test_a_key_file_fixed_while_the_link_is_down_leaves_the_links_problem_not_the_keys(db, tmp_path):
+    """The key problem ends when the key file is fixed, even while the receiver cannot be reached (the file is looked
+    at while the link backs off too); what is shown then is the link's problem, degraded, not a stale "is empty"."""
+    class Down:  # an endpoint where nothing listens
+        url = f"http://127.0.0.1:{free_port()}"
+
+    key_file = tmp_path / "ezkey"
+    key_file.write_text("")
+    key_file.chmod(0o600)
+    with Spool(db) as sp:
+        sp.count("s", 1)
+    config = agent_config(tmp_path, Down, key_file=key_file)
+    env = {**cli_env(db), "SPOOL_CONFIG": str(config)}
+    agent = spawn_cli(db, "run", env=env)
+    try:
+        wait_for_line(agent, "shipping paused: ship.ezkey_file")
+        key_file.write_text(TEST_EZKEY + "\n")
+        wait_for_line(agent, "the ezkey was changed; shipping resumed")
+        code, report = status(db, env)
+        assert code == 1 and report["health"]["verdict"] == "degraded", report
+        assert not any("empty" in p for p in report["problems"]), report
+        assert any("the receiver is failing" in p for p in report["problems"]), report
+    finally:
+        stderr = stop_agent(agent)
+    assert TEST_EZKEY not in stderr
+
+
 def test_a_failing_link_is_logged_when_it_starts_and_once_when_it_ends(db, receiver, tmp_path):
     receiver.fail_next(3)
     with Spool(db) as sp:

@@ -13,7 +13,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spool.errors import SpoolCorrupt, StoreError
+from spool.errors import SpoolCorrupt, SpoolUnusable, StoreError
 
 if TYPE_CHECKING:
     import logging
@@ -287,6 +287,8 @@ def _translated(path: Path, busy_timeout: float) -> Iterator[None]:
     except sqlite3.Error as exc:
         if _code(exc) in (_CORRUPT, _NOTADB):
             raise _corrupt(path, str(exc)) from None
+        if _code(exc) in (_READONLY, _CANTOPEN, _PERM):
+            raise SpoolUnusable(_explain(exc, path, busy_timeout)) from None
         raise StoreError(_explain(exc, path, busy_timeout)) from None
 
 
