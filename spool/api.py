@@ -71,14 +71,16 @@ class Spool:
         try:
             self.store = Store.for_config(self.config, create=create)
         except (PermissionError, StoreError) as exc:
-            if not isinstance(exc, PermissionError) and type(exc) is not StoreError:
+            from spool.errors import SpoolUnusable
+
+            if not isinstance(exc, PermissionError) and type(exc) not in (StoreError, SpoolUnusable):
                 raise  # corrupt, missing, full, busy: said as they are
             from spool.sharing import cannot_write
 
             hint = cannot_write(self.path)  # a spool another user owns: say what this user can do instead
             if hint is None:
                 raise
-            raise StoreError(hint) from None
+            raise SpoolUnusable(hint) from None
 
     @classmethod
     def from_config(cls, config: Config, *, create: bool = True) -> Spool:

@@ -68,7 +68,9 @@ def test_runtime_failures_are_one_line_with_status_1(db, tmp_path):
     assert_one_line_error(run_cli(db, "import", str(tmp_path / "missing.jsonl")), 1, "No such file")
     not_a_db = tmp_path / "garbage.db"
     not_a_db.write_bytes(b"\x00garbage" * 1000)
-    assert_one_line_error(run_cli(not_a_db, "status"), 1, "not a usable spool database")
+    assert_one_line_error(run_cli(not_a_db, "export", "-"), 1, "not a usable spool database")
+    # status and ship --once say "failing: an operator must act" with 2 (not "the link failed", 1)
+    assert_one_line_error(run_cli(not_a_db, "status"), 2, "not a usable spool database")
 
 
 def test_config_errors_are_one_line_with_status_2(db, tmp_path):
