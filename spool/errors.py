@@ -98,8 +98,9 @@ class TransientError(ShipError):
     """The receiver could not be reached or asked us to come back later; retry."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, foreign: bool = False,
-                 brief: str | None = None):
+                 brief: str | None = None, overload: str | None = None):
         self.retry_after = retry_after
+        self.overload = overload  # the receiver is overloaded, and how it says so: "503", "429", "timeout"
         self.unresolvable = False  # the host name did not resolve (a typo, or no DNS yet on this link)
         self.foreign = foreign  # the answer is certainly not StatHat's (a web page, a 501): not StatHat at all?
         self.brief = brief or message  # the message without the answer it quotes (quoted once, not at every retry)

@@ -35,6 +35,9 @@ from spool.lock import IDENTITY_HEADER
 from spool.records import KIND_NAMES, Kind, Record, number_from_text
 
 TRANSIENT_STATUSES = frozenset({408, 429})
+# Answers that say the receiver has more than it can take (StatHat: 503 "Back-end server is at capacity"), and
+# a gateway's timeout: the shipper's pacing slows down for them (a 500 or a reset says nothing of load).
+OVERLOAD_STATUSES = {429: "429", 503: "503", 504: "timeout"}
 KEY_REFUSALS = frozenset({"invalid keys", "no ezkey specified"})  # StatHat's refusals of a key, word for word
 USER_AGENT = "stathat-spool"
 MAX_ANSWER = 64 << 10  # bytes of an answer body read at most; StatHat's answers are tens of bytes
@@ -121,12 +124,13 @@ def classify_response(status: int, body: str, retry_after: str | None = None, *,
         raise TransientError(f"HTTP {status} with no final answer after it: whether the request was taken is "
                              "unknown, so it is sent again")
     if status in TRANSIENT_STATUSES or 500 <= status <= 599:
+        overload = OVERLOAD_STATUSES.get(status)
         if foreign_answer(status, body, content_type):
             raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(), foreign=True,
                                  brief=f"HTTP {status}, not StatHat's answer",
-                                 retry_after=retry_after_seconds(retry_after))
+                                 retry_after=retry_after_seconds(retry_after), overload=overload)
         raise TransientError(f"HTTP {status} {_snippet(body, keys)}".rstrip(),
-                             retry_after=retry_after_seconds(retry_after))
+                             retry_after=retry_after_seconds(retry_after), overload=overload)
     if 300 <= status <= 399 and location is not None:
         target = printable(redact(location, keys))
         target = target if len(target) <= 200 else target[:200] + "…"
@@ -697,7 +701,8 @@ class StatHatClient:
                     body = _read_answer(response)
         except _CUT as exc:
             if deadline.expired or isinstance(exc, requests.Timeout):
-                raise self._cut_short(deadline) from None
+                # No connection at all within the deadline says the link is down, not that the receiver is busy.
+                raise self._cut_short(deadline, connected=not isinstance(exc, requests.ConnectTimeout)) from None
             if isinstance(exc, requests.exceptions.SSLError):
                 if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
                     raise EndpointError(f"TLS handshake with {self.endpoint} failed: the server speaks plain "
@@ -719,10 +724,11 @@ class StatHatClient:
             raise self._cut_short(deadline)  # the body "ended" where the deadline shut the socket, not the receiver
         return response, body
 
-    def _cut_short(self, deadline: _Deadline) -> TransientError:
+    def _cut_short(self, deadline: _Deadline, *, connected: bool = True) -> TransientError:
         if deadline.aborted:  # the log must say why it ended: not the receiver's slowness
             return TransientError(f"request to {self.endpoint} cut short before its answer came: spool is stopping")
-        return TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}")
+        return TransientError(f"no complete answer within {self.timeout:g} s from {self.endpoint}",
+                              overload="timeout" if connected else None)
 
 
 def _read_answer(response: requests.Response) -> str:
