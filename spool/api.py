@@ -354,6 +354,7 @@ class Spool:
             "last_result": meta.get("last_result"),
             "last_error": meta.get("last_error"),
             "last_success_at": meta.get("last_success_at"),
+            "pacing": meta.get("pacing") if shipper else None,  # the running shipper's pace, and why
             "counters": counters,
             "integrity": self.store.integrity() or None,  # the last full check (spool.checkup), None if never
             "health": health.to_dict(),

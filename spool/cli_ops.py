@@ -270,6 +270,9 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"last attempt {_when(report['last_attempt_at'])}: {result}")
     if report["last_success_at"] is not None:
         lines.append(f"last success {_when(report['last_success_at'])}")
+    pacing = report.get("pacing")
+    if pacing:
+        lines.append(f"pacing       {pacing['rate']:.3g} req/s: {pacing['why']} (at most {pacing['ceiling']:g})")
     integrity = report.get("integrity")
     if integrity:
         lines.append(f"integrity    {_integrity(integrity)}")

@@ -494,13 +494,20 @@ class ShipSettings(_Settings):
                                "never cuts them")
     max_in_flight: int = setting(8, Integer(1, 64), "requests under way at once, at most (the shipper adapts "
                                  "below it; 1: one at a time)", flag="--max-in-flight")
-    max_requests_per_second: float = setting(20.0, Number(), "pacing of the drain (0: none)",
+    max_requests_per_second: float = setting(20.0, Number(), "the most requests a second the drain makes (0: no pacing "
+                                             "at all); adaptive pacing finds its rate below it",
                                              flag="--max-requests-per-second")
+    pacing: str = setting("adaptive", Choice("adaptive", "fixed"), '"adaptive": the request rate starts gently, grows '
+                          "with every clean answer, is cut on 503, 429 and timeouts and grows back while answers are "
+                          "clean; a backlog's first requests are spread over a time scaled to the backlog, at start-up "
+                          'and when the link comes back (see "Running a fleet"). "fixed": max_requests_per_second '
+                          "always, and a random part of reconnect_jitter waited at start-up only")
     backoff_initial: float = setting(0.5, Duration(), "first retry back-off (exponential with full jitter)")
     backoff_max: float = setting(60.0, Duration(), "longest retry back-off")
     retry_after_max: float = setting(600.0, Duration(), "a receiver's Retry-After is honoured up to this")
-    reconnect_jitter: float = setting(10.0, Duration(), "`spool run` waits a random part of this before draining "
-                                      "a backlog at start-up (a fleet must not arrive together)")
+    reconnect_jitter: float = setting(10.0, Duration(), "the longest random wait before a backlog's first requests, so "
+                                      "a fleet does not arrive together (adaptive pacing waits less for a small "
+                                      "backlog)")
     idle_poll: float = setting(2.0, Duration(), "how often an idle shipper looks for records other processes "
                                "appended")
     lease_timeout: float = setting(300.0, Duration(), "a lease left by an earlier release (no owner, or one named "

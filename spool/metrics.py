@@ -155,6 +155,12 @@ class Metrics:
             yield GaugeMetricFamily("spool_ship_in_flight", "Requests under way now", value=ship["in_flight"])
             yield GaugeMetricFamily("spool_ship_concurrency_limit", "Requests the link is trusted with at once",
                                     value=ship["limit"])
+            yield GaugeMetricFamily("spool_ship_paced_rate", "Requests a second the drain is paced at now (0: not "
+                                    "paced)", value=ship["paced_rate"])
+            why = GaugeMetricFamily("spool_ship_pacing", "Why the drain is paced where it is (the reason is 1)",
+                                    labels=["reason"])
+            why.add_metric([ship["pacing"]], 1)
+            yield why
             histogram = HistogramMetricFamily("spool_ship_request_seconds", "Time to the receiver's answer")
             cumulative, buckets = 0, []
             for bound, n in zip((*ship["latency_bounds"], float("inf")), ship["latency_buckets"], strict=True):

@@ -66,6 +66,16 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: 
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 KEY_RECHECK = 5.0  # seconds between looks at the key file while the configured key cannot be used
 FOREIGN_PAUSE = 3  # answers in a row certainly not StatHat's (a web page, a 501) that pause shipping
+# Adaptive pacing (docs/design.md, "Pacing"): the law and its parameters.
+PACE_START = 2.0  # requests/s: where the rate starts (at start-up, and again when the link comes back)
+PACE_SLOW_START = 1.5  # until the first overload the rate is multiplied by this with every clean answer
+PACE_BETA = 0.5  # on overload the rate is cut to this share of what the receiver took
+PACE_CUBIC = 0.4  # requests/s per s^3: how fast the rate grows back along the cubic curve (AWS's scale constant)
+PACE_STEP = 3.0  # a clean answer at most multiplies the rate by this
+PACE_WINDOW = 2.0  # seconds: what the receiver took is counted over this, or over 4 intervals if longer
+PACE_FLOOR = 0.1  # requests/s: the slowest the drain is ever paced (one request every 10 s)
+SPREAD_PER_REQUEST = 0.3  # seconds of spread per request of backlog (reconnect_jitter at most)
+RECOVERY_RUN = 3  # back-off steps in a row with no answer from the receiver: their end is a recovery
 
 
 class wait_retry_after(wait_base):
@@ -139,6 +149,7 @@ class _Unit:
     items: list[Leased]
     ezkey: str | None  # None: a classic record
     own_key: bool = False  # the records carry their own key (a refusal of it is theirs, not the config's)
+    sent_at: float = float("-inf")  # monotonic: when it was last sent
 
 
 @dataclass
@@ -172,6 +183,7 @@ class Handover:
     not_before: float  # monotonic: no request before this (a back-off, a Retry-After, the start-up jitter)
     failures: int  # consecutive failures of the link: the back-off goes on growing from there
     pause: _KeyPause | None  # the configured key was unusable: held while the key read is the one refused
+    pace: Pace | None = None  # the request rate learnt: a reload does not start gently again
 
 
 @dataclass
@@ -207,6 +219,130 @@ class AdaptiveLimit:
         if now - self._last_cut >= min(self._fastest, 1.0):
             self._limit = max(1.0, self._limit / 2)
             self._last_cut = now
+
+
+_OVERLOAD_WORDS = {"503": "503s from the receiver", "429": "429s from the receiver",
+                   "timeout": "answers timing out"}
+
+
+class AdaptivePace:
+    """The drain's request rate: a gentle start multiplied with every clean answer (as TCP's slow start), then
+    CUBIC as the AWS SDKs' adaptive retry mode runs it: on overload, a cut to PACE_BETA of the rate the receiver
+    took, then growth back along a cubic curve of the time since the cut, flat near the rate cut from and
+    faster beyond it. Never above `ceiling`, never below PACE_FLOOR.
+
+    Deterministic: time is read from `monotonic`, and `rng` only spreads the request after a cut.
+    """
+
+    def __init__(self, ceiling: float, monotonic: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None):
+        self.ceiling = ceiling
+        self.monotonic = monotonic
+        self.rng = rng or random.Random()
+        self.rate = min(PACE_START, ceiling)
+        self.why = "starting gently"
+        self._slow_start = True
+        self._peak = 0.0  # the rate cut from (CUBIC's W_max)
+        self._cut_at = float("-inf")
+        self._sent_at = float("-inf")  # the last request went then
+        self._hold = float("-inf")  # no request before this (after a cut, a Retry-After)
+        self._taken: collections.deque[float] = collections.deque()  # when the receiver took requests, recently
+        self._settle_why()
+
+    def ready_at(self) -> float:
+        """When the next request may go (monotonic)."""
+        return max(self._sent_at + 1.0 / self.rate, self._hold)
+
+    def sent(self) -> None:
+        self._sent_at = self.monotonic()
+
+    def answered(self) -> None:
+        """A clean answer (the receiver took what was sent, or refused it for what it is): grow."""
+        now = self.monotonic()
+        self._taken.append(now)
+        if self._slow_start:
+            self.rate = min(self.ceiling, self.rate * PACE_SLOW_START)
+        else:
+            k = (self._peak * (1 - PACE_BETA) / PACE_CUBIC) ** (1 / 3)  # when the curve is back at the peak
+            curve = self._peak + PACE_CUBIC * (now - self._cut_at - k) ** 3
+            self.rate = max(min(PACE_FLOOR, self.ceiling), min(self.ceiling, curve, self.rate * PACE_STEP))
+        self._settle_why()
+
+    def overloaded(self, kind: str, *, sent_at: float, retry_after: float | None = None) -> None:
+        """An answer that says the receiver is overloaded (`kind`: "503", "429", "timeout"): cut the rate to
+        PACE_BETA of what the receiver took over the last PACE_WINDOW seconds, once per event (answers to
+        requests sent before the last cut are that cut's), and spread the next request over two intervals."""
+        now = self.monotonic()
+        if sent_at >= self._cut_at:
+            window = max(PACE_WINDOW, 4 / self.rate)  # a slow pace needs a longer look to see what was taken
+            while self._taken and self._taken[0] <= now - window:
+                self._taken.popleft()
+            # Nothing taken yet says nothing of the receiver's room: then the rate itself is cut.
+            taken = len(self._taken) / window if self._taken else self.rate
+            floor = min(PACE_FLOOR, self.ceiling)
+            self._peak = max(floor, min(self.rate, taken))
+            self.rate = max(floor, self._peak * PACE_BETA)
+            self._cut_at = now
+            self._slow_start = False
+            self._hold = max(self._hold, now + self.rng.uniform(0, 1 / self.rate))
+            self.why = _OVERLOAD_WORDS.get(kind, kind)
+        if retry_after is not None:
+            self._hold = max(self._hold, now + retry_after)
+            self.why = f"Retry-After: the receiver asked for a pause of {retry_after:g} s"
+
+    def holding(self) -> bool:
+        """Whether the next request waits for the receiver (after a cut, a Retry-After), not for the pace."""
+        return self.monotonic() < self._hold
+
+    def restart(self) -> None:
+        """Start gently again (the link came back after failing): the rate learnt before may be stale."""
+        self.rate = min(PACE_START, self.ceiling)
+        self._slow_start, self._peak, self._cut_at = True, 0.0, float("-inf")
+        self._taken.clear()
+        self.why = "starting gently again: the link came back"
+
+    def adopted(self, new: AdaptivePace) -> AdaptivePace:
+        """Go on in the shipper that replaces this one (a reload): its clock, its randomness, its ceiling."""
+        self.monotonic, self.rng, self.ceiling = new.monotonic, new.rng, new.ceiling
+        self.rate = min(self.rate, self.ceiling)
+        self._settle_why()
+        return self
+
+    def _settle_why(self) -> None:
+        if self.rate >= self.ceiling:
+            self.why = "at max_requests_per_second"
+        elif self._slow_start:
+            self.why = self.why if self.why.startswith("starting gently") else "starting gently"
+        elif self.rate >= self._peak:
+            self.why = "growing while answers are clean"
+
+
+class FixedPace:
+    """`pacing = "fixed"`: max_requests_per_second, always."""
+
+    def __init__(self, ceiling: float, monotonic: Callable[[], float] = time.monotonic):
+        self.ceiling = self.rate = ceiling
+        self.monotonic = monotonic
+        self.why = "fixed at max_requests_per_second (pacing = fixed)"
+        self._sent_at = float("-inf")
+
+    def ready_at(self) -> float:
+        return self._sent_at + 1.0 / self.rate
+
+    def sent(self) -> None:
+        self._sent_at = self.monotonic()
+
+    def answered(self) -> None:
+        pass
+
+    def overloaded(self, kind: str, *, sent_at: float, retry_after: float | None = None) -> None:
+        pass  # the link's back-off answers overload
+
+    def holding(self) -> bool:
+        return False
+
+
+Pace = AdaptivePace | FixedPace
 
 
 class Shipper:
@@ -251,7 +387,8 @@ class Shipper:
         self._backoff = wait_retry_after(wait_random_exponential(multiplier=config.ship.backoff_initial,
                                                                  max=config.ship.backoff_max),
                                          cap=config.ship.retry_after_max)
-        self._next_request = float("-inf")
+        self.pace = _make_pace(config, monotonic, self.rng)
+        self._outage = 0  # back-off steps in a row with no answer from the receiver (see _link_back)
         # The link's back-off, kept across drains and handed to the shipper that replaces this one at a reload.
         self._resumed = handover is not None  # a reload: start-up (and its jitter) is over
         same_link = handover is not None and handover.endpoint == self.endpoint
@@ -259,6 +396,9 @@ class Shipper:
         self._failures = handover.failures if handover is not None and same_link else 0
         if handover is not None and same_link:
             self._pause = handover.pause
+            if isinstance(self.pace, AdaptivePace) and isinstance(handover.pace, AdaptivePace):
+                self.pace = handover.pace.adopted(self.pace)  # what it learnt, under this config's ceiling
+        self._pacing_noted: tuple[float, str, float] = (0.0, "", float("-inf"))  # rate, why, when (see _pacing_note)
         self._stopped: str | None = None  # why the last drain stopped, as logged
         self._lock = ShipLock(store.path)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -306,7 +446,7 @@ class Shipper:
 
     def handover(self) -> Handover:
         """What the shipper replacing this one (a reload) must know: the link's back-off (see Handover)."""
-        return Handover(self.endpoint, self._not_before, self._failures, self._pause)
+        return Handover(self.endpoint, self._not_before, self._failures, self._pause, self.pace)
 
     def snapshot(self) -> dict[str, Any]:
         """What this shipper has done, for /metrics and the summary: copied under its lock."""
@@ -317,7 +457,9 @@ class Shipper:
                     "in_flight": stats.in_flight, "limit": self.limit.value, "outcomes": dict(stats.outcomes),
                     "latency_bounds": LATENCY_BUCKETS, "latency_buckets": list(stats.latency_buckets),
                     "latency_sum": stats.latency_sum,
-                    "last_error": stats.last_error}
+                    "last_error": stats.last_error,
+                    "paced_rate": self.pace.rate if self.pace else 0.0,
+                    "pacing": self.pace.why if self.pace else "not paced (max_requests_per_second = 0)"}
 
     # -- sending (sender threads: HTTP only, no spool) -------------------------------------------------
 
@@ -421,14 +563,14 @@ class Shipper:
             if not waiting and not self._lease_more(waiting, unsettled, state):
                 return ANSWER_POLL
             now = self.monotonic()
-            pace = self._next_request if self.config.ship.max_requests_per_second else 0.0
+            pace = self.pace.ready_at() if self.pace is not None else 0.0
             wait = max(state.gate, pace) - now
             if wait > 0:
                 if self.stats.in_flight:
                     return min(wait, ANSWER_POLL)  # wait for answers meanwhile, then look again
                 if state.deadline is not None:
                     wait = min(wait, state.deadline - now)
-                if pace > state.gate:  # pacing, not back-off, holds us back
+                if pace > state.gate and not (self.pace is not None and self.pace.holding()):  # pacing holds us
                     self.stats.paced += wait
                 else:  # a failing link is waited out: nothing moves meanwhile
                     self.idle.set()
@@ -440,9 +582,9 @@ class Shipper:
                 continue
             if not self._unexpired(unit, unsettled):
                 continue
-            if self.config.ship.max_requests_per_second:
-                interval = 1.0 / self.config.ship.max_requests_per_second
-                self._next_request = max(self.monotonic(), self._next_request) + interval
+            if self.pace is not None:
+                self.pace.sent()
+            unit.sent_at = self.monotonic()
             with self._stats_lock:
                 self.stats.requests += 1
                 self.stats.in_flight += 1
@@ -542,12 +684,15 @@ class Shipper:
                 self.limit.success(answer.seconds)
                 state.gate, state.failures, state.failed, state.delivered = 0.0, 0, None, True
                 self._not_before, self._failures = float("-inf"), 0
+                self._answered(state)
                 if self._pause is not None and not unit.own_key and unit.ezkey == self._pause.key:
                     self._resume("the receiver took the configured ezkey again; shipping resumed")
                 accepted.append(answer)
                 continue
             self._acknowledge(accepted, unsettled, on_progress)  # before anything else is written
             accepted = []
+            if isinstance(error, Refused):
+                self._answered(state)
             if isinstance(error, Refused) and error.names_key and not unit.own_key:
                 self._pause_key(f"the receiver refused the configured ezkey ({error}); records that need it stay "
                                 "pending until the key is fixed", unit.ezkey)
@@ -572,7 +717,7 @@ class Shipper:
             ids.extend(map(_ID, answer.unit.items))
             if self._settled(answer.unit, unsettled):
                 ended.append(answer.unit.lease)
-        note = self._note_ok()
+        note = {**self._note_ok(), **self._pacing_note()}
         if self._pause is None:  # while the configured key is held back, only its own answer ends that problem
             note.update(self._recovered(delivering=len(ids)))
         self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note))
@@ -617,7 +762,19 @@ class Shipper:
         now = self.monotonic()
         # One burst of failures met by every request in flight is one event: it backs off one step, not one
         # step per request. A failure that comes while the link is already backing off only waits with it.
-        if now >= state.gate:
+        # Adaptive pacing answers the receiver's overload itself: its cut (and a Retry-After) is the back-off.
+        overload = error.overload if isinstance(error, TransientError) else None
+        paced = overload is not None and isinstance(self.pace, AdaptivePace)
+        if overload is not None:
+            self._link_back(state)  # the receiver answers: the link is up
+            if self.pace is not None:
+                retry_after = getattr(error, "retry_after", None)
+                self.pace.overloaded(overload, sent_at=unit.sent_at, retry_after=None if retry_after is None
+                                     else min(retry_after, self.config.ship.retry_after_max))
+                self._note_pacing()
+        if not paced and now >= state.gate:
+            if overload is None and isinstance(error, TransientError):
+                self._outage += 1
             state.failures += 1
             retry_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
             retry_state.attempt_number = state.failures
@@ -625,7 +782,7 @@ class Shipper:
             state.gate = now + self._backoff(retry_state)
         if not paused:  # the link's back-off outlives this drain, and this shipper (see Handover)
             self._not_before, self._failures = state.gate, state.failures
-        wait = state.gate - now
+        wait = max(state.gate, self.pace.ready_at() if self.pace is not None else 0.0) - now
         state.last_error = message
         if paused or (getattr(error, "unresolvable", False) and not state.delivered):
             state.failed = message
@@ -645,6 +802,35 @@ class Shipper:
             return
         log.log(level, "%s: %s; retrying in %.1f s", "shipping paused" if paused else "send failed", message, wait,
                 extra={**fields, "retry_in": round(wait, 3)})
+
+    def _answered(self, state: _DrainState) -> None:
+        """The receiver answered as StatHat does (took what was sent, or refused it): the pace grows."""
+        self._link_back(state)
+        if self.pace is not None:
+            self.pace.answered()
+
+    def _link_back(self, state: _DrainState) -> None:
+        """The receiver answers after RECOVERY_RUN back-off steps without an answer (the link came back): start
+        gently again, and spread the next requests as a start-up is (a fleet behind one uplink comes back
+        together)."""
+        outage, self._outage = self._outage, 0
+        if outage < RECOVERY_RUN or not isinstance(self.pace, AdaptivePace):
+            return
+        self.pace.restart()
+        spread = self._spread()
+        state.gate = self._not_before = max(state.gate, self.monotonic() + spread)
+        log.info("the receiver answers again after %d failed attempts: the next requests wait %.1f s (spread) and "
+                 "the rate starts again at %g req/s", outage, spread, self.pace.rate)
+
+    def _spread(self) -> float:
+        """A random wait before a backlog's first requests: a part of SPREAD_PER_REQUEST per request of backlog,
+        reconnect_jitter at most (a fleet of small backlogs is not held back; large ones do not come together)."""
+        try:
+            pending, _ = self.store.backlog()
+        except StoreError:
+            pending = self.config.ship.batch_size
+        requests = -(-pending // self.config.ship.batch_size)
+        return self.rng.uniform(0, min(self.config.ship.reconnect_jitter, requests * SPREAD_PER_REQUEST))
 
     def _foreign_answer(self, error: TransientError) -> str:
         """Count answers that are certainly not StatHat's, in a row; return what to say of this one: its answer
@@ -812,6 +998,27 @@ class Shipper:
         self.stats.last_error = None  # the last attempt succeeded: no error is current
         return {"last_attempt_at": now, "last_result": "ok", "last_error": None, "last_success_at": now}
 
+    def _pacing_note(self) -> dict[str, object]:
+        """The pace for `spool status` (meta `pacing`) when it changed: its reason, or its rate by a tenth (at
+        most once a second); {} otherwise."""
+        if self.pace is None:
+            return {}
+        rate, why, at = self._pacing_noted
+        now = self.monotonic()
+        if why == self.pace.why and (abs(self.pace.rate - rate) <= 0.1 * rate or now - at < META_THROTTLE):
+            return {}
+        self._pacing_noted = (self.pace.rate, self.pace.why, now)
+        return {"pacing": {"rate": round(self.pace.rate, 3), "why": self.pace.why, "ceiling": self.pace.ceiling}}
+
+    def _note_pacing(self) -> None:
+        """Record a changed pace now (an overload answer changed it: no acknowledgement carries it)."""
+        note = self._pacing_note()
+        if note:
+            try:
+                self.store.set_meta(**note)
+            except StoreError as exc:  # status bookkeeping must never stop delivery
+                log.warning("cannot record shipping status: %s", exc)
+
     def _note(self, result: str, error: str | None, trouble: str | None = None) -> None:
         """Record a failed attempt for `spool status`: at once when it changes, at most once a second while it
         repeats; and, of kind `trouble`, the problem shipping has now (noted at once when it begins or changes)."""
@@ -902,7 +1109,8 @@ class Shipper:
                 log.info("the link is backing off: the first request waits %.1f s (a reload keeps the back-off)",
                          wait)
         else:
-            jitter = self.rng.uniform(0, self.config.ship.reconnect_jitter)
+            adaptive = isinstance(self.pace, AdaptivePace)  # the spread is scaled to the backlog; else all of it
+            jitter = self._spread() if adaptive else self.rng.uniform(0, self.config.ship.reconnect_jitter)
             if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
                 log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
                 self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
@@ -1012,6 +1220,14 @@ def _adopted(store: Store) -> _Trouble | None:
     if not isinstance(noted, dict) or not isinstance(noted.get("since"), int | float):
         return None
     return _Trouble(str(noted.get("kind")), str(noted.get("text")), float(noted["since"]), 0)
+
+
+def _make_pace(config: Config, monotonic: Callable[[], float], rng: random.Random) -> Pace | None:
+    """The pace the config asks for: none (max_requests_per_second = 0), adaptive or fixed."""
+    ceiling = config.ship.max_requests_per_second
+    if not ceiling:
+        return None
+    return AdaptivePace(ceiling, monotonic, rng) if config.ship.pacing == "adaptive" else FixedPace(ceiling, monotonic)
 
 
 class Gap:

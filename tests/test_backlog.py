@@ -244,7 +244,7 @@ def test_status_json_reports_the_counters(db, tmp_path):
     assert status["pending"] == 5 and status["counters"] == {"dropped_oldest": 2}
 
 
-def test_the_drain_keeps_to_max_requests_per_second(db, receiver):
+def test_fixed_pacing_keeps_the_drain_to_max_requests_per_second(db, receiver):
     from spool.ship import Shipper
 
     from .helpers import make_config
@@ -253,7 +253,7 @@ def test_the_drain_keeps_to_max_requests_per_second(db, receiver):
     with Spool(db) as sp:
         sp.add_many(records(1000))
     clock = SleepClock()
-    config = make_config(db, receiver, batch_size=100, max_requests_per_second=4)
+    config = make_config(db, receiver, batch_size=100, max_requests_per_second=4, pacing="fixed")
     with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock.monotonic) as shipper:
         started = clock.monotonic()
         assert shipper.drain().done
