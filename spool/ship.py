@@ -68,7 +68,7 @@ KEY_RECHECK = 5.0  # seconds between looks at the key file while the configured 
 FOREIGN_PAUSE = 3  # answers in a row certainly not StatHat's (a web page, a 501) that pause shipping
 # Adaptive pacing (docs/design.md, "Pacing"): the law and its parameters.
 PACE_START = 2.0  # requests/s: where the rate starts (at start-up, and again when the link comes back)
-PACE_SLOW_START = 1.5  # until the first overload the rate is multiplied by this with every clean answer
+PACE_SLOW_START = 2.0  # until the first overload the rate doubles with every clean answer (as TCP's window does)
 PACE_BETA = 0.5  # on overload the rate is cut to this share of what the receiver took
 PACE_CUBIC = 0.4  # requests/s per s^3: how fast the rate grows back along the cubic curve (AWS's scale constant)
 PACE_STEP = 3.0  # a clean answer at most multiplies the rate by this

@@ -62,10 +62,10 @@ def backlog(db, n: int) -> None:
 # -- the law, exactly -------------------------------------------------------------------------------------
 
 
-def test_the_rate_starts_gently_and_grows_by_half_with_every_clean_answer_up_to_max_requests_per_second():
+def test_the_rate_starts_gently_and_doubles_with_every_clean_answer_up_to_max_requests_per_second():
     p, clock = pace(ceiling=20.0)
     assert (p.rate, p.why) == (2.0, "starting gently")
-    assert clean_answers(p, clock, 8) == [3.0, 4.5, 6.75, 10.125, 15.1875, 20.0, 20.0, 20.0]
+    assert clean_answers(p, clock, 6) == [4.0, 8.0, 16.0, 20.0, 20.0, 20.0]
     assert p.why == "at max_requests_per_second"
 
 
@@ -83,11 +83,11 @@ def test_a_ceiling_below_the_gentle_start_is_where_the_rate_starts_and_it_is_nev
 
 def test_a_503_cuts_the_rate_to_half_of_what_the_receiver_took_and_it_grows_back_along_the_cubic_curve():
     p, clock = pace()
-    assert clean_answers(p, clock, 4) == [3.0, 4.5, 6.75, 10.125]  # answered at 0.1 ... 0.4 s
+    assert clean_answers(p, clock, 4) == [4.0, 8.0, 16.0, 20.0]  # answered at 0.1 ... 0.4 s
     p.sent()
     clock.now += 0.1
     p.overloaded("503", sent_at=0.4)
-    # Paced at 10.125 req/s, but the receiver took 4 answers in the last 2 s: 2 req/s. Half of that.
+    # Paced at 20 req/s, but the receiver took 4 answers in the last 2 s: 2 req/s. Half of that.
     assert (p.rate, p.why) == (1.0, "503s from the receiver")
     rates = []
     for since_cut in (1.0, 2.0, 3.0, 4.0):  # back at 2 req/s after cbrt(2 x 0.5 / 0.4) = 1.357 s, then faster
@@ -175,7 +175,7 @@ def test_a_restart_starts_gently_again_and_forgets_what_was_taken():
     clean_answers(p, clock, 6)
     p.restart()
     assert (p.rate, p.why) == (2.0, "starting gently again: the link came back")
-    assert clean_answers(p, clock, 2) == [3.0, 4.5]
+    assert clean_answers(p, clock, 2) == [4.0, 8.0]
 
 
 def test_only_answers_that_say_the_receiver_is_overloaded_slow_the_pace():
@@ -214,7 +214,7 @@ def test_an_adaptive_drain_never_sends_faster_than_max_requests_per_second(db, r
     assert len(sent) == 60
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert min(gaps) >= 1 / 5 - 1e-9
-    assert gaps[:3] == pytest.approx([1 / 3, 1 / 4.5, 1 / 5])  # from 2 req/s, half again with each answer
+    assert gaps[:3] == pytest.approx([1 / 4, 1 / 5, 1 / 5])  # from 2 req/s, doubled with each answer
 
 
 def test_503s_slow_the_drain_and_metrics_say_how_fast_and_why(db, receiver):
@@ -250,7 +250,7 @@ def test_503s_met_by_adaptive_pacing_wait_the_pace_not_the_back_off(db, receiver
 def test_when_the_link_comes_back_the_next_requests_are_spread_by_the_backlog_and_start_gently(
         db, receiver, records, window):
     """Four resets in a row (the link is down), then answers: a wait of a random part of 0.3 s per request
-    left (reconnect_jitter, 10 s, at most), and the rate starts again at 2 req/s."""
+    left (reconnect_jitter, 10 s, at most), and the rate starts again at 2 req/s, doubling."""
     backlog(db, records)
     receiver.reset_next(4)
     clock = FakeClock()
@@ -261,7 +261,7 @@ def test_when_the_link_comes_back_the_next_requests_are_spread_by_the_backlog_an
         assert shipper.drain(max_time=3600).done
     spread = random.Random(3).uniform(0, window)  # 0.64 s of 2.7, 2.38 s of 10: more than an interval
     assert clock.waits[4] == pytest.approx(spread)  # after the four back-off waits: the spread
-    assert clock.waits[5:7] == pytest.approx([1 / 4.5, 1 / 6.75])  # then the gentle start again
+    assert clock.waits[5:7] == pytest.approx([1 / 8, 1 / 16])  # then the gentle start again
 
 
 def test_run_spreads_a_backlogs_first_requests_by_its_size_and_fixed_pacing_by_the_whole_jitter(db, receiver):
