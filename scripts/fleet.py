@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A fleet of spool agents comes back from a shared outage and drains into one receiver of fixed capacity.
 
-    scripts/fleet.py                          # 200 agents, four scenarios (about 3 minutes on 2 cores)
+    scripts/fleet.py                          # 200 agents, four scenarios (a few minutes on 2 cores)
     scripts/fleet.py --plot docs/fleet.png    # and draw requests/s and the fleet's backlog over time
+    scripts/fleet.py --sweep                  # spool's defaults over fleet sizes, capacities and backlogs: a table
+    SPOOL_LONG=1 scripts/fleet.py --sweep     # the whole sweep (backlogs of 10,000 records too: hours)
     scripts/fleet.py --quick --json           # a tiny fleet in seconds (the test suite's smoke run)
 
 Every agent is spool's real Shipper (`Shipper.run`, as `spool run` drives it) in a thread of this process,
@@ -15,6 +17,12 @@ make minutes of a real fleet's recovery into seconds here; the ratios are what c
 Reported per scenario: the receiver's peak load (requests/s offered and answered, in 1-second bins), the
 requests refused with 503, and the time until the whole fleet is drained, beside the ideal time (every
 request needed, sent at exactly the capacity). The plot needs matplotlib: `.venv/bin/pip install -e '.[bench]'`.
+
+"spool's defaults" changes no shipping setting: the pacing settings are spool.config's declared defaults. The
+fleet itself sets what scales it down (100 records a request, so that 1,000 records make 10 requests) and what
+only speeds the simulation up (synchronous = "normal"). The sweep checks three figures at every point: refused
+at most 10 % of requests, the fleet drained within 1.3 times the ideal time plus 3 s, a peak offered load of at
+most 1.5 times the capacity.
 """
 
 from __future__ import annotations
@@ -173,8 +181,8 @@ class Fleet:
     batch_size: int
     capacity: float  # requests/s the receiver answers
     burst: float  # requests it answers at once beyond the rate
-    backoff_max: float
     limit: float  # seconds before a scenario is given up as not drained
+    scale: dict[str, Any] = field(default_factory=dict)  # settings the scaled-down fleet changes (quick: back-off)
 
     @property
     def requests(self) -> int:
@@ -184,9 +192,7 @@ class Fleet:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    max_requests_per_second: float
-    reconnect_jitter: float
-    max_in_flight: int
+    settings: dict[str, Any] = field(default_factory=dict)  # shipping settings changed from spool's defaults
 
 
 @dataclass
@@ -203,25 +209,29 @@ class Result:
     peak_answered: int
     refused: int  # 503s
     requests: int  # every request the receiver saw
+    figures: dict[str, bool]  # refused <= 10 %, drained within 1.3 x ideal + 3 s, peak offered <= 1.5 x capacity
     fleet_cpu: float  # share of one core the fleet's process used (a busy one would slow the agents)
     receiver_cpu: float
     series: list[dict[str, float]] = field(default_factory=list)  # per second: offered, answered, refused, backlog
 
 
-def scenarios(fleet: Fleet, jitter: float) -> list[Scenario]:
-    """Neither pacing nor jitter; spool's defaults; pacing alone; both, tuned to the fleet and the receiver.
+def scenarios(fleet: Fleet) -> list[Scenario]:
+    """Neither pacing nor jitter; spool's defaults; the last release's fixed pacing; fixed pacing hand-tuned.
 
-    Tuned: the start spread over the ideal drain time (every request at exactly the capacity), so agents arrive
-    about as fast as the receiver can serve them, each paced at twice its share of the capacity so it can
-    finish its own backlog within half that time.
+    Hand-tuned: the start spread over the ideal drain time (every request at exactly the capacity), so agents
+    arrive about as fast as the receiver can serve them, each paced at twice its share of the capacity so it
+    can finish its own backlog within half that time (what the README asked of operators before pacing adapted).
     """
     share = fleet.capacity / fleet.agents
     spread = fleet.requests / fleet.capacity
+    ship = Config().ship  # the declared defaults, named and never repeated here
     return [
-        Scenario("no pacing, no jitter", 0, 0, 8),
-        Scenario(f"spool's defaults: 20 req/s each, {jitter:g} s jitter", 20, jitter, 8),
-        Scenario(f"paced at the fleet's share: {share:g} req/s each, no jitter", share, 0, 8),
-        Scenario(f"tuned: {2 * share:g} req/s each, {spread:g} s jitter", 2 * share, spread, 8),
+        Scenario("no pacing, no jitter", {"max_requests_per_second": 0, "reconnect_jitter": 0}),
+        Scenario(f"spool's defaults: adaptive, at most {ship.max_requests_per_second:g} req/s"),
+        Scenario(f"fixed pacing (the last release): {ship.max_requests_per_second:g} req/s, "
+                 f"{ship.reconnect_jitter:g} s jitter", {"pacing": "fixed"}),
+        Scenario(f"hand-tuned fixed pacing: {2 * share:g} req/s, {spread:g} s jitter",
+                 {"pacing": "fixed", "max_requests_per_second": 2 * share, "reconnect_jitter": spread}),
     ]
 
 
@@ -252,12 +262,10 @@ def run(fleet: Fleet, scenario: Scenario, seed: int) -> Result:
         def agent(index: int, path: Path) -> None:
             config = Config().replace(**{
                 "spool.path": path, "endpoint": receiver.url, "ezkey": "fleet-ezkey", "synchronous": "normal",
-                "batch_size": fleet.batch_size, "backoff_max": fleet.backoff_max, "idle_poll": 1.0,
-                "max_requests_per_second": scenario.max_requests_per_second,
-                "reconnect_jitter": scenario.reconnect_jitter, "max_in_flight": scenario.max_in_flight})
+                "batch_size": fleet.batch_size, "idle_poll": 1.0, **fleet.scale, **scenario.settings})
             try:
                 with Store(path, synchronous="normal") as store, Shipper(store, config, shutdown=shutdown) as shipper:
-                    shipper.rng = random.Random(seed * 100_000 + index)
+                    shipper.rng.seed(seed * 100_000 + index)  # its pace draws from it too
                     shippers.append(shipper)
                     shipper.run()
             except Exception as exc:  # reported, never silent: a failed agent leaves its backlog undrained
@@ -314,15 +322,21 @@ def tally_result(fleet: Fleet, scenario: Scenario, tally: dict[str, Any], offset
         if delivered >= total * 0.99:
             bulk = when - offset
             break
-    return Result(scenario=scenario.name, settings={"max_requests_per_second": scenario.max_requests_per_second,
-                                                    "reconnect_jitter": scenario.reconnect_jitter,
-                                                    "max_in_flight": scenario.max_in_flight},
-                  agents=fleet.agents, records=total, capacity=fleet.capacity,
-                  ideal_seconds=round(fleet.requests / fleet.capacity, 1),
+    settings = {**{name: getattr(Config().ship, name) for name in ("pacing", "max_requests_per_second",
+                                                                  "reconnect_jitter", "max_in_flight")},
+                **fleet.scale, **scenario.settings}
+    ideal = fleet.requests / fleet.capacity
+    peak_offered = int(max(c[0] for c in counts) / BIN)
+    refused, requests = sum(c[2] for c in counts), sum(c[0] for c in counts)
+    figures = {"refused": refused <= 0.10 * requests,
+               "drained": drained is not None and drained <= 1.3 * ideal + 3,
+               "peak": peak_offered <= 1.5 * fleet.capacity}
+    return Result(scenario=scenario.name, settings=settings, agents=fleet.agents, records=total,
+                  capacity=fleet.capacity, ideal_seconds=round(ideal, 2),
                   drained_seconds=None if drained is None else round(drained, 1),
                   bulk_seconds=None if bulk is None else round(bulk, 1),
-                  peak_offered=int(max(c[0] for c in counts) / BIN), peak_answered=int(max(c[1] for c in counts) / BIN),
-                  refused=sum(c[2] for c in counts), requests=sum(c[0] for c in counts),
+                  peak_offered=peak_offered, peak_answered=int(max(c[1] for c in counts) / BIN),
+                  refused=refused, requests=requests, figures=figures,
                   fleet_cpu=round(fleet_cpu, 2), receiver_cpu=round(tally["cpu"] / wall, 2), series=series)
 
 
@@ -373,6 +387,86 @@ def format_result(result: Result) -> str:
             f"receiver {result.receiver_cpu:.0%}")
 
 
+SWEEP_AGENTS = (50, 200, 1000)
+SWEEP_CAPACITY = (50.0, 100.0, 400.0)
+SWEEP_BACKLOG = (1000, 10_000)  # records per agent
+SWEEP_SCALE = 5  # the default sweep runs a fifth of the agents against a fifth of the capacity
+
+
+@dataclass(frozen=True)
+class Point:
+    agents: int  # the point of the sweep this run stands for
+    capacity: float
+    fleet: Fleet  # what runs: the same share of the capacity per agent, the same ideal time
+
+
+def sweep_points(long: bool, quick: bool = False) -> list[Point]:
+    """The sweep: N agents x capacity C x backlog. The default runs each point scaled down (N / 5 agents against
+    C / 5 req/s: each agent's share of the capacity, the ideal time and the start-up's load against the capacity
+    are the point's; the receiver still lets 10 requests through at once) with backlogs of 1,000 records: 1,000
+    threads of one process on 2 cores are the simulation's limit, not spool's, and the backlogs of 10,000 add
+    hours. SPOOL_LONG=1 runs the whole sweep as named: every point at full size, both backlogs. `quick`: two tiny
+    points, a smoke run."""
+    if quick:
+        return [Point(10, 20.0, Fleet(agents=10, backlog=200, batch_size=100, capacity=20.0, burst=5, limit=60)),
+                Point(10, 80.0, Fleet(agents=10, backlog=200, batch_size=100, capacity=80.0, burst=5, limit=60))]
+    scale, backlogs = (1, SWEEP_BACKLOG) if long else (SWEEP_SCALE, SWEEP_BACKLOG[:1])
+    points = []
+    for backlog in backlogs:
+        for agents in SWEEP_AGENTS:
+            for capacity in SWEEP_CAPACITY:
+                ideal = agents * -(-backlog // 100) / capacity
+                points.append(Point(agents, capacity, Fleet(
+                    agents=agents // scale, backlog=backlog, batch_size=100, capacity=capacity / scale, burst=10,
+                    limit=max(120.0, 4 * ideal + 30))))
+    return points
+
+
+def format_sweep_row(result: Result, point: Point) -> str:
+    fleet = point.fleet
+    drained = "not drained" if result.drained_seconds is None else (
+        f"{result.drained_seconds:.1f} s ({result.drained_seconds / result.ideal_seconds:.1f}x)")
+    marks = ", ".join(name if met else f"{name} MISSED" for name, met in result.figures.items())
+    run_as = "" if (fleet.agents, fleet.capacity) == (point.agents, point.capacity) else (
+        f" ({fleet.agents} x {fleet.capacity:g})")
+    return (f"| {point.agents:,} x {point.capacity:g}{run_as} | {fleet.backlog:,} | {result.ideal_seconds:g} s | "
+            f"{drained} | {result.refused:,} of {result.requests:,} ({result.refused / result.requests:.1%}) | "
+            f"{result.peak_offered / fleet.capacity:.1f}x | {marks} | {result.fleet_cpu:.0%} |")
+
+
+SWEEP_HEADER = ("| agents x capacity (req/s) | records each | ideal | all delivered | refused (503) | peak offered "
+                "(x capacity) | figures | fleet CPU |\n|---|---|---|---|---|---|---|---|")
+
+
+def run_sweep(args: argparse.Namespace, scenario: int) -> int:
+    """One scenario (spool's defaults unless told) at every point of the sweep, a table row each as it ends."""
+    long = os.environ.get("SPOOL_LONG") == "1"
+    points = sweep_points(long, args.quick)
+    chosen = scenarios(points[0].fleet)[scenario - 1]
+    if not args.json:
+        extent = ("the whole sweep, at full size" if long else "a smoke run" if args.quick else
+                  f"scaled down: N / {SWEEP_SCALE} agents against C / {SWEEP_SCALE} req/s, backlogs of 1,000 "
+                  "records; SPOOL_LONG=1 for the whole sweep")
+        print(f"{chosen.name.split(':')[0]} over {len(points)} fleets ({extent}); figures: refused <= 10 %, "
+              "drained within 1.3 x ideal + 3 s, peak offered <= 1.5 x capacity", flush=True)
+        print(SWEEP_HEADER, flush=True)
+    rows = []
+    with quiet_spool():
+        for point in points:
+            result = run(point.fleet, scenarios(point.fleet)[scenario - 1], args.seed)
+            result.series = []
+            rows.append({"agents": point.agents, "capacity": point.capacity, "fleet": asdict(point.fleet),
+                         "result": asdict(result)})
+            if not args.json:
+                print(format_sweep_row(result, point), flush=True)
+    if args.json:
+        print(json.dumps({"long": long, "quick": args.quick, "scenario": chosen.name, "points": rows}, indent=2))
+    else:
+        met = sum(all(row["result"]["figures"].values()) for row in rows)
+        print(f"every figure met at {met} of {len(rows)} points", flush=True)
+    return 0
+
+
 @contextlib.contextmanager
 def quiet_spool() -> Iterator[None]:
     """The fleet logs every 503 of every agent: keep only errors."""
@@ -394,24 +488,28 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the load and the backlog over time to this file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seed", type=int, default=1, help="seeds the agents' jitter and back-off (default 1)")
+    parser.add_argument("--sweep", action="store_true", help="spool's defaults (or the one scenario --only names) "
+                        "over fleet sizes, capacities and backlogs, as a table (SPOOL_LONG=1: the whole sweep)")
     args = parser.parse_args()
+    if args.sweep:
+        if args.only and not (args.only.isdigit() and 1 <= int(args.only) <= 4):
+            parser.error("--sweep runs one scenario: --only takes one number from 1 to 4")
+        return run_sweep(args, int(args.only or 2))
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             print("fleet: error: --plot needs matplotlib: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
             return 2
-    if args.quick:
+    if args.quick:  # shorter waits: a smoke run
         fleet = Fleet(agents=args.agents or 20, backlog=200, batch_size=100, capacity=args.capacity or 50, burst=5,
-                      backoff_max=1.0, limit=60)
-        jitter = 0.5
+                      limit=60, scale={"backoff_max": 1.0, "reconnect_jitter": 0.5})
     else:
         fleet = Fleet(agents=args.agents or 200, backlog=1000, batch_size=100, capacity=args.capacity or 100,
-                      burst=10, backoff_max=60.0, limit=240)
-        jitter = 10.0
+                      burst=10, limit=240)
     if fleet.agents < 1 or fleet.capacity <= 0:
         parser.error("--agents and --capacity must be positive")
-    chosen = scenarios(fleet, jitter)
+    chosen = scenarios(fleet)
     if args.only:
         numbers = [n.strip() for n in args.only.split(",")]
         if not all(n.isdigit() and 1 <= int(n) <= len(chosen) for n in numbers):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from spool.config import Config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,8 +30,15 @@ def test_a_tiny_fleet_drains_every_scenario_into_the_capacity_limited_receiver_a
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     setup = report["fleet"]
-    assert [r["settings"]["max_requests_per_second"] for r in report["results"]] == [
-        0, 20, setup["capacity"] / setup["agents"], 2 * setup["capacity"] / setup["agents"]]
+    shipped = Config().ship
+    defaults = report["results"][1]
+    assert defaults["scenario"].startswith("spool's defaults")
+    # spool's defaults are the declared ones: the fleet changes what scales it down, never a pacing setting
+    assert {name: defaults["settings"][name] for name in ("pacing", "max_requests_per_second", "max_in_flight")} == {
+        "pacing": shipped.pacing, "max_requests_per_second": shipped.max_requests_per_second,
+        "max_in_flight": shipped.max_in_flight}
+    assert [(r["settings"]["pacing"], r["settings"]["max_requests_per_second"]) for r in report["results"]] == [
+        ("adaptive", 0), ("adaptive", 20), ("fixed", 20), ("fixed", 2 * setup["capacity"] / setup["agents"])]
     for row in report["results"]:
         assert row["drained_seconds"] is not None and row["bulk_seconds"] is not None, row["scenario"]
         assert row["records"] == setup["agents"] * setup["backlog"]
@@ -40,3 +49,19 @@ def test_a_tiny_fleet_drains_every_scenario_into_the_capacity_limited_receiver_a
         # the receiver's capacity is a token bucket: no second answers more than the rate plus the burst
         assert row["peak_answered"] <= setup["capacity"] + setup["burst"]
         assert row["peak_offered"] >= row["peak_answered"] > 0
+        assert set(row["figures"]) == {"refused", "drained", "peak"}
+
+
+def test_the_sweep_runs_spools_defaults_at_every_point_and_checks_the_three_figures():
+    result = fleet("--sweep", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["scenario"].startswith("spool's defaults") and len(report["points"]) == 2
+    for point in report["points"]:
+        row, setup = point["result"], point["fleet"]
+        assert row["drained_seconds"] is not None and row["records"] == setup["agents"] * setup["backlog"]
+        ideal = row["ideal_seconds"]
+        assert row["figures"] == {"refused": row["refused"] <= 0.1 * row["requests"],
+                                  "drained": row["drained_seconds"] <= 1.3 * ideal + 3,
+                                  "peak": row["peak_offered"] <= 1.5 * setup["capacity"]}
+
