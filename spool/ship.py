@@ -46,7 +46,7 @@ import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
-from spool.config import DEFAULT_ENDPOINT, Config, check_endpoint
+from spool.config import DEFAULT_ENDPOINT, Config, ShipSettings, check_endpoint
 from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, StoreError, TransientError
 from spool.health import lasted
 from spool.lock import ShipLock, spool_identity
@@ -829,8 +829,7 @@ class Shipper:
             pending, _ = self.store.backlog()
         except StoreError:
             pending = self.config.ship.batch_size
-        requests = -(-pending // self.config.ship.batch_size)
-        return self.rng.uniform(0, min(self.config.ship.reconnect_jitter, requests * SPREAD_PER_REQUEST))
+        return self.rng.uniform(0, spread_limit(pending, self.config.ship))
 
     def _foreign_answer(self, error: TransientError) -> str:
         """Count answers that are certainly not StatHat's, in a row; return what to say of this one: its answer
@@ -1220,6 +1219,12 @@ def _adopted(store: Store) -> _Trouble | None:
     if not isinstance(noted, dict) or not isinstance(noted.get("since"), int | float):
         return None
     return _Trouble(str(noted.get("kind")), str(noted.get("text")), float(noted["since"]), 0)
+
+
+def spread_limit(pending: int, ship: ShipSettings) -> float:
+    """The longest wait before a backlog of `pending` records starts to drain (adaptive pacing): SPREAD_PER_REQUEST
+    per request it needs, reconnect_jitter at most."""
+    return min(ship.reconnect_jitter, -(-pending // ship.batch_size) * SPREAD_PER_REQUEST)
 
 
 def _make_pace(config: Config, monotonic: Callable[[], float], rng: random.Random) -> Pace | None:

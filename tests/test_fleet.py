@@ -65,3 +65,23 @@ def test_the_sweep_runs_spools_defaults_at_every_point_and_checks_the_three_figu
                                   "drained": row["drained_seconds"] <= 1.3 * ideal + 3,
                                   "peak": row["peak_offered"] <= 1.5 * setup["capacity"]}
 
+
+
+def test_the_model_runs_spools_own_pacing_law_over_the_sweep_in_seconds():
+    result = fleet("--sweep", "--model", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] is True and len(report["points"]) == 2
+    for point in report["points"]:
+        row, setup = point["result"], point["fleet"]
+        batches = -(-setup["backlog"] // setup["batch_size"])
+        # every request the agents needed was taken once; each refusal is one more request offered
+        assert row["requests"] - row["refused"] == setup["agents"] * batches
+        assert row["series"] == [] and row["drained_seconds"] > 0
+        assert row["peak_answered"] <= setup["capacity"] + setup["burst"]
+
+
+def test_the_model_goes_only_with_the_sweep_of_spools_defaults():
+    for args in (["--model"], ["--sweep", "--model", "--only", "3"]):
+        result = fleet(*args)
+        assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
