@@ -271,7 +271,9 @@ def format_status(report: dict[str, Any]) -> str:
     if report["last_success_at"] is not None:
         lines.append(f"last success {_when(report['last_success_at'])}")
     pacing = report.get("pacing")
-    if pacing:
+    if pacing and not pacing.get("ceiling"):
+        lines.append(f"pacing       {pacing['why']}")
+    elif pacing:
         lines.append(f"pacing       {pacing['rate']:.3g} req/s: {pacing['why']} (at most {pacing['ceiling']:g})")
     integrity = report.get("integrity")
     if integrity:

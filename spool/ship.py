@@ -271,7 +271,8 @@ class AdaptivePace:
     def overloaded(self, kind: str, *, sent_at: float, retry_after: float | None = None) -> None:
         """An answer that says the receiver is overloaded (`kind`: "503", "429", "timeout"): cut the rate to
         PACE_BETA of what the receiver took over the last PACE_WINDOW seconds, once per event (answers to
-        requests sent before the last cut are that cut's), and spread the next request over two intervals."""
+        requests sent before the last cut are that cut's); the next request goes one interval at the new rate later,
+        give or take half of one at random."""
         now = self.monotonic()
         if sent_at >= self._cut_at:
             window = max(PACE_WINDOW, 4 / self.rate)  # a slow pace needs a longer look to see what was taken
@@ -284,7 +285,10 @@ class AdaptivePace:
             self.rate = max(floor, self._peak * PACE_BETA)
             self._cut_at = now
             self._slow_start = False
-            self._hold = max(self._hold, now + self.rng.uniform(0, 1 / self.rate))
+            # The next request one interval at the new rate from now, give or take half of one: agents cut by one
+            # burst of refusals must not come back in the same instant (nor again after every later cut).
+            self._sent_at = now - 1 / self.rate
+            self._hold = max(self._hold, now + self.rng.uniform(0.5, 1.5) / self.rate)
             self.why = _OVERLOAD_WORDS.get(kind, kind)
         if retry_after is not None:
             self._hold = max(self._hold, now + retry_after)
@@ -999,15 +1003,15 @@ class Shipper:
 
     def _pacing_note(self) -> dict[str, object]:
         """The pace for `spool status` (meta `pacing`) when it changed: its reason, or its rate by a tenth (at
-        most once a second); {} otherwise."""
-        if self.pace is None:
-            return {}
-        rate, why, at = self._pacing_noted
+        most once a second); {} otherwise. A shipper that is not paced says so (a reload may have ended a pace)."""
+        rate, why, ceiling = ((self.pace.rate, self.pace.why, self.pace.ceiling) if self.pace is not None else
+                              (0.0, "not paced (max_requests_per_second = 0)", 0.0))
+        noted_rate, noted_why, at = self._pacing_noted
         now = self.monotonic()
-        if why == self.pace.why and (abs(self.pace.rate - rate) <= 0.1 * rate or now - at < META_THROTTLE):
+        if why == noted_why and (abs(rate - noted_rate) <= 0.1 * noted_rate or now - at < META_THROTTLE):
             return {}
-        self._pacing_noted = (self.pace.rate, self.pace.why, now)
-        return {"pacing": {"rate": round(self.pace.rate, 3), "why": self.pace.why, "ceiling": self.pace.ceiling}}
+        self._pacing_noted = (rate, why, now)
+        return {"pacing": {"rate": float(f"{rate:.4g}"), "why": why, "ceiling": ceiling}}
 
     def _note_pacing(self) -> None:
         """Record a changed pace now (an overload answer changed it: no acknowledgement carries it)."""
@@ -1113,7 +1117,14 @@ class Shipper:
             if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
                 log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
                 self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
+                why = self.pace.why if self.pace is not None else None
+                if self.pace is not None:
+                    self.pace.why = f"the first request waits {jitter:.1f} s (a random start: reconnect_jitter)"
+                self._note_pacing()
                 self.sleep(jitter)
+                if self.pace is not None and why is not None:
+                    self.pace.why = why
+        self._note_pacing()  # what status shows from the start (a reload's new pace, or none)
         while not self.shutdown.is_set():
             result = self.drain()
             self.idle.set()

@@ -160,14 +160,27 @@ def test_cuts_never_take_the_rate_below_one_request_every_ten_seconds():
     assert rates == [1.0, 0.5, 0.25, 0.125, 0.1, 0.1]
 
 
-def test_after_a_cut_the_next_request_waits_a_random_part_of_one_interval():
+def test_after_a_cut_the_next_request_waits_one_interval_give_or_take_half_of_one_at_random():
     p, clock = pace(seed=5)
     clean_answers(p, clock, 4)
     p.sent()
     clock.now += 0.1
     p.overloaded("503", sent_at=0.4)
-    expected = 0.5 + random.Random(5).uniform(0, 1 / 1.0)
-    assert p.ready_at() == pytest.approx(max(expected, 0.4 + 1.0))
+    assert p.rate == 1.0
+    assert p.ready_at() == pytest.approx(0.5 + random.Random(5).uniform(0.5, 1.5) / 1.0)
+
+
+def test_agents_refused_together_do_not_come_back_together():
+    """Lockstep is what a fleet must not do: the same history, other seeds, other instants."""
+    again = []
+    for seed in range(5):
+        p, clock = pace(seed=seed)
+        for _ in range(3):  # three 503s in a row, nothing ever taken
+            clock.now = max(clock.now, p.ready_at())
+            p.sent()
+            p.overloaded("503", sent_at=clock.now)
+        again.append(round(p.ready_at(), 6))
+    assert len(set(again)) == 5, again
 
 
 def test_a_restart_starts_gently_again_and_forgets_what_was_taken():
@@ -241,9 +254,12 @@ def test_503s_met_by_adaptive_pacing_wait_the_pace_not_the_back_off(db, receiver
     config = make_config(db, receiver, batch_size=50, max_in_flight=1, max_requests_per_second=20,
                          backoff_initial=60.0, backoff_max=600.0)
     with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock) as shipper:
+        shipper.rng.seed(11)
         assert shipper.drain(max_time=3600).done
-    # Each 503 halves the pace (nothing taken yet): the next request waits an interval, never a back-off step.
-    assert clock.waits[:4] == pytest.approx([1.0, 2.0, 4.0, 1 / 0.75]), clock.waits
+    # Each 503 halves the pace (nothing taken yet): the next request waits an interval at it, give or take half
+    # of one at random, never a back-off step (60 s here).
+    draws = random.Random(11)
+    assert clock.waits[:3] == pytest.approx([draws.uniform(0.5, 1.5) / rate for rate in (1.0, 0.5, 0.25)]), clock.waits
 
 
 @pytest.mark.parametrize("records, window", [(1000, 9 * 0.3), (30_000, 10.0)])
@@ -317,3 +333,59 @@ def test_status_shows_the_paced_rate_and_why_while_the_receiver_answers_503(db, 
     assert re.search(r"^pacing {7}[0-9.]+ req/s: 503s from the receiver \(at most 20\)$", text, re.M), text
     after = json.loads(run_cli(db, "--config", str(config), "status", "--json", env=env).stdout)
     assert after["pacing"] is None  # no shipper running: no pace to show
+
+
+def test_status_shows_the_pace_of_the_shipper_running_now_even_after_a_reload_ends_pacing(db, receiver):
+    backlog(db, 300)
+    clock = FakeClock()
+    config = make_config(db, receiver, batch_size=100, max_requests_per_second=20)
+    with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock) as first:
+        assert first.drain(max_time=3600).done
+        handover = first.handover()
+    with Spool(db) as sp:
+        assert sp.status()["pacing"] is None  # no shipper runs
+    backlog(db, 300)
+    unpaced = config.replace(max_requests_per_second=0)
+    shutdown = threading.Event()
+    with Store(db) as store, Shipper(store, unpaced, shutdown=shutdown, handover=handover) as second:
+        thread = threading.Thread(target=second.run)
+        thread.start()
+        try:
+            wait_for(lambda: len(receiver.accepted) == 600)
+            with Spool(db) as sp:
+                status = sp.status()
+        finally:
+            second.stop()
+            thread.join(10)
+    assert status["pacing"] == {"rate": 0.0, "why": "not paced (max_requests_per_second = 0)", "ceiling": 0.0}
+    from spool.cli_ops import format_status
+
+    assert "pacing       not paced (max_requests_per_second = 0)\n" in format_status(status) + "\n"
+
+
+def test_status_says_the_first_request_waits_while_the_start_is_spread(db, receiver):
+    backlog(db, 3000)  # 6 requests of 500: a random part of 1.8 s
+    config = make_config(db, receiver, reconnect_jitter=10.0, max_requests_per_second=20)
+    shutdown, waiting, release = threading.Event(), threading.Event(), threading.Event()
+
+    def sleep(seconds: float) -> None:
+        waiting.set()
+        release.wait(10)
+
+    with Store(db) as store, Shipper(store, config, shutdown=shutdown, sleep=sleep) as shipper:
+        shipper.rng.seed(2)
+        thread = threading.Thread(target=shipper.run)
+        thread.start()
+        try:
+            assert waiting.wait(10)
+            with Spool(db) as sp:
+                during = sp.status()["pacing"]
+            release.set()
+            wait_for(lambda: len(receiver.accepted) == 3000)
+        finally:
+            release.set()
+            shipper.stop()
+            thread.join(10)
+    jitter = random.Random(2).uniform(0, 1.8)
+    assert during == {"rate": 2.0, "why": f"the first request waits {jitter:.1f} s (a random start: reconnect_jitter)",
+                      "ceiling": 20.0}
