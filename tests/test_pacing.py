@@ -300,13 +300,18 @@ def test_run_spreads_a_backlogs_first_requests_by_its_size_and_fixed_pacing_by_t
                      "fixed": pytest.approx(random.Random(7).uniform(0, 10.0))}
 
 
-def test_a_reload_keeps_the_pace_learnt_under_the_new_ceiling(db, receiver):
-    backlog(db, 1000)
+def drained_then_handed_over(db, receiver, records: int):
+    """A backlog drained by a shipper at the default ceiling (20 req/s), and what it hands to its successor."""
+    backlog(db, records)
     clock = FakeClock()
     config = make_config(db, receiver, batch_size=100, max_requests_per_second=20)
     with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock) as first:
         assert first.drain(max_time=3600).done
-        handover = first.handover()
+        return first, first.handover(), config, clock
+
+
+def test_a_reload_keeps_the_pace_learnt_under_the_new_ceiling(db, receiver):
+    first, handover, config, clock = drained_then_handed_over(db, receiver, 1000)
     assert first.pace.rate == 20.0
     with Store(db) as store, Shipper(store, config.replace(max_requests_per_second=8), sleep=clock.sleep,
                                      monotonic=clock, handover=handover) as second:
@@ -336,12 +341,7 @@ def test_status_shows_the_paced_rate_and_why_while_the_receiver_answers_503(db, 
 
 
 def test_status_shows_the_pace_of_the_shipper_running_now_even_after_a_reload_ends_pacing(db, receiver):
-    backlog(db, 300)
-    clock = FakeClock()
-    config = make_config(db, receiver, batch_size=100, max_requests_per_second=20)
-    with Store(db) as store, Shipper(store, config, sleep=clock.sleep, monotonic=clock) as first:
-        assert first.drain(max_time=3600).done
-        handover = first.handover()
+    _, handover, config, _ = drained_then_handed_over(db, receiver, 300)
     with Spool(db) as sp:
         assert sp.status()["pacing"] is None  # no shipper runs
     backlog(db, 300)

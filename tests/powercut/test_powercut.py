@@ -560,15 +560,20 @@ def test_with_synchronous_normal_a_file_moved_to_done_is_still_in_the_spool_afte
     # The watcher, running on: its connection stays open (a last close would checkpoint the WAL to disk).
     watcher = subprocess.Popen(spool_args("--config", str(config), "--db", str(db), "watch", str(drop)), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(watcher.stderr), daemon=True)
+    reader.start()
     try:
+        # The file is taken once the watcher says so: its move is durable then (the rename alone is not, until
+        # both directories are synced; a cut between the two leaves the file in place, known, and not taken twice).
         deadline = time.monotonic() + 30
-        while not (drop / ".done" / "job.jsonl").exists() and time.monotonic() < deadline:
+        while not any("ingested 3 records from job.jsonl" in line for line in said) and time.monotonic() < deadline:
             time.sleep(0.05)
         fs.cut()
     finally:
         watcher.kill()
         watcher.wait(30)
     fs = lazyfs()
-    assert (drop / ".done" / "job.jsonl").exists() and not job.exists()
+    assert (drop / ".done" / "job.jsonl").exists() and not job.exists(), said
     with Store(db) as store:
         assert sorted(record.stat for _, _, record in store.records()) == ["job 0", "job 1", "job 2"]
