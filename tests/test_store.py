@@ -448,3 +448,18 @@ def test_a_writer_waits_for_the_write_lock_as_long_as_busy_timeout_then_says_so_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_dead_letter_requeued_while_its_old_lease_is_open_is_pending_and_leased_anew(db):
+    """A refused record leaves its lease: requeued, it is pending (not in flight) and the next lease takes it."""
+    with Store(db) as store:
+        store.append([make_record(stat="refused once", count=1, t=T0)])
+        old = store.lease(10, now=T0, keyed_only=False)
+        (item,) = old.items
+        assert store.mark_dead([item.id], reason="refused", http_status=200, body="{}", now=T0) == 1
+        assert store.requeue_dead()[:2] == (1, ())
+        assert (store.counts()["pending"], store.counts()["inflight"]) == (1, 0)
+        again = store.lease(10, now=T0 + 2, keyed_only=False)
+        assert [i.id for i in again.items] == [item.id] and store.counts()["inflight"] == 1
+        store.end_lease(old.id)  # the old lease's end leaves it with the new one
+        assert store.counts()["inflight"] == 1

@@ -84,6 +84,7 @@ class StoreModel(RuleBasedStateMachine):
         for i in ids:
             if self.state.get(i) == "pending":
                 self.state[i] = "dead"
+        self.leases[lease_id] -= set(ids)  # dead letters leave their lease (requeued, they are leased anew)
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
