@@ -73,8 +73,8 @@ def test_poll_mode_finds_files_without_inotify(drop_dir, db):
     ("a.json", json.dumps({"ezkey": "k", "data": [{"stat": "x", "count": 1, "t": T0}]}, indent=2)),
     ("a.json", json.dumps([{"stat": "x", "count": 1, "t": T0}])),
     ("a.csv", f"stat,count,t\nx,1,{T0}\n"),
-    ("a.jsonl.gz", gzip.compress(jsonl("x").encode())),
-    ("a.csv.gz", gzip.compress(f"stat,count,t\nx,1,{T0}\n".encode())),
+    ("a.jsonl.gz", gzip.compress(jsonl("x").encode(), mtime=0)),
+    ("a.csv.gz", gzip.compress(f"stat,count,t\nx,1,{T0}\n".encode(), mtime=0)),
     ("A.JSONL", jsonl("x")),
 ])
 def test_each_format_is_ingested(drop_dir, db, name, content):
@@ -117,7 +117,7 @@ def make_symlink(directory):
     ("bad.csv", "stat,cuont\nx,1\n", "unknown column 'cuont', did you mean 'count'?"),
     ("garbage.jsonl", bytes(range(256)) * 40, "not UTF-8"),
     ("utf16.jsonl", jsonl("x").encode("utf-16"), "not UTF-8"),
-    ("broken.jsonl.gz", gzip.compress(jsonl(*"abcdef").encode())[:-12], "truncated"),
+    ("broken.jsonl.gz", gzip.compress(jsonl(*"abcdef").encode(), mtime=0)[:-12], "truncated"),
     ("notgzip.csv.gz", b"stat,count\nx,1\n", "Not a gzipped file"),
     ("long.jsonl", b'{"stat": "' + b"x" * (1 << 20) + b'"}\n', "longer than"),
     ("notes.txt", "hello", "not a known kind of file"),
