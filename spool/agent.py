@@ -454,7 +454,7 @@ class Agent:
         parts = sorted(self.wanted(self.config))
         log.info("spool agent: %s; spool %s (%s); config: %s", ", ".join(parts) or "nothing to do",
                  self.config.db, self.config.db_source, self.config.source)
-        if "ship" in parts and self.config.ship.ezkey is None and self.config.ship.ezkey_file is None:
+        if "ship" in parts and not self.config.ship.keyed:
             log.warning("no ezkey configured: only records carrying their own key will be shipped "
                         "(set ship.ezkey_file in the config, or SPOOL_EZKEY_FILE)")
 

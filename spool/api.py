@@ -220,8 +220,8 @@ class Spool:
         counts = self.store.counts()
         # Held records whose time could not be placed became dead letters too, as the refused ones did.
         dead = stats["dead"] + self.store.counters().get("restamp_refused", 0) - unplaceable
-        unkeyed = config.ship.ezkey is None and config.ship.ezkey_file is None  # a key configured but unusable: reason
-        keyless = self.store.keyless_pending() if unkeyed and counts["pending"] else 0
+        # Records without a key of their own are a reason only when none is configured (an unusable one is its own).
+        keyless = self.store.keyless_pending() if not config.ship.keyed and counts["pending"] else 0
         return ShipResult(result.done, stats["sent"], dead, counts["pending"], keyless, result.reason,
                           stats["expired"], held=counts["held"], operator=result.operator)
 

@@ -513,6 +513,11 @@ class ShipSettings(_Settings):
     lease_timeout: float = setting(300.0, Duration(), "a lease left by an earlier release (no owner, or one named "
                                    "by pid) is freed after this (newer leases only when their owner is proven dead)")
 
+    @property
+    def keyed(self) -> bool:
+        """Whether a key is configured (directly or by a file), usable or not."""
+        return self.ezkey is not None or self.ezkey_file is not None
+
 
 @settings_class(frozen=True)
 class LogSettings(_Settings):

@@ -152,12 +152,11 @@ def read_facts(store: Store, config: Config, *, now: float | None = None, starte
     counts = store.counts()  # one snapshot: the numbers agree
     oldest = store.oldest_pending_t()
     meta = store.meta()
-    unkeyed = config.ship.ezkey is None and config.ship.ezkey_file is None
     waiting = counts["pending"] + counts["inflight"]
     keyless, more = 0, False
-    if unkeyed and waiting:
+    if not config.ship.keyed and waiting:
         keyless = store.keyless_pending() if exact else store.keyless_among_oldest(KEYLESS_LOOK)
-        more = not exact and keyless > 0 and counts["pending"] + counts["inflight"] > KEYLESS_LOOK
+        more = not exact and keyless > 0 and waiting > KEYLESS_LOOK
     path = store.path
     writable = os.access(path.parent, os.W_OK) and os.access(path, os.W_OK)
     try:

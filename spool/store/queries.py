@@ -197,19 +197,23 @@ class Queries(Core):
     def keyless_pending(self) -> int:
         """Return how many pending EZ records carry no ezkey of their own."""
         with self._read():
-            if self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is None:
-                return 0  # every EZ series carries its key: no record can lack one
+            if not self._keyless_series():
+                return 0
             return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
                                      f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
                                      f"{self._hidden(column='r.id')}").fetchone()[0]
+
+    def _keyless_series(self) -> bool:
+        """Whether some EZ series has no key of its own (if none has, no record can lack one: nothing to count)."""
+        return self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is not None
 
     def keyless_among_oldest(self, limit: int) -> int:
         """Return how many of the `limit` oldest pending records are EZ records with no ezkey of their own: a look
         whose cost is `limit`, whatever the backlog (/healthz asks it at every poll). While no key is configured,
         such records are never shipped, so they gather there as the others leave."""
         with self._read():
-            if self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is None:
-                return 0  # every EZ series carries its key: no record can lack one
+            if not self._keyless_series():
+                return 0
             return self.conn.execute(
                 f"SELECT count(*) FROM (SELECT id FROM queue WHERE 1{self._hidden()} ORDER BY t, id LIMIT ?) q "
                 f"CROSS JOIN records r ON r.id = q.id {_SERIES} WHERE s.stat IS NOT NULL AND s.ezkey IS NULL",
