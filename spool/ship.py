@@ -638,11 +638,11 @@ class Shipper:
     def _lease_clean(self, state: _DrainState, keyed_only: bool, version: int | None = None) -> Lease | None:
         """Lease the next clean batch, searching after the last one this drain leased while that is exact.
 
-        Every clean pending record up to the last one leased was leased then (oldest first), and within a drain
-        this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect, which
-        this query never takes). Only another connection's commit (an append with an older t, a requeue, a
-        replay) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
-        the search starts from the oldest again.
+        Every clean pending record up to the last one leased was leased then (in append order), and within a
+        drain this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect,
+        which this query never takes). Only another connection's commit (a requeue, a re-stamp, a lease given
+        back) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
+        the search starts from the front again.
         """
         limit, now = self.config.ship.batch_size, self.clock()
         if version is None:
@@ -650,10 +650,10 @@ class Shipper:
         if state.after is not None and version == state.after_version:
             lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after)
             if lease is not None:
-                state.after = (lease.items[-1].t, lease.items[-1].id)
+                state.after = lease.items[-1].id
                 return lease
         lease = self.store.lease(limit, now=now, keyed_only=keyed_only)
-        state.after = None if lease is None else (lease.items[-1].t, lease.items[-1].id)
+        state.after = None if lease is None else lease.items[-1].id
         state.after_version = None if lease is None else lease.version
         return lease
 
@@ -1288,7 +1288,7 @@ class _DrainState:
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
     misconfigured: bool = False  # `failed` is a misconfiguration (not a host that did not resolve)
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
-    after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
+    after: int | None = None  # the id of the last clean record leased: the next search starts there
     after_version: int | None = None  # the spool's data_version when `after` was exact
     no_suspects: int | None = None  # the spool's data_version when no suspect group was left to lease
     delivered: bool = False

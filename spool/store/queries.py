@@ -15,6 +15,7 @@ from typing import Any, ClassVar, NamedTuple
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
+from spool.store.queue import QUEUED, QUEUED_RECORDS, dequeue, enqueue, enqueue_new, front, runs_of
 from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
@@ -28,8 +29,11 @@ _COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
 Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
 
 # Whether a live record `r` is pending (queued, suspect, or held by a lease); a live record that is not is sent.
-_WAITING = ("(EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id) OR r.id IN (SELECT id FROM suspects) "
+_WAITING = (f"({QUEUED} OR r.id IN (SELECT id FROM suspects) "
             "OR EXISTS (SELECT 1 FROM lease_runs WHERE r.id BETWEEN lo AND hi))")
+# The ids of the pending records (queued, suspect, in flight), for `r.id IN (...)`: reads the pending ones only.
+_PENDING_IDS = (f"SELECT r.id FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING} UNION ALL SELECT id FROM suspects "
+                "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi")
 _STATE = (f"CASE WHEN r.state != {State.PENDING} THEN r.state WHEN {_WAITING} THEN {State.PENDING} "
           f"ELSE {State.SENT} END")  # a record's state as before version 10 stored it
 
@@ -130,10 +134,9 @@ class Queries(Core):
                 chosen = [i for i in chosen if i not in set(unknown)]
             listed = _dumps(chosen)
             conn.execute(f"DELETE FROM dead WHERE id IN ({_IDS})", (listed,))
-            if requeued:  # pending again, in the queue by their own t
+            if requeued:  # pending again, queued by their own ids: at the front
                 n = conn.execute(f"UPDATE records SET state = {State.PENDING} WHERE id IN ({_IDS})", (listed,)).rowcount
-                conn.execute(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id IN ({_IDS})",
-                             (listed,))
+                enqueue(conn, runs_of(chosen))
             else:
                 n = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, dead=-n, pending=n if requeued else 0)
@@ -186,10 +189,14 @@ class Queries(Core):
         return kept, real
 
     def oldest_pending_t(self) -> int | None:
-        with self._read():  # the queue's first, and those of the few records suspect or in flight
-            hidden, suspect_hidden = self._hidden(), self._hidden(column="g.id")
+        """The t of the oldest of: the first queued record (the oldest appended of them: the next to ship), the
+        suspect ones, those in flight. Not the oldest t of the whole backlog (only a read of it all knows that):
+        the age of what shipping has yet to reach."""
+        with self._read():
+            hidden, suspect_hidden = self._hidden(column="r.id"), self._hidden(column="g.id")
             return self.conn.execute(
-                f"SELECT min(t) FROM (SELECT t FROM (SELECT t FROM queue WHERE 1{hidden} ORDER BY t, id LIMIT 1) "
+                f"SELECT min(t) FROM (SELECT t FROM (SELECT r.t FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING}"
+                f"{hidden} ORDER BY q.lo, r.id LIMIT 1) "
                 f"UNION ALL SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE 1{suspect_hidden} "
                 f"UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r ON r.id BETWEEN lo AND hi "
                 f"WHERE r.state = {State.PENDING})").fetchone()[0]
@@ -200,7 +207,7 @@ class Queries(Core):
             if not self._keyless_series():
                 return 0
             return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
-                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
+                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND r.id IN ({_PENDING_IDS})"
                                      f"{self._hidden(column='r.id')}").fetchone()[0]
 
     def _keyless_series(self) -> bool:
@@ -208,16 +215,16 @@ class Queries(Core):
         return self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is not None
 
     def keyless_among_oldest(self, limit: int) -> int:
-        """Return how many of the `limit` oldest pending records are EZ records with no ezkey of their own: a look
+        """Return how many of the `limit` first queued records are EZ records with no ezkey of their own: a look
         whose cost is `limit`, whatever the backlog (/healthz asks it at every poll). While no key is configured,
         such records are never shipped, so they gather there as the others leave."""
         with self._read():
             if not self._keyless_series():
                 return 0
             return self.conn.execute(
-                f"SELECT count(*) FROM (SELECT id FROM queue WHERE 1{self._hidden()} ORDER BY t, id LIMIT ?) q "
-                f"CROSS JOIN records r ON r.id = q.id {_SERIES} WHERE s.stat IS NOT NULL AND s.ezkey IS NULL",
-                (limit,)).fetchone()[0]
+                f"SELECT count(*) FROM (SELECT r.id, r.series FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING}"
+                f"{self._hidden(column='r.id')} ORDER BY q.lo, r.id LIMIT ?) r {_SERIES} "
+                f"WHERE s.stat IS NOT NULL AND s.ezkey IS NULL", (limit,)).fetchone()[0]
 
     def size_bytes(self) -> int:
         """Return the spool's size on disk: the database file and its write-ahead log."""
@@ -271,7 +278,7 @@ class Queries(Core):
                     refused.append((wall, f"re-stamped to t {t}, which is in the future or before the floor ({floor}): "
                                           "the monotonic clock is not to be trusted; its time is unknown", record_id))
             conn.executemany(f"UPDATE records SET t = ?, state = {State.PENDING} WHERE id = ?", placed)
-            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", placed)
+            enqueue(conn, runs_of(record_id for _, record_id in placed))
             conn.executemany(f"UPDATE records SET state = {State.DEAD} WHERE id = ?",
                              [(record_id,) for *_, record_id in refused + lost])
             conn.executemany("INSERT OR REPLACE INTO dead (done_at, reason, id) VALUES (?, ?, ?)", refused + lost)
@@ -308,13 +315,11 @@ class Queries(Core):
         while True:
             with self._write(wait=False) as conn:  # lost in a power cut: those records are merely not merged yet
                 kept = cursor = self._compaction_cursor(conn, bucket, rows)
-                entries = _after(conn, cursor.t, cursor.id, rows)
+                entries = front(conn, cursor.id, "r.series, s.kind, r.number, r.t", _SERIES, "", rows)
                 end = len(entries) < rows
                 cursor, gone = self._merge(conn, cursor, entries, rows)
                 if gone:
                     self._add_count(conn, "compacted", gone)
-                if end:  # parked at the start of the newest bucket: what arrives in it is merged into its sums
-                    cursor = cursor._replace(t=cursor.t // bucket * bucket, id=0)
                 if end and cursor.parked_at is None:
                     cursor = cursor._replace(parked_at=_newest_id(conn))
                 if cursor != kept:  # a parked pass that found nothing new writes nothing (an idle box, every tick)
@@ -341,7 +346,7 @@ class Queries(Core):
             # A record holding a sum may have been leased, shipped or dropped since: it no longer holds it.
             held = {record_id: number for record_id, number in conn.execute(
                 f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING} "
-                f"AND EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id)",
+                f"AND {QUEUED}",
                 (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
             cursor = cursor._replace(sums=[[group, record_id, total] for group, record_id, total in cursor.sums
                                            if held.get(record_id, _GONE) == total])
@@ -377,15 +382,9 @@ class Queries(Core):
             gone.append(record_id)
         changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
         if gone or changed:
-            where = {record_id: t for record_id, _, _, _, t in entries}
-            self._tally(conn, pending=-_delete_queued(conn, [(where[record_id], record_id) for record_id in gone]))
-            # A record holding a sum moves to its bucket's start: in the records, and in the queue's order.
-            before = dict(conn.execute(f"SELECT id, t FROM records WHERE id IN ({_IDS})",
-                                       (_dumps([held for _, _, held in changed]),)).fetchall())
+            self._tally(conn, pending=-_delete_queued(conn, gone))
+            # A record holding a sum moves to its bucket's start (its place in the queue is its id: unchanged).
             conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
-            moved = [(before[held], held, t) for _, t, held in changed if held in before and before[held] != t]
-            conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(old, held) for old, held, _ in moved])
-            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", [(t, held) for _, held, t in moved])
         last = entries[-1]
         read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
         # A bucket's sums are carried into the next step (it may go on there), as many as a step reads at most.
@@ -396,7 +395,7 @@ class Queries(Core):
 
     # "all" leaves out HELD records, and "dead" and "all" the dead letters they became when they could not be placed
     # in time: their time is not known, so no file can carry them (import refuses t=0).
-    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND {_WAITING}",
+    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND r.id IN ({_PENDING_IDS})",
                                               "sent": f"r.state = {State.PENDING} AND NOT {_WAITING}",
                                               "dead": f"r.state = {State.DEAD} AND r.t > 0",
                                               "all": f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} "
@@ -407,13 +406,6 @@ class Queries(Core):
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
         where, params = [self._SELECTIONS[state]], list[Any]()
-        if state == "pending" and (since is not None or until is not None):
-            # Pending records within a window of t are found by the queue's order (and the few suspect or in
-            # flight): the cost of the selection, not of the backlog.
-            window = " AND ".join(f"t {op} {int(value)}" for op, value in ((">=", since), ("<=", until))
-                                  if value is not None)
-            where.insert(0, f"r.id IN (SELECT id FROM queue WHERE {window} UNION ALL SELECT id FROM suspects "
-                            "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi)")
         if since is not None:
             where.append("r.t >= ?")
             params.append(since)
@@ -436,8 +428,8 @@ class Queries(Core):
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
         """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
 
-        Pending records within a window of t are found by the queue's order (see `_selection`). Once the snapshot
-        is let go, the WAL it held back is checkpointed (`_after_long_read`).
+        Pending records are found by the queue's runs (and the few suspect or in flight). Once the snapshot is let
+        go, the WAL it held back is checkpointed (`_after_long_read`).
         """
         where, params = self._selection(state, since, until, stat_glob)
         try:
@@ -489,8 +481,7 @@ class Queries(Core):
                 write([Record(*row[1:8]) for row in rows])
                 ids = [row[0] for row in rows]
                 listed = _dumps(ids)
-                conn.execute(f"DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id IN ({_IDS}))",
-                             (listed,))
+                dequeue(conn, runs_of(ids))
                 for table in ("suspects", "dead"):
                     conn.execute(f"DELETE FROM {table} WHERE id IN ({_IDS})", (listed,))
                 _delete_records(conn, f"id IN ({_IDS})", (listed,))
@@ -511,8 +502,7 @@ class Queries(Core):
             queued = sum(copied.values())
             if queued > 0:  # one statement: its records have consecutive ids, up to the last given
                 newest = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?",
-                             (newest - queued + 1, newest))
+                enqueue_new(conn, newest - queued + 1, newest)
             self._tally(conn, pending=queued)
             self._enforce(conn, queued, since=since)
             return queued
@@ -539,7 +529,7 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
 
 
 class _Cursor(NamedTuple):
-    """Where a compaction pass stands: past (t, id) in the pending_t index, having read `read` entries; parked
+    """Where a compaction pass stands: past record `id` (of time `t`) in the queue, having read `read` records; parked
     (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, id, total] of each
     record holding a sum in the bucket it is in."""
 
@@ -554,29 +544,18 @@ class _Cursor(NamedTuple):
 _GONE = object()
 
 
-def _after(conn: sqlite3.Connection, t: int, after_id: int, n: int) -> list[tuple[Any, ...]]:
-    """Return up to n queued records after (t, id) in the queue, oldest first: (id, series, kind, number, t).
-    Two seeks: (t, id) > (?, ?) as one condition would walk every entry of that t before the cursor."""
-    query = (f"SELECT q.id, r.series, s.kind, r.number, q.t FROM queue q CROSS JOIN records r ON r.id = q.id "
-             f"{_SERIES} WHERE ")
-    rows = conn.execute(f"{query}q.t = ? AND q.id > ? ORDER BY q.id LIMIT ?", (t, after_id, n)).fetchall()
-    if len(rows) < n:
-        rows += conn.execute(f"{query}q.t > ? ORDER BY q.t, q.id LIMIT ?", (t, n - len(rows))).fetchall()
-    return rows
-
-
 def _newest_id(conn: sqlite3.Connection) -> int:
     """The highest record id ever given out (ids are never reused)."""
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
     return 0 if row is None else row[0]
 
 
-def _delete_queued(conn: sqlite3.Connection, queued: list[tuple[int, int]]) -> int:
-    """Delete queued records, given as (t, id): their queue rows and the records; return how many."""
-    if not queued:
+def _delete_queued(conn: sqlite3.Connection, ids: list[int]) -> int:
+    """Delete queued records by id: out of the queue's runs, and the records; return how many."""
+    if not ids:
         return 0
-    conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", queued)
-    return _delete_records(conn, f"id IN ({_IDS})", (_dumps([record_id for _, record_id in queued]),))
+    dequeue(conn, runs_of(ids))
+    return _delete_records(conn, f"id IN ({_IDS})", (_dumps(ids),))
 
 
 def _fits(total: int | float) -> bool:
