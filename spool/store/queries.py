@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import math
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
-from spool.store.queue import QUEUED, QUEUED_RECORDS, dequeue, enqueue, enqueue_new, front, runs_of
+from spool.store.queue import QUEUE_FROM, QUEUED, QUEUED_RECORDS, dequeue, enqueue, enqueue_new, front, runs_of
 from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
@@ -31,9 +33,10 @@ Between = Callable[[], bool]  # called between the transactions of a long job: F
 # Whether a live record `r` is pending (queued, suspect, or held by a lease); a live record that is not is sent.
 _WAITING = (f"({QUEUED} OR r.id IN (SELECT id FROM suspects) "
             "OR EXISTS (SELECT 1 FROM lease_runs WHERE r.id BETWEEN lo AND hi))")
-# The ids of the pending records (queued, suspect, in flight), for `r.id IN (...)`: reads the pending ones only.
-_PENDING_IDS = (f"SELECT r.id FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING} UNION ALL SELECT id FROM suspects "
-                "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi")
+# The ids of the pending records that are not queued (suspect, in flight), for `r.id IN (...)`: few.
+_HELD_ELSEWHERE = ("SELECT id FROM suspects UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 "
+                   "ON r2.id BETWEEN lo AND hi")
+_ROW_ID = operator.itemgetter(0)
 _STATE = (f"CASE WHEN r.state != {State.PENDING} THEN r.state WHEN {_WAITING} THEN {State.PENDING} "
           f"ELSE {State.SENT} END")  # a record's state as before version 10 stored it
 
@@ -207,7 +210,7 @@ class Queries(Core):
             if not self._keyless_series():
                 return 0
             return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
-                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND r.id IN ({_PENDING_IDS})"
+                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
                                      f"{self._hidden(column='r.id')}").fetchone()[0]
 
     def _keyless_series(self) -> bool:
@@ -299,17 +302,18 @@ class Queries(Core):
         others are deleted. Exact for counters at that resolution; values are never merged; a sum that would
         leave what validation accepts starts a new record. Returns how many records this call merged away.
 
-        A pass walks the pending records oldest first (the pending_t index, by t then id) from where the last
-        transaction stopped, reading at most `rows` index entries per transaction: no transaction holds the write
-        lock longer than that, whatever the backlog, and the whole pass is one walk of the index. Where it stands
-        is kept in meta with the records that hold the sums of the bucket it is in (so a bucket larger than a
-        step still becomes one record per group), and `between`, called after each committed transaction, stops
-        the pass when it returns False: the next call resumes it.
+        A pass walks the queued records in append order (the queue's runs) from where the last transaction
+        stopped, reading at most `rows` records per transaction: no transaction holds the write lock longer than
+        that, whatever the backlog, and the whole pass is one walk of the queue. Where it stands is kept in meta
+        with the records that hold the sums it used last (up to `rows` of them, by stat and bucket: a bucket
+        larger than a step still becomes one record per group, and records appended later with the time of a
+        bucket still kept join its sum), and `between`, called after each committed transaction, stops the pass
+        when it returns False: the next call resumes it.
 
-        A pass that reached the newest records parks at the start of the newest bucket: later calls merge what
-        arrives there and after it without reading the backlog again. Records that arrive behind it (an import
-        of older times) wait for the next whole pass, which starts once as many record ids have been given out
-        since it parked as the pass read: all told, the walks cost a few times the records appended.
+        A pass that reached the newest records parks there: later calls merge what is appended after it without
+        reading the backlog again. Records queued behind it (given back by a lease, requeued) and sums no longer
+        kept wait for the next whole pass, which starts once as many record ids have been given out since it
+        parked as the pass read: all told, the walks cost a few times the records appended.
         """
         merged = 0
         while True:
@@ -336,20 +340,12 @@ class Queries(Core):
             cursor = _Cursor(**_loads(kept[0])) if kept is not None else None
         except (TypeError, ValueError):  # not one this release wrote: a new pass
             cursor = None
-        if cursor is None or cursor.bucket != bucket:
+        if cursor is None or cursor.bucket != bucket or any(len(kept) != 4 for kept in cursor.sums):
             return _Cursor(bucket)
         if cursor.parked_at is not None:
             newest = _newest_id(conn)
             if newest - cursor.parked_at >= max(cursor.read, rows):
                 return _Cursor(bucket)
-        if cursor.sums:
-            # A record holding a sum may have been leased, shipped or dropped since: it no longer holds it.
-            held = {record_id: number for record_id, number in conn.execute(
-                f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING} "
-                f"AND {QUEUED}",
-                (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
-            cursor = cursor._replace(sums=[[group, record_id, total] for group, record_id, total in cursor.sums
-                                           if held.get(record_id, _GONE) == total])
         return cursor
 
     def _merge(self, conn: sqlite3.Connection, cursor: _Cursor, entries: list[tuple[Any, ...]],
@@ -359,84 +355,110 @@ class Queries(Core):
         if not entries:
             return cursor, 0
         spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # an open stage's records are not there yet
-        bucket, current = cursor.bucket, cursor.t // cursor.bucket
-        sums = {group: [record_id, total, False] for group, record_id, total in cursor.sums}
+        bucket = cursor.bucket
+        # (group, bucket index) -> [the record holding the sum, the sum, whether this step changed it]
+        sums = {(group, at): [record_id, total, False] for group, at, record_id, total in cursor.sums}
+        # A record holding a kept sum may have been leased, shipped or dropped since: then it holds it no more.
+        # Only the sums this step's records would join are looked at (not every sum kept).
+        wanted = [sums[key][0] for key in {(group, t // bucket) for _, group, _, _, t in entries} if key in sums]
+        if wanted:
+            holding = dict(conn.execute(f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) "
+                                        f"AND r.state = {State.PENDING} AND {QUEUED}", (_dumps(wanted),)).fetchall())
+            sums = {key: kept for key, kept in sums.items()
+                    if kept[0] not in wanted or holding.get(kept[0], _GONE) == kept[1]}
         gone: list[int] = []
         changed: list[tuple[Any, ...]] = []
         for record_id, group, kind, number, t in entries:
-            if t // bucket != current:  # a new bucket: the sums of the last one are final
-                changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
-                sums, current = {}, t // bucket
             if kind != Kind.COUNT or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
                 continue
-            into = sums.get(group)
-            if into is not None and into[0] == record_id:  # the record holding the sum, read again (parked)
+            key = (group, t // bucket)
+            into = sums.pop(key, None)  # put back last: the sums most recently used are those carried on
+            if into is not None and into[0] == record_id:  # the record holding the sum, read again
+                sums[key] = into
                 continue
             total = into[1] + number if into is not None else number
             if into is None or not _fits(total):
                 if into is not None and into[2]:  # full: it keeps what it holds
-                    changed.append((into[1], current * bucket, into[0]))
-                sums[group] = [record_id, number, False]  # this record holds the group's sum from here on
+                    changed.append((into[1], key[1] * bucket, into[0]))
+                sums[key] = [record_id, number, False]  # this record holds the group's sum from here on
                 continue
             into[1], into[2] = total, True
+            sums[key] = into
             gone.append(record_id)
-        changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
+        changed += [(total, at * bucket, held) for (_, at), (held, total, dirty) in sums.items() if dirty]
         if gone or changed:
             self._tally(conn, pending=-_delete_queued(conn, gone))
             # A record holding a sum moves to its bucket's start (its place in the queue is its id: unchanged).
             conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
         last = entries[-1]
         read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
-        # A bucket's sums are carried into the next step (it may go on there), as many as a step reads at most.
-        carried = [[group, held, total] for group, (held, total, _) in itertools.islice(sums.items(), rows)]
+        # The sums most recently used are carried into the next step (the walk may meet their buckets again), as
+        # many as a step reads at most.
+        kept = list(sums.items())[-rows:]
+        carried = [[group, at, held, total] for (group, at), (held, total, _) in kept]
         return cursor._replace(t=last[4], id=last[0], read=read, sums=carried), len(gone)
 
     # -- moving backlog ----------------------------------------------------------------------------
 
     # "all" leaves out HELD records, and "dead" and "all" the dead letters they became when they could not be placed
-    # in time: their time is not known, so no file can carry them (import refuses t=0).
-    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND r.id IN ({_PENDING_IDS})",
-                                              "sent": f"r.state = {State.PENDING} AND NOT {_WAITING}",
-                                              "dead": f"r.state = {State.DEAD} AND r.t > 0",
-                                              "all": f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} "
-                                                     "AND r.t > 0))"}
+    # in time: their time is not known, so no file can carry them (import refuses t=0). Each selection is one or
+    # more sources (FROM, WHERE), each read in id order: pending records are the queue's (read run by run, never
+    # the sent ones) and the few suspect or in flight.
+    _SELECTIONS: ClassVar[dict[str, list[tuple[str, str, str]]]] = {
+        "pending": [(QUEUED_RECORDS, f"r.state = {State.PENDING} AND {QUEUE_FROM}", "q.lo, r.id"),
+                    ("records r", f"r.state = {State.PENDING} AND r.id IN ({_HELD_ELSEWHERE})", "r.id")],
+        "sent": [("records r", f"r.state = {State.PENDING} AND NOT {_WAITING}", "r.id")],
+        "dead": [("records r", f"r.state = {State.DEAD} AND r.t > 0", "r.id")],
+        "all": [("records r", f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} AND r.t > 0))", "r.id")]}
 
-    def _selection(self, state: str, since: int | None, until: int | None,
-                   stat_glob: str | None = None) -> tuple[str, list[Any]]:
+    def _selected(self, conn: sqlite3.Connection, state: str, since: int | None, until: int | None,
+                  stat_glob: str | None, columns: str, *, after: int = 0, limit: int = -1,
+                  extra: str = "") -> Iterator[Any]:
+        """Yield rows (r.id, then `columns`) of the selected records with ids above `after`, in id order (at most
+        `limit`); `extra`: more conditions, each starting with AND."""
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
-        where, params = [self._SELECTIONS[state]], list[Any]()
-        if since is not None:
-            where.append("r.t >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("r.t <= ?")
-            params.append(until)
-        if stat_glob is not None:
-            where.append("s.stat GLOB ?")
-            params.append(stat_glob)
-        return " AND ".join(where), params
+        where, params = self._filters(since, until, stat_glob)
+        hidden = self._hidden(conn, "r.id")
+        parts = []
+        for source, condition, order in self._SELECTIONS[state]:
+            starts = (after,) * condition.count("?")  # the queue's runs: the first one worth reading
+            parts.append(conn.execute(f"SELECT r.id, {columns} FROM {source} {_SERIES} WHERE {condition}{where}"
+                                      f"{hidden}{extra} AND r.id > ? ORDER BY {order} LIMIT ?",
+                                      (*starts, *params, after, limit)))
+        rows = parts[0] if len(parts) == 1 else heapq.merge(*parts, key=_ROW_ID)
+        return itertools.islice(rows, limit) if limit >= 0 else iter(rows)
+
+    def _filters(self, since: int | None, until: int | None, stat_glob: str | None) -> tuple[str, list[Any]]:
+        where, params = "", list[Any]()
+        for condition, value in (("r.t >= ?", since), ("r.t <= ?", until), ("s.stat GLOB ?", stat_glob)):
+            if value is not None:
+                where += f" AND {condition}"
+                params.append(value)
+        return where, params
 
     def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
                        stat_glob: str | None = None) -> int:
-        where, params = self._selection(state, since, until, stat_glob)
+        if state not in self._SELECTIONS:
+            raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
+        where, params = self._filters(since, until, stat_glob)
         with self._read():
-            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE {where}"
-                                     f"{self._hidden(column='r.id')}", params).fetchone()[0]
+            hidden = self._hidden(column="r.id")
+            return sum(self.conn.execute(f"SELECT count(*) FROM {source} {_SERIES} WHERE {condition}{where}{hidden}",
+                                         ((0,) * condition.count("?")) + tuple(params)).fetchone()[0]
+                       for source, condition, _ in self._SELECTIONS[state])
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
         """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
 
-        Pending records are found by the queue's runs (and the few suspect or in flight). Once the snapshot is let
-        go, the WAL it held back is checkpointed (`_after_long_read`).
+        Pending records are read from the queue's runs (and the few suspect or in flight): the cost of the
+        pending records, whatever the spool keeps besides. Once the snapshot is let go, the WAL it held back is
+        checkpointed (`_after_long_read`).
         """
-        where, params = self._selection(state, since, until, stat_glob)
         try:
             with self._read():
-                hidden = self._hidden(column="r.id")
-                for row in self.conn.execute(f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE {where}{hidden} "
-                                             "ORDER BY r.id", params):
+                for row in self._selected(self.conn, state, since, until, stat_glob, _FIELDS):
                     yield row[0], Record(*row[1:])
         finally:
             self._after_long_read()
@@ -469,13 +491,11 @@ class Queries(Core):
         it meanwhile. Records in flight are skipped (they are being sent). A crash can leave at most the last
         chunk both in the file and in the spool; never in neither. Returns how many records moved.
         """
-        where, params = self._selection(state, since, until, stat_glob)
         moved, after = 0, 0
         while True:
             with self._write() as conn:
-                rows = conn.execute(f"SELECT r.id, {_FIELDS}, {_STATE} FROM records r {_SERIES} WHERE {where}"
-                                    f"{self._hidden(conn, 'r.id')}{self._in_flight(conn, 'r.id')} AND r.id > ? "
-                                    f"ORDER BY r.id LIMIT ?", [*params, after, chunk]).fetchall()
+                rows = list(self._selected(conn, state, since, until, stat_glob, f"{_FIELDS}, {_STATE}", after=after,
+                                           limit=chunk, extra=self._in_flight(conn, "r.id")))
                 if not rows:
                     return moved
                 write([Record(*row[1:8]) for row in rows])
@@ -492,12 +512,12 @@ class Queries(Core):
 
     def replay(self, *, since: int | None, until: int | None, stat_glob: str | None = None) -> int:
         """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
-        where, params = self._selection("sent", since, until, stat_glob)
+        where, params = self._filters(since, until, stat_glob)
         with self._bounded() as conn:
             since = _newest_id(conn)
             copied = collections.Counter(series for (series,) in conn.execute(
                 f"INSERT INTO records (series, number, t) SELECT r.series, r.number, r.t FROM records r {_SERIES} "
-                f"WHERE {where} ORDER BY r.id RETURNING series", params))
+                f"WHERE {self._SELECTIONS['sent'][0][1]}{where} ORDER BY r.id RETURNING series", params))
             conn.executemany("UPDATE series SET refs = refs + ? WHERE id = ?", [(n, s) for s, n in copied.items()])
             queued = sum(copied.values())
             if queued > 0:  # one statement: its records have consecutive ids, up to the last given
@@ -530,8 +550,8 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
 
 class _Cursor(NamedTuple):
     """Where a compaction pass stands: past record `id` (of time `t`) in the queue, having read `read` records; parked
-    (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, id, total] of each
-    record holding a sum in the bucket it is in."""
+    (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, bucket index, id, total]
+    of the records holding the sums it used last."""
 
     bucket: int
     t: int = 0

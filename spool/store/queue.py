@@ -28,7 +28,7 @@ QUEUED = "coalesce((SELECT q.hi FROM queue_runs q WHERE q.lo <= r.id ORDER BY q.
 # The queued records, `r`, run by run in append order (the join walks the primary key by range).
 QUEUED_RECORDS = "queue_runs q CROSS JOIN records r ON r.id BETWEEN q.lo AND q.hi"
 # The first run worth looking at for ids from ? on: the one that starts at or before it (else the first).
-_FROM = "q.lo >= coalesce((SELECT max(lo) FROM queue_runs WHERE lo <= ?), 0)"
+QUEUE_FROM = _FROM = "q.lo >= coalesce((SELECT max(lo) FROM queue_runs WHERE lo <= ?), 0)"
 
 
 def enqueue_new(conn: sqlite3.Connection, lo: int, hi: int, held: Sequence[int] = ()) -> None:
