@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from spool.owners import PREFIX, is_legacy
 from spool.records import Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _outside
-from spool.store.queue import QUEUED_RECORDS, dequeue, enqueue, front, intersect, queued_ids, runs_of, subtract
+from spool.store.queue import dequeue, enqueue, front, intersect, queued_between, queued_ids, runs_of, subtract
 
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
@@ -85,8 +85,8 @@ class Ledger(Core):
                 self._drop_walked(conn, start, rows[-1][0], now)
             if keyed and len(rows) < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: still queued
                 skipped = [record_id for (record_id,) in conn.execute(
-                    f"SELECT r.id FROM {QUEUED_RECORDS} {_SERIES} WHERE r.id BETWEEN ? AND ? "
-                    f"AND r.state = {State.PENDING} AND NOT {_KEYED}", (start + 1, rows[-1][0]))]
+                    f"SELECT r.id FROM {queued_between(start + 1, rows[-1][0], _SERIES)} "
+                    f"AND r.state = {State.PENDING} AND NOT {_KEYED}")]
                 walked = [part for run in walked for part in subtract(run, runs_of(skipped))]
             dequeue(conn, walked)
             return self._new_lease(conn, rows, owner, now)
@@ -96,8 +96,8 @@ class Ledger(Core):
         dropped_age."""
         assert self.max_age is not None
         old = [record_id for (record_id,) in conn.execute(
-            f"SELECT r.id FROM {QUEUED_RECORDS} WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} "
-            f"AND r.t < ?{self._hidden(conn, 'r.id')}", (start + 1, last, int(now - self.max_age)))]
+            f"SELECT r.id FROM {queued_between(start + 1, last)} AND r.state = {State.PENDING} "
+            f"AND r.t < ?{self._hidden(conn, 'r.id')}", (int(now - self.max_age),))]
         if old:
             dropped = _delete_records(conn, f"id IN ({_IDS})", (_dumps(old),))
             self._tally(conn, pending=-dropped)

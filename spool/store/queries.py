@@ -17,7 +17,17 @@ from typing import Any, ClassVar, NamedTuple
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
-from spool.store.queue import QUEUE_FROM, QUEUED, QUEUED_RECORDS, dequeue, enqueue, enqueue_new, front, runs_of
+from spool.store.queue import (
+    QUEUE_FROM,
+    QUEUED,
+    QUEUED_FROM,
+    QUEUED_RECORDS,
+    dequeue,
+    enqueue,
+    enqueue_new,
+    front,
+    runs_of,
+)
 from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
@@ -405,7 +415,7 @@ class Queries(Core):
     # more sources (FROM, WHERE), each read in id order: pending records are the queue's (read run by run, never
     # the sent ones) and the few suspect or in flight.
     _SELECTIONS: ClassVar[dict[str, list[tuple[str, str, str]]]] = {
-        "pending": [(QUEUED_RECORDS, f"r.state = {State.PENDING} AND {QUEUE_FROM}", "q.lo, r.id"),
+        "pending": [(QUEUED_FROM, f"r.state = {State.PENDING} AND {QUEUE_FROM}", "q.lo, r.id"),
                     ("records r", f"r.state = {State.PENDING} AND r.id IN ({_HELD_ELSEWHERE})", "r.id")],
         "sent": [("records r", f"r.state = {State.PENDING} AND NOT {_WAITING}", "r.id")],
         "dead": [("records r", f"r.state = {State.DEAD} AND r.t > 0", "r.id")],
@@ -422,7 +432,8 @@ class Queries(Core):
         hidden = self._hidden(conn, "r.id")
         parts = []
         for source, condition, order in self._SELECTIONS[state]:
-            starts = (after,) * condition.count("?")  # the queue's runs: the first one worth reading
+            # The queue's runs: each read from after+1 on, from the first one worth reading.
+            starts = (after + 1,) * source.count("?") + (after,) * condition.count("?")
             parts.append(conn.execute(f"SELECT r.id, {columns} FROM {source} {_SERIES} WHERE {condition}{where}"
                                       f"{hidden}{extra} AND r.id > ? ORDER BY {order} LIMIT ?",
                                       (*starts, *params, after, limit)))
@@ -445,7 +456,7 @@ class Queries(Core):
         with self._read():
             hidden = self._hidden(column="r.id")
             return sum(self.conn.execute(f"SELECT count(*) FROM {source} {_SERIES} WHERE {condition}{where}{hidden}",
-                                         ((0,) * condition.count("?")) + tuple(params)).fetchone()[0]
+                                         (0,) * (source + condition).count("?") + tuple(params)).fetchone()[0]
                        for source, condition, _ in self._SELECTIONS[state])
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,

@@ -25,10 +25,21 @@ Run = tuple[int, int]
 
 # Whether the live record `r` is queued: the run starting at or before its id reaches it (one seek).
 QUEUED = "coalesce((SELECT q.hi FROM queue_runs q WHERE q.lo <= r.id ORDER BY q.lo DESC LIMIT 1) >= r.id, 0)"
-# The queued records, `r`, run by run in append order (the join walks the primary key by range).
+# The queued records, `r`, run by run in append order (the join walks the primary key by range). Only to read
+# from the front of the queue: a condition on r.id would not bound the walk of each run (SQLite takes one lower
+# bound of the two); from an id on, read QUEUED_FROM (its ids from ? on) with QUEUE_FROM.
 QUEUED_RECORDS = "queue_runs q CROSS JOIN records r ON r.id BETWEEN q.lo AND q.hi"
+QUEUED_FROM = "queue_runs q CROSS JOIN records r ON r.id BETWEEN max(q.lo, ?) AND q.hi"
 # The first run worth looking at for ids from ? on: the one that starts at or before it (else the first).
 QUEUE_FROM = _FROM = "q.lo >= coalesce((SELECT max(lo) FROM queue_runs WHERE lo <= ?), 0)"
+
+
+def queued_between(lo: int, hi: int, join: str = "") -> str:
+    """FROM and WHERE (the queue's runs joined to the records `r`, and `join`) for the queued ids from lo to hi:
+    each run is walked from lo or its start, to hi or its end. Literal ints (a statement of its own): not for hot
+    paths."""
+    return (f"queue_runs q CROSS JOIN records r ON r.id BETWEEN max(q.lo, {int(lo)}) AND min(q.hi, {int(hi)}) {join} "
+            f"WHERE q.lo >= coalesce((SELECT max(lo) FROM queue_runs WHERE lo <= {int(lo)}), 0) AND q.lo <= {int(hi)}")
 
 
 def enqueue_new(conn: sqlite3.Connection, lo: int, hi: int, held: Sequence[int] = ()) -> None:
@@ -76,8 +87,8 @@ def queued_ids(conn: sqlite3.Connection, runs: Sequence[Run]) -> list[int]:
     if not runs:
         return []
     return [record_id for (record_id,) in conn.execute(
-        f"SELECT r.id FROM {QUEUED_RECORDS} WHERE {_FROM} AND q.lo <= ? AND r.state = {State.PENDING} "
-        f"AND {_between(runs, 'r.id')} ORDER BY r.id", (runs[0][0], runs[-1][1]))]
+        f"SELECT r.id FROM {queued_between(runs[0][0], runs[-1][1])} AND r.state = {State.PENDING} "
+        f"AND {_between(runs, 'r.id')} ORDER BY r.id")]
 
 
 def front(conn: sqlite3.Connection, after: int, columns: str, join: str, where: str, limit: int,
@@ -85,9 +96,9 @@ def front(conn: sqlite3.Connection, after: int, columns: str, join: str, where: 
     """Return up to `limit` rows of the queued live records with ids above `after`, in append order:
     `SELECT r.id, {columns} FROM` the queue's runs joined to the records `r` (and `join`), `where` (conditions
     starting with AND, with `params`) leaving some out."""
-    return conn.execute(f"SELECT r.id, {columns} FROM {QUEUED_RECORDS} {join} WHERE {_FROM} AND r.id > ? "
+    return conn.execute(f"SELECT r.id, {columns} FROM {QUEUED_FROM} {join} WHERE {_FROM} "
                         f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?",
-                        (after, after, *params, limit)).fetchall()
+                        (after + 1, after, *params, limit)).fetchall()
 
 
 def _between(runs: Sequence[Run], column: str) -> str:
