@@ -18,7 +18,18 @@ from typing import Any, NamedTuple
 from spool.owners import PREFIX, is_legacy
 from spool.records import Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _outside
-from spool.store.queue import dequeue, enqueue, front, intersect, queued_between, queued_ids, runs_of, subtract
+from spool.store.queue import (
+    QUEUE_FROM,
+    QUEUED_FROM,
+    dequeue,
+    enqueue,
+    front,
+    intersect,
+    queued_between,
+    queued_ids,
+    runs_of,
+    subtract,
+)
 
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
@@ -49,17 +60,47 @@ _leased: Callable[[Sequence[Any]], Leased] = functools.partial(tuple.__new__, Le
 
 
 class Lease(NamedTuple):
-    """A batch leased to the shipper: the lease's own id and its records, oldest first."""
+    """A batch leased to the shipper: the lease's own id and its records, in append order.
+
+    A lease asked `built` may come as the `data` array of its EZ request instead, built by SQLite (`items` is then
+    empty): records lo..hi (`span`, every id of it), each an EZ stat with no key of its own and an integer number;
+    the oldest t among them is `min_t`. The shipper reads the records themselves only if it must (a refusal).
+    """
 
     id: int
     items: list[Leased]
     version: int = 0  # PRAGMA data_version inside the lease's transaction: changes once another connection commits
+    data: str | None = None
+    span: tuple[int, int] = (0, -1)
+    min_t: int = 0
+
+    @property
+    def size(self) -> int:
+        """How many records the lease holds."""
+        return self.span[1] - self.span[0] + 1 if self.data is not None else len(self.items)
+
+    @property
+    def last_id(self) -> int:
+        return self.span[1] if self.data is not None else self.items[-1].id
+
+
+# The EZ `data` array of up to ? queued records (the rows of `front`), built by SQLite, with what says whether it
+# may be sent as it is: how many, their first and last id, the oldest t, how many numbers are floats (SQLite's
+# text of a float is not always Python's exact one: those batches are built in Python) and how many records are
+# classic or carry their own ezkey (they go in requests of their own).
+_BUILT = ("SELECT count(*), min(id), max(id), min(t), total(typeof(number) = 'real'), "
+          "total(stat IS NULL OR ezkey IS NOT NULL), json_group_array(json_object('stat', stat, "
+          "CASE kind WHEN 0 THEN 'count' ELSE 'value' END, number, 't', t)) FROM ({rows})")
+BUILT_RETRY = 16  # leases after a batch that could not be built in SQLite before trying again
 
 
 class Ledger(Core):
     """Leasing records to the shipper and settling them: SENT, DEAD, suspect, or pending again."""
 
-    def lease(self, limit: int, *, now: float, keyed_only: bool, after: int | None = None) -> Lease | None:
+    _unbuilt = 0  # leases to go before trying to build a batch in SQLite again (see Lease)
+
+    def lease(self, limit: int, *, now: float, keyed_only: bool, after: int | None = None,
+              built: bool = False) -> Lease | None:
         """Lease up to `limit` of the first queued records (in append order); None when none.
 
         Queued: pending, and neither leased nor suspect (suspects are leased by `lease_suspects`). `keyed_only`
@@ -67,6 +108,7 @@ class Ledger(Core):
         Records older than max_age that the lease walks past are deleted (counted as dropped_age): they would
         not be shipped. `after`, an id the caller knows no queued record it could lease precedes, starts the
         search there instead of walking past records it skips (see Shipper._lease_clean for when that is known).
+        `built`: the lease may come as its EZ request's data, built by SQLite (see Lease).
         """
         start = 0 if after is None else after
         owner = self.owners.claim()
@@ -75,21 +117,52 @@ class Ledger(Core):
             hidden = _outside(spans, "r.id")
             keyed = f" AND {_KEYED}" if keyed_only else ""
             expiry = f" AND r.t >= {int(now - self.max_age)}" if self.max_age is not None else ""
-            rows = front(conn, start, f"{_FIELDS}", _SERIES, f"{keyed}{expiry}{hidden}", limit)
-            if not rows:
+            where = f"{keyed}{expiry}{hidden}"
+            built_row = self._build(conn, start, where, limit) if built else None
+            if built_row is not None and not built_row[0]:
                 return None
-            walked = [(start + 1, rows[-1][0])]
+            rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit)
+            if built_row is None and not rows:
+                return None
+            count, last = (built_row[0], built_row[2]) if built_row is not None else (len(rows), rows[-1][0])
+            walked = [(start + 1, last)]
             if spans:  # an open stage's records stay queued, unseen until it is published
                 walked = [part for run in walked for part in subtract(run, [tuple(span) for span in spans])]
             if expiry:
-                self._drop_walked(conn, start, rows[-1][0], now)
-            if keyed and len(rows) < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: still queued
+                self._drop_walked(conn, start, last, now)
+            if keyed and count < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: still queued
                 skipped = [record_id for (record_id,) in conn.execute(
-                    f"SELECT r.id FROM {queued_between(start + 1, rows[-1][0], _SERIES)} "
+                    f"SELECT r.id FROM {queued_between(start + 1, last, _SERIES)} "
                     f"AND r.state = {State.PENDING} AND NOT {_KEYED}")]
                 walked = [part for run in walked for part in subtract(run, runs_of(skipped))]
             dequeue(conn, walked)
+            if built_row is not None:
+                count, lo, hi, min_t, _, _, data = built_row
+                lease = self._new_lease(conn, [(lo,), (hi,)], owner, now)
+                return lease._replace(data=data, span=(lo, hi), min_t=min_t)
             return self._new_lease(conn, rows, owner, now)
+
+    def _build(self, conn: sqlite3.Connection, start: int, where: str, limit: int) -> tuple[Any, ...] | None:
+        """The row of _BUILT for the batch a lease would take, if it can be sent as SQLite built it (a count of 0:
+        nothing to lease); else None. After a batch that cannot, the next BUILT_RETRY leases do not try."""
+        if self._unbuilt > 0:
+            self._unbuilt -= 1
+            return None
+        rows = (f"SELECT r.id, s.stat, s.ezkey, s.kind, r.number, r.t FROM {QUEUED_FROM} {_SERIES} WHERE {QUEUE_FROM} "
+                f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?")
+        query = _BUILT.format(rows=rows)
+        row = conn.execute(query, (start + 1, start, limit)).fetchone()
+        count, lo, hi, _, floats, others, _ = row
+        if count and (floats or others or hi - lo + 1 != count):  # not every id of lo..hi: built in Python
+            self._unbuilt = BUILT_RETRY
+            return None
+        return tuple(row)
+
+    def leased_records(self, span: tuple[int, int]) -> list[Leased]:
+        """Return the live records of ids lo..hi (a built lease's span: see Lease), in id order."""
+        return list(map(_leased, self.conn.execute(
+            f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} "
+            "ORDER BY r.id", span)))
 
     def _drop_walked(self, conn: sqlite3.Connection, start: int, last: int, now: float) -> None:
         """Delete the queued records past max_age among ids start+1..last: the lease walked past them. Counted as
@@ -129,7 +202,7 @@ class Ledger(Core):
                              (now, owner)).fetchone()[0]
         ids = list(map(_ID, rows))
         lo, hi = min(ids), max(ids)
-        runs = [(lo, hi)] if hi - lo + 1 == len(ids) else runs_of(ids)  # ids are unique: that is one run
+        runs = [(lo, hi)] if hi - lo + 1 == len(ids) or len(ids) == 2 else runs_of(ids)  # ids are unique: one run
         conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)", [(a, b, lease) for a, b in runs])
         return Lease(lease, list(map(_leased, rows)), version)
 
