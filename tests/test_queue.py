@@ -76,7 +76,7 @@ def test_appends_grow_the_last_run_and_a_lease_shortens_the_first(db):
 
 def test_held_records_are_left_out_of_the_runs_and_join_the_queue_when_re_stamped(db):
     with Store(db) as store:
-        rows = counts(3) + [("undated", None, None, None, 0, 1, 0)] + counts(3, start=3)
+        rows = [*counts(3), ("undated", None, None, None, 0, 1, 0), *counts(3, start=3)]
         store.append(rows)
         assert queue_runs(store) == [(1, 3), (5, 7)]
         boot, mono = store.conn.execute("SELECT boot, mono FROM held").fetchone()

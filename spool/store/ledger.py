@@ -138,7 +138,7 @@ class Ledger(Core):
             dequeue(conn, walked)
             if built_row is not None:
                 count, lo, hi, min_t, _, _, data = built_row
-                lease = self._new_lease(conn, [(lo,), (hi,)], owner, now)
+                lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])
                 return lease._replace(data=data, span=(lo, hi), min_t=min_t)
             return self._new_lease(conn, rows, owner, now)
 
@@ -196,13 +196,16 @@ class Ledger(Core):
         return where
 
     @staticmethod
-    def _new_lease(conn: sqlite3.Connection, rows: list[Any], owner: str, now: float) -> Lease:
+    def _new_lease(conn: sqlite3.Connection, rows: list[Any], owner: str, now: float,
+                   runs: list[tuple[int, int]] | None = None) -> Lease:
+        """Commit a lease of `rows` (rows of the lease's query, id first), or of the ids of `runs` (rows empty)."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         lease = conn.execute("INSERT INTO leases (leased_at, owner) VALUES (?, ?) RETURNING id",
                              (now, owner)).fetchone()[0]
-        ids = list(map(_ID, rows))
-        lo, hi = min(ids), max(ids)
-        runs = [(lo, hi)] if hi - lo + 1 == len(ids) or len(ids) == 2 else runs_of(ids)  # ids are unique: one run
+        if runs is None:
+            ids = list(map(_ID, rows))
+            lo, hi = min(ids), max(ids)
+            runs = [(lo, hi)] if hi - lo + 1 == len(ids) else runs_of(ids)  # ids are unique: that is one run
         conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)", [(a, b, lease) for a, b in runs])
         return Lease(lease, list(map(_leased, rows)), version)
 
