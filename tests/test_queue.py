@@ -86,3 +86,25 @@ def test_held_records_are_left_out_of_the_runs_and_join_the_queue_when_re_stampe
         assert [item.id for item in lease.items] == list(range(1, 8))  # in append order, the re-stamped one too
         assert queue_runs(store) == []
     assert_counts_true(db)
+
+
+def test_a_lease_while_a_large_import_is_open_skips_its_records_without_walking_them(db):
+    """An open stage's records are queued but not visible: a shipper with nothing else to lease looks past
+    them at the cost of a few statements, however much of the import is already written."""
+    costs: dict[int, int] = {}
+
+    def rows():
+        for i in range(20_000):
+            if i in (2_000, 19_000):  # after 2 and 19 chunks are committed
+                with Store(db) as other, vm_steps(other.conn) as steps:
+                    assert other.lease(10, now=T0, keyed_only=False, built=True) is None
+                costs[i] = steps[0]
+            yield ("imported", None, None, None, 0, 1, T0 + i)
+
+    with Store(db) as store:
+        store.append([("before", None, None, None, 0, 1, T0)])
+        lease = store.lease(1, now=T0, keyed_only=False)  # in flight: nothing else is leasable
+        assert store.append(rows(), chunk=1_000) == 20_000
+        store.end_lease(lease.id)
+    assert costs[19_000] <= costs[2_000] * 1.5 + 5, costs
+    assert_counts_true(db)

@@ -241,8 +241,9 @@ class Appends(Core):
             self._tally(conn, held=-gone_held)
         gone = 0
         if len(held) < n:  # the first queued, in append order
-            hidden = self._hidden(conn, "r.id")
-            oldest = [row[0] for row in front(conn, 0, "r.t", "", f" AND r.id <= {int(since)}{hidden}", n - len(held))]
+            spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            oldest = [row[0] for row in front(conn, 0, "r.t", "", f" AND r.id <= {int(since)}", n - len(held),
+                                              spans=spans)]
             gone = _delete_queued(conn, oldest)
         self._tally(conn, pending=-gone)
         if gone + gone_held:
@@ -333,8 +334,8 @@ class Appends(Core):
         dropped, cutoff = 0, now - self.max_age
         while True:
             with self._write() as conn:
-                hidden = self._hidden(conn, "r.id")
-                first = front(conn, 0, "r.t", "", hidden, step)
+                spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+                first = front(conn, 0, "r.t", "", "", step, spans=spans)
                 old = list(itertools.takewhile(lambda row: row[1] < cutoff, first))
                 gone = _delete_queued(conn, [row[0] for row in old])
                 if gone:

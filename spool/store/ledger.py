@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from spool.owners import PREFIX, is_legacy
 from spool.records import Record
-from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _outside
+from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps
 from spool.store.queue import (
     QUEUE_FROM,
     QUEUED_FROM,
@@ -114,14 +114,13 @@ class Ledger(Core):
         owner = self.owners.claim()
         with self._write(wait=False) as conn:  # a lease lost in a power cut only leaves its records queued
             spans = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo").fetchall()
-            hidden = _outside(spans, "r.id")
             keyed = f" AND {_KEYED}" if keyed_only else ""
             expiry = f" AND r.t >= {int(now - self.max_age)}" if self.max_age is not None else ""
-            where = f"{keyed}{expiry}{hidden}"
-            built_row = self._build(conn, start, where, limit) if built else None
+            where = f"{keyed}{expiry}"
+            built_row = self._build(conn, start, where, limit) if built and not spans else None
             if built_row is not None and not built_row[0]:
                 return None
-            rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit)
+            rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit, spans=spans)
             if built_row is None and not rows:
                 return None
             count, last = (built_row[0], built_row[2]) if built_row is not None else (len(rows), rows[-1][0])

@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from spool.records import INT64_MAX
 from spool.store.core import State
 
 Run = tuple[int, int]
@@ -92,13 +93,25 @@ def queued_ids(conn: sqlite3.Connection, runs: Sequence[Run]) -> list[int]:
 
 
 def front(conn: sqlite3.Connection, after: int, columns: str, join: str, where: str, limit: int,
-          params: Sequence[object] = ()) -> list[Any]:
+          params: Sequence[object] = (), spans: Sequence[Run] = ()) -> list[Any]:
     """Return up to `limit` rows of the queued live records with ids above `after`, in append order:
     `SELECT r.id, {columns} FROM` the queue's runs joined to the records `r` (and `join`), `where` (conditions
-    starting with AND, with `params`) leaving some out."""
-    return conn.execute(f"SELECT r.id, {columns} FROM {QUEUED_FROM} {join} WHERE {_FROM} "
-                        f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?",
-                        (after + 1, after, *params, limit)).fetchall()
+    starting with AND, with `params`) leaving some out. The ids of `spans` (open stages) are skipped, not walked:
+    each stretch between them is read on its own."""
+    rows: list[Any] = []
+    for lo, hi in _between_spans(after + 1, spans):
+        rows += conn.execute(f"SELECT r.id, {columns} FROM queue_runs q CROSS JOIN records r ON r.id BETWEEN "
+                             f"max(q.lo, ?) AND min(q.hi, ?) {join} WHERE {_FROM} AND q.lo <= ? "
+                             f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?",
+                             (lo, hi, lo, hi, *params, limit - len(rows))).fetchall()
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def _between_spans(start: int, spans: Sequence[Run]) -> list[Run]:
+    """The stretches of ids from `start` on that no span covers."""
+    return subtract((start, INT64_MAX), sorted((int(lo), int(hi)) for lo, hi in spans))
 
 
 def _between(runs: Sequence[Run], column: str) -> str:
