@@ -2,9 +2,9 @@
 and releasing the leases of owners that died. The storage contract (in spool/store/__init__.py) says what each
 guarantees.
 
-The ledger (schema 10) keeps books per batch, not per record: a lease is one row and the runs of ids it holds;
-leasing takes its records out of the queue, an acknowledgement writes a row of `settled` per run and ends the
-lease. No record is rewritten when it is shipped.
+The ledger (schemas 10 and 11) keeps books per batch, not per record: a lease is one row and the runs of ids it
+holds; leasing takes its records out of the queue's runs, an acknowledgement writes a row of `settled` per run
+and ends the lease. No record is rewritten when it is shipped.
 """
 
 from __future__ import annotations
