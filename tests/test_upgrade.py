@@ -59,6 +59,10 @@ def test_a_spool_of_an_earlier_schema_migrates_frees_a_dead_shippers_lease_ships
     shutil.copy(FIXTURES / fixture, db)
     with Spool(db) as sp:
         assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # sqlite-utils' migrations know every step: those the old spool had (by its version), and the new ones.
+        steps = sp.store.conn.execute("SELECT name FROM _sqlite_migrations WHERE migration_set = 'spool' "
+                                      "ORDER BY id").fetchall()
+        assert [name for (name,) in steps] == [f"schema_{v:02d}" for v in range(1, SCHEMA_VERSION + 1)]
         before = sp.status()
         assert before["pending"] + before["inflight"] == 10
         assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)

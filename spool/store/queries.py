@@ -215,13 +215,12 @@ class Queries(Core):
                 f"WHERE r.state = {State.PENDING})").fetchone()[0]
 
     def keyless_pending(self) -> int:
-        """Return how many pending EZ records carry no ezkey of their own."""
+        """Return how many pending EZ records carry no ezkey of their own: a read of the pending records (the sent
+        ones kept for replay are not read), asked only while no ezkey is configured and some name has none."""
         with self._read():
             if not self._keyless_series():
                 return 0
-            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
-                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
-                                     f"{self._hidden(column='r.id')}").fetchone()[0]
+            return self._count("pending", " AND s.stat IS NOT NULL AND s.ezkey IS NULL")
 
     def _keyless_series(self) -> bool:
         """Whether some EZ series has no key of its own (if none has, no record can lack one: nothing to count)."""
@@ -450,9 +449,12 @@ class Queries(Core):
 
     def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
                        stat_glob: str | None = None) -> int:
+        return self._count(state, *self._filters(since, until, stat_glob))
+
+    def _count(self, state: str, where: str, params: Sequence[Any] = ()) -> int:
+        """Count the records a selection (see _SELECTIONS) holds, `where` (conditions starting with AND) too."""
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
-        where, params = self._filters(since, until, stat_glob)
         with self._read():
             hidden = self._hidden(column="r.id")
             return sum(self.conn.execute(f"SELECT count(*) FROM {source} {_SERIES} WHERE {condition}{where}{hidden}",

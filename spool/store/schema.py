@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from spool.errors import StoreError
 from spool.owners import legacy_alive
@@ -355,18 +356,56 @@ def _set_tally(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
                  [counts[name] for name in TALLIED])
 
 
+def _chain() -> Any:
+    """The migration chain as sqlite-utils' migration set: a step per version, named by it ("schema_11")."""
+    import sqlite_utils
+
+    chain = sqlite_utils.Migrations("spool")
+    for version, step in sorted(_MIGRATIONS.items()):
+        def run(db: Any, step: Any = step) -> None:
+            step(db.conn)
+
+        chain(name=_step_name(version))(run)
+    return chain
+
+
+def _step_name(version: int) -> str:
+    return f"schema_{version:02d}"
+
+
 class Schema(Core):
     """Bringing an open spool's schema to this release's version, once, whoever opens it first."""
 
     def _migrate(self) -> None:
+        """Apply the steps a spool lacks, with sqlite-utils' migrations, all in one immediate transaction.
+
+        sqlite-utils records each step applied (`_sqlite_migrations`) and runs it in a savepoint of its own with
+        that record; the transaction around them all, taken before the version is read again, makes the whole
+        chain one commit (a power cut or an error leaves the spool as it was) and keeps a second process opening
+        the same old spool from migrating it twice. A spool of an earlier release knew its version only by
+        `user_version`: the steps up to it are recorded as applied first. `user_version` is kept too, for the
+        check that refuses a spool newer than this release.
+        """
         if self._schema_version() == SCHEMA_VERSION:
             return
         self.conn.execute("BEGIN IMMEDIATE")  # re-read inside the lock: another process may have migrated
         try:
             version = self._schema_version()
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[target](self.conn)
-            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                import datetime
+
+                import sqlite_utils
+
+                db = sqlite_utils.Database(self.conn, execute_plugins=False)
+                chain = _chain()
+                chain.ensure_migrations_table(db)
+                if version and not chain.applied(db):
+                    now = str(datetime.datetime.now(datetime.timezone.utc))
+                    db[chain.migrations_table].insert_all(  # type: ignore[union-attr]
+                        [{"migration_set": chain.name, "name": _step_name(done), "applied_at": now}
+                         for done in range(1, version + 1)])
+                chain.apply(db)
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
