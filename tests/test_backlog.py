@@ -136,6 +136,22 @@ def test_a_lease_drops_the_records_past_max_age_it_walks_past_and_ships_the_rest
         assert_counts_true(sp.store)
 
 
+def test_suspect_records_past_max_age_are_dropped_counted_not_left_pending_for_ever(db):
+    """Records refused together and split apart (suspects) are leased only while within max_age: once past it,
+    housekeeping drops them, counted, as it drops queued ones."""
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many(records(4))
+        lease = sp.store.lease(10, now=T0, keyed_only=False)
+        ids = [item.id for item in lease.items]
+        sp.store.split(lease.id, [ids[:2], ids[2:]], end=True)
+        assert sp.store.suspects() == 4
+        assert sp.store.lease_suspects(now=T0 + 10_000, keyed_only=False) is None  # too old to ship
+        assert sp.store.drop_expired(now=T0 + 10_000) == 4
+        assert sp.store.suspects() == 0 and sp.store.counts()["pending"] == 0
+        assert sp.store.counters() == {"dropped_age": 4}
+        assert_counts_true(sp.store)
+
+
 def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_counted_as_dropped(db):
     with Spool(db, max_age=3600) as sp:
         sp.add_many(records(3))

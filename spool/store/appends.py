@@ -14,10 +14,10 @@ from typing import Any
 
 from spool.errors import SpoolFull, StoreError
 from spool.records import Record
-from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log
+from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log, _outside
 from spool.store.files import FileMark
 from spool.store.queries import _delete_queued, _newest_id, prune_runs
-from spool.store.queue import dequeue, enqueue_new, front
+from spool.store.queue import enqueue_new, front
 
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
 SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
@@ -140,7 +140,6 @@ class Appends(Core):
                     return
                 lo, hi = span
                 end = min(hi, lo + SWEEP_CHUNK - 1)
-                dequeue(conn, [(lo, end)])
                 conn.execute("DELETE FROM held WHERE id BETWEEN ? AND ?", (lo, end))
                 self._tally(conn, staged=-_delete_records(conn, "id BETWEEN ? AND ?", (lo, end)))
                 if end == hi:
@@ -327,8 +326,9 @@ class Appends(Core):
 
     def drop_expired(self, *, now: float, step: int = 1000) -> int:
         """Delete the queued records at the front of the queue (the oldest appended, not in flight) whose t is
-        older than max_age, up to the first that is not: they would not be shipped. Those further back are
-        deleted when a lease walks past them (`lease`). At most `step` per transaction; returns how many."""
+        older than max_age, up to the first that is not, and suspect ones that old: they would not be shipped.
+        Queued ones further back are deleted when a lease walks past them (`lease`). At most `step` per
+        transaction; returns how many."""
         if self.max_age is None:
             return 0
         dropped, cutoff = 0, now - self.max_age
@@ -337,6 +337,10 @@ class Appends(Core):
                 spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
                 first = front(conn, 0, "r.t", "", "", step, spans=spans)
                 old = list(itertools.takewhile(lambda row: row[1] < cutoff, first))
+                if not dropped:  # suspects (records refused together, being split apart) are few: all at once
+                    old += conn.execute(f"SELECT g.id, r.t FROM suspects g CROSS JOIN records r ON r.id = g.id "
+                                        f"WHERE r.t < ?{_outside(spans, 'g.id')}", (cutoff,)).fetchall()
+                    conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps([row[0] for row in old]),))
                 gone = _delete_queued(conn, [row[0] for row in old])
                 if gone:
                     self._tally(conn, pending=-gone)

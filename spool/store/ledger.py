@@ -114,10 +114,9 @@ class Ledger(Core):
         owner = self.owners.claim()
         with self._write(wait=False) as conn:  # a lease lost in a power cut only leaves its records queued
             spans = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo").fetchall()
-            keyed = f" AND {_KEYED}" if keyed_only else ""
-            expiry = f" AND r.t >= {int(now - self.max_age)}" if self.max_age is not None else ""
-            where = f"{keyed}{expiry}"
-            built_row = self._build(conn, start, where, limit) if built and not spans else None
+            where = self._shippable(now, keyed_only, "r.t")
+            # Under keyed_only every record sent carries its own key: a batch SQLite builds has none (see Lease).
+            built_row = self._build(conn, start, where, limit) if built and not spans and not keyed_only else None
             if built_row is not None and not built_row[0]:
                 return None
             rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit, spans=spans)
@@ -127,9 +126,9 @@ class Ledger(Core):
             walked = [(start + 1, last)]
             if spans:  # an open stage's records stay queued, unseen until it is published
                 walked = [part for run in walked for part in subtract(run, [tuple(span) for span in spans])]
-            if expiry:
+            if self.max_age is not None:
                 self._drop_walked(conn, start, last, now)
-            if keyed and count < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: still queued
+            if keyed_only and count < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: queued
                 skipped = [record_id for (record_id,) in conn.execute(
                     f"SELECT r.id FROM {queued_between(start + 1, last, _SERIES)} "
                     f"AND r.state = {State.PENDING} AND NOT {_KEYED}")]
@@ -189,9 +188,11 @@ class Ledger(Core):
             return self._new_lease(conn, rows, owner, now)
 
     def _shippable(self, now: float, keyed_only: bool, t: str) -> str:
+        """The conditions (each starting with AND) on records a lease may take: keyed ones only, if asked; none
+        older than max_age (a lease drops those it walks past; suspects that old wait for their lease to expire)."""
         where = f" AND {_KEYED}" if keyed_only else ""
         if self.max_age is not None:
-            where += f" AND {t} >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
+            where += f" AND {t} >= {int(now - self.max_age)}"
         return where
 
     @staticmethod

@@ -16,13 +16,11 @@ from typing import Any, ClassVar, NamedTuple
 
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
-from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
+from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _outside, _translated
 from spool.store.queue import (
     QUEUE_FROM,
     QUEUED,
     QUEUED_FROM,
-    QUEUED_RECORDS,
-    dequeue,
     enqueue,
     enqueue_new,
     front,
@@ -206,13 +204,13 @@ class Queries(Core):
         suspect ones, those in flight. Not the oldest t of the whole backlog (only a read of it all knows that):
         the age of what shipping has yet to reach."""
         with self._read():
-            hidden, suspect_hidden = self._hidden(column="r.id"), self._hidden(column="g.id")
-            return self.conn.execute(
-                f"SELECT min(t) FROM (SELECT t FROM (SELECT r.t FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING}"
-                f"{hidden} ORDER BY q.lo, r.id LIMIT 1) "
-                f"UNION ALL SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE 1{suspect_hidden} "
-                f"UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r ON r.id BETWEEN lo AND hi "
-                f"WHERE r.state = {State.PENDING})").fetchone()[0]
+            spans = self.conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            first = [row[1] for row in front(self.conn, 0, "r.t", "", "", 1, spans=spans)]
+            others = self.conn.execute(
+                f"SELECT min(t) FROM (SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id "
+                f"WHERE 1{_outside(spans, 'g.id')} UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r "
+                f"ON r.id BETWEEN lo AND hi WHERE r.state = {State.PENDING})").fetchone()[0]
+            return min([*first, *([] if others is None else [others])], default=None)
 
     def keyless_pending(self) -> int:
         """Return how many pending EZ records carry no ezkey of their own: a read of the pending records (the sent
@@ -233,10 +231,9 @@ class Queries(Core):
         with self._read():
             if not self._keyless_series():
                 return 0
-            return self.conn.execute(
-                f"SELECT count(*) FROM (SELECT r.id, r.series FROM {QUEUED_RECORDS} WHERE r.state = {State.PENDING}"
-                f"{self._hidden(column='r.id')} ORDER BY q.lo, r.id LIMIT ?) r {_SERIES} "
-                f"WHERE s.stat IS NOT NULL AND s.ezkey IS NULL", (limit,)).fetchone()[0]
+            spans = self.conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            first = front(self.conn, 0, "s.stat IS NOT NULL AND s.ezkey IS NULL", _SERIES, "", limit, spans=spans)
+            return sum(keyless for _, keyless in first)
 
     def size_bytes(self) -> int:
         """Return the spool's size on disk: the database file and its write-ahead log."""
@@ -328,7 +325,8 @@ class Queries(Core):
         while True:
             with self._write(wait=False) as conn:  # lost in a power cut: those records are merely not merged yet
                 kept = cursor = self._compaction_cursor(conn, bucket, rows)
-                entries = front(conn, cursor.id, "r.series, s.kind, r.number, r.t", _SERIES, "", rows)
+                spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # open stages: not there yet
+                entries = front(conn, cursor.id, "r.series, s.kind, r.number, r.t", _SERIES, "", rows, spans=spans)
                 end = len(entries) < rows
                 cursor, gone = self._merge(conn, cursor, entries, rows)
                 if gone:
@@ -359,11 +357,10 @@ class Queries(Core):
 
     def _merge(self, conn: sqlite3.Connection, cursor: _Cursor, entries: list[tuple[Any, ...]],
                rows: int) -> tuple[_Cursor, int]:
-        """Fold a step's entries (rows of `_after`) into the sums of their buckets; return where the pass stands
+        """Fold a step's entries (rows of `front`) into the sums of their buckets; return where the pass stands
         after them, and how many records were merged away."""
         if not entries:
             return cursor, 0
-        spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # an open stage's records are not there yet
         bucket = cursor.bucket
         # (group, bucket index) -> [the record holding the sum, the sum, whether this step changed it]
         sums = {(group, at): [record_id, total, False] for group, at, record_id, total in cursor.sums}
@@ -378,7 +375,7 @@ class Queries(Core):
         gone: list[int] = []
         changed: list[tuple[Any, ...]] = []
         for record_id, group, kind, number, t in entries:
-            if kind != Kind.COUNT or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
+            if kind != Kind.COUNT or t <= 0:
                 continue
             key = (group, t // bucket)
             into = sums.pop(key, None)  # put back last: the sums most recently used are those carried on
@@ -405,7 +402,7 @@ class Queries(Core):
         # many as a step reads at most.
         kept = list(sums.items())[-rows:]
         carried = [[group, at, held, total] for (group, at), (held, total, _) in kept]
-        return cursor._replace(t=last[4], id=last[0], read=read, sums=carried), len(gone)
+        return cursor._replace(id=last[0], read=read, sums=carried), len(gone)
 
     # -- moving backlog ----------------------------------------------------------------------------
 
@@ -514,7 +511,6 @@ class Queries(Core):
                 write([Record(*row[1:8]) for row in rows])
                 ids = [row[0] for row in rows]
                 listed = _dumps(ids)
-                dequeue(conn, runs_of(ids))
                 for table in ("suspects", "dead"):
                     conn.execute(f"DELETE FROM {table} WHERE id IN ({_IDS})", (listed,))
                 _delete_records(conn, f"id IN ({_IDS})", (listed,))
@@ -562,12 +558,11 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
 
 
 class _Cursor(NamedTuple):
-    """Where a compaction pass stands: past record `id` (of time `t`) in the queue, having read `read` records; parked
+    """Where a compaction pass stands: past record `id` in the queue, having read `read` records; parked
     (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, bucket index, id, total]
     of the records holding the sums it used last."""
 
     bucket: int
-    t: int = 0
     id: int = 0
     read: int = 0
     parked_at: int | None = None
@@ -584,10 +579,11 @@ def _newest_id(conn: sqlite3.Connection) -> int:
 
 
 def _delete_queued(conn: sqlite3.Connection, ids: list[int]) -> int:
-    """Delete queued records by id: out of the queue's runs, and the records; return how many."""
+    """Delete queued records by id; return how many. Their ids stay in the queue's runs (nothing is queued there
+    any more, and the next lease walking past takes them out): cutting each out would split a run per record,
+    where a compaction pass merges most records away."""
     if not ids:
         return 0
-    dequeue(conn, runs_of(ids))
     return _delete_records(conn, f"id IN ({_IDS})", (_dumps(ids),))
 
 
