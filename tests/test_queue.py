@@ -108,3 +108,19 @@ def test_a_lease_while_a_large_import_is_open_skips_its_records_without_walking_
         store.end_lease(lease.id)
     assert costs[19_000] <= costs[2_000] * 1.5 + 5, costs
     assert_counts_true(db)
+
+
+def test_records_deleted_from_the_queue_leave_its_runs_whole(db):
+    """Compaction merges most records away and the bounds drop others: their ids stay inside the runs (nothing
+    is queued there any more), so the queue stays a few rows instead of a row per survivor."""
+    with spool_of(db, 20_000) as store:
+        assert store.compact_counts(bucket=60) > 10_000
+        assert store.drop_expired(now=T0) == 0
+        assert len(queue_runs(store)) == 1
+        survivors = store.counts()["pending"]
+        lease = store.lease(survivors, now=T0, keyed_only=False)
+        assert lease is not None and len(lease.items) == survivors
+        assert queue_runs(store)[0][0] > lease.items[-1].id  # the lease took the gaps it walked past with it
+        assert store.lease(10, now=T0, keyed_only=False) is None
+        assert queue_runs(store) == []  # and one that found nothing, those it did not reach
+    assert_counts_true(db)

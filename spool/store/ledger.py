@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from spool.owners import PREFIX, is_legacy
-from spool.records import Record
+from spool.records import INT64_MAX, Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps
 from spool.store.queue import (
     QUEUE_FROM,
@@ -118,11 +118,16 @@ class Ledger(Core):
             # Under keyed_only every record sent carries its own key: a batch SQLite builds has none (see Lease).
             built_row = self._build(conn, start, where, limit) if built and not spans and not keyed_only else None
             if built_row is not None and not built_row[0]:
+                self._clear_rest(conn, start, spans, now)
                 return None
             rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit, spans=spans)
             if built_row is None and not rows:
+                if not keyed_only:  # nothing to ship from `after` on: what the runs still span there is gone
+                    self._clear_rest(conn, start, spans, now)
                 return None
             count, last = (built_row[0], built_row[2]) if built_row is not None else (len(rows), rows[-1][0])
+            if count < limit and not keyed_only:  # the walk reached the end: what is left in the runs is gone
+                last = INT64_MAX
             walked = [(start + 1, last)]
             if spans:  # an open stage's records stay queued, unseen until it is published
                 walked = [part for run in walked for part in subtract(run, [tuple(span) for span in spans])]
@@ -161,6 +166,16 @@ class Ledger(Core):
         return list(map(_leased, self.conn.execute(
             f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} "
             "ORDER BY r.id", span)))
+
+    def _clear_rest(self, conn: sqlite3.Connection, start: int, spans: list[Any], now: float) -> None:
+        """Take the ids after `start` out of the queue's runs, once a lease found nothing to ship there: their
+        records are gone, or past max_age (dropped here, as a lease walking past them drops them). With an open
+        stage, left as they are (its records are queued, and walking them would cost the stage's size)."""
+        if spans or not conn.execute("SELECT 1 FROM queue_runs WHERE hi > ? LIMIT 1", (start,)).fetchone():
+            return
+        if self.max_age is not None:
+            self._drop_walked(conn, start, INT64_MAX, now)
+        dequeue(conn, [(start + 1, INT64_MAX)])
 
     def _drop_walked(self, conn: sqlite3.Connection, start: int, last: int, now: float) -> None:
         """Delete the queued records past max_age among ids start+1..last: the lease walked past them. Counted as
