@@ -638,6 +638,7 @@ class Shipper:
             version = self.store.data_version()  # our own commits leave it as it is
             lease = (self._lease_suspects(state, keyed_only, version)
                      or self._lease_clean(state, keyed_only, version))
+            self._aged_out()
         except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
             state.blocked = f"cannot lease records: {exc}"
             state.last_error = state.blocked
@@ -651,6 +652,14 @@ class Shipper:
         unsettled[lease.id] = lease.size
         waiting.extend(self._units(lease))
         return True
+
+    def _aged_out(self) -> None:
+        """Count and say the records past max_age that leasing dropped (it walked past them)."""
+        dropped, self.store.aged_out = self.store.aged_out, 0
+        if dropped:
+            with self._stats_lock:
+                self.stats.expired += dropped
+            log.warning("dropped %d pending records older than max_age", dropped)
 
     def _lease_suspects(self, state: _DrainState, keyed_only: bool, version: int) -> Lease | None:
         """Lease the next suspect group, unless this drain knows there is none to lease.

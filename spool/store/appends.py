@@ -191,6 +191,10 @@ class Appends(Core):
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {waiting - incoming} records waiting, the limit is "
                                 f"{limits.max_pending}; {incoming} new records refused", refused=incoming)
+            if excess > 0 and incoming > limits.max_pending:
+                raise SpoolFull(f"spool full: these {incoming} records alone are more than max_pending "
+                                f"({limits.max_pending}): refused (raise the bound, or append them in parts)",
+                                refused=incoming)
             if excess > 0:
                 dropped += self._drop_oldest(conn, excess, since)
                 if dropped < excess:
@@ -226,8 +230,8 @@ class Appends(Core):
                 return deleted
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int, since: int) -> int:
-        """Delete up to n of the oldest waiting records appended before id `since` (held ones first, then queued
-        ones, oldest appended first), counted as dropped_oldest; return how many."""
+        """Delete up to n of the oldest waiting records appended before id `since` (held ones first, then pending
+        ones not in flight, queued or suspect, oldest appended first), counted as dropped_oldest; return how many."""
         hidden = self._hidden(conn, "h.id")
         held = [row[0] for row in conn.execute(
             f"SELECT h.id FROM held h CROSS JOIN records r ON r.id = h.id WHERE r.state = {State.HELD} AND h.id <= ?"
@@ -239,10 +243,16 @@ class Appends(Core):
             gone_held = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, held=-gone_held)
         gone = 0
-        if len(held) < n:  # the first queued, in append order
+        if len(held) < n:  # the first queued, in append order, and suspects (refused in a batch) older than those
             spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
             oldest = [row[0] for row in front(conn, 0, "r.t", "", f" AND r.id <= {int(since)}", n - len(held),
                                               spans=spans)]
+            suspects = [row[0] for row in conn.execute(
+                f"SELECT g.id FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE r.state = {State.PENDING} "
+                f"AND g.id <= ?{_outside(spans, 'g.id')} ORDER BY g.id LIMIT ?", (since, n - len(held)))]
+            if suspects:
+                oldest = sorted(oldest + suspects)[:n - len(held)]
+                conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps(oldest),))
             gone = _delete_queued(conn, oldest)
         self._tally(conn, pending=-gone)
         if gone + gone_held:

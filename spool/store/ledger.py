@@ -98,6 +98,7 @@ class Ledger(Core):
     """Leasing records to the shipper and settling them: SENT, DEAD, suspect, or pending again."""
 
     _unbuilt = 0  # leases to go before trying to build a batch in SQLite again (see Lease)
+    aged_out = 0  # records past max_age leases dropped (counted as dropped_age too): the shipper takes and resets it
 
     def lease(self, limit: int, *, now: float, keyed_only: bool, after: int | None = None,
               built: bool = False) -> Lease | None:
@@ -188,6 +189,7 @@ class Ledger(Core):
             dropped = _delete_records(conn, f"id IN ({_IDS})", (_dumps(old),))
             self._tally(conn, pending=-dropped)
             self._add_count(conn, "dropped_age", dropped)
+            self.aged_out += dropped  # a rollback of the lease undoes it, and the lease raises: never taken then
 
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
         """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""

@@ -446,21 +446,23 @@ class Queries(Core):
 
     def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
                        stat_glob: str | None = None) -> int:
-        return self._count(state, *self._filters(since, until, stat_glob))
+        """Count what `export` would write (records in flight are left out)."""
+        return self._count(state, *self._filters(since, until, stat_glob), in_flight=False)
 
-    def _count(self, state: str, where: str, params: Sequence[Any] = ()) -> int:
+    def _count(self, state: str, where: str, params: Sequence[Any] = (), *, in_flight: bool = True) -> int:
         """Count the records a selection (see _SELECTIONS) holds, `where` (conditions starting with AND) too."""
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
         with self._read():
-            hidden = self._hidden(column="r.id")
+            hidden = self._hidden(column="r.id") + ("" if in_flight else self._in_flight(self.conn, "r.id"))
             return sum(self.conn.execute(f"SELECT count(*) FROM {source} {_SERIES} WHERE {condition}{where}{hidden}",
                                          (0,) * (source + condition).count("?") + tuple(params)).fetchone()[0]
                        for source, condition, _ in self._SELECTIONS[state])
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
-        """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot); records in
+        flight are left out, as `move_out` leaves them.
 
         Pending records are read from the queue's runs (and the few suspect or in flight): the cost of the
         pending records, whatever the spool keeps besides. Once the snapshot is let go, the WAL it held back is
@@ -468,7 +470,8 @@ class Queries(Core):
         """
         try:
             with self._read():
-                for row in self._selected(self.conn, state, since, until, stat_glob, _FIELDS):
+                in_flight = self._in_flight(self.conn, "r.id")  # being sent: exported, they could be sent twice
+                for row in self._selected(self.conn, state, since, until, stat_glob, _FIELDS, extra=in_flight):
                     yield row[0], Record(*row[1:])
         finally:
             self._after_long_read()
