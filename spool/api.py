@@ -209,6 +209,7 @@ class Spool:
         (a 404, TLS against plain http, a host that does not resolve) ends it at once. `[ship]` settings can be
         given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...).
         """
+        from spool.health import keyless_look
         from spool.results import ShipResult
         from spool.ship import Shipper
 
@@ -221,9 +222,9 @@ class Spool:
         # Held records whose time could not be placed became dead letters too, as the refused ones did.
         dead = stats["dead"] + self.store.counters().get("restamp_refused", 0) - unplaceable
         # Records without a key of their own are a reason only when none is configured (an unusable one is its own).
-        keyless = self.store.keyless_pending() if not config.ship.keyed and counts["pending"] else 0
+        keyless, more = (0, False) if config.ship.keyed else keyless_look(self.store, counts["pending"])
         return ShipResult(result.done, stats["sent"], dead, counts["pending"], keyless, result.reason,
-                          stats["expired"], held=counts["held"], operator=result.operator)
+                          stats["expired"], held=counts["held"], operator=result.operator, keyless_more=more)
 
     def backlog(self) -> int:
         """Return how many records wait to be shipped (not in flight)."""
@@ -330,7 +331,7 @@ class Spool:
         from spool.health import assess, notes, read_facts
         from spool.lock import ShipLock
 
-        facts = read_facts(self.store, self.config, exact=True)
+        facts = read_facts(self.store, self.config)
         health = assess(facts)
         counts = self.store.counts(staged=True)  # staged: records of appends not yet whole, pending once they are
         oldest = self.store.oldest_pending_t()

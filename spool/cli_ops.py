@@ -181,8 +181,9 @@ def _undelivered(result: Any) -> str:
     """Why records are left (or were refused), in one line: each reason, with what to do."""
     reasons = []
     if result.keyless:
-        reasons.append(f"{_n(result.keyless, 'record')} {'carries' if result.keyless == 1 else 'carry'} no ezkey "
-                       "and none is configured (set ship.ezkey_file or SPOOL_EZKEY_FILE)")
+        from spool.health import keyless_words
+
+        reasons.append(keyless_words(result.keyless, result.keyless_more, "record"))
     if result.held:
         reasons.append(f"{_n(result.held, 'record')} stamped while the system clock was wrong, held until it is "
                        "right (start NTP: timedatectl set-ntp true)")

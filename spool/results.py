@@ -29,6 +29,7 @@ class ShipResult(NamedTuple):
     expired: int = 0  # pending records dropped because their t was older than spool.max_age
     held: int = 0  # records left held: stamped while the clock was wrong, and it still is
     operator: bool = False  # it stopped on what only an operator can fix: the configured key, the endpoint
+    keyless_more: bool = False  # `keyless` is of the oldest pending records only: there may be more
 
     @property
     def outcome(self) -> str:

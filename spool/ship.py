@@ -1117,13 +1117,13 @@ class Shipper:
             if jitter and self.store.backlog()[0]:  # a fleet powering up together must not arrive together
                 log.info("waiting %.1f s (jitter) before draining the backlog", jitter)
                 self._not_before = self.monotonic() + jitter  # a reload meanwhile waits out the rest of it
-                why = self.pace.why if self.pace is not None else None
-                if self.pace is not None:
-                    self.pace.why = f"the first request waits {jitter:.1f} s (a random start: reconnect_jitter)"
+                pace, why = self.pace, self.pace.why if self.pace is not None else ""
+                if pace is not None:  # what status shows meanwhile
+                    pace.why = f"the first request waits {jitter:.1f} s (a random start: reconnect_jitter)"
                 self._note_pacing()
                 self.sleep(jitter)
-                if self.pace is not None and why is not None:
-                    self.pace.why = why
+                if pace is not None:
+                    pace.why = why
         self._note_pacing()  # what status shows from the start (a reload's new pace, or none)
         while not self.shutdown.is_set():
             result = self.drain()

@@ -53,7 +53,7 @@ def everything_a_reader_sees(db: Path) -> dict[str, Any]:
             "counts": {k: v for k, v in other.counts().items() if v},
             "backlog": other.backlog(),
             "oldest": other.oldest_pending_t(),
-            "keyless": other.keyless_pending(),
+            "keyless": other.keyless_among_oldest(10_000),
             "records": sorted(r.stat for _, _, r in other.records()),
             "pending records": sorted(r.stat for _, _, r in other.records(State.PENDING)),
             "held records": sorted(r.stat for _, _, r in other.records(State.HELD)),

@@ -100,7 +100,7 @@ def test_keyed_only_leases_skip_ez_records_without_a_key(db):
         store.append([ez("nokey"), ez("own", ezkey="k"), make_record(key="k", ukey="u", count=1, t=T0)])
         leased = store.lease(10, now=T0, keyed_only=True).items
         assert sorted(str(i.record.stat) for i in leased) == ["None", "own"]
-        assert store.keyless_pending() == 1
+        assert store.keyless_among_oldest(10) == 1
 
 
 def test_ack_kill_and_end_lease_move_records_between_states(db):

@@ -194,15 +194,6 @@ class Queries(Core):
                 f"UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r ON r.id BETWEEN lo AND hi "
                 f"WHERE r.state = {State.PENDING})").fetchone()[0]
 
-    def keyless_pending(self) -> int:
-        """Return how many pending EZ records carry no ezkey of their own."""
-        with self._read():
-            if not self._keyless_series():
-                return 0
-            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE r.state = {State.PENDING} "
-                                     f"AND s.stat IS NOT NULL AND s.ezkey IS NULL AND {_WAITING}"
-                                     f"{self._hidden(column='r.id')}").fetchone()[0]
-
     def _keyless_series(self) -> bool:
         """Whether some EZ series has no key of its own (if none has, no record can lack one: nothing to count)."""
         return self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is not None
