@@ -88,6 +88,7 @@ class Opening(Schema):
 
     def _open(self, synchronous: str, *, check: bool) -> None:
         self._series, self._fresh_series, self._series_epoch = {}, [], None  # a file of its own: its own series
+        self._guard, self._unsettled = None, (0, 0)
         _create_private_file(self.path)
         with _translated(self.path, self.busy_timeout):
             self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -107,13 +108,13 @@ class Opening(Schema):
                         raise
                     time.sleep(0.01)
         except sqlite3.DatabaseError as exc:
-            self.conn.close()
+            self._close_connections()
             if _code(exc) in (_CORRUPT, _NOTADB):
                 raise _Corrupt(str(exc)) from None
             with _translated(self.path, self.busy_timeout):
                 raise
         except BaseException:
-            self.conn.close()
+            self._close_connections()
             raise
 
     def _prepare(self, synchronous: str, *, check: bool) -> None:
@@ -129,6 +130,9 @@ class Opening(Schema):
         if self.conn.execute("PRAGMA page_count").fetchone()[0] == 0:
             self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.conn.execute("PRAGMA journal_mode=WAL")  # a file that is not a database fails here (SQLITE_NOTADB)
+        # Checkpoints only while the write lock is held, never SQLite's automatic ones (Core.checkpoint: the
+        # WAL-reset bug of SQLite before 3.51.3).
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
         # Once a long reader (an export) has let the WAL grow, the next restart of the log cuts it back to this.
         self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         # Every page a statement reads is checked more closely, so damage on the path of an append is reported
@@ -269,9 +273,17 @@ class Opening(Schema):
 
     def close(self) -> None:
         try:
-            self.conn.close()
+            self._close_connections()
         finally:
             self.owners.release()  # what this Store still owns is a dead owner's now
+
+    def _close_connections(self) -> None:
+        guard, self._guard = self._guard, None
+        try:
+            if guard is not None:
+                guard.close()
+        finally:
+            self.conn.close()  # the last connection to the file checkpoints as it closes, holding it alone
 
 
 def _create_private_file(path: Path) -> None:

@@ -56,6 +56,12 @@ class State(IntEnum):
 
 
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "database is locked"
+# A connection checkpoints after this many of its commits, or once they changed this many rows, whichever comes
+# first: about SQLite's own cadence (1,000 WAL pages: an append commits five or six), which spool turns off
+# (see Core.checkpoint).
+CHECKPOINT_COMMITS = 128
+CHECKPOINT_ROWS = 20_000
+CHECKPOINT_WAIT = 0.05  # seconds a checkpoint after a commit waits for the write lock, else it is left to a later one
 BEGIN_POLL_MS = 2  # SQLite's busy handler waits this long for the write lock (its tries at 0, 1, 2 ms) ...
 BEGIN_POLL_SLEEP = 0.0005  # ... then a writer sleeps this long before it asks again
 
@@ -84,6 +90,8 @@ class Core:
     _series: dict[tuple[Any, ...], int]  # (stat, key, ukey, ezkey, kind) -> series id, of committed series
     _fresh_series: list[tuple[Any, ...]]  # series the open transaction made (forgotten if it rolls back)
     _series_epoch: Any  # meta's series_epoch when `_series` was last known good
+    _guard: sqlite3.Connection | None  # holds the write lock while `conn` checkpoints (opened on first use)
+    _unsettled: tuple[int, int]  # commits and rows changed (conn.total_changes) at the last checkpoint
 
     if TYPE_CHECKING:  # provided by other rooms (appends, files); declared so each room type-checks on its own
         def _bounded(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
@@ -123,6 +131,7 @@ class Core:
                 try:
                     yield self.conn
                     self.conn.execute("COMMIT")
+                    self._after_commit()
                 except BaseException:
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
@@ -135,7 +144,7 @@ class Core:
                 if relaxed:  # every other write, appends included, waits for the disk as configured
                     self.conn.execute("PRAGMA synchronous=FULL")
 
-    def _begin_immediate(self) -> None:
+    def _begin_immediate(self, conn: sqlite3.Connection | None = None, wait: float | None = None) -> None:
         """Take the write lock, asking for it again every millisecond or so until busy_timeout has passed.
 
         SQLite's own busy handler sleeps ever longer between tries (25, 50, then 100 ms): against a shipper that
@@ -143,19 +152,72 @@ class Core:
         and again, and waited up to a second (measured during a 5M-record drain). Short polls wait only about
         as long as the lock is held.
         """
-        deadline = time.monotonic() + self.busy_timeout
-        self.conn.execute(f"PRAGMA busy_timeout = {BEGIN_POLL_MS}")
+        conn = conn or self.conn
+        deadline = time.monotonic() + (self.busy_timeout if wait is None else wait)
+        conn.execute(f"PRAGMA busy_timeout = {BEGIN_POLL_MS}")
         try:
             while True:
                 try:
-                    self.conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
                     if _code(exc) not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
                         raise
                     time.sleep(BEGIN_POLL_SLEEP)
         finally:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def checkpoint(self, *, wait: float = CHECKPOINT_WAIT) -> tuple[int, int] | None:
+        """Copy the WAL's frames into the database file while the write lock is held; return (frames in the WAL,
+        frames copied), or None when the write lock was not had within `wait` seconds (nothing was done).
+
+        SQLite from 3.7.0 to 3.51.2 (Ubuntu 22.04 has 3.37.2; fixed in 3.51.3, 3.50.7 and 3.44.6) can corrupt a
+        WAL database, or lose committed transactions, when a checkpoint that does not hold the write lock starts
+        while another connection's commit restarts the WAL (https://sqlite.org/wal.html#walresetbug). SQLite's
+        automatic checkpoints are such checkpoints, run by whichever connection's commit filled the WAL. So every
+        spool connection has them off (connection.Opening), and spool checkpoints only here: a second connection
+        of this Store takes the write lock, this one copies the frames (PASSIVE: readers are not waited for), and
+        the lock is let go. No commit can restart the WAL meanwhile. Readers are never blocked; writers wait as
+        long as the copy takes, as the writer whose commit ran an automatic checkpoint did before.
+        """
+        if self.conn.in_transaction:
+            return None
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                                  check_same_thread=False)
+            guard.execute("PRAGMA wal_autocheckpoint = 0")
+        try:
+            self._begin_immediate(guard, wait)
+        except sqlite3.OperationalError as exc:
+            if _code(exc) in (_BUSY, _LOCKED):
+                return None
+            raise
+        try:
+            _busy, frames, copied = self._copy_wal()
+        finally:
+            guard.execute("ROLLBACK")
+        self._unsettled = (0, self.conn.total_changes)
+        return frames, copied
+
+    def _copy_wal(self) -> tuple[int, int, int]:
+        """Run the checkpoint itself (the write lock is held by the guard): (busy, frames in the WAL, copied)."""
+        return self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def _after_commit(self) -> None:
+        """Checkpoint every CHECKPOINT_COMMITS commits of this connection, or CHECKPOINT_ROWS rows changed."""
+        commits, rows = self._unsettled
+        commits += 1
+        self._unsettled = (commits, rows)
+        if commits < CHECKPOINT_COMMITS and self.conn.total_changes - rows < CHECKPOINT_ROWS:
+            return
+        self._unsettled = (0, self.conn.total_changes)  # tried once per cadence, done or not
+        try:  # the commit is done: nothing here may fail it
+            self.checkpoint()
+        except sqlite3.Error as exc:
+            _log().debug("checkpoint after a commit left to a later one: %s", exc)
 
     def _hidden(self, conn: sqlite3.Connection | None = None, column: str = "id") -> str:
         """Return the condition leaving out the records of open stages (" AND NOT (id BETWEEN lo AND hi)" per

@@ -441,23 +441,14 @@ class Queries(Core):
             self._after_long_read()
 
     def _after_long_read(self) -> None:
-        """Checkpoint the WAL a long reader held back, and cut it back, without keeping any writer waiting long.
+        """Checkpoint the WAL a long reader held back, without keeping any writer waiting long.
 
         While a snapshot is held, nothing appended after it can be checkpointed, so the WAL grows with every
-        commit (a drain writes hundreds of bytes per record). PASSIVE copies what it can and waits for no one;
-        TRUNCATE then empties the file if it can have the WAL to itself within WAL_RESET_WAIT, and otherwise
-        leaves it to the next restart of the log, which cuts it back to journal_size_limit.
+        commit (a drain writes hundreds of bytes per record). Once it is let go, everything can be copied; the
+        next commit then starts the WAL over and cuts the file back to journal_size_limit (16 MiB).
         """
-        if self.conn.in_transaction:
-            return
-        # Only a courtesy to the disk: whatever stops it (a full disk, a busy spool) leaves it to the next restart.
-        with contextlib.suppress(sqlite3.Error):
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self.conn.execute(f"PRAGMA busy_timeout = {int(WAL_RESET_WAIT * 1000)}")
-            try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            finally:
-                self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        with contextlib.suppress(sqlite3.Error):  # a courtesy to the disk: a busy spool leaves it to a later one
+            self.checkpoint(wait=WAL_RESET_WAIT)
 
     def move_out(self, state: str, write: Callable[[list[Record]], None], *, since: int | None = None,
                  until: int | None = None, stat_glob: str | None = None, chunk: int = 10_000) -> int:

@@ -29,7 +29,6 @@ import http.client
 import json
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -332,13 +331,9 @@ def test_synchronous_normal_loses_only_the_last_commits_at_a_cut_and_never_corru
         wait_until(lambda: len(returned) > 5, 30, "the first appends")  # noqa: B023 (waited for here)
         time.sleep(rng.uniform(0, 0.3))
         before = len(returned)  # these calls returned: their commits are in the WAL
-        checkpoint = sqlite3.connect(db, timeout=30)
-        try:
-            checkpoint.execute("PRAGMA synchronous = NORMAL")  # as spool's own connections would checkpoint
-            busy, frames, copied = checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        finally:
-            checkpoint.close()
-        floor = before if not busy and frames == copied else 0
+        with Store(db, synchronous="normal") as checkpointing:  # as spool's own connections checkpoint
+            done = checkpointing.checkpoint(wait=30)
+        floor = before if done is not None and done[0] == done[1] else 0
         time.sleep(rng.uniform(0, 0.3))
         fs.cut()
         processes.kill_all()
