@@ -26,6 +26,8 @@ from spool.records import Record, make_record, now, parse_record, record_rows
 from spool.store import Store
 
 if TYPE_CHECKING:
+    import threading
+
     from spool.results import DeadLetter, ExportResult, ImportResult, Settled, ShipResult
 
 MAX_REPORTED = 1000  # invalid lines an import reports at most
@@ -201,13 +203,14 @@ class Spool:
     # -- shipping ---------------------------------------------------------------------------------------
 
     def ship_once(self, *, max_time: float | None = 300.0, on_progress: Callable[[int], object] | None = None,
-                  **ship_settings: Any) -> ShipResult:
+                  shutdown: threading.Event | None = None, **ship_settings: Any) -> ShipResult:
         """Deliver what is pending now, then return: done, or why not (after `max_time` seconds at most).
 
         Held records are re-stamped first (if the clock is sane), and records older than max_age dropped (counted
         as dropped_age, as the agent does). A misconfiguration that waiting cannot fix
         (a 404, TLS against plain http, a host that does not resolve) ends it at once. `[ship]` settings can be
-        given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...).
+        given as keywords (`endpoint=`, `ezkey_file=`, `batch_size=`, ...). Setting `shutdown` stops it early: the
+        answers in flight are awaited (up to ship.stop_wait), and what is left stays pending.
         """
         from spool.health import keyless_look
         from spool.results import ShipResult
@@ -215,7 +218,7 @@ class Spool:
 
         config = self.config.replace(**{f"ship.{name}": value for name, value in ship_settings.items()})
         unplaceable = self.store.counters().get("restamp_refused", 0)
-        with Shipper(self.store, config) as shipper:
+        with Shipper(self.store, config, shutdown=shutdown) as shipper:
             result = shipper.drain(max_time=max_time, fail_fast=True, on_progress=on_progress)
             stats = shipper.snapshot()
         counts = self.store.counts()

@@ -7,7 +7,9 @@ file, do not build these commands' options at every start.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,10 +167,23 @@ def ship(obj: Context, once: bool, max_time: str | None) -> None:
 
     setup_logging(config.log.level, config.log.format)
     limit = configuration.Duration().parse(max_time or "300", "--max-time", True)
-    with obj.spool() as sp, _progress(sp.backlog(), "shipping") as bar:
-        result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None)
+    stop = threading.Event()  # SIGTERM/SIGINT: the answers in flight are awaited and the batches handed back
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with obj.spool() as sp, _progress(sp.backlog(), "shipping") as bar:
+            result = sp.ship_once(max_time=limit, on_progress=bar.update if bar else None, shutdown=stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     expired = f", dropped {result.expired:,} older than max_age" if result.expired else ""
     click.echo(f"shipped {result.sent:,}, dead {result.dead:,}{expired}", err=True)
+    if stop.is_set() and result.outcome == "link":
+        raise SpoolCommandError(f"stopped by a signal: {_n(result.pending, 'record')} still pending (a later run "
+                                "delivers them)", SHIP_EXIT["link"])
     if result.outcome != "delivered":
         raise SpoolCommandError(_undelivered(result), SHIP_EXIT[result.outcome])
 

@@ -38,7 +38,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,13 +143,41 @@ class DrainResult:
 
 @dataclass
 class _Unit:
-    """One request's worth of a lease: records sharing a key, or one classic record."""
+    """One request's worth of a lease: records sharing a key, or one classic record.
+
+    A unit of a built lease (see Lease) carries its request's `data` as SQLite built it and the span of ids it
+    holds; its records are read (`load`, in the shipper's thread) only when something needs them one by one: a
+    refusal to split, records past max_age.
+    """
 
     lease: int
-    items: list[Leased]
+    loaded: list[Leased] | None  # the records, or None while only `data` and `span` stand for them
     ezkey: str | None  # None: a classic record
     own_key: bool = False  # the records carry their own key (a refusal of it is theirs, not the config's)
     sent_at: float = float("-inf")  # monotonic: when it was last sent
+    data: str | None = None  # the EZ `data` array, built by SQLite (only while `loaded` is None)
+    span: tuple[int, int] = (0, -1)
+    min_t: int = 0
+    load: Callable[[tuple[int, int]], list[Leased]] | None = None
+
+    @property
+    def items(self) -> list[Leased]:
+        if self.loaded is None:
+            assert self.load is not None
+            self.loaded, self.data = self.load(self.span), None
+        return self.loaded
+
+    @items.setter
+    def items(self, items: list[Leased]) -> None:
+        self.loaded, self.data = items, None
+
+    @property
+    def size(self) -> int:
+        return self.span[1] - self.span[0] + 1 if self.loaded is None else len(self.loaded)
+
+    @property
+    def ids(self) -> Sequence[int]:
+        return range(self.span[0], self.span[1] + 1) if self.loaded is None else list(map(_ID, self.loaded))
 
 
 @dataclass
@@ -480,6 +508,8 @@ class Shipper:
         try:
             if unit.ezkey is None:
                 self._client().send_classic(unit.items[0].record)
+            elif unit.data is not None:
+                self._client().send_ez_data(unit.ezkey, unit.data, unit.size)
             else:
                 self._client().send_ez(unit.ezkey, unit.items)
             error: Exception | None = None
@@ -608,6 +638,7 @@ class Shipper:
             version = self.store.data_version()  # our own commits leave it as it is
             lease = (self._lease_suspects(state, keyed_only, version)
                      or self._lease_clean(state, keyed_only, version))
+            self._aged_out()
         except StoreError as exc:  # a busy or full spool: like a transient failure of the link, wait and retry
             state.blocked = f"cannot lease records: {exc}"
             state.last_error = state.blocked
@@ -618,9 +649,17 @@ class Shipper:
         state.blocked = None
         if lease is None:
             return False
-        unsettled[lease.id] = len(lease.items)
+        unsettled[lease.id] = lease.size
         waiting.extend(self._units(lease))
         return True
+
+    def _aged_out(self) -> None:
+        """Count and say the records past max_age that leasing dropped (it walked past them)."""
+        dropped, self.store.aged_out = self.store.aged_out, 0
+        if dropped:
+            with self._stats_lock:
+                self.stats.expired += dropped
+            log.warning("dropped %d pending records older than max_age", dropped)
 
     def _lease_suspects(self, state: _DrainState, keyed_only: bool, version: int) -> Lease | None:
         """Lease the next suspect group, unless this drain knows there is none to lease.
@@ -638,26 +677,29 @@ class Shipper:
     def _lease_clean(self, state: _DrainState, keyed_only: bool, version: int | None = None) -> Lease | None:
         """Lease the next clean batch, searching after the last one this drain leased while that is exact.
 
-        Every clean pending record up to the last one leased was leased then (oldest first), and within a drain
-        this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect, which
-        this query never takes). Only another connection's commit (an append with an older t, a requeue, a
-        replay) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
-        the search starts from the oldest again.
+        Every clean pending record up to the last one leased was leased then (in append order), and within a
+        drain this shipper returns none of them to pending unleased: it settles them (sent, dead, or suspect,
+        which this query never takes). Only another connection's commit (a requeue, a re-stamp, a lease given
+        back) can, and that changes the spool's data_version: then, or when nothing is found after the mark,
+        the search starts from the front again.
         """
         limit, now = self.config.ship.batch_size, self.clock()
         if version is None:
             version = self.store.data_version()
         if state.after is not None and version == state.after_version:
-            lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after)
+            lease = self.store.lease(limit, now=now, keyed_only=keyed_only, after=state.after, built=True)
             if lease is not None:
-                state.after = (lease.items[-1].t, lease.items[-1].id)
+                state.after = lease.last_id
                 return lease
-        lease = self.store.lease(limit, now=now, keyed_only=keyed_only)
-        state.after = None if lease is None else (lease.items[-1].t, lease.items[-1].id)
+        lease = self.store.lease(limit, now=now, keyed_only=keyed_only, built=True)
+        state.after = None if lease is None else lease.last_id
         state.after_version = None if lease is None else lease.version
         return lease
 
     def _units(self, lease: Lease) -> list[_Unit]:
+        if lease.data is not None:  # built by SQLite: EZ stats without keys of their own (see Lease)
+            return [_Unit(lease.id, None, self.ezkey or "", data=lease.data, span=lease.span, min_t=lease.min_t,
+                          load=self.store.leased_records)]
         items = lease.items
         # The common case, looked at in C: every record an EZ stat without a key of its own.
         if None not in map(_STAT, items) and operator.countOf(map(_EZKEY, items), None) == len(items):
@@ -704,7 +746,7 @@ class Shipper:
                 continue
             if isinstance(error, Refused):
                 self._refused(unit, error, unsettled, state)
-                if on_progress and len(unit.items) == 1:
+                if on_progress and unit.size == 1:
                     on_progress(1)
             else:
                 self._failed(unit, error, waiting, state)
@@ -718,7 +760,7 @@ class Shipper:
         ids: list[int] = []
         ended = []
         for answer in accepted:
-            ids.extend(map(_ID, answer.unit.items))
+            ids.extend(answer.unit.ids)
             if self._settled(answer.unit, unsettled):
                 ended.append(answer.unit.lease)
         note = {**self._note_ok(), **self._pacing_note()}
@@ -728,7 +770,7 @@ class Shipper:
         self.stats.sent += len(ids)
         if on_progress:
             for answer in accepted:
-                on_progress(len(answer.unit.items))
+                on_progress(answer.unit.size)
 
     def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int], state: _DrainState) -> None:
         ids = [item.id for item in unit.items]
@@ -799,7 +841,7 @@ class Shipper:
             self._paused_said = message
         kind = ("endpoint" if isinstance(error, EndpointError) else
                 "foreign" if getattr(error, "foreign", False) else "transient")
-        fields = {"error_kind": kind, "records": len(unit.items), "paused": paused}
+        fields = {"error_kind": kind, "records": unit.size, "paused": paused}
         if self.shutdown.is_set():  # an answer awaited while stopping: this shipper sends nothing more
             log.log(level, "%s: %s; its records stay pending", "shipping paused" if paused else "send failed", message,
                     extra=fields)
@@ -859,7 +901,7 @@ class Shipper:
 
     def _give_back(self, unit: _Unit, unsettled: dict[int, int]) -> None:
         """Return a unit's records to pending unsent (the rest of its lease goes on)."""
-        ids = [item.id for item in unit.items]
+        ids = unit.ids
         last = self._settled(unit, unsettled)
         self.settle(lambda: self.store.release(unit.lease, ids, end=last))
 
@@ -869,6 +911,8 @@ class Shipper:
         if max_age is None:
             return True
         cutoff = self.clock() - max_age
+        if unit.loaded is None and unit.min_t >= cutoff:  # built: none of it is that old
+            return True
         old = [item for item in unit.items if item.t < cutoff]
         if not old:
             return True
@@ -943,7 +987,7 @@ class Shipper:
 
     def _settled(self, unit: _Unit, unsettled: dict[int, int], *, end: bool = True) -> bool:
         """Count a unit's records as settled in its lease; return whether that was the lease's last."""
-        unsettled[unit.lease] -= len(unit.items)
+        unsettled[unit.lease] -= unit.size
         if unsettled[unit.lease] == 0:
             del unsettled[unit.lease]
             return end
@@ -1288,7 +1332,7 @@ class _DrainState:
     failed: str | None = None  # a misconfiguration (or an unresolvable host before any delivery)
     misconfigured: bool = False  # `failed` is a misconfiguration (not a host that did not resolve)
     blocked: str | None = None  # leasing failed (the spool busy or full): retried after the gate
-    after: tuple[int, int] | None = None  # (t, id) of the last clean record leased: the next search starts there
+    after: int | None = None  # the id of the last clean record leased: the next search starts there
     after_version: int | None = None  # the spool's data_version when `after` was exact
     no_suspects: int | None = None  # the spool's data_version when no suspect group was left to lease
     delivered: bool = False

@@ -609,12 +609,17 @@ class StatHatClient:
 
     def send_ez(self, ezkey: str, records: Sequence[EzRecord]) -> int | None:
         """POST one EZ JSON batch; return what `classify_response` returns."""
-        body = ez_body(ezkey, records)
+        return self._send_ez_body(ezkey, ez_body(ezkey, records), len(records))
+
+    def send_ez_data(self, ezkey: str, data: str, count: int) -> int | None:
+        """POST one EZ JSON batch whose `data` array is given as JSON text (`count` records); as `send_ez`."""
+        return self._send_ez_body(ezkey, f'{{"ezkey":{json.dumps(ezkey)},"data":{data}}}'.encode(), count)
+
+    def _send_ez_body(self, ezkey: str, body: bytes, count: int) -> int | None:
         keys = self._sending(ezkey)
         if self.session.cookies:  # the receiver set a cookie: each request is prepared anew to carry it
-            return self._post("/ez", keys, sent=len(records), data=body,
-                              headers={"Content-Type": "application/json"})
-        return self._answered(*self._request("POST", "/ez", keys, prepared=self._ez(body)), keys, sent=len(records))
+            return self._post("/ez", keys, sent=count, data=body, headers={"Content-Type": "application/json"})
+        return self._answered(*self._request("POST", "/ez", keys, prepared=self._ez(body)), keys, sent=count)
 
     def _ez(self, body: bytes) -> requests.PreparedRequest:
         """The request for an EZ batch: the session's preparation of it (URL, headers, auth), made once, with this

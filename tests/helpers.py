@@ -150,11 +150,18 @@ def kept_and_real_counts(db: Path | Store) -> tuple[dict[str, int], dict[str, in
         real = dict.fromkeys(KEPT, 0)
         for state, n in conn.execute(
                 "SELECT CASE WHEN EXISTS (SELECT 1 FROM stage_spans WHERE records.id BETWEEN lo AND hi) THEN 5 "
-                "WHEN state != 0 THEN state WHEN EXISTS (SELECT 1 FROM queue q WHERE q.t = records.t AND "
-                "q.id = records.id) OR id IN (SELECT id FROM suspects) OR EXISTS (SELECT 1 FROM lease_runs "
+                "WHEN state != 0 THEN state WHEN EXISTS (SELECT 1 FROM queue_runs q WHERE records.id BETWEEN q.lo "
+                "AND q.hi) OR id IN (SELECT id FROM suspects) OR EXISTS (SELECT 1 FROM lease_runs "
                 "WHERE records.id BETWEEN lo AND hi) THEN 0 ELSE 2 END AS s, count(*) FROM records GROUP BY s"):
             real[names[state]] += n
+        # Each live record waits in one place at most (the queue's runs, a suspect group, a lease's runs), and the
+        # queue's runs span no record of another state: else it would be counted once and shipped twice.
+        twice = conn.execute(
+            "SELECT id, state, (SELECT count(*) FROM queue_runs q WHERE records.id BETWEEN q.lo AND q.hi) + "
+            "(id IN (SELECT id FROM suspects)) + (SELECT count(*) FROM lease_runs l WHERE records.id BETWEEN l.lo "
+            "AND l.hi) AS places FROM records WHERE places > 1 OR (state != 0 AND places > 0) LIMIT 5").fetchall()
         conn.execute("COMMIT")
+    assert not twice, f"records (id, state, places) waiting in more than one place, or not live: {twice}"
     return kept, real
 
 

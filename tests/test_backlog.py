@@ -17,7 +17,7 @@ from spool.errors import SpoolCorrupt, SpoolFull, StoreError
 from spool.records import make_record
 from spool.store import Store
 
-from .helpers import T0, TEST_EZKEY, UNPACED, cli_env, damage_spool, jsonl, run_cli
+from .helpers import T0, TEST_EZKEY, UNPACED, assert_counts_true, cli_env, damage_spool, jsonl, run_cli
 
 
 def records(n, start=0, stat="s"):
@@ -115,11 +115,41 @@ def test_a_byte_bound_prunes_sent_records_first_then_drops_oldest(db):
 def test_records_older_than_max_age_are_not_shipped_and_are_dropped_counted(db):
     with Spool(db, max_age=3600) as sp:
         sp.add_many([*records(3), {"stat": "fresh", "count": 1, "t": T0 + 10_000}])
+        assert sp.store.drop_expired(now=T0 + 10_000) == 3  # the front of the queue, up to the first fresh one
+        assert sp.store.counters() == {"dropped_age": 3}
         lease = sp.store.lease(10, now=T0 + 10_000, keyed_only=False)
         assert [i.record.stat for i in lease.items] == ["fresh"]
-        sp.store.end_lease(lease.id)
-        assert sp.store.drop_expired(now=T0 + 10_000) == 3
+        assert_counts_true(sp.store)
+
+
+def test_a_lease_drops_the_records_past_max_age_it_walks_past_and_ships_the_rest(db):
+    """Records appended late with old times (an import) are not at the front of the queue: housekeeping stops at
+    the first fresh record, and the lease that reaches them drops them, counted, instead of shipping them."""
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many([{"stat": "fresh 1", "count": 1, "t": T0 + 10_000}, *records(3),
+                     {"stat": "fresh 2", "count": 1, "t": T0 + 10_000}])
+        assert sp.store.drop_expired(now=T0 + 10_000) == 0
+        lease = sp.store.lease(10, now=T0 + 10_000, keyed_only=False)
+        assert [i.record.stat for i in lease.items] == ["fresh 1", "fresh 2"]
         assert sp.store.counters() == {"dropped_age": 3}
+        assert sp.store.counts()["inflight"] == 2 and sp.store.counts()["pending"] == 0
+        assert_counts_true(sp.store)
+
+
+def test_suspect_records_past_max_age_are_dropped_counted_not_left_pending_for_ever(db):
+    """Records refused together and split apart (suspects) are leased only while within max_age: once past it,
+    housekeeping drops them, counted, as it drops queued ones."""
+    with Spool(db, max_age=3600) as sp:
+        sp.add_many(records(4))
+        lease = sp.store.lease(10, now=T0, keyed_only=False)
+        ids = [item.id for item in lease.items]
+        sp.store.split(lease.id, [ids[:2], ids[2:]], end=True)
+        assert sp.store.suspects() == 4
+        assert sp.store.lease_suspects(now=T0 + 10_000, keyed_only=False) is None  # too old to ship
+        assert sp.store.drop_expired(now=T0 + 10_000) == 4
+        assert sp.store.suspects() == 0 and sp.store.counts()["pending"] == 0
+        assert sp.store.counters() == {"dropped_age": 4}
+        assert_counts_true(sp.store)
 
 
 def test_expiry_spares_records_in_flight_so_a_delivery_is_acknowledged_not_counted_as_dropped(db):

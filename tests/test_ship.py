@@ -314,7 +314,7 @@ def test_a_drain_looks_for_suspect_groups_again_after_a_split_or_another_connect
         assert stats(lease()) == [f"s{i}" for i in range(5, 10)]
         assert len(looked) == 1  # none found, and nothing changed since: not looked for again
         with Store(db) as other:  # another connection leaves a suspect group behind
-            taken = other.lease(2, now=T0, keyed_only=False, after=(T0 + 9, 10))
+            taken = other.lease(2, now=T0, keyed_only=False, after=10)
             other.split(taken.id, [[item.id for item in taken.items]])
         assert stats(lease()) == ["s10", "s11"]
         assert stats(lease()) == [f"s{i}" for i in range(12, 17)]
@@ -328,25 +328,32 @@ def test_a_drain_looks_for_suspect_groups_again_after_a_split_or_another_connect
 
 
 def test_a_drain_searches_after_its_last_lease_only_while_no_other_connection_has_committed(db):
-    """Leasing skips the records in flight by starting after the last one leased; an append made meanwhile by
-    another connection (here with an older t) is not skipped: its commit sends the search back to the oldest."""
+    """Leasing skips the records in flight by starting after the last one leased; a record another connection
+    queues meanwhile at the front (here a dead letter requeued: its id is older) is not skipped: that commit
+    sends the search back to the front."""
     from spool.ship import _DrainState
 
     with Spool(db) as sp:
-        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + 100 + i} for i in range(20))
+        sp.add_many({"stat": f"s{i}", "count": 1, "t": T0 + 100 + i} for i in range(21))
+        taken = sp.store.lease(1, now=T0, keyed_only=False)
+        sp.store.mark_dead([taken.items[0].id], reason="no", http_status=200, body="", now=T0)
+        sp.store.end_lease(taken.id)
     config = make_config(db, batch_size=5)
     with Store(db) as store, Shipper(store, config) as shipper:
         state = _DrainState(None)
+        def stats(lease):  # a lease built by SQLite holds its span of ids
+            items = lease.items if lease.data is None else store.leased_records(lease.span)
+            return [item.stat for item in items]
+
         first = shipper._lease_clean(state, keyed_only=False)
         second = shipper._lease_clean(state, keyed_only=False)
-        assert [item.t for item in first.items + second.items] == [T0 + 100 + i for i in range(10)]
+        assert stats(first) + stats(second) == [f"s{i}" for i in range(1, 11)]
         with Spool(db) as sp:
-            sp.count("late but old", 1, t=T0)
+            assert sp.store.requeue_dead()[0] == 1
         third = shipper._lease_clean(state, keyed_only=False)
-        assert [item.stat for item in third.items] == ["late but old", "s10", "s11", "s12", "s13"]
+        assert stats(third) == ["s0", "s11", "s12", "s13", "s14"]
         rest = [shipper._lease_clean(state, keyed_only=False) for _ in range(3)]
-        assert [[item.stat for item in lease.items] for lease in rest[:2]] == [
-            ["s14", "s15", "s16", "s17", "s18"], ["s19"]]
+        assert [stats(lease) for lease in rest[:2]] == [["s15", "s16", "s17", "s18", "s19"], ["s20"]]
         assert rest[2] is None
 
 

@@ -35,6 +35,7 @@ def test_a_new_spool_file_is_private_to_its_owner_and_in_wal_mode(tmp_path):
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == SCHEMA_VERSION
         assert stat.S_IMODE(os.stat(f"{path}-wal").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -77,11 +78,11 @@ def test_an_invalid_record_in_a_batch_commits_nothing_from_that_batch(db):
         assert sp.store.counts()["pending"] == 1
 
 
-def test_lease_takes_the_oldest_records_first_and_marks_them_in_flight(db):
+def test_lease_takes_the_first_appended_records_first_whatever_their_t_and_marks_them_in_flight(db):
     with Store(db) as store:
-        store.append([ez("late", t=T0 + 50), ez("early", t=T0), ez("middle", t=T0 + 10)])
+        store.append([ez("first", t=T0 + 50), ez("second", t=T0), ez("third", t=T0 + 10)])
         lease = store.lease(2, now=T0, keyed_only=False)
-        assert [item.record.stat for item in lease.items] == ["early", "middle"]
+        assert [item.record.stat for item in lease.items] == ["first", "second"]
         assert states(store) == {"pending": 1, "inflight": 2}
 
 
@@ -161,7 +162,7 @@ def test_an_ack_marks_exactly_the_ids_it_names_sent_whatever_their_runs(db, pick
 
 @pytest.mark.parametrize("n", [5, 300])
 def test_shipping_rewrites_no_record_and_an_ack_writes_the_same_whatever_the_batch(db, n):
-    """A lease is a row and its run of ids, and takes its records' entries out of the queue; an acknowledgement
+    """A lease is a row and its run of ids, and shortens the queue's run it took them from; an acknowledgement
     ends the lease and writes one row of `settled` per run: the records themselves are never written."""
     with Store(db) as store:
         store.append([ez(t=T0 + i) for i in range(n)])
@@ -169,7 +170,7 @@ def test_shipping_rewrites_no_record_and_an_ack_writes_the_same_whatever_the_bat
         before = store.conn.total_changes
         lease = store.lease(n, now=T0, keyed_only=False)
         assert lease is not None
-        assert store.conn.total_changes - before == 1 + 1 + n  # the lease, its run, each record's queue entry
+        assert store.conn.total_changes - before == 1 + 1 + 1  # the lease, its run, the queue's run
         before = store.conn.total_changes
         store.ack([item.id for item in lease.items], now=T0, lease=lease.id)
         assert store.conn.total_changes - before == 1 + 1 + 1 + 1  # settled, the run, the lease, the tally

@@ -51,10 +51,10 @@ def test_status_shows_a_record_dated_after_2038_on_a_32_bit_time_t(db):
 def test_the_last_second_spool_accepts_goes_through_add_status_export_ship_dead_list_and_replay(db, receiver,
                                                                                                tmp_path):
     env = env32(db, SPOOL_EZKEY=TEST_EZKEY)
+    assert run_cli(db, "add", "y2038 kept", "--count", "3", "--t", "2038-01-19T04:14:08+01:00",
+                   env=env).returncode == 0  # the first appended: the next to ship, whose time status shows
     assert run_cli(db, "add", "y2100 kept", "--value", "1.5", "--t", "2099-12-31T23:59:59", env=env).returncode == 0
     assert run_cli(db, "add", "y2100 refused", "--count", "2", "--t", str(LAST), env=env).returncode == 0
-    assert run_cli(db, "add", "y2038 kept", "--count", "3", "--t", "2038-01-19T04:14:08+01:00",
-                   env=env).returncode == 0
     status = run_cli(db, "status", env=env)
     assert status.returncode == 0, status.stderr
     assert "oldest 2038-01-19 03:14:08 UTC" in status.stdout

@@ -49,15 +49,20 @@ def test_a_spool_from_release_0_1_0_migrates_ships_its_backlog_and_keeps_its_dea
 
 
 @pytest.mark.parametrize(("fixture", "word"), [("spool-schema6-main-cb81073.db", "six"),
-                                               ("spool-schema9-main-0c2cf2b.db", "nine")])
+                                               ("spool-schema9-main-0c2cf2b.db", "nine"),
+                                               ("spool-schema10-main-a9a7b60.db", "ten")])
 def test_a_spool_of_an_earlier_schema_migrates_frees_a_dead_shippers_lease_ships_and_keeps_its_dead_letters(
         tmp_path, receiver, fixture, word):
     """Made by tests/fixtures/make_spool.py with the spool of commit cb81073 (schema 6, the second wave's main) and of
-    commit 0c2cf2b (schema 9, the last before the ledger)."""
+    commit 0c2cf2b (schema 9, the last before the ledger) and of commit a9a7b60 (schema 10, the ledger's first form)."""
     db = tmp_path / "spool.db"
     shutil.copy(FIXTURES / fixture, db)
     with Spool(db) as sp:
         assert sp.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # sqlite-utils' migrations know every step: those the old spool had (by its version), and the new ones.
+        steps = sp.store.conn.execute("SELECT name FROM _sqlite_migrations WHERE migration_set = 'spool' "
+                                      "ORDER BY id").fetchall()
+        assert [name for (name,) in steps] == [f"schema_{v:02d}" for v in range(1, SCHEMA_VERSION + 1)]
         before = sp.status()
         assert before["pending"] + before["inflight"] == 10
         assert (before["sent"], before["dead"], before["held"]) == (1, 1, 1)

@@ -5,11 +5,13 @@ Its rooms, one mixin class each, composed into `Store` below:
 * core.py: what every room shares: `State`, the SQL vocabulary, transactions (`_read`, `_write`), the
   condition hiding open stages (`_hidden`), the kept counts (`_tally`), counters and meta, and SQLite's errors
   translated for operators.
-* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 10).
+* schema.py: SCHEMA_VERSION, the tables and the migration chain (version 1 to 11).
 * connection.py: opening a spool file (creating it private, pragmas, quarantining a corrupt one), closing.
 * appends.py: the producers' side: append (staged when large), stages and their sweep, the bounds.
 * files.py: the marks of dropped files (`FileMark`), committed with their records.
-* ledger.py: the shipper's side: leases, acks, suspects (splits), dead marking, releasing dead leases.
+* queue.py: the queue of pending records as runs of ids, and the walks of it (bounded by ids).
+* ledger.py: the shipper's side: leases (batches built by SQLite where exact), acks, suspects (splits), dead
+  marking, releasing dead leases.
 * queries.py: the operator's side: counts and status, dead letters, export/move/replay, re-stamping held
   records; and housekeeping's long jobs, each a series of small transactions: pruning, compaction, giving
   free pages back.
@@ -28,9 +30,10 @@ The storage contract, stated once:
   write lock for long (a chunk, or that publish). Staged records of an owner that died are discarded
   (`sweep_stages`), a chunk per transaction, the span shrinking with them so what is left stays hidden. An
   append whose stage is no longer whole when it publishes (or before a chunk) fails and publishes nothing.
-* The ledger (schema 10) keeps its books per batch. A record is written once: (id, state, series, number, t),
-  its series (stat, key, ukey, ezkey, kind) interned in `series`. Pending records wait in `queue` (t, id);
-  `lease` takes the oldest of them (by `t`, then append order) out of the queue inside one immediate
+* The ledger (schemas 10 and 11) keeps its books per batch. A record is written once: (id, state, series,
+  number, t), its series (stat, key, ukey, ezkey, kind) interned in `series`. Pending records wait in the
+  queue, runs of their ids (`queue_runs`, see queue.py); `lease` takes the first of them (append order) out
+  of the queue inside one immediate
   transaction (the write lock is held from its start, so no other shipper can lease between the query and
   the delete): two shippers can never lease the same record. A lease is one row naming its owner (a lock its
   Store holds: `spool.owners`) and the runs of consecutive ids it holds (`lease_runs`; a batch of a backlog

@@ -14,9 +14,10 @@ from typing import Any
 
 from spool.errors import SpoolFull, StoreError
 from spool.records import Record
-from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log
+from spool.store.core import _IDS, SERIES_EPOCH, Core, State, _delete_records, _dumps, _log, _outside
 from spool.store.files import FileMark
 from spool.store.queries import _delete_queued, _newest_id, prune_runs
+from spool.store.queue import enqueue_new, front
 
 STAGE_CHUNK = 20_000  # rows: an append larger than this is staged in transactions of this size
 SWEEP_CHUNK = 20_000  # rows deleted per transaction when discarding a stage
@@ -125,7 +126,7 @@ class Appends(Core):
         if not conn.execute("UPDATE stage_spans SET hi = ? WHERE stage = ? AND hi = ?", (hi, stage, lo - 1)).rowcount:
             conn.execute("INSERT INTO stage_spans (lo, hi, stage) VALUES (?, ?, ?)", (lo, hi, stage))
         self._tally(conn, staged=len(part))
-        return self._queue_new(conn, lo, hi)
+        return self._queue_new(conn, lo, hi, part)
 
     def _discard_stage(self, stage: int) -> None:
         """Delete an unfinished append's records, at most SWEEP_CHUNK per transaction, each shrinking its span
@@ -139,8 +140,6 @@ class Appends(Core):
                     return
                 lo, hi = span
                 end = min(hi, lo + SWEEP_CHUNK - 1)
-                conn.execute("DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id BETWEEN ? AND ?)",
-                             (lo, end))
                 conn.execute("DELETE FROM held WHERE id BETWEEN ? AND ?", (lo, end))
                 self._tally(conn, staged=-_delete_records(conn, "id BETWEEN ? AND ?", (lo, end)))
                 if end == hi:
@@ -192,6 +191,10 @@ class Appends(Core):
             if excess > 0 and reject:
                 raise SpoolFull(f"spool full: {waiting - incoming} records waiting, the limit is "
                                 f"{limits.max_pending}; {incoming} new records refused", refused=incoming)
+            if excess > 0 and incoming > limits.max_pending:
+                raise SpoolFull(f"spool full: these {incoming} records alone are more than max_pending "
+                                f"({limits.max_pending}): refused (raise the bound, or append them in parts)",
+                                refused=incoming)
             if excess > 0:
                 dropped += self._drop_oldest(conn, excess, since)
                 if dropped < excess:
@@ -227,8 +230,8 @@ class Appends(Core):
                 return deleted
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int, since: int) -> int:
-        """Delete up to n of the oldest waiting records appended before id `since` (held ones first, then queued
-        ones by t), counted as dropped_oldest; return how many."""
+        """Delete up to n of the oldest waiting records appended before id `since` (held ones first, then pending
+        ones not in flight, queued or suspect, oldest appended first), counted as dropped_oldest; return how many."""
         hidden = self._hidden(conn, "h.id")
         held = [row[0] for row in conn.execute(
             f"SELECT h.id FROM held h CROSS JOIN records r ON r.id = h.id WHERE r.state = {State.HELD} AND h.id <= ?"
@@ -239,9 +242,18 @@ class Appends(Core):
             conn.execute(f"DELETE FROM held WHERE id IN ({_IDS})", (listed,))
             gone_held = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, held=-gone_held)
-        oldest = conn.execute(f"SELECT t, id FROM queue WHERE id <= ?{self._hidden(conn)} ORDER BY t, id LIMIT ?",
-                              (since, n - len(held))).fetchall() if len(held) < n else []
-        gone = _delete_queued(conn, oldest)
+        gone = 0
+        if len(held) < n:  # the first queued, in append order, and suspects (refused in a batch) older than those
+            spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            oldest = [row[0] for row in front(conn, 0, "r.t", "", f" AND r.id <= {int(since)}", n - len(held),
+                                              spans=spans)]
+            suspects = [row[0] for row in conn.execute(
+                f"SELECT g.id FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE r.state = {State.PENDING} "
+                f"AND g.id <= ?{_outside(spans, 'g.id')} ORDER BY g.id LIMIT ?", (since, n - len(held)))]
+            if suspects:
+                oldest = sorted(oldest + suspects)[:n - len(held)]
+                conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps(oldest),))
+            gone = _delete_queued(conn, oldest)
         self._tally(conn, pending=-gone)
         if gone + gone_held:
             self._add_count(conn, "dropped_oldest", gone + gone_held)
@@ -251,7 +263,7 @@ class Appends(Core):
         """Insert Record-shaped rows and queue them; return how many of them are held (see `_queue_new`)."""
         if not rows:
             return 0
-        return self._queue_new(conn, *self._insert_records(conn, rows))
+        return self._queue_new(conn, *self._insert_records(conn, rows), rows)
 
     def _insert_records(self, conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> tuple[int, int]:
         """Insert Record-shaped rows as (series, number, t); return the (first, last) ids they were given.
@@ -298,19 +310,18 @@ class Appends(Core):
         return row[0]
 
     @staticmethod
-    def _queue_new(conn: sqlite3.Connection, lo: int, hi: int) -> int:
-        """Queue the records just inserted with ids lo..hi; hold those stamped while the clock was wrong.
+    def _queue_new(conn: sqlite3.Connection, lo: int, hi: int, rows: list[Sequence[Any]]) -> int:
+        """Queue the records just inserted with ids lo..hi (`rows`, in order); hold those stamped while the clock
+        was wrong.
 
         A record stamped while the clock was wrong arrives with t = 0 (records.HELD_T): it becomes HELD, with the
-        boot it was stamped in and that boot's monotonic clock, instead of queued. Finding none is one seek of
-        the queue, so the common case stays two plain statements. Returns how many were held.
+        boot it was stamped in and that boot's monotonic clock, instead of queued. Queueing the others is one row
+        of the queue's runs changed, mostly. Returns how many were held.
         """
-        conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?", (lo, hi))
-        held = [record_id for (record_id,) in
-                conn.execute("SELECT id FROM queue WHERE t = 0 AND id BETWEEN ? AND ?", (lo, hi))]
+        held = [lo + i for i, t in enumerate(map(_T, rows)) if t == 0] if 0 in map(_T, rows) else []
+        enqueue_new(conn, lo, hi, held)
         if held:
             listed = _dumps(held)
-            conn.execute(f"DELETE FROM queue WHERE t = 0 AND id IN ({_IDS})", (listed,))
             conn.execute(f"UPDATE records SET state = {State.HELD} WHERE id IN ({_IDS})", (listed,))
             conn.execute("INSERT INTO held (id, boot, mono) SELECT value, boot_id(), boot_clock() FROM json_each(?)",
                          (listed,))
@@ -323,18 +334,30 @@ class Appends(Core):
             self._last_warning = now
             _log().warning(message, *args)
 
-    def drop_expired(self, *, now: float) -> int:
-        """Delete pending records (not in flight) whose t is older than max_age; they would not be shipped."""
+    def drop_expired(self, *, now: float, step: int = 1000) -> int:
+        """Delete the queued records at the front of the queue (the oldest appended, not in flight) whose t is
+        older than max_age, up to the first that is not, and suspect ones that old: they would not be shipped.
+        Queued ones further back are deleted when a lease walks past them (`lease`). At most `step` per
+        transaction; returns how many."""
         if self.max_age is None:
             return 0
-        with self._write() as conn:
-            old = conn.execute(f"SELECT t, id FROM queue WHERE t < ?{self._hidden(conn)}",
-                               (now - self.max_age,)).fetchall()
-            dropped = _delete_queued(conn, old)
-            if dropped:
-                self._tally(conn, pending=-dropped)
-                self._add_count(conn, "dropped_age", dropped)
-        return dropped
+        dropped, cutoff = 0, now - self.max_age
+        while True:
+            with self._write() as conn:
+                spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+                first = front(conn, 0, "r.t", "", "", step, spans=spans)
+                old = list(itertools.takewhile(lambda row: row[1] < cutoff, first))
+                if not dropped:  # suspects (records refused together, being split apart) are few: all at once
+                    old += conn.execute(f"SELECT g.id, r.t FROM suspects g CROSS JOIN records r ON r.id = g.id "
+                                        f"WHERE r.t < ?{_outside(spans, 'g.id')}", (cutoff,)).fetchall()
+                    conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps([row[0] for row in old]),))
+                gone = _delete_queued(conn, [row[0] for row in old])
+                if gone:
+                    self._tally(conn, pending=-gone)
+                    self._add_count(conn, "dropped_age", gone)
+            dropped += gone
+            if len(old) < step:
+                return dropped
 
     def append_one(self, record: Record) -> None:
         """Commit one record: its INSERT and the pending count's +1, the least a transaction can be."""
@@ -347,5 +370,5 @@ class Appends(Core):
             record_id = conn.execute("INSERT INTO records (series, number, t) VALUES (?, ?, ?) RETURNING id",
                                      (series, record[5], record[6])).fetchone()[0]
             conn.execute("UPDATE series SET refs = refs + 1 WHERE id = ?", (series,))
-            conn.execute("INSERT INTO queue (t, id) VALUES (?, ?)", (record[6], record_id))
+            enqueue_new(conn, record_id, record_id)
             conn.execute(_ONE_MORE)

@@ -45,7 +45,7 @@ def _log() -> logging.Logger:
 
 class State(IntEnum):
     """A record's stored state. Since version 10, PENDING is "live": pending, in flight or sent, as the ledger
-    says (the queue, leases and suspect groups hold the pending ones; every other live record is sent).
+    says (the queue's runs, leases and suspect groups hold the pending ones; every other live record is sent).
     (1 was never used.)"""
 
     PENDING = 0

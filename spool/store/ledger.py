@@ -2,9 +2,9 @@
 and releasing the leases of owners that died. The storage contract (in spool/store/__init__.py) says what each
 guarantees.
 
-The ledger (schema 10) keeps books per batch, not per record: a lease is one row and the runs of ids it holds;
-leasing takes its records out of the queue, an acknowledgement writes a row of `settled` per run and ends the
-lease. No record is rewritten when it is shipped.
+The ledger (schemas 10 and 11) keeps books per batch, not per record: a lease is one row and the runs of ids it
+holds; leasing takes its records out of the queue's runs, an acknowledgement writes a row of `settled` per run
+and ends the lease. No record is rewritten when it is shipped.
 """
 
 from __future__ import annotations
@@ -16,8 +16,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from spool.owners import PREFIX, is_legacy
-from spool.records import Record
+from spool.records import INT64_MAX, Record
 from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps
+from spool.store.queue import (
+    QUEUE_FROM,
+    QUEUED_FROM,
+    dequeue,
+    enqueue,
+    front,
+    intersect,
+    queued_between,
+    queued_ids,
+    runs_of,
+    subtract,
+)
 
 MAX_BODY = 2000  # characters of a refusal's response body kept with a dead record
 
@@ -48,37 +60,136 @@ _leased: Callable[[Sequence[Any]], Leased] = functools.partial(tuple.__new__, Le
 
 
 class Lease(NamedTuple):
-    """A batch leased to the shipper: the lease's own id and its records, oldest first."""
+    """A batch leased to the shipper: the lease's own id and its records, in append order.
+
+    A lease asked `built` may come as the `data` array of its EZ request instead, built by SQLite (`items` is then
+    empty): records lo..hi (`span`, every id of it), each an EZ stat with no key of its own and an integer number;
+    the oldest t among them is `min_t`. The shipper reads the records themselves only if it must (a refusal).
+    """
 
     id: int
     items: list[Leased]
     version: int = 0  # PRAGMA data_version inside the lease's transaction: changes once another connection commits
+    data: str | None = None
+    span: tuple[int, int] = (0, -1)
+    min_t: int = 0
+
+    @property
+    def size(self) -> int:
+        """How many records the lease holds."""
+        return self.span[1] - self.span[0] + 1 if self.data is not None else len(self.items)
+
+    @property
+    def last_id(self) -> int:
+        return self.span[1] if self.data is not None else self.items[-1].id
+
+
+# The EZ `data` array of up to ? queued records (the rows of `front`), built by SQLite, with what says whether it
+# may be sent as it is: how many, their first and last id, the oldest t, how many numbers are floats (SQLite's
+# text of a float is not always Python's exact one: those batches are built in Python) and how many records are
+# classic or carry their own ezkey (they go in requests of their own).
+_BUILT = ("SELECT count(*), min(id), max(id), min(t), total(typeof(number) = 'real'), "
+          "total(stat IS NULL OR ezkey IS NOT NULL), json_group_array(json_object('stat', stat, "
+          "CASE kind WHEN 0 THEN 'count' ELSE 'value' END, number, 't', t)) FROM ({rows})")
+BUILT_RETRY = 16  # leases after a batch that could not be built in SQLite before trying again
 
 
 class Ledger(Core):
     """Leasing records to the shipper and settling them: SENT, DEAD, suspect, or pending again."""
 
-    def lease(self, limit: int, *, now: float, keyed_only: bool, after: tuple[int, int] | None = None) -> Lease | None:
-        """Lease up to `limit` of the oldest queued records (oldest t first, then append order); None when none.
+    _unbuilt = 0  # leases to go before trying to build a batch in SQLite again (see Lease)
+    aged_out = 0  # records past max_age leases dropped (counted as dropped_age too): the shipper takes and resets it
+
+    def lease(self, limit: int, *, now: float, keyed_only: bool, after: int | None = None,
+              built: bool = False) -> Lease | None:
+        """Lease up to `limit` of the first queued records (in append order); None when none.
 
         Queued: pending, and neither leased nor suspect (suspects are leased by `lease_suspects`). `keyed_only`
-        skips EZ records that carry no ezkey (there is no configured key to send them with). `after`, a (t, id)
-        the caller knows no queued record it could lease precedes, starts the search there instead of walking
-        past records it skips (see Shipper._lease_clean for when that is known).
+        skips EZ records that carry no ezkey (there is no configured key to send them with): they stay queued.
+        Records older than max_age that the lease walks past are deleted (counted as dropped_age): they would
+        not be shipped. `after`, an id the caller knows no queued record it could lease precedes, starts the
+        search there instead of walking past records it skips (see Shipper._lease_clean for when that is known).
+        `built`: the lease may come as its EZ request's data, built by SQLite (see Lease).
         """
-        params: tuple[int, ...] = (limit,)
-        where = self._shippable(now, keyed_only, "q.t")
-        if after is not None:
-            where, params = f"{where} AND q.t >= ? AND (q.t > ? OR q.id > ?)", (after[0], after[0], after[1], limit)
+        start = 0 if after is None else after
         owner = self.owners.claim()
         with self._write(wait=False) as conn:  # a lease lost in a power cut only leaves its records queued
-            rows = conn.execute(f"SELECT r.id, {_FIELDS} FROM queue q CROSS JOIN records r ON r.id = q.id {_SERIES} "
-                                f"WHERE 1{where}{self._hidden(conn, 'q.id')} ORDER BY q.t, q.id LIMIT ?",
-                                params).fetchall()
-            if not rows:
+            spans = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo").fetchall()
+            where = self._shippable(now, keyed_only, "r.t")
+            # Under keyed_only every record sent carries its own key: a batch SQLite builds has none (see Lease).
+            built_row = self._build(conn, start, where, limit) if built and not spans and not keyed_only else None
+            if built_row is not None and not built_row[0]:
+                self._clear_rest(conn, start, spans, now)
                 return None
-            _dequeue(conn, rows)
+            rows = [] if built_row is not None else front(conn, start, _FIELDS, _SERIES, where, limit, spans=spans)
+            if built_row is None and not rows:
+                if not keyed_only:  # nothing to ship from `after` on: what the runs still span there is gone
+                    self._clear_rest(conn, start, spans, now)
+                return None
+            count, last = (built_row[0], built_row[2]) if built_row is not None else (len(rows), rows[-1][0])
+            if count < limit and not keyed_only:  # the walk reached the end: what is left in the runs is gone
+                last = INT64_MAX
+            walked = [(start + 1, last)]
+            if spans:  # an open stage's records stay queued, unseen until it is published
+                walked = [part for run in walked for part in subtract(run, [tuple(span) for span in spans])]
+            if self.max_age is not None:
+                self._drop_walked(conn, start, last, now)
+            if keyed_only and count < sum(hi - lo + 1 for lo, hi in walked):  # perhaps some walked past: queued
+                skipped = [record_id for (record_id,) in conn.execute(
+                    f"SELECT r.id FROM {queued_between(start + 1, last, _SERIES)} "
+                    f"AND r.state = {State.PENDING} AND NOT {_KEYED}")]
+                walked = [part for run in walked for part in subtract(run, runs_of(skipped))]
+            dequeue(conn, walked)
+            if built_row is not None:
+                count, lo, hi, min_t, _, _, data = built_row
+                lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])
+                return lease._replace(data=data, span=(lo, hi), min_t=min_t)
             return self._new_lease(conn, rows, owner, now)
+
+    def _build(self, conn: sqlite3.Connection, start: int, where: str, limit: int) -> tuple[Any, ...] | None:
+        """The row of _BUILT for the batch a lease would take, if it can be sent as SQLite built it (a count of 0:
+        nothing to lease); else None. After a batch that cannot, the next BUILT_RETRY leases do not try."""
+        if self._unbuilt > 0:
+            self._unbuilt -= 1
+            return None
+        rows = (f"SELECT r.id, s.stat, s.ezkey, s.kind, r.number, r.t FROM {QUEUED_FROM} {_SERIES} WHERE {QUEUE_FROM} "
+                f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?")
+        query = _BUILT.format(rows=rows)
+        row = conn.execute(query, (start + 1, start, limit)).fetchone()
+        count, lo, hi, _, floats, others, _ = row
+        if count and (floats or others or hi - lo + 1 != count):  # not every id of lo..hi: built in Python
+            self._unbuilt = BUILT_RETRY
+            return None
+        return tuple(row)
+
+    def leased_records(self, span: tuple[int, int]) -> list[Leased]:
+        """Return the live records of ids lo..hi (a built lease's span: see Lease), in id order."""
+        return list(map(_leased, self.conn.execute(
+            f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} "
+            "ORDER BY r.id", span)))
+
+    def _clear_rest(self, conn: sqlite3.Connection, start: int, spans: list[Any], now: float) -> None:
+        """Take the ids after `start` out of the queue's runs, once a lease found nothing to ship there: their
+        records are gone, or past max_age (dropped here, as a lease walking past them drops them). With an open
+        stage, left as they are (its records are queued, and walking them would cost the stage's size)."""
+        if spans or not conn.execute("SELECT 1 FROM queue_runs WHERE hi > ? LIMIT 1", (start,)).fetchone():
+            return
+        if self.max_age is not None:
+            self._drop_walked(conn, start, INT64_MAX, now)
+        dequeue(conn, [(start + 1, INT64_MAX)])
+
+    def _drop_walked(self, conn: sqlite3.Connection, start: int, last: int, now: float) -> None:
+        """Delete the queued records past max_age among ids start+1..last: the lease walked past them. Counted as
+        dropped_age."""
+        assert self.max_age is not None
+        old = [record_id for (record_id,) in conn.execute(
+            f"SELECT r.id FROM {queued_between(start + 1, last)} AND r.state = {State.PENDING} "
+            f"AND r.t < ?{self._hidden(conn, 'r.id')}", (int(now - self.max_age),))]
+        if old:
+            dropped = _delete_records(conn, f"id IN ({_IDS})", (_dumps(old),))
+            self._tally(conn, pending=-dropped)
+            self._add_count(conn, "dropped_age", dropped)
+            self.aged_out += dropped  # a rollback of the lease undoes it, and the lease raises: never taken then
 
     def lease_suspects(self, *, now: float, keyed_only: bool) -> Lease | None:
         """Lease one suspect group (records refused together, split apart to find the refused ones), or None."""
@@ -94,19 +205,24 @@ class Ledger(Core):
             return self._new_lease(conn, rows, owner, now)
 
     def _shippable(self, now: float, keyed_only: bool, t: str) -> str:
+        """The conditions (each starting with AND) on records a lease may take: keyed ones only, if asked; none
+        older than max_age (a lease drops those it walks past; suspects that old wait for their lease to expire)."""
         where = f" AND {_KEYED}" if keyed_only else ""
         if self.max_age is not None:
-            where += f" AND {t} >= {int(now - self.max_age)}"  # too old to ship: left for drop_expired
+            where += f" AND {t} >= {int(now - self.max_age)}"
         return where
 
     @staticmethod
-    def _new_lease(conn: sqlite3.Connection, rows: list[Any], owner: str, now: float) -> Lease:
+    def _new_lease(conn: sqlite3.Connection, rows: list[Any], owner: str, now: float,
+                   runs: list[tuple[int, int]] | None = None) -> Lease:
+        """Commit a lease of `rows` (rows of the lease's query, id first), or of the ids of `runs` (rows empty)."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         lease = conn.execute("INSERT INTO leases (leased_at, owner) VALUES (?, ?) RETURNING id",
                              (now, owner)).fetchone()[0]
-        ids = list(map(_ID, rows))
-        lo, hi = min(ids), max(ids)
-        runs = [(lo, hi)] if hi - lo + 1 == len(ids) else _runs(ids)  # ids are unique: that is one run
+        if runs is None:
+            ids = list(map(_ID, rows))
+            lo, hi = min(ids), max(ids)
+            runs = [(lo, hi)] if hi - lo + 1 == len(ids) else runs_of(ids)  # ids are unique: that is one run
         conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)", [(a, b, lease) for a, b in runs])
         return Lease(lease, list(map(_leased, rows)), version)
 
@@ -119,7 +235,7 @@ class Ledger(Core):
         Returns how many records became SENT (those a lease still held: each is acknowledged once).
         """
         ended = [*leases] if lease is None else [*leases, lease]
-        runs = _runs(ids)
+        runs = runs_of(ids)
         with self._write() as conn:
             held = self._take(conn, runs)  # the runs of ids that were pending (a lease held them), and are no more
             n = sum(hi - lo + 1 for lo, hi in held)  # a run holds live records only: one per id
@@ -138,19 +254,19 @@ class Ledger(Core):
         or a suspect group); return the runs of ids taken. The shipper settles what its leases hold, and only
         that costs nothing more than the lease's row; records settled from the queue are looked up one by one."""
         held = self._unlease(conn, runs)
-        rest = [part for run in runs for part in _subtract(run, _intersect([run], held))]
+        rest = [part for run in runs for part in subtract(run, intersect([run], held))]
         if not rest:
             return held
-        waiting = [record_id for lo, hi in rest for (record_id,) in conn.execute(
-            f"SELECT r.id FROM records r WHERE r.id BETWEEN ? AND ? AND r.state = {State.PENDING} AND (EXISTS "
-            f"(SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id) OR r.id IN (SELECT id FROM suspects))",
-            (lo, hi))]
-        if not waiting:
+        waiting = queued_ids(conn, rest)
+        suspect = [record_id for (record_id,) in conn.execute(
+            f"SELECT g.id FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE r.state = {State.PENDING}"
+            f"{_within(rest, 'g.id')}")]
+        if not waiting and not suspect:
             return held
-        listed = _dumps(waiting)
-        conn.execute(f"DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id IN ({_IDS}))", (listed,))
-        conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (listed,))
-        return sorted(held + _runs(waiting))
+        dequeue(conn, runs_of(waiting))
+        if suspect:
+            conn.execute(f"DELETE FROM suspects WHERE id IN ({_IDS})", (_dumps(suspect),))
+        return sorted(held + runs_of(waiting + suspect))
 
     @staticmethod
     def _unlease(conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -159,13 +275,13 @@ class Ledger(Core):
             return []
         held: list[tuple[int, int]] = []
         for lo, hi, lease in conn.execute("SELECT lo, hi, lease FROM lease_runs").fetchall():
-            cut = _intersect([(lo, hi)], runs)
+            cut = intersect([(lo, hi)], runs)
             if not cut:
                 continue
             held += cut
             conn.execute("DELETE FROM lease_runs WHERE lo = ?", (lo,))
             conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
-                             [(a, b, lease) for a, b in _subtract((lo, hi), cut)])
+                             [(a, b, lease) for a, b in subtract((lo, hi), cut)])
         return sorted(held)
 
     @staticmethod
@@ -173,7 +289,7 @@ class Ledger(Core):
         """Drop leases: the live records their runs still hold are queued again."""
         ended = _dumps(list(leases))
         runs = conn.execute(f"SELECT lo, hi FROM lease_runs WHERE lease IN ({_IDS})", (ended,)).fetchall()
-        _queue(conn, runs)
+        enqueue(conn, runs)
         conn.execute(f"DELETE FROM lease_runs WHERE lease IN ({_IDS})", (ended,))
         conn.execute(f"DELETE FROM leases WHERE id IN ({_IDS})", (ended,))
 
@@ -186,7 +302,7 @@ class Ledger(Core):
         """
         with self._write() as conn:
             for half in halves:
-                taken = self._take(conn, _runs(half))
+                taken = self._take(conn, runs_of(half))
                 conn.execute(f"INSERT OR REPLACE INTO suspects (id, grp) SELECT r.id, ? FROM records r "
                              f"WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING}{_within(taken, 'r.id')}",
                              (min(half), _dumps(list(half))))
@@ -202,7 +318,7 @@ class Ledger(Core):
         With `end`, the lease ends in the same commit (these were the last of it the shipper held).
         """
         with self._write(wait=False) as conn:  # a lease given back is a lease: a power cut may undo it harmlessly
-            _queue(conn, self._take(conn, _runs(ids)))
+            enqueue(conn, self._take(conn, runs_of(ids)))
             if end:
                 self._end_leases(conn, [lease])
 
@@ -212,7 +328,7 @@ class Ledger(Core):
         They leave their lease; with `end`, the lease ends in the same commit. Returns how many were dropped.
         """
         with self._write() as conn:
-            held = self._take(conn, _runs(ids))
+            held = self._take(conn, runs_of(ids))
             dropped = _delete_records(conn, f"id BETWEEN ? AND ? AND state = {State.PENDING}", each=held)
             if dropped:
                 self._tally(conn, pending=-dropped)
@@ -234,7 +350,7 @@ class Ledger(Core):
                   now: float) -> int:
         """Move records to DEAD, keeping the receiver's reason, status and body. They leave their lease."""
         with self._write() as conn:
-            held = self._take(conn, _runs(ids))
+            held = self._take(conn, runs_of(ids))
             n = max(0, conn.executemany(f"UPDATE records SET state = {State.DEAD} WHERE id BETWEEN ? AND ? "
                                         f"AND state = {State.PENDING}", held).rowcount) if held else 0
             if n:
@@ -277,23 +393,6 @@ class Ledger(Core):
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
 
-def _dequeue(conn: sqlite3.Connection, rows: list[Any]) -> None:
-    """Take leased rows (id first, t last, in queue order) out of the queue: by one range of the queue when they
-    are all of it between the first and the last (the common case: nothing skipped), else one by one."""
-    first, last = (rows[0][-1], rows[0][0]), (rows[-1][-1], rows[-1][0])
-    span = "(t, id) >= (?, ?) AND (t, id) <= (?, ?)"
-    if conn.execute(f"SELECT count(*) FROM queue WHERE {span}", (*first, *last)).fetchone()[0] == len(rows):
-        conn.execute(f"DELETE FROM queue WHERE {span}", (*first, *last))
-    else:
-        conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(row[-1], row[0]) for row in rows])
-
-
-def _queue(conn: sqlite3.Connection, runs: Iterable[tuple[int, int]]) -> None:
-    """Put the live records of runs of ids (back) into the queue."""
-    conn.executemany(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ? "
-                     f"AND state = {State.PENDING}", list(runs))
-
-
 def _count_live(conn: sqlite3.Connection, runs: Iterable[tuple[int, int]]) -> int:
     """Count the live records in runs of ids (a lease's runs: what it holds)."""
     return sum(conn.execute(f"SELECT count(*) FROM records WHERE id BETWEEN ? AND ? AND state = {State.PENDING}",
@@ -304,47 +403,3 @@ def _within(runs: list[tuple[int, int]], column: str) -> str:
     if not runs:
         return " AND 0"
     return " AND (" + " OR ".join(f"{column} BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in runs) + ")"
-
-
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The runs both sorted lists of runs cover."""
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if lo <= hi:
-            out.append((lo, hi))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def _subtract(run: tuple[int, int], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """What is left of a run once sorted, disjoint runs within it are taken out."""
-    out, lo = [], run[0]
-    for a, b in cuts:
-        if a > lo:
-            out.append((lo, a - 1))
-        lo = b + 1
-    if lo <= run[1]:
-        out.append((lo, run[1]))
-    return out
-
-
-def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """Return the ids as sorted runs of consecutive integers, (first, last) each."""
-    runs: list[tuple[int, int]] = []
-    ordered = sorted(ids)
-    if not ordered:
-        return runs
-    if ordered[-1] - ordered[0] + 1 == len(ordered):  # one run, without a Python step per id (a whole batch)
-        return [(ordered[0], ordered[-1])]
-    first = last = ordered[0]
-    for i in ordered:
-        if i > last + 1:
-            runs.append((first, last))
-            first = i
-        last = i
-    runs.append((first, last))
-    return runs

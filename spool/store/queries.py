@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import math
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +16,16 @@ from typing import Any, ClassVar, NamedTuple
 
 from spool.errors import StoreError
 from spool.records import INT64_MAX, Kind, Record
-from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _translated
+from spool.store.core import _FIELDS, _IDS, _SERIES, Core, State, _delete_records, _dumps, _loads, _outside, _translated
+from spool.store.queue import (
+    QUEUE_FROM,
+    QUEUED,
+    QUEUED_FROM,
+    enqueue,
+    enqueue_new,
+    front,
+    runs_of,
+)
 from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 
 PRUNE_STEP = 1000  # sent records deleted per transaction
@@ -28,8 +39,12 @@ _COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
 Between = Callable[[], bool]  # called between the transactions of a long job: False stops it (it resumes later)
 
 # Whether a live record `r` is pending (queued, suspect, or held by a lease); a live record that is not is sent.
-_WAITING = ("(EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id) OR r.id IN (SELECT id FROM suspects) "
+_WAITING = (f"({QUEUED} OR r.id IN (SELECT id FROM suspects) "
             "OR EXISTS (SELECT 1 FROM lease_runs WHERE r.id BETWEEN lo AND hi))")
+# The ids of the pending records that are not queued (suspect, in flight), for `r.id IN (...)`: few.
+_HELD_ELSEWHERE = ("SELECT id FROM suspects UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 "
+                   "ON r2.id BETWEEN lo AND hi")
+_ROW_ID = operator.itemgetter(0)
 _STATE = (f"CASE WHEN r.state != {State.PENDING} THEN r.state WHEN {_WAITING} THEN {State.PENDING} "
           f"ELSE {State.SENT} END")  # a record's state as before version 10 stored it
 
@@ -130,10 +145,9 @@ class Queries(Core):
                 chosen = [i for i in chosen if i not in set(unknown)]
             listed = _dumps(chosen)
             conn.execute(f"DELETE FROM dead WHERE id IN ({_IDS})", (listed,))
-            if requeued:  # pending again, in the queue by their own t
+            if requeued:  # pending again, queued by their own ids: at the front
                 n = conn.execute(f"UPDATE records SET state = {State.PENDING} WHERE id IN ({_IDS})", (listed,)).rowcount
-                conn.execute(f"INSERT OR IGNORE INTO queue (t, id) SELECT t, id FROM records WHERE id IN ({_IDS})",
-                             (listed,))
+                enqueue(conn, runs_of(chosen))
             else:
                 n = _delete_records(conn, f"id IN ({_IDS})", (listed,))
             self._tally(conn, dead=-n, pending=n if requeued else 0)
@@ -186,29 +200,32 @@ class Queries(Core):
         return kept, real
 
     def oldest_pending_t(self) -> int | None:
-        with self._read():  # the queue's first, and those of the few records suspect or in flight
-            hidden, suspect_hidden = self._hidden(), self._hidden(column="g.id")
-            return self.conn.execute(
-                f"SELECT min(t) FROM (SELECT t FROM (SELECT t FROM queue WHERE 1{hidden} ORDER BY t, id LIMIT 1) "
-                f"UNION ALL SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id WHERE 1{suspect_hidden} "
-                f"UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r ON r.id BETWEEN lo AND hi "
-                f"WHERE r.state = {State.PENDING})").fetchone()[0]
+        """The t of the oldest of: the first queued record (the oldest appended of them: the next to ship), the
+        suspect ones, those in flight. Not the oldest t of the whole backlog (only a read of it all knows that):
+        the age of what shipping has yet to reach."""
+        with self._read():
+            spans = self.conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            first = [row[1] for row in front(self.conn, 0, "r.t", "", "", 1, spans=spans)]
+            others = self.conn.execute(
+                f"SELECT min(t) FROM (SELECT r.t FROM suspects g CROSS JOIN records r ON r.id = g.id "
+                f"WHERE 1{_outside(spans, 'g.id')} UNION ALL SELECT r.t FROM lease_runs CROSS JOIN records r "
+                f"ON r.id BETWEEN lo AND hi WHERE r.state = {State.PENDING})").fetchone()[0]
+            return min([*first, *([] if others is None else [others])], default=None)
 
     def _keyless_series(self) -> bool:
         """Whether some EZ series has no key of its own (if none has, no record can lack one: nothing to count)."""
         return self.conn.execute("SELECT 1 FROM series WHERE stat IS NOT NULL AND ezkey IS NULL").fetchone() is not None
 
     def keyless_among_oldest(self, limit: int) -> int:
-        """Return how many of the `limit` oldest pending records are EZ records with no ezkey of their own: a look
+        """Return how many of the `limit` first queued records are EZ records with no ezkey of their own: a look
         whose cost is `limit`, whatever the backlog (/healthz asks it at every poll). While no key is configured,
         such records are never shipped, so they gather there as the others leave."""
         with self._read():
             if not self._keyless_series():
                 return 0
-            return self.conn.execute(
-                f"SELECT count(*) FROM (SELECT id FROM queue WHERE 1{self._hidden()} ORDER BY t, id LIMIT ?) q "
-                f"CROSS JOIN records r ON r.id = q.id {_SERIES} WHERE s.stat IS NOT NULL AND s.ezkey IS NULL",
-                (limit,)).fetchone()[0]
+            spans = self.conn.execute("SELECT lo, hi FROM stage_spans").fetchall()
+            first = front(self.conn, 0, "s.stat IS NOT NULL AND s.ezkey IS NULL", _SERIES, "", limit, spans=spans)
+            return sum(keyless for _, keyless in first)
 
     def size_bytes(self) -> int:
         """Return the spool's size on disk: the database file and its write-ahead log."""
@@ -262,7 +279,7 @@ class Queries(Core):
                     refused.append((wall, f"re-stamped to t {t}, which is in the future or before the floor ({floor}): "
                                           "the monotonic clock is not to be trusted; its time is unknown", record_id))
             conn.executemany(f"UPDATE records SET t = ?, state = {State.PENDING} WHERE id = ?", placed)
-            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", placed)
+            enqueue(conn, runs_of(record_id for _, record_id in placed))
             conn.executemany(f"UPDATE records SET state = {State.DEAD} WHERE id = ?",
                              [(record_id,) for *_, record_id in refused + lost])
             conn.executemany("INSERT OR REPLACE INTO dead (done_at, reason, id) VALUES (?, ?, ?)", refused + lost)
@@ -283,29 +300,29 @@ class Queries(Core):
         others are deleted. Exact for counters at that resolution; values are never merged; a sum that would
         leave what validation accepts starts a new record. Returns how many records this call merged away.
 
-        A pass walks the pending records oldest first (the pending_t index, by t then id) from where the last
-        transaction stopped, reading at most `rows` index entries per transaction: no transaction holds the write
-        lock longer than that, whatever the backlog, and the whole pass is one walk of the index. Where it stands
-        is kept in meta with the records that hold the sums of the bucket it is in (so a bucket larger than a
-        step still becomes one record per group), and `between`, called after each committed transaction, stops
-        the pass when it returns False: the next call resumes it.
+        A pass walks the queued records in append order (the queue's runs) from where the last transaction
+        stopped, reading at most `rows` records per transaction: no transaction holds the write lock longer than
+        that, whatever the backlog, and the whole pass is one walk of the queue. Where it stands is kept in meta
+        with the records that hold the sums it used last (up to `rows` of them, by stat and bucket: a bucket
+        larger than a step still becomes one record per group, and records appended later with the time of a
+        bucket still kept join its sum), and `between`, called after each committed transaction, stops the pass
+        when it returns False: the next call resumes it.
 
-        A pass that reached the newest records parks at the start of the newest bucket: later calls merge what
-        arrives there and after it without reading the backlog again. Records that arrive behind it (an import
-        of older times) wait for the next whole pass, which starts once as many record ids have been given out
-        since it parked as the pass read: all told, the walks cost a few times the records appended.
+        A pass that reached the newest records parks there: later calls merge what is appended after it without
+        reading the backlog again. Records queued behind it (given back by a lease, requeued) and sums no longer
+        kept wait for the next whole pass, which starts once as many record ids have been given out since it
+        parked as the pass read: all told, the walks cost a few times the records appended.
         """
         merged = 0
         while True:
             with self._write(wait=False) as conn:  # lost in a power cut: those records are merely not merged yet
                 kept = cursor = self._compaction_cursor(conn, bucket, rows)
-                entries = _after(conn, cursor.t, cursor.id, rows)
+                spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # open stages: not there yet
+                entries = front(conn, cursor.id, "r.series, s.kind, r.number, r.t", _SERIES, "", rows, spans=spans)
                 end = len(entries) < rows
                 cursor, gone = self._merge(conn, cursor, entries, rows)
                 if gone:
                     self._add_count(conn, "compacted", gone)
-                if end:  # parked at the start of the newest bucket: what arrives in it is merged into its sums
-                    cursor = cursor._replace(t=cursor.t // bucket * bucket, id=0)
                 if end and cursor.parked_at is None:
                     cursor = cursor._replace(parked_at=_newest_id(conn))
                 if cursor != kept:  # a parked pass that found nothing new writes nothing (an idle box, every tick)
@@ -322,120 +339,131 @@ class Queries(Core):
             cursor = _Cursor(**_loads(kept[0])) if kept is not None else None
         except (TypeError, ValueError):  # not one this release wrote: a new pass
             cursor = None
-        if cursor is None or cursor.bucket != bucket:
+        if cursor is None or cursor.bucket != bucket or any(len(kept) != 4 for kept in cursor.sums):
             return _Cursor(bucket)
         if cursor.parked_at is not None:
             newest = _newest_id(conn)
             if newest - cursor.parked_at >= max(cursor.read, rows):
                 return _Cursor(bucket)
-        if cursor.sums:
-            # A record holding a sum may have been leased, shipped or dropped since: it no longer holds it.
-            held = {record_id: number for record_id, number in conn.execute(
-                f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) AND r.state = {State.PENDING} "
-                f"AND EXISTS (SELECT 1 FROM queue q WHERE q.t = r.t AND q.id = r.id)",
-                (_dumps([record_id for _, record_id, _ in cursor.sums]),))}
-            cursor = cursor._replace(sums=[[group, record_id, total] for group, record_id, total in cursor.sums
-                                           if held.get(record_id, _GONE) == total])
         return cursor
 
     def _merge(self, conn: sqlite3.Connection, cursor: _Cursor, entries: list[tuple[Any, ...]],
                rows: int) -> tuple[_Cursor, int]:
-        """Fold a step's entries (rows of `_after`) into the sums of their buckets; return where the pass stands
+        """Fold a step's entries (rows of `front`) into the sums of their buckets; return where the pass stands
         after them, and how many records were merged away."""
         if not entries:
             return cursor, 0
-        spans = conn.execute("SELECT lo, hi FROM stage_spans").fetchall()  # an open stage's records are not there yet
-        bucket, current = cursor.bucket, cursor.t // cursor.bucket
-        sums = {group: [record_id, total, False] for group, record_id, total in cursor.sums}
+        bucket = cursor.bucket
+        # (group, bucket index) -> [the record holding the sum, the sum, whether this step changed it]
+        sums = {(group, at): [record_id, total, False] for group, at, record_id, total in cursor.sums}
+        # A record holding a kept sum may have been leased, shipped or dropped since: then it holds it no more.
+        # Only the sums this step's records would join are looked at (not every sum kept).
+        wanted = [sums[key][0] for key in {(group, t // bucket) for _, group, _, _, t in entries} if key in sums]
+        if wanted:
+            holding = dict(conn.execute(f"SELECT r.id, r.number FROM records r WHERE r.id IN ({_IDS}) "
+                                        f"AND r.state = {State.PENDING} AND {QUEUED}", (_dumps(wanted),)).fetchall())
+            sums = {key: kept for key, kept in sums.items()
+                    if kept[0] not in wanted or holding.get(kept[0], _GONE) == kept[1]}
         gone: list[int] = []
         changed: list[tuple[Any, ...]] = []
         for record_id, group, kind, number, t in entries:
-            if t // bucket != current:  # a new bucket: the sums of the last one are final
-                changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
-                sums, current = {}, t // bucket
-            if kind != Kind.COUNT or t <= 0 or any(lo <= record_id <= hi for lo, hi in spans):
+            if kind != Kind.COUNT or t <= 0:
                 continue
-            into = sums.get(group)
-            if into is not None and into[0] == record_id:  # the record holding the sum, read again (parked)
+            key = (group, t // bucket)
+            into = sums.pop(key, None)  # put back last: the sums most recently used are those carried on
+            if into is not None and into[0] == record_id:  # the record holding the sum, read again
+                sums[key] = into
                 continue
             total = into[1] + number if into is not None else number
             if into is None or not _fits(total):
                 if into is not None and into[2]:  # full: it keeps what it holds
-                    changed.append((into[1], current * bucket, into[0]))
-                sums[group] = [record_id, number, False]  # this record holds the group's sum from here on
+                    changed.append((into[1], key[1] * bucket, into[0]))
+                sums[key] = [record_id, number, False]  # this record holds the group's sum from here on
                 continue
             into[1], into[2] = total, True
+            sums[key] = into
             gone.append(record_id)
-        changed += [(total, current * bucket, held) for held, total, dirty in sums.values() if dirty]
+        changed += [(total, at * bucket, held) for (_, at), (held, total, dirty) in sums.items() if dirty]
         if gone or changed:
-            where = {record_id: t for record_id, _, _, _, t in entries}
-            self._tally(conn, pending=-_delete_queued(conn, [(where[record_id], record_id) for record_id in gone]))
-            # A record holding a sum moves to its bucket's start: in the records, and in the queue's order.
-            before = dict(conn.execute(f"SELECT id, t FROM records WHERE id IN ({_IDS})",
-                                       (_dumps([held for _, _, held in changed]),)).fetchall())
+            self._tally(conn, pending=-_delete_queued(conn, gone))
+            # A record holding a sum moves to its bucket's start (its place in the queue is its id: unchanged).
             conn.executemany("UPDATE records SET number = ?, t = ? WHERE id = ?", changed)
-            moved = [(before[held], held, t) for _, t, held in changed if held in before and before[held] != t]
-            conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", [(old, held) for old, held, _ in moved])
-            conn.executemany("INSERT OR IGNORE INTO queue (t, id) VALUES (?, ?)", [(t, held) for _, held, t in moved])
         last = entries[-1]
         read = cursor.read if cursor.parked_at is not None else cursor.read + len(entries)
-        # A bucket's sums are carried into the next step (it may go on there), as many as a step reads at most.
-        carried = [[group, held, total] for group, (held, total, _) in itertools.islice(sums.items(), rows)]
-        return cursor._replace(t=last[4], id=last[0], read=read, sums=carried), len(gone)
+        # The sums most recently used are carried into the next step (the walk may meet their buckets again), as
+        # many as a step reads at most.
+        kept = list(sums.items())[-rows:]
+        carried = [[group, at, held, total] for (group, at), (held, total, _) in kept]
+        return cursor._replace(id=last[0], read=read, sums=carried), len(gone)
 
     # -- moving backlog ----------------------------------------------------------------------------
 
     # "all" leaves out HELD records, and "dead" and "all" the dead letters they became when they could not be placed
-    # in time: their time is not known, so no file can carry them (import refuses t=0).
-    _SELECTIONS: ClassVar[dict[str, str]] = {"pending": f"r.state = {State.PENDING} AND {_WAITING}",
-                                              "sent": f"r.state = {State.PENDING} AND NOT {_WAITING}",
-                                              "dead": f"r.state = {State.DEAD} AND r.t > 0",
-                                              "all": f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} "
-                                                     "AND r.t > 0))"}
+    # in time: their time is not known, so no file can carry them (import refuses t=0). Each selection is one or
+    # more sources (FROM, WHERE), each read in id order: pending records are the queue's (read run by run, never
+    # the sent ones) and the few suspect or in flight.
+    _SELECTIONS: ClassVar[dict[str, list[tuple[str, str, str]]]] = {
+        "pending": [(QUEUED_FROM, f"r.state = {State.PENDING} AND {QUEUE_FROM}", "q.lo, r.id"),
+                    ("records r", f"r.state = {State.PENDING} AND r.id IN ({_HELD_ELSEWHERE})", "r.id")],
+        "sent": [("records r", f"r.state = {State.PENDING} AND NOT {_WAITING}", "r.id")],
+        "dead": [("records r", f"r.state = {State.DEAD} AND r.t > 0", "r.id")],
+        "all": [("records r", f"(r.state = {State.PENDING} OR (r.state = {State.DEAD} AND r.t > 0))", "r.id")]}
 
-    def _selection(self, state: str, since: int | None, until: int | None,
-                   stat_glob: str | None = None) -> tuple[str, list[Any]]:
+    def _selected(self, conn: sqlite3.Connection, state: str, since: int | None, until: int | None,
+                  stat_glob: str | None, columns: str, *, after: int = 0, limit: int = -1,
+                  extra: str = "") -> Iterator[Any]:
+        """Yield rows (r.id, then `columns`) of the selected records with ids above `after`, in id order (at most
+        `limit`); `extra`: more conditions, each starting with AND."""
         if state not in self._SELECTIONS:
             raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
-        where, params = [self._SELECTIONS[state]], list[Any]()
-        if state == "pending" and (since is not None or until is not None):
-            # Pending records within a window of t are found by the queue's order (and the few suspect or in
-            # flight): the cost of the selection, not of the backlog.
-            window = " AND ".join(f"t {op} {int(value)}" for op, value in ((">=", since), ("<=", until))
-                                  if value is not None)
-            where.insert(0, f"r.id IN (SELECT id FROM queue WHERE {window} UNION ALL SELECT id FROM suspects "
-                            "UNION ALL SELECT r2.id FROM lease_runs CROSS JOIN records r2 ON r2.id BETWEEN lo AND hi)")
-        if since is not None:
-            where.append("r.t >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("r.t <= ?")
-            params.append(until)
-        if stat_glob is not None:
-            where.append("s.stat GLOB ?")
-            params.append(stat_glob)
-        return " AND ".join(where), params
+        where, params = self._filters(since, until, stat_glob)
+        hidden = self._hidden(conn, "r.id")
+        parts = []
+        for source, condition, order in self._SELECTIONS[state]:
+            # The queue's runs: each read from after+1 on, from the first one worth reading.
+            starts = (after + 1,) * source.count("?") + (after,) * condition.count("?")
+            parts.append(conn.execute(f"SELECT r.id, {columns} FROM {source} {_SERIES} WHERE {condition}{where}"
+                                      f"{hidden}{extra} AND r.id > ? ORDER BY {order} LIMIT ?",
+                                      (*starts, *params, after, limit)))
+        rows = parts[0] if len(parts) == 1 else heapq.merge(*parts, key=_ROW_ID)
+        return itertools.islice(rows, limit) if limit >= 0 else iter(rows)
+
+    def _filters(self, since: int | None, until: int | None, stat_glob: str | None) -> tuple[str, list[Any]]:
+        where, params = "", list[Any]()
+        for condition, value in (("r.t >= ?", since), ("r.t <= ?", until), ("s.stat GLOB ?", stat_glob)):
+            if value is not None:
+                where += f" AND {condition}"
+                params.append(value)
+        return where, params
 
     def count_selected(self, state: str, *, since: int | None = None, until: int | None = None,
                        stat_glob: str | None = None) -> int:
-        where, params = self._selection(state, since, until, stat_glob)
+        """Count what `export` would write (records in flight are left out)."""
+        return self._count(state, *self._filters(since, until, stat_glob), in_flight=False)
+
+    def _count(self, state: str, where: str, params: Sequence[Any] = (), *, in_flight: bool = True) -> int:
+        """Count the records a selection (see _SELECTIONS) holds, `where` (conditions starting with AND) too."""
+        if state not in self._SELECTIONS:
+            raise StoreError(f"state must be one of {', '.join(self._SELECTIONS)}, not '{state}'")
         with self._read():
-            return self.conn.execute(f"SELECT count(*) FROM records r {_SERIES} WHERE {where}"
-                                     f"{self._hidden(column='r.id')}", params).fetchone()[0]
+            hidden = self._hidden(column="r.id") + ("" if in_flight else self._in_flight(self.conn, "r.id"))
+            return sum(self.conn.execute(f"SELECT count(*) FROM {source} {_SERIES} WHERE {condition}{where}{hidden}",
+                                         (0,) * (source + condition).count("?") + tuple(params)).fetchone()[0]
+                       for source, condition, _ in self._SELECTIONS[state])
 
     def export(self, state: str, *, since: int | None = None, until: int | None = None,
                stat_glob: str | None = None) -> Iterator[tuple[int, Record]]:
-        """Yield (id, record) of the selected records in append order, streaming (one read snapshot).
+        """Yield (id, record) of the selected records in append order, streaming (one read snapshot); records in
+        flight are left out, as `move_out` leaves them.
 
-        Pending records within a window of t are found by the queue's order (see `_selection`). Once the snapshot
-        is let go, the WAL it held back is checkpointed (`_after_long_read`).
+        Pending records are read from the queue's runs (and the few suspect or in flight): the cost of the
+        pending records, whatever the spool keeps besides. Once the snapshot is let go, the WAL it held back is
+        checkpointed (`_after_long_read`).
         """
-        where, params = self._selection(state, since, until, stat_glob)
         try:
             with self._read():
-                hidden = self._hidden(column="r.id")
-                for row in self.conn.execute(f"SELECT r.id, {_FIELDS} FROM records r {_SERIES} WHERE {where}{hidden} "
-                                             "ORDER BY r.id", params):
+                in_flight = self._in_flight(self.conn, "r.id")  # being sent: exported, they could be sent twice
+                for row in self._selected(self.conn, state, since, until, stat_glob, _FIELDS, extra=in_flight):
                     yield row[0], Record(*row[1:])
         finally:
             self._after_long_read()
@@ -459,20 +487,16 @@ class Queries(Core):
         it meanwhile. Records in flight are skipped (they are being sent). A crash can leave at most the last
         chunk both in the file and in the spool; never in neither. Returns how many records moved.
         """
-        where, params = self._selection(state, since, until, stat_glob)
         moved, after = 0, 0
         while True:
             with self._write() as conn:
-                rows = conn.execute(f"SELECT r.id, {_FIELDS}, {_STATE} FROM records r {_SERIES} WHERE {where}"
-                                    f"{self._hidden(conn, 'r.id')}{self._in_flight(conn, 'r.id')} AND r.id > ? "
-                                    f"ORDER BY r.id LIMIT ?", [*params, after, chunk]).fetchall()
+                rows = list(self._selected(conn, state, since, until, stat_glob, f"{_FIELDS}, {_STATE}", after=after,
+                                           limit=chunk, extra=self._in_flight(conn, "r.id")))
                 if not rows:
                     return moved
                 write([Record(*row[1:8]) for row in rows])
                 ids = [row[0] for row in rows]
                 listed = _dumps(ids)
-                conn.execute(f"DELETE FROM queue WHERE (t, id) IN (SELECT t, id FROM records WHERE id IN ({_IDS}))",
-                             (listed,))
                 for table in ("suspects", "dead"):
                     conn.execute(f"DELETE FROM {table} WHERE id IN ({_IDS})", (listed,))
                 _delete_records(conn, f"id IN ({_IDS})", (listed,))
@@ -483,18 +507,17 @@ class Queries(Core):
 
     def replay(self, *, since: int | None, until: int | None, stat_glob: str | None = None) -> int:
         """Queue pending copies of retained SENT records (StatHat will count them again); return how many."""
-        where, params = self._selection("sent", since, until, stat_glob)
+        where, params = self._filters(since, until, stat_glob)
         with self._bounded() as conn:
             since = _newest_id(conn)
             copied = collections.Counter(series for (series,) in conn.execute(
                 f"INSERT INTO records (series, number, t) SELECT r.series, r.number, r.t FROM records r {_SERIES} "
-                f"WHERE {where} ORDER BY r.id RETURNING series", params))
+                f"WHERE {self._SELECTIONS['sent'][0][1]}{where} ORDER BY r.id RETURNING series", params))
             conn.executemany("UPDATE series SET refs = refs + ? WHERE id = ?", [(n, s) for s, n in copied.items()])
             queued = sum(copied.values())
             if queued > 0:  # one statement: its records have consecutive ids, up to the last given
                 newest = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                conn.execute("INSERT INTO queue (t, id) SELECT t, id FROM records WHERE id BETWEEN ? AND ?",
-                             (newest - queued + 1, newest))
+                enqueue_new(conn, newest - queued + 1, newest)
             self._tally(conn, pending=queued)
             self._enforce(conn, queued, since=since)
             return queued
@@ -521,12 +544,11 @@ def prune_runs(conn: sqlite3.Connection, step: int, before: float | None) -> tup
 
 
 class _Cursor(NamedTuple):
-    """Where a compaction pass stands: past (t, id) in the pending_t index, having read `read` entries; parked
-    (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, id, total] of each
-    record holding a sum in the bucket it is in."""
+    """Where a compaction pass stands: past record `id` in the queue, having read `read` records; parked
+    (when the ids given out reached `parked_at`) once it read the newest. `sums`: [group, bucket index, id, total]
+    of the records holding the sums it used last."""
 
     bucket: int
-    t: int = 0
     id: int = 0
     read: int = 0
     parked_at: int | None = None
@@ -536,29 +558,19 @@ class _Cursor(NamedTuple):
 _GONE = object()
 
 
-def _after(conn: sqlite3.Connection, t: int, after_id: int, n: int) -> list[tuple[Any, ...]]:
-    """Return up to n queued records after (t, id) in the queue, oldest first: (id, series, kind, number, t).
-    Two seeks: (t, id) > (?, ?) as one condition would walk every entry of that t before the cursor."""
-    query = (f"SELECT q.id, r.series, s.kind, r.number, q.t FROM queue q CROSS JOIN records r ON r.id = q.id "
-             f"{_SERIES} WHERE ")
-    rows = conn.execute(f"{query}q.t = ? AND q.id > ? ORDER BY q.id LIMIT ?", (t, after_id, n)).fetchall()
-    if len(rows) < n:
-        rows += conn.execute(f"{query}q.t > ? ORDER BY q.t, q.id LIMIT ?", (t, n - len(rows))).fetchall()
-    return rows
-
-
 def _newest_id(conn: sqlite3.Connection) -> int:
     """The highest record id ever given out (ids are never reused)."""
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
     return 0 if row is None else row[0]
 
 
-def _delete_queued(conn: sqlite3.Connection, queued: list[tuple[int, int]]) -> int:
-    """Delete queued records, given as (t, id): their queue rows and the records; return how many."""
-    if not queued:
+def _delete_queued(conn: sqlite3.Connection, ids: list[int]) -> int:
+    """Delete queued records by id; return how many. Their ids stay in the queue's runs (nothing is queued there
+    any more, and the next lease walking past takes them out): cutting each out would split a run per record,
+    where a compaction pass merges most records away."""
+    if not ids:
         return 0
-    conn.executemany("DELETE FROM queue WHERE t = ? AND id = ?", queued)
-    return _delete_records(conn, f"id IN ({_IDS})", (_dumps([record_id for _, record_id in queued]),))
+    return _delete_records(conn, f"id IN ({_IDS})", (_dumps(ids),))
 
 
 def _fits(total: int | float) -> bool:
