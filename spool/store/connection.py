@@ -23,6 +23,7 @@ from spool.store.core import (
     _LOCKED,
     _NOTADB,
     BUSY_TIMEOUT,
+    WAL_LIMIT,
     _code,
     _Corrupt,
     _corrupt,
@@ -40,7 +41,6 @@ _INTERRUPT = 9  # SQLITE_INTERRUPT: a full check stopped by its `step`
 CHECK_STEP_OPS = 1000  # SQLite operations between two calls of a full check's `step` (a few hundred records)
 CLEAN_STOP = "clean_stop"  # meta: when the agent last stopped cleanly (absent while one runs, or after a crash)
 INTEGRITY = "integrity"  # meta: the last full check: {"state": owed|checking|sound|damaged, "at": ..., ...}
-WAL_LIMIT = 16 << 20  # bytes the write-ahead log is cut back to when it restarts (journal_size_limit)
 
 
 class Opening(Schema):
@@ -88,7 +88,7 @@ class Opening(Schema):
 
     def _open(self, synchronous: str, *, check: bool) -> None:
         self._series, self._fresh_series, self._series_epoch = {}, [], None  # a file of its own: its own series
-        self._guard, self._unsettled = None, (0, 0)
+        self._guard, self._unsettled, self._wal_looked_at = None, (0, 0), float("-inf")
         _create_private_file(self.path)
         with _translated(self.path, self.busy_timeout):
             self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,

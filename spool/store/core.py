@@ -62,6 +62,11 @@ BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer before "databas
 CHECKPOINT_COMMITS = 128
 CHECKPOINT_ROWS = 20_000
 CHECKPOINT_WAIT = 0.05  # seconds a checkpoint after a commit waits for the write lock, else it is left to a later one
+# Bytes the write-ahead log is cut back to when it restarts (journal_size_limit), and past which any connection's
+# commit checkpoints (looked at once a second at most): several checkpoint intervals, so only abnormal growth
+# (a long reader; commits of processes too short-lived to reach a cadence of their own) is cut or checkpointed.
+WAL_LIMIT = 4 << 20
+WAL_LOOK_EVERY = 1.0  # seconds
 BEGIN_POLL_MS = 2  # SQLite's busy handler waits this long for the write lock (its tries at 0, 1, 2 ms) ...
 BEGIN_POLL_SLEEP = 0.0005  # ... then a writer sleeps this long before it asks again
 
@@ -92,6 +97,7 @@ class Core:
     _series_epoch: Any  # meta's series_epoch when `_series` was last known good
     _guard: sqlite3.Connection | None  # holds the write lock while `conn` checkpoints (opened on first use)
     _unsettled: tuple[int, int]  # commits and rows changed (conn.total_changes) at the last checkpoint
+    _wal_looked_at: float  # when a commit last looked at the WAL's size (time.monotonic)
 
     if TYPE_CHECKING:  # provided by other rooms (appends, files); declared so each room type-checks on its own
         def _bounded(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
@@ -202,16 +208,29 @@ class Core:
         self._unsettled = (0, self.conn.total_changes)
         return frames, copied
 
+    def _wal_outgrown(self) -> bool:
+        now = time.monotonic()
+        if now - self._wal_looked_at < WAL_LOOK_EVERY:
+            return False
+        self._wal_looked_at = now
+        try:
+            return os.stat(f"{self.path}-wal").st_size > WAL_LIMIT
+        except OSError:
+            return False
+
     def _copy_wal(self) -> tuple[int, int, int]:
         """Run the checkpoint itself (the write lock is held by the guard): (busy, frames in the WAL, copied)."""
         return self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _after_commit(self) -> None:
-        """Checkpoint every CHECKPOINT_COMMITS commits of this connection, or CHECKPOINT_ROWS rows changed."""
+        """Checkpoint every CHECKPOINT_COMMITS commits of this connection, or CHECKPOINT_ROWS rows changed, or when
+        the WAL has grown past WAL_LIMIT: many processes that commit a few times each (`spool add` from cron) reach
+        no cadence of their own, and while another connection stays open none of them is the last to close."""
         commits, rows = self._unsettled
         commits += 1
         self._unsettled = (commits, rows)
-        if commits < CHECKPOINT_COMMITS and self.conn.total_changes - rows < CHECKPOINT_ROWS:
+        if (commits < CHECKPOINT_COMMITS and self.conn.total_changes - rows < CHECKPOINT_ROWS
+                and not self._wal_outgrown()):
             return
         self._unsettled = (0, self.conn.total_changes)  # tried once per cadence, done or not
         try:  # the commit is done: nothing here may fail it

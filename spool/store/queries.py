@@ -473,7 +473,7 @@ class Queries(Core):
 
         While a snapshot is held, nothing appended after it can be checkpointed, so the WAL grows with every
         commit (a drain writes hundreds of bytes per record). Once it is let go, everything can be copied; the
-        next commit then starts the WAL over and cuts the file back to journal_size_limit (16 MiB).
+        next commit then starts the WAL over and cuts the file back to journal_size_limit (WAL_LIMIT).
         """
         with contextlib.suppress(sqlite3.Error):  # a courtesy to the disk: a busy spool leaves it to a later one
             self.checkpoint(wait=WAL_RESET_WAIT)
