@@ -90,16 +90,18 @@ def power_back(lazyfs: Callable[[], LazyMount], device: int) -> LazyMount:
     """Mount the disk again after a cut, as the same device: a disk keeps its device number across a reboot.
 
     The kernel frees a FUSE mount's device number a moment after the mount is gone (and another mount may take
-    it meanwhile), so a new mount may get another one at first; spool knows drop files by device and inode.
+    it meanwhile), so a new mount may get another one at first; spool knows drop files by device and inode. Two
+    trials at once can each hold the other's number in turn: the tries are spaced at random, which ends that.
     """
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
+    spacing = random.Random()
     while True:
         fs = lazyfs()
         if os.stat(fs.mountpoint).st_dev == device:
             return fs
         assert time.monotonic() < deadline, f"the disk never came back as device {device}"
         fs.unmount()
-        time.sleep(0.05)
+        time.sleep(spacing.uniform(0.02, 0.3))
 
 
 def quiet(receiver: Any) -> int:
