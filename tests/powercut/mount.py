@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -162,3 +164,45 @@ def mount_device(path: Path) -> int | None:
 def is_mounted(path: Path) -> bool:
     """Say whether a path is a mount point (a FUSE mount whose daemon died counts)."""
     return mount_device(path) is not None
+
+
+def power_back(lazyfs: Callable[[], LazyMount], device: int) -> LazyMount:
+    """Mount the disk again after a cut, as the same device: a disk keeps its device number across a reboot.
+
+    The kernel frees a FUSE mount's device number a moment after the mount is gone, and gives a new mount the
+    lowest free one, so a new mount may get another one at first: spool knows drop files by device and inode.
+    Once a lower number is free for good (the trial beside this one ended), every try would get that one, so
+    lower numbers are held meanwhile by placeholder mounts (tmpfs; as root) and tries are spaced at random.
+    """
+    deadline = time.monotonic() + 60
+    spacing = random.Random()
+    held: list[Path] = []
+    try:
+        while True:
+            fs = lazyfs()
+            got = os.stat(fs.mountpoint).st_dev
+            if got == device:
+                return fs
+            assert time.monotonic() < deadline, f"the disk never came back as device {device}"
+            fs.unmount()
+            if got < device:
+                placeholder = _hold_a_device_number(fs.mountpoint.parent / f"held-{len(held)}", device)
+                if placeholder is not None:
+                    held.append(placeholder)
+            time.sleep(spacing.uniform(0.02, 0.3))
+    finally:
+        for placeholder in held:
+            subprocess.run(["umount", str(placeholder)], capture_output=True)
+
+
+def _hold_a_device_number(where: Path, device: int) -> Path | None:
+    """Mount a tmpfs at `where` if it takes a device number below `device`; return it (None: nothing held)."""
+    if os.geteuid() != 0:
+        return None
+    where.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "held", str(where)], capture_output=True).returncode:
+        return None
+    if os.stat(where).st_dev < device:
+        return where
+    subprocess.run(["umount", str(where)], capture_output=True)  # it took ours, or one above: not wanted
+    return None

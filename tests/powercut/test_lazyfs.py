@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .mount import LazyMount, fsync_dir, is_mounted
+from .mount import LazyMount, fsync_dir, is_mounted, power_back
 
 Mount = Callable[[], LazyMount]
 
@@ -213,6 +213,26 @@ def test_inode_numbers_survive_a_remount_and_a_cut_and_new_ones_never_reuse_them
     assert [os.lstat(mnt / name).st_ino for name in names] == numbers
     write(mnt / "new", b"", sync=False)
     assert os.lstat(mnt / "new").st_ino not in numbers
+
+
+def test_a_remount_gets_its_device_number_back_once_a_lower_one_is_free_for_good(lazyfs, tmp_path):
+    # The kernel gives a new mount the lowest free device number: once the trial beside this one ended, every
+    # remount of this disk got that trial's lower number, never its own again.
+    (tmp_path / "beside").mkdir()
+    beside = LazyMount(tmp_path / "beside" / "disk", tmp_path / "beside" / "mnt")
+    beside.mount()
+    try:
+        fs = lazyfs()
+        while os.stat(fs.mountpoint).st_dev < os.stat(beside.mountpoint).st_dev:  # another test freed a lower one
+            fs = lazyfs()
+        device = os.stat(fs.mountpoint).st_dev
+        durable(fs.mountpoint / "f")
+        fs.cut()
+    finally:
+        beside.unmount()
+    fs = power_back(lazyfs, device)
+    assert os.stat(fs.mountpoint).st_dev == device
+    assert (fs.mountpoint / "f").read_bytes() == b"durable"
 
 
 def test_a_shared_mapping_is_durable_after_msync_and_lost_without_it(lazyfs):

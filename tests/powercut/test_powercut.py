@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from .load import (
     wait_until,
     write_config,
 )
-from .mount import LazyMount, fsync_dir
+from .mount import LazyMount, fsync_dir, power_back
 
 LONG = bool(os.environ.get("SPOOL_LONG"))
 TRIALS, CUTS = (20, 10) if LONG else (2, 10)
@@ -84,24 +83,6 @@ def integrity_ok(db: Path) -> bool:
     if sound:
         assert_counts_true(db)
     return sound
-
-
-def power_back(lazyfs: Callable[[], LazyMount], device: int) -> LazyMount:
-    """Mount the disk again after a cut, as the same device: a disk keeps its device number across a reboot.
-
-    The kernel frees a FUSE mount's device number a moment after the mount is gone (and another mount may take
-    it meanwhile), so a new mount may get another one at first; spool knows drop files by device and inode. Two
-    trials at once can each hold the other's number in turn: the tries are spaced at random, which ends that.
-    """
-    deadline = time.monotonic() + 60
-    spacing = random.Random()
-    while True:
-        fs = lazyfs()
-        if os.stat(fs.mountpoint).st_dev == device:
-            return fs
-        assert time.monotonic() < deadline, f"the disk never came back as device {device}"
-        fs.unmount()
-        time.sleep(spacing.uniform(0.02, 0.3))
 
 
 def quiet(receiver: Any) -> int:
