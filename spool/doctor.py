@@ -155,7 +155,7 @@ def _disk(config: Config) -> Verdict:
 def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdict:
     from spool.errors import StoreError
     from spool.sharing import shared
-    from spool.store import Store
+    from spool.store import Store, sqlite_library
 
     try:
         if not config.db.exists():
@@ -181,7 +181,7 @@ def _integrity(config: Config, deep: bool, clock: Callable[[], float]) -> Verdic
             "checking": f"full check running in the agent (since {at})",
             "owed": "full check owed (the last agent did not stop cleanly): `spool run` runs it when idle"}.get(
         state or "", "no full check recorded (`spool doctor --deep` runs one)")
-    return Verdict("spool", True, f"bookkeeping sound; {full}")
+    return Verdict("spool", True, f"bookkeeping sound; {full}; {sqlite_library()}")
 
 
 def _producers(config: Config) -> Verdict:

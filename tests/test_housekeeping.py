@@ -21,7 +21,7 @@ import pytest
 from spool.records import Record
 from spool.ship import Shipper
 from spool.store import State, Store
-from spool.store.core import WAL_LIMIT
+from spool.store.core import WAL_LIMIT, wal_reset_fixed
 from tests.helpers import T0, assert_counts_true, make_config, run_cli, wait_for
 
 SMALL, LARGE = 2_000, 20_000
@@ -421,6 +421,22 @@ def test_short_lived_producers_keep_the_wal_bounded_while_another_connection_sta
             with Store(db, synchronous="normal") as once:
                 once.append([(f"{long_name} {n} {i}", None, None, None, 0, 1, T0) for i in range(100)])
         assert wal_size(db) <= WAL_LIMIT + (512 << 10), wal_size(db)  # 200 of about 60 kB: 12 MB unchecked
+
+
+@pytest.mark.parametrize(("version", "fixed"), [((3, 37, 2), False), ((3, 40, 1), False), ((3, 44, 5), False),
+                                              ((3, 44, 6), True), ((3, 45, 0), False), ((3, 50, 6), False),
+                                              ((3, 50, 7), True), ((3, 51, 2), False), ((3, 51, 3), True),
+                                              ((3, 52, 0), True)])
+def test_the_versions_with_the_fix_of_the_wal_reset_bug_are_known(version, fixed):
+    assert wal_reset_fixed(version) is fixed
+
+
+def test_doctor_says_which_sqlite_is_in_use_and_whether_it_has_the_wal_reset_bug(db):
+    with Store(db) as store:
+        store.append(counts(1))
+    [line] = [line for line in run_cli(db, "doctor").stdout.splitlines() if line.startswith("ok   spool:")]
+    assert f"SQLite {sqlite3.sqlite_version}" in line, line
+    assert ("WAL-reset bug" in line) is not wal_reset_fixed(sqlite3.sqlite_version_info), line
 
 
 def test_a_checkpoint_copies_the_wal_only_while_it_holds_the_write_lock(db):

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 
 from spool.store.appends import STAGE_CHUNK, SWEEP_CHUNK, Appends
 from spool.store.connection import PAGE_SIZE, Opening
-from spool.store.core import BUSY_TIMEOUT, State
+from spool.store.core import BUSY_TIMEOUT, State, sqlite_library
 from spool.store.files import FileMark, FileMarks
 from spool.store.ledger import ACK_RUN, MAX_BODY, Lease, Leased, Ledger
 from spool.store.queries import COUNTED, RESTAMP_SLACK, Queries
@@ -83,7 +83,8 @@ if TYPE_CHECKING:
     from spool.config import Config
 
 __all__ = ["ACK_RUN", "BUSY_TIMEOUT", "COUNTED", "MAX_BODY", "PAGE_SIZE", "RESTAMP_SLACK", "SCHEMA_VERSION",
-           "STAGE_CHUNK", "SWEEP_CHUNK", "FileMark", "Lease", "Leased", "State", "Store", "_create_schema"]
+           "STAGE_CHUNK", "SWEEP_CHUNK", "FileMark", "Lease", "Leased", "State", "Store", "_create_schema",
+           "sqlite_library"]
 
 
 class Store(Opening, Appends, FileMarks, Ledger, Queries):

@@ -79,6 +79,18 @@ TALLIED = ("pending", "held", "sent", "dead", "staged")  # the kept counts: the 
 SERIES_EPOCH = "series_epoch"  # meta: changes whenever a series is forgotten (writers' memory of series is stale)
 
 
+def sqlite_library() -> str:
+    """Say which SQLite this Python uses, and whether it has the WAL-reset bug (see Core.checkpoint)."""
+    fixed = wal_reset_fixed(sqlite3.sqlite_version_info)
+    bug = "" if fixed else " (it has the WAL-reset bug; spool's checkpoints avoid it)"
+    return f"SQLite {sqlite3.sqlite_version}{bug}"
+
+
+def wal_reset_fixed(version: tuple[int, ...]) -> bool:
+    """Whether this SQLite version has the fix of the WAL-reset bug: 3.51.3, and the backports 3.50.7 and 3.44.6."""
+    return version >= (3, 51, 3) or (3, 50, 7) <= version < (3, 51) or (3, 44, 6) <= version < (3, 45)
+
+
 class Core:
     """The state every room of `Store` works on (set when it is opened: see connection.Opening), and the helpers
     they all use."""
