@@ -464,3 +464,17 @@ def test_a_dead_letter_requeued_while_its_old_lease_is_open_is_pending_and_lease
         assert [i.id for i in again.items] == [item.id] and store.counts()["inflight"] == 1
         store.end_lease(old.id)  # the old lease's end leaves it with the new one
         assert store.counts()["inflight"] == 1
+
+
+def test_an_append_of_more_new_names_than_the_store_remembers_is_taken_whole(db):
+    # The Store's memory of names starts afresh once it holds SERIES_CACHE of them: that happened halfway through
+    # one append, which then failed with a KeyError for a name it had just added.
+    from spool.store.appends import SERIES_CACHE
+
+    with Store(db) as store:
+        store.append([("first", None, None, None, 0, 1, T0)])
+        store.append([(f"s {i}", None, None, None, 0, 1, T0) for i in range(SERIES_CACHE + 1)])
+        store.append([("first", None, None, None, 0, 1, T0), ("s 7", None, None, None, 0, 1, T0)])
+        assert store.tally()["pending"] == SERIES_CACHE + 4
+        names = [record.stat for _, _, record in store.records()]
+        assert names[:2] == ["first", "s 0"] and names[-2:] == ["first", "s 7"]

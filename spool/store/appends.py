@@ -274,10 +274,12 @@ class Appends(Core):
         if operator.countOf(map(len, rows), 7) != len(rows):
             raise StoreError("spool: a record to append does not have the 7 fields of a Record")
         self._recall_series(conn)
-        series = self._series
         shapes = list(map(_SHAPE, rows))
-        for shape in set(shapes).difference(series):
-            self._series_id(conn, shape)
+        # This append's own map: the Store's memory starts afresh when it is full, perhaps halfway through these.
+        wanted = set(shapes)
+        series = {shape: self._series[shape] for shape in wanted.intersection(self._series)}
+        for shape in wanted.difference(series):
+            series[shape] = self._series_id(conn, shape)
         ids = list(map(series.__getitem__, shapes))
         conn.executemany("INSERT INTO records (series, number, t) VALUES (?, ?, ?)",
                          zip(ids, map(_NUMBER, rows), map(_T, rows), strict=True))
