@@ -439,6 +439,25 @@ def test_doctor_says_which_sqlite_is_in_use_and_whether_it_has_the_wal_reset_bug
     assert ("WAL-reset bug" in line) is not wal_reset_fixed(sqlite3.sqlite_version_info), line
 
 
+def test_a_checkpoint_holds_the_lock_of_the_file_it_copies_and_makes_no_other(db, tmp_path, monkeypatch):
+    # The guard was opened by path when first needed: after the spool was moved aside under an open Store it made
+    # and locked a new file there, and the copy ran unguarded; after a change of directory, the same elsewhere.
+    with Store(db) as store:
+        store.append(counts(10))
+        db.rename(db.with_name("aside.db"))
+        assert store.checkpoint() is None  # not that file any more: nothing to guard it with
+        assert not db.exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with Store("relative.db") as store:
+        store.append(counts(10))
+        monkeypatch.chdir(elsewhere)
+        frames, copied = store.checkpoint()
+        assert frames == copied > 0
+        assert not (elsewhere / "relative.db").exists()
+
+
 def test_a_checkpoint_copies_the_wal_only_while_it_holds_the_write_lock(db):
     class Watched(Store):
         def _copy_wal(self) -> tuple[int, int, int]:

@@ -93,6 +93,8 @@ class Opening(Schema):
         with _translated(self.path, self.busy_timeout):
             self.conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                         check_same_thread=False)
+            opened = os.stat(self.path)
+            self._file = (os.path.abspath(self.path), (opened.st_dev, opened.st_ino))
         self.conn.create_function("boot_id", 0, boot_id)
         self.conn.create_function("boot_clock", 0, boot_clock)
         try:

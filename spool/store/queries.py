@@ -31,7 +31,7 @@ from spool.store.schema import _TALLY_STATES, _count_records, _set_tally
 PRUNE_STEP = 1000  # sent records deleted per transaction
 RELEASE_STEP = 256  # free pages given back to the file system per transaction (tens of ms)
 RELEASE_KEEP = 4 << 20  # bytes of free pages always kept for new records (more: a quarter of the pages in use)
-WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the WAL to itself
+WAL_RESET_WAIT = 0.05  # seconds the checkpoint after a long reader waits for the write lock
 _INCREMENTAL = 2  # PRAGMA auto_vacuum
 COMPACT_STEP = 1000  # pending records' index entries a compaction transaction reads at most
 _COMPACTION = "compaction"  # meta: where the compaction pass stands (a _Cursor)
