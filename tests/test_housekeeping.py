@@ -22,7 +22,7 @@ from spool.records import Record
 from spool.ship import Shipper
 from spool.store import State, Store
 from spool.store.core import WAL_LIMIT, wal_reset_fixed
-from tests.helpers import T0, assert_counts_true, make_config, run_cli, wait_for
+from tests.helpers import T0, TEST_EZKEY, assert_counts_true, cli_env, make_config, run_cli, wait_for
 
 SMALL, LARGE = 2_000, 20_000
 MINUTE = T0 // 60 * 60  # the start of a one-minute bucket
@@ -431,10 +431,11 @@ def test_the_versions_with_the_fix_of_the_wal_reset_bug_are_known(version, fixed
     assert wal_reset_fixed(version) is fixed
 
 
-def test_doctor_says_which_sqlite_is_in_use_and_whether_it_has_the_wal_reset_bug(db):
+def test_doctor_says_which_sqlite_is_in_use_and_whether_it_has_the_wal_reset_bug(db, receiver):
     with Store(db) as store:
         store.append(counts(1))
-    [line] = [line for line in run_cli(db, "doctor").stdout.splitlines() if line.startswith("ok   spool:")]
+    doctor = run_cli(db, "doctor", env=cli_env(db, SPOOL_ENDPOINT=receiver.url, SPOOL_EZKEY=TEST_EZKEY))
+    [line] = [line for line in doctor.stdout.splitlines() if line.startswith("ok   spool:")]
     assert f"SQLite {sqlite3.sqlite_version}" in line, line
     assert ("WAL-reset bug" in line) is not wal_reset_fixed(sqlite3.sqlite_version_info), line
 

@@ -109,7 +109,7 @@ class Core:
     _series_epoch: Any  # meta's series_epoch when `_series` was last known good
     _guard: sqlite3.Connection | None  # holds the write lock while `conn` checkpoints (opened on first use)
     _file: tuple[str, tuple[int, int]]  # the file `conn` opened: its absolute path then, and (device, inode)
-    _unsettled: tuple[int, int]  # commits and rows changed (conn.total_changes) at the last checkpoint
+    _unsettled: tuple[int, int]  # commits since the last checkpoint try, and conn.total_changes at it
     _wal_looked_at: float  # when a commit last looked at the WAL's size (time.monotonic)
 
     if TYPE_CHECKING:  # provided by other rooms (appends, files); declared so each room type-checks on its own
@@ -150,7 +150,6 @@ class Core:
                 try:
                     yield self.conn
                     self.conn.execute("COMMIT")
-                    self._after_commit()
                 except BaseException:
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
@@ -162,6 +161,7 @@ class Core:
             finally:
                 if relaxed:  # every other write, appends included, waits for the disk as configured
                     self.conn.execute("PRAGMA synchronous=FULL")
+        self._after_commit()  # committed: nothing after this may fail or undo the write
 
     def _begin_immediate(self, conn: sqlite3.Connection | None = None, wait: float | None = None) -> None:
         """Take the write lock, asking for it again every millisecond or so until busy_timeout has passed.
@@ -218,7 +218,6 @@ class Core:
             _busy, frames, copied = self._copy_wal()
         finally:
             guard.execute("ROLLBACK")
-        self._unsettled = (0, self.conn.total_changes)
         return frames, copied
 
     def _open_guard(self) -> sqlite3.Connection | None:
@@ -260,10 +259,9 @@ class Core:
         the WAL has grown past WAL_LIMIT: many processes that commit a few times each (`spool add` from cron) reach
         no cadence of their own, and while another connection stays open none of them is the last to close."""
         commits, rows = self._unsettled
-        commits += 1
-        self._unsettled = (commits, rows)
-        if (commits < CHECKPOINT_COMMITS and self.conn.total_changes - rows < CHECKPOINT_ROWS
+        if (commits + 1 < CHECKPOINT_COMMITS and self.conn.total_changes - rows < CHECKPOINT_ROWS
                 and not self._wal_outgrown()):
+            self._unsettled = (commits + 1, rows)
             return
         self._unsettled = (0, self.conn.total_changes)  # tried once per cadence, done or not
         try:  # the commit is done: nothing here may fail it
