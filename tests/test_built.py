@@ -68,3 +68,29 @@ def test_a_built_batch_with_a_gap_in_its_ids_is_built_in_python(db, receiver):
         assert store.conn.execute("SELECT lo, hi FROM lease_runs WHERE lease = ? ORDER BY lo",
                                   (lease.id,)).fetchall() == [(1, 4), (6, 10)]
     assert_counts_true(db)
+
+
+def _data(body: bytes) -> str:
+    """The `data` array of an EZ batch, as written."""
+    text = body.decode()
+    return text[text.index('"data":') + len('"data":'):-1]
+
+
+@pytest.mark.parametrize("number", [3.0, -42.0, 1e14, 1e15, -1e15, 0.0, -0.0, 0, 2.5, -2.5, 1e-7, 10**15,
+                                    INT64_MAX, -INT64_MAX, 2.0**63, -(2.0**63), 1e19, 1.7976931348623157e308])
+def test_a_built_batch_writes_every_number_as_python_would_from_the_spool(db, number):
+    """Byte for byte what ez_body writes of the stored records, whichever way each batch is read. The spool stores an
+    integral float in int64's range as an integer (3.0 is sent as 3, as ever); a REAL left in the spool is written
+    otherwise by SQLite (1e19 as 1.0e+19), so a batch holding one is built in Python."""
+    records = [make_record(stat=f"s{i}", value=i + 1, t=T0 + i) for i in range(600)]
+    records[250] = make_record(stat="odd", value=number, t=T0 + 250)
+    sent, stored = [], []
+    with Store(db) as store:
+        store.append(records)
+        while (lease := store.lease(500, now=T0, keyed_only=False, built=True)) is not None:
+            items = lease.items or store.leased_records(lease.span)
+            sent.append(_data(ez_body(TEST_EZKEY, items)) if lease.data is None else lease.data)
+            stored.append(_data(ez_body(TEST_EZKEY, items)))
+            store.ack([item.id for item in items], now=T0, lease=lease.id)
+    assert sent == stored and len(sent) == 2
+    assert ('"stat":"odd","value":3,' in sent[0]) == (number == 3.0)
