@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from spool.config import Config
 from spool.records import INT64_MAX, make_record
 from spool.ship import Shipper
 from spool.stathat import ez_body
@@ -20,11 +21,11 @@ def test_a_batch_sqlite_builds_carries_what_python_would_build(db, receiver):
     records = [make_record(stat=name, count=n, t=T0 + i)
                for i, (name, n) in enumerate(zip(ODD_NAMES * 3, [1, -5, INT64_MAX, -INT64_MAX, 0, 7] * 3, strict=True))]
     records += [make_record(stat="an integer value", value=42, t=T0 + 50)]
-    with Store(db) as store:
+    with Store(db, limits=Config().replace(**{"spool.max_age": 100 * 365 * 86400.0}).spool) as store:
         store.append(records)
         lease = store.lease(100, now=T0, keyed_only=False, built=True)
         assert lease is not None and lease.data is not None and lease.items == []
-        assert (lease.size, lease.min_t) == (len(records), T0)
+        assert (lease.size, lease.min_t) == (len(records), T0)  # the oldest t, for max_age
         assert json.loads(lease.data) == json.loads(ez_body(TEST_EZKEY, records))["data"]
         store.end_lease(lease.id)
         with Shipper(store, make_config(db, receiver)) as shipper:

@@ -64,7 +64,8 @@ class Lease(NamedTuple):
 
     A lease asked `built` may come as the `data` array of its EZ request instead, built by SQLite (`items` is then
     empty): records lo..hi (`span`, every id of it), each an EZ stat with no key of its own and an integer number;
-    the oldest t among them is `min_t`. The shipper reads the records themselves only if it must (a refusal).
+    the oldest t among them is `min_t` (when the spool has a max_age; else it may be 0). The shipper reads the
+    records themselves only if it must (a refusal, or a max_age they may have passed).
     """
 
     id: int
@@ -100,7 +101,7 @@ BUILT_RETRY = 16  # leases after a batch that could not be built in SQLite befor
 # REAL left there is not integral, or outside -INT64_MAX..INT64_MAX (-2**63 stays a REAL): within those bounds, a
 # number equal to its CAST to INTEGER is an INTEGER. Checked so, not by typeof() per record, which cost a tenth
 # of the whole batch's reading.
-_BUILT_RANGE = ("SELECT count(*), min(r.t), json_group_array(json_object('stat', s.stat, CASE s.kind WHEN 0 THEN "
+_BUILT_RANGE = ("SELECT count(*), {min_t}, json_group_array(json_object('stat', s.stat, CASE s.kind WHEN 0 THEN "
                 "'count' ELSE 'value' END, r.number, 't', r.t)) FROM records r CROSS JOIN series s ON s.id = r.series "
                 "AND s.stat IS NOT NULL AND s.ezkey IS NULL WHERE r.id BETWEEN ? AND ? AND r.state = {pending}{where} "
                 f"AND r.number BETWEEN -{INT64_MAX} AND {INT64_MAX} AND r.number = CAST(r.number AS INTEGER)")
@@ -133,7 +134,14 @@ class Ledger(Core):
             spans = conn.execute("SELECT lo, hi FROM stage_spans ORDER BY lo").fetchall()
             where = self._shippable(now, keyed_only, "r.t")
             # Under keyed_only every record sent carries its own key: a batch SQLite builds has none (see Lease).
-            built_row = self._build(conn, start, where, limit) if built and not spans and not keyed_only else None
+            may_build = built and not spans and not keyed_only and self._may_build()
+            ranged = self._build_range(conn, start, where, limit) if may_build else None
+            if ranged is not None:  # ids lo..hi of one run, every one of them taken: nothing walked past
+                run, lo, hi, min_t, data = ranged
+                dequeue(conn, [(lo, hi)], found=[run])
+                lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])
+                return lease._replace(data=data, span=(lo, hi), min_t=min_t)
+            built_row = self._build(conn, start, where, limit) if may_build else None
             if built_row is not None and not built_row[0]:
                 self._clear_rest(conn, start, spans, now)
                 return None
@@ -162,21 +170,35 @@ class Ledger(Core):
                 return lease._replace(data=data, span=(lo, hi), min_t=min_t)
             return self._new_lease(conn, rows, owner, now)
 
-    def _build(self, conn: sqlite3.Connection, start: int, where: str, limit: int) -> tuple[Any, ...] | None:
-        """(count, first id, last id, oldest t, the `data` array) of the batch a lease would take, if it can be sent
-        as SQLite built it (a count of 0: nothing to lease); else None. After a batch that cannot, the next
-        BUILT_RETRY leases do not try."""
+    def _may_build(self) -> bool:
+        """Whether to try building a batch in SQLite: not for BUILT_RETRY leases after a batch it could not build."""
         if self._unbuilt > 0:
             self._unbuilt -= 1
-            return None
+            return False
+        return True
+
+    def _build_range(self, conn: sqlite3.Connection, start: int, where: str,
+                     limit: int) -> tuple[tuple[int, int], int, int, int, str] | None:
+        """The common case of a batch SQLite builds (see _BUILT_RANGE): ids lo..hi from the queue's first run after
+        `start`, a whole batch or the rest of the queue, every one of them a record SQLite can send as it is.
+        Returns (that run, lo, hi, the oldest t, the `data` array), or None: not so (read it with _build). The
+        oldest t is for max_age alone: without it, 0 (not looked for)."""
         run = conn.execute(_FIRST_RUN, (start + 1, start)).fetchone()
-        if run is not None:
-            lo, hi = max(run[0], start + 1), min(run[1], max(run[0], start + 1) + limit - 1)
-            if hi - lo + 1 == limit or (run[2] and hi == run[1]):  # a whole batch, or the rest of the queue
-                count, min_t, data = conn.execute(_BUILT_RANGE.format(pending=State.PENDING, where=where),
-                                                  (lo, hi)).fetchone()
-                if count == hi - lo + 1:
-                    return count, lo, hi, min_t, data
+        if run is None:
+            return None
+        lo = max(run[0], start + 1)
+        hi = min(run[1], lo + limit - 1)
+        if hi - lo + 1 < limit and not (run[2] and hi == run[1]):  # a short run, and more queued after it
+            return None
+        query = _BUILT_RANGE.format(pending=State.PENDING, where=where,
+                                    min_t="0" if self.max_age is None else "min(r.t)")
+        count, min_t, data = conn.execute(query, (lo, hi)).fetchone()
+        return ((run[0], run[1]), lo, hi, min_t, data) if count == hi - lo + 1 else None
+
+    def _build(self, conn: sqlite3.Connection, start: int, where: str, limit: int) -> tuple[Any, ...] | None:
+        """(count, first id, last id, oldest t, the `data` array) of the batch a lease would take, if it can be sent
+        as SQLite built it (a count of 0: nothing to lease); else None, and the next BUILT_RETRY leases do not try.
+        Records are read through the queue's runs, checked one by one (_BUILT)."""
         rows = (f"SELECT r.id, s.stat, s.ezkey, s.kind, r.number, r.t FROM {QUEUED_FROM} {_SERIES} WHERE {QUEUE_FROM} "
                 f"AND r.state = {State.PENDING}{where} ORDER BY q.lo, r.id LIMIT ?")
         query = _BUILT.format(rows=rows)
@@ -261,24 +283,28 @@ class Ledger(Core):
         """
         ended = [*leases] if lease is None else [*leases, lease]
         runs = runs_of(ids)
+        # Each live lease's runs once these are taken out (read by _take, if there are ids to take).
+        left: dict[int, list[tuple[int, int]]] | None = {} if runs else None
         with self._write() as conn:
-            held = self._take(conn, runs)  # the runs of ids that were pending (a lease held them), and are no more
+            held = self._take(conn, runs, left)  # the runs of ids that were pending (leased), and are no more
             n = sum(hi - lo + 1 for lo, hi in held)  # a run holds live records only: one per id
             self._tally(conn, pending=-n, sent=n)
             if held:  # when they were settled, a row per run: pruning finds them by it
                 conn.executemany("INSERT OR IGNORE INTO settled (done_at, lo, hi) VALUES (?, ?, ?)",
                                  [(now, lo, hi) for lo, hi in held])
             if ended:
-                self._end_leases(conn, ended)
+                self._end_leases(conn, ended, left)
             if note:
                 self._set_meta(conn, note)
             return n
 
-    def _take(self, conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _take(self, conn: sqlite3.Connection, runs: list[tuple[int, int]],
+              left: dict[int, list[tuple[int, int]]] | None = None) -> list[tuple[int, int]]:
         """Take the pending records among runs of ids out of wherever they wait (a lease's runs; else the queue
         or a suspect group); return the runs of ids taken. The shipper settles what its leases hold, and only
-        that costs nothing more than the lease's row; records settled from the queue are looked up one by one."""
-        held = self._unlease(conn, runs)
+        that costs nothing more than the lease's row; records settled from the queue are looked up one by one.
+        `left`: as _unlease."""
+        held = self._unlease(conn, runs, left)
         rest = [part for run in runs for part in subtract(run, intersect([run], held))]
         if not rest:
             return held
@@ -294,28 +320,40 @@ class Ledger(Core):
         return sorted(held + runs_of(waiting + suspect))
 
     @staticmethod
-    def _unlease(conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Take runs of ids out of the live leases' runs; return the parts some lease held, as runs."""
+    def _unlease(conn: sqlite3.Connection, runs: list[tuple[int, int]],
+                 left: dict[int, list[tuple[int, int]]] | None = None) -> list[tuple[int, int]]:
+        """Take runs of ids out of the live leases' runs; return the parts some lease held, as runs. `left`, if
+        given, is filled with every live lease's runs as they are afterwards (all of them are read here)."""
         if not runs:
             return []
         held: list[tuple[int, int]] = []
         for lo, hi, lease in conn.execute("SELECT lo, hi, lease FROM lease_runs").fetchall():
             cut = intersect([(lo, hi)], runs)
+            rest = subtract((lo, hi), cut) if cut else [(lo, hi)]
+            if left is not None:
+                left.setdefault(lease, []).extend(rest)
             if not cut:
                 continue
             held += cut
             conn.execute("DELETE FROM lease_runs WHERE lo = ?", (lo,))
-            conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
-                             [(a, b, lease) for a, b in subtract((lo, hi), cut)])
+            if rest:
+                conn.executemany("INSERT INTO lease_runs (lo, hi, lease) VALUES (?, ?, ?)",
+                                 [(a, b, lease) for a, b in rest])
         return sorted(held)
 
     @staticmethod
-    def _end_leases(conn: sqlite3.Connection, leases: Sequence[int]) -> None:
-        """Drop leases: the live records their runs still hold are queued again."""
+    def _end_leases(conn: sqlite3.Connection, leases: Sequence[int],
+                    left: dict[int, list[tuple[int, int]]] | None = None) -> None:
+        """Drop leases: the live records their runs still hold are queued again. `left`: every live lease's runs,
+        if the caller has just read them (as _unlease does), so they are not read again."""
         ended = _dumps(list(leases))
-        runs = conn.execute(f"SELECT lo, hi FROM lease_runs WHERE lease IN ({_IDS})", (ended,)).fetchall()
-        enqueue(conn, runs)
-        conn.execute(f"DELETE FROM lease_runs WHERE lease IN ({_IDS})", (ended,))
+        if left is None:
+            runs = conn.execute(f"SELECT lo, hi FROM lease_runs WHERE lease IN ({_IDS})", (ended,)).fetchall()
+        else:
+            runs = [run for lease in leases for run in left.get(lease, ())]
+        if runs:
+            enqueue(conn, runs)
+            conn.execute(f"DELETE FROM lease_runs WHERE lease IN ({_IDS})", (ended,))
         conn.execute(f"DELETE FROM leases WHERE id IN ({_IDS})", (ended,))
 
     def split(self, lease: int, halves: Sequence[Sequence[int]], *, end: bool = False) -> None:

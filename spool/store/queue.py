@@ -63,12 +63,14 @@ def enqueue(conn: sqlite3.Connection, runs: Iterable[Run]) -> None:
     conn.executemany("INSERT INTO queue_runs (lo, hi) VALUES (?, ?)", list(runs))
 
 
-def dequeue(conn: sqlite3.Connection, runs: Sequence[Run]) -> None:
-    """Take sorted, disjoint runs of ids out of the queue's runs (ids there no run covers are left alone)."""
+def dequeue(conn: sqlite3.Connection, runs: Sequence[Run], found: Sequence[Run] | None = None) -> None:
+    """Take sorted, disjoint runs of ids out of the queue's runs (ids there no run covers are left alone).
+    `found`: the queue's runs that overlap them, if the caller has just read them."""
     if not runs:
         return
-    found = conn.execute(f"SELECT lo, hi FROM queue_runs q WHERE {QUEUE_FROM} AND q.lo <= ? ORDER BY q.lo",
-                         (runs[0][0], runs[-1][1])).fetchall()
+    if found is None:
+        found = conn.execute(f"SELECT lo, hi FROM queue_runs q WHERE {QUEUE_FROM} AND q.lo <= ? ORDER BY q.lo",
+                             (runs[0][0], runs[-1][1])).fetchall()
     for run in found:
         cuts = intersect([run], list(runs))
         if not cuts:
