@@ -437,7 +437,7 @@ class Shipper:
         self._local = threading.local()
         self._clients: list[StatHatClient] = []
         self._clients_lock = threading.Lock()
-        self._answers: queue.Queue[_Answer] = queue.Queue()
+        self._answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
         self._trouble: _Trouble | None = None  # the current problem (taken over from the spool's meta at start)
         self._last_housekeeping = float("-inf")
