@@ -439,6 +439,7 @@ class Shipper:
         self._clients_lock = threading.Lock()
         self._answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
+        self._unwritten: dict[str, object] | None = None  # the last success note not yet recorded (see _note_ok)
         self._trouble: _Trouble | None = None  # the current problem (taken over from the spool's meta at start)
         self._last_housekeeping = float("-inf")
         self._last_prune = float("-inf")
@@ -763,10 +764,11 @@ class Shipper:
             ids.extend(answer.unit.ids)
             if self._settled(answer.unit, unsettled):
                 ended.append(answer.unit.lease)
-        note = {**self._note_ok(), **self._pacing_note()}
+        note = self._pacing_note()
         if self._pause is None:  # while the configured key is held back, only its own answer ends that problem
             note.update(self._recovered(delivering=len(ids)))
-        self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note))
+        note.update(self._note_ok(write=bool(note)))
+        self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note or None))
         self.stats.sent += len(ids)
         if on_progress:
             for answer in accepted:
@@ -1035,15 +1037,32 @@ class Shipper:
             self.settle(functools.partial(self.store.end_lease, lease))
         unsettled.clear()
         waiting.clear()
+        self._flush_note()
 
     # -- status ---------------------------------------------------------------------------------------
 
-    def _note_ok(self) -> dict[str, object]:
-        """The facts an acknowledgement records with it: the last attempt succeeded, now."""
+    def _note_ok(self, *, write: bool = False) -> dict[str, object]:
+        """The facts an acknowledgement records with it: the last attempt succeeded, now. While every attempt
+        succeeds, they are recorded at most once a second (META_THROTTLE; `write`: now, whatever the last); the
+        last of them is recorded when the drain ends (_flush_note)."""
         now = self.clock()
-        self._last_note = ("ok", None, self.monotonic())
         self.stats.last_error = None  # the last attempt succeeded: no error is current
-        return {"last_attempt_at": now, "last_result": "ok", "last_error": None, "last_success_at": now}
+        last_result, last_error, at = self._last_note
+        note = {"last_attempt_at": now, "last_result": "ok", "last_error": None, "last_success_at": now}
+        if not write and (last_result, last_error) == ("ok", None) and self.monotonic() - at < META_THROTTLE:
+            self._unwritten = note
+            return {}
+        self._last_note, self._unwritten = ("ok", None, self.monotonic()), None
+        return note
+
+    def _flush_note(self) -> None:
+        """Record the success notes held back (see _note_ok)."""
+        note, self._unwritten = self._unwritten, None
+        if note:
+            try:
+                self.store.set_meta(**note)
+            except StoreError as exc:  # status bookkeeping must never stop delivery
+                log.warning("cannot record shipping status: %s", exc)
 
     def _pacing_note(self) -> dict[str, object]:
         """The pace for `spool status` (meta `pacing`) when it changed: its reason, or its rate by a tenth (at
@@ -1075,8 +1094,10 @@ class Shipper:
         if not problem and (result, error) == (last_result, last_error) and self.monotonic() - at < META_THROTTLE:
             return
         self._last_note = (result, error, self.monotonic())
+        succeeded, self._unwritten = self._unwritten or {}, None  # the last success held back, if any
         try:
-            self.store.set_meta(last_attempt_at=self.clock(), last_result=result, last_error=error, **problem)
+            self.store.set_meta(**{key: value for key, value in succeeded.items() if key == "last_success_at"},
+                                last_attempt_at=self.clock(), last_result=result, last_error=error, **problem)
         except StoreError as exc:  # status bookkeeping must never stop delivery
             log.warning("cannot record shipping status: %s", exc)
 

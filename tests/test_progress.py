@@ -157,6 +157,26 @@ def test_status_shows_a_recovered_failure_as_past(db, receiver):
     assert not [p for p in status["problems"] if "retrying" in p or "failing" in p]
 
 
+def test_successes_are_recorded_at_most_once_a_second_and_the_last_when_the_drain_ends(db, receiver):
+    """Status bookkeeping rides on acknowledgements but is not rewritten with every one of them: a success note
+    is written when the last was a second ago (or something changed), and the last one when the drain ends."""
+    backlog(db, 50)
+    ticks = iter(range(1, 100_000))
+    wall = iter(range(T0, T0 + 100_000))
+    config = make_config(db, receiver, batch_size=5, max_in_flight=1)
+    with Store(db) as store, Shipper(store, config, clock=lambda: float(next(wall)),
+                                     monotonic=lambda: next(ticks) / 1000) as shipper:
+        notes: list[str] = []
+        store.conn.set_trace_callback(lambda sql: notes.append(sql) if "last_success_at" in sql else None)
+        assert shipper.drain(max_time=60).done
+        store.conn.set_trace_callback(None)
+        meta = store.meta()
+        last_ack = store.conn.execute("SELECT max(done_at) FROM settled").fetchone()[0]
+    assert len(receiver.accepted) == 50
+    assert 1 <= len(notes) <= 3, notes  # ten acknowledgements within a second (by the monotonic clock)
+    assert last_ack - 5 <= meta["last_success_at"] < last_ack and meta["last_result"] == "ok"
+
+
 def test_a_failure_right_after_a_success_is_recorded_at_once(db, receiver):
     backlog(db, 20)
     receiver.pass_next(1)
