@@ -751,11 +751,14 @@ class Shipper:
                     on_progress(1)
             else:
                 self._failed(unit, error, waiting, state)
-        self._acknowledge(accepted, unsettled, on_progress)
+        self._acknowledge(accepted, unsettled, on_progress, ahead=(waiting, state))
 
     def _acknowledge(self, accepted: list[_Answer], unsettled: dict[int, int],
-                     on_progress: Callable[[int], object] | None) -> None:
-        """Mark the records of accepted units SENT, and end the leases they complete, in one commit."""
+                     on_progress: Callable[[int], object] | None,
+                     ahead: tuple[collections.deque[_Unit], _DrainState] | None = None) -> None:
+        """Mark the records of accepted units SENT, and end the leases they complete, in one commit. With `ahead`
+        (the drain's queue of units and state), the next batch is leased in that commit too when the drain would
+        lease it right after (see _lease_ahead)."""
         if not accepted:
             return
         ids: list[int] = []
@@ -768,11 +771,44 @@ class Shipper:
         if self._pause is None:  # while the configured key is held back, only its own answer ends that problem
             note.update(self._recovered(delivering=len(ids)))
         note.update(self._note_ok(write=bool(note)))
-        self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note or None))
+        mark = self._lease_ahead(*ahead) if ahead is not None else None
+        if mark is None:
+            self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note or None))
+        else:
+            leased: list[Lease | None] = [None]
+
+            def write() -> None:
+                leased[0] = self.store.ack_and_lease(ids, now=self.clock(), leases=ended, note=note or None,
+                                                     limit=self.config.ship.batch_size, after=mark[0],
+                                                     version=mark[1])[1]
+
+            self.settle(write)
+            if leased[0] is not None:
+                waiting, state = ahead  # type: ignore[misc]  # mark is only had with ahead
+                unsettled[leased[0].id] = leased[0].size
+                waiting.extend(self._units(leased[0]))
+                state.after = leased[0].last_id
         self.stats.sent += len(ids)
         if on_progress:
             for answer in accepted:
                 on_progress(answer.unit.size)
+
+    def _lease_ahead(self, waiting: collections.deque[_Unit], state: _DrainState) -> tuple[int, int] | None:
+        """(after, data_version) for leasing the next clean batch in the commit of an acknowledgement, when the
+        drain would lease it at once anyway: a slot is free, no unit waits, nothing is wrong or stopping, keyless
+        records may be sent, and what the drain knows holds while no other connection commits (no suspect group
+        to lease, every clean record up to `after` leased: see _lease_clean). None: lease as ever (_lease_more)."""
+        if waiting or self.stats.in_flight >= self.limit.value or self.shutdown.is_set():
+            return None
+        if state.failed is not None or state.blocked is not None or self._pause is not None:
+            return None
+        if state.deadline is not None and self.monotonic() >= state.deadline:
+            return None
+        if state.keyed_only or self.ezkey is None or state.after is None or state.after_version is None:
+            return None
+        if state.no_suspects != state.after_version:
+            return None
+        return state.after, state.after_version
 
     def _refused(self, unit: _Unit, refusal: Refused, unsettled: dict[int, int], state: _DrainState) -> None:
         ids = [item.id for item in unit.items]
