@@ -494,6 +494,10 @@ class ShipSettings(_Settings):
                                "never cuts them")
     max_in_flight: int = setting(8, Integer(1, 64), "requests under way at once, at most (the shipper adapts "
                                  "below it; 1: one at a time)", flag="--max-in-flight")
+    one_cpu: bool = setting(True, Boolean(), "keep a drain's threads (the shipper's and its senders') on one CPU, "
+                            "the one it starts on (Linux): they run one at a time under Python's GIL, and handing it "
+                            "from core to core cost about a fifth of the shipping CPU in wake-ups; false: the kernel "
+                            "places them")
     max_requests_per_second: float = setting(20.0, Number(), "the most requests a second the drain makes (0: no pacing "
                                              "at all); adaptive pacing finds its rate below it",
                                              flag="--max-requests-per-second")

@@ -437,6 +437,7 @@ class Shipper:
         self._local = threading.local()
         self._clients: list[StatHatClient] = []
         self._clients_lock = threading.Lock()
+        self._senders: list[int] = []  # the sender threads' native ids (see _one_cpu)
         self._answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
         self._unwritten: dict[str, object] | None = None  # the last success note not yet recorded (see _note_ok)
@@ -460,7 +461,8 @@ class Shipper:
         if freed:
             log.warning("returned %d records leased by a shipper that died to pending", freed)
         self._trouble = _adopted(self.store)  # what the last shipper left unsolved: until this one solves it
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.ship.max_in_flight, "spool-sender")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.ship.max_in_flight, "spool-sender",
+                                                           initializer=self._sender_started)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -495,6 +497,46 @@ class Shipper:
                     "pacing": self.pace.why if self.pace else "not paced (max_requests_per_second = 0)"}
 
     # -- sending (sender threads: HTTP only, no spool) -------------------------------------------------
+
+    def _sender_started(self) -> None:
+        with self._clients_lock:
+            self._senders.append(threading.get_native_id())
+
+    def _one_cpu(self) -> Callable[[], None]:
+        """Keep this thread and the sender threads on one CPU while this drain runs (ship.one_cpu, Linux), the one
+        this thread runs on now; return what gives this thread its CPUs back (senders made meanwhile keep it).
+
+        They run one at a time (Python's GIL), so one core loses them nothing; spread over cores, every hand-over
+        of the GIL woke a thread on another core: a drain on loopback spent about a fifth of its CPU so (twice
+        the context switches), and shipped a third fewer records a second (docs/benchmarks.md). Taken again at
+        every drain, where the kernel has this thread then: a long-lived agent follows the box's load."""
+        if not self.config.ship.one_cpu or not hasattr(os, "sched_setaffinity"):
+            return _nothing
+        try:
+            allowed = os.sched_getaffinity(0)
+            cpu = _current_cpu()
+            if len(allowed) < 2:
+                return _nothing
+            cpu = cpu if cpu in allowed else min(allowed)
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            log.debug("the drain's threads are left where the kernel puts them: %s", exc)
+            return _nothing
+        with self._clients_lock:
+            senders = list(self._senders)
+        for sender in senders:
+            try:
+                os.sched_setaffinity(sender, {cpu})
+            except OSError:  # gone, or not allowed there: the kernel places it
+                pass
+
+        def undo() -> None:
+            try:
+                os.sched_setaffinity(0, allowed)
+            except OSError as exc:
+                log.debug("cannot give the drain's thread its CPUs back: %s", exc)
+
+        return undo
 
     def _client(self) -> StatHatClient:
         client = getattr(self._local, "client", None)
@@ -546,6 +588,7 @@ class Shipper:
         waiting: collections.deque[_Unit] = collections.deque()  # units ready to send, retries first
         unsettled: dict[int, int] = {}  # lease -> records not yet settled
         state = _DrainState(deadline, gate=max(0.0, self._not_before), failures=self._failures)
+        undo_one_cpu = self._one_cpu()
         try:
             while True:
                 if self.shutdown.is_set():
@@ -581,7 +624,10 @@ class Shipper:
                         self._dispatch(waiting, unsettled, state)
                     self._settle_answers(run, waiting, unsettled, state, on_progress)
         finally:
-            self._finish(waiting, unsettled)
+            try:
+                self._finish(waiting, unsettled)
+            finally:
+                undo_one_cpu()
 
     def _dispatch(self, waiting: collections.deque[_Unit], unsettled: dict[int, int], state: _DrainState) -> float:
         """Send units while the link's limit allows and the gate (back-off) and pacing let us.
@@ -1366,6 +1412,19 @@ class Gap:
     def __call__(self) -> None:
         self.wait(max(HOUSEKEEPING_GAP, self.monotonic() - self.since))
         self.since = self.monotonic()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _current_cpu() -> int | None:
+    """The CPU this thread runs on now (Linux: field 39 of /proc/thread-self/stat), or None."""
+    try:
+        with open("/proc/thread-self/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[36])  # after "pid (comm)", field 3 is first
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _runs_of_answers(answers: list[_Answer]) -> list[list[_Answer]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -497,3 +498,47 @@ def test_a_lease_split_after_its_other_part_was_acknowledged_leaves_no_lease_beh
         assert store.lease_count() == 0
         assert store.conn.execute("SELECT count(*) FROM lease_runs").fetchone()[0] == 0
     assert sorted(s[0] for s in receiver.stats()) == ["a", "b", "c", "own"]
+
+
+MANY_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                               reason="needs Linux and two CPUs this process may run on")
+
+
+def _masks(shipper: Shipper) -> list[set[int]]:
+    """The CPUs the calling thread and every sender thread may run on now."""
+    return [os.sched_getaffinity(0), *(os.sched_getaffinity(tid) for tid in shipper._senders)]
+
+
+@MANY_CPUS
+def test_a_drain_keeps_its_thread_and_its_senders_on_one_cpu_and_gives_the_caller_its_cpus_back(db, receiver):
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(60)])
+    before = os.sched_getaffinity(0)
+    seen: list[list[set[int]]] = []
+    with Store(db) as store, Shipper(store, make_config(db, receiver, batch_size=5, max_in_flight=4)) as shipper:
+        assert shipper.drain(max_time=60, on_progress=lambda _: seen.append(_masks(shipper))).done
+        assert len(shipper._senders) >= 2  # several were in flight
+        after = _masks(shipper)
+        # The next drain takes the CPU this thread is on then (moved to another here), the senders with it.
+        [first] = seen[0][0]
+        with Spool(db) as sp:
+            sp.append_records([make_record(stat=f"t{i}", count=1, t=T0) for i in range(20)])
+        os.sched_setaffinity(0, before - {first})
+        os.sched_setaffinity(0, before)
+        assert shipper.drain(max_time=60, on_progress=lambda _: seen.append(_masks(shipper))).done
+    assert all(len(masks) >= 2 and len(masks[0]) == 1 and all(m == masks[0] for m in masks) for masks in seen), seen
+    assert after[0] == before  # the caller's thread has its CPUs again; the idle senders stay where they were
+    assert os.sched_getaffinity(0) == before
+    assert len(receiver.accepted) == 80
+
+
+@MANY_CPUS
+def test_one_cpu_false_leaves_the_threads_where_the_kernel_puts_them(db, receiver):
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(20)])
+    before = os.sched_getaffinity(0)
+    seen: list[list[set[int]]] = []
+    config = make_config(db, receiver, batch_size=5, max_in_flight=4, one_cpu=False)
+    with Store(db) as store, Shipper(store, config) as shipper:
+        assert shipper.drain(max_time=60, on_progress=lambda _: seen.append(_masks(shipper))).done
+    assert seen and all(mask == before for masks in seen for mask in masks)
