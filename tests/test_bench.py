@@ -17,7 +17,7 @@ def test_the_benchmark_runs_in_quick_mode_and_reports_every_figure_beside_its_ba
     report = json.loads(result.stdout)
     names = " | ".join(row["figure"] for row in report["figures"])
     for expected in ["batched append", "single-record append", "`spool add` process", "zipapp vs venv", "drain",
-                     "CPU seconds per 1,000 shipped records", "peak RSS", "ingest",
+                     "CPU per 1,000 shipped records", "peak RSS", "ingest",
                      "disk bytes written per record (500 records per commit", "(one record per commit",
                      "idle `spool run` CPU", "relay: durable requests/s", "-> 204", "vb=1", "JSON batch"]:
         assert expected in names
