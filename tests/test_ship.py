@@ -504,6 +504,11 @@ MANY_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sc
                                reason="needs Linux and two CPUs this process may run on")
 
 
+def _spooled(db, n: int, prefix: str = "s") -> None:
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat=f"{prefix}{i}", count=1, t=T0) for i in range(n)])
+
+
 def _masks(shipper: Shipper) -> list[set[int]]:
     """The CPUs the calling thread and every sender thread may run on now."""
     return [os.sched_getaffinity(0), *(os.sched_getaffinity(tid) for tid in shipper._senders)]
@@ -511,8 +516,7 @@ def _masks(shipper: Shipper) -> list[set[int]]:
 
 @MANY_CPUS
 def test_a_drain_keeps_its_thread_and_its_senders_on_one_cpu_and_gives_the_caller_its_cpus_back(db, receiver):
-    with Spool(db) as sp:
-        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(60)])
+    _spooled(db, 60)
     before = os.sched_getaffinity(0)
     seen: list[list[set[int]]] = []
     with Store(db) as store, Shipper(store, make_config(db, receiver, batch_size=5, max_in_flight=4)) as shipper:
@@ -521,8 +525,7 @@ def test_a_drain_keeps_its_thread_and_its_senders_on_one_cpu_and_gives_the_calle
         after = _masks(shipper)
         # The next drain takes the CPU this thread is on then (moved to another here), the senders with it.
         [first] = seen[0][0]
-        with Spool(db) as sp:
-            sp.append_records([make_record(stat=f"t{i}", count=1, t=T0) for i in range(20)])
+        _spooled(db, 20, "t")
         os.sched_setaffinity(0, before - {first})
         os.sched_setaffinity(0, before)
         assert shipper.drain(max_time=60, on_progress=lambda _: seen.append(_masks(shipper))).done
@@ -534,8 +537,7 @@ def test_a_drain_keeps_its_thread_and_its_senders_on_one_cpu_and_gives_the_calle
 
 @MANY_CPUS
 def test_one_cpu_false_leaves_the_threads_where_the_kernel_puts_them(db, receiver):
-    with Spool(db) as sp:
-        sp.append_records([make_record(stat=f"s{i}", count=1, t=T0) for i in range(20)])
+    _spooled(db, 20)
     before = os.sched_getaffinity(0)
     seen: list[list[set[int]]] = []
     config = make_config(db, receiver, batch_size=5, max_in_flight=4, one_cpu=False)
