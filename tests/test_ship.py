@@ -544,3 +544,27 @@ def test_one_cpu_false_leaves_the_threads_where_the_kernel_puts_them(db, receive
     with Store(db) as store, Shipper(store, config) as shipper:
         assert shipper.drain(max_time=60, on_progress=lambda _: seen.append(_masks(shipper))).done
     assert seen and all(mask == before for masks in seen for mask in masks)
+
+
+def test_refusals_and_drops_are_logged_at_most_once_a_minute_each_line_with_all_since(db, receiver, caplog):
+    """The README: every record dropped or refused is counted, and logged at most once a minute."""
+    import logging
+
+    receiver.refuse_stat("bad")
+    with Spool(db) as sp:
+        sp.append_records([make_record(stat="bad" if i % 10 == 0 else f"s{i}", count=1, t=T0) for i in range(100)])
+    clock = SleepClock()
+    config = make_config(db, receiver, batch_size=5, max_in_flight=1)
+    with caplog.at_level(logging.WARNING, logger="spool.ship"), Store(db) as store, \
+            Shipper(store, config, sleep=clock.sleep, monotonic=clock.monotonic) as shipper:
+        assert shipper.drain(max_time=600).done
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert refused == ["receiver refused 1 record(s): invalid stat name; moved to dead letters"]
+        with Spool(db) as sp:
+            sp.append_records([make_record(stat="bad", count=1, t=T0 + i) for i in range(3)])
+        clock.waits.append(61)
+        assert shipper.drain(max_time=600).done
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert refused[1:] == ["receiver refused 10 record(s) in the last minute, the last: invalid stat name; "
+                               "moved to dead letters"]
+        assert store.counts()["dead"] == 13  # every one of them counted meanwhile
