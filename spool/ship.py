@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 from tenacity.stop import stop_base
@@ -54,6 +54,7 @@ from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
 
 log = logging.getLogger("spool.ship")
+_T = TypeVar("_T")
 _ID, _STAT, _EZKEY = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(4)  # fields of a Leased
 
 META_THROTTLE = 1.0  # seconds between writes of an unchanged failure note
@@ -698,9 +699,13 @@ class Shipper:
         state.blocked = None
         if lease is None:
             return False
+        self._queue_lease(lease, waiting, unsettled)
+        return True
+
+    def _queue_lease(self, lease: Lease, waiting: collections.deque[_Unit], unsettled: dict[int, int]) -> None:
+        """A new lease's units wait to be sent; all its records are unsettled."""
         unsettled[lease.id] = lease.size
         waiting.extend(self._units(lease))
-        return True
 
     def _say_lost(self, kind: str, count: int, message: str, *args: object, **kwargs: Any) -> None:
         """Log `count` records dropped or refused (`kind`): at once if nothing of that kind was said in the last
@@ -837,22 +842,17 @@ class Shipper:
             note.update(self._recovered(delivering=len(ids)))
         note.update(self._note_ok(write=bool(note)))
         mark = self._lease_ahead(*ahead) if ahead is not None else None
-        if mark is None:
+        if ahead is None or mark is None:
             self.settle(lambda: self.store.ack(ids, now=self.clock(), leases=ended, note=note or None))
         else:
-            leased: list[Lease | None] = [None]
-
-            def write() -> None:
-                leased[0] = self.store.ack_and_lease(ids, now=self.clock(), leases=ended, note=note or None,
-                                                     limit=self.config.ship.batch_size, after=mark[0],
-                                                     version=mark[1])[1]
-
-            self.settle(write)
-            if leased[0] is not None:
-                waiting, state = ahead  # type: ignore[misc]  # mark is only had with ahead
-                unsettled[leased[0].id] = leased[0].size
-                waiting.extend(self._units(leased[0]))
-                state.after = leased[0].last_id
+            after, version = mark
+            _, lease = self.settle(lambda: self.store.ack_and_lease(
+                ids, now=self.clock(), leases=ended, note=note or None, limit=self.config.ship.batch_size,
+                after=after, version=version))
+            if lease is not None:
+                waiting, state = ahead
+                self._queue_lease(lease, waiting, unsettled)
+                state.after = lease.last_id  # the mark moves on; data_version is still the one it was read at
         self.stats.sent += len(ids)
         if on_progress:
             for answer in accepted:
@@ -1195,10 +1195,11 @@ class Shipper:
         if not problem and (result, error) == (last_result, last_error) and self.monotonic() - at < META_THROTTLE:
             return
         self._last_note = (result, error, self.monotonic())
-        succeeded, self._unwritten = self._unwritten or {}, None  # the last success held back, if any
+        held_back, self._unwritten = self._unwritten, None  # a success not yet recorded: its time goes too
+        succeeded = {"last_success_at": held_back["last_success_at"]} if held_back else {}
         try:
-            self.store.set_meta(**{key: value for key, value in succeeded.items() if key == "last_success_at"},
-                                last_attempt_at=self.clock(), last_result=result, last_error=error, **problem)
+            self.store.set_meta(**succeeded, last_attempt_at=self.clock(), last_result=result, last_error=error,
+                                **problem)
         except StoreError as exc:  # status bookkeeping must never stop delivery
             log.warning("cannot record shipping status: %s", exc)
 
@@ -1230,19 +1231,19 @@ class Shipper:
                 log.warning("cannot record shipping status: %s", exc)
         return {"problem": None}
 
-    def settle(self, write: Callable[[], object]) -> None:
+    def settle(self, write: Callable[[], _T]) -> _T:
         """Commit what the receiver answered, retrying until it commits: this is the write never given up.
+        Returns what the write that committed returned.
 
         A delivered batch whose acknowledgement is lost is sent again, so a busy or full spool is waited out
         (with back-off, loudly) rather than abandoned. Only SETTLE_GRACE after a shutdown request is it given
         up, and then the records of that lease are the ones that may be sent twice.
         """
         try:
-            write()  # the common case, without building a retry policy for it
-            return
+            return write()  # the common case, without building a retry policy for it
         except StoreError as exc:
             log.warning("cannot record the receiver's answer yet: %s; retrying", exc)
-        tenacity.Retrying(
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(StoreError),
             wait=tenacity.wait_exponential(multiplier=0.05, max=SETTLE_BACKOFF_MAX),
             stop=stop_after_shutdown(self.shutdown, SETTLE_GRACE, self.monotonic),

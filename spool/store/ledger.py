@@ -135,12 +135,9 @@ class Ledger(Core):
             where = self._shippable(now, keyed_only, "r.t")
             # Under keyed_only every record sent carries its own key: a batch SQLite builds has none (see Lease).
             may_build = built and not spans and not keyed_only and self._may_build()
-            ranged = self._build_range(conn, start, where, limit) if may_build else None
-            if ranged is not None:  # ids lo..hi of one run, every one of them taken: nothing walked past
-                run, lo, hi, min_t, data = ranged
-                dequeue(conn, [(lo, hi)], found=[run])
-                lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])
-                return lease._replace(data=data, span=(lo, hi), min_t=min_t)
+            ranged = self._lease_range(conn, start, where, limit, owner, now) if may_build else None
+            if ranged is not None:
+                return ranged
             built_row = self._build(conn, start, where, limit) if may_build else None
             if built_row is not None and not built_row[0]:
                 self._clear_rest(conn, start, spans, now)
@@ -165,9 +162,8 @@ class Ledger(Core):
                 walked = [part for run in walked for part in subtract(run, runs_of(skipped))]
             dequeue(conn, walked)
             if built_row is not None:
-                count, lo, hi, min_t, data = built_row
-                lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])
-                return lease._replace(data=data, span=(lo, hi), min_t=min_t)
+                _, lo, hi, min_t, data = built_row
+                return self._built_lease(conn, owner, now, lo, hi, min_t, data)
             return self._new_lease(conn, rows, owner, now)
 
     def _may_build(self) -> bool:
@@ -177,12 +173,12 @@ class Ledger(Core):
             return False
         return True
 
-    def _build_range(self, conn: sqlite3.Connection, start: int, where: str,
-                     limit: int) -> tuple[tuple[int, int], int, int, int, str] | None:
-        """The common case of a batch SQLite builds (see _BUILT_RANGE): ids lo..hi from the queue's first run after
-        `start`, a whole batch or the rest of the queue, every one of them a record SQLite can send as it is.
-        Returns (that run, lo, hi, the oldest t, the `data` array), or None: not so (read it with _build). The
-        oldest t is for max_age alone: without it, 0 (not looked for)."""
+    def _lease_range(self, conn: sqlite3.Connection, start: int, where: str, limit: int, owner: str,
+                     now: float) -> Lease | None:
+        """Lease the common case of a batch SQLite builds (see _BUILT_RANGE): ids lo..hi from the queue's first run
+        after `start`, a whole batch or the rest of the queue, every one of them a record SQLite can send as it
+        is; nothing is walked past. None: not so (nothing is written; read it with _build). The oldest t is for
+        max_age alone: without it, 0 (not looked for)."""
         run = conn.execute(_FIRST_RUN, (start + 1, start)).fetchone()
         if run is None:
             return None
@@ -193,7 +189,16 @@ class Ledger(Core):
         query = _BUILT_RANGE.format(pending=State.PENDING, where=where,
                                     min_t="0" if self.max_age is None else "min(r.t)")
         count, min_t, data = conn.execute(query, (lo, hi)).fetchone()
-        return ((run[0], run[1]), lo, hi, min_t, data) if count == hi - lo + 1 else None
+        if count != hi - lo + 1:
+            return None
+        dequeue(conn, [(lo, hi)], found=[(run[0], run[1])])
+        return self._built_lease(conn, owner, now, lo, hi, min_t, data)
+
+    @classmethod
+    def _built_lease(cls, conn: sqlite3.Connection, owner: str, now: float, lo: int, hi: int, min_t: int,
+                     data: str) -> Lease:
+        """Commit a lease of records lo..hi, every id of them, with its `data` array built by SQLite."""
+        return cls._new_lease(conn, [], owner, now, runs=[(lo, hi)])._replace(data=data, span=(lo, hi), min_t=min_t)
 
     def _build(self, conn: sqlite3.Connection, start: int, where: str, limit: int) -> tuple[Any, ...] | None:
         """(count, first id, last id, oldest t, the `data` array) of the batch a lease would take, if it can be sent
@@ -301,14 +306,9 @@ class Ledger(Core):
                 return n, None
             conn.execute("SAVEPOINT ahead")
             try:
-                lease = None
-                if not conn.execute("SELECT 1 FROM stage_spans LIMIT 1").fetchone():
-                    ranged = self._build_range(conn, after, self._shippable(now, False, "r.t"), limit)
-                    if ranged is not None:
-                        run, lo, hi, min_t, data = ranged
-                        dequeue(conn, [(lo, hi)], found=[run])
-                        lease = self._new_lease(conn, [], owner, now, runs=[(lo, hi)])._replace(
-                            data=data, span=(lo, hi), min_t=min_t)
+                spans = conn.execute("SELECT 1 FROM stage_spans LIMIT 1").fetchone()
+                lease = None if spans else self._lease_range(conn, after, self._shippable(now, False, "r.t"), limit,
+                                                             owner, now)
             except sqlite3.Error as exc:  # the acknowledgement must commit whatever befalls the lease
                 _log().warning("cannot lease the next batch with an acknowledgement: %s", exc)
                 conn.execute("ROLLBACK TO ahead")
