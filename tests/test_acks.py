@@ -11,7 +11,7 @@ from spool.records import record_rows
 from spool.ship import Shipper
 from spool.store import Store
 
-from .helpers import T0, TEST_EZKEY, cli_env, make_config, run_cli, spawn_cli
+from .helpers import T0, TEST_EZKEY, assert_counts_true, cli_env, make_config, run_cli, spawn_cli
 from .reliability.faultproxy import FaultProxy
 
 
@@ -78,3 +78,75 @@ def test_a_staged_import_is_invisible_until_it_is_whole(db):
         assert sp.store.append(record_rows(watching()), chunk=10) == 50
         assert seen == [0] and sp.store.counts()["pending"] == 50
         assert sp.store.conn.execute("SELECT count(*) FROM stages").fetchone()[0] == 0
+
+
+# -- an acknowledgement that leases the next batch in its own commit (Ledger.ack_and_lease) --------------------
+
+
+def _first_lease(db):
+    with Spool(db) as sp:
+        sp.add_many({"stat": f"s{i % 7}", "count": 1, "t": T0 + i} for i in range(1200))
+    store = Store(db)
+    lease = store.lease(500, now=T0, keyed_only=False, built=True)
+    assert lease is not None and lease.span == (1, 500)
+    return store, lease
+
+
+def _ack_ahead(store, lease, version):
+    return store.ack_and_lease(range(lease.span[0], lease.span[1] + 1), now=T0, leases=[lease.id], limit=500,
+                               after=lease.last_id, version=version)
+
+
+def test_an_acknowledgement_leases_the_next_batch_in_its_commit_when_nothing_else_committed(db):
+    store, first = _first_lease(db)
+    with store:
+        sent, nxt = _ack_ahead(store, first, store.data_version())
+        assert sent == 500 and nxt is not None and nxt.span == (501, 1000) and nxt.data is not None
+    with Store(db) as other:  # committed, both: the next lease is as durable as the acknowledgement
+        assert [row[0] for row in other.conn.execute("SELECT id FROM leases")] == [nxt.id]
+        assert other.counts()["sent"] == 500
+    assert_counts_true(db)
+
+
+def test_after_another_connection_committed_the_acknowledgement_leases_nothing(db):
+    store, first = _first_lease(db)
+    with store:
+        version = store.data_version()
+        with Spool(db) as producer:  # what the drain knew of the spool may no longer hold
+            producer.count("late", 1, t=T0)
+        sent, nxt = _ack_ahead(store, first, version)
+        assert (sent, nxt) == (500, None)
+        assert store.conn.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+    assert_counts_true(db)
+
+
+def test_beside_an_open_stage_the_acknowledgement_leases_nothing(db):
+    store, first = _first_lease(db)
+    seen = []
+
+    def big_append():
+        for i in range(30):
+            if i == 25:  # two chunks of this append are committed, unpublished: a stage is open
+                seen.append(_ack_ahead(store, first, store.data_version()))
+            yield (f"big{i}", None, None, None, 0, 1, T0)
+
+    with store, Store(db) as appender:
+        appender.append(big_append(), chunk=10)
+    assert [(sent, nxt) for sent, nxt in seen] == [(500, None)]
+    assert_counts_true(db)
+
+
+def test_a_lease_that_fails_inside_the_acknowledgement_undoes_itself_alone(db, caplog):
+    store, first = _first_lease(db)
+    with store:
+        # A real SQLite error in the lease's part (as a full disk or a constraint would raise): the acknowledgement
+        # must commit whatever befalls the lease.
+        store.conn.execute("CREATE TEMP TRIGGER no_lease BEFORE INSERT ON leases BEGIN SELECT RAISE(ABORT, "
+                           "'cannot lease'); END")
+        sent, nxt = _ack_ahead(store, first, store.data_version())
+        assert (sent, nxt) == (500, None)
+        store.conn.execute("DROP TRIGGER temp.no_lease")
+        assert store.counts()["sent"] == 500
+        assert store.conn.execute("SELECT lo, hi FROM queue_runs").fetchall() == [(501, 1200)]  # not dequeued
+    assert "cannot lease the next batch with an acknowledgement: cannot lease" in caplog.text
+    assert_counts_true(db)
