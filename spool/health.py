@@ -203,6 +203,39 @@ def _when(t: float) -> str:
     return utc_text(t)
 
 
+class LossLog:
+    """Say records lost (dropped at a bound or past max_age, refused) at most once a minute per kind, as the README
+    promises: a line at once when nothing of that kind was said in the last minute, else with the next loss a
+    minute after, counting every record since. They are counted in status and /metrics meanwhile.
+
+    `message` takes the count first, and "{}" where " in the last minute[, the last]" goes when the line counts
+    more than this loss: `say("refused", n, "receiver refused %d record(s){}: %s", reason)`.
+    """
+
+    EVERY = 60.0  # seconds
+
+    def __init__(self, logger: Any, monotonic: Any = time.monotonic, *, last: str = ""):
+        import threading
+
+        self._logger, self._monotonic, self._last = logger, monotonic, last
+        self._said: dict[str, tuple[float, int]] = {}  # kind -> when last said, records since
+        self._lock = threading.Lock()  # housekeeping's thread and the drain's both drop
+
+    def say(self, kind: str, count: int, message: str, *args: object, **kwargs: Any) -> None:
+        now = self._monotonic()
+        with self._lock:
+            said, since = self._said.get(kind, (float("-inf"), 0))
+            since += count
+            if now - said < self.EVERY:
+                self._said[kind] = (said, since)
+                return
+            self._said[kind] = (now, 0)
+        if "extra" in kwargs:
+            kwargs["extra"] = {**kwargs["extra"], "records": since}
+        self._logger.warning(message.format("" if since == count else " in the last minute" + self._last), since,
+                             *args, **kwargs)
+
+
 def lasted(seconds: float) -> str:
     """'45 s', '8 min', '3.5 h', '2.0 d'."""
     seconds = max(0.0, seconds)

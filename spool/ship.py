@@ -48,7 +48,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from spool.config import DEFAULT_ENDPOINT, Config, ShipSettings, check_endpoint
 from spool.errors import ConfigError, EndpointError, PartlyTaken, Refused, StoreError, TransientError
-from spool.health import lasted
+from spool.health import LossLog, lasted
 from spool.lock import ShipLock, spool_identity
 from spool.stathat import StatHatClient
 from spool.store import Lease, Leased, Store
@@ -64,7 +64,6 @@ HOUSEKEEPING_GAP = 0.025  # seconds at least the write lock is left free between
 SETTLE_BACKOFF_MAX = 5.0  # seconds between attempts to record an answer in a busy or full spool
 SETTLE_GRACE = 10.0  # seconds an answer is still retried after shutdown was asked
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: a histogram of answer times
-LOSS_LOG_EVERY = 60.0  # seconds between log lines of records dropped or refused (each kind)
 ANSWER_POLL = 0.5  # seconds the drain waits for an answer before looking at shutdown and the deadline again
 KEY_RECHECK = 5.0  # seconds between looks at the key file while the configured key cannot be used
 FOREIGN_PAUSE = 3  # answers in a row certainly not StatHat's (a web page, a 501) that pause shipping
@@ -440,7 +439,7 @@ class Shipper:
         self._clients: list[StatHatClient] = []
         self._clients_lock = threading.Lock()
         self._senders: list[int] = []  # the sender threads' native ids (see _one_cpu)
-        self._said: dict[str, tuple[float, int]] = {}  # kind -> when last logged, records since (see _say_lost)
+        self._losses = LossLog(log, self.monotonic, last=", the last")  # records dropped or refused, said
         self._answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
         self._last_note: tuple[str, str | None, float] = ("", None, float("-inf"))
         self._unwritten: dict[str, object] | None = None  # the last success note not yet recorded (see _note_ok)
@@ -707,30 +706,13 @@ class Shipper:
         unsettled[lease.id] = lease.size
         waiting.extend(self._units(lease))
 
-    def _say_lost(self, kind: str, count: int, message: str, *args: object, **kwargs: Any) -> None:
-        """Log `count` records dropped or refused (`kind`): at once if nothing of that kind was said in the last
-        minute, else at the next one a minute after, with every record since (the README's "logged at most once
-        a minute": a drain past max_age, or refusing a stat, would say it with every batch). They are counted in
-        status and /metrics meanwhile. `message` takes the count, "{}" for what "since" adds, then `args`."""
-        now = self.monotonic()
-        with self._stats_lock:  # housekeeping's thread and the drain's both drop
-            said, since = self._said.get(kind, (float("-inf"), 0))
-            since += count
-            if now - said < LOSS_LOG_EVERY:
-                self._said[kind] = (said, since)
-                return
-            self._said[kind] = (now, 0)
-        if "extra" in kwargs:
-            kwargs["extra"] = {**kwargs["extra"], "records": since}
-        log.warning(message.format("" if since == count else " in the last minute, the last"), since, *args, **kwargs)
-
     def _aged_out(self) -> None:
         """Count and say the records past max_age that leasing dropped (it walked past them)."""
         dropped, self.store.aged_out = self.store.aged_out, 0
         if dropped:
             with self._stats_lock:
                 self.stats.expired += dropped
-            self._say_lost("max_age", dropped, "dropped %d pending records older than max_age{}")
+            self._losses.say("max_age", dropped, "dropped %d pending records older than max_age{}")
 
     def _lease_suspects(self, state: _DrainState, keyed_only: bool, version: int) -> Lease | None:
         """Lease the next suspect group, unless this drain knows there is none to lease.
@@ -894,7 +876,7 @@ class Shipper:
             self.settle(lambda: self.store.end_lease(unit.lease))
         self.stats.dead += len(ids)
         self._note("refused", str(refusal))
-        self._say_lost("refused", len(ids), "receiver refused %d record(s){}: %s; moved to dead letters", refusal,
+        self._losses.say("refused", len(ids), "receiver refused %d record(s){}: %s; moved to dead letters", refusal,
                        extra={"error_kind": "refused", "http_status": refusal.http_status})
 
     def _failed(self, unit: _Unit, error: Exception, waiting: collections.deque[_Unit], state: _DrainState) -> None:
@@ -1023,7 +1005,7 @@ class Shipper:
         last = self._settled(_Unit(unit.lease, old, unit.ezkey), unsettled)
         self.settle(lambda: self.store.expire([item.id for item in old], lease=unit.lease, end=last))
         self.stats.expired += len(old)
-        self._say_lost("max_age", len(old), "dropped %d pending records older than max_age{}")
+        self._losses.say("max_age", len(old), "dropped %d pending records older than max_age{}")
         return bool(unit.items)
 
     # -- the configured key ---------------------------------------------------------------------------
@@ -1348,7 +1330,7 @@ class Shipper:
         if expired:
             with self._stats_lock:  # housekeeping's thread and the drain's both drop
                 self.stats.expired += expired
-            self._say_lost("max_age", expired, "dropped %d pending records older than max_age{}")
+            self._losses.say("max_age", expired, "dropped %d pending records older than max_age{}")
 
     def housekeeping(self, store: Store | None = None, done: threading.Event | None = None) -> None:
         """Free dead owners' leases; re-stamp held records; compact; expire; hourly, prune sent records; give

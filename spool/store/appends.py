@@ -215,8 +215,12 @@ class Appends(Core):
                                     f"and nothing older than these {incoming} records can make room (in flight, "
                                     "dead letters): refused", refused=incoming)
                 dropped += step
-        if dropped:  # one line for the whole append, with what it dropped in all
-            self._warn_rate_limited("spool is at its limit: dropped %d oldest waiting records", dropped)
+        if dropped:  # one line for the whole append (at most a line a minute), with what it dropped in all
+            if self._losses is None:
+                from spool.health import LossLog
+
+                self._losses = LossLog(_log())
+            self._losses.say("oldest", dropped, "spool is at its limit: dropped %d oldest waiting records{}")
 
     def _used_bytes(self, conn: sqlite3.Connection) -> int:
         pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -328,13 +332,6 @@ class Appends(Core):
             conn.execute("INSERT INTO held (id, boot, mono) SELECT value, boot_id(), boot_clock() FROM json_each(?)",
                          (listed,))
         return len(held)
-
-    def _warn_rate_limited(self, message: str, *args: object) -> None:
-        """Log a warning at most once a minute (drops can happen on every append when the spool is full)."""
-        now = time.monotonic()
-        if now - self._last_warning >= 60:
-            self._last_warning = now
-            _log().warning(message, *args)
 
     def drop_expired(self, *, now: float, step: int = 1000) -> int:
         """Delete the queued records at the front of the queue (the oldest appended, not in flight) whose t is

@@ -60,7 +60,7 @@ class Opening(Schema):
         self.path = Path(path)
         self.synchronous = synchronous
         self.owners = Owners(self.path)  # the lock this Store's stages and leases belong to, taken when first needed
-        self._last_warning = float("-inf")
+        self._losses = None
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', not '{synchronous}'")
         self.busy_timeout = busy_timeout

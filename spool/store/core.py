@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import logging
 
     from spool.config import SpoolSettings
+    from spool.health import LossLog
     from spool.owners import Owners
     from spool.store.files import FileMark
 
@@ -103,7 +104,7 @@ class Core:
     max_age: float | None
     conn: sqlite3.Connection
     _full: bool
-    _last_warning: float
+    _losses: LossLog | None  # records dropped at a bound, said at most once a minute (made when first needed)
     _series: dict[tuple[Any, ...], int]  # (stat, key, ukey, ezkey, kind) -> series id, of committed series
     _fresh_series: list[tuple[Any, ...]]  # series the open transaction made (forgotten if it rolls back)
     _series_epoch: Any  # meta's series_epoch when `_series` was last known good
